@@ -439,6 +439,21 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             lora_dropout=0.0,
         )
         inject_adapter_in_model(lora_config, self.backbone, adapter_name="default")
+        self._freeze_lora_base()
+
+    def _freeze_lora_base(self) -> None:
+        """As with any LoRA fine-tuning, only the adapter (and the head) train; the pretrained blocks stay frozen."""
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_(".lora_" in name)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.config.lora_rank:
+            # Loading re-creates the parameters, which forgets the freezing done in `__init__`.
+            model._freeze_lora_base()
+        return loaded
 
     def add_lora(self, rank: int = 64, alpha: float | None = None, target_modules: Sequence[str] | None = None) -> None:
         """Adds a fresh LoRA adapter (B = 0, so the rewards are unchanged) to the backbone only, never the head."""

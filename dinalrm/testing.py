@@ -1,0 +1,292 @@
+"""Tiny, real SD3 components built offline from fixed seeds, shared by tests, benchmarks and examples.
+
+Every component is a genuine diffusers/transformers class with a small config, so code exercised against
+these behaves as it would against ``stabilityai/stable-diffusion-3.5-medium`` (same classes, same dimension
+chain), without the Hub and in seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import string
+from collections.abc import Callable
+from os import PathLike
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+    T5Tokenizer,
+)
+
+# Words of typical text-to-image prompts; every one of them is a single token in all three tokenizers.
+_WORDS: tuple[str, ...] = (
+    # function words
+    "a", "an", "the", "of", "on", "in", "at", "with", "and", "or", "by", "to", "from", "under", "over",
+    "near", "next", "behind", "front", "is", "are", "its", "his", "her", "their", "very", "no", "not",
+    # colours
+    "red", "green", "blue", "yellow", "orange", "purple", "pink", "black", "white", "gray", "brown",
+    "golden", "silver",
+    # animals and people
+    "cat", "cats", "dog", "dogs", "bird", "horse", "cow", "fish", "rabbit", "fox", "bear", "lion",
+    "man", "woman", "child", "girl", "boy", "people", "person", "astronaut", "robot",
+    # objects and places
+    "table", "chair", "car", "bike", "boat", "house", "tree", "trees", "flower", "flowers", "apple",
+    "cup", "book", "hat", "ball", "lamp", "window", "door", "street", "city", "road", "beach", "sea",
+    "river", "lake", "mountain", "mountains", "forest", "field", "garden", "sky", "sun", "moon", "cloud",
+    "clouds", "snow", "rain", "water", "grass", "room", "kitchen", "park", "bridge", "castle",
+    # attributes and styles
+    "big", "small", "tall", "old", "young", "new", "happy", "cute", "bright", "dark", "sunny",
+    "beautiful", "wooden", "glass", "photo", "photograph", "picture", "painting", "drawing", "sketch",
+    "portrait", "landscape", "close", "up", "view", "style", "art", "digital", "oil", "watercolor",
+    "realistic", "detailed", "high", "quality", "sharp", "blurry", "sitting", "standing", "running",
+    "flying", "eating", "holding", "wearing", "night", "day", "morning", "sunset",
+)
+_CLIP_ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
+_T5_ALPHABET = string.ascii_letters + string.digits + string.punctuation
+_Module = TypeVar("_Module", bound=torch.nn.Module)
+
+_CLIP_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+_T5_SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in every T5 vocabulary
+
+# Per size: the two CLIP text encoders (deliberately different so they are told apart) and the T5 encoder;
+# the T5 width is the transformer's ``joint_attention_dim``.
+_TEXT_ENCODER_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "clip": (
+            {"hidden_size": 16, "projection_dim": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+             "num_attention_heads": 2},
+            {"hidden_size": 16, "projection_dim": 16, "intermediate_size": 48, "num_hidden_layers": 3,
+             "num_attention_heads": 4},
+        ),
+        "t5": {"d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4},
+    },
+    "medium": {
+        "clip": (
+            {"hidden_size": 64, "projection_dim": 64, "intermediate_size": 256, "num_hidden_layers": 2,
+             "num_attention_heads": 4},
+            {"hidden_size": 128, "projection_dim": 128, "intermediate_size": 512, "num_hidden_layers": 2,
+             "num_attention_heads": 4},
+        ),
+        "t5": {"d_kv": 64, "d_ff": 512, "num_layers": 2, "num_heads": 4},
+    },
+}
+
+# SD3-like VAE: 16 latent channels, SD3's shift/scale, three blocks (spatial factor 4: 64x64 -> 16x16).
+_VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (8, 16, 16),
+    "layers_per_block": 1,
+    "latent_channels": 16,
+    "norm_num_groups": 4,
+    "sample_size": 64,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "shift_factor": 0.0609,
+    "scaling_factor": 1.5305,
+}
+
+
+def _pooled_dim(size: str) -> int:
+    """SD3's pooled prompt embedding is the two CLIP projections side by side."""
+    return sum(clip["projection_dim"] for clip in _TEXT_ENCODER_SIZES[size]["clip"])
+
+
+def tiny_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of a tiny ``SD3Transformer2DModel`` (inner_dim 32, 4 blocks, SD3.5-style dual attention)."""
+    config = {
+        "sample_size": 32,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 4,
+        "attention_head_dim": 8,
+        "num_attention_heads": 4,
+        "joint_attention_dim": 32,
+        "caption_projection_dim": 32,
+        "pooled_projection_dim": _pooled_dim("tiny"),
+        "pos_embed_max_size": 32,
+        "dual_attention_layers": (0,),
+        "qk_norm": "rms_norm",
+    }
+    config.update(overrides)
+    return config
+
+
+def medium_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of a medium ``SD3Transformer2DModel`` (inner_dim 256, 8 blocks) for CPU benchmarks."""
+    config = {
+        "sample_size": 64,
+        "patch_size": 2,
+        "in_channels": 16,
+        "out_channels": 16,
+        "num_layers": 8,
+        "attention_head_dim": 64,
+        "num_attention_heads": 4,
+        "joint_attention_dim": 256,
+        "caption_projection_dim": 256,
+        "pooled_projection_dim": _pooled_dim("medium"),
+        "pos_embed_max_size": 64,
+        "dual_attention_layers": (0, 1, 2),
+        "qk_norm": "rms_norm",
+    }
+    config.update(overrides)
+    return config
+
+
+def _clip_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
+    """BPE merges that turn every word into one token.
+
+    Each word is run through the merges collected so far, exactly as BPE does (lowest rank first, leftmost on
+    ties); whenever no merge applies, a new lowest-priority merge joins the first two pieces. Appended merges
+    never change how earlier words tokenize, because those always had a better-ranked merge available.
+    """
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        while len(pieces) > 1:
+            candidates = [(ranks[pair], i) for i, pair in enumerate(zip(pieces, pieces[1:])) if pair in ranks]
+            if candidates:
+                _, i = min(candidates)
+            else:
+                i = 0
+                ranks[(pieces[0], pieces[1])] = len(merges)
+                merges.append((pieces[0], pieces[1]))
+            pieces[i : i + 2] = [pieces[i] + pieces[i + 1]]
+    return merges
+
+
+def build_tiny_tokenizers(model_max_length: int = 77) -> tuple[CLIPTokenizer, CLIPTokenizer, T5Tokenizer]:
+    """Two CLIP tokenizers and a T5 tokenizer built in memory from the factory's small vocabulary (no download).
+
+    Prompt words are single tokens; any other ASCII text falls back to characters, never to ``<unk>``.
+    """
+    merges = _clip_merges(_WORDS)
+    clip_vocab = {token: i for i, token in enumerate(_CLIP_SPECIAL_TOKENS)}
+    for token in [*_CLIP_ALPHABET, *(c + "</w>" for c in _CLIP_ALPHABET), *(a + b for a, b in merges)]:
+        clip_vocab.setdefault(token, len(clip_vocab))
+    clip_1, clip_2 = (
+        CLIPTokenizer(vocab=clip_vocab, merges=merges, model_max_length=model_max_length) for _ in range(2)
+    )
+
+    # Unigram scores: a whole word beats any split of it, so prompt words come out as single pieces.
+    t5_vocab = [(token, 0.0) for token in _T5_SPECIAL_TOKENS]
+    t5_vocab += [("▁" + word, -3.0) for word in _WORDS]
+    t5_vocab += [("▁" + c, -4.0) for c in _T5_ALPHABET if c not in _WORDS]
+    t5_vocab += [(c, -5.0) for c in _T5_ALPHABET]
+    t5_vocab.append(("▁", -6.0))
+    t5_tokenizer = T5Tokenizer(vocab=t5_vocab, extra_ids=0, model_max_length=model_max_length)
+    return clip_1, clip_2, t5_tokenizer
+
+
+def _module_seed(seed: int, name: str) -> int:
+    """A seed per component, so adding or resizing one component leaves the weights of the others unchanged."""
+    return int.from_bytes(hashlib.sha256(f"{name}/{seed}".encode()).digest()[:8], "little")
+
+
+def _seeded(seed: int, name: str, build: Callable[[], _Module]) -> _Module:
+    """Build a module under its own seed without disturbing the caller's global RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_module_seed(seed, name))
+        return build().eval()
+
+
+def _check_dimension_chain(transformer_config: dict[str, Any], size: str) -> None:
+    """Refuse a transformer config that the ``size`` text encoders cannot feed (SD3's dimension chain)."""
+    pooled = _pooled_dim(size)
+    clip_width = sum(clip["hidden_size"] for clip in _TEXT_ENCODER_SIZES[size]["clip"])
+    inner_dim = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
+    if transformer_config["pooled_projection_dim"] != pooled:
+        raise ValueError(
+            f"pooled_projection_dim must be {pooled} (the sum of the {size} CLIP projection dims), "
+            f"got {transformer_config['pooled_projection_dim']}; pick size={size!r}'s transformer config."
+        )
+    if transformer_config["joint_attention_dim"] < clip_width:
+        raise ValueError(
+            f"joint_attention_dim (the T5 width) must be >= {clip_width} (the summed {size} CLIP hidden sizes), "
+            f"got {transformer_config['joint_attention_dim']}."
+        )
+    if transformer_config["caption_projection_dim"] != inner_dim:
+        raise ValueError(
+            f"caption_projection_dim must equal inner_dim = num_attention_heads * attention_head_dim = {inner_dim}, "
+            f"got {transformer_config['caption_projection_dim']}."
+        )
+
+
+def get_tiny_sd3_components(
+    seed: int = 0, transformer_config: dict[str, Any] | None = None, size: str = "tiny"
+) -> dict[str, Any]:
+    """The nine components of a ``StableDiffusion3Pipeline``, small, random, float32, in eval mode.
+
+    ``size`` ("tiny" or "medium") picks the text encoders and the default transformer config;
+    ``transformer_config`` replaces the latter (it must keep the dimension chain with the text encoders).
+    The T5 width follows the transformer's ``joint_attention_dim``. The VAE is the same for both sizes.
+    """
+    if size not in _TEXT_ENCODER_SIZES:
+        raise ValueError(f"size must be one of {sorted(_TEXT_ENCODER_SIZES)}, got {size!r}.")
+    if transformer_config is None:
+        transformer_config = tiny_transformer_config() if size == "tiny" else medium_transformer_config()
+    _check_dimension_chain(transformer_config, size)
+    encoder_sizes = _TEXT_ENCODER_SIZES[size]
+
+    tokenizer, tokenizer_2, tokenizer_3 = build_tiny_tokenizers()
+    bos_id, eos_id = tokenizer.convert_tokens_to_ids(list(_CLIP_SPECIAL_TOKENS))
+    clip_configs = [
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=bos_id,
+            eos_token_id=eos_id,
+            pad_token_id=tokenizer.pad_token_id,
+            hidden_act="gelu",
+            **dims,
+        )
+        for dims in encoder_sizes["clip"]
+    ]
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_3),
+        d_model=transformer_config["joint_attention_dim"],
+        pad_token_id=tokenizer_3.pad_token_id,
+        eos_token_id=tokenizer_3.eos_token_id,
+        decoder_start_token_id=tokenizer_3.pad_token_id,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        **encoder_sizes["t5"],
+    )
+    return {
+        "transformer": _seeded(seed, "transformer", lambda: SD3Transformer2DModel(**transformer_config)),
+        "vae": _seeded(seed, "vae", lambda: AutoencoderKL(**_VAE_CONFIG)),
+        "text_encoder": _seeded(seed, "text_encoder", lambda: CLIPTextModelWithProjection(clip_configs[0])),
+        "text_encoder_2": _seeded(seed, "text_encoder_2", lambda: CLIPTextModelWithProjection(clip_configs[1])),
+        "text_encoder_3": _seeded(seed, "text_encoder_3", lambda: T5EncoderModel(t5_config)),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "tokenizer_3": tokenizer_3,
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    }
+
+
+def get_tiny_sd3_pipeline(seed: int = 0, **kwargs: Any) -> StableDiffusion3Pipeline:
+    """A ``StableDiffusion3Pipeline`` of the factory's components; ``kwargs`` go to ``get_tiny_sd3_components``."""
+    return StableDiffusion3Pipeline(**get_tiny_sd3_components(seed=seed, **kwargs))
+
+
+def save_tiny_sd3_pipeline(output_dir: str | PathLike[str], seed: int = 0, **kwargs: Any) -> str:
+    """Write the tiny pipeline with ``save_pretrained`` so it loads like a Hub repo; returns the folder."""
+    get_tiny_sd3_pipeline(seed=seed, **kwargs).save_pretrained(output_dir)
+    return str(Path(output_dir))

@@ -1,0 +1,65 @@
+"""Shared fixtures: the official-tiny parity data and its conversion through the public converter script."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+OFFICIAL_TINY = REPO_ROOT / "tests" / "fixtures" / "official-tiny"
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def run_converter(official_dir: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Runs scripts/convert_official_checkpoint.py exactly as a user would."""
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "scripts" / "convert_official_checkpoint.py"),
+        "--official_dir", str(official_dir),
+        "--backbone", str(OFFICIAL_TINY / "transformer"),
+        "--output_dir", str(output_dir),
+        *extra,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def copy_official(tmp_path: Path, **model_overrides) -> Path:
+    """A writable copy of the official-tiny checkpoint folder with `model:` config entries overridden."""
+    target = tmp_path / "official"
+    shutil.copytree(OFFICIAL_TINY, target, ignore=shutil.ignore_patterns("transformer", "*.md"))
+    config = json.loads((target / "config.json").read_text())
+    config["model"].update(model_overrides)
+    (target / "config.json").write_text(json.dumps(config))
+    return target
+
+
+@pytest.fixture(scope="session")
+def official_inputs() -> dict[str, torch.Tensor]:
+    # Fresh copies: the expected values were computed on freshly allocated tensors (see the fixture README).
+    return {k: v.clone() for k, v in load_file(OFFICIAL_TINY / "inputs.safetensors").items()}
+
+
+@pytest.fixture(scope="session")
+def official_expected() -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_file(OFFICIAL_TINY / "expected.safetensors").items()}
+
+
+@pytest.fixture(scope="session")
+def converted_dirs(tmp_path_factory) -> dict[str, Path]:
+    """The official-tiny checkpoint converted by the script, merged and as an adapter."""
+    root = tmp_path_factory.mktemp("converted")
+    dirs = {"merged": root / "merged", "adapter": root / "adapter"}
+    for form, flags in (("merged", ()), ("adapter", ("--keep_lora_adapter",))):
+        result = run_converter(OFFICIAL_TINY, dirs[form], *flags)
+        assert result.returncode == 0, result.stderr
+    return dirs
