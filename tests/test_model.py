@@ -1,0 +1,277 @@
+"""DiNaLRMModel behaviour: gradients, randomness, save/load, lazy backbone loading, input errors, objective."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import safetensors
+import torch
+from conftest import OFFICIAL_TINY
+from diffusers import SD3Transformer2DModel
+from safetensors.torch import load_file, save_file
+
+from dinalrm.testing import tiny_transformer_config
+from modeling_dinalrm import DiNaLRMConfig, DiNaLRMModel
+
+
+TINY_KW = dict(visual_layers=[2, 3, 4], text_layers=[2, 3, 4], head_num_heads=4)
+
+
+@pytest.fixture(scope="module")
+def model(converted_dirs) -> DiNaLRMModel:
+    return DiNaLRMModel.from_pretrained(converted_dirs["adapter"]).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(official_inputs):
+    x = official_inputs
+    return x["x0"], x["encoder_hidden_states"], x["pooled_projections"]
+
+
+def test_reward_gradients_reach_the_latents(model, batch):
+    latents, prompt, pooled = batch
+    for t in (0.4, [0.2, 0.5, 0.7]):
+        x = latents.clone().requires_grad_(True)
+        rewards = model.score_latents(x, prompt, pooled, t=t, generator=torch.Generator().manual_seed(0))
+        (-rewards.sum()).backward()
+        assert x.grad is not None and torch.isfinite(x.grad).all()
+        assert x.grad.abs().sum() > 0
+
+
+def test_same_generator_gives_the_same_scores(model, batch):
+    with torch.no_grad():
+        a, b, c = (model.score_latents(*batch, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_default_level_and_ensemble_come_from_the_config(model, batch):
+    noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        default = model.score_latents(*batch, noise=noise)
+        explicit = model.score_latents(*batch, t=model.config.default_t, noise=noise)
+        ensemble = model.score_latents(*batch, t=model.config.ensemble_t, noise=noise)
+    assert torch.equal(default, explicit)
+    assert not torch.allclose(default, ensemble)
+
+
+def test_chunked_backbone_equals_one_batched_pass(model, batch):
+    noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        batched = model.score_latents(*batch, t=[0.2, 0.5, 0.7], noise=noise)
+        model.config.max_backbone_batch_size = 2
+        try:
+            chunked = model.score_latents(*batch, t=[0.2, 0.5, 0.7], noise=noise)
+        finally:
+            model.config.max_backbone_batch_size = None
+    torch.testing.assert_close(chunked, batched, atol=1e-6, rtol=1e-6)
+
+
+def test_gradient_checkpointing_keeps_values_and_gradients(converted_dirs, batch):
+    model = DiNaLRMModel.from_pretrained(converted_dirs["adapter"])
+    noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(1))
+
+    def rewards_and_grad():
+        x = batch[0].clone().requires_grad_(True)
+        rewards = model.score_latents(x, *batch[1:], noise=noise)
+        rewards.sum().backward()
+        return rewards.detach(), x.grad
+
+    plain = rewards_and_grad()
+    model.gradient_checkpointing_enable()
+    assert model.backbone.gradient_checkpointing
+    checkpointed = rewards_and_grad()
+    torch.testing.assert_close(checkpointed[0], plain[0])
+    torch.testing.assert_close(checkpointed[1], plain[1])
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_save_and_load_round_trip(model, batch, tmp_path, merge):
+    model.save_pretrained(tmp_path, merge_lora=merge)
+    assert not list(tmp_path.glob("*.bin")) and (tmp_path / "model.safetensors").is_file()
+    saved_keys = load_file(tmp_path / "model.safetensors").keys()
+    assert any(".lora_A." in k for k in saved_keys) is not merge
+    reloaded = DiNaLRMModel.from_pretrained(tmp_path).eval()
+    assert bool(reloaded.lora_layers()) is not merge
+    assert model.lora_layers(), "saving merged must not merge the live model"
+    noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model.score_latents(*batch, noise=noise)
+        after = reloaded.score_latents(*batch, noise=noise)
+    torch.testing.assert_close(after, before, atol=1e-5 if merge else 1e-6, rtol=1e-5)
+
+
+def test_fresh_process_loads_with_automodel_and_remote_code(model, batch, tmp_path):
+    folder = tmp_path / "reward_model"
+    model.save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "modeling_dinalrm.py"]
+    assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_dinalrm.DiNaLRMModel"
+    noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(4))
+    save_file({"latents": batch[0], "prompt": batch[1], "pooled": batch[2], "noise": noise}, tmp_path / "inputs.safetensors")
+    script = textwrap.dedent(
+        """
+        import sys, torch
+        from safetensors.torch import load_file, save_file
+        from transformers import AutoModel
+        assert not any("modeling_dinalrm" in name for name in sys.modules)
+        model = AutoModel.from_pretrained("reward_model", trust_remote_code=True).eval()
+        x = load_file("inputs.safetensors")
+        with torch.no_grad():
+            rewards = model.score_latents(x["latents"], x["prompt"], x["pooled"], noise=x["noise"])
+        save_file({"rewards": rewards.contiguous(), "name": torch.tensor(list(type(model).__name__.encode()))}, "out.safetensors")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    out = load_file(tmp_path / "out.safetensors")
+    assert bytes(out["name"].tolist()).decode() == "DiNaLRMModel"
+    with torch.no_grad():
+        expected = model.score_latents(*batch, noise=noise)
+    torch.testing.assert_close(out["rewards"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_from_backbone_reads_only_the_kept_blocks(tmp_path, monkeypatch):
+    config = tiny_transformer_config(num_layers=6)
+    torch.manual_seed(0)
+    full = SD3Transformer2DModel(**config)
+    # Small shards so that the blocks that are not kept live in files that must never be opened.
+    full.save_pretrained(tmp_path / "transformer", max_shard_size="60KB")
+    shard_index = json.loads((tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    opened, read = [], []
+    real_open = safetensors.safe_open
+
+    class RecordingOpen:
+        def __init__(self, path, *args, **kwargs):
+            opened.append(os.path.basename(path))
+            self._handle = real_open(path, *args, **kwargs)
+
+        def __enter__(self):
+            self._inner = self._handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._handle.__exit__(*exc)
+
+        def keys(self):
+            return self._inner.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self._inner.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", RecordingOpen)
+    model = DiNaLRMModel.from_backbone(tmp_path, num_layers=2, visual_layers=[1, 2], text_layers=[2], head_num_heads=4)
+
+    kept = ("pos_embed.", "time_text_embed.", "context_embedder.", "transformer_blocks.0.", "transformer_blocks.1.")
+    assert read and all(key.startswith(kept) for key in read)
+    needed_shards = {shard for key, shard in shard_index["weight_map"].items() if key.startswith(kept)}
+    assert set(opened) == needed_shards and len(needed_shards) < len(set(shard_index["weight_map"].values()))
+    expected_backbone = sum(p.numel() for name, p in full.named_parameters() if name.startswith(kept))
+    assert sum(p.numel() for p in model.backbone.parameters()) == expected_backbone
+    assert len(model.backbone.transformer_blocks) == 2
+    state = full.state_dict()
+    for name, value in model.backbone.state_dict().items():
+        assert torch.equal(value, state[name]), name
+
+
+def test_add_lora_targets_only_the_backbone_and_starts_as_identity(batch):
+    model = DiNaLRMModel.from_backbone(OFFICIAL_TINY / "transformer", num_layers=4, **TINY_KW).eval()
+    noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        before = model.score_latents(*batch, noise=noise)
+        model.add_lora(rank=4)
+        after = model.score_latents(*batch, noise=noise)
+    torch.testing.assert_close(after, before)
+    lora_params = [n for n, p in model.named_parameters() if ".lora_" in n]
+    assert lora_params and all(n.startswith("backbone.") for n in lora_params)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or n.startswith("reward_head.") for n in trainable)
+
+
+def test_merge_lora_keeps_the_rewards(converted_dirs, batch):
+    model = DiNaLRMModel.from_pretrained(converted_dirs["adapter"]).eval()
+    noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        before = model.score_latents(*batch, noise=noise)
+        model.merge_lora()
+        after = model.score_latents(*batch, noise=noise)
+    assert not model.lora_layers() and model.config.lora_rank == 0
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda x, p, q: (x[:, :8], p, q), "channels"),
+        (lambda x, p, q: (x[..., :31], p, q), "divisible by the patch size"),
+        (lambda x, p, q: (x[:2], p, q), "batch mismatch"),
+        (lambda x, p, q: (x, p, q[:2]), "batch mismatch"),
+        (lambda x, p, q: (x.index_fill(0, torch.tensor([1]), float("nan")), p, q), "NaN"),
+        (lambda x, p, q: (x[0], p, q), "4D tensor"),
+        (lambda x, p, q: (x, p[..., :16], q), "prompt_embeds have dim"),
+    ],
+)
+def test_bad_inputs_get_clear_errors(model, batch, change, message):
+    with pytest.raises(ValueError, match=message):
+        model.score_latents(*change(*batch), t=0.4)
+
+
+@pytest.mark.parametrize("t", [-0.1, 1.5, float("nan"), [0.2, 1.2]])
+def test_noise_level_outside_unit_interval_is_refused(model, batch, t):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        model.score_latents(*batch, t=t)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_backbone_layers=5, visual_layers=[5], text_layers=[3, 5]), "no text output"),
+        (dict(num_backbone_layers=4, visual_layers=[2, 5], text_layers=[2]), "visual_layers"),
+        (dict(num_backbone_layers=4, visual_layers=[2], text_layers=[4, 6]), "text_layers"),
+        (dict(num_backbone_layers=4, visual_layers=[3, 2], text_layers=[2]), "strictly increasing"),
+        (dict(num_backbone_layers=9, visual_layers=[2], text_layers=[2]), "num_backbone_layers"),
+    ],
+)
+def test_impossible_layer_choices_are_refused(kwargs, message):
+    backbone = json.loads((OFFICIAL_TINY / "transformer" / "config.json").read_text())
+    with pytest.raises(ValueError, match=message):
+        DiNaLRMConfig(backbone_config=backbone, head_num_heads=4, **kwargs)
+
+
+def _phi(z: float) -> float:
+    return 0.5 * (1 + math.erf(z / math.sqrt(2)))
+
+
+def test_preference_probability_and_loss_follow_the_formulas(model):
+    a, b = torch.tensor([1.5, -0.2, 0.3]), torch.tensor([0.5, 0.4, 0.3])
+    t = 0.3  # a table entry, so snapping leaves it unchanged
+    config = model.config
+    variance = config.thurstone_k * 0.3**2 + config.thurstone_v0
+    expected = [_phi((x - y) / math.sqrt(2 * variance + config.thurstone_eps)) for x, y in zip(a.tolist(), b.tolist())]
+    p = model.preference_probability(a, b, t)
+    torch.testing.assert_close(p, torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(p + model.preference_probability(b, a, t), torch.ones(3))
+    expected_loss = sum(1 - math.sqrt(q + config.thurstone_eps) for q in expected) / 3
+    assert model.preference_loss(a, b, t).item() == pytest.approx(expected_loss, rel=1e-6)
+    # Noise calibration: the same reward gap is less certain at a higher noise level.
+    assert model.preference_probability(a[:1], b[:1], 0.9) < model.preference_probability(a[:1], b[:1], 0.1)
+
+
+def test_bradley_terry_and_fixed_variance_ablations(model):
+    a, b = torch.tensor([1.0, -2.0]), torch.tensor([0.0, 1.0])
+    model.config.loss_type = "bradley_terry"
+    try:
+        expected = [-math.log(1 / (1 + math.exp(-(x - y)))) for x, y in zip(a.tolist(), b.tolist())]
+        assert model.preference_loss(a, b, 0.5).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
+        model.config.loss_type = "fixed_variance"
+        p_low, p_high = model.preference_probability(a, b, 0.1), model.preference_probability(a, b, 0.9)
+        torch.testing.assert_close(p_low, p_high)
+        z = 1.0 / math.sqrt(2 * model.config.fixed_variance + model.config.thurstone_eps)
+        assert p_low[0].item() == pytest.approx(_phi(z), rel=1e-6)
+    finally:
+        model.config.loss_type = "thurstone"
