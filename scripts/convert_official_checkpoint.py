@@ -147,15 +147,13 @@ def convert(
     if model_cfg.get("use_lora"):
         adapter_config, weights = _lora_adapter(_require(os.path.join(checkpoint, "backbone_lora"), "LoRA adapter dir"))
         modules, lora_state = _lora_state(weights)
-        model = DiNaLRMModel.from_backbone(
-            backbone, subfolder=backbone_subfolder, revision=revision, lora_rank=adapter_config["r"],
-            lora_alpha=adapter_config["lora_alpha"], lora_target_modules=modules, **kwargs,
-        )
-        landed = set(model.lora_layers())
-        if landed != set(modules):
-            raise ConversionError(
-                f"LoRA modules in the checkpoint but not in the backbone: {sorted(set(modules) - landed)[:10]}"
-            )
+        model = DiNaLRMModel.from_backbone(backbone, subfolder=backbone_subfolder, revision=revision, **kwargs)
+        unknown = sorted(set(modules) - {name for name, _ in model.backbone.named_modules()})
+        if unknown:
+            raise ConversionError(f"LoRA modules in the checkpoint but not in the backbone: {unknown[:10]}")
+        model.add_lora(adapter_config["r"], adapter_config["lora_alpha"], target_modules=modules)
+        if set(model.lora_layers()) != set(modules):
+            raise ConversionError(f"LoRA landed on {sorted(model.lora_layers())[:10]}, expected {modules[:10]}")
         _load_exactly(model, lora_state, {k for k in model.state_dict() if ".lora_" in k}, "LoRA adapter")
         _load_exactly(model, _prefixed(_load_tensors(os.path.join(checkpoint, "rm_head"))), head_keys(model), "rm_head")
     elif model_cfg.get("freeze_backbone"):

@@ -1,0 +1,136 @@
+"""The official-checkpoint converter: other official configs, and refusal of anything but a complete load."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import OFFICIAL_TINY, copy_official, run_converter
+from safetensors.torch import load_file, save_file
+
+from modeling_dinalrm import DEFAULT_LORA_TARGET_MODULES, DiNaLRMModel
+
+
+def write_official_checkpoint(model: DiNaLRMModel, folder, model_section: dict) -> None:
+    """Writes `model` in the official layout: config.json, checkpoint/backbone_lora (peft keys), rm_head.pt."""
+    lora = folder / "checkpoint" / "backbone_lora"
+    lora.mkdir(parents=True)
+    adapter = {}
+    for name, value in model.state_dict().items():
+        if ".lora_" in name:
+            adapter["base_model.model." + name.removeprefix("backbone.").replace(".default.weight", ".weight")] = value
+    save_file(adapter, lora / "adapter_model.safetensors")
+    adapter_config = json.loads((OFFICIAL_TINY / "checkpoint" / "backbone_lora" / "adapter_config.json").read_text())
+    adapter_config.update(r=model.config.lora_rank, lora_alpha=model.config.lora_alpha)
+    (lora / "adapter_config.json").write_text(json.dumps(adapter_config))
+    head = {k.removeprefix("reward_head."): v for k, v in model.state_dict().items() if k.startswith("reward_head.")}
+    torch.save(head, folder / "checkpoint" / "rm_head.pt")
+    (folder / "config.json").write_text(json.dumps({"model": model_section, "training": {}}))
+
+
+def randomize(model: DiNaLRMModel, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+
+
+def test_other_official_configs_convert_faithfully(tmp_path, official_inputs):
+    """3 blocks, unsorted visual indices, an embeddings-level text layer, W != C (proj_in), 2 queries, 2 heads,
+    and the official LoRA exclusion of the last block's context projections (no text feature taken there)."""
+    last = 3
+    excluded = {f"transformer_blocks.{last - 1}.attn.{p}" for p in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+    source = DiNaLRMModel.from_backbone(
+        OFFICIAL_TINY / "transformer", num_layers=last, visual_layers=[1, 3], text_layers=[0, 2], head_width=16,
+        head_num_queries=2, head_num_heads=2, head_use_proj_in=True,
+    ).eval()
+    suffixes = tuple("." + name for name in DEFAULT_LORA_TARGET_MODULES)
+    targets = sorted(n for n, _ in source.backbone.named_modules() if n.endswith(suffixes) and n not in excluded)
+    source.add_lora(rank=2, alpha=6, target_modules=targets)
+    randomize(source, seed=0)
+    official = tmp_path / "official"
+    write_official_checkpoint(source, official, {
+        "model_type": "thurstone", "num_transformer_layers": last, "use_lora": True, "freeze_backbone": False,
+        "visual_head_idx": [3, 1], "text_head_idx": [2, 0], "use_logistic": False,
+        "lora_config": {"r": 2, "lora_alpha": 6},
+        "reward_head": {"use_proj_in": True, "width": 16, "out_dim": 1, "num_queries": 2, "num_attn_heads": 2,
+                        "dropout": 0.0},
+    })
+    result = run_converter(official, tmp_path / "out", "--keep_lora_adapter")
+    assert result.returncode == 0, result.stderr
+    converted = DiNaLRMModel.from_pretrained(tmp_path / "out").eval()
+    assert converted.config.visual_layers == [1, 3] and converted.config.text_layers == [0, 2]
+    assert set(converted.lora_layers()) == set(targets)
+    x = official_inputs
+    with torch.no_grad():
+        expected = source.score_latents(x["x0"], x["encoder_hidden_states"], x["pooled_projections"], noise=x["noise_single"])
+        actual = converted.score_latents(x["x0"], x["encoder_hidden_states"], x["pooled_projections"], noise=x["noise_single"])
+    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+
+
+def _failing(official, tmp_path) -> str:
+    result = run_converter(official, tmp_path / "out")
+    assert result.returncode != 0
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+    return result.stderr
+
+
+def test_missing_head_file_is_named(tmp_path):
+    official = copy_official(tmp_path)
+    for name in ("rm_head.pt", "rm_head.safetensors"):
+        (official / "checkpoint" / name).unlink()
+    assert "rm_head.pt" in _failing(official, tmp_path)
+
+
+def test_unexpected_and_missing_head_keys_are_named(tmp_path):
+    official = copy_official(tmp_path)
+    head = load_file(official / "checkpoint" / "rm_head.safetensors")
+    head["extra.weight"] = torch.zeros(1)
+    del head["query_tokens"]
+    save_file(head, official / "checkpoint" / "rm_head.safetensors")
+    stderr = _failing(official, tmp_path)
+    assert "extra.weight" in stderr and "query_tokens" in stderr
+
+
+def test_head_shape_mismatch_is_named(tmp_path):
+    official = copy_official(tmp_path)
+    head = load_file(official / "checkpoint" / "rm_head.safetensors")
+    head["query_tokens"] = torch.zeros(1, 3, 32)
+    save_file(head, official / "checkpoint" / "rm_head.safetensors")
+    stderr = _failing(official, tmp_path)
+    assert "shape" in stderr and "query_tokens" in stderr
+
+
+def test_lora_saved_one_level_deeper_is_refused_not_silently_dropped(tmp_path):
+    """peft would only warn and leave lora_B at zero (the no-LoRA model); the converter must stop."""
+    official = copy_official(tmp_path)
+    path = official / "checkpoint" / "backbone_lora" / "adapter_model.safetensors"
+    adapter = load_file(path)
+    nested = {k.replace("base_model.model.", "base_model.model.backbone."): v for k, v in adapter.items()}
+    save_file(nested, path)
+    assert "LoRA modules in the checkpoint but not in the backbone" in _failing(official, tmp_path)
+
+
+def test_missing_lora_half_is_named(tmp_path):
+    official = copy_official(tmp_path)
+    path = official / "checkpoint" / "backbone_lora" / "adapter_model.safetensors"
+    adapter = load_file(path)
+    del adapter["base_model.model.transformer_blocks.1.attn.to_q.lora_B.weight"]
+    save_file(adapter, path)
+    assert "lora_B for transformer_blocks.1.attn.to_q" in _failing(official, tmp_path)
+
+
+def test_unsupported_official_options_are_refused(tmp_path):
+    official = copy_official(tmp_path, use_logistic=True)
+    assert "use_logistic" in _failing(official, tmp_path)
+
+
+def test_existing_output_is_not_overwritten_without_asking(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    result = run_converter(OFFICIAL_TINY, out)
+    assert result.returncode != 0 and "--overwrite" in result.stderr
+    assert (out / "keep.txt").read_text() == "user data" and not (out / "config.json").exists()
+    shutil.rmtree(out)
