@@ -1,0 +1,223 @@
+"""Tests of eval/efficiency.py: hand-checkable FLOP counts, the memory tracker, tiny models, and the full script."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "eval" / "efficiency.py"
+
+spec = importlib.util.spec_from_file_location("eval_efficiency", SCRIPT)
+efficiency = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = efficiency
+spec.loader.exec_module(efficiency)
+
+TINY_TRANSFORMER = {
+    "sample_size": 8,
+    "patch_size": 2,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 4,
+    "attention_head_dim": 8,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "caption_projection_dim": 16,
+    "pooled_projection_dim": 24,
+    "pos_embed_max_size": 16,
+    "dual_attention_layers": [0],
+    "qk_norm": "rms_norm",
+}
+TINY_VAE = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "block_out_channels": [32, 32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "scaling_factor": 1.5,
+    "shift_factor": 0.1,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+TINY_QWEN2_VL = {
+    "text_config": {
+        "vocab_size": 100,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+    },
+    "vision_config": {
+        "depth": 2,
+        "embed_dim": 32,
+        "hidden_size": 64,
+        "mlp_ratio": 2,
+        "num_heads": 2,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "temporal_patch_size": 2,
+    },
+}
+TINY_CLIP = {
+    "projection_dim": 16,
+    "text_config": {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                    "num_attention_heads": 2, "max_position_embeddings": 16},
+    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                      "image_size": 28, "patch_size": 14},
+}
+
+
+def meta_input(*shape: int) -> Callable[[], torch.Tensor]:
+    """A factory of zero bf16 meta tensors of ``shape``."""
+    return lambda: torch.zeros(shape, device="meta", dtype=efficiency.DTYPE)
+
+
+def test_linear_flops_are_2mnk_and_refl_adds_only_the_input_gradient():
+    m, k, n = 64, 48, 40
+    linear = efficiency.on_meta(lambda: nn.Linear(k, n))
+    cost = efficiency.measure(linear, meta_input(m, k))
+    assert cost.flops_forward == 2 * m * n * k
+    # Frozen weights: the backward computes only d input = d output @ W (no weight gradient).
+    assert cost.flops_refl == 2 * (2 * m * n * k)
+
+
+def test_attention_flops_are_two_matmuls_of_2mnk():
+    batch, heads, queries, keys, dim = 2, 3, 10, 14, 8
+    k = torch.zeros(batch, heads, keys, dim, device="meta")
+    v = torch.zeros(batch, heads, keys, dim, device="meta")
+    cost = efficiency.measure(lambda q: F.scaled_dot_product_attention(q, k, v), meta_input(batch, heads, queries, dim))
+    by_hand = 2 * (2 * batch * heads * queries * keys * dim)  # q @ k^T and softmax(.) @ v
+    assert cost.flops_forward == by_hand
+    with FlopCounterMode(display=False) as unfused:  # PyTorch's own (math) path counts the same two matmuls
+        F.scaled_dot_product_attention(torch.zeros(batch, heads, queries, dim, device="meta"), k, v)
+    assert unfused.get_total_flops() == by_hand
+
+
+def test_grouped_query_attention_costs_as_many_flops_as_full_heads():
+    q = torch.zeros(1, 8, 12, 16, device="meta")
+    kv = torch.zeros(1, 2, 12, 16, device="meta")
+    with FlopCounterMode(display=False) as grouped:
+        out = efficiency.fused_sdpa(q, kv, kv, enable_gqa=True)
+    assert out.shape == q.shape
+    assert grouped.get_total_flops() == 2 * (2 * 8 * 12 * 12 * 16)
+
+
+def test_memory_tracker_counts_new_storages_while_they_live():
+    x = torch.zeros(1000, device="meta")  # an input: never counted
+    with efficiency.PeakMemoryMode() as memory:
+        y = x + 1
+        view = y.view(10, 100)  # shares y's storage
+        z = view + 1
+        assert memory.current == 2 * 4000
+        del y, view
+        w = z * 2
+        assert memory.current == 2 * 4000
+        del z, w
+        assert memory.current == 0
+    assert memory.peak == 2 * 4000
+
+
+def test_live_memory_after_forward_equals_saved_tensors():
+    model, _ = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=2, layers=(1, 2))
+    reward = efficiency.dinalrm_reward(model, text_tokens=6, config=TINY_TRANSFORMER)
+    weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in weights:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    x = meta_input(1, 4, 8, 8)().requires_grad_()
+    with efficiency.fused_attention(), efficiency.PeakMemoryMode() as memory:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            score = reward(x).sum()
+        live_after_forward = memory.current
+    assert sum(saved.values()) > 0
+    assert live_after_forward - score.untyped_storage().nbytes() == sum(saved.values())
+
+
+def test_dinalrm_flops_grow_by_one_block_per_block():
+    costs = []
+    for blocks in (1, 2, 3):  # the head always reads the last block, so gradients run through all of them
+        model, _ = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=blocks, layers=(blocks,))
+        costs.append(efficiency.measure(efficiency.dinalrm_reward(model, 6, TINY_TRANSFORMER), meta_input(1, 4, 8, 8)))
+    # Blocks 2 and 3 are single-attention joint blocks (only block 1 is dual) of width c over n image and
+    # m text tokens: adaLN of both streams (2 x c -> 6c on one embedding), q/k/v/out projections and a
+    # 4x feed-forward for both streams, joint attention over n + m tokens.
+    c, n, m = 16, 16, 6
+    projections = 2 * (4 * c * c + 8 * c * c) * (n + m)
+    attention = 2 * (2 * (n + m) ** 2 * c)
+    block_forward = 2 * (2 * 6 * c * c) + projections + attention
+    # ReFL backward of a frozen block: input gradients of the token projections (temb needs none) and the fused
+    # attention backward (2.5x its forward).
+    block_backward = projections + 5 * attention // 2
+    forward = [cost.flops_forward for cost in costs]
+    refl = [cost.flops_refl for cost in costs]
+    assert forward[1] - forward[0] == forward[2] - forward[1] == block_forward
+    assert refl[1] - refl[0] == refl[2] - refl[1] == block_forward + block_backward
+    assert costs[0].peak_refl < costs[1].peak_refl < costs[2].peak_refl
+
+
+def test_replica_costs_what_the_repository_model_costs():
+    pytest.importorskip("modeling_dinalrm")
+    costs, sources = [], []
+    for prefer in (True, False):
+        model, source = efficiency.build_dinalrm(TINY_TRANSFORMER, 2, layers=(1, 2), prefer_repo_model=prefer)
+        reward = efficiency.dinalrm_reward(model, 6, TINY_TRANSFORMER)
+        costs.append((efficiency.weight_stats(model), efficiency.measure(reward, meta_input(1, 4, 8, 8))))
+        sources.append(source)
+    assert "modeling_dinalrm" in sources[0] and "Replica" in sources[1]
+    assert costs[0] == costs[1]
+
+
+def test_models_are_never_materialised_and_pixel_rewards_run():
+    dinalrm, _ = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=2, layers=(2,))
+    vae = efficiency.build_vae(TINY_VAE)
+    hpsv3 = efficiency.build_hpsv3(TINY_QWEN2_VL)
+    pickscore = efficiency.build_pickscore(TINY_CLIP)
+    for module in (dinalrm, vae, hpsv3, pickscore):
+        tensors = [*module.parameters(), *module.buffers()]
+        assert tensors and all(t.is_meta for t in tensors)
+        assert not any(p.requires_grad for p in module.parameters())
+    decode = efficiency.vae_decode(vae)
+    hps = efficiency.hpsv3_reward(hpsv3, pixel_budget=(56 * 56, 56 * 56), tokens_around=(3, 5))
+    pick = efficiency.pickscore_reward(pickscore, text_tokens=8)
+    for reward in (lambda z: hps(decode(z)), lambda z: pick(decode(z))):
+        row = efficiency.profile("tiny", reward, (1, 4, 16, 16), [vae])
+        assert 0 < row.flops_forward < row.flops_refl
+        assert 0 < row.activation_peak_forward < row.activation_peak_refl
+
+
+def test_qwen_resize_matches_hpsv3_input_size():
+    assert efficiency.qwen_resize(1024, 1024, efficiency.HPSV3_PIXELS, efficiency.HPSV3_PIXELS) == (448, 448)
+    assert efficiency.qwen_resize(1024, 1024, 56 * 56, 1280 * 28 * 28) == (980, 980)
+
+
+def test_script_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "efficiency.json"
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT
+    )
+    assert done.returncode == 0, done.stderr
+    assert "GFLOPs" in done.stdout and "peak ReFL" in done.stdout and "Paper" in done.stdout
+    result = json.loads(out.read_text())
+    names = [row["name"] for row in result["rows"]]
+    assert names[0] == "DiNa-LRM (154 text tokens)" and names[1] == "DiNa-LRM (205 text tokens)"
+    assert all(name in done.stdout for name in names)
+    assert all(row["flops_forward"] < row["flops_refl"] for row in result["rows"])
+    assert result["ratios"] and result["paper"]["refl_peak_vram_change_vs_hpsv3"] == -0.514
