@@ -721,12 +721,8 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         """
         files = _BackboneFiles(pretrained_model_name_or_path, subfolder, revision, variant, token, cache_dir)
         backbone_config = {k: v for k, v in files.config.items() if not k.startswith("_")}
-        config = DiNaLRMConfig(
-            backbone_config=backbone_config,
-            num_backbone_layers=num_layers,
-            base_model_name_or_path=str(pretrained_model_name_or_path),
-            **config_kwargs,
-        )
+        config_kwargs.setdefault("base_model_name_or_path", str(pretrained_model_name_or_path))
+        config = DiNaLRMConfig(backbone_config=backbone_config, num_backbone_layers=num_layers, **config_kwargs)
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device="cpu")

@@ -1,0 +1,137 @@
+"""`dinalrm-score`: the README's offline commands from the shell, then options, output and errors in-process."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from dinalrm import cli
+from dinalrm.testing import get_tiny_dinalrm_pipeline, torch_threads
+
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROMPT = "a red square"
+
+
+def generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def readme_offline_commands() -> str:
+    """The shell block of the README's offline section, as a user would paste it."""
+    section = (REPO_ROOT / "README.md").read_text().split("### Offline, on a tiny local model", 1)[1]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return get_tiny_dinalrm_pipeline()
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory) -> list[str]:
+    folder = tmp_path_factory.mktemp("cli_images")
+    rng = np.random.default_rng(0)
+    files = []
+    for index, shape in enumerate([(32, 32, 3), (40, 24, 4), (32, 48)]):
+        path = folder / f"image_{index}.png"
+        PIL.Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(path)
+        files.append(str(path))
+    return files
+
+
+@pytest.fixture
+def loads_tiny_pipeline(pipe, monkeypatch):
+    """`--model` resolves to the in-memory tiny pipeline (loading itself is tested through the shell)."""
+    loaded = []
+    load = classmethod(lambda cls, model: loaded.append(model) or pipe)
+    monkeypatch.setattr(cli.DiNaLRMPipeline, "from_pretrained", load)
+    return loaded
+
+
+def test_readme_offline_commands_run_from_the_shell(tmp_path, pipe):
+    script = readme_offline_commands()
+    assert "dinalrm-score --model tiny-dinalrm" in script
+    if shutil.which("dinalrm-score") is None:  # not pip-installed here: the same entry point through its module
+        script = script.replace("dinalrm-score", f'"{sys.executable}" -m dinalrm.cli')
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PYTHONPATH": str(REPO_ROOT),  # what `pip install dinalrm` provides
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "OMP_NUM_THREADS": "1",
+    }
+    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines[:2]] == ["red.png", "noise.png"]
+    printed = [float(line.split()[1]) for line in lines[:2]]
+    assert lines[2].startswith("P(first preferred) = ")
+
+    images = [PIL.Image.open(tmp_path / name) for name in ("red.png", "noise.png")]
+    expected = pipe.compare(PROMPT, images[0], images[1], generator=generator())
+    assert printed == pytest.approx(expected.rewards.tolist(), abs=1e-4)
+    assert float(lines[2].split("= ")[1]) == pytest.approx(expected.probability, abs=1e-4)
+
+
+def test_ensemble_json_output(pipe, image_files, loads_tiny_pipeline, capsys):
+    assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, *image_files, "--ensemble", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    expected = pipe(PROMPT, images=[PIL.Image.open(path) for path in image_files], t=[0.2, 0.5, 0.7],
+                    generator=generator()).rewards
+    assert loads_tiny_pipeline == ["tiny"]
+    assert result["t"] == [0.2, 0.5, 0.7] and result["seed"] == 0 and "p_first_preferred" not in result
+    assert [entry["image"] for entry in result["rewards"]] == image_files
+    assert [entry["reward"] for entry in result["rewards"]] == pytest.approx(expected.tolist(), abs=1e-6)
+
+
+@pytest.mark.parametrize("levels, t", [(["--t", "0.25"], 0.25), (["--ensemble", "0.3,0.6"], [0.3, 0.6])])
+def test_two_images_give_the_preference_probability(pipe, image_files, loads_tiny_pipeline, capsys, levels, t):
+    argv = ["--model", "tiny", "--prompt", PROMPT, *image_files[:2], *levels, "--seed", "3", "--json"]
+    assert cli.score_main(argv) == 0
+    result = json.loads(capsys.readouterr().out)
+    images = [PIL.Image.open(path) for path in image_files[:2]]
+    expected = pipe.compare(PROMPT, *images, t=t, generator=generator(3))
+    assert result["t"] == t
+    assert [entry["reward"] for entry in result["rewards"]] == pytest.approx(expected.rewards.tolist(), abs=1e-6)
+    assert result["p_first_preferred"] == pytest.approx(expected.probability, abs=1e-6)
+
+
+def test_model_neither_local_nor_cached_exits_with_how_to_get_it(image_files, capsys):
+    code = cli.score_main(["--model", "dinalrm-tests/not-cached-anywhere", "--prompt", PROMPT, image_files[0]])
+    assert code == 1
+    message = capsys.readouterr().err
+    assert "could not load the DiNa-LRM model 'dinalrm-tests/not-cached-anywhere'" in message
+    assert "hf download dinalrm-tests/not-cached-anywhere" in message and "--model a local folder" in message
+
+
+def test_bad_images_and_arguments(image_files, tmp_path, loads_tiny_pipeline, capsys):
+    assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, str(tmp_path / "missing.png")]) == 2
+    assert "cannot read image" in capsys.readouterr().err
+    PIL.Image.new("RGB", (4, 4)).save(tmp_path / "tiny.png")
+    assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, str(tmp_path / "tiny.png")]) == 2
+    assert "too small" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        cli.score_main(["--prompt", PROMPT, image_files[0], "--t", "0.4", "--ensemble"])
+    assert exit_info.value.code == 2
+
+
+def test_console_script_is_declared():
+    scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["dinalrm-score"] == "dinalrm.cli:score_main"
