@@ -1,0 +1,240 @@
+"""Shared by run_eval.py, noise_sweep.py and uncertainty.py: benchmark options, distributed scoring, accuracy rows.
+
+Scoring visits each DISTINCT image of a benchmark once (pairs only index the cached scores). Under
+``accelerate launch`` the image ids are split over the processes (``split_between_processes``) and the scores
+gathered (``gather_object``); as scorers are deterministic per image id, every process count gives the same scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+
+from dinalrm.benchmarks import BENCHMARKS, Benchmark, compute_accuracy, load_benchmark
+from dinalrm.data import SkipStats
+from dinalrm.images import ImageLoadError
+
+logger = logging.getLogger(__name__)
+
+# Accepted spellings of benchmark names (benchmarks.py calls Pick-a-Pic v2 "pickapic_v2").
+BENCHMARK_ALIASES = {"pickapic": "pickapic_v2", "genai-bench": "genai_bench", "genaibench": "genai_bench"}
+# Column order and headers of the paper's Table 1 (Pick-a-Pic is not in it and stays out of its average).
+DISPLAY_NAMES = {
+    "imagereward": "ImageReward",
+    "hpdv2": "HPDv2",
+    "hpdv3": "HPDv3",
+    "genai_bench": "GenAI-Bench",
+    "pickapic_v2": "Pick-a-Pic v2",
+}
+TABLE1_BENCHMARKS = ("imagereward", "hpdv2", "hpdv3", "genai_bench")
+RESULT_KEYS = (
+    "accuracy", "n_pairs", "n_correct", "n_score_ties", "n_gt_ties_dropped", "n_missing_images", "averaging",
+)  # fmt: skip
+
+
+def parse_floats(text: str) -> list[float]:
+    """``"0.2,0.5,0.7"`` -> ``[0.2, 0.5, 0.7]`` (an argparse type)."""
+    try:
+        return [float(value) for value in text.split(",") if value.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.5,0.7, got {text!r}") from err
+
+
+def canonical_benchmark(name: str) -> str:
+    """The benchmarks.py name of ``name`` (aliases such as ``pickapic`` accepted)."""
+    canonical = BENCHMARK_ALIASES.get(name.strip().lower(), name.strip().lower())
+    if canonical not in BENCHMARKS:
+        known = ", ".join([*BENCHMARKS, *BENCHMARK_ALIASES])
+        raise argparse.ArgumentTypeError(f"unknown benchmark {name!r}; choose from {known}.")
+    return canonical
+
+
+def parse_benchmarks(text: str) -> list[str]:
+    """``"imagereward,hpdv2,pickapic"`` -> canonical names, duplicates removed (an argparse type)."""
+    return list(dict.fromkeys(canonical_benchmark(name) for name in text.split(",") if name.strip()))
+
+
+def _per_benchmark(values: Sequence[str]) -> dict[str, str]:
+    """``["pickapic=test", ...]`` -> ``{"pickapic_v2": "test"}``."""
+    mapping = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not value:
+            raise SystemExit(f"error: expected BENCHMARK=VALUE, got {item!r}")
+        mapping[canonical_benchmark(name)] = value
+    return mapping
+
+
+def add_benchmark_args(parser: argparse.ArgumentParser, default_benchmarks: str) -> None:
+    """Options every evaluation script shares: which benchmarks, where from, how much, how to batch."""
+    parser.add_argument(
+        "--benchmarks", type=parse_benchmarks, default=parse_benchmarks(default_benchmarks),
+        help=f"Comma-separated: {', '.join(BENCHMARKS)} (alias: pickapic). Default: {default_benchmarks}.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--data_dir", default=None,
+        help="Folder with one subfolder per benchmark in the published layout (see README); default: the Hub.",
+    )  # fmt: skip
+    parser.add_argument(
+        "--split", action="append", default=[], metavar="BENCHMARK=SPLIT",
+        help="Override a split, e.g. pickapic=test or genai_bench=test_v1 (repeatable).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--hub_id", action="append", default=[], metavar="BENCHMARK=REPO",
+        help="Override a Hub dataset, e.g. pickapic=liuhuohuo2/pick-a-pic-v2 (repeatable).",
+    )  # fmt: skip
+    parser.add_argument("--hpdv3_image_root", default=None, help="Extracted HPDv3 images when test.json is from the Hub.")
+    parser.add_argument("--cache_dir", default=None, help="datasets / huggingface_hub cache folder.")
+    parser.add_argument(
+        "--limit", type=int, default=None,
+        help="Keep only the first N pairs of each benchmark (quick checks; not the benchmark's protocol).",
+    )  # fmt: skip
+    parser.add_argument("--batch_size", type=int, default=8, help="Images per scoring call.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the scoring noise (mixed with each image's id).")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                        help="Model dtype; auto = bfloat16 on GPU, float32 on CPU.")
+
+
+def result_key(name: str, split: str) -> str:
+    """Results are keyed by benchmark name, with the split appended when it is not the protocol's default."""
+    return name if split == BENCHMARKS[name].split else f"{name}:{split}"
+
+
+def limit_pairs(benchmark: Benchmark, limit: int | None) -> Benchmark:
+    """The first ``limit`` pairs and only the images they use (unchanged without a limit)."""
+    if limit is None or limit >= len(benchmark.pairs):
+        return benchmark
+    pairs = benchmark.pairs[:limit]
+    used = {image for pair in pairs for image in pair[1:3]}
+    images = {image_id: item for image_id, item in benchmark.images.items() if image_id in used}
+    return replace(benchmark, pairs=pairs, images=images)
+
+
+def _load_one(name: str, args: argparse.Namespace, split: str | None, hub_id: str | None) -> Benchmark:
+    """``load_benchmark``, also finding a local copy stored under an alias folder (e.g. ``data_dir/pickapic``)."""
+    options: dict[str, Any] = {
+        "split": split, "hub_id": hub_id, "image_root": args.hpdv3_image_root if name == "hpdv3" else None,
+        "cache_dir": args.cache_dir,
+    }  # fmt: skip
+    data_dir = args.data_dir
+    if data_dir is not None and not os.path.isdir(os.path.join(data_dir, name)):
+        aliases = [alias for alias, target in BENCHMARK_ALIASES.items() if target == name]
+        folder = next((os.path.join(data_dir, a) for a in aliases if os.path.isdir(os.path.join(data_dir, a))), None)
+        if folder is not None:
+            with tempfile.TemporaryDirectory() as view:
+                os.symlink(os.path.abspath(folder), os.path.join(view, name))
+                return load_benchmark(name, view, **options)
+    return load_benchmark(name, data_dir, **options)
+
+
+def load_benchmarks(args: argparse.Namespace) -> dict[str, Benchmark]:
+    """The requested benchmarks keyed by :func:`result_key`, limited to ``--limit`` pairs each."""
+    splits, hub_ids = _per_benchmark(args.split), _per_benchmark(args.hub_id)
+    loaded = {}
+    for name in args.benchmarks:
+        benchmark = limit_pairs(_load_one(name, args, splits.get(name), hub_ids.get(name)), args.limit)
+        loaded[result_key(name, benchmark.split)] = benchmark
+    return loaded
+
+
+def score_images(
+    scorer, benchmark: Benchmark, image_ids: Sequence[str], batch_size: int
+) -> list[tuple[str, list[float] | None, str | None]]:
+    """Score the given images of ``benchmark`` in batches: ``(image_id, scores or None, skip reason or None)``.
+
+    Unreadable images are reported with their reason instead of stopping the run.
+    """
+    results: list[tuple[str, list[float] | None, str | None]] = []
+    batch: list[tuple[str, str, Any]] = []
+
+    def flush() -> None:
+        ids, prompts, images = (list(column) for column in zip(*batch, strict=True))
+        rows = scorer.score_columns(prompts, images, ids)
+        if len(rows) != len(ids):
+            raise ValueError(f"The scorer returned {len(rows)} rows for {len(ids)} images.")
+        results.extend((image_id, [float(v) for v in row], None) for image_id, row in zip(ids, rows, strict=True))
+        batch.clear()
+
+    for image_id in image_ids:
+        item = benchmark.images[image_id]
+        try:
+            batch.append((image_id, item.prompt, item.load()))
+        except ImageLoadError as err:
+            logger.debug("Skipping image %s: %s", image_id, err)
+            results.append((image_id, None, err.reason))
+            continue
+        if len(batch) == batch_size:
+            flush()
+    if batch:
+        flush()
+    return results
+
+
+def distributed_scores(
+    scorer, benchmark: Benchmark, accelerator: Accelerator, batch_size: int
+) -> tuple[dict[str, list[float]], int]:
+    """Every distinct image's score columns, computed once across all processes, on every process.
+
+    Returns ``(scores_by_image, n_local)``: ``n_local`` is how many images this process itself handled.
+    """
+    image_ids = list(benchmark.images)
+    with accelerator.split_between_processes(image_ids) as mine:
+        local = score_images(scorer, benchmark, mine, batch_size)
+    stats = SkipStats()
+    scores = {}
+    for image_id, row, reason in gather_object(local):
+        if row is None:
+            stats.count(reason)
+        else:
+            scores[image_id] = row
+    stats.kept = len(scores)
+    if accelerator.is_main_process:
+        stats.report(f"Benchmark {benchmark.name} [{benchmark.split}] images scored", logger)
+    return scores, len(local)
+
+
+def accuracy_entry(benchmark: Benchmark, scores: Mapping[str, float]) -> dict[str, Any]:
+    """The results.json entry of one benchmark: :func:`compute_accuracy` restricted to ``RESULT_KEYS``.
+
+    ``n_missing_images`` counts distinct images of the scored pairs that have no score (absent or unreadable).
+    """
+    result = compute_accuracy(
+        benchmark.pairs, scores, benchmark.averaging, n_gt_ties_dropped=benchmark.n_gt_ties_dropped
+    )
+    return {key: result[key] for key in RESULT_KEYS}
+
+
+def column(scores: Mapping[str, Sequence[float]], index: int) -> dict[str, float]:
+    """One score column of :func:`distributed_scores`' output."""
+    return {image_id: row[index] for image_id, row in scores.items()}
+
+
+def setup_logging(accelerator: Accelerator) -> None:
+    """Our loggers at INFO on the main process (others: errors only, as every process loads the benchmarks)."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    level = logging.INFO if accelerator.is_main_process else logging.ERROR
+    for name in ("dinalrm", "common", "scorers"):
+        logging.getLogger(name).setLevel(level)
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Rows of dicts (same keys) as a CSV file with a header."""
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)

@@ -1,0 +1,181 @@
+"""Pairwise accuracy of a reward model on the paper's benchmarks (Table 1), with one protocol for every model.
+
+    python eval/run_eval.py --model org/dinalrm-sd35m --benchmarks imagereward,hpdv2,hpdv3,genai_bench \
+        [--data_dir DIR] [--t 0.4] [--ensemble 0.2,0.5,0.7] [--num_noise_samples N] \
+        [--scorer dinalrm|pickscore|clip|hpsv2|hpsv3|imagereward] [--batch_size 8] [--limit N] [--seed 0] \
+        [--output_dir eval_results]
+
+Each distinct image is scored once; each setting (``--t``, ``--ensemble``: one results row each) reuses that
+pass. Under ``accelerate launch`` the images are split over the processes and the main process writes the
+same files a single process would. Writes ``results.json``
+(``{setting: {benchmark: {accuracy, n_pairs, n_correct, n_score_ties, n_gt_ties_dropped, n_missing_images,
+averaging}}}``) and ``results.md`` (Table 1 layout). Entries already in ``--output_dir/results.json`` from other
+runs are kept (same setting and benchmark: replaced), so successive runs for several models build one table;
+``--fresh`` starts over. Protocols per benchmark are documented in ``dinalrm/benchmarks.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from typing import Any
+
+from accelerate import Accelerator
+from common import (
+    BENCHMARKS,
+    DISPLAY_NAMES,
+    TABLE1_BENCHMARKS,
+    accuracy_entry,
+    add_benchmark_args,
+    column,
+    distributed_scores,
+    load_benchmarks,
+    parse_floats,
+    setup_logging,
+)
+from scorers import SCORERS, build_scorer
+
+# The paper's Table 1 (pairwise accuracy, %), for comparison in results.md.
+PAPER_TABLE1: dict[str, tuple[float, float, float, float, float]] = {
+    "DiNa-LRM (t=0.4)": (60.34, 82.13, 75.04, 68.43, 71.49),
+    "DiNa-LRM (ensemble 0.2/0.5/0.7)": (61.75, 84.31, 74.86, 68.98, 72.48),
+    "HPSv3": (67.03, 85.36, 76.03, 70.95, 74.84),
+    "PickScore": (62.73, 79.44, 65.67, 69.98, 69.45),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None,
+                        help="Hub id or local folder (DiNa-LRM: the pipeline repo; CLIP scorers: a CLIPModel; "
+                             "default for pickscore/clip: their published model).")
+    parser.add_argument("--scorer", default="dinalrm", choices=sorted(SCORERS))
+    parser.add_argument("--processor", default=None, help="CLIP scorers: processor id/folder (default per scorer).")
+    parser.add_argument("--t", type=float, default=None, help="DiNa-LRM noise level (default: the model's, 0.4).")
+    parser.add_argument("--ensemble", type=parse_floats, nargs="?", const=[], default=None,
+                        help="DiNa-LRM ensemble levels (no value: the model's 0.2,0.5,0.7); with --t, both rows.")
+    parser.add_argument("--num_noise_samples", type=int, default=1, help="DiNa-LRM: average over N noise draws.")
+    parser.add_argument("--output_dir", default="eval_results")
+    parser.add_argument("--fresh", action="store_true", help="Ignore results already in --output_dir.")
+    add_benchmark_args(parser, "imagereward,hpdv2,hpdv3,genai_bench")
+    return parser.parse_args(argv)
+
+
+def evaluate(
+    scorer, benchmarks: dict, accelerator, batch_size: int
+) -> tuple[dict[str, dict[str, dict[str, Any]]], int]:
+    """``({setting: {benchmark: entry}}, images this process scored)`` for every score column of ``scorer``."""
+    results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in scorer.setting_names}
+    n_local = 0
+    for key, benchmark in benchmarks.items():
+        scores, n_images = distributed_scores(scorer, benchmark, accelerator, batch_size)
+        n_local += n_images
+        for index, setting in enumerate(scorer.setting_names):
+            results[setting][key] = accuracy_entry(benchmark, column(scores, index))
+    return results, n_local
+
+
+def _percent(value: float | None) -> str:
+    return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _column_order(key: str) -> tuple[int, str]:
+    name = key.split(":")[0]
+    return (list(BENCHMARKS).index(name) if name in BENCHMARKS else len(BENCHMARKS), key)
+
+
+def markdown_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """``results.md``: Table 1 (accuracy %, one row per setting, average), then counts and the paper's numbers.
+
+    The average is over the Table 1 benchmarks shown (Pick-a-Pic is reported but not averaged, as in the paper);
+    a row missing one of them gets no average.
+    """
+    columns = sorted({key for entries in results.values() for key in entries}, key=_column_order)
+    averaged = [key for key in columns if key.split(":")[0] in TABLE1_BENCHMARKS] or columns
+
+    def header(key: str) -> str:
+        name, _, split = key.partition(":")
+        return DISPLAY_NAMES.get(name, name) + (f" ({split})" if split else "")
+
+    lines = [
+        "# Pairwise accuracy (%)",
+        "",
+        "| Model / setting | " + " | ".join(header(key) for key in columns) + " | Avg |",
+        "|---|" + "---:|" * (len(columns) + 1),
+    ]
+    for setting, entries in results.items():
+        cells = [_percent(entries[key]["accuracy"]) if key in entries else "–" for key in columns]
+        values = [entries[key]["accuracy"] for key in averaged if key in entries]
+        average = sum(values) / len(values) if len(values) == len(averaged) else None
+        lines.append(f"| {setting} | " + " | ".join(cells) + f" | {_percent(average)} |")
+    lines += [
+        "",
+        "Average over: " + ", ".join(header(key) for key in averaged) + ".",
+        "",
+        "## Counts",
+        "",
+        "| Model / setting | Benchmark | Averaging | Pairs | Correct | Score ties | GT ties dropped | Missing images |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for setting, entries in results.items():
+        for key in sorted(entries, key=_column_order):
+            e = entries[key]
+            lines.append(
+                f"| {setting} | {header(key)} | {e['averaging']} | {e['n_pairs']} | {e['n_correct']} | "
+                f"{e['n_score_ties']} | {e['n_gt_ties_dropped']} | {e['n_missing_images']} |"
+            )
+    lines += [
+        "",
+        "## The paper's Table 1 (arXiv 2602.11146), for comparison",
+        "",
+        "| Model | ImageReward | HPDv2 | HPDv3 | GenAI-Bench | Avg |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {model} | " + " | ".join(f"{v:.2f}" for v in row) + " |" for model, row in PAPER_TABLE1.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_results(output_dir: str, results: dict[str, dict[str, dict[str, Any]]], fresh: bool = False) -> dict:
+    """Merge ``results`` into ``output_dir/results.json`` (unless ``fresh``) and rewrite it and ``results.md``."""
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, "results.json")
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    if not fresh and os.path.exists(path):
+        with open(path, encoding="utf-8") as handle:
+            merged = json.load(handle)
+    for setting, entries in results.items():
+        merged.setdefault(setting, {}).update(entries)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(merged, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as handle:
+        handle.write(markdown_table(merged))
+    return merged
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    accelerator = Accelerator()
+    setup_logging(accelerator)
+    try:
+        with accelerator.main_process_first():
+            benchmarks = load_benchmarks(args)
+            scorer = build_scorer(args.scorer, args, accelerator.device)
+    except (NotImplementedError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    results, n_local = evaluate(scorer, benchmarks, accelerator, args.batch_size)
+    print(f"process {accelerator.process_index}/{accelerator.num_processes}: scored {n_local} images", flush=True)
+    if accelerator.is_main_process:
+        merged = write_results(args.output_dir, results, args.fresh)
+        print(markdown_table({setting: merged[setting] for setting in results}), end="")
+        print(f"Wrote {os.path.join(args.output_dir, 'results.json')} and results.md")
+    accelerator.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

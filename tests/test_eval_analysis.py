@@ -1,0 +1,133 @@
+"""eval/noise_sweep.py and eval/uncertainty.py: files and rows on tiny models, statistics against hand counts."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from accelerate import Accelerator
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "eval"))
+
+import noise_sweep
+import run_eval
+import scorers
+import uncertainty
+
+from dinalrm.benchmarks import Benchmark, BenchmarkImage, BenchmarkPair
+from dinalrm.data import FIRST, SECOND
+from dinalrm.testing import save_tiny_dinalrm_repo, torch_threads, write_tiny_benchmarks
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("analysis_assets")
+    return {
+        "data": write_tiny_benchmarks(root / "data"),
+        "model": save_tiny_dinalrm_repo(root / "tiny-a", seed=0),
+        "model_b": save_tiny_dinalrm_repo(root / "tiny-b", seed=1),
+    }
+
+
+def read_csv(path):
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_noise_sweep_writes_csv_and_png(assets, tmp_path):
+    output_dir = tmp_path / "sweep"
+    argv = ["--models", f"{assets['model']},{assets['model_b']}", "--benchmarks", "hpdv2,hpdv3",
+            "--data_dir", assets["data"], "--t_values", "0.0,0.4,0.9", "--output_dir", str(output_dir)]  # fmt: skip
+    assert noise_sweep.main(argv) == 0
+    rows = read_csv(output_dir / "noise_sweep.csv")
+    assert list(rows[0]) == ["model", "benchmark", "t", "accuracy", "n_pairs", "n_correct", "n_score_ties"]
+    keys = [(r["model"], r["benchmark"], float(r["t"])) for r in rows]
+    assert sorted(keys) == sorted(
+        (m, b, t) for m in ("tiny-a", "tiny-b") for b in ("hpdv2", "hpdv3", "average") for t in (0.0, 0.4, 0.9)
+    )
+    by_key = dict(zip(keys, rows))
+    for model in ("tiny-a", "tiny-b"):
+        for t in (0.0, 0.4, 0.9):
+            parts = [float(by_key[(model, b, t)]["accuracy"]) for b in ("hpdv2", "hpdv3")]
+            assert float(by_key[(model, "average", t)]["accuracy"]) == pytest.approx(sum(parts) / 2)
+            assert int(by_key[(model, "hpdv2", t)]["n_pairs"]) == 9 and int(by_key[(model, "hpdv3", t)]["n_pairs"]) == 2
+    png = (output_dir / "noise_sweep.png").read_bytes()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
+
+    # The sweep's t = 0.4 point is run_eval's t = 0.4 result: same seed, same per-image noise.
+    argv = ["--model", assets["model"], "--t", "0.4", "--benchmarks", "hpdv2", "--data_dir", assets["data"],
+            "--output_dir", str(tmp_path / "eval")]  # fmt: skip
+    assert run_eval.main(argv) == 0
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert float(by_key[("tiny-a", "hpdv2", 0.4)]["accuracy"]) == results["DiNa-LRM [tiny-a] t=0.4"]["hpdv2"]["accuracy"]
+
+
+class TableScorer(scorers.Scorer):
+    """Returns fixed rewards per image id: ``table[id][level][draw]``, flattened level-major like DiNaLRMScorer."""
+
+    def __init__(self, table):
+        self.table = table
+
+    @property
+    def setting_names(self):
+        return ["fake"]
+
+    def score_columns(self, prompts, images, image_ids=None):
+        return [[value for level in self.table[i] for value in level] for i in image_ids]
+
+    @classmethod
+    def from_args(cls, args, device):
+        raise NotImplementedError
+
+
+def test_uncertainty_quantities_match_hand_computation():
+    image = Image.new("RGB", (8, 8))
+    pairs = [BenchmarkPair("g", "a", "b", FIRST), BenchmarkPair("g", "a", "c", SECOND), BenchmarkPair("g", "b", "c", FIRST)]
+    bench = Benchmark("toy", "test", "micro", {i: BenchmarkImage("p", image) for i in "abc"}, pairs)
+    table = {  # two levels, K = 3 draws
+        "a": [[3, 3, 3], [1, 1, 1]],
+        "b": [[1, 2, 4], [1, 1, 2]],
+        "c": [[0, 0, 0], [2, 0, 1]],
+    }
+    results = uncertainty.measure(TableScorer(table), {"toy": bench}, [0.1, 0.7], 3, Accelerator(), batch_size=2)
+    low, high = results["toy"]["t=0.1"], results["toy"]["t=0.7"]
+    # t=0.1: a-b differences (2, 1, -1): mode 2 of 3 -> 1/3; a-c (3, 3, 3) and b-c (1, 2, 4) stable.
+    #   margins 4/3, 3, 7/3 -> 20/9; variances a 0, b 7/3, c 0 -> 7/9; draw accuracies 2/3, 2/3, 1/3 -> 5/9.
+    assert low == pytest.approx({
+        "variation_ratio": 1 / 9, "frac_pairs_flipping": 1 / 3, "mean_margin": 20 / 9,
+        "mean_reward_variance": 7 / 9, "mean_accuracy": 5 / 9, "n_pairs": 3, "n_images": 3, "num_draws": 3,
+    })  # fmt: skip
+    # t=0.7: a-b (0, 0, -1) -> 1/3 (a score tie is an outcome of its own); a-c (-1, 1, 0) -> 2/3; b-c (-1, 1, 1)
+    #   -> 1/3. Margins 1/3, 2/3, 1 -> 2/3; variances 0, 1/3, 1 -> 4/9; every draw gets only b-c right -> 1/3.
+    assert high == pytest.approx({
+        "variation_ratio": 4 / 9, "frac_pairs_flipping": 1.0, "mean_margin": 2 / 3,
+        "mean_reward_variance": 4 / 9, "mean_accuracy": 1 / 3, "n_pairs": 3, "n_images": 3, "num_draws": 3,
+    })  # fmt: skip
+    with pytest.raises(ValueError, match="at least 2"):
+        uncertainty.uncertainty_stats(pairs, {"a": [1.0], "b": [2.0]})
+
+
+def test_uncertainty_script_on_tiny_model(assets, tmp_path):
+    argv = ["--model", assets["model"], "--benchmarks", "hpdv3,hpdv2", "--data_dir", assets["data"],
+            "--t_values", "0.1,0.8", "--num_draws", "3", "--output_dir", str(tmp_path)]  # fmt: skip
+    assert uncertainty.main(argv) == 0
+    results = json.loads((tmp_path / "uncertainty.json").read_text())["tiny-a"]
+    assert set(results) == {"hpdv3", "hpdv2"} and set(results["hpdv2"]) == {"t=0.1", "t=0.8"}
+    rows = read_csv(tmp_path / "uncertainty.csv")
+    assert [(r["benchmark"], float(r["t"])) for r in rows] == [("hpdv3", 0.1), ("hpdv3", 0.8), ("hpdv2", 0.1), ("hpdv2", 0.8)]
+    for row in rows:
+        assert int(row["num_draws"]) == 3 and 0 <= float(row["variation_ratio"]) <= 2 / 3
+        assert float(row["mean_reward_variance"]) > 0 and float(row["mean_margin"]) > 0
+    hpdv2 = {float(r["t"]): r for r in rows if r["benchmark"] == "hpdv2"}
+    assert int(hpdv2[0.1]["n_pairs"]) == 9 and int(hpdv2[0.1]["n_images"]) == 7
+    # More noise, more spread between draws.
+    assert float(hpdv2[0.8]["mean_reward_variance"]) > float(hpdv2[0.1]["mean_reward_variance"])

@@ -1,0 +1,227 @@
+"""eval/run_eval.py and eval/scorers.py end to end: tiny offline models on tiny copies of the five benchmarks."""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "eval"))
+
+import common
+import run_eval
+import scorers
+
+from dinalrm.benchmarks import load_benchmark
+from dinalrm.testing import (
+    make_tiny_image_pair,
+    save_tiny_clip,
+    save_tiny_dinalrm_repo,
+    torch_threads,
+    write_tiny_benchmarks,
+)
+
+ALL_BENCHMARKS = "imagereward,hpdv2,hpdv3,genai_bench,pickapic"
+# Per benchmark, by hand from write_tiny_benchmarks' docstring:
+# (pairs scored, GT ties dropped, images missing or unreadable, averaging, distinct images scored).
+EXPECTED = {
+    "imagereward": (8, 1, 1, "micro", 7),  # 11 pairs with distinct ranks, 3 of them with the missing file
+    "hpdv2": (9, 0, 0, "macro", 7),  # C(3,2) + C(4,2), the tie kept and credited
+    "hpdv3": (2, 0, 1, "micro", 5),  # 3 rows, one with a missing path2
+    "genai_bench": (3, 1, 0, "micro", 6),  # tievote dropped and counted; bothbad_vote dropped apart
+    "pickapic_v2": (2, 1, 1, "micro", 5),  # 0.5/0.5 dropped; the corrupt JPEG's pair excluded
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CPU is shared)."""
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval_assets")
+    return {
+        "data": write_tiny_benchmarks(root / "data"),
+        "model": save_tiny_dinalrm_repo(root / "tiny-dinalrm"),
+        "clip": save_tiny_clip(root / "tiny-clip"),
+        "cache": str(root / "cache"),
+    }
+
+
+def base_args(assets, output_dir, benchmarks=ALL_BENCHMARKS, data_dir=None):
+    return ["--benchmarks", benchmarks, "--data_dir", data_dir or assets["data"], "--cache_dir", assets["cache"],
+            "--output_dir", str(output_dir)]  # fmt: skip
+
+
+def read_results(output_dir):
+    return json.loads((Path(output_dir) / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def one_process_run(assets, tmp_path_factory):
+    """run_eval in this process, t = 0.4 and the ensemble, with every scored image id recorded."""
+    output_dir = tmp_path_factory.mktemp("one_process")
+    calls = []
+    original = scorers.DiNaLRMScorer.score_columns
+
+    def recording(self, prompts, images, image_ids=None):
+        calls.extend(image_ids)
+        return original(self, prompts, images, image_ids)
+
+    scorers.DiNaLRMScorer.score_columns = recording
+    try:
+        argv = ["--model", assets["model"], "--t", "0.4", "--ensemble", "--batch_size", "3"]
+        assert run_eval.main(argv + base_args(assets, output_dir)) == 0
+    finally:
+        scorers.DiNaLRMScorer.score_columns = original
+    return output_dir, calls
+
+
+def test_run_eval_writes_json_and_table_scoring_each_image_once(one_process_run):
+    output_dir, calls = one_process_run
+    results = read_results(output_dir)
+    settings = ["DiNa-LRM [tiny-dinalrm] t=0.4", "DiNa-LRM [tiny-dinalrm] ensemble=0.2,0.5,0.7"]
+    assert sorted(results) == sorted(settings)
+    for setting in settings:
+        assert set(results[setting]) == set(EXPECTED)
+        for name, (n_pairs, ties, missing, averaging, _) in EXPECTED.items():
+            entry = results[setting][name]
+            assert list(entry) == sorted(common.RESULT_KEYS)
+            assert (entry["n_pairs"], entry["n_gt_ties_dropped"], entry["n_missing_images"], entry["averaging"]) == (
+                n_pairs, ties, missing, averaging,
+            ), name  # fmt: skip
+            if averaging == "micro":
+                assert entry["accuracy"] == pytest.approx(entry["n_correct"] / n_pairs)
+    # Each distinct readable image went to the scorer exactly once, for both settings together.
+    assert len(calls) == sum(e[4] for e in EXPECTED.values()) == 30
+    assert max(Counter(calls).values()) == 1
+
+    table = (output_dir / "results.md").read_text()
+    header = "| Model / setting | ImageReward | HPDv2 | HPDv3 | GenAI-Bench | Pick-a-Pic v2 | Avg |"
+    assert header in table
+    for setting in settings:
+        row = next(line for line in table.splitlines() if line.startswith(f"| {setting} |"))
+        cells = [cell.strip() for cell in row.strip("|").split("|")][1:]
+        entries = results[setting]
+        expected = [entries[n]["accuracy"] for n in ("imagereward", "hpdv2", "hpdv3", "genai_bench", "pickapic_v2")]
+        average = sum(expected[:4]) / 4  # Pick-a-Pic is shown but not averaged (not in the paper's Table 1)
+        assert cells == [f"{100 * v:.2f}" for v in [*expected, average]]
+    assert "| DiNa-LRM (t=0.4) | 60.34 | 82.13 | 75.04 | 68.43 | 71.49 |" in table
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_match_one_process(assets, one_process_run, tmp_path):
+    output_dir = tmp_path / "two_processes"
+    command = [
+        "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "eval" / "run_eval.py"),
+        "--model", assets["model"], "--t", "0.4", "--ensemble", "--batch_size", "2",
+        *base_args(assets, output_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    counts = dict(re.findall(r"process (\d)/2: scored (\d+) images", result.stdout))
+    assert set(counts) == {"0", "1"}, result.stdout  # two ranks, both with world size 2
+    assert int(counts["0"]) + int(counts["1"]) == 30 + 1  # the corrupt Pick-a-Pic image is tried, and counted
+    assert min(int(n) for n in counts.values()) > 0
+    assert read_results(output_dir) == read_results(one_process_run[0])
+
+
+def test_dinalrm_scorer_is_deterministic_per_image(assets):
+    scorer = scorers.DiNaLRMScorer.load(assets["model"], torch.device("cpu"), [0.4, (0.2, 0.7)], num_draws=2)
+    rng = np.random.default_rng(3)
+    images = [make_tiny_image_pair(rng, size)[i % 2] for i, size in enumerate([(32, 32), (40, 32), (32, 32)])]
+    prompts = ["a red apple", "a cat", "a dog in a park"]
+    ids = ["x/0", "x/1", "x/2"]
+    together = torch.tensor(scorer.score_columns(prompts, images, ids))
+    alone = torch.tensor([scorer.score_columns([p], [im], [i])[0] for p, im, i in zip(prompts, images, ids)])
+    reversed_ = torch.tensor(scorer.score_columns(prompts[::-1], images[::-1], ids[::-1])[::-1])
+    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(together, reversed_, rtol=0, atol=1e-5)
+    assert together.shape == (3, 4)
+    assert scorer.setting_names[1] == "DiNa-LRM [tiny-dinalrm] t=0.4 draw=1"
+    assert not torch.allclose(together[:, 0], together[:, 1])  # draws 0 and 1 differ
+    # Column 0 is what the pipeline gives on the image itself with the image's own generator.
+    for index in (0, 1):
+        generator = torch.Generator().manual_seed(scorers.image_seed(0, ids[index]))
+        direct = scorer.pipe(prompts[index], images=images[index], t=0.4, generator=generator).rewards
+        assert float(direct[0]) == pytest.approx(float(together[index, 0]), abs=1e-5)
+    scorer.settings, scorer.num_draws, scorer.seed = [0.4], 1, 1
+    assert not torch.allclose(torch.tensor(scorer.score_columns(prompts, images, ids))[:, 0], together[:, 0])
+
+
+def test_clip_scorer_formula_and_run_eval(assets, tmp_path):
+    scorer = scorers.PlainCLIPScorer.load(assets["clip"], None, torch.device("cpu"))
+    images = [Image.new("RGB", (40, 32), (200, 10, 10)), Image.new("RGB", (32, 32), (10, 10, 200))]
+    prompts = ["a red apple", "a blue sky"]
+    scores = scorer.score(prompts, images)
+    for prompt, image, score in zip(prompts, images, scores):
+        inputs = scorer.processor(text=[prompt], images=[image], return_tensors="pt", padding=True)
+        with torch.no_grad():
+            logits = scorer.model(**inputs).logits_per_image  # logit_scale * cosine
+        assert score == pytest.approx(float(logits[0, 0]), abs=1e-5)
+    assert scores[0] != scores[1]
+    pickscore = scorers.PickScoreScorer.load(assets["clip"], assets["clip"], torch.device("cpu"))
+    assert pickscore.setting_names == ["PickScore [tiny-clip]"]
+    assert scorers.PickScoreScorer.default_processor == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+    # The runner with --scorer clip; Pick-a-Pic stored under the alias folder name "pickapic".
+    data_dir = tmp_path / "data"
+    shutil.copytree(Path(assets["data"]) / "hpdv2", data_dir / "hpdv2")
+    shutil.copytree(Path(assets["data"]) / "pickapic_v2", data_dir / "pickapic")
+    output_dir = tmp_path / "out"
+    argv = ["--scorer", "clip", "--model", assets["clip"], *base_args(assets, output_dir, "hpdv2,pickapic", str(data_dir))]
+    assert run_eval.main(argv) == 0
+    results = read_results(output_dir)
+    assert list(results) == ["CLIP [tiny-clip]"]
+    assert set(results["CLIP [tiny-clip]"]) == {"hpdv2", "pickapic_v2"}
+    assert results["CLIP [tiny-clip]"]["pickapic_v2"]["n_pairs"] == 2
+
+
+def test_not_bundled_scorers_explain_how_to_plug_in(assets, tmp_path, capsys):
+    argv = ["--scorer", "hpsv2", *base_args(assets, tmp_path, "hpdv2")]
+    assert run_eval.main(argv) == 2
+    error = capsys.readouterr().err
+    assert "not bundled" in error and "pip install hpsv2" in error and "@register_scorer('hpsv2')" in error
+    args = argparse.Namespace()
+    for name in ("hpsv3", "imagereward"):
+        with pytest.raises(NotImplementedError, match="not bundled"):
+            scorers.build_scorer(name, args, torch.device("cpu"))
+    with pytest.raises(ValueError, match="Unknown scorer"):
+        scorers.build_scorer("aesthetic", args, torch.device("cpu"))
+    assert {"dinalrm", "pickscore", "clip", "hpsv2", "hpsv3", "imagereward"} <= set(scorers.SCORERS)
+
+
+def test_benchmark_names_limit_and_merged_results(assets, tmp_path):
+    assert common.parse_benchmarks("pickapic, HPDv2,hpdv2") == ["pickapic_v2", "hpdv2"]
+    with pytest.raises(argparse.ArgumentTypeError, match="drawbench"):
+        common.parse_benchmarks("drawbench")
+    bench = load_benchmark("imagereward", assets["data"])
+    limited = common.limit_pairs(bench, 2)
+    assert limited.pairs == bench.pairs[:2] and len(limited.images) == 3  # a-b and a-c of the first prompt
+    assert common.limit_pairs(bench, None) is bench
+
+    entry = {"accuracy": 0.5, "n_pairs": 2, "n_correct": 1, "n_score_ties": 0, "n_gt_ties_dropped": 0,
+             "n_missing_images": 0, "averaging": "micro"}  # fmt: skip
+    run_eval.write_results(str(tmp_path), {"A": {"hpdv2": entry}})
+    merged = run_eval.write_results(str(tmp_path), {"B": {"hpdv3": {**entry, "accuracy": 1.0}}})
+    assert read_results(tmp_path) == merged == {"A": {"hpdv2": entry}, "B": {"hpdv3": {**entry, "accuracy": 1.0}}}
+    table = (tmp_path / "results.md").read_text()
+    assert "| A | 50.00 | – | – |" in table and "| B | – | 100.00 | – |" in table  # no average with a gap
+    run_eval.write_results(str(tmp_path), {"C": {"hpdv2": entry}}, fresh=True)
+    assert read_results(tmp_path) == {"C": {"hpdv2": entry}}
