@@ -36,8 +36,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
-from diffusers.models.attention import JointTransformerBlock
-from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -50,25 +48,14 @@ from transformers import (
 )
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+from modeling_dinalrm import SD35_MEDIUM_TRANSFORMER_CONFIG, DiNaLRMConfig, DiNaLRMModel  # noqa: E402
+
 DTYPE = torch.bfloat16
 GIB = 1024**3
 
-# stabilityai/stable-diffusion-3.5-medium, transformer/config.json.
-SD35M_TRANSFORMER = {
-    "sample_size": 128,
-    "patch_size": 2,
-    "in_channels": 16,
-    "out_channels": 16,
-    "num_layers": 24,
-    "attention_head_dim": 64,
-    "num_attention_heads": 24,
-    "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536,
-    "pooled_projection_dim": 2048,
-    "pos_embed_max_size": 384,
-    "dual_attention_layers": list(range(13)),
-    "qk_norm": "rms_norm",
-}
+# stabilityai/stable-diffusion-3.5-medium, transformer/config.json (kept once, in modeling_dinalrm).
+SD35M_TRANSFORMER = SD35_MEDIUM_TRANSFORMER_CONFIG
 
 # stabilityai/stable-diffusion-3.5-medium, vae/config.json.
 SD35M_VAE = {
@@ -281,176 +268,16 @@ def weight_stats(*modules: nn.Module) -> tuple[int, int]:
     return params, stored * torch.finfo(DTYPE).bits // 8
 
 
-class FiLMAdapter(nn.Module):
-    """Timestep-conditioned FiLM on one backbone layer, reduced to a quarter of the head width."""
-
-    def __init__(self, dim: int, width: int) -> None:
-        super().__init__()
-        self.proj_in = nn.Identity() if dim == width else nn.Linear(dim, width)
-        self.modulation = nn.Sequential(nn.Linear(dim, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width))
-        self.layer_embedding = nn.Parameter(torch.zeros(1, 1, width))
-        self.proj_out = nn.Linear(width, width // 4)
-
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        gamma, beta = self.modulation(temb).unsqueeze(1).chunk(2, dim=-1)
-        return self.proj_out(self.proj_in(x) * (1 + gamma) + beta + self.layer_embedding)
-
-
-class GatedBranch(nn.Module):
-    """Keys and values of one token stream, values optionally scaled by a per-token sigmoid gate."""
-
-    def __init__(self, width: int, gated: bool) -> None:
-        super().__init__()
-        self.norm = nn.RMSNorm(width)
-        self.to_k = nn.Linear(width, width)
-        self.to_v = nn.Linear(width, width)
-        self.gate = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1)) if gated else None
-
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.norm(tokens)
-        value = self.to_v(tokens)
-        if self.gate is not None:
-            value = value * torch.sigmoid(self.gate(tokens))
-        return self.to_k(tokens), value
-
-
-class QueryCrossAttention(nn.Module):
-    """Learned queries attending to one or two token streams; the branch results are summed."""
-
-    def __init__(self, width: int, heads: int, branches: int, gated: bool) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.RMSNorm(width)
-        self.to_q = nn.Linear(width, width)
-        self.branches = nn.ModuleList(GatedBranch(width, gated) for _ in range(branches))
-        self.to_out = nn.Linear(width, width)
-
-    def _split(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
-
-    def forward(self, queries: torch.Tensor, *streams: torch.Tensor) -> torch.Tensor:
-        q = self._split(self.to_q(self.norm(queries)))
-        mixed = sum(
-            F.scaled_dot_product_attention(q, self._split(k), self._split(v))
-            for k, v in (branch(s) for branch, s in zip(self.branches, streams, strict=True))
-        )
-        return queries + self.to_out(mixed.transpose(1, 2).flatten(2))
-
-
-class ReplicaHead(nn.Module):
-    """DiNa-LRM's reward head with DESIGN.md section 2 shapes: FiLM adapters, layer fusion, query pooling."""
-
-    def __init__(self, dim: int, num_visual: int, num_text: int, num_queries: int = 4, heads: int = 8) -> None:
-        super().__init__()
-        width = dim
-        self.visual_adapters = nn.ModuleList(FiLMAdapter(dim, width) for _ in range(num_visual))
-        self.text_adapters = nn.ModuleList(FiLMAdapter(dim, width) for _ in range(num_text))
-        self.visual_fusion = nn.Linear(num_visual * width // 4, width)
-        self.text_fusion = nn.Linear(num_text * width // 4, width)
-        self.queries = nn.Parameter(torch.zeros(1, num_queries, width))
-        self.text_aware = QueryCrossAttention(width, heads, branches=2, gated=True)
-        self.image_only = QueryCrossAttention(width, heads, branches=1, gated=False)
-        self.ffn_norm = nn.RMSNorm(width)
-        self.ffn = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
-        self.score = nn.Linear(width, 1)
-
-    def fuse(
-        self, visual: list[torch.Tensor], text: list[torch.Tensor], temb: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """FiLM every selected layer and fuse each stream's layers into ``width``-wide tokens."""
-        v = [adapter(x, temb) for adapter, x in zip(self.visual_adapters, visual, strict=True)]
-        t = [adapter(x, temb) for adapter, x in zip(self.text_adapters, text, strict=True)]
-        return self.visual_fusion(torch.cat(v, dim=-1)), self.text_fusion(torch.cat(t, dim=-1))
-
-    def pool(self, visual: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Two cross-attention blocks and an FFN on the learned queries, then the mean query score."""
-        q = self.queries.expand(visual.shape[0], -1, -1)
-        q = self.image_only(self.text_aware(q, visual, text), visual)
-        q = q + self.ffn(self.ffn_norm(q))
-        return self.score(q).mean(dim=1).squeeze(-1)
-
-
-class ReplicaBackbone(nn.Module):
-    """SD3 embeddings and the first N joint blocks, each built as in the full model (with a text output)."""
-
-    def __init__(self, config: dict, num_blocks: int, visual_layers: tuple[int, ...], text_layers: tuple[int, ...]):
-        super().__init__()
-        dim = config["num_attention_heads"] * config["attention_head_dim"]
-        self.visual_layers, self.text_layers = visual_layers, text_layers
-        self.pos_embed = PatchEmbed(
-            height=config["sample_size"],
-            width=config["sample_size"],
-            patch_size=config["patch_size"],
-            in_channels=config["in_channels"],
-            embed_dim=dim,
-            pos_embed_max_size=config["pos_embed_max_size"],
-        )
-        self.time_text_embed = CombinedTimestepTextProjEmbeddings(dim, config["pooled_projection_dim"])
-        self.context_embedder = nn.Linear(config["joint_attention_dim"], config["caption_projection_dim"])
-        self.transformer_blocks = nn.ModuleList(
-            JointTransformerBlock(
-                dim=dim,
-                num_attention_heads=config["num_attention_heads"],
-                attention_head_dim=config["attention_head_dim"],
-                context_pre_only=False,
-                qk_norm=config["qk_norm"],
-                use_dual_attention=i in config["dual_attention_layers"],
-            )
-            for i in range(num_blocks)
-        )
-
-    def forward(
-        self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor, timestep: torch.Tensor
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Timestep embedding and the image / text hidden states after the selected blocks."""
-        hidden = self.pos_embed(latents)
-        temb = self.time_text_embed(timestep, pooled)
-        context = self.context_embedder(prompt_embeds)
-        visual, text = [], []
-        for index, block in enumerate(self.transformer_blocks, start=1):
-            context, hidden = block(hidden, context, temb)
-            if index in self.visual_layers:
-                visual.append(hidden)
-            if index in self.text_layers:
-                text.append(context)
-        return temb, visual, text
-
-
-class ReplicaDiNaLRM(nn.Module):
-    """Stand-in for ``modeling_dinalrm.DiNaLRMModel`` with the same ``backbone`` / ``reward_head`` interface."""
-
-    def __init__(self, config: dict, num_blocks: int, visual_layers: tuple[int, ...], text_layers: tuple[int, ...]):
-        super().__init__()
-        dim = config["num_attention_heads"] * config["attention_head_dim"]
-        self.backbone = ReplicaBackbone(config, num_blocks, visual_layers, text_layers)
-        self.reward_head = ReplicaHead(dim, len(visual_layers), len(text_layers))
-
-
 def build_dinalrm(
     config: dict = SD35M_TRANSFORMER,
     num_blocks: int = DINALRM_BLOCKS,
     layers: tuple[int, ...] = DINALRM_LAYERS,
-    prefer_repo_model: bool = True,
-) -> tuple[nn.Module, str]:
-    """DiNa-LRM on meta, from the repository's ``modeling_dinalrm`` when importable, else this script's replica.
-
-    ``layers`` are the 1-based blocks whose image and text outputs feed the head. Returns the model and a label
-    saying which implementation was built.
-    """
-    if prefer_repo_model:
-        if str(REPO_ROOT) not in sys.path:
-            sys.path.insert(0, str(REPO_ROOT))
-        try:
-            from modeling_dinalrm import DiNaLRMConfig, DiNaLRMModel
-        except ImportError:
-            pass
-        else:
-            model_config = DiNaLRMConfig(
-                backbone_config=config, num_backbone_layers=num_blocks, visual_layers=layers, text_layers=layers
-            )
-            return on_meta(lambda: DiNaLRMModel(model_config)), "modeling_dinalrm.DiNaLRMModel (repository)"
-    replica = on_meta(lambda: ReplicaDiNaLRM(config, num_blocks, layers, layers))
-    return replica, "ReplicaDiNaLRM (this script's stand-in)"
+) -> nn.Module:
+    """The repository's `DiNaLRMModel` on meta; `layers` are the 1-based blocks feeding the head (image and text)."""
+    model_config = DiNaLRMConfig(
+        backbone_config=config, num_backbone_layers=num_blocks, visual_layers=layers, text_layers=layers
+    )
+    return on_meta(lambda: DiNaLRMModel(model_config))
 
 
 def dinalrm_reward(model: nn.Module, text_tokens: int, config: dict = SD35M_TRANSFORMER) -> Callable:
@@ -634,7 +461,7 @@ def run(resolution: int = 1024) -> dict:
     """Measure every model at ``resolution``; returns settings, rows, ratios and the paper comparison."""
     latent_shape = (1, SD35M_VAE["latent_channels"], resolution // 8, resolution // 8)
     pixel_shape = (1, 3, resolution, resolution)
-    dinalrm, dinalrm_source = build_dinalrm()
+    dinalrm = build_dinalrm()
     vae, hpsv3, pickscore = build_vae(), build_hpsv3(), build_pickscore()
     decode = vae_decode(vae)
     hps, pick = hpsv3_reward(hpsv3), pickscore_reward(pickscore)
@@ -674,7 +501,6 @@ def run(resolution: int = 1024) -> dict:
             "resolution": resolution,
             "batch": 1,
             "dtype": str(DTYPE),
-            "dinalrm_model": dinalrm_source,
             "dinalrm_blocks": DINALRM_BLOCKS,
             "sd35m_blocks": SD35M_TRANSFORMER["num_layers"],
             "dinalrm_image_tokens": (latent_shape[-1] // SD35M_TRANSFORMER["patch_size"]) ** 2,
@@ -702,7 +528,7 @@ def run(resolution: int = 1024) -> dict:
 
 NOTES = {
     "Method": [
-        "DiNa-LRM: {dinalrm_model}, the first {dinalrm_blocks} of {sd35m_blocks} SD3.5-M blocks, scoring the "
+        "DiNa-LRM: modeling_dinalrm.DiNaLRMModel, the first {dinalrm_blocks} of {sd35m_blocks} SD3.5-M blocks, scoring the "
         "generator's latents at t = 0.4 with the generator's prompt embeddings (SD3's text encoders are not charged).",
         "Pixel rewards: latents -> SD3.5-M VAE decode (bf16) -> differentiable preprocessing -> reward. HPSv3 "
         "resizes to {hpsv3_image_side}x{hpsv3_image_side} (min_pixels = max_pixels = 256*28*28 in its inference "

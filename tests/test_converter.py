@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import pytest
 import torch
 from conftest import OFFICIAL_TINY, copy_official, run_converter
 from safetensors.torch import load_file, save_file

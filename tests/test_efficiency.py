@@ -7,7 +7,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -131,7 +130,7 @@ def test_memory_tracker_counts_new_storages_while_they_live():
 
 
 def test_live_memory_after_forward_equals_saved_tensors():
-    model, _ = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=2, layers=(1, 2))
+    model = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=2, layers=(1, 2))
     reward = efficiency.dinalrm_reward(model, text_tokens=6, config=TINY_TRANSFORMER)
     weights = {t.untyped_storage()._cdata for t in [*model.parameters(), *model.buffers()]}
     saved = {}
@@ -154,7 +153,7 @@ def test_live_memory_after_forward_equals_saved_tensors():
 def test_dinalrm_flops_grow_by_one_block_per_block():
     costs = []
     for blocks in (1, 2, 3):  # the head always reads the last block, so gradients run through all of them
-        model, _ = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=blocks, layers=(blocks,))
+        model = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=blocks, layers=(blocks,))
         costs.append(efficiency.measure(efficiency.dinalrm_reward(model, 6, TINY_TRANSFORMER), meta_input(1, 4, 8, 8)))
     # Blocks 2 and 3 are single-attention joint blocks (only block 1 is dual) of width c over n image and
     # m text tokens: adaLN of both streams (2 x c -> 6c on one embedding), q/k/v/out projections and a
@@ -173,20 +172,8 @@ def test_dinalrm_flops_grow_by_one_block_per_block():
     assert costs[0].peak_refl < costs[1].peak_refl < costs[2].peak_refl
 
 
-def test_replica_costs_what_the_repository_model_costs():
-    pytest.importorskip("modeling_dinalrm")
-    costs, sources = [], []
-    for prefer in (True, False):
-        model, source = efficiency.build_dinalrm(TINY_TRANSFORMER, 2, layers=(1, 2), prefer_repo_model=prefer)
-        reward = efficiency.dinalrm_reward(model, 6, TINY_TRANSFORMER)
-        costs.append((efficiency.weight_stats(model), efficiency.measure(reward, meta_input(1, 4, 8, 8))))
-        sources.append(source)
-    assert "modeling_dinalrm" in sources[0] and "Replica" in sources[1]
-    assert costs[0] == costs[1]
-
-
 def test_models_are_never_materialised_and_pixel_rewards_run():
-    dinalrm, _ = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=2, layers=(2,))
+    dinalrm = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=2, layers=(2,))
     vae = efficiency.build_vae(TINY_VAE)
     hpsv3 = efficiency.build_hpsv3(TINY_QWEN2_VL)
     pickscore = efficiency.build_pickscore(TINY_CLIP)
