@@ -1,0 +1,437 @@
+"""train_dinalrm.py: the step, batching, feature cache and checkpoints, then whole runs on tiny SD3 components.
+
+The whole runs launch the script as users do (`accelerate launch`, or `python` where a run must be killed) on a
+tiny SD3 folder and tiny datasets in the three schemas. They share one set of flags, so the same runs serve as
+each other's references: raw-image training vs cached-feature training, and an uninterrupted run vs a run
+killed and resumed twice.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT
+from diffusers.training_utils import EMAModel
+from PIL import Image
+from safetensors.torch import load_file
+
+from dinalrm.data import BucketSet, load_preference_dataset
+from dinalrm.testing import (
+    get_tiny_sd3_components,
+    make_tiny_image_pair,
+    save_tiny_sd3_pipeline,
+    write_canonical_pairs,
+    write_tiny_preference_dataset,
+)
+from dinalrm.training_utils import (
+    BucketBatchSampler,
+    CachedPairDataset,
+    ImagePairDataset,
+    collate_cached_pairs,
+    collate_image_pairs,
+    list_checkpoints,
+    load_ema,
+    preference_step,
+    resolve_checkpoint,
+    sample_noise_levels,
+    save_ema,
+    seeded_generator,
+    write_feature_cache,
+)
+from modeling_dinalrm import DiNaLRMModel
+from train_dinalrm import KILL_ENV, PARTIAL_PREFIX, build_reward_model, parse_args
+
+
+TRAIN_SCRIPT = str(REPO_ROOT / "train_dinalrm.py")
+# One set of flags for every whole run: 2 blocks of the tiny transformer, LoRA, EMA, 32x32 images, batch 1 with
+# gradient accumulation 2 (so a checkpoint falls mid-epoch), 6 optimizer steps over 2 epochs, checkpoints every 2.
+COMMON_FLAGS = [
+    "--num_backbone_layers", "2", "--visual_layers", "1,2", "--text_layers", "1,2", "--head_num_heads", "2",
+    "--lora_rank", "4", "--lora_alpha", "8", "--resolution", "32", "--max_sequence_length", "16",
+    "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "6",
+    "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--use_ema", "--ema_decay", "0.9",
+    "--checkpointing_steps", "2", "--validation_steps", "3", "--validation_t", "0.2,0.4,0.7", "--seed", "7",
+]
+FINAL_WEIGHTS = "model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A tiny SD3 pipeline folder and tiny datasets (train + test splits) in the three schemas."""
+    root = tmp_path_factory.mktemp("train")
+    save_tiny_sd3_pipeline(root / "sd3")
+    for data_format in ("canonical", "hpdv3", "pickapic"):
+        write_tiny_preference_dataset(root / data_format, data_format, num_pairs=6, seed=1)
+        write_tiny_preference_dataset(root / data_format, data_format, num_pairs=4, seed=2, split="test")
+    return root
+
+
+def _environment(**extra: str) -> dict:
+    env = {key: value for key, value in os.environ.items() if key != KILL_ENV}
+    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch train_dinalrm.py ...` (DESIGN §10's flags for two synced CPU processes)."""
+    launcher = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+    if processes > 1:
+        launcher = ["--multi_gpu", *launcher]
+        env = {"ACCELERATE_USE_CPU": "true", **env}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, TRAIN_SCRIPT, *flags]
+    return subprocess.run(command, capture_output=True, text=True, env=_environment(**env), cwd=REPO_ROOT)
+
+
+def run_python(*flags: str, **env: str) -> subprocess.CompletedProcess:
+    """`python train_dinalrm.py ...` (one process; what a crash test kills)."""
+    return subprocess.run([sys.executable, TRAIN_SCRIPT, *flags], capture_output=True, text=True,
+                          env=_environment(**env), cwd=REPO_ROOT)
+
+
+def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-6000:]
+    return result
+
+
+def _summary(output_dir: Path) -> dict:
+    return json.loads((output_dir / "training_summary.json").read_text())
+
+
+def _assert_scores(output_dir: Path, sd3_dir: Path) -> None:
+    """The output folder loads with from_pretrained, merged LoRA differs from the base blocks, and it scores."""
+    model = DiNaLRMModel.from_pretrained(output_dir).eval()
+    assert model.config.lora_rank == 0 and model.config.num_backbone_layers == 2
+    base = load_file(sd3_dir / "transformer" / "diffusion_pytorch_model.safetensors")
+    key = "transformer_blocks.0.attn.to_q.weight"
+    assert not torch.equal(model.backbone.state_dict()[key], base[key]), "LoRA was not trained or not merged"
+    latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        rewards = model.score_latents(latents, torch.randn(2, 24, 32), torch.randn(2, 32), t=0.4,
+                                      generator=torch.Generator().manual_seed(0))
+    assert rewards.shape == (2,) and torch.isfinite(rewards).all() and rewards[0] != rewards[1]
+
+
+# ------------------------------------------------------------------------------------------------ unit level
+class _MeanReward(torch.nn.Module):
+    """Stand-in reward model: the reward of a latent is its mean; counts forward calls and their batch sizes."""
+
+    def __init__(self, model: DiNaLRMModel):
+        super().__init__()
+        self.model = model
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.batch_sizes: list[int] = []
+
+    def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds):
+        self.batch_sizes.append(noisy.shape[0])
+        self.inputs = noisy
+        return type("Out", (), {"rewards": self.scale * noisy.mean(dim=(1, 2, 3))})()
+
+    def snap_noise_level(self, *args):
+        return self.model.snap_noise_level(*args)
+
+    def preference_loss(self, *args):
+        return self.model.preference_loss(*args)
+
+
+@pytest.fixture(scope="module")
+def tiny_reward_model(tmp_path_factory) -> DiNaLRMModel:
+    folder = tmp_path_factory.mktemp("transformer")
+    get_tiny_sd3_components()["transformer"].save_pretrained(folder)
+    return DiNaLRMModel.from_backbone(folder, num_layers=2, visual_layers=[1, 2], text_layers=[1, 2], head_num_heads=2)
+
+
+def _pair_batch(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    n = chosen.shape[0]
+    return {"chosen": chosen, "rejected": rejected, "prompt_embeds": torch.zeros(n, 3, 32),
+            "pooled_prompt_embeds": torch.zeros(n, 32), "weights": torch.ones(n)}
+
+
+def test_step_scores_both_sides_in_one_forward_with_shared_noise(tiny_reward_model):
+    stub = _MeanReward(tiny_reward_model)
+    chosen = torch.full((8, 16, 4, 4), 1.0)
+    rejected = torch.full((8, 16, 4, 4), -1.0)
+    output = preference_step(stub, stub, _pair_batch(chosen, rejected), seeded_generator(0, 1))
+    assert stub.batch_sizes == [16]
+    # The label follows the random left/right swap: the chosen side always wins however the pair is presented.
+    assert output.accuracy == 1.0 and output.reward_margin > 0
+    left, right = stub.inputs.chunk(2)
+    swapped = left.mean(dim=(1, 2, 3)) < right.mean(dim=(1, 2, 3))
+    assert 0 < swapped.sum() < 8, "pairs must be presented in both orders"
+    # One noise and one t per pair: the two sides differ exactly by (1 - t) * (chosen - rejected), a constant.
+    difference = (left - right).flatten(1)
+    assert torch.allclose(difference, difference[:, :1].expand_as(difference))
+
+    identical = preference_step(stub, stub, _pair_batch(chosen, chosen.clone()), seeded_generator(0, 1))
+    assert identical.reward_margin == 0 and identical.accuracy == 0  # ties are not wins
+
+
+def test_step_loss_is_the_models_chosen_first_loss_and_weights_work(tiny_reward_model):
+    stub = _MeanReward(tiny_reward_model)
+    generator_state = seeded_generator(3).get_state()
+    chosen, rejected = torch.randn(4, 16, 4, 4), torch.randn(4, 16, 4, 4)
+    output = preference_step(stub, stub, _pair_batch(chosen, rejected), torch.Generator().set_state(generator_state))
+    left, right = stub.inputs.chunk(2)
+    generator = torch.Generator().set_state(generator_state)
+    t = torch.rand(4, generator=generator)
+    torch.randn(chosen.shape, generator=generator)
+    swap = torch.rand(4, generator=generator) < 0.5
+    sigmas, _ = tiny_reward_model.snap_noise_level(t, 4)
+    rewards = torch.cat([left, right]).mean(dim=(1, 2, 3))
+    r_chosen = torch.where(swap, rewards[4:], rewards[:4])
+    r_rejected = torch.where(swap, rewards[:4], rewards[4:])
+    expected = tiny_reward_model.preference_loss(r_chosen, r_rejected, sigmas)
+    assert torch.allclose(output.loss, expected)
+
+    weighted = _pair_batch(chosen, rejected)
+    weighted["weights"] = torch.tensor([1.0, 0.0, 0.0, 0.0])
+    first_only = preference_step(stub, stub, weighted, torch.Generator().set_state(generator_state))
+    expected_first = tiny_reward_model.preference_loss(r_chosen[:1], r_rejected[:1], sigmas[:1])
+    assert torch.allclose(first_only.loss, expected_first)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(workspace):
+    batch = _pair_batch(torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8))
+    batch["prompt_embeds"] = torch.randn(2, 5, 32)
+    gradients = []
+    for extra in ([], ["--gradient_checkpointing"]):
+        args = parse_args(["--pretrained_model_name_or_path", str(workspace / "sd3"), "--train_data_dir", "unused",
+                           *COMMON_FLAGS, *extra])
+        torch.manual_seed(0)
+        model = build_reward_model(args).train()
+        assert model.backbone.gradient_checkpointing == bool(extra)
+        with torch.no_grad():  # a trained adapter, so that gradients reach lora_A through the checkpointed blocks
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(generator=torch.Generator().manual_seed(1))
+        preference_step(model, model, batch, seeded_generator(0)).loss.backward()
+        gradients.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert gradients[0].keys() == gradients[1].keys() and any("lora_A" in name for name in gradients[0])
+    for name, gradient in gradients[0].items():
+        assert gradient is not None and gradients[1][name] is not None, name
+        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+
+
+def test_noise_level_schemes():
+    generator = seeded_generator(0)
+    assert torch.equal(sample_noise_levels("constant", 3, generator, constant_t=0.25), torch.full((3,), 0.25))
+    uniform = sample_noise_levels("uniform", 4000, generator)
+    assert 0 < uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.03
+    low = sample_noise_levels("logit_normal", 4000, generator, logit_mean=-1.0, logit_std=1.0)
+    assert abs(low.median() - torch.sigmoid(torch.tensor(-1.0))) < 0.03
+    with pytest.raises(ValueError, match="weighting_scheme"):
+        sample_noise_levels("mode", 2, generator)
+
+
+def test_bucket_batches_are_single_bucket_complete_and_seeded():
+    buckets = [(32, 32)] * 7 + [(48, 32)] * 4 + [(32, 48)]
+    sampler = BucketBatchSampler(buckets, batch_size=3, seed=5)
+    epoch0 = sampler.batches()
+    assert len(epoch0) == len(sampler) == 3 + 2 + 1
+    assert sorted(i for batch in epoch0 for i in batch) == list(range(12))
+    assert all(len({buckets[i] for i in batch}) == 1 for batch in epoch0)
+    assert epoch0 == BucketBatchSampler(buckets, batch_size=3, seed=5).batches()
+    sampler.start_epoch(1)
+    assert sampler.batches() != epoch0
+    assert not hasattr(sampler, "batch_size")  # accelerate must treat the batches as variable-length lists
+
+
+def test_feature_cache_round_trip_in_dataset_order_and_runtime_skips(tmp_path):
+    rng = np.random.default_rng(0)
+    images = [make_tiny_image_pair(rng, size) for size in [(32, 32)] * 3 + [(48, 32)] * 2]
+    rows = [{"prompt": f"prompt {i % 2}", "chosen": c, "rejected": r, "weight": float(i + 1)}
+            for i, (c, r) in enumerate(images)]
+    write_canonical_pairs(tmp_path / "data", rows)
+    pairs, stats = load_preference_dataset(train_data_dir=str(tmp_path / "data"), buckets=BucketSet(32, 8))
+    assert stats.kept == 5
+
+    def encode_prompts(prompts):
+        codes = torch.tensor([float(p.split()[-1]) for p in prompts])
+        return codes.view(-1, 1, 1).expand(-1, 4, 32).clone(), codes.view(-1, 1).expand(-1, 32).clone()
+
+    def encode_images(batch):
+        return torch.stack([float(np.asarray(im, dtype=np.float32).mean()) * torch.ones(16, im.height // 4, im.width // 4)
+                            for im in batch])
+
+    skipped = write_feature_cache(tmp_path / "cache", "train", pairs, encode_prompts, encode_images, batch_size=2,
+                                  shard_size=2)
+    assert not skipped
+    cached = CachedPairDataset(tmp_path / "cache", "train")
+    raw = ImagePairDataset(pairs)
+    assert len(cached) == 5 and cached.buckets == raw.buckets and len(set(raw.buckets)) == 2
+    assert len(list((tmp_path / "cache" / "train").glob("pairs-*.safetensors"))) == 4  # 3 chunks, one split by bucket
+    for i in range(5):
+        item, source = cached[i], raw[i]
+        assert item["chosen"].shape == (16, source["chosen"].height // 4, source["chosen"].width // 4)
+        assert torch.equal(item["chosen"], encode_images([source["chosen"]])[0])
+        assert torch.equal(item["rejected"], encode_images([source["rejected"]])[0])
+        assert item["prompt_embeds"][0, 0] == i % 2 and item["pooled_prompt_embeds"][0] == i % 2
+        assert item["weight"] == i + 1
+    batch = collate_cached_pairs([cached[0], cached[1]])
+    assert batch["chosen"].shape == (2, 16, 8, 8) and batch["weights"].tolist() == [1.0, 2.0]
+
+    # An image that disappears after the table was checked is skipped and counted, not fatal.
+    gone = tmp_path / "gone.png"
+    Image.new("RGB", (32, 32)).save(gone)
+    broken = datasets.Dataset.from_dict({**pairs[:1], "chosen": [{"bytes": None, "path": str(gone)}]},
+                                        features=pairs.features)
+    gone.unlink()
+    collated = collate_image_pairs([ImagePairDataset(broken)[0], raw[1]])
+    assert collated["skipped"] == ["runtime_missing_image"] and collated["prompts"] == [rows[1]["prompt"]]
+
+
+def test_latest_checkpoint_ignores_partial_and_incomplete_folders(tmp_path):
+    for name in ("checkpoint-2", "checkpoint-10", f"{PARTIAL_PREFIX}checkpoint-12", "checkpoint-14", "checkpoint-x"):
+        (tmp_path / name).mkdir()
+    for name in ("checkpoint-2", "checkpoint-10", f"{PARTIAL_PREFIX}checkpoint-12"):
+        (tmp_path / name / "training_state.json").write_text("{}")
+    assert [step for step, _ in list_checkpoints(tmp_path)] == [2, 10]
+    assert resolve_checkpoint(tmp_path, "latest") == str(tmp_path / "checkpoint-10")
+    assert resolve_checkpoint(tmp_path / "empty", "latest") is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        resolve_checkpoint(tmp_path, "checkpoint-14")
+
+
+def test_ema_round_trip_is_exact(tmp_path):
+    params = [torch.nn.Parameter(torch.randn(3, 4)), torch.nn.Parameter(torch.randn(5))]
+    ema = EMAModel(params, decay=0.9)
+    for _ in range(3):
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p))
+        ema.step(params)
+    save_ema(ema, ["a", "b"], tmp_path)
+    restored = EMAModel([torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))], decay=0.5)
+    load_ema(restored, ["a", "b"], tmp_path)
+    assert restored.optimization_step == 3 and restored.decay == 0.9
+    assert all(torch.equal(x, y) for x, y in zip(ema.shadow_params, restored.shadow_params))
+    with pytest.raises(ValueError, match="do not match"):
+        load_ema(restored, ["a", "c"], tmp_path)
+
+
+def test_flags_parse_as_documented():
+    args = parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "d", "--visual_layers", "2,4",
+                       "--text_layers", "", "--validation_t", "0.3,0.6"])
+    assert args.visual_layers == [2, 4] and args.text_layers == [] and args.validation_t == [0.3, 0.6]
+    assert (args.num_backbone_layers, args.lora_rank, args.lora_alpha, args.ema_decay) == (12, 64, 128.0, 0.995)
+    assert (args.learning_rate, args.adam_weight_decay, args.max_grad_norm, args.thurstone_v0) == (5e-5, 0.01, 1.0, 0.05)
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model_name_or_path", "x"])  # no data source
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+@pytest.fixture(scope="module")
+def raw_canonical_run(workspace) -> Path:
+    """Canonical parquet data, images encoded every step, via `accelerate launch`."""
+    output = workspace / "raw-canonical"
+    _ok(launch("--pretrained_model_name_or_path", str(workspace / "sd3"), "--train_data_dir",
+               str(workspace / "canonical"), "--validation_split", "test", "--output_dir", str(output), *COMMON_FLAGS))
+    return output
+
+
+@pytest.fixture(scope="module")
+def cached_canonical_run(workspace) -> tuple[Path, Path, Path]:
+    """The same run through --precompute_features, on its own copy of the SD3 folder and its own cache."""
+    sd3 = workspace / "sd3-copy"
+    shutil.copytree(workspace / "sd3", sd3)
+    output, cache = workspace / "cached-canonical", workspace / "cache"
+    _ok(run_python("--pretrained_model_name_or_path", str(sd3), "--train_data_dir", str(workspace / "canonical"),
+                   "--validation_split", "test", "--output_dir", str(output), "--precompute_features",
+                   "--cache_dir", str(cache), *COMMON_FLAGS))
+    return sd3, output, cache
+
+
+def test_end_to_end_canonical(raw_canonical_run, workspace):
+    _assert_scores(raw_canonical_run, workspace / "sd3")
+    summary = _summary(raw_canonical_run)
+    assert summary["global_step"] == 6
+    assert summary["skipped"]["train"] == {"kept": 6, "skipped": 1, "corrupt_image": 1}
+    assert summary["skipped"]["validation"]["corrupt_image"] == 1
+    steps = [entry["step"] for entry in summary["validation"]]
+    assert steps == [3, 6] and all(entry["val/pairs"] == 4 for entry in summary["validation"])
+    assert {"val/accuracy_t0.4", "val/accuracy_ensemble"} <= set(summary["validation"][-1])
+    assert [step for step, _ in list_checkpoints(raw_canonical_run)] == [2, 4, 6]
+    checkpoint = raw_canonical_run / "checkpoint-6"
+    assert DiNaLRMModel.from_pretrained(checkpoint / "reward_model").config.lora_rank == 4  # adapter kept for resume
+    assert "accuracy" in (raw_canonical_run / "README.md").read_text()
+    assert list((raw_canonical_run / "logs").rglob("events.out.tfevents.*")), "tensorboard is the default tracker"
+
+
+def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_run):
+    _, cached, cache = cached_canonical_run
+    assert sorted(p.name for p in cache.iterdir()) == ["cache_info.json", "train", "validation"]
+    raw_weights, cached_weights = load_file(raw_canonical_run / FINAL_WEIGHTS), load_file(cached / FINAL_WEIGHTS)
+    assert raw_weights.keys() == cached_weights.keys()
+    for key in raw_weights:
+        torch.testing.assert_close(cached_weights[key], raw_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+    raw_val, cached_val = _summary(raw_canonical_run)["validation"], _summary(cached)["validation"]
+    assert [e["val/pairs"] for e in raw_val] == [e["val/pairs"] for e in cached_val]
+
+
+def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, cached_canonical_run):
+    sd3, reference, cache = cached_canonical_run
+    # Training from the cache must not need the VAE weights or the text encoders: remove them.
+    (sd3 / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.rmtree(sd3 / name)
+    output = workspace / "resumed"
+    flags = ["--pretrained_model_name_or_path", str(sd3), "--train_data_dir", str(workspace / "canonical"),
+             "--validation_split", "test", "--output_dir", str(output), "--cache_dir", str(cache),
+             "--resume_from_checkpoint", "latest", *COMMON_FLAGS]
+
+    first = run_python(*flags, **{KILL_ENV: "2"})
+    assert first.returncode == -9, first.stderr[-3000:]
+    assert [step for step, _ in list_checkpoints(output)] == [2]
+
+    second = run_python(*flags, **{KILL_ENV: "4:partial"})
+    assert second.returncode == -9, second.stderr[-3000:]
+    assert "Resuming from checkpoint" in second.stderr and "checkpoint-2" in second.stderr
+    assert (output / f"{PARTIAL_PREFIX}checkpoint-4" / "reward_model" / "model.safetensors").is_file()
+    assert resolve_checkpoint(output, "latest") == str(output / "checkpoint-2")
+
+    third = _ok(run_python(*flags))
+    resumed_from = re.findall(r"Resuming from checkpoint (\S+)", third.stderr)
+    assert resumed_from == [str(output / "checkpoint-2")]
+    assert not (output / f"{PARTIAL_PREFIX}checkpoint-4").exists()
+
+    for name in ("reward_model/model.safetensors", "ema/ema_weights.safetensors"):
+        expected, actual = load_file(reference / "checkpoint-6" / name), load_file(output / "checkpoint-6" / name)
+        assert expected.keys() == actual.keys()
+        assert all(torch.equal(expected[k], actual[k]) for k in expected), f"{name} differs after resuming"
+    expected, actual = load_file(reference / FINAL_WEIGHTS), load_file(output / FINAL_WEIGHTS)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert _summary(output)["validation"] == _summary(reference)["validation"]
+
+
+def test_two_processes_hpdv3_with_feature_cache(workspace):
+    output = workspace / "ddp-hpdv3"
+    result = _ok(launch("--pretrained_model_name_or_path", str(workspace / "sd3"), "--train_data_dir",
+                        str(workspace / "hpdv3"), "--validation_split", "test", "--output_dir", str(output),
+                        "--precompute_features", *COMMON_FLAGS, processes=2))
+    assert sorted(re.findall(r"process (\d) of world size (\d)", result.stderr)) == [("0", "2"), ("1", "2")]
+    digests = dict(re.findall(r"process (\d): final parameter digest (\w+)", result.stderr))
+    assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
+    assert (output / "checkpoint-6" / "random_states_1.pkl").is_file()
+    summary = _summary(output)
+    assert summary["skipped"]["train"] == {"kept": 6, "skipped": 1, "missing_image": 1}
+    assert summary["validation"][-1]["val/pairs"] == 4
+    _assert_scores(output, workspace / "sd3")
+
+
+def test_end_to_end_pickapic_with_separate_validation_dataset(workspace):
+    output = workspace / "pickapic"
+    _ok(launch("--pretrained_model_name_or_path", str(workspace / "sd3"), "--train_data_dir",
+               str(workspace / "pickapic"), "--validation_dataset_name", str(workspace / "hpdv3"),
+               "--output_dir", str(output), "--checkpoints_total_limit", "1", *COMMON_FLAGS))
+    summary = _summary(output)
+    assert summary["skipped"]["train"] == {"kept": 6, "skipped": 2, "corrupt_image": 1, "gt_tie": 1}
+    assert summary["skipped"]["validation"]["missing_image"] == 1
+    assert [step for step, _ in list_checkpoints(output)] == [6]
+    _assert_scores(output, workspace / "sd3")

@@ -1,0 +1,793 @@
+#!/usr/bin/env python
+# Copyright 2026 The dinalrm authors. Licensed under the Apache License, Version 2.0.
+"""Train a DiNa-LRM reward model on preference pairs with 🤗 accelerate.
+
+    accelerate launch train_dinalrm.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \\
+        --dataset_name MizzenAI/HPDv3 --image_root /data/hpdv3 --output_dir dinalrm-sd35m
+
+The reward model reads noisy SD3 latents with the first `--num_backbone_layers` blocks of the SD3 transformer
+(LoRA-adapted, or frozen with `--freeze_backbone`) plus a query head, and is trained with the noise-calibrated
+Thurstone loss: per pair one noise level t and ONE noise shared by the chosen and the rejected image, both scored
+in one batched forward. Prompts and images are encoded with `DiNaLRMPipeline.encode_prompt` / `encode_images`
+(the pipeline's own code), either every step or once up front with `--precompute_features` (a feature cache in
+`--cache_dir`; training from it never loads the VAE or the text encoders).
+
+Checkpoints (`--checkpointing_steps`) are written to a temporary folder and renamed to `checkpoint-<step>` only
+when complete, so `--resume_from_checkpoint latest` never picks a half-written one; resuming restores the model,
+optimizer, LR scheduler, EMA weights, RNG states and the position in the data, and continues exactly as an
+uninterrupted run would. The final folder `--output_dir` holds the EMA weights (with `--use_ema`) in
+`DiNaLRMModel.save_pretrained` form (LoRA merged).
+
+Testing hook: the environment variable `DINALRM_TEST_KILL_AT_CHECKPOINT=<step>` makes the process SIGKILL itself
+right after checkpoint `<step>` is complete, and `<step>:partial` right after that checkpoint's files are written
+but before it is renamed into place (the tests use it to simulate crashes).
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+from collections import Counter
+from pathlib import Path
+
+import datasets
+import diffusers
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from diffusers.utils.torch_utils import randn_tensor
+from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from tqdm.auto import tqdm
+
+from dinalrm.data import DATA_FORMATS, BucketSet, ColumnNames, load_preference_dataset
+from dinalrm.training_utils import (
+    CACHE_FORMAT_VERSION,
+    CACHE_INFO,
+    CHECKPOINT_PREFIX,
+    TRAINING_STATE,
+    WEIGHTING_SCHEMES,
+    BucketBatchSampler,
+    CachedPairDataset,
+    ImagePairDataset,
+    collate_cached_pairs,
+    collate_image_pairs,
+    encode_image_pairs,
+    load_ema,
+    parameter_digest,
+    preference_step,
+    read_cache_info,
+    remove_old_checkpoints,
+    resolve_checkpoint,
+    save_ema,
+    seeded_generator,
+    write_feature_cache,
+)
+from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel
+from pipeline_dinalrm import DiNaLRMPipeline
+
+
+logger = get_logger(__name__)
+
+KILL_ENV = "DINALRM_TEST_KILL_AT_CHECKPOINT"
+PARTIAL_PREFIX = ".partial-"
+SUMMARY_FILE = "training_summary.json"
+VALIDATION_STREAM = -1  # key of the validation noise in `seeded_generator`, apart from the training streams
+HOLD_OUT_SEED = 0  # a fractional --validation_split is drawn with a fixed seed, so cached features stay valid
+
+
+def _int_list(value: str) -> list[int]:
+    return [int(v) for v in value.split(",") if v.strip()]
+
+
+def _float_list(value: str) -> list[float]:
+    return [float(v) for v in value.split(",") if v.strip()]
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Train a DiNa-LRM latent reward model on preference pairs.")
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="SD3 pipeline (Hub id or folder): the backbone is its `transformer`, and its VAE and text "
+                            "encoders encode the data.")
+    model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
+    model.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
+    model.add_argument("--num_backbone_layers", type=int, default=12, help="How many leading transformer blocks to keep.")
+    model.add_argument("--visual_layers", type=_int_list, default=[4, 8, 12],
+                       help="Comma-separated 1-based blocks whose image stream feeds the head.")
+    model.add_argument("--text_layers", type=_int_list, default=[4, 8, 12],
+                       help="Comma-separated 1-based blocks whose text stream feeds the head (may be empty: '').")
+    model.add_argument("--head_width", type=int, default=None, help="Head width W (default: the backbone width).")
+    model.add_argument("--head_num_queries", type=int, default=4, help="Learned query tokens of the head.")
+    model.add_argument("--head_num_heads", type=int, default=8, help="Attention heads of the head.")
+    model.add_argument("--head_dropout", type=float, default=0.0, help="Dropout inside the head.")
+    model.add_argument("--head_use_proj_in", action="store_true", help="Project every layer to W before FiLM.")
+    model.add_argument("--max_backbone_batch_size", type=int, default=None,
+                       help="Run the backbone in chunks of at most this many samples (memory bound).")
+    model.add_argument("--lora_rank", type=int, default=64,
+                       help="LoRA rank on the backbone; 0 fine-tunes the whole backbone (unless --freeze_backbone).")
+    model.add_argument("--lora_alpha", type=float, default=128.0, help="LoRA alpha (scale alpha / rank).")
+    model.add_argument("--freeze_backbone", action="store_true", help="Train the head only (no LoRA, frozen backbone).")
+    model.add_argument("--gradient_checkpointing", action="store_true",
+                       help="Recompute backbone activations in the backward pass to save memory.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="Preference dataset on the Hub (e.g. MizzenAI/HPDv3, a Pick-a-Pic v2 mirror).")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name.")
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="Local dataset folder instead: HPDv3's layout (train.json + images) or any folder "
+                           "`datasets.load_dataset` reads (parquet, ...).")
+    data.add_argument("--image_root", type=str, default=None,
+                      help="Folder that relative image paths are resolved against (HPDv3 from the Hub: the extracted "
+                           "images); defaults to --train_data_dir.")
+    data.add_argument("--data_format", type=str, default="auto", choices=("auto", *DATA_FORMATS),
+                      help="Schema of the dataset; `auto` detects it from the columns.")
+    data.add_argument("--prompt_column", type=str, default="prompt", help="Canonical format: the prompt column.")
+    data.add_argument("--chosen_column", type=str, default="chosen", help="Canonical format: the preferred image.")
+    data.add_argument("--rejected_column", type=str, default="rejected", help="Canonical format: the other image.")
+    data.add_argument("--weight_column", type=str, default="weight",
+                      help="Canonical format: optional per-pair loss weight (missing = 1).")
+    data.add_argument("--min_confidence", type=float, default=None,
+                      help="HPDv3: drop pairs whose `confidence` is below this (HPSv3 uses 0.95); null is kept.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N rows (debugging).")
+    data.add_argument("--resolution", type=int, default=1024,
+                      help="Side of the square bucket; the aspect-ratio buckets of the paper are scaled to it.")
+    data.add_argument("--bucket_multiple", type=int, default=None,
+                      help="Bucket sides are multiples of this (default: VAE downsampling x patch size, 16 for SD3).")
+    data.add_argument("--max_sequence_length", type=int, default=128, help="T5 prompt tokens.")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
+    data.add_argument("--cache_dir", type=str, default=None,
+                      help="Folder of the feature cache: with --precompute_features it is written there (default: "
+                           "<output_dir>/feature_cache); a complete cache found there is used for training, without "
+                           "loading the VAE or the text encoders.")
+    data.add_argument("--precompute_features", action="store_true",
+                      help="Encode prompts (three text encoders) and images (VAE) once into --cache_dir, then train "
+                           "from the cache.")
+
+    training = parser.add_argument_group("training")
+    training.add_argument("--output_dir", type=str, default="dinalrm-model", help="Checkpoints and the final model.")
+    training.add_argument("--seed", type=int, default=0,
+                          help="Seed of initialisation, data order and noise; runs with the same seed and flags match.")
+    training.add_argument("--train_batch_size", type=int, default=8, help="Pairs per device per step.")
+    training.add_argument("--num_train_epochs", type=int, default=1)
+    training.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
+    training.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    training.add_argument("--learning_rate", type=float, default=5e-5)
+    training.add_argument("--lr_scheduler", type=str, default="constant_with_warmup",
+                          help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
+                               '"constant_with_warmup".')
+    training.add_argument("--lr_warmup_steps", type=int, default=1000)
+    training.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
+    training.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
+    training.add_argument("--adam_beta1", type=float, default=0.9)
+    training.add_argument("--adam_beta2", type=float, default=0.999)
+    training.add_argument("--adam_weight_decay", type=float, default=0.01)
+    training.add_argument("--adam_epsilon", type=float, default=1e-8)
+    training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 disables it).")
+    training.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"),
+                          help="Overrides the accelerate config; encoders run in this precision, trained weights stay fp32.")
+    training.add_argument("--loss", type=str, default="thurstone", choices=LOSS_TYPES)
+    training.add_argument("--thurstone_k", type=float, default=2.0, help="var(t) = k t^2 + v0.")
+    training.add_argument("--thurstone_v0", type=float, default=0.05,
+                          help="The official code's 0.05 (the paper states 0.01).")
+    training.add_argument("--fixed_variance", type=float, default=0.5, help="Variance of --loss fixed_variance.")
+    training.add_argument("--weighting_scheme", type=str, default="uniform", choices=WEIGHTING_SCHEMES,
+                          help="Distribution of the training noise level t.")
+    training.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean of logit(t).")
+    training.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: std of logit(t).")
+    training.add_argument("--constant_t", type=float, default=0.4, help="constant: the single training noise level.")
+    training.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trained weights (used for "
+                                                                  "validation and the final model).")
+    training.add_argument("--ema_decay", type=float, default=0.995)
+
+    validation = parser.add_argument_group("validation")
+    validation.add_argument("--validation_split", type=str, default=None,
+                            help="A split name (of --validation_dataset_name, else of the training source) or a "
+                                 "fraction in (0, 1) of the training pairs held out.")
+    validation.add_argument("--validation_dataset_name", type=str, default=None,
+                            help="Validation pairs from another dataset (Hub id or local folder; split "
+                                 "--validation_split, default `test`).")
+    validation.add_argument("--max_validation_samples", type=int, default=None)
+    validation.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps (and at the end).")
+    validation.add_argument("--validation_t", type=_float_list, default=[0.2, 0.4, 0.7],
+                            help="Comma-separated noise levels; accuracy is reported at each and for their ensemble.")
+
+    saving = parser.add_argument_group("checkpointing and logging")
+    saving.add_argument("--checkpointing_steps", type=int, default=500)
+    saving.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    saving.add_argument("--resume_from_checkpoint", type=str, default=None,
+                        help='A checkpoint folder (or its name in --output_dir), or "latest".')
+    saving.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
+    saving.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb" or "all".')
+    saving.add_argument("--tracker_project_name", type=str, default="dinalrm")
+    saving.add_argument("--push_to_hub", action="store_true")
+    saving.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: the output folder name).")
+    saving.add_argument("--hub_token", type=str, default=None)
+
+    args = parser.parse_args(input_args)
+    if (args.dataset_name is None) == (args.train_data_dir is None):
+        parser.error("Give exactly one of --dataset_name and --train_data_dir.")
+    if not args.visual_layers:
+        parser.error("--visual_layers must name at least one block.")
+    if not args.validation_t or not all(0.0 <= t <= 1.0 for t in args.validation_t):
+        parser.error("--validation_t must list noise levels in [0, 1].")
+    if not 0.0 <= args.constant_t <= 1.0:
+        parser.error("--constant_t must lie in [0, 1].")
+    if args.report_to in ("wandb", "all") and args.hub_token is not None:
+        parser.error("--hub_token would be logged by wandb; log in with `hf auth login` instead.")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------- set-up
+def build_reward_model(args: argparse.Namespace) -> DiNaLRMModel:
+    """A fresh reward model on the first blocks of the SD3 transformer, with its trainable parameters marked."""
+    model = DiNaLRMModel.from_backbone(
+        args.pretrained_model_name_or_path,
+        subfolder="transformer",
+        num_layers=args.num_backbone_layers,
+        revision=args.revision,
+        variant=args.variant,
+        lora_rank=0 if args.freeze_backbone else args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        visual_layers=args.visual_layers,
+        text_layers=args.text_layers,
+        head_width=args.head_width,
+        head_num_queries=args.head_num_queries,
+        head_num_heads=args.head_num_heads,
+        head_dropout=args.head_dropout,
+        head_use_proj_in=args.head_use_proj_in,
+        loss_type=args.loss,
+        thurstone_k=args.thurstone_k,
+        thurstone_v0=args.thurstone_v0,
+        fixed_variance=args.fixed_variance,
+        max_backbone_batch_size=args.max_backbone_batch_size,
+        max_sequence_length=args.max_sequence_length,
+    )
+    if args.freeze_backbone:
+        model.backbone.requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def bucket_set(args: argparse.Namespace, reward_model: DiNaLRMModel) -> BucketSet:
+    """Aspect-ratio buckets at --resolution whose sides give whole backbone patches after the VAE."""
+    multiple = args.bucket_multiple
+    if multiple is None:
+        vae_config = AutoencoderKL.load_config(
+            args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision
+        )
+        multiple = 2 ** (len(vae_config["block_out_channels"]) - 1) * reward_model.config.backbone_config["patch_size"]
+    return BucketSet(args.resolution, multiple)
+
+
+def _is_fraction(value: str | None) -> bool:
+    try:
+        return value is not None and 0.0 < float(value) < 1.0
+    except ValueError:
+        return False
+
+
+def load_pairs(args, accelerator, buckets: BucketSet) -> tuple[datasets.Dataset, datasets.Dataset | None, dict]:
+    """Training and validation pairs in the canonical format, and the rows skipped while reading them."""
+    common = {
+        "data_format": args.data_format,
+        "columns": ColumnNames(args.prompt_column, args.chosen_column, args.rejected_column, args.weight_column),
+        "image_root": args.image_root,
+        "min_confidence": args.min_confidence,
+        "buckets": buckets,
+    }
+    skipped = {}
+    with accelerator.main_process_first():
+        train, stats = load_preference_dataset(
+            args.dataset_name, args.dataset_config_name, args.train_data_dir, max_samples=args.max_train_samples,
+            split="train", **common,
+        )
+        skipped["train"] = stats.as_dict()
+        validation = None
+        if args.validation_dataset_name is not None:
+            source = args.validation_dataset_name
+            local = os.path.isdir(source)
+            validation, stats = load_preference_dataset(
+                None if local else source, None, source if local else None,
+                split=args.validation_split or "test", **{**common, "image_root": source if local else args.image_root},
+            )
+            skipped["validation"] = stats.as_dict()
+        elif _is_fraction(args.validation_split):
+            parts = train.train_test_split(test_size=float(args.validation_split), seed=HOLD_OUT_SEED)
+            train, validation = parts["train"], parts["test"]
+            skipped["train"]["kept"] = len(train)
+            skipped["validation"] = {"kept": len(validation), "skipped": 0}
+        elif args.validation_split is not None:
+            validation, stats = load_preference_dataset(
+                args.dataset_name, args.dataset_config_name, args.train_data_dir, split=args.validation_split, **common
+            )
+            skipped["validation"] = stats.as_dict()
+    if validation is not None and args.max_validation_samples is not None:
+        validation = validation.select(range(min(args.max_validation_samples, len(validation))))
+        skipped["validation"]["kept"] = len(validation)
+    if len(train) == 0:
+        raise ValueError(f"No usable training pairs (skipped: {skipped['train']}).")
+    return train, validation, skipped
+
+
+def load_encoding_pipeline(args, reward_model: DiNaLRMModel, device: torch.device, dtype: torch.dtype) -> DiNaLRMPipeline:
+    """The pipeline whose `encode_prompt` / `encode_images` encode the data (SD3's VAE and text encoders, frozen)."""
+    sd3 = StableDiffusion3Pipeline.from_pretrained(
+        args.pretrained_model_name_or_path, transformer=None, revision=args.revision, variant=args.variant, dtype=dtype,
+    )
+    pipeline = DiNaLRMPipeline.from_sd3(sd3, reward_model)
+    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        component = getattr(pipeline, name)
+        if component is not None:
+            component.requires_grad_(False).eval().to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def encoders(pipeline: DiNaLRMPipeline, args, device: torch.device):
+    """`(encode_prompts, encode_images)` callables for `dinalrm.training_utils` (no gradients)."""
+
+    @torch.no_grad()
+    def encode_prompts(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pipeline.encode_prompt(prompts, device=device, max_sequence_length=args.max_sequence_length)
+
+    def encode_images(images: list) -> torch.Tensor:
+        return pipeline.encode_images(images, resolution=(images[0].height, images[0].width))
+
+    return encode_prompts, encode_images
+
+
+def cache_fingerprint(args, buckets: BucketSet, dtype: torch.dtype) -> dict:
+    """Everything the cached features depend on; a cache built for other values is refused."""
+    keys = (
+        "pretrained_model_name_or_path", "revision", "variant", "max_sequence_length", "dataset_name",
+        "dataset_config_name", "train_data_dir", "image_root", "data_format", "prompt_column", "chosen_column",
+        "rejected_column", "weight_column", "min_confidence", "max_train_samples", "validation_split",
+        "validation_dataset_name", "max_validation_samples",
+    )
+    return {
+        "format": CACHE_FORMAT_VERSION,
+        **{key: getattr(args, key) for key in keys},
+        "resolution": buckets.resolution,
+        "bucket_multiple": buckets.multiple,
+        "dtype": str(dtype),
+    }
+
+
+def precompute_features(args, accelerator, reward_model, cache_dir: str, buckets: BucketSet, dtype) -> dict:
+    """Encode the data once into `cache_dir` (all processes share the work), then free the encoders."""
+    train, validation, skipped = load_pairs(args, accelerator, buckets)
+    pipeline = load_encoding_pipeline(args, reward_model, accelerator.device, dtype)
+    encode_prompts, encode_images = encoders(pipeline, args, accelerator.device)
+    splits = {"train": train, **({"validation": validation} if validation is not None else {})}
+    if accelerator.is_main_process:
+        for split in splits:
+            shutil.rmtree(os.path.join(cache_dir, split), ignore_errors=True)
+    accelerator.wait_for_everyone()
+    runtime = {}
+    for split, pairs in splits.items():
+        logger.info(f"Encoding {len(pairs)} {split} pairs into {cache_dir}")
+        runtime[split] = write_feature_cache(
+            cache_dir, split, pairs, encode_prompts, encode_images, batch_size=args.train_batch_size,
+            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
+            num_workers=args.dataloader_num_workers,
+        )
+    gathered = gather_object([runtime])
+    for split in splits:
+        for counts in gathered:
+            for reason, count in counts[split].items():
+                skipped[split][reason] = skipped[split].get(reason, 0) + count
+                skipped[split]["skipped"] += count
+                skipped[split]["kept"] -= count
+    info = {"fingerprint": cache_fingerprint(args, buckets, dtype), "splits": list(splits), "skipped": skipped}
+    if accelerator.is_main_process:
+        partial = os.path.join(cache_dir, PARTIAL_PREFIX + CACHE_INFO)
+        with open(partial, "w", encoding="utf-8") as handle:
+            json.dump(info, handle, indent=2)
+        os.replace(partial, os.path.join(cache_dir, CACHE_INFO))
+    accelerator.wait_for_everyone()
+    del pipeline, encode_prompts, encode_images
+    return info
+
+
+def data_sources(args, accelerator, reward_model, dtype):
+    """Training/validation datasets, their collate function, the encoder (None when cached) and skip counts."""
+    buckets = bucket_set(args, reward_model)
+    cache_dir = args.cache_dir or (os.path.join(args.output_dir, "feature_cache") if args.precompute_features else None)
+    if cache_dir is None:
+        train, validation, skipped = load_pairs(args, accelerator, buckets)
+        pipeline = load_encoding_pipeline(args, reward_model, accelerator.device, dtype)
+        return (ImagePairDataset(train), ImagePairDataset(validation) if validation is not None else None,
+                collate_image_pairs, encoders(pipeline, args, accelerator.device), skipped)
+    info = read_cache_info(cache_dir)
+    if info is None:
+        if not args.precompute_features:
+            raise FileNotFoundError(f"No feature cache in {cache_dir}: pass --precompute_features to build it.")
+        info = precompute_features(args, accelerator, reward_model, cache_dir, buckets, dtype)
+    else:
+        expected = cache_fingerprint(args, buckets, dtype)
+        changed = {key: (info["fingerprint"].get(key), value) for key, value in expected.items()
+                   if info["fingerprint"].get(key) != value}
+        if changed:
+            raise ValueError(
+                f"The feature cache in {cache_dir} was built with other settings {changed} (cached, now): pick "
+                "another --cache_dir or delete that one."
+            )
+        logger.info(f"Training from the feature cache in {cache_dir}")
+    validation = CachedPairDataset(cache_dir, "validation") if "validation" in info["splits"] else None
+    return CachedPairDataset(cache_dir, "train"), validation, collate_cached_pairs, None, info["skipped"]
+
+
+# --------------------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_fn, encode, args, global_step) -> dict:
+    """Pairwise accuracy on the validation pairs at each --validation_t and for their ensemble (EMA weights).
+
+    Each pair's chosen and rejected latents get one shared noise, drawn from the seed and the batch number only,
+    so the figures do not depend on the number of processes. Score ties count as wrong.
+    """
+    if ema is not None:
+        ema.store(trainable)
+        ema.copy_to(trainable)
+    reward_model.eval()
+    levels = [*([t] for t in args.validation_t), list(args.validation_t)]
+    correct = torch.zeros(len(levels), dtype=torch.float64, device=accelerator.device)
+    total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    unreadable = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+    batches = BucketBatchSampler(dataset.buckets, args.train_batch_size, shuffle=False).batches()
+    mine = list(range(accelerator.process_index, len(batches), accelerator.num_processes))
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=[batches[i] for i in mine], collate_fn=collate_fn, num_workers=args.dataloader_num_workers
+    )
+    for number, batch in zip(mine, loader):
+        if encode is not None:
+            unreadable += len(batch["skipped"])
+            if not batch["prompts"]:
+                continue
+            batch = encode_image_pairs(batch, *encode)
+        chosen = batch["chosen"].to(accelerator.device)
+        latents = torch.cat([chosen, batch["rejected"].to(accelerator.device)])
+        noise = randn_tensor(chosen.shape, generator=seeded_generator(args.seed, VALIDATION_STREAM, number),
+                             device=accelerator.device, dtype=chosen.dtype)
+        prompt_embeds = batch["prompt_embeds"].to(accelerator.device).repeat(2, 1, 1)
+        pooled = batch["pooled_prompt_embeds"].to(accelerator.device).repeat(2, 1)
+        with accelerator.autocast():
+            for j, level in enumerate(levels):
+                rewards = reward_model.score_latents(
+                    latents, prompt_embeds, pooled, t=level if len(level) > 1 else level[0], noise=torch.cat([noise, noise])
+                ).float()
+                rewards_chosen, rewards_rejected = rewards.chunk(2)
+                correct[j] += (rewards_chosen > rewards_rejected).sum()
+        total += chosen.shape[0]
+    correct, total, unreadable = (accelerator.reduce(x, "sum") for x in (correct, total, unreadable))
+    if ema is not None:
+        ema.restore(trainable)
+    reward_model.train()
+    names = [f"val/accuracy_t{t:g}" for t in args.validation_t] + ["val/accuracy_ensemble"]
+    metrics = {name: float(c / total.clamp_min(1)) for name, c in zip(names, correct)}
+    metrics["val/pairs"] = int(total)
+    if unreadable:
+        metrics["val/skipped_unreadable_pairs"] = int(unreadable)
+        logger.warning(f"{int(unreadable)} validation pairs had images that could not be read and were skipped.")
+    accelerator.log(metrics, step=global_step)
+    logger.info(f"Validation at step {global_step} ({'EMA' if ema else 'live'} weights): {metrics}")
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------- checkpoints
+def _maybe_kill(global_step: int, stage: str) -> None:
+    """Test hook (see the module docstring): simulate a crash at a chosen checkpoint."""
+    if os.environ.get(KILL_ENV) == (str(global_step) if stage == "complete" else f"{global_step}:{stage}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _fsync_tree(path: str) -> None:
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def save_checkpoint(accelerator, args, global_step: int, training_state: dict) -> None:
+    """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` once complete."""
+    final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    partial = os.path.join(args.output_dir, f"{PARTIAL_PREFIX}{CHECKPOINT_PREFIX}{global_step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    _maybe_kill(global_step, "partial")
+    if accelerator.is_main_process:
+        with open(os.path.join(partial, TRAINING_STATE), "w", encoding="utf-8") as handle:
+            json.dump(training_state, handle, indent=2)
+        _fsync_tree(partial)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.rename(partial, final)
+        directory = os.open(args.output_dir, os.O_RDONLY)
+        os.fsync(directory)
+        os.close(directory)
+        logger.info(f"Saved {final}")
+        if args.checkpoints_total_limit is not None:
+            for removed in remove_old_checkpoints(args.output_dir, args.checkpoints_total_limit):
+                logger.info(f"Removed {removed} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+    accelerator.wait_for_everyone()
+    _maybe_kill(global_step, "complete")
+
+
+def remove_partial_checkpoints(output_dir: str) -> None:
+    """Delete what a crash during a checkpoint write left behind (never a complete checkpoint)."""
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if name.startswith(PARTIAL_PREFIX + CHECKPOINT_PREFIX):
+            logger.warning(f"Removing the incomplete checkpoint {name} left by an interrupted run")
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+# --------------------------------------------------------------------------------------------------- model card
+def save_model_card(repo_id: str, args, output_dir: str, validation: dict | None, skipped: dict) -> None:
+    """Write a README.md (huggingface_hub ModelCard) describing the trained reward model."""
+    datasets_used = [name for name in (args.dataset_name, args.validation_dataset_name)
+                     if name and not os.path.isdir(name)]
+    card_data = ModelCardData(
+        library_name="transformers",
+        base_model=args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None,
+        datasets=datasets_used or None,
+        tags=["dinalrm", "reward-model", "text-to-image", "sd3", "diffusers-training"],
+    )
+    results = "\n".join(f"| {name.removeprefix('val/accuracy_')} | {value:.4f} |"
+                        for name, value in (validation or {}).items() if name.startswith("val/accuracy_"))
+    body = f"""
+# DiNa-LRM reward model: {repo_id}
+
+A diffusion-native latent reward model ([DiNa-LRM](https://arxiv.org/abs/2602.11146)) trained with
+`train_dinalrm.py` on the first {args.num_backbone_layers} blocks of `{args.pretrained_model_name_or_path}`
+(visual layers {args.visual_layers}, text layers {args.text_layers}; {'frozen backbone' if args.freeze_backbone
+else f'LoRA rank {args.lora_rank}, merged' if args.lora_rank else 'fully fine-tuned backbone'}). It scores noisy SD3
+VAE latents; the weights here are {'the EMA (decay ' + str(args.ema_decay) + ')' if args.use_ema else 'the final'} weights.
+
+Training: loss `{args.loss}` (k={args.thurstone_k}, v0={args.thurstone_v0}), t ~ `{args.weighting_scheme}`,
+learning rate {args.learning_rate}, {args.train_batch_size} pairs per device, data
+`{args.dataset_name or args.train_data_dir}` at resolution {args.resolution}. Skipped rows: {json.dumps(skipped)}.
+
+## Validation (pairwise accuracy)
+
+| level | accuracy |
+|---|---|
+{results or '| - | not run |'}
+
+## Usage
+
+```python
+from modeling_dinalrm import DiNaLRMModel
+
+model = DiNaLRMModel.from_pretrained("{repo_id}")
+rewards = model.score_latents(latents, prompt_embeds, pooled_prompt_embeds, t=0.4)
+```
+"""
+    ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(os.path.join(output_dir, "README.md"))
+
+
+# --------------------------------------------------------------------------------------------------- training
+def main(args: argparse.Namespace) -> None:
+    logging_dir = Path(args.output_dir, args.logging_dir)
+    find_unused = not args.freeze_backbone and not (
+        args.num_backbone_layers in args.visual_layers and args.num_backbone_layers in args.text_layers
+    )
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=str(logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused)],
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
+    for library in (datasets, transformers, diffusers):
+        library.utils.logging.set_verbosity(verbosity)
+    logger.info(f"process {accelerator.process_index} of world size {accelerator.num_processes}",
+                main_process_only=False)
+
+    set_seed(args.seed)
+    repo_id = None
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        remove_partial_checkpoints(args.output_dir)
+        if args.push_to_hub:
+            repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
+                                  token=args.hub_token).repo_id
+    accelerator.wait_for_everyone()
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    reward_model = build_reward_model(args)
+    reward_model.to(accelerator.device)
+    trainable_names = [name for name, p in reward_model.named_parameters() if p.requires_grad]
+    trainable = [p for p in reward_model.parameters() if p.requires_grad]
+    logger.info(f"{sum(p.numel() for p in trainable):,} trainable parameters "
+                f"of {sum(p.numel() for p in reward_model.parameters()):,}")
+
+    train_dataset, validation_dataset, collate_fn, encode, skipped = data_sources(
+        args, accelerator, reward_model, weight_dtype
+    )
+    batch_sampler = BucketBatchSampler(train_dataset.buckets, args.train_batch_size, seed=args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=args.dataloader_num_workers
+    )
+
+    optimizer = torch.optim.AdamW(
+        trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    batches_per_process = math.ceil(len(batch_sampler) / accelerator.num_processes)
+    steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * steps_per_epoch
+    args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
+    model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
+        reward_model, optimizer, train_dataloader, lr_scheduler
+    )
+    if len(train_dataloader) != batches_per_process:
+        raise RuntimeError(f"expected {batches_per_process} batches per process, got {len(train_dataloader)}")
+    ema = EMAModel(trainable, decay=args.ema_decay) if args.use_ema else None
+
+    def save_model_hook(models, weights, output_dir):
+        for model_ in models:
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(model_).save_pretrained(os.path.join(output_dir, "reward_model"),
+                                                                 merge_lora=False)
+            weights.pop()
+        if ema is not None and accelerator.is_main_process:
+            save_ema(ema, trainable_names, os.path.join(output_dir, "ema"))
+
+    def load_model_hook(models, input_dir):
+        while models:
+            target = accelerator.unwrap_model(models.pop())
+            loaded = DiNaLRMModel.from_pretrained(os.path.join(input_dir, "reward_model"))
+            target.load_state_dict(loaded.state_dict())
+            del loaded
+        if ema is not None:
+            load_ema(ema, trainable_names, os.path.join(input_dir, "ema"))
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    if accelerator.is_main_process:
+        config = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
+                  for key, value in vars(args).items() if key != "hub_token"}
+        accelerator.init_trackers(args.tracker_project_name, config=config)
+
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    runtime_skips: Counter[str] = Counter()
+    history: list[dict] = []
+    if args.resume_from_checkpoint:
+        path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+        if path is None:
+            logger.info("No complete checkpoint to resume from: starting a new run.")
+        else:
+            logger.info(f"Resuming from checkpoint {path}")
+            accelerator.load_state(path)
+            with open(os.path.join(path, TRAINING_STATE), encoding="utf-8") as handle:
+                state = json.load(handle)
+            if (state["num_processes"], state["train_batch_size"]) != (accelerator.num_processes, args.train_batch_size):
+                logger.warning("The number of processes or the batch size changed: the data position is approximate.")
+            global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+            if accelerator.is_main_process:  # the checkpoint holds the sum over processes
+                runtime_skips.update(state["runtime_skips"])
+            history = state["validation"]
+            if skip_batches >= len(train_dataloader):
+                first_epoch, skip_batches = first_epoch + 1, 0
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info(f"***** Training: {len(train_dataset)} pairs, {args.num_train_epochs} epochs, {total_batch_size} pairs "
+                f"per step, {args.max_train_steps} steps ({steps_per_epoch} per epoch) *****")
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+
+    def run_validation() -> None:
+        already_done = bool(history) and history[-1]["step"] == global_step
+        if validation_dataset is not None and len(validation_dataset) and not already_done:
+            metrics = log_validation(accelerator, reward_model, ema, trainable, validation_dataset, collate_fn, encode,
+                                     args, global_step)
+            history.append({"step": global_step, **metrics})
+
+    fallback = None  # the last good batch, re-used with zero weights if every pair of a batch fails to decode
+    for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:
+            break
+        batch_sampler.start_epoch(epoch)
+        model.train()
+        start = skip_batches if epoch == first_epoch else 0
+        loader = accelerator.skip_first_batches(train_dataloader, start) if start else train_dataloader
+        for micro_index, batch in enumerate(loader, start=start):
+            with accelerator.accumulate(model):
+                if encode is not None:
+                    runtime_skips.update(batch["skipped"])
+                    if batch["prompts"]:
+                        batch = fallback = encode_image_pairs(batch, *encode)
+                    elif fallback is not None:
+                        batch = {**fallback, "weights": torch.zeros_like(fallback["weights"])}
+                    else:
+                        raise RuntimeError("Every pair of the first batch failed to decode; check the dataset.")
+                output = preference_step(
+                    model, reward_model, batch,
+                    seeded_generator(args.seed, accelerator.process_index, epoch, micro_index),
+                    args.weighting_scheme, args.logit_mean, args.logit_std, args.constant_t,
+                )
+                accelerator.backward(output.loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            if accelerator.sync_gradients:
+                if ema is not None:
+                    ema.step(trainable)
+                global_step += 1
+                progress_bar.update(1)
+                logs = {"loss": output.loss.detach().item(), "train_accuracy": output.accuracy.item(),
+                        "reward_margin": output.reward_margin.item(), "mean_t": output.mean_t.item(),
+                        "lr": lr_scheduler.get_last_lr()[0]}
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['train_accuracy']:.2f}")
+                accelerator.log(logs, step=global_step)
+                if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
+                    run_validation()
+                if global_step % args.checkpointing_steps == 0:
+                    all_skips = sum((Counter(c) for c in gather_object([dict(runtime_skips)])), Counter())
+                    save_checkpoint(accelerator, args, global_step, {
+                        "global_step": global_step, "epoch": epoch, "batches_in_epoch": micro_index + 1,
+                        "num_processes": accelerator.num_processes, "train_batch_size": args.train_batch_size,
+                        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                        "runtime_skips": dict(all_skips),
+                        "validation": history,
+                    })
+            if global_step >= args.max_train_steps:
+                break
+
+    run_validation()
+    total_runtime = sum((Counter(c) for c in gather_object([dict(runtime_skips)])), Counter())
+    logger.info(f"process {accelerator.process_index}: final parameter digest {parameter_digest(reward_model)}",
+                main_process_only=False)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_model = accelerator.unwrap_model(model)
+        if ema is not None:
+            ema.copy_to(trainable)
+        final_model.save_pretrained(args.output_dir)
+        skipped = {**skipped, "during_training": dict(total_runtime)}
+        for split, counts in skipped.items():
+            if any(v for k, v in counts.items() if k != "kept"):
+                logger.warning(f"Skipped {split} rows: {counts}")
+        summary = {"global_step": global_step, "skipped": skipped, "validation": history}
+        with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
+            json.dump(summary, handle, indent=2)
+        save_model_card(repo_id or Path(args.output_dir).name, args, args.output_dir,
+                        history[-1] if history else None, skipped)
+        logger.info(f"Saved the {'EMA ' if ema is not None else ''}reward model to {args.output_dir}")
+        if args.push_to_hub:
+            upload_folder(
+                repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", token=args.hub_token,
+                ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{PARTIAL_PREFIX}*", f"{args.logging_dir}/*", "feature_cache/*"],
+            )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(parse_args())
