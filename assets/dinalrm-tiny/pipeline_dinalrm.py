@@ -1,0 +1,712 @@
+# Copyright 2026 The dinalrm authors. Licensed under the Apache License, Version 2.0.
+"""DiNaLRMPipeline: score, compare and rank text-to-image samples with DiNa-LRM (arXiv 2602.11146).
+
+The pipeline turns prompts into SD3 prompt embeddings (CLIP-L, OpenCLIP-bigG, T5) and images into scaled SD3 VAE
+latents, then asks the reward model (`reward_model/modeling_dinalrm.py`) for one reward per sample. This file is
+the Hub's remote code and must stay self-contained: it imports nothing from the rest of the dinalrm repository.
+"""
+
+import inspect
+import json
+import math
+import os
+import shutil
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from huggingface_hub import create_repo
+from transformers import CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel, T5EncoderModel, T5Tokenizer
+
+
+logger = logging.get_logger(__name__)
+
+PIPELINE_FILE = "pipeline_dinalrm.py"
+MODELING_FILE = "modeling_dinalrm.py"
+# The official README's display scale: (raw + 10) / 10.
+DISPLAY_OFFSET = 10.0
+DISPLAY_SCALE = 10.0
+# How many prompts keep their embeddings between calls (alignment loops reuse a fixed prompt set).
+PROMPT_CACHE_SIZE = 64
+# Float images may overshoot [0, 1] by this much (rounding in upstream processing) before being refused.
+FLOAT_RANGE_TOLERANCE = 1e-3
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
+_EXIF_ORIENTATION = 0x0112
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from diffusers import DiffusionPipeline
+        >>> from PIL import Image
+
+        >>> pipe = DiffusionPipeline.from_pretrained("org/dinalrm-sd35m", trust_remote_code=True)
+        >>> images = [Image.new("RGB", (512, 512), "red"), Image.effect_noise((512, 512), 64).convert("RGB")]
+        >>> generator = torch.Generator().manual_seed(0)
+        >>> rewards = pipe("a red square", images=images, generator=generator).rewards
+        >>> comparison = pipe.compare("a red square", images[0], images[1], generator=generator)
+        >>> print(f"P(first preferred) = {comparison.probability:.3f}, winner: {comparison.winner}")
+        >>> best_first = pipe.rank("a red square", images, generator=generator).indices
+        ```
+"""
+
+
+@dataclass
+class DiNaLRMPipelineOutput(BaseOutput):
+    """Output of [`DiNaLRMPipeline`].
+
+    Args:
+        rewards (`torch.Tensor` of shape `(num_samples,)`): float32 rewards on the CPU, higher = preferred; raw unless
+            `normalize=True` was passed.
+        noise_levels (`list[float]`): the noise levels actually used (snapped to the scheduler's table), one per
+            ensemble level.
+    """
+
+    rewards: torch.Tensor
+    noise_levels: list[float]
+
+
+@dataclass
+class DiNaLRMComparisonOutput(BaseOutput):
+    """Output of [`DiNaLRMPipeline.compare`].
+
+    Args:
+        probability (`float`): P(image A is preferred over image B) under the model's comparison model.
+        winner (`str`): `"a"` when `probability >= 0.5`, else `"b"`.
+        rewards (`torch.Tensor` of shape `(2,)`): raw rewards of A and B.
+        noise_level (`float`): the (snapped) noise level whose comparison variance gave `probability`.
+    """
+
+    probability: float
+    winner: str
+    rewards: torch.Tensor
+    noise_level: float
+
+
+@dataclass
+class DiNaLRMRankingOutput(BaseOutput):
+    """Output of [`DiNaLRMPipeline.rank`].
+
+    Args:
+        indices (`list[int]`): positions of the inputs, best first (ties keep the input order).
+        rewards (`torch.Tensor` of shape `(num_samples,)`): their rewards in the same order.
+    """
+
+    indices: list[int]
+    rewards: torch.Tensor
+
+
+def _as_uint8(array: np.ndarray) -> np.ndarray:
+    """8-bit pixels from uint8, uint16 (scaled from the 16-bit range) or float/bool arrays in [0, 1]."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.uint16:
+        return np.rint(array / 257.0).astype(np.uint8)
+    if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating):
+        array = array.astype(np.float32)
+        low, high = float(array.min()), float(array.max())
+        if low < -FLOAT_RANGE_TOLERANCE or high > 1.0 + FLOAT_RANGE_TOLERANCE:
+            raise ValueError(
+                f"float images must hold values in [0, 1], got [{low:.3f}, {high:.3f}]; "
+                "for images in [-1, 1] pass (image + 1) / 2, for 0..255 values pass uint8."
+            )
+        return np.rint(np.clip(array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    raise TypeError(f"unsupported image dtype {array.dtype}: pass uint8, uint16 or float values in [0, 1].")
+
+
+def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
+    """A PIL image from an (H, W) or (H, W, C) array with C in 1..4 (grey, grey+alpha, RGB, RGBA)."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (2, 3, 4)):
+        raise ValueError(
+            f"an image array must be (height, width) or (height, width, channels) with 1-4 channels "
+            f"(torch tensors: (channels, height, width)), got shape {tuple(array.shape)}."
+        )
+    return PIL.Image.fromarray(np.ascontiguousarray(_as_uint8(array)))
+
+
+def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """8-bit RGB of any PIL image: EXIF rotation applied, transparency composited on white, 16-bit rescaled."""
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        image = PIL.ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.clip(np.rint(np.asarray(image, dtype=np.float64) / 257.0), 0, 255).astype(np.uint8)
+        return PIL.Image.fromarray(grey).convert("RGB")
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _describe(value) -> str:
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
+
+
+class DiNaLRMPipeline(DiffusionPipeline):
+    r"""Scores images or SD3 latents against prompts with the DiNa-LRM latent reward model.
+
+    A clean latent is noised to level `t` (or to several levels for the ensemble) and read by the first blocks of
+    SD3.5-Medium's MMDiT plus a small query head (the `reward_model`). The text encoders, tokenizers and VAE are
+    SD3's; the `scheduler` is SD3's too and documents the noise-level table the reward model snaps `t` to (the
+    table itself comes from the reward model's config).
+
+    Args:
+        reward_model ([`DiNaLRMModel`]): the reward model (remote code in `reward_model/modeling_dinalrm.py`).
+        vae ([`AutoencoderKL`]): SD3's VAE; images are encoded to `(mode - shift_factor) * scaling_factor`.
+        text_encoder / text_encoder_2 ([`CLIPTextModelWithProjection`]): CLIP-L and OpenCLIP-bigG.
+        text_encoder_3 ([`T5EncoderModel`], *optional*): T5-XXL; without it the T5 part of the prompt is zeros, as
+            in SD3.
+        tokenizer / tokenizer_2 ([`CLIPTokenizer`]), tokenizer_3 ([`T5Tokenizer`], *optional*): their tokenizers.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): SD3's scheduler (shift 3 for SD3.5).
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->vae->reward_model"
+    _optional_components = ["text_encoder_3", "tokenizer_3"]
+
+    def __init__(
+        self,
+        reward_model: PreTrainedModel,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModelWithProjection,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: CLIPTextModelWithProjection,
+        tokenizer_2: CLIPTokenizer,
+        text_encoder_3: T5EncoderModel | None,
+        tokenizer_3: T5Tokenizer | None,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ):
+        super().__init__()
+        self.register_modules(
+            reward_model=reward_model,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            text_encoder_3=text_encoder_3,
+            tokenizer_3=tokenizer_3,
+            scheduler=scheduler,
+        )
+        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._prompt_cache: OrderedDict = OrderedDict()
+        scheduler_table = (scheduler.config.shift, scheduler.config.num_train_timesteps)
+        reward_table = (reward_model.config.scheduler_shift, reward_model.config.num_train_timesteps)
+        if scheduler_table != reward_table:
+            logger.warning(
+                f"The scheduler's (shift, num_train_timesteps) = {scheduler_table} differ from the table the reward "
+                f"model snaps t to, {reward_table}; rewards follow the reward model's config."
+            )
+
+    # ------------------------------------------------------------------------------------------ properties
+    @property
+    def patch_size(self) -> int:
+        return self.reward_model.config.backbone_config["patch_size"]
+
+    @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: one backbone patch after the VAE's downsampling."""
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def default_resolution(self) -> int:
+        """The backbone's native image side (1024 for SD3.5-Medium), the default area cap for images."""
+        return self.reward_model.config.backbone_config["sample_size"] * self.vae_scale_factor
+
+    # ------------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_sd3(cls, sd3_pipeline: DiffusionPipeline, reward_model: PreTrainedModel) -> "DiNaLRMPipeline":
+        """Builds the pipeline around an already loaded `StableDiffusion3Pipeline`, sharing (not copying) its VAE,
+        text encoders, tokenizers and scheduler, so an alignment loop holds one copy of each."""
+        shared = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3",
+                  "scheduler")
+        return cls(reward_model=reward_model, **{name: getattr(sd3_pipeline, name) for name in shared})
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiNaLRMPipeline":
+        """`DiffusionPipeline.from_pretrained` with `trust_remote_code=True` by default.
+
+        Calling this class means choosing DiNa-LRM's code; diffusers then runs the repository's own copies of
+        `pipeline_dinalrm.py` and `reward_model/modeling_dinalrm.py`. Pass `trust_remote_code=False` to refuse.
+        """
+        kwargs.setdefault("trust_remote_code", True)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
+        """Saves the Hub layout that reloads in a fresh process (diffusers' own save copies no code files).
+
+        Writes every component, then `pipeline_dinalrm.py` at the root, `reward_model/modeling_dinalrm.py`, and a
+        `model_index.json` naming both files. With `push_to_hub`, uploads the folder (`repo_id`, `token`, `private`,
+        `commit_message`, `create_pr` as in diffusers).
+        """
+        hub_options = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr")
+                       if key in kwargs}
+        super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
+        self._write_hub_layout(str(save_directory))
+        if push_to_hub:
+            repo_id = hub_options.get("repo_id", os.path.basename(os.path.abspath(save_directory)))
+            token = hub_options.get("token")
+            repo_id = create_repo(repo_id, exist_ok=True, private=hub_options.get("private"), token=token).repo_id
+            self._upload_folder(
+                save_directory, repo_id, token=token, commit_message=hub_options.get("commit_message"),
+                create_pr=hub_options.get("create_pr", False),
+            )
+
+    def _write_hub_layout(self, save_directory: str) -> None:
+        code_files = {
+            os.path.join(save_directory, PIPELINE_FILE): inspect.getsourcefile(type(self)),
+            os.path.join(save_directory, "reward_model", MODELING_FILE): inspect.getsourcefile(type(self.reward_model)),
+        }
+        for target, source in code_files.items():
+            if not (os.path.exists(target) and os.path.samefile(source, target)):
+                shutil.copyfile(source, target)
+        index_path = os.path.join(save_directory, "model_index.json")
+        with open(index_path, encoding="utf-8") as handle:
+            model_index = json.load(handle)
+        model_index["_class_name"] = [PIPELINE_FILE.removesuffix(".py"), type(self).__name__]
+        model_index["reward_model"] = [MODELING_FILE.removesuffix(".py"), type(self.reward_model).__name__]
+        with open(index_path, "w", encoding="utf-8") as handle:
+            json.dump(model_index, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+
+    # ------------------------------------------------------------------------------------------ prompts
+    def _tokenize(self, tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:
+        """Token ids padded to `max_length`; warns (as SD3 and the reference's training do) when text is cut."""
+        ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
+        full = tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > max_length:
+            logger.warning(f"Prompts longer than {max_length} {type(tokenizer).__name__} tokens were truncated.")
+        return ids.input_ids
+
+    def _clip_prompt_embeds(
+        self, prompts: list[str], tokenizer, text_encoder, device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = self._tokenize(tokenizer, prompts, tokenizer.model_max_length)
+        output = text_encoder(ids.to(device), output_hidden_states=True)
+        return output.hidden_states[-2], output.text_embeds
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        device: torch.device | None = None,
+        max_sequence_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""SD3 prompt embeddings, encoded as the reward model was trained.
+
+        CLIP-L and OpenCLIP-bigG penultimate hidden states are joined on channels and zero-padded to the T5 width;
+        T5's last hidden state (`max_sequence_length` tokens, default `reward_model.config.max_sequence_length`)
+        follows on the token axis. Without `text_encoder_3` the T5 part is zeros, as in SD3. Empty strings are
+        encoded like any other (an unconditional embedding); the pipeline call itself refuses empty prompts.
+
+        Returns:
+            `(prompt_embeds, pooled_prompt_embeds)` of shapes `(B, 77 + max_sequence_length, joint_attention_dim)`
+            and `(B, pooled_projection_dim)` (the two CLIP text embeddings side by side).
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        device = device or self._execution_device
+        max_sequence_length = max_sequence_length or self.reward_model.config.max_sequence_length
+        clip_l, pooled_l = self._clip_prompt_embeds(prompts, self.tokenizer, self.text_encoder, device)
+        clip_g, pooled_g = self._clip_prompt_embeds(prompts, self.tokenizer_2, self.text_encoder_2, device)
+        t5_width = self.reward_model.config.backbone_config["joint_attention_dim"]
+        if self.text_encoder_3 is None:
+            t5 = torch.zeros(len(prompts), max_sequence_length, t5_width, device=device, dtype=clip_l.dtype)
+        else:
+            ids = self._tokenize(self.tokenizer_3, prompts, max_sequence_length)
+            t5 = self.text_encoder_3(ids.to(device))[0]
+        clip = torch.cat([clip_l, clip_g], dim=-1)
+        clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])).to(t5.dtype)
+        return torch.cat([clip, t5], dim=-2), torch.cat([pooled_l, pooled_g], dim=-1)
+
+    @torch.no_grad()
+    def _cached_prompt_embeds(
+        self, prompts: list[str], device: torch.device, max_sequence_length: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings of `prompts`; each distinct prompt is encoded once and kept for later calls (LRU)."""
+        max_sequence_length = max_sequence_length or self.reward_model.config.max_sequence_length
+        keys = [(p, max_sequence_length) for p in prompts]
+        missing = [key for key in dict.fromkeys(keys) if key not in self._prompt_cache]
+        rows = {key: self._prompt_cache[key] for key in dict.fromkeys(keys) if key in self._prompt_cache}
+        if missing:
+            embeds, pooled = self.encode_prompt([p for p, _ in missing], device, max_sequence_length)
+            rows.update({key: (embeds[i : i + 1].clone(), pooled[i : i + 1].clone()) for i, key in enumerate(missing)})
+        for key, value in rows.items():
+            self._prompt_cache[key] = value
+            self._prompt_cache.move_to_end(key)
+        while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
+            self._prompt_cache.popitem(last=False)
+        embeds = torch.cat([rows[key][0] for key in keys]).to(device)
+        pooled = torch.cat([rows[key][1] for key in keys]).to(device)
+        return embeds, pooled
+
+    def _prompt_embeds_for(
+        self, prompt, prompt_embeds, pooled_prompt_embeds, indices: list[int], device, max_sequence_length
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings of the samples at `indices` (a single prompt or embedding row serves every sample)."""
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            return self._cached_prompt_embeds([prompts[i % len(prompts)] for i in indices], device, max_sequence_length)
+        rows = [i % prompt_embeds.shape[0] for i in indices]
+        return prompt_embeds[rows].to(device), pooled_prompt_embeds[rows].to(device)
+
+    # ------------------------------------------------------------------------------------------ images
+    @staticmethod
+    def _as_image_list(images) -> list:
+        """One list entry per image; 4D numpy arrays / torch tensors are batches."""
+        if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+            if getattr(images, "ndim", 3) == 4:
+                return list(images)
+            images = [images]
+        if not isinstance(images, (list, tuple)):
+            raise TypeError(
+                f"images must be a PIL image, numpy array, torch tensor or a list of them, got {_describe(images)}"
+                + ("; open files with PIL.Image.open(path)." if isinstance(images, (str, os.PathLike)) else ".")
+            )
+        if not images:
+            raise ValueError("images is an empty list: pass at least one image.")
+        for index, image in enumerate(images):
+            if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+                raise TypeError(
+                    f"images[{index}] is a {_describe(image)}; each image must be a PIL image, a numpy array "
+                    "(H, W[, C]) or a torch tensor (C, H, W)"
+                    + (" - open files with PIL.Image.open(path)." if isinstance(image, (str, os.PathLike)) else ".")
+                )
+        return list(images)
+
+    def _fit(self, image: PIL.Image.Image, resolution: int | tuple[int, int] | None) -> PIL.Image.Image:
+        """The RGB image at a size the VAE and the patch size accept; see `__call__`'s `resolution` for the rule."""
+        multiple = self.size_multiple
+        if isinstance(resolution, (tuple, list)):
+            height, width = resolution
+            if height % multiple or width % multiple or min(height, width) < multiple:
+                raise ValueError(
+                    f"resolution={tuple(resolution)} must be positive multiples of {multiple} (VAE factor "
+                    f"{self.vae_scale_factor} x patch size {self.patch_size})."
+                )
+            return self.image_processor.resize(image, height, width, resize_mode="crop")
+        original_size = image.size
+        scale = min(1.0, (resolution or self.default_resolution) / math.sqrt(image.width * image.height))
+        if scale < 1.0:
+            image = self.image_processor.resize(
+                image, max(1, round(image.height * scale)), max(1, round(image.width * scale))
+            )
+        height, width = image.height // multiple * multiple, image.width // multiple * multiple
+        if min(height, width) < multiple:
+            raise ValueError(
+                f"an image of {original_size[0]}x{original_size[1]} pixels is too small: each side must be at least "
+                f"{multiple} pixels (one {self.patch_size}x{self.patch_size} backbone patch after the VAE's "
+                f"{self.vae_scale_factor}x downsampling). Upscale it or pass a larger image."
+            )
+        left, top = (image.width - width) // 2, (image.height - height) // 2
+        return image.crop((left, top, left + width, top + height))
+
+    def _preprocess(self, image, resolution) -> torch.Tensor:
+        """One image as a `(1, 3, H, W)` tensor in [-1, 1]: converted to RGB, then brought to size by `_fit`."""
+        if isinstance(image, torch.Tensor):
+            array = image.detach().cpu()
+            array = array.float() if array.is_floating_point() else array
+            image = array.permute(1, 2, 0).numpy() if array.ndim == 3 else array.numpy()
+        fitted = self._fit(_to_rgb(image if isinstance(image, PIL.Image.Image) else _array_to_pil(image)), resolution)
+        return self.image_processor.preprocess(fitted, height=fitted.height, width=fitted.width)
+
+    def _encode_pixels(
+        self, pixels: torch.Tensor, sample_posterior: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        posterior = self.vae.encode(pixels.to(self._execution_device, self.vae.dtype)).latent_dist
+        latents = posterior.sample(generator) if sample_posterior else posterior.mode()
+        shift = self.vae.config.shift_factor or 0.0
+        return ((latents - shift) * self.vae.config.scaling_factor).contiguous()
+
+    @torch.no_grad()
+    def encode_images(
+        self,
+        images,
+        resolution: int | tuple[int, int] | None = None,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        r"""Scaled SD3 latents `(B, 16, H/8, W/8)` of images, exactly as the pipeline call encodes them.
+
+        Conversion, resizing and `resolution` follow `__call__`. All images must come out at one size (pass
+        `resolution=(height, width)` to force one); `__call__` itself groups images of different sizes.
+        """
+        pixels = [self._preprocess(image, resolution) for image in self._as_image_list(images)]
+        sizes = {tuple(p.shape[-2:]) for p in pixels}
+        if len(sizes) > 1:
+            raise ValueError(
+                f"the images come out at different sizes {sorted(sizes)}: pass resolution=(height, width) to encode "
+                "them at one size, or encode them separately."
+            )
+        return self._encode_pixels(torch.cat(pixels), sample_posterior, generator)
+
+    # ------------------------------------------------------------------------------------------ checks
+    def _noise_levels(self, t: float | Sequence[float] | None) -> list[float]:
+        """The requested levels as a list (one entry unless ensembling); refuses values outside [0, 1]."""
+        if t is None:
+            t = self.reward_model.config.default_t
+        levels = [t] if isinstance(t, (int, float)) else t
+        if not isinstance(levels, (list, tuple)) or not levels:
+            raise ValueError(f"t must be a float in [0, 1] or a non-empty list of them, got {t!r}.")
+        for level in levels:
+            if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0.0 <= level <= 1.0:
+                raise ValueError(f"t is the noise fraction and must lie in [0, 1]; got {level!r}.")
+        return [float(level) for level in levels]
+
+    def _snapped(self, level: float) -> float:
+        return float(self.reward_model.snap_noise_level(level, 1)[0][0])
+
+    def check_inputs(
+        self,
+        prompt,
+        images,
+        latents,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        t,
+        num_noise_samples: int = 1,
+        batch_size: int = 1,
+    ) -> None:
+        """Raises a `ValueError`/`TypeError` naming the fix for inputs the pipeline cannot score."""
+        if images is None and latents is None:
+            raise ValueError("Pass `images` (PIL, numpy or torch) or `latents` (scaled SD3 VAE latents) to score.")
+        if images is not None and latents is not None:
+            raise ValueError("Pass either `images` or `latents`, not both.")
+        if latents is not None and not (isinstance(latents, torch.Tensor) and latents.ndim == 4):
+            raise ValueError(f"latents must be a 4D tensor (batch, 16, height, width), got {_describe(latents)}.")
+        num_samples = len(images) if images is not None else latents.shape[0]
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("Pass `prompt` or precomputed `prompt_embeds` and `pooled_prompt_embeds`.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+                raise TypeError(f"prompt must be a string or a list of strings, got {_describe(prompt)}.")
+            if not prompts:
+                raise ValueError("prompt is an empty list: pass one prompt, or one per image.")
+            if any(not p.strip() for p in prompts):
+                raise ValueError(
+                    "prompt is empty: DiNa-LRM scores how well an image matches its prompt; pass the prompt the image "
+                    "was generated from (for an unconditional score pass prompt_embeds from encode_prompt(''))."
+                )
+            count = len(prompts)
+        else:
+            if pooled_prompt_embeds is None:
+                raise ValueError("prompt_embeds needs pooled_prompt_embeds as well (both come from encode_prompt).")
+            if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2:
+                raise ValueError(
+                    f"prompt_embeds must be (batch, tokens, dim) and pooled_prompt_embeds (batch, dim); got "
+                    f"{_describe(prompt_embeds)} and {_describe(pooled_prompt_embeds)}."
+                )
+            if prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0]:
+                raise ValueError("prompt_embeds and pooled_prompt_embeds must have the same batch size.")
+            count = prompt_embeds.shape[0]
+        if count not in (1, num_samples):
+            raise ValueError(
+                f"{count} prompts for {num_samples} images: pass one prompt for all images or one per image."
+            )
+        self._noise_levels(t)
+        if not isinstance(num_noise_samples, int) or num_noise_samples < 1:
+            raise ValueError(f"num_noise_samples must be a positive integer, got {num_noise_samples!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+
+    # ------------------------------------------------------------------------------------------ scoring
+    def _score(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        levels: list[float],
+        num_noise_samples: int,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """Rewards of clean latents, averaged over `num_noise_samples` noise draws taken in order from `generator`.
+
+        The noise convention (snapping, one noise shared by all ensemble levels) is `reward_model.score_latents`'s.
+        """
+        draws = [
+            self.reward_model.score_latents(latents, prompt_embeds, pooled_prompt_embeds, t=levels, generator=generator)
+            for _ in range(num_noise_samples)
+        ]
+        return torch.stack(draws).mean(dim=0)
+
+    @staticmethod
+    def _display(rewards: torch.Tensor, normalize: bool) -> torch.Tensor:
+        return (rewards + DISPLAY_OFFSET) / DISPLAY_SCALE if normalize else rewards
+
+    def reward_fn(
+        self,
+        latents: torch.Tensor,
+        prompt: str | list[str] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        t: float | list[float] | None = None,
+        num_noise_samples: int = 1,
+        generator: torch.Generator | None = None,
+        normalize: bool = False,
+        max_sequence_length: int | None = None,
+    ) -> torch.Tensor:
+        r"""Differentiable rewards `(B,)` of clean latents for alignment loops (ReFL: `loss = -rewards.mean()`).
+
+        The autograd graph runs from `latents` to the rewards (no batching, no progress bar, rewards stay on the
+        latents' device). Give the generator pipeline's own `prompt_embeds` / `pooled_prompt_embeds`, or `prompt`:
+        prompts are encoded once and cached across calls. Freeze the reward model yourself
+        (`pipe.reward_model.requires_grad_(False)`) if only the generator should receive gradients.
+        """
+        self.check_inputs(prompt, None, latents, prompt_embeds, pooled_prompt_embeds, t, num_noise_samples)
+        indices = list(range(latents.shape[0]))
+        embeds, pooled = self._prompt_embeds_for(
+            prompt, prompt_embeds, pooled_prompt_embeds, indices, latents.device, max_sequence_length
+        )
+        rewards = self._score(latents, embeds, pooled, self._noise_levels(t), num_noise_samples, generator)
+        return self._display(rewards, normalize)
+
+    @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        images=None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        t: float | list[float] | None = None,
+        num_noise_samples: int = 1,
+        generator: torch.Generator | None = None,
+        batch_size: int = 8,
+        normalize: bool = False,
+        resolution: int | tuple[int, int] | None = None,
+        sample_posterior: bool = False,
+        max_sequence_length: int | None = None,
+        return_dict: bool = True,
+    ) -> DiNaLRMPipelineOutput | tuple:
+        r"""Rewards of images or clean latents for their prompts.
+
+        Args:
+            prompt (`str` or `list[str]`): one prompt for all samples or one per sample (not empty).
+            images (PIL image, numpy array, torch tensor, or a list of them): numpy arrays are `(H, W[, C])`, torch
+                tensors `(C, H, W)`; 4D arrays/tensors are batches. Grey, grey+alpha, RGB and RGBA are accepted, as
+                uint8, uint16 (16-bit) or floats in [0, 1]; PIL images of any mode (16-bit, palette, CMYK, ...).
+                Transparency is composited on white and EXIF rotation applied. Each image is then resized and
+                center-cropped (see `resolution`) and encoded with the VAE's posterior mode (or a posterior sample
+                with `sample_posterior=True`) to `(latent - shift_factor) * scaling_factor`.
+            latents (`torch.Tensor` of shape `(B, 16, h, w)`): clean scaled SD3 latents instead of images, e.g. from
+                `StableDiffusion3Pipeline(..., output_type="latent")`.
+            prompt_embeds / pooled_prompt_embeds (`torch.Tensor`): precomputed embeddings instead of `prompt`
+                (see `encode_prompt`); one row for all samples or one per sample.
+            t (`float` or `list[float]`, *optional*): noise level in [0, 1] (snapped to the scheduler's table), or a
+                list of levels for the token-level ensemble (one batched backbone pass, one noise shared by all
+                levels). Defaults to `reward_model.config.default_t` (0.4); the paper's ensemble is
+                `reward_model.config.ensemble_t` (0.2, 0.5, 0.7).
+            num_noise_samples (`int`): average the reward over this many noise draws (lower variance).
+            generator (`torch.Generator`, *optional*): source of every random draw (posterior samples, then the
+                scoring noise, batch by batch); the same generator state gives the same rewards.
+            batch_size (`int`): samples per VAE/backbone pass; more samples show a progress bar.
+            normalize (`bool`): return the display score `(raw + 10) / 10` instead of the raw reward.
+            resolution (`int` or `(height, width)`, *optional*): the resize rule. An `int` caps the image area at
+                `resolution**2` pixels (default: the backbone's native side, 1024 for SD3.5-Medium): larger images
+                are downscaled (Lanczos) keeping their aspect ratio, smaller ones are never upscaled; then a center
+                crop of at most 15 pixels in each dimension makes both sides multiples of
+                `vae_scale_factor * patch_size` (16 for SD3). A `(height, width)` pair (multiples of 16) resizes the
+                image to cover that size and center-crops it to exactly that size.
+            sample_posterior (`bool`): encode images with a VAE posterior sample instead of its mode.
+            max_sequence_length (`int`, *optional*): T5 tokens; defaults to `reward_model.config.max_sequence_length`.
+            return_dict (`bool`): return a [`DiNaLRMPipelineOutput`] instead of a tuple.
+
+        Examples:
+        """
+        images = self._as_image_list(images) if images is not None else None
+        self.check_inputs(
+            prompt, images, latents, prompt_embeds, pooled_prompt_embeds, t, num_noise_samples, batch_size
+        )
+        levels = self._noise_levels(t)
+        device = self._execution_device
+        num_samples = len(images) if images is not None else latents.shape[0]
+        rewards = torch.empty(num_samples, dtype=torch.float32)
+        starts = range(0, num_samples, batch_size)
+        with self.progress_bar(total=len(starts)) as progress:
+            for start in starts:
+                batch = list(range(start, min(start + batch_size, num_samples)))
+                for indices, batch_latents in self._latent_groups(batch, images, latents, resolution,
+                                                                  sample_posterior, generator):
+                    embeds, pooled = self._prompt_embeds_for(
+                        prompt, prompt_embeds, pooled_prompt_embeds, indices, device, max_sequence_length
+                    )
+                    scores = self._score(batch_latents, embeds, pooled, levels, num_noise_samples, generator)
+                    rewards[indices] = scores.float().cpu()
+                progress.update()
+        rewards = self._display(rewards, normalize)
+        noise_levels = [self._snapped(level) for level in levels]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (rewards, noise_levels)
+        return DiNaLRMPipelineOutput(rewards=rewards, noise_levels=noise_levels)
+
+    def _latent_groups(self, batch: list[int], images, latents, resolution, sample_posterior, generator):
+        """Yields `(indices, latents)` for one batch; images of different sizes form separate groups."""
+        if latents is not None:
+            yield batch, latents[batch[0] : batch[-1] + 1].to(self._execution_device)
+            return
+        groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
+        for index in batch:
+            pixels = self._preprocess(images[index], resolution)
+            groups.setdefault(tuple(pixels.shape[-2:]), []).append((index, pixels))
+        for members in groups.values():
+            pixels = torch.cat([p for _, p in members])
+            yield [i for i, _ in members], self._encode_pixels(pixels, sample_posterior, generator)
+
+    # ------------------------------------------------------------------------------------------ compare / rank
+    def compare(
+        self,
+        prompt: str | None,
+        image_a,
+        image_b,
+        t: float | list[float] | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> DiNaLRMComparisonOutput:
+        r"""Probability that `image_a` is preferred over `image_b` for `prompt`, and the winner.
+
+        Both images are scored in one call (other keyword arguments as in `__call__`, raw rewards). The probability
+        is `reward_model.preference_probability(r_a, r_b, level)`, the comparison model of training (Thurstone:
+        `Phi((r_a - r_b) / sqrt(2 * (k * level**2 + v0)))`). `level` is `t`; for an ensemble, which has no single
+        level, it is `reward_model.config.default_t`.
+        """
+        for name, image in (("image_a", image_a), ("image_b", image_b)):
+            if isinstance(image, (list, tuple)) or getattr(image, "ndim", 3) == 4:
+                raise ValueError(
+                    f"compare takes one image per side, got a batch for {name}; for many pairs score them with "
+                    "pipe(...) and use pipe.reward_model.preference_probability."
+                )
+        output = self(prompt, images=[image_a, image_b], t=t, generator=generator, **kwargs)
+        levels = self._noise_levels(t)
+        level = self._snapped(levels[0] if len(levels) == 1 else self.reward_model.config.default_t)
+        rewards = output.rewards
+        probability = float(self.reward_model.preference_probability(rewards[:1], rewards[1:], level)[0])
+        return DiNaLRMComparisonOutput(
+            probability=probability, winner="a" if probability >= 0.5 else "b", rewards=rewards, noise_level=level
+        )
+
+    def rank(self, prompt: str | list[str] | None, images=None, latents: torch.Tensor | None = None, **kwargs):
+        r"""Orders images (or latents) by reward, best first; other keyword arguments as in `__call__`.
+
+        Returns:
+            [`DiNaLRMRankingOutput`] with `indices` into the inputs and their `rewards`, best first.
+        """
+        rewards = self(prompt, images=images, latents=latents, **kwargs).rewards
+        ordered, order = torch.sort(rewards, descending=True, stable=True)
+        return DiNaLRMRankingOutput(indices=order.tolist(), rewards=ordered)

@@ -1,0 +1,819 @@
+# Copyright 2026 The dinalrm authors. Licensed under the Apache License, Version 2.0.
+"""DiNa-LRM: a diffusion-native latent reward model (arXiv 2602.11146).
+
+The reward of a (noisy) VAE latent is read from the first blocks of a pretrained SD3 MMDiT and pooled into
+one number by a small timestep-aware query head. This file is self-contained: it is the Hub's remote code
+(`reward_model/modeling_dinalrm.py`) and must not import anything from the rest of the dinalrm repository.
+"""
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from diffusers import FlowMatchEulerDiscreteScheduler
+from diffusers.models.attention import JointTransformerBlock
+from diffusers.models.embeddings import CombinedTimestepTextProjEmbeddings, PatchEmbed, get_2d_sincos_pos_embed
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput, logging
+
+
+logger = logging.get_logger(__name__)
+
+SD35_MEDIUM_ID = "stabilityai/stable-diffusion-3.5-medium"
+
+# diffusers' SD3Transformer2DModel config for stabilityai/stable-diffusion-3.5-medium (transformer/config.json).
+SD35_MEDIUM_TRANSFORMER_CONFIG = {
+    "sample_size": 128,
+    "patch_size": 2,
+    "in_channels": 16,
+    "out_channels": 16,
+    "num_layers": 24,
+    "attention_head_dim": 64,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 384,
+    "dual_attention_layers": list(range(13)),
+    "qk_norm": "rms_norm",
+}
+
+# Projection names that receive LoRA inside the backbone (peft matches them as name suffixes).
+DEFAULT_LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+LOSS_TYPES = ("thurstone", "bradley_terry", "fixed_variance")
+
+
+class DiNaLRMConfig(PretrainedConfig):
+    r"""Configuration of a [`DiNaLRMModel`].
+
+    Args:
+        backbone_config (`dict`, *optional*):
+            The diffusers `SD3Transformer2DModel` config of the backbone, kept inline so the model builds offline.
+            Defaults to SD3.5-Medium's.
+        num_backbone_layers (`int`, defaults to 12): how many leading transformer blocks are kept and run.
+        visual_layers / text_layers (`list[int]`): 1-based block indices whose image / text stream outputs feed
+            the head (0 = the embeddings before any block). Strictly increasing, at most `num_backbone_layers`.
+        head_width (`int`, *optional*): head width `W`; `None` uses the backbone width.
+        head_num_queries, head_num_heads, head_dropout, head_use_proj_in: query head hyper-parameters.
+        loss_type (`str`): `"thurstone"` (noise-calibrated, default), `"bradley_terry"` or `"fixed_variance"`.
+        thurstone_k, thurstone_v0, thurstone_eps: `var(t) = k * t**2 + v0`; `eps` stabilises both square roots.
+            The defaults (2.0, 0.05, 1e-6) are the official code's; the paper states v0 = 0.01.
+        fixed_variance (`float`): the comparison variance of the `"fixed_variance"` ablation.
+        default_t (`float`): the noise level used to score clean latents. ensemble_t (`list[float]`): the levels
+            of the multi-level ensemble.
+        snap_t (`bool`): snap noise levels to the scheduler's table (as the reference does); the table is
+            `FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift)`.
+        lora_rank / lora_alpha / lora_target_modules: LoRA on the backbone (rank 0 = none). Target names are
+            suffixes of module paths inside the backbone, or full paths.
+        max_backbone_batch_size (`int`, *optional*): split backbone passes into chunks of at most this many samples.
+        max_sequence_length (`int`): T5 prompt length used in training.
+        base_model_name_or_path (`str`): where the backbone weights came from (provenance).
+    """
+
+    model_type = "dinalrm"
+
+    def __init__(
+        self,
+        backbone_config: dict | None = None,
+        num_backbone_layers: int = 12,
+        visual_layers: Sequence[int] = (4, 8, 12),
+        text_layers: Sequence[int] = (4, 8, 12),
+        head_width: int | None = None,
+        head_num_queries: int = 4,
+        head_num_heads: int = 8,
+        head_dropout: float = 0.0,
+        head_use_proj_in: bool = False,
+        loss_type: str = "thurstone",
+        thurstone_k: float = 2.0,
+        thurstone_v0: float = 0.05,
+        thurstone_eps: float = 1e-6,
+        fixed_variance: float = 0.5,
+        default_t: float = 0.4,
+        ensemble_t: Sequence[float] = (0.2, 0.5, 0.7),
+        snap_t: bool = True,
+        num_train_timesteps: int = 1000,
+        scheduler_shift: float = 3.0,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_target_modules: Sequence[str] | None = None,
+        max_backbone_batch_size: int | None = None,
+        max_sequence_length: int = 128,
+        base_model_name_or_path: str = SD35_MEDIUM_ID,
+        **kwargs,
+    ):
+        self.backbone_config = dict(backbone_config if backbone_config is not None else SD35_MEDIUM_TRANSFORMER_CONFIG)
+        self.num_backbone_layers = num_backbone_layers
+        self.visual_layers = list(visual_layers)
+        self.text_layers = list(text_layers)
+        self.head_width = head_width
+        self.head_num_queries = head_num_queries
+        self.head_num_heads = head_num_heads
+        self.head_dropout = head_dropout
+        self.head_use_proj_in = head_use_proj_in
+        self.loss_type = loss_type
+        self.thurstone_k = thurstone_k
+        self.thurstone_v0 = thurstone_v0
+        self.thurstone_eps = thurstone_eps
+        self.fixed_variance = fixed_variance
+        self.default_t = default_t
+        self.ensemble_t = list(ensemble_t)
+        self.snap_t = snap_t
+        self.num_train_timesteps = num_train_timesteps
+        self.scheduler_shift = scheduler_shift
+        self.lora_rank = lora_rank
+        self.lora_alpha = lora_alpha if lora_alpha is not None else 2 * lora_rank
+        self.lora_target_modules = list(lora_target_modules or DEFAULT_LORA_TARGET_MODULES)
+        self.max_backbone_batch_size = max_backbone_batch_size
+        self.max_sequence_length = max_sequence_length
+        self.base_model_name_or_path = base_model_name_or_path
+        super().__init__(**kwargs)
+        self.validate_layers()
+
+    @property
+    def backbone_width(self) -> int:
+        return self.backbone_config["num_attention_heads"] * self.backbone_config["attention_head_dim"]
+
+    @property
+    def width(self) -> int:
+        return self.head_width if self.head_width not in (None, -1) else self.backbone_width
+
+    def validate_layers(self) -> None:
+        """Refuse layer choices the backbone cannot provide, with a message naming the fix."""
+        total_blocks = self.backbone_config["num_layers"]
+        n = self.num_backbone_layers
+        if not 1 <= n <= total_blocks:
+            raise ValueError(f"num_backbone_layers={n} must be between 1 and the backbone's {total_blocks} blocks.")
+        if not self.visual_layers:
+            raise ValueError("visual_layers must name at least one block.")
+        for name, layers in (("visual_layers", self.visual_layers), ("text_layers", self.text_layers)):
+            if any(b <= a for a, b in zip(layers, layers[1:])):
+                raise ValueError(f"{name}={layers} must be strictly increasing.")
+            if layers and (layers[0] < 0 or layers[-1] > n):
+                raise ValueError(
+                    f"{name}={layers} must lie in [0, num_backbone_layers={n}]: only the first {n} blocks are run."
+                )
+        if self.text_layers and self.text_layers[-1] == total_blocks:
+            raise ValueError(
+                f"text_layers={self.text_layers} asks for the text stream after block {total_blocks}, the backbone's "
+                "last block, which is context-pre-only and has no text output. Drop that index."
+            )
+        if self.backbone_config["caption_projection_dim"] != self.backbone_width:
+            raise ValueError("backbone_config: caption_projection_dim must equal num_attention_heads * attention_head_dim.")
+        if self.width % self.head_num_heads or self.width % 4:
+            raise ValueError(f"head width {self.width} must be divisible by head_num_heads={self.head_num_heads} and 4.")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r} is not one of {LOSS_TYPES}.")
+
+
+@dataclass
+class DiNaLRMOutput(ModelOutput):
+    """Output of [`DiNaLRMModel`].
+
+    Args:
+        rewards (`torch.FloatTensor` of shape `(batch_size,)`): raw rewards (higher = preferred).
+        sigmas (`torch.FloatTensor` of shape `(batch_size,)`): the noise level actually used per sample (snapped).
+        timesteps (`torch.FloatTensor` of shape `(batch_size,)`): the timestep given to the backbone.
+    """
+
+    rewards: torch.FloatTensor | None = None
+    sigmas: torch.FloatTensor | None = None
+    timesteps: torch.FloatTensor | None = None
+
+
+class DiNaLRMBackbone(nn.Module):
+    """The first `N` blocks of an SD3 MMDiT, returning the hidden states after the selected blocks.
+
+    Module names equal those of `SD3Transformer2DModel`, so its checkpoint keys load as they are. Every kept
+    block is built with a text output (`context_pre_only=False`), as it is inside the full model.
+    """
+
+    def __init__(self, config: DiNaLRMConfig):
+        super().__init__()
+        bc = config.backbone_config
+        width = config.backbone_width
+        self.patch_size = bc["patch_size"]
+        self.visual_layers = config.visual_layers
+        self.text_layers = config.text_layers
+        self.pos_embed = PatchEmbed(
+            height=bc["sample_size"],
+            width=bc["sample_size"],
+            patch_size=bc["patch_size"],
+            in_channels=bc["in_channels"],
+            embed_dim=width,
+            pos_embed_max_size=bc["pos_embed_max_size"],
+        )
+        self.time_text_embed = CombinedTimestepTextProjEmbeddings(
+            embedding_dim=width, pooled_projection_dim=bc["pooled_projection_dim"]
+        )
+        self.context_embedder = nn.Linear(bc["joint_attention_dim"], bc["caption_projection_dim"])
+        self.transformer_blocks = nn.ModuleList(
+            JointTransformerBlock(
+                dim=width,
+                num_attention_heads=bc["num_attention_heads"],
+                attention_head_dim=bc["attention_head_dim"],
+                context_pre_only=False,
+                qk_norm=bc.get("qk_norm"),
+                use_dual_attention=i in (bc.get("dual_attention_layers") or ()),
+            )
+            for i in range(config.num_backbone_layers)
+        )
+        self.gradient_checkpointing = False
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Returns `(temb, visual_features, text_features)`; features are listed in layer order."""
+        hidden_states = self.pos_embed(hidden_states)
+        temb = self.time_text_embed(timestep, pooled_projections)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        visual = [hidden_states] if 0 in self.visual_layers else []
+        text = [encoder_hidden_states] if 0 in self.text_layers else []
+        for index, block in enumerate(self.transformer_blocks, start=1):
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
+                    block, hidden_states, encoder_hidden_states, temb
+                )
+            else:
+                encoder_hidden_states, hidden_states = block(
+                    hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb
+                )
+            if index in self.visual_layers:
+                visual.append(hidden_states)
+            if index in self.text_layers:
+                text.append(encoder_hidden_states)
+        return temb, visual, text
+
+
+class FiLMLayerAdapter(nn.Module):
+    """Projects one backbone layer to `W/4` channels after a timestep-conditioned affine modulation (FiLM)."""
+
+    def __init__(self, in_dim: int, cond_dim: int, width: int, use_proj_in: bool):
+        super().__init__()
+        self.proj_in = nn.Linear(in_dim, width) if use_proj_in or in_dim != width else nn.Identity()
+        self.layer_embed = nn.Parameter(torch.zeros(1, 1, width))
+        self.cond_mlp = nn.Sequential(nn.Linear(cond_dim, 2 * width), nn.SiLU(), nn.Linear(2 * width, 2 * width))
+        self.cond_mlp[-1]._dinalrm_zero_init = True
+        self.proj = nn.Linear(width, width // 4)
+
+    def forward(self, features: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        gamma, beta = self.cond_mlp(temb).unsqueeze(1).chunk(2, dim=-1)
+        modulated = self.proj_in(features) * (1 + gamma) + beta
+        return self.proj(modulated + self.layer_embed)
+
+
+class GatedCrossAttention(nn.Module):
+    """Pre-normed cross-attention of the query tokens over image tokens and, optionally, text tokens.
+
+    With gating, every context token's value is scaled by a learned scalar in (0, 1) so the head can ignore
+    uninformative tokens. The image and text results are summed and added to the queries.
+    """
+
+    def __init__(self, width: int, num_heads: int, with_text: bool, with_gates: bool, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm_q = nn.RMSNorm(width)
+        self.norm_v = nn.RMSNorm(width)
+        self.to_q = nn.Linear(width, width)
+        self.to_k_vis = nn.Linear(width, width)
+        self.to_v_vis = nn.Linear(width, width)
+        if with_text:
+            self.norm_t = nn.RMSNorm(width)
+            self.to_k_text = nn.Linear(width, width)
+            self.to_v_text = nn.Linear(width, width)
+        self.to_out = nn.Sequential(nn.Linear(width, width), nn.Dropout(dropout))
+        self.gate_vis = self._make_gate(width) if with_gates else None
+        self.gate_text = self._make_gate(width) if with_gates and with_text else None
+
+    @staticmethod
+    def _make_gate(width: int) -> nn.Sequential:
+        gate = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+        gate[-1]._dinalrm_zero_init = True
+        return gate
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        return F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).flatten(2)
+
+    def _branch(self, q, context, to_k, to_v, gate) -> torch.Tensor:
+        values = to_v(context)
+        if gate is not None:
+            values = values * torch.sigmoid(gate(context))
+        return self._attend(q, to_k(context), values)
+
+    def forward(self, queries: torch.Tensor, visual: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        q = self.to_q(self.norm_q(queries))
+        attended = self._branch(q, self.norm_v(visual), self.to_k_vis, self.to_v_vis, self.gate_vis)
+        if text is not None:
+            attended = attended + self._branch(q, self.norm_t(text), self.to_k_text, self.to_v_text, self.gate_text)
+        return queries + self.to_out(attended)
+
+
+class DiNaLRMHead(nn.Module):
+    """FiLM layer adapters, layer fusion and the query head that turns backbone features into one reward.
+
+    Parameter names follow the official `rm_head.pt` layout, so official head weights load without renaming.
+    """
+
+    def __init__(self, config: DiNaLRMConfig):
+        super().__init__()
+        width, in_dim = config.width, config.backbone_width
+        self.layer_adapters_visual = nn.ModuleList(
+            FiLMLayerAdapter(in_dim, in_dim, width, config.head_use_proj_in) for _ in config.visual_layers
+        )
+        self.layer_adapters_text = nn.ModuleList(
+            FiLMLayerAdapter(in_dim, in_dim, width, config.head_use_proj_in) for _ in config.text_layers
+        )
+        self.agg_visual = nn.Linear(len(config.visual_layers) * (width // 4), width)
+        self.agg_text = nn.Linear(len(config.text_layers) * (width // 4), width) if config.text_layers else None
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.head_num_queries, width))
+        heads, dropout = config.head_num_heads, config.head_dropout
+        self.attn1 = GatedCrossAttention(width, heads, with_text=bool(config.text_layers), with_gates=True, dropout=dropout)
+        self.attn2 = GatedCrossAttention(width, heads, with_text=False, with_gates=False, dropout=dropout)
+        self.norm_ff = nn.RMSNorm(width)
+        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout))
+        self.head = nn.Linear(width, 1)
+
+    def fuse(
+        self, visual: list[torch.Tensor], text: list[torch.Tensor], temb: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Modulates each layer with `temb` and fuses the layers of each stream into `W`-wide tokens."""
+        fused_visual = self.agg_visual(torch.cat([a(f, temb) for a, f in zip(self.layer_adapters_visual, visual)], -1))
+        if self.agg_text is None:
+            return fused_visual, None
+        fused_text = self.agg_text(torch.cat([a(f, temb) for a, f in zip(self.layer_adapters_text, text)], -1))
+        return fused_visual, fused_text
+
+    def pool(self, visual: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        """Pools fused tokens into one reward per sample through the learned queries."""
+        queries = self.query_tokens.expand(visual.shape[0], -1, -1)
+        queries = self.attn1(queries, visual, text)
+        queries = self.attn2(queries, visual)
+        queries = queries + self.ff(self.norm_ff(queries))
+        return self.head(queries).mean(dim=1).squeeze(-1)
+
+
+class DiNaLRMPreTrainedModel(PreTrainedModel):
+    config_class = DiNaLRMConfig
+    base_model_prefix = "dinalrm"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["JointTransformerBlock", "DiNaLRMHead"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Random init for a fresh model; the backbone is meant to be overwritten by pretrained weights."""
+        if isinstance(module, nn.Linear):
+            if getattr(module, "_dinalrm_zero_init", False):
+                init.zeros_(module.weight)
+            else:
+                init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) or "RMSNorm" in type(module).__name__:
+            if getattr(module, "weight", None) is not None:
+                init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, FiLMLayerAdapter):
+            init.normal_(module.layer_embed, std=0.02)
+        elif isinstance(module, DiNaLRMHead):
+            init.normal_(module.query_tokens, std=0.02)
+        elif isinstance(module, PatchEmbed) and module.pos_embed is not None:
+            table = get_2d_sincos_pos_embed(
+                module.pos_embed.shape[-1],
+                module.pos_embed_max_size or module.height,
+                base_size=module.base_size,
+                interpolation_scale=module.interpolation_scale,
+                output_type="pt",
+            )
+            init.copy_(module.pos_embed, table.float().unsqueeze(0))
+
+
+class DiNaLRMModel(DiNaLRMPreTrainedModel):
+    """DiNa-LRM reward model: truncated SD3 backbone (optionally with LoRA) + timestep-aware query head.
+
+    `forward` scores latents that are already noisy; `score_latents` noises clean latents itself (one level or
+    the multi-level ensemble). `preference_probability` / `preference_loss` implement the training objective.
+    """
+
+    def __init__(self, config: DiNaLRMConfig):
+        super().__init__(config)
+        self.backbone = DiNaLRMBackbone(config)
+        self.reward_head = DiNaLRMHead(config)
+        with torch.device("cpu"):
+            scheduler = FlowMatchEulerDiscreteScheduler(
+                num_train_timesteps=config.num_train_timesteps, shift=config.scheduler_shift
+            )
+        # The noise-level table is derived from the config, so it is kept out of the state dict.
+        self._sigma_table = scheduler.sigmas[: config.num_train_timesteps].to(torch.float32)
+        self._timestep_table = scheduler.timesteps[: config.num_train_timesteps].to(torch.float32)
+        self.post_init()
+        if config.lora_rank:
+            self._inject_lora()
+
+    # ----------------------------------------------------------------------------------------------- LoRA
+    def _inject_lora(self) -> None:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        lora_config = LoraConfig(
+            r=self.config.lora_rank,
+            lora_alpha=self.config.lora_alpha,
+            target_modules=self.config.lora_target_modules,
+            init_lora_weights="gaussian",
+            lora_dropout=0.0,
+        )
+        inject_adapter_in_model(lora_config, self.backbone, adapter_name="default")
+        self._freeze_lora_base()
+
+    def _freeze_lora_base(self) -> None:
+        """As with any LoRA fine-tuning, only the adapter (and the head) train; the pretrained blocks stay frozen."""
+        for name, param in self.backbone.named_parameters():
+            param.requires_grad_(".lora_" in name)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.config.lora_rank:
+            # Loading re-creates the parameters, which forgets the freezing done in `__init__`.
+            model._freeze_lora_base()
+        return loaded
+
+    def add_lora(self, rank: int = 64, alpha: float | None = None, target_modules: Sequence[str] | None = None) -> None:
+        """Adds a fresh LoRA adapter (B = 0, so the rewards are unchanged) to the backbone only, never the head."""
+        if self.config.lora_rank:
+            raise ValueError("The backbone already has a LoRA adapter; merge it first with `merge_lora()`.")
+        self.config.lora_rank = rank
+        self.config.lora_alpha = alpha if alpha is not None else 2 * rank
+        self.config.lora_target_modules = list(target_modules or DEFAULT_LORA_TARGET_MODULES)
+        self._inject_lora()
+
+    def lora_layers(self) -> dict[str, nn.Module]:
+        """Backbone modules carrying LoRA, by their path inside the backbone."""
+        return {name: m for name, m in self.backbone.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+
+    def _merged_backbone_weights(self) -> dict[str, torch.Tensor]:
+        merged = {}
+        for name, layer in self.lora_layers().items():
+            merged[f"backbone.{name}.weight"] = layer.base_layer.weight + layer.get_delta_weight("default")
+        return merged
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        """Folds the LoRA adapter into the backbone weights and removes it (rewards unchanged)."""
+        merged = self._merged_backbone_weights()
+        for name, layer in self.lora_layers().items():
+            base = layer.base_layer
+            base.weight.copy_(merged[f"backbone.{name}.weight"])
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.backbone.get_submodule(parent_name), child, base)
+        self.config.lora_rank = 0
+
+    def save_pretrained(self, save_directory: str | os.PathLike, merge_lora: bool = True, **kwargs) -> None:
+        """Saves a self-contained folder; with `merge_lora` (default) the adapter is folded into the weights."""
+        if not (merge_lora and self.config.lora_rank):
+            return super().save_pretrained(save_directory, **kwargs)
+        with torch.no_grad():
+            merged = self._merged_backbone_weights()
+        state_dict = {}
+        for key, value in self.state_dict().items():
+            if ".lora_A." in key or ".lora_B." in key:
+                continue
+            plain = key.replace(".base_layer.", ".")
+            state_dict[plain] = merged.get(plain, value)
+        lora_settings = (self.config.lora_rank, self.config.lora_alpha)
+        self.config.lora_rank = 0
+        try:
+            super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
+        finally:
+            self.config.lora_rank, self.config.lora_alpha = lora_settings
+
+    # ---------------------------------------------------------------------------------- noise levels
+    def snap_noise_level(self, t: float | torch.Tensor, batch_size: int, device: torch.device | None = None):
+        """Maps noise fractions `t` in [0, 1] to `(sigmas, timesteps)` of shape `(batch_size,)`.
+
+        With `config.snap_t` (default, as the reference), `t` snaps to the nearest entry of the scheduler's
+        sigma table (first index on ties) and the backbone gets that entry's timestep.
+        """
+        t = torch.as_tensor(t, dtype=torch.float32, device=device)
+        if t.ndim == 0:
+            t = t.expand(batch_size)
+        if t.shape != (batch_size,):
+            raise ValueError(f"t must be a float or a tensor of shape ({batch_size},), got shape {tuple(t.shape)}.")
+        if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
+            raise ValueError(f"t is the noise fraction and must lie in [0, 1]; got {t.tolist()}.")
+        if not self.config.snap_t:
+            return t, t * self.config.num_train_timesteps
+        sigma_table = self._sigma_table.to(t.device)
+        index = torch.argmin((sigma_table[None, :] - t[:, None]).abs(), dim=1)
+        return sigma_table[index], self._timestep_table.to(t.device)[index]
+
+    # ----------------------------------------------------------------------------------- validation
+    def check_inputs(
+        self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor
+    ) -> None:
+        """Raises a clear error for latents or prompt embeddings the backbone cannot take."""
+        bc = self.config.backbone_config
+        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
+            raise ValueError(f"latents must be a 4D tensor (batch, channels, height, width), got {_describe(latents)}.")
+        batch, channels, height, width = latents.shape
+        if channels != bc["in_channels"]:
+            raise ValueError(
+                f"latents have {channels} channels but the backbone takes {bc['in_channels']}: pass VAE latents "
+                "(scaled as SD3 pipelines do), not images."
+            )
+        patch = bc["patch_size"]
+        if height % patch or width % patch:
+            raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {patch}.")
+        max_size = bc["pos_embed_max_size"] * patch
+        if height > max_size or width > max_size:
+            raise ValueError(f"latent size {height}x{width} exceeds the backbone's maximum of {max_size}x{max_size}.")
+        if not torch.isfinite(latents).all():
+            raise ValueError("latents contain NaN or infinite values.")
+        if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+            raise ValueError(f"prompt_embeds must be a 3D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}.")
+        if prompt_embeds.shape[-1] != bc["joint_attention_dim"]:
+            raise ValueError(
+                f"prompt_embeds have dim {prompt_embeds.shape[-1]}, the backbone expects {bc['joint_attention_dim']}."
+            )
+        if not isinstance(pooled_prompt_embeds, torch.Tensor) or pooled_prompt_embeds.ndim != 2:
+            raise ValueError(f"pooled_prompt_embeds must be a 2D tensor, got {_describe(pooled_prompt_embeds)}.")
+        if pooled_prompt_embeds.shape[-1] != bc["pooled_projection_dim"]:
+            raise ValueError(
+                f"pooled_prompt_embeds have dim {pooled_prompt_embeds.shape[-1]}, "
+                f"the backbone expects {bc['pooled_projection_dim']}."
+            )
+        if prompt_embeds.shape[0] != batch or pooled_prompt_embeds.shape[0] != batch:
+            raise ValueError(
+                f"batch mismatch: {batch} latents but {prompt_embeds.shape[0]} prompt_embeds and "
+                f"{pooled_prompt_embeds.shape[0]} pooled_prompt_embeds; give one prompt embedding per latent."
+            )
+
+    # -------------------------------------------------------------------------------------- scoring
+    def _backbone_in_chunks(self, noisy, timesteps, prompt_embeds, pooled):
+        dtype = self.dtype
+        chunk = self.config.max_backbone_batch_size or noisy.shape[0]
+        parts = [
+            self.backbone(
+                noisy[i : i + chunk].to(dtype),
+                prompt_embeds[i : i + chunk].to(dtype),
+                pooled[i : i + chunk].to(dtype),
+                timesteps[i : i + chunk],
+            )
+            for i in range(0, noisy.shape[0], chunk)
+        ]
+        if len(parts) == 1:
+            return parts[0]
+        temb = torch.cat([p[0] for p in parts])
+        visual = [torch.cat(layer) for layer in zip(*(p[1] for p in parts))]
+        text = [torch.cat(layer) for layer in zip(*(p[2] for p in parts))]
+        return temb, visual, text
+
+    def _reward_over_levels(self, noisy, timesteps, prompt_embeds, pooled, num_levels: int) -> torch.Tensor:
+        """Rewards of `num_levels` stacked copies of a batch: one backbone pass, tokens joined per sample."""
+        temb, visual, text = self._backbone_in_chunks(noisy, timesteps, prompt_embeds, pooled)
+        visual_by_level = list(zip(*(layer.chunk(num_levels) for layer in visual)))
+        text_by_level = list(zip(*(layer.chunk(num_levels) for layer in text))) or [()] * num_levels
+        fused = [
+            self.reward_head.fuse(list(visual_by_level[j]), list(text_by_level[j]), temb.chunk(num_levels)[j])
+            for j in range(num_levels)
+        ]
+        fused_visual = torch.cat([v for v, _ in fused], dim=1)
+        fused_text = torch.cat([x for _, x in fused], dim=1) if fused[0][1] is not None else None
+        return self.reward_head.pool(fused_visual, fused_text)
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        t: float | torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        return_dict: bool = True,
+    ) -> DiNaLRMOutput | tuple:
+        r"""Rewards of latents that are ALREADY noised to level `t`.
+
+        Args:
+            noisy_latents (`torch.Tensor` of shape `(B, C, H, W)`): scaled SD3 latents at noise level `t`.
+            t (`float` or `torch.Tensor` of shape `(B,)`): noise fraction in [0, 1] (snapped, see `snap_noise_level`).
+            prompt_embeds (`torch.Tensor` of shape `(B, tokens, joint_attention_dim)`): SD3 prompt embeddings.
+            pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`): SD3 pooled embeddings.
+        """
+        self.check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds)
+        sigmas, timesteps = self.snap_noise_level(t, noisy_latents.shape[0], noisy_latents.device)
+        rewards = self._reward_over_levels(noisy_latents, timesteps, prompt_embeds, pooled_prompt_embeds, 1)
+        if not return_dict:
+            return (rewards, sigmas, timesteps)
+        return DiNaLRMOutput(rewards=rewards, sigmas=sigmas, timesteps=timesteps)
+
+    def score_latents(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        t: float | Sequence[float] | None = None,
+        noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+    ) -> torch.Tensor:
+        r"""Rewards of CLEAN latents, shape `(B,)`; differentiable w.r.t. `latents` when grad is enabled.
+
+        Args:
+            latents: clean scaled SD3 latents `(B, C, H, W)`.
+            t: one noise level, or a list of levels for the token-level ensemble (all levels in one backbone pass,
+                their tokens joined before the query head). Defaults to `config.default_t`.
+            noise: a tensor shaped like `latents` shared by all levels (the default convention), or one tensor per
+                level. Drawn from `generator` when omitted.
+        """
+        self.check_inputs(latents, prompt_embeds, pooled_prompt_embeds)
+        if t is None:
+            t = self.config.default_t
+        levels = [t] if isinstance(t, (int, float, torch.Tensor)) else list(t)
+        if not levels:
+            raise ValueError("t must be a noise level or a non-empty list of levels.")
+        if noise is None:
+            noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noises = list(noise) if isinstance(noise, (list, tuple)) else [noise] * len(levels)
+        if len(noises) != len(levels) or any(n.shape != latents.shape for n in noises):
+            raise ValueError(
+                f"noise must be one tensor of shape {tuple(latents.shape)} or a list of {len(levels)} such tensors."
+            )
+        batch = latents.shape[0]
+        noisy, all_timesteps = [], []
+        for level, level_noise in zip(levels, noises):
+            sigmas, timesteps = self.snap_noise_level(level, batch, latents.device)
+            sigmas = sigmas.to(latents.dtype).view(-1, 1, 1, 1)
+            noisy.append((1.0 - sigmas) * latents + sigmas * level_noise.to(latents.device))
+            all_timesteps.append(timesteps)
+        repeat = len(levels)
+        return self._reward_over_levels(
+            torch.cat(noisy),
+            torch.cat(all_timesteps),
+            prompt_embeds.repeat(repeat, 1, 1),
+            pooled_prompt_embeds.repeat(repeat, 1),
+            repeat,
+        )
+
+    # -------------------------------------------------------------------------------------- objective
+    def preference_probability(
+        self, rewards_a: torch.Tensor, rewards_b: torch.Tensor, t: float | torch.Tensor
+    ) -> torch.Tensor:
+        """P(a preferred over b) under the configured comparison model at noise level `t` (snapped)."""
+        diff = rewards_a.reshape(-1) - rewards_b.reshape(-1)
+        if self.config.loss_type == "bradley_terry":
+            return torch.sigmoid(diff)
+        variance = self._comparison_variance(t, diff)
+        z = diff / torch.sqrt(variance + variance + self.config.thurstone_eps)
+        return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
+
+    def preference_loss(
+        self, rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, t: float | torch.Tensor
+    ) -> torch.Tensor:
+        """Mean over pairs: fidelity loss `1 - sqrt(p)` (Thurstone / fixed variance) or `-log sigmoid` (BT)."""
+        if self.config.loss_type == "bradley_terry":
+            return -F.logsigmoid(rewards_chosen.reshape(-1) - rewards_rejected.reshape(-1)).mean()
+        p = self.preference_probability(rewards_chosen, rewards_rejected, t)
+        return (1.0 - torch.sqrt(p + self.config.thurstone_eps)).mean()
+
+    def _comparison_variance(self, t: float | torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
+        if self.config.loss_type == "fixed_variance":
+            return torch.full_like(diff, self.config.fixed_variance)
+        sigmas, _ = self.snap_noise_level(t, diff.shape[0], diff.device)
+        sigmas = sigmas.to(diff.dtype)
+        return self.config.thurstone_k * sigmas**2 + self.config.thurstone_v0
+
+    # --------------------------------------------------------------------------------- construction
+    @classmethod
+    def from_backbone(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        subfolder: str | None = "transformer",
+        num_layers: int = 12,
+        revision: str | None = None,
+        variant: str | None = None,
+        torch_dtype: torch.dtype = torch.float32,
+        token: str | bool | None = None,
+        cache_dir: str | None = None,
+        lora_rank: int = 0,
+        lora_alpha: float | None = None,
+        lora_target_modules: Sequence[str] | None = None,
+        **config_kwargs,
+    ) -> "DiNaLRMModel":
+        """Builds a reward model on the first `num_layers` blocks of a diffusers SD3 transformer checkpoint.
+
+        `pretrained_model_name_or_path` is a Hub id or folder of an SD3 pipeline (the transformer is read from
+        `subfolder`) or a folder holding the transformer's `config.json` directly. Only the kept blocks'
+        tensors are read; the head starts from random init (see `_init_weights`).
+        """
+        files = _BackboneFiles(pretrained_model_name_or_path, subfolder, revision, variant, token, cache_dir)
+        backbone_config = {k: v for k, v in files.config.items() if not k.startswith("_")}
+        config_kwargs.setdefault("base_model_name_or_path", str(pretrained_model_name_or_path))
+        config = DiNaLRMConfig(backbone_config=backbone_config, num_backbone_layers=num_layers, **config_kwargs)
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device="cpu")
+        wanted = {f"backbone.{k}" for k in model.backbone.state_dict()}
+        state = {f"backbone.{k}": v for k, v in files.read(lambda key: f"backbone.{key}" in wanted).items()}
+        missing = sorted(wanted - state.keys())
+        if missing:
+            raise ValueError(f"{files.describe()} lacks backbone weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()}, strict=True)
+        model.reward_head.apply(model._init_weights)
+        model.to(torch_dtype)
+        if lora_rank:
+            model.add_lora(lora_rank, lora_alpha, lora_target_modules)
+            model.to(torch_dtype)
+        return model
+
+
+def _describe(value) -> str:
+    return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+class _BackboneFiles:
+    """Finds an SD3 transformer checkpoint (local or Hub) and reads selected tensors lazily from safetensors."""
+
+    WEIGHTS = "diffusion_pytorch_model"
+
+    def __init__(self, path, subfolder, revision, variant, token, cache_dir):
+        self.path, self.revision, self.token, self.cache_dir = str(path), revision, token, cache_dir
+        self.variant = variant
+        self.subfolder = subfolder
+        if os.path.isdir(self.path):
+            if os.path.isfile(os.path.join(self.path, "config.json")) and not (
+                subfolder and os.path.isfile(os.path.join(self.path, subfolder, "config.json"))
+            ):
+                self.subfolder = None
+            elif not (subfolder and os.path.isfile(os.path.join(self.path, subfolder, "config.json"))):
+                raise FileNotFoundError(
+                    f"No SD3 transformer config.json in {self.path} or {os.path.join(self.path, subfolder or '')}."
+                )
+        with open(self._fetch("config.json"), encoding="utf-8") as handle:
+            self.config = json.load(handle)
+        if self.config.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
+            raise ValueError(f"{self.describe()} holds a {self.config['_class_name']}, not an SD3Transformer2DModel.")
+
+    def describe(self) -> str:
+        return os.path.join(self.path, self.subfolder or "")
+
+    def _fetch(self, filename: str) -> str:
+        if os.path.isdir(self.path):
+            local = os.path.join(self.path, self.subfolder or "", filename)
+            if not os.path.isfile(local):
+                raise FileNotFoundError(f"Missing {local}.")
+            return local
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(
+            self.path, filename, subfolder=self.subfolder, revision=self.revision, token=self.token,
+            cache_dir=self.cache_dir,
+        )
+
+    def _exists(self, filename: str) -> bool:
+        if os.path.isdir(self.path):
+            return os.path.isfile(os.path.join(self.path, self.subfolder or "", filename))
+        from huggingface_hub import file_exists
+
+        name = f"{self.subfolder}/{filename}" if self.subfolder else filename
+        return file_exists(self.path, name, revision=self.revision, token=self.token)
+
+    def read(self, keep) -> dict[str, torch.Tensor]:
+        """Tensors whose key satisfies `keep`; other tensors (and shards holding none) are never read."""
+        from safetensors import safe_open
+
+        suffix = f".{self.variant}" if self.variant else ""
+        single = f"{self.WEIGHTS}{suffix}.safetensors"
+        if self._exists(single):
+            shards = {single: None}
+        else:
+            with open(self._fetch(f"{single}.index.json"), encoding="utf-8") as handle:
+                weight_map = json.load(handle)["weight_map"]
+            shards = {}
+            for key, shard in weight_map.items():
+                if keep(key):
+                    shards.setdefault(shard, []).append(key)
+        tensors = {}
+        for shard, keys in shards.items():
+            with safe_open(self._fetch(shard), framework="pt") as handle:
+                for key in keys if keys is not None else handle.keys():
+                    if keep(key):
+                        tensors[key] = handle.get_tensor(key)
+        return tensors
+
+
+DiNaLRMConfig.register_for_auto_class()
+DiNaLRMModel.register_for_auto_class("AutoModel")

@@ -1,0 +1,112 @@
+"""A pixel-space reward baseline of similar size to the tiny DiNa-LRM, trained on the same oracle-labelled pairs.
+
+A small CNN reads the decoded 64x64 image (plus x/y coordinate channels, so position is visible), is modulated
+(FiLM) by the prompt — the same frozen SD3 text-encoder features DiNa-LRM gets, flattened and projected —
+and returns one score; it is trained with the Bradley-Terry loss (there is no noise level to calibrate).
+
+    python examples/tiny_world/pixel_baseline.py --generator assets/tiny-sd3 --pairs outputs/tiny-world/pairs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from common import TOKEN_LENGTH, images_to_tensor, set_threads
+from diffusers import StableDiffusion3Pipeline
+from evaluate_reward import load_pairs
+from torch import nn
+
+
+class PixelReward(nn.Module):
+    """CNN over RGB + coordinates, FiLM-conditioned on the prompt embeddings, one score per image."""
+
+    def __init__(self, text_tokens: int, text_dim: int, width: int = 64):
+        super().__init__()
+        self.text = nn.Sequential(nn.Flatten(1), nn.Linear(text_tokens * text_dim, width), nn.GELU(),
+                                  nn.Linear(width, 2 * width))
+        self.trunk = nn.Sequential(
+            nn.Conv2d(5, 32, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(32, width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+        )
+        self.head = nn.Sequential(nn.GELU(), nn.Conv2d(width, 16, 1), nn.GELU(), nn.Flatten(1),
+                                  nn.Linear(16 * 8 * 8, width), nn.GELU(), nn.Linear(width, 1))
+
+    def forward(self, pixels: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = pixels.shape
+        ys = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(b, 1, h, w)
+        features = self.trunk(torch.cat([pixels, xs, ys], dim=1))
+        gamma, beta = self.text(prompt_embeds).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        return self.head(features * (1 + gamma) + beta).squeeze(-1)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--generator", required=True, help="SD3 pipeline folder (its text encoders)")
+    parser.add_argument("--pairs", required=True)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--output", default=None, help="write the metrics JSON here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    return parser.parse_args(argv)
+
+
+@torch.no_grad()
+def encode(pipe: StableDiffusion3Pipeline, prompts: list[str]) -> torch.Tensor:
+    return pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
+                              max_sequence_length=TOKEN_LENGTH)[0]
+
+
+def main(args: argparse.Namespace) -> dict:
+    set_threads(args.threads)
+    torch.manual_seed(args.seed)
+    pipe = StableDiffusion3Pipeline.from_pretrained(args.generator, transformer=None)
+    train_prompts, train_chosen, train_rejected = load_pairs(args.pairs, "train")
+    test_prompts, test_chosen, test_rejected = load_pairs(args.pairs, "test")
+    train_text, test_text = encode(pipe, train_prompts), encode(pipe, test_prompts)
+    chosen, rejected = images_to_tensor(train_chosen), images_to_tensor(train_rejected)
+    model = PixelReward(train_text.shape[1], train_text.shape[2])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.time()
+    for step in range(args.steps):
+        index = torch.randint(0, len(chosen), (args.batch_size,), generator=generator)
+        scores = model(torch.cat([chosen[index], rejected[index]]), train_text[index].repeat(2, 1, 1))
+        loss = -F.logsigmoid(scores[: args.batch_size] - scores[args.batch_size :]).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0:
+            print(f"pixel baseline step {step} loss {loss.item():.4f}", flush=True)
+    train_seconds = time.time() - start
+    model.eval()
+    with torch.no_grad():
+        start = time.time()
+        scores_chosen = model(images_to_tensor(test_chosen), test_text)
+        scores_rejected = model(images_to_tensor(test_rejected), test_text)
+        eval_seconds = time.time() - start
+    result = {
+        "accuracy": float((scores_chosen > scores_rejected).float().mean()),
+        "pairs": len(test_prompts),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_seconds": train_seconds,
+        "train_steps": args.steps,
+        "batch_size": args.batch_size,
+        "eval_seconds_per_pair": eval_seconds / max(len(test_prompts), 1),
+    }
+    print(json.dumps(result, indent=2), flush=True)
+    if args.output:
+        Path(args.output).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())

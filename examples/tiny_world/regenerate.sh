@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Regenerate the whole tiny world from scratch with fixed seeds:
+#   VAE -> SD3 generator -> oracle-labelled pairs -> DiNa-LRM (train_dinalrm.py) -> Hub repo -> evaluation
+#   -> pixel baseline -> ReFL (train_refl.py), then copy the shipped artefacts to assets/.
+#
+#   bash examples/tiny_world/regenerate.sh                 # full run, writes examples/tiny_world/outputs and assets/
+#   QUICK=1 OUT=/tmp/tw bash examples/tiny_world/regenerate.sh   # toy step counts, assets untouched
+#   FROM=pairs bash examples/tiny_world/regenerate.sh       # resume at a stage, reusing $OUT's earlier outputs
+#
+# CPU time of the full run is written to $OUT/timings.txt (see examples/tiny_world/README.md for measured numbers).
+set -euo pipefail
+
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+OUT="${OUT:-$HERE/outputs}"
+QUICK="${QUICK:-0}"
+FROM="${FROM:-vae}"
+PY="${PYTHON:-python}"
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+
+if [[ "$QUICK" == 1 ]]; then
+  VAE_FLAGS=(--steps 2 --decoder_steps 2 --num_images 32 --eval_images 8)
+  GEN_FLAGS=(--steps 4 --renders_per_prompt 1 --eval_prompts 8 --sample_steps 2)
+  PAIR_FLAGS=(--train_prompts 24 --test_prompts 12 --sample_steps 2 --margin 0.0)
+  RM_STEPS=4; BASELINE_STEPS=4
+  REFL_FLAGS=(--max_train_steps 2 --validation_steps 1 --num_inference_steps 2 --num_validation_prompts 4)
+else
+  VAE_FLAGS=()
+  GEN_FLAGS=()
+  PAIR_FLAGS=()
+  RM_STEPS=500; BASELINE_STEPS=500
+  REFL_FLAGS=(--max_train_steps 60 --validation_steps 10 --num_inference_steps 12 --num_validation_prompts 32)
+fi
+
+mkdir -p "$OUT/metrics"
+[[ "$FROM" == vae ]] && : > "$OUT/timings.txt"
+started=0
+stage() {  # stage NAME COMMAND...: run it (from stage $FROM on) and record its wall and CPU seconds
+  local name="$1"; shift
+  [[ "$name" == "$FROM" ]] && started=1
+  if [[ $started == 0 ]]; then echo "== $name (skipped, FROM=$FROM)"; return; fi
+  local start=$SECONDS
+  local cpu_before; cpu_before=$(awk '{print $14+$15+$16+$17}' /proc/$$/stat)
+  echo "== $name"
+  "$@"
+  local cpu_after; cpu_after=$(awk '{print $14+$15+$16+$17}' /proc/$$/stat)
+  sed -i "/^$name /d" "$OUT/timings.txt"
+  printf '%s wall_s=%d cpu_s=%d\n' "$name" $((SECONDS - start)) $(((cpu_after - cpu_before) / $(getconf CLK_TCK))) \
+    | tee -a "$OUT/timings.txt"
+}
+
+cd "$REPO"
+stage vae "$PY" "$HERE/pretrain_vae.py" --output_dir "$OUT/vae" "${VAE_FLAGS[@]}"
+stage generator "$PY" "$HERE/pretrain_generator.py" --vae_path "$OUT/vae" --output_dir "$OUT/tiny-sd3" "${GEN_FLAGS[@]}"
+stage pairs "$PY" "$HERE/make_pairs.py" --generator "$OUT/tiny-sd3" --output_dir "$OUT/pairs" "${PAIR_FLAGS[@]}"
+train_reward_model() {
+  rm -rf "$OUT/dinalrm-model" "$OUT/cache"
+  "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no \
+    --dynamo_backend no "$REPO/train_dinalrm.py" \
+    --pretrained_model_name_or_path "$OUT/tiny-sd3" --train_data_dir "$OUT/pairs" --data_format canonical \
+    --precompute_features --cache_dir "$OUT/cache" --resolution 64 --max_sequence_length 16 \
+    --num_backbone_layers 3 --visual_layers 1,2,3 --text_layers 1,2,3 --head_num_heads 4 --lora_rank 8 --lora_alpha 16 \
+    --train_batch_size 16 --max_train_steps "$RM_STEPS" --learning_rate 1e-3 --lr_warmup_steps 20 \
+    --use_ema --ema_decay 0.99 --validation_split test --validation_steps 200 --checkpointing_steps 100000 \
+    --report_to tensorboard --seed 0 --output_dir "$OUT/dinalrm-model"
+}
+stage dinalrm train_reward_model
+stage hub_repo "$PY" "$REPO/scripts/build_hub_repo.py" --reward_model "$OUT/dinalrm-model" --base "$OUT/tiny-sd3" \
+  --output_dir "$OUT/dinalrm-tiny" --overwrite
+stage evaluate "$PY" "$HERE/evaluate_reward.py" --model "$OUT/dinalrm-tiny" --pairs "$OUT/pairs" \
+  --output "$OUT/metrics/dinalrm.json"
+stage pixel_baseline "$PY" "$HERE/pixel_baseline.py" --generator "$OUT/tiny-sd3" --pairs "$OUT/pairs" \
+  --steps "$BASELINE_STEPS" --output "$OUT/metrics/pixel_baseline.json"
+align_generator() {  # align_generator LEARNING_RATE OUTPUT_NAME
+  rm -rf "$OUT/$2"
+  "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no \
+    --dynamo_backend no "$REPO/train_refl.py" \
+    --pretrained_model_name_or_path "$OUT/tiny-sd3" --reward_model "$OUT/dinalrm-tiny" \
+    --prompts_file "$OUT/pairs/train_prompts.txt" --validation_prompts_file "$OUT/pairs/held_out_prompts.txt" \
+    --golden_metric "$HERE/domain.py:oracle_score" --height 64 --width 64 --max_sequence_length 16 \
+    --guidance_scale 4.0 --lora_rank 8 --learning_rate "$1" --train_batch_size 8 --seed 0 \
+    --output_dir "$OUT/$2" "${REFL_FLAGS[@]}"
+}
+stage refl align_generator 2e-4 refl
+stage refl_fast align_generator 1e-3 refl-fast  # 5x the learning rate: shows reward hacking early
+
+"$PY" "$HERE/summarize.py" --out "$OUT" --output "$OUT/results.json" > /dev/null
+if [[ "$QUICK" != 1 ]]; then
+  cp "$OUT/results.json" "$HERE/results.json"
+  rm -rf "$REPO/assets/tiny-sd3" "$REPO/assets/dinalrm-tiny"
+  mkdir -p "$REPO/assets"
+  cp -r "$OUT/tiny-sd3" "$REPO/assets/tiny-sd3"
+  cp -r "$OUT/dinalrm-tiny" "$REPO/assets/dinalrm-tiny"
+  cp "$OUT/refl/refl_curves.png" "$HERE/refl_curves.png"
+  cp "$OUT/refl-fast/refl_curves.png" "$HERE/refl_curves_fast.png"
+fi
+echo "done; timings in $OUT/timings.txt"
