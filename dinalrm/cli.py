@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import PIL.Image
 import torch
@@ -21,6 +22,12 @@ from pipeline_dinalrm import DiNaLRMPipeline
 
 
 DEFAULT_MODEL = "org/dinalrm-sd35m"
+# The tiny-world demo model shipped with the repository (examples/tiny_world); used when the default is unreachable.
+BUNDLED_TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "dinalrm-tiny"
+FALLBACK_WARNING = """\
+warning: {model!r} could not be loaded ({reason}); scoring with the bundled tiny-world demo model
+{fallback} instead. It only knows the tiny world's coloured shapes; pass --model for real images.
+"""
 MODEL_UNAVAILABLE = """\
 error: could not load the DiNa-LRM model {model!r}: {reason}
 It is not a local folder, and neither the Hugging Face cache nor the Hub could provide it (offline,
@@ -47,7 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "own DiNa-LRM code (trust_remote_code).",
     )
     parser.add_argument("images", nargs="+", help="Image files (any size and mode; resized as the pipeline documents).")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Hub id or local folder (default: {DEFAULT_MODEL}).")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help=f"Hub id or local folder (default: {DEFAULT_MODEL}, or the bundled tiny-world model when that is "
+        "unreachable offline).",
+    )
     parser.add_argument("--prompt", required=True, help="The prompt the images were generated from.")
     levels = parser.add_mutually_exclusive_group()
     levels.add_argument("--t", type=float, default=None, help="Noise level in [0, 1] (default: the model's, 0.4).")
@@ -71,6 +83,20 @@ def _load_images(paths: list[str]) -> list[PIL.Image.Image]:
     return images
 
 
+def _load_pipeline(model: str | None) -> tuple[DiNaLRMPipeline | None, str]:
+    """Loads `model`; without an explicit model, falls back (loudly) to the bundled tiny model when offline."""
+    name = model or DEFAULT_MODEL
+    try:
+        return DiNaLRMPipeline.from_pretrained(name), name
+    except (OSError, HFValidationError, EntryNotFoundError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if model is None and BUNDLED_TINY_MODEL.is_dir():
+            print(FALLBACK_WARNING.format(model=name, reason=reason, fallback=BUNDLED_TINY_MODEL), file=sys.stderr)
+            return DiNaLRMPipeline.from_pretrained(BUNDLED_TINY_MODEL), str(BUNDLED_TINY_MODEL)
+        print(MODEL_UNAVAILABLE.format(model=name, reason=reason), file=sys.stderr, end="")
+        return None, name
+
+
 def score_main(argv: list[str] | None = None) -> int:
     """Entry point of `dinalrm-score`; returns the process exit code."""
     args = parse_args(argv)
@@ -79,11 +105,8 @@ def score_main(argv: list[str] | None = None) -> int:
     except OSError as err:
         print(f"error: cannot read image: {err}", file=sys.stderr)
         return 2
-    try:
-        pipe = DiNaLRMPipeline.from_pretrained(args.model)
-    except (OSError, HFValidationError, EntryNotFoundError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        print(MODEL_UNAVAILABLE.format(model=args.model, reason=reason), file=sys.stderr, end="")
+    pipe, args.model = _load_pipeline(args.model)
+    if pipe is None:
         return 1
     pipe.to(args.device)
     if args.ensemble is not None:

@@ -38,9 +38,10 @@ except ImportError:
 
 
 DEFAULT_MODEL = "org/dinalrm-sd35m"
-# Tried when DINALRM_MODEL is unset and DEFAULT_MODEL cannot be loaded (offline). Point this at the tiny offline
-# model (`assets/dinalrm-tiny/`) once it ships; until then an unreachable default shows an error in the UI.
-OFFLINE_FALLBACK_MODEL: str | None = None
+# Tried when DINALRM_MODEL is unset and DEFAULT_MODEL cannot be loaded (offline): the repository's tiny-world demo
+# model, when the Space runs from a checkout of the repository.
+_BUNDLED_TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "dinalrm-tiny"
+OFFLINE_FALLBACK_MODEL: str | None = str(_BUNDLED_TINY_MODEL) if _BUNDLED_TINY_MODEL.is_dir() else None
 
 DEFAULT_T = 0.4
 PAPER_ENSEMBLE = (0.2, 0.5, 0.7)

@@ -121,6 +121,30 @@ def test_model_neither_local_nor_cached_exits_with_how_to_get_it(image_files, ca
     assert "hf download dinalrm-tests/not-cached-anywhere" in message and "--model a local folder" in message
 
 
+def test_default_model_offline_falls_back_loudly_to_the_bundled_tiny_model(image_files, capsys):
+    code = cli.score_main(["--prompt", "a small red circle at the left on a white background", *image_files[:2]])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "'org/dinalrm-sd35m' could not be loaded" in captured.err and "assets/dinalrm-tiny" in captured.err
+    assert captured.out.strip().splitlines()[-1].startswith("P(first preferred) = ")
+
+
+def test_readme_main_command_prefers_the_matching_image_offline():
+    """The README's first set-up command, minus the install: the bundled tiny model, offline, from the repo root."""
+    block = (REPO_ROOT / "README.md").read_text().split("## Set-up: two commands", 1)[1].split("```bash\n", 2)[1]
+    install, command = block.split("```", 1)[0].strip().split(" && ")
+    assert install.startswith("pip install torch==2.13.0") and command.startswith("dinalrm-score ")
+    command = command.replace("dinalrm-score", f'"{sys.executable}" -m dinalrm.cli', 1)
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "bundled tiny-world demo model" in result.stderr
+    lines = result.stdout.strip().splitlines()
+    matching, other = (float(line.split()[1]) for line in lines[:2])
+    assert matching > other
+    assert float(lines[2].split("= ")[1]) > 0.5
+
+
 def test_bad_images_and_arguments(image_files, tmp_path, loads_tiny_pipeline, capsys):
     assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, str(tmp_path / "missing.png")]) == 2
     assert "cannot read image" in capsys.readouterr().err

@@ -315,9 +315,19 @@ def test_model_settings_come_from_the_environment(monkeypatch):
         app.ModelSettings.from_env()
 
 
+def test_unreachable_default_model_falls_back_to_the_bundled_tiny_model(monkeypatch):
+    monkeypatch.delenv("DINALRM_MODEL", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert app.OFFLINE_FALLBACK_MODEL and app.OFFLINE_FALLBACK_MODEL.endswith("assets/dinalrm-tiny")
+    model = app.SharedModel()
+    assert model.status().startswith(f"Model: `{app.OFFLINE_FALLBACK_MODEL}`")
+    assert type(model.get()).__module__.endswith("pipeline_dinalrm")
+
+
 def test_unreachable_default_model_gives_a_clear_error(monkeypatch):
     monkeypatch.delenv("DINALRM_MODEL", raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(app, "OFFLINE_FALLBACK_MODEL", None)
     model = app.SharedModel()
     assert "Model unavailable" in model.status() and "org/dinalrm-sd35m" in model.status()
     with pytest.raises(gr.Error, match="Set DINALRM_MODEL to a local model folder") as error:
