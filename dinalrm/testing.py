@@ -18,7 +18,6 @@ from os import PathLike
 from pathlib import Path
 from typing import Any, TypeVar
 
-import datasets
 import numpy as np
 import torch
 from diffusers import (
@@ -404,6 +403,8 @@ def write_canonical_pairs(output_dir: str | PathLike[str], rows: list[dict[str, 
     Images are PIL images (stored as PNG) or ready ``{"bytes", "path"}`` records; the first row's values decide the
     column types. Extra keys become extra columns (the training data adapter ignores them). Returns the folder.
     """
+    import datasets  # optional dependency (the train / eval extras); only these builders need it
+
     Path(output_dir).mkdir(parents=True, exist_ok=True)
     columns: dict[str, list[Any]] = {name: [] for name in rows[0]}
     for row in rows:
@@ -438,6 +439,8 @@ def write_tiny_preference_dataset(
     bytes ``jpg_0`` / ``jpg_1``, ``label_0`` / ``label_1`` (the preferred side alternates). With ``bad_rows``, one
     more row has a corrupt image (HPDv3: a missing file) and Pick-a-Pic also gets a tie: rows a trainer must skip.
     """
+    import datasets  # optional dependency (the train / eval extras); only these builders need it
+
     if data_format not in PREFERENCE_FORMATS:
         raise ValueError(f"data_format must be one of {PREFERENCE_FORMATS}, got {data_format!r}.")
     root = Path(output_dir)
@@ -510,6 +513,8 @@ def write_tiny_benchmarks(data_dir: str | PathLike[str], size: tuple[int, int] =
     bytes) has 1/0, 0/1, a 0.5/0.5 tie and a corrupt JPEG. Pictures are seeded; a preferred image is the clean
     member of a :func:`make_tiny_image_pair`. Returns ``data_dir``.
     """
+    import datasets  # optional dependency (the train / eval extras); only these builders need it
+
     root = Path(data_dir)
     rng = np.random.default_rng(seed)
     width, height = size
