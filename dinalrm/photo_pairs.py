@@ -229,6 +229,22 @@ def make_pairs(
     return pairs
 
 
+#: The tiny VAEs' layout (photo test asset and tiny world): SD3's at toy width: three blocks (factor 4), one resnet per block, 16 latent channels.
+TINY_VAE_CONFIG: dict = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "block_out_channels": [16, 16, 16],
+    "layers_per_block": 1,
+    "latent_channels": 16,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+}
+
+
 def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """Stack RGB images into a float tensor (B, 3, H, W) in [-1, 1], the VAE's input range."""
     array = np.stack([np.asarray(img.convert("RGB"), dtype=np.float32) for img in images])

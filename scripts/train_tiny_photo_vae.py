@@ -37,25 +37,12 @@ from dinalrm.photo_pairs import (  # noqa: E402
     images_to_tensor,
     load_photos,
     split_photos,
+    TINY_VAE_CONFIG,
     textured_crop,
 )
 
 logger = logging.getLogger("train_tiny_photo_vae")
 
-#: SD3's VAE layout at toy width: three blocks (factor 4), one resnet per block, 16 latent channels.
-VAE_CONFIG: dict = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 3,
-    "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "block_out_channels": [16, 16, 16],
-    "layers_per_block": 1,
-    "latent_channels": 16,
-    "norm_num_groups": 8,
-    "sample_size": 64,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,7 +101,7 @@ def train(args: argparse.Namespace) -> tuple[AutoencoderKL, dict]:
     held_out_photos = [(n, img) for n, img in photos if n in held_out_names]
     logger.info("training photos: %s; held out: %s", train_names, held_out_names)
 
-    vae = AutoencoderKL(**VAE_CONFIG)
+    vae = AutoencoderKL(**TINY_VAE_CONFIG)
     n_params = sum(p.numel() for p in vae.parameters())
     logger.info("AutoencoderKL with %d parameters", n_params)
     eval_rng = np.random.default_rng(args.seed + 1)

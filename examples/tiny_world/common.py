@@ -18,23 +18,13 @@ if str(HERE) not in sys.path:
 
 from domain import IMAGE_SIZE, VOCABULARY, render
 
+from dinalrm.photo_pairs import TINY_VAE_CONFIG, images_to_tensor  # noqa: F401 (re-exported to the scripts)
+
 ASSETS = REPO_ROOT / "assets"
 TOKEN_LENGTH = 16  # CLIP and T5 prompt length of the tiny world (prompts have 11 words)
 
 #: SD3's VAE layout at toy width: factor 4 (64x64 -> 16x16), 16 latent channels, no quant convs.
-VAE_CONFIG: dict = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ["DownEncoderBlock2D"] * 3,
-    "up_block_types": ["UpDecoderBlock2D"] * 3,
-    "block_out_channels": [16, 16, 16],
-    "layers_per_block": 1,
-    "latent_channels": 16,
-    "norm_num_groups": 8,
-    "sample_size": IMAGE_SIZE,
-    "use_quant_conv": False,
-    "use_post_quant_conv": False,
-}
+VAE_CONFIG: dict = TINY_VAE_CONFIG
 
 #: A small SD3.5-style MMDiT: inner_dim 64, 4 blocks, patch 2, dual attention in block 0, RMS qk-norm.
 TRANSFORMER_CONFIG: dict = {
@@ -56,12 +46,6 @@ TRANSFORMER_CONFIG: dict = {
 
 def set_threads(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
-
-
-def images_to_tensor(images: list[Image.Image]) -> torch.Tensor:
-    """PIL images -> float tensor (B, 3, H, W) in [-1, 1]."""
-    array = np.stack([np.asarray(im.convert("RGB"), dtype=np.float32) for im in images])
-    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
 def tensor_to_images(tensor: torch.Tensor) -> list[Image.Image]:
