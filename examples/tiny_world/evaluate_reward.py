@@ -16,7 +16,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from common import TOKEN_LENGTH, set_threads
+from tiny_world_common import TOKEN_LENGTH, set_threads
 
 SWEEP = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import generate, set_threads
+from tiny_world_common import generate, set_threads
 from diffusers import StableDiffusion3Pipeline
 from domain import oracle_score, sample_prompts, split_prompts
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import TOKEN_LENGTH, images_to_tensor, set_threads
+from tiny_world_common import TOKEN_LENGTH, images_to_tensor, set_threads
 from diffusers import StableDiffusion3Pipeline
 from evaluate_reward import load_pairs
 from torch import nn

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import (
+from tiny_world_common import (
     TOKEN_LENGTH,
     encode_latents,
     generate,

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from common import (
+from tiny_world_common import (
     VAE_CONFIG,
     images_to_tensor,
     render_many,
