@@ -1,10 +1,12 @@
 """Shared fixtures: the official-tiny parity data and its conversion through the public converter script."""
 
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,16 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_TINY = REPO_ROOT / "tests" / "fixtures" / "official-tiny"
 sys.path.insert(0, str(REPO_ROOT))
+
+
+def load_space_app() -> types.ModuleType:
+    """`space/app.py` as a module (the Space folder is not a package)."""
+    if "dinalrm_space_app" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("dinalrm_space_app", REPO_ROOT / "space" / "app.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules["dinalrm_space_app"]
 
 
 def run_converter(official_dir: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -1,8 +1,6 @@
 """The Space's functions called directly (no browser) on a tiny offline DiNa-LRM pipeline folder."""
 
-import importlib.util
 import re
-import sys
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,22 +11,13 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from conftest import load_space_app
 
 from dinalrm.testing import save_tiny_dinalrm_repo, torch_threads
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a red apple on a wooden table"
-
-
-def load_space_app() -> types.ModuleType:
-    """`space/app.py` as a module (the Space folder is not a package)."""
-    if "dinalrm_space_app" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("dinalrm_space_app", REPO_ROOT / "space" / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["dinalrm_space_app"]
 
 
 app = load_space_app()

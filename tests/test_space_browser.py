@@ -4,11 +4,9 @@ Chromium must be installed (`.ci/run` installs Debian's `chromium`; Playwright's
 used), so a missing browser fails these tests instead of skipping them.
 """
 
-import importlib.util
 import re
 import socket
 import sys
-import types
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -18,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
+from conftest import load_space_app
 
 from dinalrm.testing import save_tiny_dinalrm_repo, torch_threads
 
@@ -44,16 +43,6 @@ LISTED = """names => {
     const listed = document.querySelector('#rank_images').innerText.replace(/\\s/g, '');
     return names.every(name => listed.includes(name));
 }"""
-
-
-def load_space_app() -> types.ModuleType:
-    """`space/app.py` as a module (the Space folder is not a package)."""
-    if "dinalrm_space_app" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("dinalrm_space_app", REPO_ROOT / "space" / "app.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module
-        spec.loader.exec_module(module)
-    return sys.modules["dinalrm_space_app"]
 
 
 app = load_space_app()
