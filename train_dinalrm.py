@@ -17,7 +17,8 @@ Checkpoints (`--checkpointing_steps`) are written to a temporary folder and rena
 when complete, so `--resume_from_checkpoint latest` never picks a half-written one; resuming restores the model,
 optimizer, LR scheduler, EMA weights, RNG states and the position in the data, and continues exactly as an
 uninterrupted run would. The final folder `--output_dir` holds the EMA weights (with `--use_ema`) in
-`DiNaLRMModel.save_pretrained` form (LoRA merged).
+`DiNaLRMModel.save_pretrained` form (LoRA merged); `--pipeline_output_dir` adds the whole Hub repository that
+`DiNaLRMPipeline.from_pretrained` loads.
 
 Testing hook: the environment variable `DINALRM_TEST_KILL_AT_CHECKPOINT=<step>` makes the process SIGKILL itself
 right after checkpoint `<step>` is complete, and `<step>:partial` right after that checkpoint's files are written
@@ -40,7 +41,12 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
@@ -49,6 +55,7 @@ from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from tqdm.auto import tqdm
 
 from dinalrm.data import DATA_FORMATS, BucketSet, ColumnNames, load_preference_dataset
+from dinalrm.hub import build_hub_repo
 from dinalrm.training_utils import (
     CACHE_FORMAT_VERSION,
     CACHE_INFO,
@@ -73,7 +80,6 @@ from dinalrm.training_utils import (
 )
 from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
-
 
 logger = get_logger(__name__)
 
@@ -209,6 +215,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     saving.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
     saving.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb" or "all".')
     saving.add_argument("--tracker_project_name", type=str, default="dinalrm")
+    saving.add_argument("--pipeline_output_dir", type=str, default=None,
+                        help="Also write the full DiNa-LRM pipeline repository (the final reward model plus the base "
+                             "pipeline's VAE, text encoders and scheduler) here; it must be empty or missing. "
+                             "With --push_to_hub this folder is the one uploaded.")
     saving.add_argument("--push_to_hub", action="store_true")
     saving.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: the output folder name).")
     saving.add_argument("--hub_token", type=str, default=None)
@@ -222,6 +232,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--validation_t must list noise levels in [0, 1].")
     if not 0.0 <= args.constant_t <= 1.0:
         parser.error("--constant_t must lie in [0, 1].")
+    if args.pipeline_output_dir and os.path.isdir(args.pipeline_output_dir) and os.listdir(args.pipeline_output_dir):
+        parser.error(f"--pipeline_output_dir {args.pipeline_output_dir} is not empty; choose another folder.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token would be logged by wandb; log in with `hf auth login` instead.")
     return args
@@ -781,7 +793,14 @@ def main(args: argparse.Namespace) -> None:
         save_model_card(repo_id or Path(args.output_dir).name, args, args.output_dir,
                         history[-1] if history else None, skipped)
         logger.info(f"Saved the {'EMA ' if ema is not None else ''}reward model to {args.output_dir}")
-        if args.push_to_hub:
+        if args.pipeline_output_dir:
+            build_hub_repo(final_model, args.pretrained_model_name_or_path, args.pipeline_output_dir, args.revision,
+                           repo_id)
+            logger.info(f"Saved the DiNa-LRM pipeline repository to {args.pipeline_output_dir}")
+        if args.push_to_hub and args.pipeline_output_dir:
+            upload_folder(repo_id=repo_id, folder_path=args.pipeline_output_dir, commit_message="End of training",
+                          token=args.hub_token)
+        elif args.push_to_hub:
             upload_folder(
                 repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", token=args.hub_token,
                 ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{PARTIAL_PREFIX}*", f"{args.logging_dir}/*", "feature_cache/*"],

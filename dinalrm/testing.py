@@ -26,6 +26,7 @@ from diffusers import (
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
+from PIL import Image
 from transformers import (
     CLIPTextConfig,
     CLIPTextModelWithProjection,
@@ -34,7 +35,6 @@ from transformers import (
     T5EncoderModel,
     T5Tokenizer,
 )
-from PIL import Image
 
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline

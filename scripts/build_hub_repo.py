@@ -12,90 +12,20 @@ the base transformer is never read. The result loads with
 """
 
 import argparse
-import importlib
 import logging
 import os
 import shutil
 import sys
 
-from diffusers import DiffusionPipeline
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import create_repo, upload_folder
 
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dinalrm.hub import build_hub_repo  # noqa: E402
 from modeling_dinalrm import DiNaLRMModel  # noqa: E402
-from pipeline_dinalrm import DiNaLRMPipeline  # noqa: E402
 
 
 logger = logging.getLogger("build_hub_repo")
-
-BASE_COMPONENTS = (
-    "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler",
-)
-SD3_LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"
-CITATION = """\
-@article{dinalrm2026,
-  title   = {Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling},
-  journal = {arXiv preprint arXiv:2602.11146},
-  year    = {2026},
-  url     = {https://arxiv.org/abs/2602.11146}
-}"""
-
-CARD_BODY = """\
-# DiNa-LRM: a diffusion-native latent reward model
-
-DiNa-LRM ([arXiv 2602.11146](https://arxiv.org/abs/2602.11146)) scores text-to-image samples in SD3 latent space:
-a clean VAE latent is noised to a level `t`, the first {num_layers} blocks of {base}'s MMDiT read it with the
-prompt, and a small timestep-aware query head returns one reward (higher = preferred). It is cheap (no pixel
-decoding, part of one backbone pass) and differentiable with respect to the latents.
-
-## Usage
-
-```python
-import torch
-from diffusers import DiffusionPipeline
-from PIL import Image
-
-pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True).to("cuda")
-generator = torch.Generator().manual_seed(0)
-images = [Image.open("a.png"), Image.open("b.png")]
-rewards = pipe("a photo of a cat", images=images, generator=generator).rewards
-ensemble = pipe("a photo of a cat", images=images, t={ensemble_t}, generator=generator).rewards
-comparison = pipe.compare("a photo of a cat", images[0], images[1], generator=generator)
-print(comparison.probability, comparison.winner)
-```
-
-Score latents from `StableDiffusion3Pipeline(..., output_type="latent")` with `pipe(prompt, latents=latents)`,
-or keep the autograd graph for reward fine-tuning with `pipe.reward_fn(latents, prompt_embeds=...,
-pooled_prompt_embeds=...)`. From the shell (`pip install dinalrm`):
-
-```bash
-dinalrm-score --model {repo_id} --prompt "a photo of a cat" a.png b.png
-```
-
-## Noise level and score scale
-
-- Default noise level `t = {default_t}` (snapped to the SD3.5 scheduler's sigma table, shift {shift}); the multi-level
-  ensemble uses `t = {ensemble_t}` with one noise shared by all levels and one pooled score. For photos read
-  from disk the official README uses `t = 0.1`.
-- Rewards are raw by default; `normalize=True` gives the official display score `(raw + 10) / 10`. Only
-  differences between rewards for the same prompt are meaningful: `P(A preferred) = Phi((r_A - r_B) /
-  sqrt(2 (k t^2 + v0)))` with `k = {k}`, `v0 = {v0}` (`pipe.compare`).
-- Scoring draws noise: pass a `generator` for reproducible rewards, or `num_noise_samples > 1` to average draws.
-
-## Licence
-
-The DiNa-LRM code (`pipeline_dinalrm.py`, `reward_model/modeling_dinalrm.py`) is Apache-2.0. The backbone blocks
-inside `reward_model/` and the VAE, text encoders, tokenizers and scheduler in this repository come from
-[{base}](https://huggingface.co/{base}) and are distributed under the
-[Stability AI Community License]({license_link}); using this repository means accepting that licence.
-
-## Citation
-
-```bibtex
-{citation}
-```
-"""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -114,47 +44,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def load_base_components(base: str, revision: str | None = None) -> dict:
-    """The pipeline components of an SD3 pipeline except its transformer, each loaded from its own subfolder."""
-    model_index = DiffusionPipeline.load_config(base, revision=revision)
-    components = {}
-    for name in BASE_COMPONENTS:
-        library, class_name = model_index.get(name) or (None, None)
-        if class_name is None:
-            if name not in DiNaLRMPipeline._optional_components:
-                raise ValueError(f"{base} has no {name}; the DiNa-LRM pipeline needs SD3's {name}.")
-            components[name] = None
-            continue
-        component_class = getattr(importlib.import_module(library), class_name)
-        components[name] = component_class.from_pretrained(base, subfolder=name, revision=revision)
-    return components
-
-
-def write_model_card(pipe: DiNaLRMPipeline, base: str, repo_id: str, output_dir: str) -> None:
-    config = pipe.reward_model.config
-    card_data = ModelCardData(
-        library_name="diffusers",
-        license="other",
-        license_name="stabilityai-ai-community",
-        license_link=SD3_LICENSE_LINK,
-        base_model=None if os.path.isdir(base) else base,
-        tags=["dinalrm", "reward-model", "text-to-image", "stable-diffusion-3", "preference-model"],
-    )
-    body = CARD_BODY.format(
-        repo_id=repo_id,
-        base=base,
-        num_layers=config.num_backbone_layers,
-        default_t=config.default_t,
-        ensemble_t=list(config.ensemble_t),
-        shift=config.scheduler_shift,
-        k=config.thurstone_k,
-        v0=config.thurstone_v0,
-        license_link=SD3_LICENSE_LINK,
-        citation=CITATION,
-    )
-    ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -164,10 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(args.output_dir)
 
     reward_model = DiNaLRMModel.from_pretrained(args.reward_model)
-    pipe = DiNaLRMPipeline(reward_model=reward_model, **load_base_components(args.base, args.revision))
-    pipe.save_pretrained(args.output_dir)
-    repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    write_model_card(pipe, args.base, repo_id, args.output_dir)
+    build_hub_repo(reward_model, args.base, args.output_dir, args.revision, args.hub_model_id)
     logger.info(f"Wrote the Hub repository to {args.output_dir}.")
 
     if args.push_to_hub:

@@ -47,8 +47,8 @@ from dinalrm.training_utils import (
     write_feature_cache,
 )
 from modeling_dinalrm import DiNaLRMModel
+from pipeline_dinalrm import DiNaLRMPipeline
 from train_dinalrm import KILL_ENV, PARTIAL_PREFIX, build_reward_model, parse_args
-
 
 TRAIN_SCRIPT = str(REPO_ROOT / "train_dinalrm.py")
 # One set of flags for every whole run: 2 blocks of the tiny transformer, LoRA, EMA, 32x32 images, batch 1 with
@@ -87,12 +87,12 @@ def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedP
         launcher = ["--multi_gpu", *launcher]
         env = {"ACCELERATE_USE_CPU": "true", **env}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, TRAIN_SCRIPT, *flags]
-    return subprocess.run(command, capture_output=True, text=True, env=_environment(**env), cwd=REPO_ROOT)
+    return subprocess.run(command, capture_output=True, text=True, env=_environment(**env), cwd=REPO_ROOT, check=False)
 
 
 def run_python(*flags: str, **env: str) -> subprocess.CompletedProcess:
     """`python train_dinalrm.py ...` (one process; what a crash test kills)."""
-    return subprocess.run([sys.executable, TRAIN_SCRIPT, *flags], capture_output=True, text=True,
+    return subprocess.run([sys.executable, TRAIN_SCRIPT, *flags], capture_output=True, text=True, check=False,
                           env=_environment(**env), cwd=REPO_ROOT)
 
 
@@ -425,13 +425,32 @@ def test_two_processes_hpdv3_with_feature_cache(workspace):
     _assert_scores(output, workspace / "sd3")
 
 
-def test_end_to_end_pickapic_with_separate_validation_dataset(workspace):
-    output = workspace / "pickapic"
+def test_end_to_end_pickapic_with_separate_validation_dataset_and_pipeline_repo(workspace):
+    output, repo = workspace / "pickapic", workspace / "pickapic-pipeline"
     _ok(launch("--pretrained_model_name_or_path", str(workspace / "sd3"), "--train_data_dir",
                str(workspace / "pickapic"), "--validation_dataset_name", str(workspace / "hpdv3"),
-               "--output_dir", str(output), "--checkpoints_total_limit", "1", *COMMON_FLAGS))
+               "--output_dir", str(output), "--checkpoints_total_limit", "1", "--pipeline_output_dir", str(repo),
+               *COMMON_FLAGS))
     summary = _summary(output)
     assert summary["skipped"]["train"] == {"kept": 6, "skipped": 2, "corrupt_image": 1, "gt_tie": 1}
     assert summary["skipped"]["validation"]["missing_image"] == 1
     assert [step for step, _ in list_checkpoints(output)] == [6]
     _assert_scores(output, workspace / "sd3")
+
+    # The pipeline repository holds the same (EMA) reward model and scores images from pixels.
+    pipe = DiNaLRMPipeline.from_pretrained(repo)
+    saved = load_file(output / FINAL_WEIGHTS)
+    assert all(torch.equal(pipe.reward_model.state_dict()[k], saved[k]) for k in saved)
+    assert not (repo / "transformer").exists() and "library_name: diffusers" in (repo / "README.md").read_text()
+    images = [Image.new("RGB", (32, 32), colour) for colour in ("red", "blue")]
+    rewards = pipe("a red square", images=images, generator=torch.Generator().manual_seed(0)).rewards
+    assert rewards.shape == (2,) and torch.isfinite(rewards).all()
+
+
+def test_pipeline_output_dir_must_be_empty(tmp_path):
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "repo" / "README.md").write_text("a user's file")
+    with pytest.raises(SystemExit):
+        parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "d",
+                    "--pipeline_output_dir", str(tmp_path / "repo")])
+    assert (tmp_path / "repo" / "README.md").read_text() == "a user's file"
