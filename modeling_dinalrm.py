@@ -191,7 +191,8 @@ class DiNaLRMBackbone(nn.Module):
     """The first `N` blocks of an SD3 MMDiT, returning the hidden states after the selected blocks.
 
     Module names equal those of `SD3Transformer2DModel`, so its checkpoint keys load as they are. Every kept
-    block is built with a text output (`context_pre_only=False`), as it is inside the full model.
+    block is built as it is inside the full model: with a text output, except the backbone's last block, which is
+    context-pre-only (kept only when `num_backbone_layers` is the backbone's full depth).
     """
 
     def __init__(self, config: DiNaLRMConfig):
@@ -218,7 +219,7 @@ class DiNaLRMBackbone(nn.Module):
                 dim=width,
                 num_attention_heads=bc["num_attention_heads"],
                 attention_head_dim=bc["attention_head_dim"],
-                context_pre_only=False,
+                context_pre_only=i == bc["num_layers"] - 1,
                 qk_norm=bc.get("qk_norm"),
                 use_dual_attention=i in (bc.get("dual_attention_layers") or ()),
             )

@@ -179,6 +179,27 @@ def test_from_backbone_reads_only_the_kept_blocks(tmp_path, monkeypatch):
         assert torch.equal(value, state[name]), name
 
 
+def test_backbone_of_full_depth_runs_every_block_as_the_full_model_does():
+    """Keeping all blocks includes the last, context-pre-only one: same weights, same image stream."""
+    full = SD3Transformer2DModel.from_pretrained(OFFICIAL_TINY / "transformer").eval()
+    depth = full.config.num_layers
+    model = DiNaLRMModel.from_backbone(OFFICIAL_TINY / "transformer", num_layers=depth, visual_layers=[2, depth],
+                                       text_layers=[2], head_num_heads=4).eval()
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    context = torch.randn(2, 6, full.config.joint_attention_dim, generator=generator)
+    pooled = torch.randn(2, full.config.pooled_projection_dim, generator=generator)
+    timestep = torch.tensor([400.0, 700.0])
+    with torch.no_grad():
+        _, visual, _ = model.backbone(latents, context, pooled, timestep)
+        hidden, text = full.pos_embed(latents), full.context_embedder(context)
+        temb = full.time_text_embed(timestep, pooled)
+        for block in full.transformer_blocks:
+            text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb)
+    assert text is None, "the full model's last block should have no text output"
+    torch.testing.assert_close(visual[-1], hidden, rtol=0, atol=1e-6)
+
+
 def test_add_lora_targets_only_the_backbone_and_starts_as_identity(batch):
     model = DiNaLRMModel.from_backbone(OFFICIAL_TINY / "transformer", num_layers=4, **TINY_KW).eval()
     noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(6))
