@@ -155,9 +155,15 @@ def held_out_accuracy(held_out_pairs) -> dict:
 
 
 def test_shipped_dinalrm_agrees_with_the_oracle_on_held_out_pairs(held_out_accuracy):
-    """Regression floor of the shipped model (measured: 77.6% at t = 0.4, 81.0% with the ensemble, 58 pairs)."""
-    assert held_out_accuracy["accuracy_t0.4"] >= 0.72, held_out_accuracy
-    assert held_out_accuracy["accuracy_ensemble"] >= 0.75, held_out_accuracy
+    """The issue's bar: the shipped DiNa-LRM prefers the oracle-better image on >= 85% of the fixed held-out pairs.
+
+    Measured on this set (58 pairs): 93.1% at t = 0.4 (54/58), 91.4% with the ensemble 0.2 / 0.5 / 0.7 (53/58);
+    on make_pairs.py's larger `test` split (434 pairs, oracle gap > 0.05, used to choose the training settings):
+    79.0% / 78.1%. The ensemble is held to the same 85% (3 pairs of slack; one pair is 1.7 points), which covers
+    float differences across platforms but not a real regression.
+    """
+    assert held_out_accuracy["accuracy_t0.4"] >= 0.85, held_out_accuracy
+    assert held_out_accuracy["accuracy_ensemble"] >= 0.85, held_out_accuracy
 
 
 def test_refl_for_a_few_steps_raises_the_mean_reward(tmp_path):

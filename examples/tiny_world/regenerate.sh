@@ -27,8 +27,8 @@ if [[ "$QUICK" == 1 ]]; then
 else
   VAE_FLAGS=()
   GEN_FLAGS=()
-  PAIR_FLAGS=()
-  RM_STEPS=500; BASELINE_STEPS=500
+  PAIR_FLAGS=(--train_prompts 4800 --test_prompts 720)  # ~2750 training / ~430 test pairs
+  RM_STEPS=1500; BASELINE_STEPS=1500
   REFL_FLAGS=(--max_train_steps 60 --validation_steps 10 --num_inference_steps 12 --num_validation_prompts 32)
 fi
 
@@ -61,7 +61,7 @@ train_reward_model() {
     --precompute_features --cache_dir "$OUT/cache" --resolution 64 --max_sequence_length 16 \
     --num_backbone_layers 3 --visual_layers 1,2,3 --text_layers 1,2,3 --head_num_heads 4 --lora_rank 8 --lora_alpha 16 \
     --train_batch_size 16 --max_train_steps "$RM_STEPS" --learning_rate 1e-3 --lr_warmup_steps 20 \
-    --use_ema --ema_decay 0.99 --validation_split test --validation_steps 200 --checkpointing_steps 100000 \
+    --use_ema --ema_decay 0.99 --validation_split test --validation_steps 500 --checkpointing_steps 100000 \
     --report_to tensorboard --seed 0 --output_dir "$OUT/dinalrm-model"
 }
 stage dinalrm train_reward_model
