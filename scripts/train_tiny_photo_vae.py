@@ -4,13 +4,21 @@ A randomly initialised VAE reconstructs nothing (~10 dB PSNR) and loses part of 
 clean crop from a degraded one (JPEG artefacts most of all). This script trains a tiny diffusers
 ``AutoencoderKL`` (16 latent channels, downsampling factor 4, no quant convs, as in SD3) on random crops
 of the training photos of :mod:`dinalrm.photo_pairs` -- clean and, with probability ``--degrade_prob``,
-degraded, so that degraded images are reconstructed faithfully rather than cleaned up. Training crops are
+degraded, so that degraded images are reconstructed faithfully rather than cleaned up.
+
+An L1-only tiny VAE still cleans them up: it cannot reproduce pixel noise exactly, so the loss-optimal
+reconstruction is the clean image and the noise barely reaches the latents (latents of a noised crop moved by
+13% of their norm; the reward model then told noised from clean crops 74% of the time). Real VAEs keep grain
+and texture through perceptual and adversarial losses; here a cheap stand-in, ``--texture_weight``, asks the
+reconstruction to match the input's local amount of fine detail (:func:`detail_energy`), not its exact pattern.
+With it the same noise moves the latents by 71% and the reward model detects it 98% of the time, for 1.5 dB
+less PSNR. Training crops are
 32x32 by default (the network is convolutional; a step costs a quarter of a 64x64 one) while the final
 PSNR is measured on 64x64 crops of the held-out photos, which are used for nothing else.
 ``shift_factor`` and ``scaling_factor`` are set from the measured latent statistics so that SD3-style
 scaled latents ``(z - shift_factor) * scaling_factor`` have zero mean and unit variance on training crops.
 
-    python scripts/train_tiny_photo_vae.py --threads 1   # ~5 CPU minutes, writes tests/assets/tiny-photo-vae
+    python scripts/train_tiny_photo_vae.py --threads 1   # ~4 CPU minutes, writes tests/assets/tiny-photo-vae
 """
 
 from __future__ import annotations
@@ -56,6 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (warm-up, cosine decay)")
     parser.add_argument("--kl_weight", type=float, default=1e-6, help="KL weight relative to the L1 term")
+    parser.add_argument("--texture_weight", type=float, default=1.0,
+                        help="weight of the local detail-energy term (see detail_energy); 0 trains on L1 + KL only")
     parser.add_argument("--degrade_prob", type=float, default=0.5, help="fraction of training crops degraded")
     parser.add_argument("--eval_crops", type=int, default=64, help="held-out crops for the final PSNR")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: leave torch's setting)")
@@ -76,6 +86,15 @@ def sample_batch(photos: Sequence[tuple[str, Image.Image]], size: int, batch_siz
             crop = DEGRADATIONS[kinds[int(rng.integers(len(kinds)))]](crop, rng)
         crops.append(crop)
     return images_to_tensor(crops)
+
+
+def detail_energy(images: torch.Tensor, window: int = 4) -> torch.Tensor:
+    """Local mean of the absolute Laplacian per channel, over ``window`` x ``window`` cells: how much fine detail
+    (texture, grain, blocking) each part of an image holds, whatever its exact pattern."""
+    kernel = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]], dtype=images.dtype)
+    kernel = kernel.expand(images.shape[1], 1, 3, 3)
+    laplacian = torch.nn.functional.conv2d(images, kernel, padding=1, groups=images.shape[1])
+    return torch.nn.functional.avg_pool2d(laplacian.abs(), window)
 
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> float:
@@ -125,7 +144,8 @@ def train(args: argparse.Namespace) -> tuple[AutoencoderKL, dict]:
         # Both terms per input element, i.e. the LDM recipe's per-image sums up to a common factor.
         l1 = (reconstruction - images).abs().mean()
         kl = posterior.kl().mean() / images[0].numel()
-        loss = l1 + args.kl_weight * kl
+        texture = (detail_energy(reconstruction) - detail_energy(images)).abs().mean()
+        loss = l1 + args.kl_weight * kl + args.texture_weight * texture
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -164,6 +184,7 @@ def train(args: argparse.Namespace) -> tuple[AutoencoderKL, dict]:
         "lr": args.lr,
         "degrade_prob": args.degrade_prob,
         "kl_weight": args.kl_weight,
+        "texture_weight": args.texture_weight,
         "parameters": n_params,
         "train_photos": train_names,
         "held_out_photos": held_out_names,

@@ -1,0 +1,122 @@
+"""The trainer learns for real (DESIGN §7): preferences between real photos and their degraded copies.
+
+Pairs come from scikit-image's bundled photographs (`dinalrm.photo_pairs`): the chosen image is a clean random crop,
+the rejected one the same crop blurred, noised, JPEG-compressed, down-up scaled or colour-shifted. The held-out
+photos are never seen in training (neither by the VAE nor by the reward model). The latent space is the tiny
+16-channel VAE trained on the same kind of crops (`tests/assets/tiny-photo-vae`, made by
+`scripts/train_tiny_photo_vae.py`); the reward model sits on a tiny random SD3 transformer. `train_dinalrm.py`
+runs as users run it (features precomputed once, EMA, validation on the held-out pairs); everything is seeded and
+single-threaded, so the figures below repeat exactly.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from conftest import REPO_ROOT
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+
+from dinalrm.photo_pairs import DEGRADATIONS, load_photos, make_pairs, split_photos
+from dinalrm.testing import get_tiny_sd3_components, write_canonical_pairs
+from modeling_dinalrm import DiNaLRMModel
+from pipeline_dinalrm import DiNaLRMPipeline
+
+pytestmark = pytest.mark.slow  # about 4-5 CPU minutes
+
+VAE_ASSET = REPO_ROOT / "tests" / "assets" / "tiny-photo-vae"
+IMAGE_SIZE = 64
+TRAIN_PAIRS, HELD_OUT_PAIRS = 3000, 250
+SCORE_T = 0.4
+# The issue's bar. Measured with these flags (single thread, this repository's VAE asset), about 4 CPU minutes:
+# 0.868 at t=0.4 after 500 steps (curve 0.788, 0.836, 0.832, 0.856, 0.868); blur 0.90, noise 0.90, downscale 0.86,
+# JPEG 0.84, colour shift 0.68. With --seed 1: 0.872 (blur 0.98, noise 0.92, downscale 0.88, JPEG 0.96, colour 0.60).
+# 600 training pairs instead of 3000 gave 0.872 / 0.812 for seeds 0 / 1; a constant learning rate, 0.792 / 0.880.
+MIN_ACCURACY = 0.80
+FLAGS = [
+    "--num_backbone_layers", "2", "--visual_layers", "1,2", "--text_layers", "1,2", "--head_width", "128",
+    "--head_num_heads", "4", "--lora_rank", "0", "--resolution", str(IMAGE_SIZE), "--max_sequence_length", "16",
+    "--train_batch_size", "16", "--max_train_steps", "500", "--learning_rate", "2e-3", "--lr_scheduler", "cosine",
+    "--lr_warmup_steps", "0", "--weighting_scheme", "logit_normal", "--logit_mean", "-1",
+    "--use_ema", "--ema_decay", "0.99", "--validation_t", "0.2,0.4,0.7", "--validation_steps", "100",
+    "--checkpointing_steps", "100000", "--seed", "0", "--precompute_features",
+]
+
+
+@pytest.fixture(scope="module")
+def photo_world(tmp_path_factory) -> Path:
+    """An SD3 folder whose VAE is the tiny photo VAE, plus training and held-out photo pairs on disk."""
+    if not (VAE_ASSET / "config.json").is_file():
+        pytest.fail(f"missing test asset {VAE_ASSET}: run scripts/train_tiny_photo_vae.py")
+    root = tmp_path_factory.mktemp("photos")
+    components = get_tiny_sd3_components(seed=0)
+    components["vae"] = AutoencoderKL.from_pretrained(VAE_ASSET)
+    StableDiffusion3Pipeline(**components).save_pretrained(root / "sd3")
+    photos = load_photos()
+    train_names, held_out_names = split_photos([name for name, _ in photos])
+    for folder, names, count, seed, split in (("train", train_names, TRAIN_PAIRS, 0, "train"),
+                                              ("held-out", held_out_names, HELD_OUT_PAIRS, 1, "test")):
+        pairs = make_pairs([(n, image) for n, image in photos if n in names], count, size=IMAGE_SIZE, seed=seed)
+        rows = [{key: pair[key] for key in ("prompt", "chosen", "rejected", "kind", "photo")} for pair in pairs]
+        write_canonical_pairs(root / folder, rows, split)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(photo_world) -> Path:
+    output = photo_world / "reward-model"
+    command = [sys.executable, str(REPO_ROOT / "train_dinalrm.py"), "--pretrained_model_name_or_path",
+               str(photo_world / "sd3"), "--train_data_dir", str(photo_world / "train"), "--validation_dataset_name",
+               str(photo_world / "held-out"), "--output_dir", str(output), *FLAGS]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
+           "TQDM_DISABLE": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return output
+
+
+@torch.no_grad()
+def accuracy_per_kind(photo_world: Path, model_dir: Path, t: float) -> dict[str, float]:
+    """Held-out accuracy per degradation of the exported (EMA) model, through the pipeline's encoders."""
+    model = DiNaLRMModel.from_pretrained(model_dir).eval()
+    sd3 = StableDiffusion3Pipeline.from_pretrained(photo_world / "sd3", transformer=None)
+    pipeline = DiNaLRMPipeline.from_sd3(sd3, model)
+    rows = datasets.load_dataset(str(photo_world / "held-out"), split="test")
+    generator = torch.Generator().manual_seed(1)
+    wins: dict[str, list[bool]] = {}
+    for start in range(0, len(rows), 50):
+        batch = rows[start : start + 50]
+        chosen = pipeline.encode_images(batch["chosen"], resolution=(IMAGE_SIZE, IMAGE_SIZE))
+        rejected = pipeline.encode_images(batch["rejected"], resolution=(IMAGE_SIZE, IMAGE_SIZE))
+        prompt_embeds, pooled = pipeline.encode_prompt(batch["prompt"], max_sequence_length=16)
+        noise = torch.randn(chosen.shape, generator=generator)
+        rewards = model.score_latents(torch.cat([chosen, rejected]), prompt_embeds.repeat(2, 1, 1),
+                                      pooled.repeat(2, 1), t=t, noise=torch.cat([noise, noise]))
+        rewards_chosen, rewards_rejected = rewards.chunk(2)
+        for kind, win in zip(batch["kind"], (rewards_chosen > rewards_rejected).tolist()):
+            wins.setdefault(kind, []).append(win)
+    return {kind: sum(v) / len(v) for kind, v in sorted(wins.items())}
+
+
+def test_reward_model_learns_to_prefer_undegraded_photos(photo_world, trained):
+    summary = json.loads((trained / "training_summary.json").read_text())
+    curve = [(entry["step"], entry[f"val/accuracy_t{SCORE_T:g}"], entry["val/accuracy_ensemble"])
+             for entry in summary["validation"]]
+    per_kind = accuracy_per_kind(photo_world, trained, SCORE_T)
+    print(f"\nheld-out pairwise accuracy (EMA weights) by step: (step, t={SCORE_T}, ensemble) {curve}")
+    print(f"held-out accuracy per degradation at t={SCORE_T}: {json.dumps(per_kind)}")
+
+    assert summary["validation"][-1]["val/pairs"] == HELD_OUT_PAIRS
+    final = curve[-1][1]
+    assert final >= MIN_ACCURACY, f"held-out accuracy {final:.3f} < {MIN_ACCURACY} at t={SCORE_T}; curve {curve}"
+    assert final > curve[0][1] or curve[0][1] >= MIN_ACCURACY, "accuracy did not improve with training"
+    assert set(per_kind) == set(DEGRADATIONS)
+    overall = sum(per_kind.values()) / len(per_kind)  # the kinds are balanced, so this is the pair accuracy
+    assert abs(overall - final) < 0.05, "the exported model disagrees with the trainer's validation"
+    for kind in ("blur", "noise"):
+        assert per_kind[kind] >= 0.85, (kind, per_kind)
+    assert min(per_kind.values()) > 0.55, f"a degradation is barely detected: {per_kind}"
