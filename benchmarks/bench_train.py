@@ -7,8 +7,9 @@ Compares, side by side in one run:
 
 Each (scenario, repeat) runs in a fresh process, so that peak memory is its own; scenarios are interleaved across
 repeats so that load from other processes hits them alike. Reported: the median over repeats of the median step
-time, and of the memory added by the steps (CPU: resident-set high-water mark above the set-up; CUDA: peak
-allocated).
+time, and of the memory a step adds on top of what is held before it (model, optimizer state, data): on CPU the
+highest resident set size seen while stepping minus the one before, on CUDA the peak allocated minus the
+allocated before.
 
     python benchmarks/bench_train.py [--repeats 3] [--steps 5] [--pairs_per_batch 4] [--image_size 128]
 """
@@ -21,7 +22,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -66,7 +66,12 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
     import torch
     from accelerate import Accelerator
 
-    from dinalrm.training_utils import BucketBatchSampler, encode_image_pairs, preference_step, seeded_generator
+    from dinalrm.training_utils import (
+        BucketBatchSampler,
+        encode_image_pairs,
+        preference_step,
+        seeded_generator,
+    )
     from modeling_dinalrm import DiNaLRMOutput
     from train_dinalrm import build_reward_model, data_sources
 
@@ -105,28 +110,53 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    if accelerator.device.type == "cuda":
+    step(0)  # warm-up (also allocates the optimizer state)
+    cuda = accelerator.device.type == "cuda"
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
     else:
-        baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    step(0)  # warm-up (also allocates the optimizer state)
+        sampler = ResidentMemorySampler()
+        baseline = sampler.current()
     seconds = []
     for number in range(1, options.steps + 1):
-        if accelerator.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
         step(number)
-        if accelerator.device.type == "cuda":
+        if cuda:
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
-    if accelerator.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()
     queue.put({"seconds_per_step": statistics.median(seconds), "step_memory_mb": (peak - baseline) / 2**20,
                "trainable": sum(p.numel() for p in trainable)})
+
+
+class ResidentMemorySampler:
+    """Highest resident set size of this process seen by a thread polling /proc every millisecond (Linux)."""
+
+    def __init__(self):
+        import threading
+
+        self.peak = self.current()
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def current() -> int:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * resource.getpagesize()
+
+    def _poll(self) -> None:
+        while not self._done.wait(0.001):
+            self.peak = max(self.peak, self.current())
+
+    def stop(self) -> int:
+        self._done.set()
+        self._thread.join()
+        return max(self.peak, self.current())
 
 
 def main() -> None:
