@@ -16,6 +16,10 @@ a lazy loader), the pairs ``(group_id, image_a, image_b, label)`` to compare, an
   bothbad_vote rows dropped and counted (apart); micro.
 * ``pickapic_v2`` — Pick-a-Pic v2 ``test_unique`` (default) or ``test`` (``caption, jpg_0, jpg_1,
   label_0, label_1``): 0.5/0.5 ties dropped and counted; micro.
+* ``canonical`` — any dataset in the repository's canonical pair schema (``prompt, chosen, rejected[, weight]``,
+  image columns; what :func:`dinalrm.testing.write_canonical_pairs` and the tiny world's ``make_pairs.py``
+  write), default split ``test``: one pair per row, ``chosen`` preferred, ``weight`` ignored; micro. It has no
+  default dataset: pass ``hub_id`` (a Hub id or a local folder) or put it in ``data_dir/canonical/``.
 
 Everywhere a score tie (equal scores on a pair with a strict human preference) counts as wrong.
 HPSv2's own code ranks by ``argsort`` and so breaks exact score ties by position; we do not.
@@ -57,7 +61,7 @@ BOTH_BAD = "both_bad"
 
 @dataclass(frozen=True)
 class _Spec:
-    hub_id: str
+    hub_id: str | None
     split: str
     averaging: str
 
@@ -68,11 +72,16 @@ BENCHMARKS: dict[str, _Spec] = {
     "hpdv3": _Spec("MizzenAI/HPDv3", "test", "micro"),
     "genai_bench": _Spec("TIGER-Lab/GenAI-Bench", "test", "micro"),
     "pickapic_v2": _Spec("yuvalkirstain/pickapic_v2", "test_unique", "micro"),
+    "canonical": _Spec(None, "test", "micro"),  # our own pair schema; the source is always given
 }
 GENAI_BENCH_CONFIG = "image_generation"
 GENAI_VOTES = {"leftvote": FIRST, "rightvote": SECOND, "tievote": TIE}
 # The published value is "bothbad_vote" (GenAI-Arena's vote name); DESIGN §11 writes "both-bad".
 GENAI_BOTH_BAD = {"bothbad_vote", "both-bad"}
+# Image columns of the row-per-pair tables: image id suffix -> column, the first image being ``image_a``.
+GENAI_IMAGES = {"left": "left_image", "right": "right_image"}
+PICKAPIC_IMAGES = {"0": "jpg_0", "1": "jpg_1"}
+CANONICAL_IMAGES = {"chosen": "chosen", "rejected": "rejected"}
 
 
 class BenchmarkPair(NamedTuple):
@@ -165,6 +174,17 @@ class _Builder:
 
     def add_pair(self, group_id: str, image_a: str, image_b: str, label: int) -> None:
         self.pairs.append(BenchmarkPair(group_id, image_a, image_b, label))
+
+    def add_row_pair(
+        self, group_id: str, prompt: str, table: datasets.Dataset, row: int, columns: Mapping[str, str], label: int
+    ) -> None:
+        """A pair from two image columns of ``table[row]``: ``columns`` maps id suffix -> column, ``image_a`` first."""
+        cells = table[row]
+        image_a, image_b = (
+            self.add_cell(f"{row}/{suffix}", prompt, table, row, column, cells[column])
+            for suffix, column in columns.items()
+        )
+        self.add_pair(group_id, image_a, image_b, label)
 
     def add_ranked(self, group_id: str, image_ids: Sequence[str], ranks: Sequence[float], credit_ties: bool) -> None:
         """All pairs of a ranked list (lower rank = better); GT ties credited (TIE pair) or dropped."""
@@ -346,7 +366,7 @@ def _load_table(
 
 
 def _load_genai_bench(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
-    table = _load_table(folder, spec.hub_id, GENAI_BENCH_CONFIG, split, cache_dir, ("left_image", "right_image"))
+    table = _load_table(folder, spec.hub_id, GENAI_BENCH_CONFIG, split, cache_dir, GENAI_IMAGES.values())
     builder = _Builder()
     groups: dict[str, str] = {}
     for row, (prompt, vote) in enumerate(zip(table["prompt"], table["vote_type"], strict=True)):
@@ -358,15 +378,12 @@ def _load_genai_bench(folder: str | None, spec: _Spec, split: str, cache_dir: st
         elif label == TIE:
             builder.stats.count(GT_TIE)
         else:
-            cells = table[row]
-            left = builder.add_cell(f"{row}/left", prompt, table, row, "left_image", cells["left_image"])
-            right = builder.add_cell(f"{row}/right", prompt, table, row, "right_image", cells["right_image"])
-            builder.add_pair(_group_key(groups, prompt), left, right, label)
+            builder.add_row_pair(_group_key(groups, prompt), prompt, table, row, GENAI_IMAGES, label)
     return builder
 
 
 def _load_pickapic(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
-    table = _load_table(folder, spec.hub_id, None, split, cache_dir, ("jpg_0", "jpg_1"))
+    table = _load_table(folder, spec.hub_id, None, split, cache_dir, PICKAPIC_IMAGES.values())
     builder = _Builder()
     groups: dict[str, str] = {}
     labels = zip(table["caption"], table["label_0"], table["label_1"], strict=True)
@@ -377,10 +394,21 @@ def _load_pickapic(folder: str | None, spec: _Spec, split: str, cache_dir: str |
         elif label == TIE:
             builder.stats.count(GT_TIE)
         else:
-            cells = table[row]
-            first = builder.add_cell(f"{row}/0", caption, table, row, "jpg_0", cells["jpg_0"])
-            second = builder.add_cell(f"{row}/1", caption, table, row, "jpg_1", cells["jpg_1"])
-            builder.add_pair(_group_key(groups, caption), first, second, label)
+            builder.add_row_pair(_group_key(groups, caption), caption, table, row, PICKAPIC_IMAGES, label)
+    return builder
+
+
+def _load_canonical(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
+    if folder is None and spec.hub_id is None:
+        raise ValueError(
+            "The canonical benchmark has no default dataset: pass hub_id (a Hub dataset id or a local folder; "
+            "eval scripts: --pairs PATH_OR_ID) or put it in <data_dir>/canonical/."
+        )
+    table = _load_table(folder, spec.hub_id or folder, None, split, cache_dir, CANONICAL_IMAGES.values())
+    builder = _Builder()
+    groups: dict[str, str] = {}
+    for row, prompt in enumerate(table["prompt"]):
+        builder.add_row_pair(_group_key(groups, prompt), prompt, table, row, CANONICAL_IMAGES, FIRST)
     return builder
 
 
@@ -390,6 +418,7 @@ _ADAPTERS: dict[str, Callable[..., _Builder]] = {
     "hpdv3": _load_hpdv3,
     "genai_bench": _load_genai_bench,
     "pickapic_v2": _load_pickapic,
+    "canonical": _load_canonical,
 }
 
 
@@ -405,10 +434,11 @@ def load_benchmark(
     """Load benchmark ``name`` (a key of BENCHMARKS) from ``data_dir/<name>/`` or, without data_dir, the Hub.
 
     Local layouts: ``imagereward``, ``hpdv2``, ``hpdv3`` — ``<split>.json`` in the published format with
-    image paths relative to that folder; ``genai_bench``, ``pickapic_v2`` — a folder that
+    image paths relative to that folder; ``genai_bench``, ``pickapic_v2``, ``canonical`` — a folder that
     ``datasets.load_dataset`` reads (e.g. parquet files with the published columns, one split per file
-    name). ``hub_id`` overrides the default repository (e.g. a Pick-a-Pic mirror); ``image_root`` points
-    at extracted HPDv3 images when its JSON comes from the Hub.
+    name). ``hub_id`` overrides the default repository (e.g. a Pick-a-Pic mirror; for ``canonical``, which has
+    none, a Hub id or a local folder); ``image_root`` points at extracted HPDv3 images when its JSON comes from
+    the Hub.
     """
     if name not in BENCHMARKS:
         raise ValueError(f"Unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}.")

@@ -32,7 +32,11 @@ from dinalrm.images import ImageLoadError
 logger = logging.getLogger(__name__)
 
 # Accepted spellings of benchmark names (benchmarks.py calls Pick-a-Pic v2 "pickapic_v2").
-BENCHMARK_ALIASES = {"pickapic": "pickapic_v2", "genai-bench": "genai_bench", "genaibench": "genai_bench"}
+BENCHMARK_ALIASES = {
+    "pickapic": "pickapic_v2", "genai-bench": "genai_bench", "genaibench": "genai_bench", "pairs": "canonical",
+}  # fmt: skip
+# ``--pairs``: a dataset in our canonical pair schema, evaluated as benchmark "canonical" (not in Table 1).
+PAIRS_BENCHMARK = "canonical"
 # Column order and headers of the paper's Table 1 (Pick-a-Pic is not in it and stays out of its average).
 DISPLAY_NAMES = {
     "imagereward": "ImageReward",
@@ -40,6 +44,7 @@ DISPLAY_NAMES = {
     "hpdv3": "HPDv3",
     "genai_bench": "GenAI-Bench",
     "pickapic_v2": "Pick-a-Pic v2",
+    "canonical": "Pairs",
 }
 TABLE1_BENCHMARKS = ("imagereward", "hpdv2", "hpdv3", "genai_bench")
 RESULT_KEYS = (
@@ -83,8 +88,16 @@ def _per_benchmark(values: Sequence[str]) -> dict[str, str]:
 def add_benchmark_args(parser: argparse.ArgumentParser, default_benchmarks: str) -> None:
     """Options every evaluation script shares: which benchmarks, where from, how much, how to batch."""
     parser.add_argument(
-        "--benchmarks", type=parse_benchmarks, default=parse_benchmarks(default_benchmarks),
-        help=f"Comma-separated: {', '.join(BENCHMARKS)} (alias: pickapic). Default: {default_benchmarks}.",
+        "--benchmarks", type=parse_benchmarks, default=None,
+        help=f"Comma-separated: {', '.join(BENCHMARKS)} (aliases: pickapic, pairs). Default: {default_benchmarks}; "
+             "with --pairs, none (only the pairs).",
+    )  # fmt: skip
+    parser.set_defaults(default_benchmarks=parse_benchmarks(default_benchmarks))
+    parser.add_argument(
+        "--pairs", default=None, metavar="PATH_OR_ID",
+        help="Also evaluate a local folder or Hub dataset in the canonical pair schema (prompt, chosen, rejected "
+             "image columns[, weight]; e.g. make_pairs.py's output): one pair per row, chosen preferred, micro "
+             "average, results under 'canonical'. Split: test, or --split pairs=SPLIT.",
     )  # fmt: skip
     parser.add_argument(
         "--data_dir", default=None,
@@ -131,7 +144,8 @@ def _load_one(name: str, args: argparse.Namespace, split: str | None, hub_id: st
         "split": split, "hub_id": hub_id, "image_root": args.hpdv3_image_root if name == "hpdv3" else None,
         "cache_dir": args.cache_dir,
     }  # fmt: skip
-    data_dir = args.data_dir
+    # A source given for the canonical pairs (--pairs or --hub_id canonical=...) wins over --data_dir.
+    data_dir = None if name == PAIRS_BENCHMARK and hub_id is not None else args.data_dir
     if data_dir is not None and not os.path.isdir(os.path.join(data_dir, name)):
         aliases = [alias for alias, target in BENCHMARK_ALIASES.items() if target == name]
         folder = next((os.path.join(data_dir, a) for a in aliases if os.path.isdir(os.path.join(data_dir, a))), None)
@@ -142,11 +156,19 @@ def _load_one(name: str, args: argparse.Namespace, split: str | None, hub_id: st
     return load_benchmark(name, data_dir, **options)
 
 
+def requested_benchmarks(args: argparse.Namespace) -> list[str]:
+    """``--benchmarks``, else the script's default (none with ``--pairs``), plus ``canonical`` with ``--pairs``."""
+    names = args.benchmarks if args.benchmarks is not None else ([] if args.pairs else args.default_benchmarks)
+    return list(dict.fromkeys([*names, *([PAIRS_BENCHMARK] if args.pairs else [])]))
+
+
 def load_benchmarks(args: argparse.Namespace) -> dict[str, Benchmark]:
     """The requested benchmarks keyed by :func:`result_key`, limited to ``--limit`` pairs each."""
     splits, hub_ids = _per_benchmark(args.split), _per_benchmark(args.hub_id)
+    if args.pairs:
+        hub_ids[PAIRS_BENCHMARK] = args.pairs
     loaded = {}
-    for name in args.benchmarks:
+    for name in requested_benchmarks(args):
         benchmark = limit_pairs(_load_one(name, args, splits.get(name), hub_ids.get(name)), args.limit)
         loaded[result_key(name, benchmark.split)] = benchmark
     return loaded

@@ -2,6 +2,7 @@
 
     python eval/noise_sweep.py --models org/dinalrm-sd35m[,OTHER] --benchmarks hpdv2,hpdv3 \
         [--t_values 0.0,0.1,...,0.9] [--num_noise_samples N] [--data_dir DIR] [--limit N] [--output_dir DIR]
+    python eval/noise_sweep.py --models assets/dinalrm-tiny --pairs examples/tiny_world/outputs/pairs
 
 Each image is encoded once and scored at every t with the same noise draw (see ``scorers.DiNaLRMScorer``), so
 the curve compares noise levels, not noise samples. Writes ``noise_sweep.csv`` (one row per model, benchmark and

@@ -4,6 +4,7 @@
         [--data_dir DIR] [--t 0.4] [--ensemble 0.2,0.5,0.7] [--num_noise_samples N] \
         [--scorer dinalrm|pickscore|clip|hpsv2|hpsv3|imagereward] [--batch_size 8] [--limit N] [--seed 0] \
         [--output_dir eval_results]
+    python eval/run_eval.py --model assets/dinalrm-tiny --pairs examples/tiny_world/outputs/pairs --t 0.4 --ensemble
 
 Each distinct image is scored once; each setting (``--t``, ``--ensemble``: one results row each) reuses that
 pass. Under ``accelerate launch`` the images are split over the processes and the main process writes the
@@ -11,7 +12,8 @@ same files a single process would. Writes ``results.json``
 (``{setting: {benchmark: {accuracy, n_pairs, n_correct, n_score_ties, n_gt_ties_dropped, n_missing_images,
 averaging}}}``) and ``results.md`` (Table 1 layout). Entries already in ``--output_dir/results.json`` from other
 runs are kept (same setting and benchmark: replaced), so successive runs for several models build one table;
-``--fresh`` starts over. Protocols per benchmark are documented in ``dinalrm/benchmarks.py``.
+``--fresh`` starts over. Protocols per benchmark are documented in ``dinalrm/benchmarks.py``. ``--pairs PATH_OR_ID``
+evaluates a dataset in our canonical pair schema (e.g. the tiny world's held-out pairs) as benchmark ``canonical``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """eval/run_eval.py and eval/scorers.py end to end: tiny offline models on tiny copies of the five benchmarks."""
 
 import argparse
+import csv
 import json
 import os
 import re
@@ -19,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "eval"))
 
 import common
+import noise_sweep
 import run_eval
 import scorers
 
@@ -28,6 +30,7 @@ from dinalrm.testing import (
     save_tiny_clip,
     save_tiny_dinalrm_repo,
     torch_threads,
+    write_canonical_pairs,
     write_tiny_benchmarks,
 )
 
@@ -225,3 +228,38 @@ def test_benchmark_names_limit_and_merged_results(assets, tmp_path):
     assert "| A | 50.00 | – | – |" in table and "| B | – | 100.00 | – |" in table  # no average with a gap
     run_eval.write_results(str(tmp_path), {"C": {"hpdv2": entry}}, fresh=True)
     assert read_results(tmp_path) == {"C": {"hpdv2": entry}}
+
+
+def test_pairs_in_the_canonical_schema(assets, tmp_path):
+    """--pairs: a local folder of canonical pairs (the tiny world's format), one pair per row, chosen preferred."""
+    rng = np.random.default_rng(5)
+    rows = []
+    for prompt in ["a red apple", "a cat", "a red apple", "a dog in a park"]:
+        chosen, rejected = make_tiny_image_pair(rng)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "weight": 1.0})
+    rows[2]["rejected"] = {"bytes": b"not an image", "path": None}  # unreadable: its pair is skipped and counted
+    pairs = write_canonical_pairs(tmp_path / "pairs", rows, split="test")
+    write_canonical_pairs(pairs, rows[:2], split="train")
+    output_dir = tmp_path / "out"
+    shared = ["--pairs", pairs, "--cache_dir", assets["cache"], "--output_dir", str(output_dir)]
+
+    # Without --benchmarks only the pairs are evaluated (no Hub benchmark is loaded).
+    assert run_eval.main(["--model", assets["model"], "--t", "0.4", "--ensemble", *shared]) == 0
+    results = read_results(output_dir)
+    for setting in ("DiNa-LRM [tiny-dinalrm] t=0.4", "DiNa-LRM [tiny-dinalrm] ensemble=0.2,0.5,0.7"):
+        entry = results[setting]["canonical"]
+        assert list(entry) == sorted(common.RESULT_KEYS)
+        assert (entry["n_pairs"], entry["n_missing_images"], entry["averaging"]) == (3, 1, "micro")
+        assert entry["accuracy"] == pytest.approx(entry["n_correct"] / 3)
+    assert "| Model / setting | Pairs | Avg |" in (output_dir / "results.md").read_text()
+
+    # The noise sweep shares the option; --split pairs=SPLIT picks another split.
+    argv = ["--models", assets["model"], "--t_values", "0.2,0.6", "--split", "pairs=train", *shared]
+    assert noise_sweep.main(argv) == 0
+    with (output_dir / "noise_sweep.csv").open() as handle:
+        sweep = list(csv.DictReader(handle))
+    assert [(row["benchmark"], row["t"], row["n_pairs"]) for row in sweep] == [
+        ("canonical:train", "0.2", "2"), ("canonical:train", "0.6", "2"),
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="no default dataset"):
+        load_benchmark("canonical")

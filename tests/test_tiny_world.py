@@ -94,18 +94,19 @@ def test_oracle_reads_every_render_correctly():
 
 # --------------------------------------------------------------------------------------------- stages end to end
 def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
-    """regenerate.sh in QUICK mode: VAE, generator, pairs, train_dinalrm.py, Hub repo, evaluation, baseline, ReFL."""
+    """regenerate.sh in QUICK mode: VAE, generator, pairs, train_dinalrm.py, Hub repo, evaluations, baseline, ReFL."""
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(["bash", str(WORLD / "regenerate.sh")], capture_output=True, text=True, env=env,
                             cwd=REPO_ROOT, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     for path in ("vae/config.json", "tiny-sd3/model_index.json", "pairs/train.parquet", "pairs/test.parquet",
-                 "dinalrm-tiny/model_index.json", "metrics/dinalrm.json", "metrics/pixel_baseline.json",
+                 "dinalrm-tiny/model_index.json", "metrics/dinalrm.json", "metrics/run_eval/results.json",
+                 "metrics/run_eval/noise_sweep.csv", "metrics/pixel_baseline.json",
                  "refl/refl_history.json", "refl/refl_curves.png", "refl/pytorch_lora_weights.safetensors"):
         assert (tmp_path / path).exists(), path
     stages = [line.split()[0] for line in (tmp_path / "timings.txt").read_text().splitlines()]
-    assert stages == ["vae", "generator", "pairs", "dinalrm", "hub_repo", "evaluate", "pixel_baseline", "refl",
-                      "refl_fast"]
+    assert stages == ["vae", "generator", "pairs", "dinalrm", "hub_repo", "evaluate", "run_eval", "pixel_baseline",
+                      "refl", "refl_fast"]
     history = json.loads((tmp_path / "refl" / "refl_history.json").read_text())
     assert {"proxy_reward", "golden_metric"} <= history[0].keys()
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the whole tiny world from scratch with fixed seeds:
-#   VAE -> SD3 generator -> oracle-labelled pairs -> DiNa-LRM (train_dinalrm.py) -> Hub repo -> evaluation
-#   -> pixel baseline -> ReFL (train_refl.py), then copy the shipped artefacts to assets/.
+#   VAE -> SD3 generator -> oracle-labelled pairs -> DiNa-LRM (train_dinalrm.py) -> Hub repo
+#   -> evaluation (evaluate_reward.py, then eval/run_eval.py + eval/noise_sweep.py) -> pixel baseline
+#   -> ReFL (train_refl.py), then copy the shipped artefacts to assets/.
 #
 #   bash examples/tiny_world/regenerate.sh                 # full run, writes examples/tiny_world/outputs and assets/
 #   QUICK=1 OUT=/tmp/tw bash examples/tiny_world/regenerate.sh   # toy step counts, assets untouched
@@ -69,6 +70,14 @@ stage hub_repo "$PY" "$REPO/scripts/build_hub_repo.py" --reward_model "$OUT/dina
   --output_dir "$OUT/dinalrm-tiny" --overwrite
 stage evaluate "$PY" "$HERE/evaluate_reward.py" --model "$OUT/dinalrm-tiny" --pairs "$OUT/pairs" \
   --output "$OUT/metrics/dinalrm.json"
+run_eval() {  # the repository's evaluation scripts on the same held-out pairs (one seeded noise per image)
+  rm -rf "$OUT/metrics/run_eval"
+  "$PY" "$REPO/eval/run_eval.py" --model "$OUT/dinalrm-tiny" --pairs "$OUT/pairs" --t 0.4 --ensemble \
+    --output_dir "$OUT/metrics/run_eval"
+  "$PY" "$REPO/eval/noise_sweep.py" --models "$OUT/dinalrm-tiny" --pairs "$OUT/pairs" \
+    --output_dir "$OUT/metrics/run_eval"
+}
+stage run_eval run_eval
 stage pixel_baseline "$PY" "$HERE/pixel_baseline.py" --generator "$OUT/tiny-sd3" --pairs "$OUT/pairs" \
   --steps "$BASELINE_STEPS" --output "$OUT/metrics/pixel_baseline.json"
 align_generator() {  # align_generator LEARNING_RATE OUTPUT_NAME

@@ -6,12 +6,25 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
 
 def read(path: Path):
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def run_eval_metrics(folder: Path) -> dict | None:
+    """`eval/run_eval.py`'s results.json and `eval/noise_sweep.py`'s accuracy per t, if they ran."""
+    results = read(folder / "results.json")
+    if results is None:
+        return None
+    summary = {"results": results}
+    if (folder / "noise_sweep.csv").exists():
+        with (folder / "noise_sweep.csv").open() as handle:
+            summary["noise_sweep"] = {row["t"]: float(row["accuracy"]) for row in csv.DictReader(handle)}
+    return summary
 
 
 def summarize(out: Path) -> dict:
@@ -25,6 +38,7 @@ def summarize(out: Path) -> dict:
         "generator": read(out / "tiny-sd3.metrics.json"),
         "pairs": read(out / "pairs" / "stats.json"),
         "dinalrm": read(out / "metrics" / "dinalrm.json"),
+        "dinalrm_run_eval": run_eval_metrics(out / "metrics" / "run_eval"),
         "pixel_baseline": read(out / "metrics" / "pixel_baseline.json"),
         "refl": read(out / "refl" / "refl_history.json"),
         "refl_fast": read(out / "refl-fast" / "refl_history.json"),
