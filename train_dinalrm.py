@@ -16,7 +16,8 @@ in one batched forward. Prompts and images are encoded with `DiNaLRMPipeline.enc
 Checkpoints (`--checkpointing_steps`) are written to a temporary folder and renamed to `checkpoint-<step>` only
 when complete, so `--resume_from_checkpoint latest` never picks a half-written one; resuming restores the model,
 optimizer, LR scheduler, EMA weights, RNG states and the position in the data, and continues exactly as an
-uninterrupted run would. The final folder `--output_dir` holds the EMA weights (with `--use_ema`) in
+uninterrupted run would. Checkpoints hold no pickles: what accelerate writes with `torch.save` (optimizer, scheduler,
+RNG states) is converted to safetensors before the rename, and handed back to accelerate on resume. The final folder `--output_dir` holds the EMA weights (with `--use_ema`) in
 `DiNaLRMModel.save_pretrained` form (LoRA merged); `--pipeline_output_dir` adds the whole Hub repository that
 `DiNaLRMPipeline.from_pretrained` loads.
 
@@ -32,6 +33,7 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -67,6 +69,7 @@ from dinalrm.training_utils import (
     ImagePairDataset,
     collate_cached_pairs,
     collate_image_pairs,
+    convert_accelerate_pickles,
     encode_image_pairs,
     load_ema,
     parameter_digest,
@@ -74,6 +77,7 @@ from dinalrm.training_utils import (
     read_cache_info,
     remove_old_checkpoints,
     resolve_checkpoint,
+    restore_accelerate_pickles,
     save_ema,
     seeded_generator,
     write_feature_cache,
@@ -521,6 +525,7 @@ def save_checkpoint(accelerator, args, global_step: int, training_state: dict) -
     accelerator.wait_for_everyone()
     _maybe_kill(global_step, "partial")
     if accelerator.is_main_process:
+        convert_accelerate_pickles(partial)
         with open(os.path.join(partial, TRAINING_STATE), "w", encoding="utf-8") as handle:
             json.dump(training_state, handle, indent=2)
         _fsync_tree(partial)
@@ -694,7 +699,9 @@ def main(args: argparse.Namespace) -> None:
             logger.info("No complete checkpoint to resume from: starting a new run.")
         else:
             logger.info(f"Resuming from checkpoint {path}")
-            accelerator.load_state(path)
+            with tempfile.TemporaryDirectory(prefix="dinalrm-resume-") as state_dir:
+                restore_accelerate_pickles(path, state_dir)
+                accelerator.load_state(state_dir)
             with open(os.path.join(path, TRAINING_STATE), encoding="utf-8") as handle:
                 state = json.load(handle)
             if (state["num_processes"], state["train_batch_size"]) != (accelerator.num_processes, args.train_batch_size):

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from diffusers.training_utils import EMAModel, compute_density_for_timestep_sampling
 from diffusers.utils.torch_utils import randn_tensor
@@ -513,3 +514,89 @@ def load_ema(ema: EMAModel, names: Sequence[str], directory: str | os.PathLike) 
         counters = json.load(handle)
     device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
     ema.load_state_dict({**counters, "shadow_params": [weights[name].to(device) for name in names]})
+
+
+# ------------------------------------------------------------------------------- accelerate's state without pickles
+#: Files that `accelerator.save_state` writes with `torch.save` (optimizer, LR scheduler, sampler, grad scaler,
+#: RNG states, registered objects); checkpoints keep them as safetensors instead (DESIGN §9).
+ACCELERATE_PICKLE_SUFFIXES = (".bin", ".pkl", ".pt")
+_STATE_TREE = "dinalrm_state_tree"
+_STATE_SOURCE = "dinalrm_state_source"
+
+
+def _state_to_tree(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able description of a state object; its tensors and arrays go into `tensors`."""
+    if isinstance(value, torch.Tensor):
+        tensors[str(len(tensors))] = value.detach().cpu().contiguous()
+        return {"tensor": str(len(tensors) - 1)}
+    if isinstance(value, np.ndarray):
+        wide = value.astype(np.float64 if value.dtype.kind == "f" else np.int64)
+        tensors[str(len(tensors))] = torch.from_numpy(np.ascontiguousarray(wide))
+        return {"ndarray": str(len(tensors) - 1), "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {"dict": [[_state_to_tree(k, tensors), _state_to_tree(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"tuple": [_state_to_tree(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_state_to_tree(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} from accelerate's checkpoint state without pickle")
+
+
+def _tree_to_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `_state_to_tree`."""
+    if isinstance(tree, list):
+        return [_tree_to_state(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "tensor" in tree:
+        return tensors[tree["tensor"]]
+    if "ndarray" in tree:
+        return tensors[tree["ndarray"]].numpy().astype(np.dtype(tree["dtype"]))
+    if "tuple" in tree:
+        return tuple(_tree_to_state(v, tensors) for v in tree["tuple"])
+    return {_tree_to_state(k, tensors): _tree_to_state(v, tensors) for k, v in tree["dict"]}
+
+
+def convert_accelerate_pickles(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """Replace the pickles `accelerator.save_state` wrote in `checkpoint_dir` by safetensors files; returns their names.
+
+    Each `<name>` becomes `<name>.safetensors` holding the tensors, with the structure (dict keys, tuples,
+    numbers) as JSON in the metadata; `restore_accelerate_pickles` gives accelerate its files back on resume.
+    """
+    from accelerate.utils import load
+
+    converted = []
+    for name in sorted(os.listdir(checkpoint_dir)):
+        path = os.path.join(checkpoint_dir, name)
+        if not (os.path.isfile(path) and name.endswith(ACCELERATE_PICKLE_SUFFIXES)):
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        tree = _state_to_tree(load(path, map_location="cpu"), tensors)
+        save_file(tensors, f"{path}.safetensors", metadata={_STATE_TREE: json.dumps(tree), _STATE_SOURCE: name})
+        os.remove(path)
+        converted.append(name)
+    return converted
+
+
+def restore_accelerate_pickles(checkpoint_dir: str | os.PathLike, work_dir: str | os.PathLike) -> None:
+    """Lay out `checkpoint_dir` in `work_dir` as `accelerator.load_state` expects it.
+
+    Entries are symlinked; files converted by `convert_accelerate_pickles` are written back in accelerate's
+    format, in `work_dir` only (a temporary folder), so the checkpoint itself stays pickle-free.
+    """
+    for name in os.listdir(checkpoint_dir):
+        path = os.path.join(checkpoint_dir, name)
+        metadata = None
+        if name.endswith(".safetensors") and os.path.isfile(path):
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        if metadata and _STATE_TREE in metadata:
+            tensors = load_file(path)
+            state = _tree_to_state(json.loads(metadata[_STATE_TREE]), tensors)
+            torch.save(state, os.path.join(work_dir, metadata[_STATE_SOURCE]))
+        else:
+            os.symlink(os.path.abspath(path), os.path.join(work_dir, name))

@@ -37,10 +37,12 @@ from dinalrm.training_utils import (
     ImagePairDataset,
     collate_cached_pairs,
     collate_image_pairs,
+    convert_accelerate_pickles,
     list_checkpoints,
     load_ema,
     preference_step,
     resolve_checkpoint,
+    restore_accelerate_pickles,
     sample_noise_levels,
     save_ema,
     seeded_generator,
@@ -287,6 +289,41 @@ def test_feature_cache_round_trip_in_dataset_order_and_runtime_skips(tmp_path):
     assert collated["skipped"] == ["runtime_missing_image"] and collated["prompts"] == [rows[1]["prompt"]]
 
 
+def test_accelerate_state_files_become_safetensors_and_come_back_unchanged(tmp_path):
+    """Optimizer-, scheduler- and RNG-state shapes: int keys, tuples, numpy arrays, None, bools, floats, tensors."""
+    import random
+
+    parameter = torch.nn.Parameter(torch.randn(3))
+    optimizer = torch.optim.AdamW([parameter], lr=1e-3)
+    parameter.grad = torch.randn(3)
+    optimizer.step()
+    states = {
+        "optimizer.bin": optimizer.state_dict(),
+        "random_states_0.pkl": {"step": 3, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
+                                "torch_manual_seed": torch.get_rng_state(), "nothing": None, "ratio": 0.1 + 0.2},
+    }
+    checkpoint, work = tmp_path / "checkpoint", tmp_path / "work"
+    (checkpoint / "reward_model").mkdir(parents=True)
+    work.mkdir()
+    for name, state in states.items():
+        torch.save(state, checkpoint / name)
+
+    assert convert_accelerate_pickles(checkpoint) == sorted(states)
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["optimizer.bin.safetensors", "random_states_0.pkl.safetensors",
+                                                            "reward_model"]
+    restore_accelerate_pickles(checkpoint, work)
+    assert (work / "reward_model").resolve() == (checkpoint / "reward_model").resolve()
+    for name, expected in states.items():
+        restored = torch.load(work / name, weights_only=False)
+        assert repr(restored) == repr(expected), name  # same types, keys, numbers and tensor values
+    numpy_state = torch.load(work / "random_states_0.pkl", weights_only=False)["numpy_random_seed"]
+    assert numpy_state[1].dtype == np.random.get_state()[1].dtype
+
+    torch.save({"dtype": torch.float16}, checkpoint / "custom_checkpoint_0.pkl")  # no safetensors form: refused
+    with pytest.raises(TypeError, match="dtype"):
+        convert_accelerate_pickles(checkpoint)
+
+
 def test_latest_checkpoint_ignores_partial_and_incomplete_folders(tmp_path):
     for name in ("checkpoint-2", "checkpoint-10", f"{PARTIAL_PREFIX}checkpoint-12", "checkpoint-14", "checkpoint-x"):
         (tmp_path / name).mkdir()
@@ -418,7 +455,9 @@ def test_two_processes_hpdv3_with_feature_cache(workspace):
     assert sorted(re.findall(r"process (\d) of world size (\d)", result.stderr)) == [("0", "2"), ("1", "2")]
     digests = dict(re.findall(r"process (\d): final parameter digest (\w+)", result.stderr))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
-    assert (output / "checkpoint-6" / "random_states_1.pkl").is_file()
+    checkpoint_files = [p.name for p in (output / "checkpoint-6").rglob("*") if p.is_file()]
+    assert "random_states_1.pkl.safetensors" in checkpoint_files and "optimizer.bin.safetensors" in checkpoint_files
+    assert not [name for name in checkpoint_files if name.endswith((".bin", ".pkl", ".pt"))], checkpoint_files
     summary = _summary(output)
     assert summary["skipped"]["train"] == {"kept": 6, "skipped": 1, "missing_image": 1}
     assert summary["validation"][-1]["val/pairs"] == 4
