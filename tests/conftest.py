@@ -55,6 +55,15 @@ def copy_official(tmp_path: Path, **model_overrides) -> Path:
     return target
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one torch thread (and the CPU is shared); use with `usefixtures`."""
+    from dinalrm.testing import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def official_inputs() -> dict[str, torch.Tensor]:
     # Fresh copies: the expected values were computed on freshly allocated tensors (see the fixture README).

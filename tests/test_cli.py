@@ -12,12 +12,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from conftest import REPO_ROOT
 
 from dinalrm import cli
-from dinalrm.testing import get_tiny_dinalrm_pipeline, torch_threads
+from dinalrm.testing import get_tiny_dinalrm_pipeline
 
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red square"
 
 
@@ -31,10 +30,7 @@ def readme_offline_commands() -> str:
     return section.split("```bash\n", 1)[1].split("```", 1)[0]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

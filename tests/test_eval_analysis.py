@@ -19,13 +19,10 @@ import uncertainty
 
 from dinalrm.benchmarks import Benchmark, BenchmarkImage, BenchmarkPair
 from dinalrm.data import FIRST, SECOND
-from dinalrm.testing import save_tiny_dinalrm_repo, torch_threads, write_tiny_benchmarks
+from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,6 @@ from dinalrm.testing import (
     make_tiny_image_pair,
     save_tiny_clip,
     save_tiny_dinalrm_repo,
-    torch_threads,
     write_canonical_pairs,
     write_tiny_benchmarks,
 )
@@ -46,11 +45,7 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the CPU is shared)."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
