@@ -135,7 +135,7 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(_as_uint8(array)))
 
 
-def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """8-bit RGB of any PIL image: EXIF rotation applied, transparency composited on white, 16-bit rescaled."""
     if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         image = PIL.ImageOps.exif_transpose(image)
@@ -419,7 +419,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
             array = image.detach().cpu()
             array = array.float() if array.is_floating_point() else array
             image = array.permute(1, 2, 0).numpy() if array.ndim == 3 else array.numpy()
-        fitted = self._fit(_to_rgb(image if isinstance(image, PIL.Image.Image) else _array_to_pil(image)), resolution)
+        fitted = self._fit(to_rgb(image if isinstance(image, PIL.Image.Image) else _array_to_pil(image)), resolution)
         return self.image_processor.preprocess(fitted, height=fitted.height, width=fitted.width)
 
     def _encode_pixels(

@@ -16,8 +16,9 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 from PIL import Image, ImageOps
+
+from pipeline_dinalrm import to_rgb  # the pipeline's own conversion (one implementation); re-exported
 
 __all__ = [
     "CORRUPT",
@@ -42,8 +43,6 @@ ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Mapping[str, 
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 _EXIF_ORIENTATION = 0x0112
 _SWAPS_AXES = {5, 6, 7, 8}
-_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
-_ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa"}
 
 
 class ImageLoadError(ValueError):
@@ -134,23 +133,3 @@ def load_image(source: ImageSource, root: str | os.PathLike[str] | None = None) 
     except _DECODE_ERRORS as err:
         raise ImageLoadError(CORRUPT, f"cannot decode image: {err}") from err
     return to_rgb(image)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL mode to 8-bit RGB.
-
-    Transparent images are composited on white (a plain ``convert("RGB")`` would expose whatever colour
-    the transparent pixels happen to store), and 16/32-bit integer images are rescaled from the 16-bit
-    range (``convert`` would clip them, turning most pixels white).
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image, dtype=np.float64) / 257.0
-        grey = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if image.mode in _ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
