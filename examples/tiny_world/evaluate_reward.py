@@ -10,13 +10,12 @@ reward (ties count as wrong). The sweep repeats the single-level accuracy at t =
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import datasets
 import torch
-from tiny_world_common import TOKEN_LENGTH, set_threads
+from tiny_world_common import TOKEN_LENGTH, report, set_threads
 
 SWEEP = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
@@ -90,9 +89,7 @@ def main(args: argparse.Namespace) -> dict:
     pipe.set_progress_bar_config(disable=True)
     prompts, chosen, rejected = load_pairs(args.pairs, args.split, args.max_pairs)
     result = evaluate(pipe, prompts, chosen, rejected, args.seed, not args.no_sweep)
-    print(json.dumps(result, indent=2), flush=True)
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
+    report(result, args.output)
     return result
 
 

@@ -10,13 +10,11 @@ and returns one score; it is trained with the Bradley-Terry loss (there is no no
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tiny_world_common import TOKEN_LENGTH, images_to_tensor, set_threads
+from tiny_world_common import TOKEN_LENGTH, images_to_tensor, report, set_threads
 from diffusers import StableDiffusion3Pipeline
 from evaluate_reward import load_pairs
 from torch import nn
@@ -102,9 +100,7 @@ def main(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "eval_seconds_per_pair": eval_seconds / max(len(test_prompts), 1),
     }
-    print(json.dumps(result, indent=2), flush=True)
-    if args.output:
-        Path(args.output).write_text(json.dumps(result, indent=2))
+    report(result, args.output)
     return result
 
 

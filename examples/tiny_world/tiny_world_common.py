@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -42,6 +43,14 @@ TRANSFORMER_CONFIG: dict = {
     "dual_attention_layers": [0],
     "qk_norm": "rms_norm",
 }
+
+
+def report(result: dict, output: str | None) -> None:
+    """Print a stage's metrics as JSON and, when ``output`` is given, write them there too."""
+    text = json.dumps(result, indent=2)
+    print(text, flush=True)
+    if output:
+        Path(output).write_text(text)
 
 
 def set_threads(threads: int) -> None:
