@@ -6,6 +6,8 @@ latents, then asks the reward model (`reward_model/modeling_dinalrm.py`) for one
 the Hub's remote code and must stay self-contained: it imports nothing from the rest of the dinalrm repository.
 """
 
+import importlib
+import importlib.util
 import inspect
 import json
 import math
@@ -242,7 +244,11 @@ class DiNaLRMPipeline(DiffusionPipeline):
 
         Calling this class means choosing DiNa-LRM's code; diffusers then runs the repository's own copies of
         `pipeline_dinalrm.py` and `reward_model/modeling_dinalrm.py`. Pass `trust_remote_code=False` to refuse.
+        A folder that ships no code (the bundled demo model) loads with the installed `modeling_dinalrm`, which
+        diffusers only uses once it has been imported.
         """
+        if importlib.util.find_spec(MODELING_FILE.removesuffix(".py")) is not None:
+            importlib.import_module(MODELING_FILE.removesuffix(".py"))
         kwargs.setdefault("trust_remote_code", True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 

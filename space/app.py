@@ -101,8 +101,17 @@ class ModelSettings:
 
 
 def load_pipeline(name: str, device: str, dtype: torch.dtype) -> DiffusionPipeline:
-    """The DiNa-LRM pipeline of a Hub repo or local folder, running the repo's own `pipeline_dinalrm.py`."""
-    pipe = DiffusionPipeline.from_pretrained(name, trust_remote_code=True, dtype=dtype)
+    """The DiNa-LRM pipeline of a Hub repo or local folder, running the repo's own `pipeline_dinalrm.py`.
+
+    A local folder that ships no code (the bundled demo model in a checkout of the dinalrm repository) loads with
+    the installed `pipeline_dinalrm` instead.
+    """
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "pipeline_dinalrm.py")):
+        from pipeline_dinalrm import DiNaLRMPipeline
+
+        pipe = DiNaLRMPipeline.from_pretrained(name, dtype=dtype)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(name, trust_remote_code=True, dtype=dtype)
     if not all(hasattr(pipe, method) for method in ("compare", "rank")):
         raise ValueError(f"{name} holds a {type(pipe).__name__}, not a DiNa-LRM pipeline.")
     pipe.set_progress_bar_config(disable=True)

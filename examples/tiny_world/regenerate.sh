@@ -99,7 +99,9 @@ if [[ "$QUICK" != 1 ]]; then
   rm -rf "$REPO/assets/tiny-sd3" "$REPO/assets/dinalrm-tiny"
   mkdir -p "$REPO/assets"
   cp -r "$OUT/tiny-sd3" "$REPO/assets/tiny-sd3"
+  # The demo model ships no code: it loads with the installed pipeline_dinalrm / modeling_dinalrm (no copies to drift).
   cp -r "$OUT/dinalrm-tiny" "$REPO/assets/dinalrm-tiny"
+  rm "$REPO/assets/dinalrm-tiny/pipeline_dinalrm.py" "$REPO/assets/dinalrm-tiny/reward_model/modeling_dinalrm.py"
   cp "$OUT/refl/refl_curves.png" "$HERE/refl_curves.png"
   cp "$OUT/refl-fast/refl_curves.png" "$HERE/refl_curves_fast.png"
 fi
