@@ -1,9 +1,11 @@
 """The Space in a real browser: Debian's headless Chromium, driven by Playwright, against the app served in-process.
 
-Chromium must be installed (`.ci/run` installs Debian's `chromium`; Playwright's own browser download is never
-used), so a missing browser fails these tests instead of skipping them.
+Chromium comes from Debian (`.ci/run` installs `chromium`; Playwright's own browser download is never used). On a
+machine without it these tests skip, naming the missing browser; CI sets `DINALRM_REQUIRE_BROWSER=1`, which turns
+that skip into a failure so the browser tests always run there.
 """
 
+import os
 import re
 import socket
 import sys
@@ -24,6 +26,7 @@ from dinalrm.testing import save_tiny_dinalrm_repo, torch_threads
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
+REQUIRE_BROWSER = "DINALRM_REQUIRE_BROWSER"
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
     "--disable-sync", "--no-first-run",
@@ -115,10 +118,10 @@ def server(tmp_path_factory) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     if not CHROMIUM.is_file():
-        pytest.fail(
-            f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install chromium`, as .ci/run does).",
-            pytrace=False,
-        )
+        reason = f"{CHROMIUM} is missing: install Debian's chromium (`apt-get install chromium`, as .ci/run does)."
+        if os.environ.get(REQUIRE_BROWSER) == "1":
+            pytest.fail(f"{reason} ({REQUIRE_BROWSER}=1 requires the browser tests to run)", pytrace=False)
+        pytest.skip(reason)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         yield browser
