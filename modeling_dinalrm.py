@@ -644,8 +644,8 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         if _checks_values(check_finite, pooled_prompt_embeds):
             _require_finite(
                 pooled_prompt_embeds,
-                "pooled_prompt_embeds contain NaN or infinite values: re-encode the prompt with the CLIP text encoders "
-                "in bfloat16 or float32.",
+                "pooled_prompt_embeds contain NaN or infinite values: re-encode the prompt with the CLIP text "
+                "encoders in bfloat16 or float32.",
             )
 
     # -------------------------------------------------------------------------------------- scoring
