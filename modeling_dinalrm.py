@@ -50,6 +50,40 @@ DEFAULT_LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj",
 LOSS_TYPES = ("thurstone", "bradley_terry", "fixed_variance")
 
 
+def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    r"""Noises clean latents to level `sigma` on the rectified-flow path: `(1 - sigma) * latents + sigma * noise`.
+
+    The one place where the objective's forward process is written: [`DiNaLRMModel.score_latents`] and the
+    training step both noise latents through it.
+
+    Args:
+        latents (`torch.Tensor` of shape `(B, C, H, W)`): clean scaled latents `x0`.
+        noise (`torch.Tensor` of shape `(B, C, H, W)`): the Gaussian noise `eps`.
+        sigmas (`torch.Tensor` of shape `(B,)`): the (snapped) noise level of each sample, broadcast over C, H, W.
+
+    Returns:
+        `torch.Tensor` of the shape and dtype of `latents`: the noisy latents `x_t`.
+    """
+    sigmas = sigmas.to(latents.dtype).view(-1, *([1] * (latents.ndim - 1)))
+    return (1.0 - sigmas) * latents + sigmas * noise
+
+
+def _checks_values(check_finite: bool | None, tensor: torch.Tensor) -> bool:
+    """Whether to look at `tensor`'s values: `check_finite` if given, else only for a CPU tensor outside compilation.
+
+    Reading values back (`bool(tensor.all())`) waits for the device, which stalls every call on an accelerator, and
+    is a data-dependent branch that breaks `torch.compile` graphs; on the CPU and in eager mode it costs nothing.
+    """
+    if check_finite is not None:
+        return check_finite
+    return tensor.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def _require_finite(tensor: torch.Tensor, message: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(message)
+
+
 class DiNaLRMConfig(PretrainedConfig):
     r"""Configuration of a [`DiNaLRMModel`].
 
@@ -506,19 +540,38 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             self.config.lora_rank, self.config.lora_alpha = lora_settings
 
     # ---------------------------------------------------------------------------------- noise levels
-    def snap_noise_level(self, t: float | torch.Tensor, batch_size: int, device: torch.device | None = None):
-        """Maps noise fractions `t` in [0, 1] to `(sigmas, timesteps)` of shape `(batch_size,)`.
+    def snap_noise_level(
+        self,
+        t: float | torch.Tensor,
+        batch_size: int,
+        device: torch.device | None = None,
+        check_finite: bool | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Maps noise fractions `t` in [0, 1] to `(sigmas, timesteps)` of shape `(batch_size,)`.
 
         With `config.snap_t` (default, as the reference), `t` snaps to the nearest entry of the scheduler's
         sigma table (first index on ties) and the backbone gets that entry's timestep.
+
+        Args:
+            t (`float` or `torch.Tensor` of shape `()` or `(batch_size,)`): the noise fraction(s).
+            batch_size (`int`): how many samples the level is for.
+            device (`torch.device`, *optional*): where the results go; defaults to `t`'s device.
+            check_finite (`bool`, *optional*): whether to refuse a tensor `t` with values outside [0, 1] (NaN
+                included). `None` checks CPU tensors only (outside `torch.compile`): on an accelerator the check
+                would wait for the device. A Python number is always checked, in Python.
         """
+        if isinstance(t, (int, float)):
+            if not 0.0 <= t <= 1.0:
+                raise ValueError(f"t is the noise fraction and must lie in [0, 1]; got {t!r}.")
+        else:
+            t = torch.as_tensor(t, dtype=torch.float32)
+            if _checks_values(check_finite, t) and not ((t >= 0) & (t <= 1)).all():
+                raise ValueError(f"t is the noise fraction and must lie in [0, 1]; got {t.tolist()}.")
         t = torch.as_tensor(t, dtype=torch.float32, device=device)
         if t.ndim == 0:
             t = t.expand(batch_size)
         if t.shape != (batch_size,):
             raise ValueError(f"t must be a float or a tensor of shape ({batch_size},), got shape {tuple(t.shape)}.")
-        if not torch.isfinite(t).all() or (t < 0).any() or (t > 1).any():
-            raise ValueError(f"t is the noise fraction and must lie in [0, 1]; got {t.tolist()}.")
         if not self.config.snap_t:
             return t, t * self.config.num_train_timesteps
         sigma_table = self._sigma_table.to(t.device)
@@ -527,9 +580,22 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
 
     # ----------------------------------------------------------------------------------- validation
     def check_inputs(
-        self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled_prompt_embeds: torch.Tensor
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor,
+        check_finite: bool | None = None,
     ) -> None:
-        """Raises a clear error for latents or prompt embeddings the backbone cannot take."""
+        r"""Raises a clear error for latents or prompt embeddings the backbone cannot take.
+
+        Args:
+            latents (`torch.Tensor`): `(B, C, H, W)` latents (clean or noisy).
+            prompt_embeds (`torch.Tensor`): `(B, tokens, joint_attention_dim)` prompt embeddings.
+            pooled_prompt_embeds (`torch.Tensor`): `(B, pooled_projection_dim)` pooled prompt embeddings.
+            check_finite (`bool`, *optional*): whether to refuse NaN or infinite values (which give NaN rewards).
+                `None` checks the tensors that are on the CPU (outside `torch.compile`), where it costs nothing;
+                `True` checks always, which waits for an accelerator; `False` never checks.
+        """
         bc = self.config.backbone_config
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise ValueError(f"latents must be a 4D tensor (batch, channels, height, width), got {_describe(latents)}.")
@@ -545,8 +611,6 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         max_size = bc["pos_embed_max_size"] * patch
         if height > max_size or width > max_size:
             raise ValueError(f"latent size {height}x{width} exceeds the backbone's maximum of {max_size}x{max_size}.")
-        if not torch.isfinite(latents).all():
-            raise ValueError("latents contain NaN or infinite values.")
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
             raise ValueError(f"prompt_embeds must be a 3D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}.")
         if prompt_embeds.shape[-1] != bc["joint_attention_dim"]:
@@ -564,6 +628,24 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             raise ValueError(
                 f"batch mismatch: {batch} latents but {prompt_embeds.shape[0]} prompt_embeds and "
                 f"{pooled_prompt_embeds.shape[0]} pooled_prompt_embeds; give one prompt embedding per latent."
+            )
+        if _checks_values(check_finite, latents):
+            _require_finite(
+                latents,
+                "latents contain NaN or infinite values: pass finite VAE latents (an SD3 VAE run in float16 can "
+                "overflow; encode in float32 or bfloat16).",
+            )
+        if _checks_values(check_finite, prompt_embeds):
+            _require_finite(
+                prompt_embeds,
+                "prompt_embeds contain NaN or infinite values: re-encode the prompt (a T5 encoder run in float16 can "
+                "overflow; run it in bfloat16 or float32).",
+            )
+        if _checks_values(check_finite, pooled_prompt_embeds):
+            _require_finite(
+                pooled_prompt_embeds,
+                "pooled_prompt_embeds contain NaN or infinite values: re-encode the prompt with the CLIP text "
+                "encoders in bfloat16 or float32.",
             )
 
     # -------------------------------------------------------------------------------------- scoring
@@ -606,6 +688,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         prompt_embeds: torch.Tensor,
         pooled_prompt_embeds: torch.Tensor,
         return_dict: bool = True,
+        check_finite: bool | None = None,
     ) -> DiNaLRMOutput | tuple:
         r"""Rewards of latents that are ALREADY noised to level `t`.
 
@@ -614,9 +697,13 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             t (`float` or `torch.Tensor` of shape `(B,)`): noise fraction in [0, 1] (snapped, see `snap_noise_level`).
             prompt_embeds (`torch.Tensor` of shape `(B, tokens, joint_attention_dim)`): SD3 prompt embeddings.
             pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`): SD3 pooled embeddings.
+            return_dict (`bool`, defaults to `True`): return a [`DiNaLRMOutput`] instead of a tuple.
+            check_finite (`bool`, *optional*): refuse NaN / infinite inputs and a tensor `t` outside [0, 1]. `None`
+                checks only tensors on the CPU (outside `torch.compile`), so that scoring on an accelerator never
+                waits for the device; see `check_inputs`.
         """
-        self.check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds)
-        sigmas, timesteps = self.snap_noise_level(t, noisy_latents.shape[0], noisy_latents.device)
+        self.check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds, check_finite=check_finite)
+        sigmas, timesteps = self.snap_noise_level(t, noisy_latents.shape[0], noisy_latents.device, check_finite)
         rewards = self._reward_over_levels(noisy_latents, timesteps, prompt_embeds, pooled_prompt_embeds, 1)
         if not return_dict:
             return (rewards, sigmas, timesteps)
@@ -630,22 +717,31 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         t: float | Sequence[float] | None = None,
         noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        check_finite: bool | None = None,
     ) -> torch.Tensor:
         r"""Rewards of CLEAN latents, shape `(B,)`; differentiable w.r.t. `latents` when grad is enabled.
 
         Args:
-            latents: clean scaled SD3 latents `(B, C, H, W)`.
-            t: one noise level, or a list of levels for the token-level ensemble (all levels in one backbone pass,
-                their tokens joined before the query head). Defaults to `config.default_t`.
-            noise: a tensor shaped like `latents` shared by all levels (the default convention), or one tensor per
-                level. Drawn from `generator` when omitted.
+            latents (`torch.Tensor` of shape `(B, C, H, W)`): clean scaled SD3 latents.
+            prompt_embeds (`torch.Tensor` of shape `(B, tokens, joint_attention_dim)`): SD3 prompt embeddings.
+            pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`): SD3 pooled embeddings.
+            t (`float` or `list[float]`, *optional*): one noise level, or a list of levels for the token-level
+                ensemble (all levels in one backbone pass, their tokens joined before the query head). Defaults to
+                `config.default_t`.
+            noise (`torch.Tensor` or `list[torch.Tensor]`, *optional*): a tensor shaped like `latents` shared by all
+                levels (the default convention), or one tensor per level. Drawn from `generator` when omitted.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*): source of the noise.
+            check_finite (`bool`, *optional*): refuse NaN / infinite `latents`, prompt embeddings or explicit `noise`
+                (they would give NaN rewards). `None` checks only tensors on the CPU (outside `torch.compile`), so
+                that scoring on an accelerator never waits for the device; `True` always checks, `False` never.
         """
-        self.check_inputs(latents, prompt_embeds, pooled_prompt_embeds)
+        self.check_inputs(latents, prompt_embeds, pooled_prompt_embeds, check_finite=check_finite)
         if t is None:
             t = self.config.default_t
         levels = [t] if isinstance(t, (int, float, torch.Tensor)) else list(t)
         if not levels:
             raise ValueError("t must be a noise level or a non-empty list of levels.")
+        explicit_noise = noise is not None
         if noise is None:
             noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         noises = list(noise) if isinstance(noise, (list, tuple)) else [noise] * len(levels)
@@ -653,12 +749,19 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             raise ValueError(
                 f"noise must be one tensor of shape {tuple(latents.shape)} or a list of {len(levels)} such tensors."
             )
+        if explicit_noise:
+            for level_noise in noises if isinstance(noise, (list, tuple)) else [noise]:
+                if _checks_values(check_finite, level_noise):
+                    _require_finite(
+                        level_noise,
+                        "noise contains NaN or infinite values: pass standard Gaussian noise shaped like the latents, "
+                        "or leave noise=None to draw it from `generator`.",
+                    )
         batch = latents.shape[0]
         noisy, all_timesteps = [], []
         for level, level_noise in zip(levels, noises):
-            sigmas, timesteps = self.snap_noise_level(level, batch, latents.device)
-            sigmas = sigmas.to(latents.dtype).view(-1, 1, 1, 1)
-            noisy.append((1.0 - sigmas) * latents + sigmas * level_noise.to(latents.device))
+            sigmas, timesteps = self.snap_noise_level(level, batch, latents.device, check_finite)
+            noisy.append(add_noise(latents, level_noise.to(latents.device), sigmas))
             all_timesteps.append(timesteps)
         repeat = len(levels)
         return self._reward_over_levels(
@@ -673,7 +776,18 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
     def preference_probability(
         self, rewards_a: torch.Tensor, rewards_b: torch.Tensor, t: float | torch.Tensor
     ) -> torch.Tensor:
-        """P(a preferred over b) under the configured comparison model at noise level `t` (snapped)."""
+        r"""P(a preferred over b) per pair under the configured comparison model at noise level `t` (snapped).
+
+        Args:
+            rewards_a (`torch.Tensor` of shape `(B,)`): rewards of the first sample of each pair.
+            rewards_b (`torch.Tensor` of shape `(B,)`): rewards of the second sample of each pair.
+            t (`float` or `torch.Tensor` of shape `()` or `(B,)`): the noise level(s) the rewards were read at. A
+                tensor `t` is range-checked only on the CPU (see `snap_noise_level`).
+
+        Returns:
+            `torch.Tensor` of shape `(B,)`: Thurstone `Phi((r_a - r_b) / sqrt(2 var(t) + eps))` with
+            `var(t) = k t**2 + v0` (a constant variance for `"fixed_variance"`), or `sigmoid(r_a - r_b)` (BT).
+        """
         diff = rewards_a.reshape(-1) - rewards_b.reshape(-1)
         if self.config.loss_type == "bradley_terry":
             return torch.sigmoid(diff)
@@ -682,13 +796,44 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         return 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))
 
     def preference_loss(
-        self, rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, t: float | torch.Tensor
+        self,
+        rewards_chosen: torch.Tensor,
+        rewards_rejected: torch.Tensor,
+        t: float | torch.Tensor,
+        weights: torch.Tensor | None = None,
+        reduction: str = "mean",
     ) -> torch.Tensor:
-        """Mean over pairs: fidelity loss `1 - sqrt(p)` (Thurstone / fixed variance) or `-log sigmoid` (BT)."""
+        r"""The training loss of pairs, chosen first: fidelity `1 - sqrt(p + eps)` (Thurstone / fixed variance,
+        `p` from `preference_probability`) or `-log sigmoid(r_c - r_r)` (Bradley-Terry).
+
+        Every pair is computed with elementwise operations, so a pair's loss does not depend on the other pairs.
+
+        Args:
+            rewards_chosen (`torch.Tensor` of shape `(B,)`): rewards of the preferred samples.
+            rewards_rejected (`torch.Tensor` of shape `(B,)`): rewards of the other samples.
+            t (`float` or `torch.Tensor` of shape `()` or `(B,)`): the noise level of every pair, or of each pair.
+            weights (`torch.Tensor` of shape `(B,)`, *optional*): per-pair weights of the mean,
+                `sum(w * loss) / sum(w)` (a zero sum gives 0, not NaN). Only with `reduction="mean"`.
+            reduction (`str`, defaults to `"mean"`): `"mean"` (the weighted mean with `weights`) or `"none"` for the
+                `(B,)` per-pair losses.
+        """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction={reduction!r} is not supported: use 'mean' or 'none' (per-pair losses).")
+        if weights is not None and reduction != "mean":
+            raise ValueError("weights are the weights of the mean: pass them with reduction='mean'.")
         if self.config.loss_type == "bradley_terry":
-            return -F.logsigmoid(rewards_chosen.reshape(-1) - rewards_rejected.reshape(-1)).mean()
-        p = self.preference_probability(rewards_chosen, rewards_rejected, t)
-        return (1.0 - torch.sqrt(p + self.config.thurstone_eps)).mean()
+            losses = -F.logsigmoid(rewards_chosen.reshape(-1) - rewards_rejected.reshape(-1))
+        else:
+            p = self.preference_probability(rewards_chosen, rewards_rejected, t)
+            losses = 1.0 - torch.sqrt(p + self.config.thurstone_eps)
+        if reduction == "none":
+            return losses
+        if weights is None:
+            return losses.mean()
+        weights = weights.reshape(-1).to(losses)
+        if weights.shape != losses.shape:
+            raise ValueError(f"weights must hold one value per pair ({losses.shape[0]}), got {weights.shape[0]}.")
+        return (weights * losses).sum() / weights.sum().clamp_min(torch.finfo(losses.dtype).tiny)
 
     def _comparison_variance(self, t: float | torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
         if self.config.loss_type == "fixed_variance":

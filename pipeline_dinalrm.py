@@ -539,14 +539,19 @@ class DiNaLRMPipeline(DiffusionPipeline):
         levels: list[float],
         num_noise_samples: int,
         generator: torch.Generator | None,
+        check_finite: bool,
     ) -> torch.Tensor:
         """Rewards of clean latents, averaged over `num_noise_samples` noise draws taken in order from `generator`.
 
-        The noise convention (snapping, one noise shared by all ensemble levels) is `reward_model.score_latents`'s.
+        The noise convention (snapping, one noise shared by all ensemble levels) is `reward_model.score_latents`'s;
+        `check_finite` is its value check (NaN / infinite latents or prompt embeddings), done once per batch.
         """
         draws = [
-            self.reward_model.score_latents(latents, prompt_embeds, pooled_prompt_embeds, t=levels, generator=generator)
-            for _ in range(num_noise_samples)
+            self.reward_model.score_latents(
+                latents, prompt_embeds, pooled_prompt_embeds, t=levels, generator=generator,
+                check_finite=check_finite and draw == 0,
+            )
+            for draw in range(num_noise_samples)
         ]
         return torch.stack(draws).mean(dim=0)
 
@@ -571,14 +576,16 @@ class DiNaLRMPipeline(DiffusionPipeline):
         The autograd graph runs from `latents` to the rewards (no batching, no progress bar, rewards stay on the
         latents' device). Give the generator pipeline's own `prompt_embeds` / `pooled_prompt_embeds`, or `prompt`:
         prompts are encoded once and cached across calls. Freeze the reward model yourself
-        (`pipe.reward_model.requires_grad_(False)`) if only the generator should receive gradients.
+        (`pipe.reward_model.requires_grad_(False)`) if only the generator should receive gradients. Input values are
+        not checked for NaN / infinity: reading them back would wait for the accelerator on every call (and break
+        `torch.compile` graphs); check the rewards, or call the reward model with `check_finite=True`, to debug.
         """
         self.check_inputs(prompt, None, latents, prompt_embeds, pooled_prompt_embeds, t, num_noise_samples)
         indices = list(range(latents.shape[0]))
         embeds, pooled = self._prompt_embeds_for(
             prompt, prompt_embeds, pooled_prompt_embeds, indices, latents.device, max_sequence_length
         )
-        rewards = self._score(latents, embeds, pooled, self._noise_levels(t), num_noise_samples, generator)
+        rewards = self._score(latents, embeds, pooled, self._noise_levels(t), num_noise_samples, generator, False)
         return self._display(rewards, normalize)
 
     @torch.no_grad()
@@ -599,6 +606,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         sample_posterior: bool = False,
         max_sequence_length: int | None = None,
         return_dict: bool = True,
+        check_finite: bool = True,
     ) -> DiNaLRMPipelineOutput | tuple:
         r"""Rewards of images or clean latents for their prompts.
 
@@ -632,6 +640,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
             sample_posterior (`bool`): encode images with a VAE posterior sample instead of its mode.
             max_sequence_length (`int`, *optional*): T5 tokens; defaults to `reward_model.config.max_sequence_length`.
             return_dict (`bool`): return a [`DiNaLRMPipelineOutput`] instead of a tuple.
+            check_finite (`bool`, defaults to `True`): refuse latents (given or encoded) and prompt embeddings that
+                hold NaN or infinite values, which would give NaN rewards. The check reads the values back, one
+                device sync per batch; pass `False` to skip it.
 
         Examples:
         """
@@ -652,7 +663,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
                     embeds, pooled = self._prompt_embeds_for(
                         prompt, prompt_embeds, pooled_prompt_embeds, indices, device, max_sequence_length
                     )
-                    scores = self._score(batch_latents, embeds, pooled, levels, num_noise_samples, generator)
+                    scores = self._score(
+                        batch_latents, embeds, pooled, levels, num_noise_samples, generator, check_finite
+                    )
                     rewards[indices] = scores.float().cpu()
                 progress.update()
         rewards = self._display(rewards, normalize)
@@ -687,8 +700,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
     ) -> DiNaLRMComparisonOutput:
         r"""Probability that `image_a` is preferred over `image_b` for `prompt`, and the winner.
 
-        Both images are scored in one call (other keyword arguments as in `__call__`, raw rewards). The probability
-        is `reward_model.preference_probability(r_a, r_b, level)`, the comparison model of training (Thurstone:
+        Both images are scored in one call (other keyword arguments as in `__call__`, raw rewards; NaN or infinite
+        inputs are refused unless `check_finite=False`). The probability is
+        `reward_model.preference_probability(r_a, r_b, level)`, the comparison model of training (Thurstone:
         `Phi((r_a - r_b) / sqrt(2 * (k * level**2 + v0)))`). `level` is `t`; for an ensemble, which has no single
         level, it is `reward_model.config.default_t`.
         """
@@ -709,6 +723,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
 
     def rank(self, prompt: str | list[str] | None, images=None, latents: torch.Tensor | None = None, **kwargs):
         r"""Orders images (or latents) by reward, best first; other keyword arguments as in `__call__`.
+
+        NaN or infinite latents or prompt embeddings are refused unless `check_finite=False` is passed.
 
         Returns:
             [`DiNaLRMRankingOutput`] with `indices` into the inputs and their `rewards`, best first.

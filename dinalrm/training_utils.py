@@ -34,6 +34,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from modeling_dinalrm import add_noise
+
 from .data import resize_and_center_crop
 from .images import ImageLoadError, load_image
 
@@ -132,37 +134,26 @@ def preference_step(
     """The DiNa-LRM objective on one batch of pairs of clean latents.
 
     Per pair: one noise level ``t`` and ONE noise shared by chosen and rejected (``x_t = (1 - t) x0 + t eps`` with
-    ``t`` snapped to the scheduler's table), a random left/right swap (the label follows it), one batched forward of
-    ``[left; right]`` through ``model`` (the possibly DDP-wrapped ``reward_model``), then the configured chosen-first
-    loss. Per-pair ``weights`` give a weighted mean. Draws from ``generator`` in a fixed order: t, noise, swap.
+    ``t`` snapped to the scheduler's table, see ``modeling_dinalrm.add_noise``), one batched forward of
+    ``[chosen; rejected]`` through ``model`` (the possibly DDP-wrapped ``reward_model``), then the model's
+    chosen-first ``preference_loss`` over all pairs at once, weighted by ``batch["weights"]``. The pairs are not
+    presented in a random order: the loss is symmetric, so a left/right swap would change nothing. Draws from
+    ``generator`` in a fixed order: t, then noise.
     """
     chosen, rejected = batch["chosen"], batch["rejected"]
     device, pairs = chosen.device, chosen.shape[0]
     t = sample_noise_levels(weighting_scheme, pairs, generator, logit_mean, logit_std, constant_t)
     noise = randn_tensor(chosen.shape, generator=generator, device=device, dtype=chosen.dtype)
-    swap = (torch.rand(pairs, generator=generator) < 0.5).to(device)
     sigmas, _ = reward_model.snap_noise_level(t, pairs, device)
-    scale = sigmas.to(chosen.dtype).view(-1, 1, 1, 1)
-    side = swap.view(-1, 1, 1, 1)
-    left, right = torch.where(side, rejected, chosen), torch.where(side, chosen, rejected)
-    noisy = torch.cat([(1.0 - scale) * left + scale * noise, (1.0 - scale) * right + scale * noise])
+    noisy = torch.cat([add_noise(chosen, noise, sigmas), add_noise(rejected, noise, sigmas)])
     rewards = model(
         noisy,
         torch.cat([sigmas, sigmas]),
         batch["prompt_embeds"].repeat(2, 1, 1),
         batch["pooled_prompt_embeds"].repeat(2, 1),
     ).rewards.float()
-    rewards_left, rewards_right = rewards.chunk(2)
-    rewards_chosen = torch.where(swap, rewards_right, rewards_left)
-    rewards_rejected = torch.where(swap, rewards_left, rewards_right)
-    per_pair = torch.stack(
-        [
-            reward_model.preference_loss(rewards_chosen[i : i + 1], rewards_rejected[i : i + 1], sigmas[i : i + 1])
-            for i in range(pairs)
-        ]
-    )
-    weights = batch["weights"].to(per_pair)
-    loss = (weights * per_pair).sum() / weights.sum().clamp_min(torch.finfo(per_pair.dtype).tiny)
+    rewards_chosen, rewards_rejected = rewards.chunk(2)
+    loss = reward_model.preference_loss(rewards_chosen, rewards_rejected, sigmas, weights=batch["weights"])
     with torch.no_grad():
         margin = rewards_chosen - rewards_rejected
         return StepOutput(

@@ -14,7 +14,7 @@ from conftest import OFFICIAL_TINY
 from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 
-from dinalrm.testing import tiny_transformer_config
+from dinalrm.testing import get_tiny_dinalrm_reward_model, tiny_transformer_config
 from modeling_dinalrm import DiNaLRMConfig, DiNaLRMModel
 
 
@@ -296,3 +296,106 @@ def test_bradley_terry_and_fixed_variance_ablations(model):
         assert p_low[0].item() == pytest.approx(_phi(z), rel=1e-6)
     finally:
         model.config.loss_type = "thurstone"
+
+
+# ---------------------------------------------------------------------------------- tiny-factory model
+@pytest.fixture(scope="module")
+def tiny(one_thread) -> DiNaLRMModel:
+    return get_tiny_dinalrm_reward_model().eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(tiny):
+    bc = tiny.config.backbone_config
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 16, 8, 8, generator=generator)
+    prompt = torch.randn(2, 5, bc["joint_attention_dim"], generator=generator)
+    pooled = torch.randn(2, bc["pooled_projection_dim"], generator=generator)
+    noise = torch.randn(2, 16, 8, 8, generator=generator)
+    return latents, prompt, pooled, noise
+
+
+def _thurstone_losses(config, chosen: list[float], rejected: list[float], sigmas: list[float]) -> list[float]:
+    """The fidelity loss 1 - sqrt(P + eps) with P = Phi(diff / sqrt(2 var + eps)), var = k sigma^2 + v0, by hand."""
+    losses = []
+    for a, b, sigma in zip(chosen, rejected, sigmas):
+        variance = config.thurstone_k * sigma**2 + config.thurstone_v0
+        p = _phi((a - b) / math.sqrt(2 * variance + config.thurstone_eps))
+        losses.append(1 - math.sqrt(p + config.thurstone_eps))
+    return losses
+
+
+def test_preference_loss_per_pair_and_weighted_mean(tiny):
+    chosen, rejected = torch.tensor([1.5, -0.2, 0.3, 2.0]), torch.tensor([0.5, 0.4, 0.3, -1.0])
+    t = torch.tensor([0.3, 0.5, 0.1, 0.9])  # table entries, so snapping leaves them unchanged
+    expected = _thurstone_losses(tiny.config, chosen.tolist(), rejected.tolist(), t.tolist())
+    per_pair = tiny.preference_loss(chosen, rejected, t, reduction="none")
+    assert per_pair.shape == (4,)
+    torch.testing.assert_close(per_pair, torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    assert tiny.preference_loss(chosen, rejected, t).item() == pytest.approx(sum(expected) / 4, rel=1e-6)
+    # A float t is one level for every pair.
+    same_level = _thurstone_losses(tiny.config, chosen.tolist(), rejected.tolist(), [0.5] * 4)
+    torch.testing.assert_close(tiny.preference_loss(chosen, rejected, 0.5, reduction="none"), torch.tensor(same_level))
+
+    weights = torch.tensor([2.0, 0.0, 1.0, 1.0])
+    weighted = sum(w * x for w, x in zip(weights.tolist(), expected)) / 4.0
+    assert tiny.preference_loss(chosen, rejected, t, weights=weights).item() == pytest.approx(weighted, rel=1e-6)
+    assert tiny.preference_loss(chosen, rejected, t, weights=torch.zeros(4)).item() == 0.0  # not NaN
+
+
+def test_preference_loss_refuses_a_bad_reduction(tiny):
+    rewards = torch.zeros(2)
+    with pytest.raises(ValueError, match="reduction='sum'.*'mean' or 'none'"):
+        tiny.preference_loss(rewards, rewards, 0.4, reduction="sum")
+    with pytest.raises(ValueError, match="weights"):
+        tiny.preference_loss(rewards, rewards, 0.4, weights=torch.ones(2), reduction="none")
+
+
+def _nan_at(tensor: torch.Tensor, index: int) -> torch.Tensor:
+    broken = tensor.clone()
+    broken[index] = float("nan")
+    return broken
+
+
+@pytest.mark.parametrize("position, name", [(0, "latents"), (1, "prompt_embeds"), (2, "pooled_prompt_embeds"),
+                                            (3, "noise")])
+def test_non_finite_inputs_are_refused_on_the_cpu_unless_check_finite_is_false(tiny, tiny_batch, position, name):
+    inputs = list(tiny_batch)
+    inputs[position] = _nan_at(inputs[position], 1)
+    latents, prompt, pooled, noise = inputs
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=rf"^{name} contains? NaN or infinite values: \w+"):
+            tiny.score_latents(latents, prompt, pooled, t=0.4, noise=noise)
+        rewards = tiny.score_latents(latents, prompt, pooled, t=0.4, noise=noise, check_finite=False)
+    assert torch.isfinite(rewards[0]) and not torch.isfinite(rewards[1])
+
+
+def test_check_finite_covers_forward_and_a_tensor_t(tiny, tiny_batch):
+    latents, prompt, pooled, _ = tiny_batch
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="^latents contain NaN"):
+            tiny(_nan_at(latents, 0), 0.4, prompt, pooled)
+        assert torch.isnan(tiny(_nan_at(latents, 0), 0.4, prompt, pooled, check_finite=False).rewards[0])
+        with pytest.raises(ValueError, match=r"\[0, 1\]"):
+            tiny(latents, torch.tensor([0.2, 1.5]), prompt, pooled)
+        # Unchecked, an out-of-range tensor t snaps to the table's nearest entry, as a value read on a GPU would.
+        sigmas = tiny(latents, torch.tensor([0.2, 1.5]), prompt, pooled, check_finite=False).sigmas
+    assert sigmas[1].item() == tiny._sigma_table.max().item()
+    with pytest.raises(ValueError, match=r"\[0, 1\]; got nan"):
+        tiny.snap_noise_level(float("nan"), 2, check_finite=False)  # a Python number is always checked
+
+
+@pytest.mark.parametrize("t", [0.4, [0.2, 0.5, 0.7]], ids=["single", "ensemble"])
+def test_score_latents_compiles_without_graph_breaks(tiny, tiny_batch, t):
+    """`torch.compile` captures score_latents whole: no data-dependent branch, no value read back (the default
+    value checks are skipped while compiling). The noise is passed explicitly: drawing it from a
+    `torch.Generator` inside the compiled region is out of scope (dynamo breaks the graph at the draw)."""
+    latents, prompt, pooled, noise = tiny_batch
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            explanation = torch._dynamo.explain(tiny.score_latents)(latents, prompt, pooled, t=t, noise=noise)
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -334,3 +334,27 @@ def test_bad_inputs_raise_clear_errors(pipe, kwargs, error, match):
 def test_compare_refuses_batches(pipe):
     with pytest.raises(ValueError, match="one image per side"):
         pipe.compare(PROMPT, [IMG, IMG], IMG)
+
+
+def _with_nan(tensor: torch.Tensor) -> torch.Tensor:
+    broken = tensor.clone()
+    broken.view(-1)[0] = float("nan")
+    return broken
+
+
+def test_pipeline_refuses_non_finite_inputs_by_default(pipe, latents, embeds):
+    with pytest.raises(ValueError, match="latents contain NaN"):
+        pipe(PROMPT, latents=_with_nan(latents), generator=generator())
+    with pytest.raises(ValueError, match="prompt_embeds contain NaN"):
+        pipe(prompt_embeds=_with_nan(embeds[0]), pooled_prompt_embeds=embeds[1], latents=latents)
+    with pytest.raises(ValueError, match="latents contain NaN"):
+        pipe.rank(PROMPT, latents=_with_nan(latents))
+    unchecked = pipe(PROMPT, latents=_with_nan(latents), generator=generator(), check_finite=False).rewards
+    assert torch.isnan(unchecked[0]) and torch.isfinite(unchecked[1:]).all()
+
+
+def test_reward_fn_does_not_read_input_values_back(pipe, latents):
+    """On the CPU the model would check by default; reward_fn opts out, so a NaN reaches the reward untouched."""
+    with torch.no_grad():
+        rewards = pipe.reward_fn(_with_nan(latents), prompt=PROMPT, generator=generator())
+    assert torch.isnan(rewards[0]) and torch.isfinite(rewards[1:]).all()

@@ -7,6 +7,7 @@ killed and resumed twice.
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -83,7 +84,7 @@ def _environment(**extra: str) -> dict:
 
 
 def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedProcess:
-    """`accelerate launch train_dinalrm.py ...` (DESIGN §10's flags for two synced CPU processes)."""
+    """`accelerate launch train_dinalrm.py ...`; with two processes, the flags that run them synced on the CPU."""
     launcher = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
                 "--dynamo_backend", "no"]
     if processes > 1:
@@ -140,8 +141,8 @@ class _MeanReward(torch.nn.Module):
     def snap_noise_level(self, *args):
         return self.model.snap_noise_level(*args)
 
-    def preference_loss(self, *args):
-        return self.model.preference_loss(*args)
+    def preference_loss(self, *args, **kwargs):
+        return self.model.preference_loss(*args, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +164,9 @@ def test_step_scores_both_sides_in_one_forward_with_shared_noise(tiny_reward_mod
     rejected = torch.full((8, 16, 4, 4), -1.0)
     output = preference_step(stub, stub, _pair_batch(chosen, rejected), seeded_generator(0, 1))
     assert stub.batch_sizes == [16]
-    # The label follows the random left/right swap: the chosen side always wins however the pair is presented.
     assert output.accuracy == 1.0 and output.reward_margin > 0
     left, right = stub.inputs.chunk(2)
-    swapped = left.mean(dim=(1, 2, 3)) < right.mean(dim=(1, 2, 3))
-    assert 0 < swapped.sum() < 8, "pairs must be presented in both orders"
+    assert (left.mean(dim=(1, 2, 3)) > right.mean(dim=(1, 2, 3))).all(), "chosen first, then rejected"
     # One noise and one t per pair: the two sides differ exactly by (1 - t) * (chosen - rejected), a constant.
     difference = (left - right).flatten(1)
     assert torch.allclose(difference, difference[:, :1].expand_as(difference))
@@ -176,28 +175,30 @@ def test_step_scores_both_sides_in_one_forward_with_shared_noise(tiny_reward_mod
     assert identical.reward_margin == 0 and identical.accuracy == 0  # ties are not wins
 
 
-def test_step_loss_is_the_models_chosen_first_loss_and_weights_work(tiny_reward_model):
+def test_step_loss_is_the_weighted_chosen_first_thurstone_loss(tiny_reward_model):
     stub = _MeanReward(tiny_reward_model)
+    config = tiny_reward_model.config
     generator_state = seeded_generator(3).get_state()
     chosen, rejected = torch.randn(4, 16, 4, 4), torch.randn(4, 16, 4, 4)
     output = preference_step(stub, stub, _pair_batch(chosen, rejected), torch.Generator().set_state(generator_state))
-    left, right = stub.inputs.chunk(2)
     generator = torch.Generator().set_state(generator_state)
     t = torch.rand(4, generator=generator)
-    torch.randn(chosen.shape, generator=generator)
-    swap = torch.rand(4, generator=generator) < 0.5
+    noise = torch.randn(chosen.shape, generator=generator)
     sigmas, _ = tiny_reward_model.snap_noise_level(t, 4)
-    rewards = torch.cat([left, right]).mean(dim=(1, 2, 3))
-    r_chosen = torch.where(swap, rewards[4:], rewards[:4])
-    r_rejected = torch.where(swap, rewards[:4], rewards[4:])
-    expected = tiny_reward_model.preference_loss(r_chosen, r_rejected, sigmas)
-    assert torch.allclose(output.loss, expected)
+    # Expected values by hand: x_t = (1 - sigma) x0 + sigma eps, reward = mean, Thurstone fidelity loss via math.erf.
+    losses = []
+    for i, sigma in enumerate(sigmas.tolist()):
+        r_chosen = ((1 - sigma) * chosen[i] + sigma * noise[i]).double().mean().item()
+        r_rejected = ((1 - sigma) * rejected[i] + sigma * noise[i]).double().mean().item()
+        variance = config.thurstone_k * sigma**2 + config.thurstone_v0
+        z = (r_chosen - r_rejected) / math.sqrt(2 * variance + config.thurstone_eps)
+        losses.append(1 - math.sqrt(0.5 * (1 + math.erf(z / math.sqrt(2))) + config.thurstone_eps))
+    assert output.loss.item() == pytest.approx(sum(losses) / 4, rel=1e-5)
 
     weighted = _pair_batch(chosen, rejected)
     weighted["weights"] = torch.tensor([1.0, 0.0, 0.0, 0.0])
     first_only = preference_step(stub, stub, weighted, torch.Generator().set_state(generator_state))
-    expected_first = tiny_reward_model.preference_loss(r_chosen[:1], r_rejected[:1], sigmas[:1])
-    assert torch.allclose(first_only.loss, expected_first)
+    assert first_only.loss.item() == pytest.approx(losses[0], rel=1e-5)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(workspace):
