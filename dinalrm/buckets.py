@@ -39,7 +39,10 @@ class BucketSet:
         self.resolution = resolution
         self.multiple = multiple
         scaled = (
-            (self._snap(w * resolution / _BUCKET_BASE_RESOLUTION), self._snap(h * resolution / _BUCKET_BASE_RESOLUTION))
+            (
+                self._snap(w * resolution / _BUCKET_BASE_RESOLUTION),
+                self._snap(h * resolution / _BUCKET_BASE_RESOLUTION),
+            )
             for w, h in ASPECT_RATIO_BUCKETS
         )
         self.buckets: tuple[tuple[int, int], ...] = tuple(dict.fromkeys(scaled))

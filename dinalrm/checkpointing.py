@@ -178,7 +178,9 @@ def load_ema(ema: EMAModel, names: Sequence[str], directory: str | os.PathLike) 
     weights = load_file(os.path.join(directory, _EMA_WEIGHTS))
     if set(weights) != set(names):
         missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
-        raise ValueError(f"EMA weights do not match the trainable parameters: missing {missing[:5]}, unexpected {unexpected[:5]}.")
+        raise ValueError(
+            f"EMA weights do not match the trainable parameters: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
     with open(os.path.join(directory, _EMA_STATE), encoding="utf-8") as handle:
         counters = json.load(handle)
     device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
@@ -232,7 +234,7 @@ def _tree_to_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
 
 
 def convert_accelerate_pickles(checkpoint_dir: str | os.PathLike) -> list[str]:
-    """Replace the pickles `accelerator.save_state` wrote in `checkpoint_dir` by safetensors files; returns their names.
+    """Replace the pickles `accelerator.save_state` wrote in `checkpoint_dir` by safetensors; returns their names.
 
     Each `<name>` becomes `<name>.safetensors` holding the tensors, with the structure (dict keys, tuples,
     numbers) as JSON in the metadata; `restore_accelerate_pickles` gives accelerate its files back on resume.

@@ -113,7 +113,8 @@ def write_feature_cache(
             continue
         embeds, pooled = [], []
         for start in range(chunk.start, chunk.stop, batch_size):
-            prompt_embeds, pooled_prompt_embeds = encode_prompts(unique_prompts[start : min(start + batch_size, chunk.stop)])
+            prompts = unique_prompts[start : min(start + batch_size, chunk.stop)]
+            prompt_embeds, pooled_prompt_embeds = encode_prompts(prompts)
             embeds.append(prompt_embeds.cpu())
             pooled.append(pooled_prompt_embeds.cpu())
         save_file(
@@ -133,7 +134,10 @@ def write_feature_cache(
         for members in by_bucket.values():
             batches += [(number, members[i : i + batch_size]) for i in range(0, len(members), batch_size)]
     loader = torch.utils.data.DataLoader(
-        images, batch_sampler=[indices for _, indices in batches], collate_fn=collate_image_pairs, num_workers=num_workers
+        images,
+        batch_sampler=[indices for _, indices in batches],
+        collate_fn=collate_image_pairs,
+        num_workers=num_workers,
     )
     skipped: Counter[str] = Counter()
     shards: dict[tuple[int, tuple[int, int]], dict[str, list[torch.Tensor]]] = {}
@@ -216,12 +220,14 @@ class CachedPairDataset(torch.utils.data.Dataset):
             self._prompt_rows = self._open(self._prompt_files[0]).get_slice("pooled_prompt_embeds").get_shape()[0]
         handle = self._open(self._prompt_files[index // self._prompt_rows])
         row = index % self._prompt_rows
-        return handle.get_slice("prompt_embeds")[row : row + 1][0], handle.get_slice("pooled_prompt_embeds")[row : row + 1][0]
+        embeds, pooled = (handle.get_slice(name) for name in ("prompt_embeds", "pooled_prompt_embeds"))
+        return embeds[row : row + 1][0], pooled[row : row + 1][0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         path, row = self._rows[index]
         handle = self._open(path)
-        item = {name: handle.get_slice(name)[row : row + 1][0] for name in ("chosen", "rejected", "prompt_index", "weight")}
+        names = ("chosen", "rejected", "prompt_index", "weight")
+        item = {name: handle.get_slice(name)[row : row + 1][0] for name in names}
         item["prompt_embeds"], item["pooled_prompt_embeds"] = self._prompt(int(item.pop("prompt_index")))
         return item
 
