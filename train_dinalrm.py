@@ -17,13 +17,10 @@ Checkpoints (`--checkpointing_steps`) are written to a temporary folder and rena
 when complete, so `--resume_from_checkpoint latest` never picks a half-written one; resuming restores the model,
 optimizer, LR scheduler, EMA weights, RNG states and the position in the data, and continues exactly as an
 uninterrupted run would. Checkpoints hold no pickles: what accelerate writes with `torch.save` (optimizer, scheduler,
-RNG states) is converted to safetensors before the rename, and handed back to accelerate on resume. The final folder `--output_dir` holds the EMA weights (with `--use_ema`) in
+RNG states) is converted to safetensors before the rename, and handed back to accelerate on resume (all in
+`dinalrm.checkpointing`). The final folder `--output_dir` holds the EMA weights (with `--use_ema`) in
 `DiNaLRMModel.save_pretrained` form (LoRA merged); `--pipeline_output_dir` adds the whole Hub repository that
 `DiNaLRMPipeline.from_pretrained` loads.
-
-Testing hook: the environment variable `DINALRM_TEST_KILL_AT_CHECKPOINT=<step>` makes the process SIGKILL itself
-right after checkpoint `<step>` is complete, and `<step>:partial` right after that checkpoint's files are written
-but before it is renamed into place (the tests use it to simulate crashes).
 """
 
 import argparse
@@ -31,9 +28,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import signal
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -49,46 +43,50 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
-from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+from diffusers import StableDiffusion3Pipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
 from tqdm.auto import tqdm
 
-from dinalrm.data import DATA_FORMATS, BucketSet, ColumnNames, load_preference_dataset
-from dinalrm.hub import build_hub_repo
-from dinalrm.training_utils import (
-    CACHE_FORMAT_VERSION,
-    CACHE_INFO,
+from dinalrm.buckets import BucketBatchSampler, BucketSet, buckets_for_model
+from dinalrm.checkpointing import (
     CHECKPOINT_PREFIX,
-    TRAINING_STATE,
-    WEIGHTING_SCHEMES,
-    BucketBatchSampler,
-    CachedPairDataset,
-    ImagePairDataset,
-    collate_cached_pairs,
-    collate_image_pairs,
-    convert_accelerate_pickles,
-    encode_image_pairs,
+    PARTIAL_PREFIX,
+    load_checkpoint,
     load_ema,
+    remove_partial_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_ema,
+)
+from dinalrm.data import DATA_FORMATS, ColumnNames, load_preference_dataset
+from dinalrm.feature_cache import (
+    FINGERPRINT_SETTINGS,
+    CachedPairDataset,
+    build_feature_cache,
+    cache_fingerprint,
+    collate_cached_pairs,
+    read_valid_cache_info,
+)
+from dinalrm.hub import build_hub_repo
+from dinalrm.pair_datasets import (
+    ImagePairDataset,
+    collate_image_pairs,
+    encode_image_pairs,
+)
+from dinalrm.training_utils import (
+    WEIGHTING_SCHEMES,
     parameter_digest,
     preference_step,
-    read_cache_info,
-    remove_old_checkpoints,
-    resolve_checkpoint,
-    restore_accelerate_pickles,
-    save_ema,
     seeded_generator,
-    write_feature_cache,
 )
 from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
 
 logger = get_logger(__name__)
 
-KILL_ENV = "DINALRM_TEST_KILL_AT_CHECKPOINT"
-PARTIAL_PREFIX = ".partial-"
 SUMMARY_FILE = "training_summary.json"
 VALIDATION_STREAM = -1  # key of the validation noise in `seeded_generator`, apart from the training streams
 HOLD_OUT_SEED = 0  # a fractional --validation_split is drawn with a fixed seed, so cached features stay valid
@@ -275,17 +273,6 @@ def build_reward_model(args: argparse.Namespace) -> DiNaLRMModel:
     return model
 
 
-def bucket_set(args: argparse.Namespace, reward_model: DiNaLRMModel) -> BucketSet:
-    """Aspect-ratio buckets at --resolution whose sides give whole backbone patches after the VAE."""
-    multiple = args.bucket_multiple
-    if multiple is None:
-        vae_config = AutoencoderKL.load_config(
-            args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision
-        )
-        multiple = 2 ** (len(vae_config["block_out_channels"]) - 1) * reward_model.config.backbone_config["patch_size"]
-    return BucketSet(args.resolution, multiple)
-
-
 def _is_fraction(value: str | None) -> bool:
     try:
         return value is not None and 0.0 < float(value) < 1.0
@@ -351,7 +338,7 @@ def load_encoding_pipeline(args, reward_model: DiNaLRMModel, device: torch.devic
 
 
 def encoders(pipeline: DiNaLRMPipeline, args, device: torch.device):
-    """`(encode_prompts, encode_images)` callables for `dinalrm.training_utils` (no gradients)."""
+    """`(encode_prompts, encode_images)` callables for `dinalrm.pair_datasets` and the feature cache (no gradients)."""
 
     @torch.no_grad()
     def encode_prompts(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,21 +350,9 @@ def encoders(pipeline: DiNaLRMPipeline, args, device: torch.device):
     return encode_prompts, encode_images
 
 
-def cache_fingerprint(args, buckets: BucketSet, dtype: torch.dtype) -> dict:
-    """Everything the cached features depend on; a cache built for other values is refused."""
-    keys = (
-        "pretrained_model_name_or_path", "revision", "variant", "max_sequence_length", "dataset_name",
-        "dataset_config_name", "train_data_dir", "image_root", "data_format", "prompt_column", "chosen_column",
-        "rejected_column", "weight_column", "min_confidence", "max_train_samples", "validation_split",
-        "validation_dataset_name", "max_validation_samples",
-    )
-    return {
-        "format": CACHE_FORMAT_VERSION,
-        **{key: getattr(args, key) for key in keys},
-        "resolution": buckets.resolution,
-        "bucket_multiple": buckets.multiple,
-        "dtype": str(dtype),
-    }
+def fingerprint(args: argparse.Namespace, buckets: BucketSet, dtype: torch.dtype) -> dict:
+    """The fingerprint of the feature cache these flags need (see `dinalrm.feature_cache.cache_fingerprint`)."""
+    return cache_fingerprint({key: getattr(args, key) for key in FINGERPRINT_SETTINGS}, buckets, dtype)
 
 
 def precompute_features(args, accelerator, reward_model, cache_dir: str, buckets: BucketSet, dtype) -> dict:
@@ -386,59 +361,30 @@ def precompute_features(args, accelerator, reward_model, cache_dir: str, buckets
     pipeline = load_encoding_pipeline(args, reward_model, accelerator.device, dtype)
     encode_prompts, encode_images = encoders(pipeline, args, accelerator.device)
     splits = {"train": train, **({"validation": validation} if validation is not None else {})}
-    if accelerator.is_main_process:
-        for split in splits:
-            shutil.rmtree(os.path.join(cache_dir, split), ignore_errors=True)
-    accelerator.wait_for_everyone()
-    runtime = {}
-    for split, pairs in splits.items():
-        logger.info(f"Encoding {len(pairs)} {split} pairs into {cache_dir}")
-        runtime[split] = write_feature_cache(
-            cache_dir, split, pairs, encode_prompts, encode_images, batch_size=args.train_batch_size,
-            process_index=accelerator.process_index, num_processes=accelerator.num_processes,
-            num_workers=args.dataloader_num_workers,
-        )
-    gathered = gather_object([runtime])
-    for split in splits:
-        for counts in gathered:
-            for reason, count in counts[split].items():
-                skipped[split][reason] = skipped[split].get(reason, 0) + count
-                skipped[split]["skipped"] += count
-                skipped[split]["kept"] -= count
-    info = {"fingerprint": cache_fingerprint(args, buckets, dtype), "splits": list(splits), "skipped": skipped}
-    if accelerator.is_main_process:
-        partial = os.path.join(cache_dir, PARTIAL_PREFIX + CACHE_INFO)
-        with open(partial, "w", encoding="utf-8") as handle:
-            json.dump(info, handle, indent=2)
-        os.replace(partial, os.path.join(cache_dir, CACHE_INFO))
-    accelerator.wait_for_everyone()
+    info = build_feature_cache(
+        accelerator, cache_dir, splits, skipped, encode_prompts, encode_images, fingerprint(args, buckets, dtype),
+        batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers,
+    )
     del pipeline, encode_prompts, encode_images
     return info
 
 
 def data_sources(args, accelerator, reward_model, dtype):
     """Training/validation datasets, their collate function, the encoder (None when cached) and skip counts."""
-    buckets = bucket_set(args, reward_model)
+    buckets = buckets_for_model(args.pretrained_model_name_or_path, reward_model.config.backbone_config["patch_size"],
+                                args.resolution, args.bucket_multiple, args.revision)
     cache_dir = args.cache_dir or (os.path.join(args.output_dir, "feature_cache") if args.precompute_features else None)
     if cache_dir is None:
         train, validation, skipped = load_pairs(args, accelerator, buckets)
         pipeline = load_encoding_pipeline(args, reward_model, accelerator.device, dtype)
         return (ImagePairDataset(train), ImagePairDataset(validation) if validation is not None else None,
                 collate_image_pairs, encoders(pipeline, args, accelerator.device), skipped)
-    info = read_cache_info(cache_dir)
+    info = read_valid_cache_info(cache_dir, fingerprint(args, buckets, dtype))
     if info is None:
         if not args.precompute_features:
             raise FileNotFoundError(f"No feature cache in {cache_dir}: pass --precompute_features to build it.")
         info = precompute_features(args, accelerator, reward_model, cache_dir, buckets, dtype)
     else:
-        expected = cache_fingerprint(args, buckets, dtype)
-        changed = {key: (info["fingerprint"].get(key), value) for key, value in expected.items()
-                   if info["fingerprint"].get(key) != value}
-        if changed:
-            raise ValueError(
-                f"The feature cache in {cache_dir} was built with other settings {changed} (cached, now): pick "
-                "another --cache_dir or delete that one."
-            )
         logger.info(f"Training from the feature cache in {cache_dir}")
     validation = CachedPairDataset(cache_dir, "validation") if "validation" in info["splits"] else None
     return CachedPairDataset(cache_dir, "train"), validation, collate_cached_pairs, None, info["skipped"]
@@ -498,57 +444,6 @@ def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_f
     accelerator.log(metrics, step=global_step)
     logger.info(f"Validation at step {global_step} ({'EMA' if ema else 'live'} weights): {metrics}")
     return metrics
-
-
-# --------------------------------------------------------------------------------------------------- checkpoints
-def _maybe_kill(global_step: int, stage: str) -> None:
-    """Test hook (see the module docstring): simulate a crash at a chosen checkpoint."""
-    if os.environ.get(KILL_ENV) == (str(global_step) if stage == "complete" else f"{global_step}:{stage}"):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_tree(path: str) -> None:
-    for folder, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(folder, name), "rb") as handle:
-                os.fsync(handle.fileno())
-
-
-def save_checkpoint(accelerator, args, global_step: int, training_state: dict) -> None:
-    """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` once complete."""
-    final = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
-    partial = os.path.join(args.output_dir, f"{PARTIAL_PREFIX}{CHECKPOINT_PREFIX}{global_step}")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
-    _maybe_kill(global_step, "partial")
-    if accelerator.is_main_process:
-        convert_accelerate_pickles(partial)
-        with open(os.path.join(partial, TRAINING_STATE), "w", encoding="utf-8") as handle:
-            json.dump(training_state, handle, indent=2)
-        _fsync_tree(partial)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.rename(partial, final)
-        directory = os.open(args.output_dir, os.O_RDONLY)
-        os.fsync(directory)
-        os.close(directory)
-        logger.info(f"Saved {final}")
-        if args.checkpoints_total_limit is not None:
-            for removed in remove_old_checkpoints(args.output_dir, args.checkpoints_total_limit):
-                logger.info(f"Removed {removed} (--checkpoints_total_limit {args.checkpoints_total_limit})")
-    accelerator.wait_for_everyone()
-    _maybe_kill(global_step, "complete")
-
-
-def remove_partial_checkpoints(output_dir: str) -> None:
-    """Delete what a crash during a checkpoint write left behind (never a complete checkpoint)."""
-    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
-        if name.startswith(PARTIAL_PREFIX + CHECKPOINT_PREFIX):
-            logger.warning(f"Removing the incomplete checkpoint {name} left by an interrupted run")
-            shutil.rmtree(os.path.join(output_dir, name))
 
 
 # --------------------------------------------------------------------------------------------------- model card
@@ -699,11 +594,7 @@ def main(args: argparse.Namespace) -> None:
             logger.info("No complete checkpoint to resume from: starting a new run.")
         else:
             logger.info(f"Resuming from checkpoint {path}")
-            with tempfile.TemporaryDirectory(prefix="dinalrm-resume-") as state_dir:
-                restore_accelerate_pickles(path, state_dir)
-                accelerator.load_state(state_dir)
-            with open(os.path.join(path, TRAINING_STATE), encoding="utf-8") as handle:
-                state = json.load(handle)
+            state = load_checkpoint(accelerator, path)
             if (state["num_processes"], state["train_batch_size"]) != (accelerator.num_processes, args.train_batch_size):
                 logger.warning("The number of processes or the batch size changed: the data position is approximate.")
             global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
@@ -770,13 +661,13 @@ def main(args: argparse.Namespace) -> None:
                     run_validation()
                 if global_step % args.checkpointing_steps == 0:
                     all_skips = sum((Counter(c) for c in gather_object([dict(runtime_skips)])), Counter())
-                    save_checkpoint(accelerator, args, global_step, {
+                    save_checkpoint(accelerator, args.output_dir, global_step, {
                         "global_step": global_step, "epoch": epoch, "batches_in_epoch": micro_index + 1,
                         "num_processes": accelerator.num_processes, "train_batch_size": args.train_batch_size,
                         "gradient_accumulation_steps": args.gradient_accumulation_steps,
                         "runtime_skips": dict(all_skips),
                         "validation": history,
-                    })
+                    }, args.checkpoints_total_limit)
             if global_step >= args.max_train_steps:
                 break
 

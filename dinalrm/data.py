@@ -1,12 +1,12 @@
 """Training preference pairs: public schemas -> one canonical ``datasets.Dataset``.
 
-Canonical pair (DESIGN §11): ``prompt: str``, ``chosen`` / ``rejected`` images, ``weight: float32``,
-plus the aspect-ratio bucket ``bucket_width`` / ``bucket_height`` both images are resized to.
-Images are stored as ``datasets.Image(decode=False)`` records ``{"bytes": ..., "path": ...}``: a path
-for files on disk (HPDv3, canonical path columns), the encoded bytes for embedded images (Pick-a-Pic,
-canonical ``Image`` columns). Decode them with :func:`dinalrm.images.load_image`, which also fixes
-the colour mode; keeping records instead of PIL images keeps the table small and defers decoding to
-the data loader workers.
+Canonical pair (the one format the trainer reads, whatever the source schema): ``prompt: str``, ``chosen`` /
+``rejected`` images, ``weight: float32``, plus the aspect-ratio bucket ``bucket_width`` / ``bucket_height`` both
+images are resized to (see :mod:`dinalrm.buckets`). Images are stored as ``datasets.Image(decode=False)`` records
+``{"bytes": ..., "path": ...}``: a path for files on disk (HPDv3, canonical path columns), the encoded bytes for
+embedded images (Pick-a-Pic, canonical ``Image`` columns). Decode them with :func:`dinalrm.images.load_image`,
+which also fixes the colour mode; keeping records instead of PIL images keeps the table small and defers decoding
+to the data loader workers.
 
 Rows that cannot be used are dropped and counted per reason in a :class:`SkipStats` (logged as one
 warning with the totals): missing or corrupt images, ties, invalid labels, low-confidence HPDv3
@@ -26,13 +26,12 @@ from typing import Any
 import datasets
 from PIL import Image
 
+from .buckets import BucketSet
 from .images import MISSING, ImageLoadError, load_image, read_image_size
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "ASPECT_RATIO_BUCKETS",
-    "BucketSet",
     "ColumnNames",
     "DATA_FORMATS",
     "FIRST",
@@ -64,13 +63,6 @@ HPDV3_COLUMNS = ("prompt", "path1", "path2")
 PICKAPIC_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 DATA_FORMATS = ("canonical", "hpdv3", "pickapic")
 HPDV3_HUB_ID = "MizzenAI/HPDv3"
-
-# DESIGN §3: the reference's buckets near 1024², plus 512² and 256² for small images.
-ASPECT_RATIO_BUCKETS: tuple[tuple[int, int], ...] = (
-    (1024, 1024), (1248, 832), (832, 1248), (1344, 896), (896, 1344), (1024, 768), (768, 1024),
-    (1472, 832), (832, 1472), (1152, 832), (832, 1152), (512, 512), (256, 256),
-)  # fmt: skip
-_BUCKET_BASE_RESOLUTION = 1024
 
 _ROW_IMAGE = datasets.Image(decode=False)
 CANONICAL_FEATURES = datasets.Features(
@@ -192,65 +184,6 @@ def image_record(value: Any, root: str | os.PathLike[str] | None = None) -> dict
             path = os.path.join(os.fspath(root), path)
         return {"bytes": None, "path": os.path.abspath(path)}
     raise TypeError(f"Unsupported image cell {type(value).__name__}: expected a path, bytes or an image record.")
-
-
-class BucketSet:
-    """Aspect-ratio buckets of DESIGN §3 scaled to ``resolution`` and snapped to ``multiple``.
-
-    ``multiple`` is the VAE down-sampling factor times the transformer patch size (8 x 2 = 16 for
-    SD3), so every bucket maps to a whole number of latent patches. An image goes to the bucket with
-    the closest aspect ratio (log-ratio distance); among buckets of that ratio (1024², 512², 256²)
-    the one closest in log-area wins, ties going to the larger one.
-    """
-
-    def __init__(self, resolution: int = 1024, multiple: int = 16) -> None:
-        if resolution <= 0 or multiple <= 0:
-            raise ValueError(f"resolution and multiple must be positive, got {resolution} and {multiple}.")
-        self.resolution = resolution
-        self.multiple = multiple
-        scaled = (
-            (self._snap(w * resolution / _BUCKET_BASE_RESOLUTION), self._snap(h * resolution / _BUCKET_BASE_RESOLUTION))
-            for w, h in ASPECT_RATIO_BUCKETS
-        )
-        self.buckets: tuple[tuple[int, int], ...] = tuple(dict.fromkeys(scaled))
-        ratios: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for w, h in self.buckets:
-            g = math.gcd(w, h)
-            ratios.setdefault((w // g, h // g), []).append((w, h))
-        self._classes = list(ratios.values())
-
-    def __repr__(self) -> str:
-        return f"BucketSet(resolution={self.resolution}, multiple={self.multiple})"
-
-    def _snap(self, value: float) -> int:
-        return max(self.multiple, int(math.floor(value / self.multiple + 0.5)) * self.multiple)
-
-    def _ratio_class(self, width: int, height: int) -> int:
-        if width <= 0 or height <= 0:
-            raise ValueError(f"Image size must be positive, got {width}x{height}.")
-        target = math.log(width / height)
-        distances = [abs(target - math.log(c[0][0] / c[0][1])) for c in self._classes]
-        return distances.index(min(distances))
-
-    def _closest_size(self, index: int, log_area: float) -> tuple[int, int]:
-        candidates = self._classes[index]
-        distances = [abs(log_area - math.log(w * h)) for w, h in candidates]
-        return candidates[distances.index(min(distances))]
-
-    def assign_bucket(self, width: int, height: int) -> tuple[int, int]:
-        """Bucket ``(width, height)`` for an image of the given size."""
-        return self._closest_size(self._ratio_class(width, height), math.log(width * height))
-
-    def assign_pair(self, first: tuple[int, int], second: tuple[int, int]) -> tuple[int, int] | None:
-        """Common bucket of two image sizes, or None when their aspect ratios fall in different buckets.
-
-        The size is picked for the geometric mean of the two areas, so neither image dominates.
-        """
-        index = self._ratio_class(*first)
-        if self._ratio_class(*second) != index:
-            return None
-        log_area = 0.5 * (math.log(first[0] * first[1]) + math.log(second[0] * second[1]))
-        return self._closest_size(index, log_area)
 
 
 def resize_and_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from dinalrm.buckets import ASPECT_RATIO_BUCKETS, BucketSet
 from dinalrm.data import (
-    ASPECT_RATIO_BUCKETS,
-    BucketSet,
     ColumnNames,
     detect_format,
     load_preference_dataset,

@@ -25,7 +25,23 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from safetensors.torch import load_file
 
-from dinalrm.data import BucketSet, load_preference_dataset
+from dinalrm.buckets import BucketBatchSampler, BucketSet
+from dinalrm.checkpointing import (
+    PARTIAL_PREFIX,
+    convert_accelerate_pickles,
+    list_checkpoints,
+    load_ema,
+    resolve_checkpoint,
+    restore_accelerate_pickles,
+    save_ema,
+)
+from dinalrm.data import load_preference_dataset
+from dinalrm.feature_cache import (
+    CachedPairDataset,
+    collate_cached_pairs,
+    write_feature_cache,
+)
+from dinalrm.pair_datasets import ImagePairDataset, collate_image_pairs
 from dinalrm.testing import (
     get_tiny_sd3_components,
     make_tiny_image_pair,
@@ -34,27 +50,16 @@ from dinalrm.testing import (
     write_tiny_preference_dataset,
 )
 from dinalrm.training_utils import (
-    BucketBatchSampler,
-    CachedPairDataset,
-    ImagePairDataset,
-    collate_cached_pairs,
-    collate_image_pairs,
-    convert_accelerate_pickles,
-    list_checkpoints,
-    load_ema,
     preference_step,
-    resolve_checkpoint,
-    restore_accelerate_pickles,
     sample_noise_levels,
-    save_ema,
     seeded_generator,
-    write_feature_cache,
 )
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
-from train_dinalrm import KILL_ENV, PARTIAL_PREFIX, build_reward_model, parse_args
+from train_dinalrm import build_reward_model, parse_args
 
 TRAIN_SCRIPT = str(REPO_ROOT / "train_dinalrm.py")
+KILL_LAUNCHER = str(REPO_ROOT / "tests" / "helpers" / "train_with_kill.py")
 # One set of flags for every whole run: 2 blocks of the tiny transformer, LoRA, EMA, 32x32 images, batch 1 with
 # gradient accumulation 2 (so a checkpoint falls mid-epoch), 6 optimizer steps over 2 epochs, checkpoints every 2.
 COMMON_FLAGS = [
@@ -79,8 +84,7 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _environment(**extra: str) -> dict:
-    env = {key: value for key, value in os.environ.items() if key != KILL_ENV}
-    return {**env, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **extra}
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **extra}
 
 
 def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedProcess:
@@ -94,10 +98,12 @@ def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedP
     return subprocess.run(command, capture_output=True, text=True, env=_environment(**env), cwd=REPO_ROOT, check=False)
 
 
-def run_python(*flags: str, **env: str) -> subprocess.CompletedProcess:
-    """`python train_dinalrm.py ...` (one process; what a crash test kills)."""
-    return subprocess.run([sys.executable, TRAIN_SCRIPT, *flags], capture_output=True, text=True, check=False,
-                          env=_environment(**env), cwd=REPO_ROOT)
+def run_python(*flags: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
+    """`python train_dinalrm.py ...` (one process); with `kill_at` (`<step>` or `<step>:partial`), the same run through
+    `tests/helpers/train_with_kill.py`, which SIGKILLs it when that checkpoint is complete (or just before)."""
+    script = [KILL_LAUNCHER, kill_at] if kill_at else [TRAIN_SCRIPT]
+    return subprocess.run([sys.executable, *script, *flags], capture_output=True, text=True, check=False,
+                          env=_environment(), cwd=REPO_ROOT)
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -425,11 +431,11 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
              "--validation_split", "test", "--output_dir", str(output), "--cache_dir", str(cache),
              "--resume_from_checkpoint", "latest", *COMMON_FLAGS]
 
-    first = run_python(*flags, **{KILL_ENV: "2"})
+    first = run_python(*flags, kill_at="2")
     assert first.returncode == -9, first.stderr[-3000:]
     assert [step for step, _ in list_checkpoints(output)] == [2]
 
-    second = run_python(*flags, **{KILL_ENV: "4:partial"})
+    second = run_python(*flags, kill_at="4:partial")
     assert second.returncode == -9, second.stderr[-3000:]
     assert "Resuming from checkpoint" in second.stderr and "checkpoint-2" in second.stderr
     assert (output / f"{PARTIAL_PREFIX}checkpoint-4" / "reward_model" / "model.safetensors").is_file()

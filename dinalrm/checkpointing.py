@@ -1,0 +1,274 @@
+"""Checkpoints of a training run: atomic writes, exact resumes, EMA weights, and no pickles on disk.
+
+A checkpoint is written under ``.partial-checkpoint-<step>`` and renamed to ``checkpoint-<step>`` only once complete,
+so :func:`list_checkpoints` (and ``--resume_from_checkpoint latest``) never sees a half-written one. What accelerate
+writes with ``torch.save`` is converted to safetensors before the rename and handed back to accelerate on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ACCELERATE_PICKLE_SUFFIXES",
+    "CHECKPOINT_PREFIX",
+    "PARTIAL_PREFIX",
+    "TRAINING_STATE",
+    "convert_accelerate_pickles",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_ema",
+    "remove_old_checkpoints",
+    "remove_partial_checkpoints",
+    "resolve_checkpoint",
+    "restore_accelerate_pickles",
+    "save_checkpoint",
+    "save_ema",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+PARTIAL_PREFIX = ".partial-"
+TRAINING_STATE = "training_state.json"
+_CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+_EMA_WEIGHTS = "ema_weights.safetensors"
+_EMA_STATE = "ema_state.json"
+
+
+# ----------------------------------------------------------------------------------------------- writing and reading
+def _fsync_tree(path: str) -> None:
+    for folder, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _publish_checkpoint(partial: str, final: str) -> None:
+    """Rename the complete folder ``partial`` to ``final`` (replacing an older one) and make the rename durable.
+
+    The one moment a checkpoint becomes visible; the crash tests' launcher (``tests/helpers/train_with_kill.py``)
+    wraps it to kill the process just before or just after.
+    """
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.rename(partial, final)
+    directory = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY)
+    os.fsync(directory)
+    os.close(directory)
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str,
+    global_step: int,
+    training_state: dict,
+    total_limit: int | None = None,
+) -> None:
+    """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` once complete.
+
+    The main process converts accelerate's pickles, writes ``training_state`` as ``training_state.json`` and fsyncs
+    everything before the rename; with ``total_limit``, the oldest complete checkpoints are then removed.
+    """
+    final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
+    partial = os.path.join(output_dir, f"{PARTIAL_PREFIX}{CHECKPOINT_PREFIX}{global_step}")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        convert_accelerate_pickles(partial)
+        with open(os.path.join(partial, TRAINING_STATE), "w", encoding="utf-8") as handle:
+            json.dump(training_state, handle, indent=2)
+        _fsync_tree(partial)
+        _publish_checkpoint(partial, final)
+        logger.info(f"Saved {final}")
+        if total_limit is not None:
+            for removed in remove_old_checkpoints(output_dir, total_limit):
+                logger.info(f"Removed {removed} (--checkpoints_total_limit {total_limit})")
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict:
+    """Restore the state :func:`save_checkpoint` wrote into ``accelerator`` and return its ``training_state``.
+
+    accelerate's files are laid out in accelerate's own format in a temporary folder only, for ``load_state``.
+    """
+    with tempfile.TemporaryDirectory(prefix="dinalrm-resume-") as state_dir:
+        restore_accelerate_pickles(path, state_dir)
+        accelerator.load_state(state_dir)
+    with open(os.path.join(path, TRAINING_STATE), encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:
+    """Delete what a crash during a checkpoint write left behind (never a complete checkpoint)."""
+    for name in os.listdir(output_dir) if os.path.isdir(output_dir) else []:
+        if name.startswith(PARTIAL_PREFIX + CHECKPOINT_PREFIX):
+            logger.warning(f"Removing the incomplete checkpoint {name} left by an interrupted run")
+            shutil.rmtree(os.path.join(output_dir, name))
+
+
+def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """Complete checkpoints ``(step, path)`` in ``output_dir``, oldest first.
+
+    Checkpoints are written under a temporary name and renamed when complete, so a folder named
+    ``checkpoint-<step>`` holding its ``training_state.json`` is complete; anything else is ignored.
+    """
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_PATTERN.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, TRAINING_STATE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def resolve_checkpoint(output_dir: str | os.PathLike, spec: str) -> str | None:
+    """The folder ``--resume_from_checkpoint`` names: ``latest`` (None when there is none yet) or a path/name."""
+    if spec == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = spec if os.path.isdir(spec) else os.path.join(output_dir, spec)
+    if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+        raise FileNotFoundError(f"{spec!r} is not a complete checkpoint folder (no {TRAINING_STATE} in {path}).")
+    return path
+
+
+def remove_old_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[str]:
+    """Delete the oldest complete checkpoints so that at most ``keep`` remain; returns the removed paths."""
+    checkpoints = list_checkpoints(output_dir)
+    removed = [path for _, path in checkpoints[: max(0, len(checkpoints) - keep)]]
+    for path in removed:
+        shutil.rmtree(path)
+    return removed
+
+
+def save_ema(ema: EMAModel, names: Sequence[str], directory: str | os.PathLike) -> None:
+    """EMA weights as safetensors keyed by parameter name, plus its counters as JSON (exactly restorable)."""
+    os.makedirs(directory, exist_ok=True)
+    save_file(
+        {name: shadow.detach().contiguous() for name, shadow in zip(names, ema.shadow_params)},
+        os.path.join(directory, _EMA_WEIGHTS),
+    )
+    counters = {key: value for key, value in ema.state_dict().items() if key != "shadow_params"}
+    with open(os.path.join(directory, _EMA_STATE), "w", encoding="utf-8") as handle:
+        json.dump(counters, handle, indent=2)
+
+
+def load_ema(ema: EMAModel, names: Sequence[str], directory: str | os.PathLike) -> None:
+    """Restore what :func:`save_ema` wrote; the parameter names must match the ones being averaged."""
+    weights = load_file(os.path.join(directory, _EMA_WEIGHTS))
+    if set(weights) != set(names):
+        missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
+        raise ValueError(
+            f"EMA weights do not match the trainable parameters: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    with open(os.path.join(directory, _EMA_STATE), encoding="utf-8") as handle:
+        counters = json.load(handle)
+    device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
+    ema.load_state_dict({**counters, "shadow_params": [weights[name].to(device) for name in names]})
+
+
+# ----------------------------------------------------------------------------- accelerate's state without pickles
+#: Files that `accelerator.save_state` writes with `torch.save` (optimizer, LR scheduler, sampler, grad scaler,
+#: RNG states, registered objects); checkpoints keep them as safetensors instead, so that a checkpoint, which may
+#: come from elsewhere, never has to be unpickled.
+ACCELERATE_PICKLE_SUFFIXES = (".bin", ".pkl", ".pt")
+_STATE_TREE = "dinalrm_state_tree"
+_STATE_SOURCE = "dinalrm_state_source"
+
+
+def _state_to_tree(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON-able description of a state object; its tensors and arrays go into `tensors`."""
+    if isinstance(value, torch.Tensor):
+        tensors[str(len(tensors))] = value.detach().cpu().contiguous()
+        return {"tensor": str(len(tensors) - 1)}
+    if isinstance(value, np.ndarray):
+        wide = value.astype(np.float64 if value.dtype.kind == "f" else np.int64)
+        tensors[str(len(tensors))] = torch.from_numpy(np.ascontiguousarray(wide))
+        return {"ndarray": str(len(tensors) - 1), "dtype": value.dtype.str}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {"dict": [[_state_to_tree(k, tensors), _state_to_tree(v, tensors)] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"tuple": [_state_to_tree(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_state_to_tree(v, tensors) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store a {type(value).__name__} from accelerate's checkpoint state without pickle")
+
+
+def _tree_to_state(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of `_state_to_tree`."""
+    if isinstance(tree, list):
+        return [_tree_to_state(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "tensor" in tree:
+        return tensors[tree["tensor"]]
+    if "ndarray" in tree:
+        return tensors[tree["ndarray"]].numpy().astype(np.dtype(tree["dtype"]))
+    if "tuple" in tree:
+        return tuple(_tree_to_state(v, tensors) for v in tree["tuple"])
+    return {_tree_to_state(k, tensors): _tree_to_state(v, tensors) for k, v in tree["dict"]}
+
+
+def convert_accelerate_pickles(checkpoint_dir: str | os.PathLike) -> list[str]:
+    """Replace the pickles `accelerator.save_state` wrote in `checkpoint_dir` by safetensors; returns their names.
+
+    Each `<name>` becomes `<name>.safetensors` holding the tensors, with the structure (dict keys, tuples,
+    numbers) as JSON in the metadata; `restore_accelerate_pickles` gives accelerate its files back on resume.
+    """
+    from accelerate.utils import load
+
+    converted = []
+    for name in sorted(os.listdir(checkpoint_dir)):
+        path = os.path.join(checkpoint_dir, name)
+        if not (os.path.isfile(path) and name.endswith(ACCELERATE_PICKLE_SUFFIXES)):
+            continue
+        tensors: dict[str, torch.Tensor] = {}
+        tree = _state_to_tree(load(path, map_location="cpu"), tensors)
+        save_file(tensors, f"{path}.safetensors", metadata={_STATE_TREE: json.dumps(tree), _STATE_SOURCE: name})
+        os.remove(path)
+        converted.append(name)
+    return converted
+
+
+def restore_accelerate_pickles(checkpoint_dir: str | os.PathLike, work_dir: str | os.PathLike) -> None:
+    """Lay out `checkpoint_dir` in `work_dir` as `accelerator.load_state` expects it.
+
+    Entries are symlinked; files converted by `convert_accelerate_pickles` are written back in accelerate's
+    format, in `work_dir` only (a temporary folder), so the checkpoint itself stays pickle-free.
+    """
+    for name in os.listdir(checkpoint_dir):
+        path = os.path.join(checkpoint_dir, name)
+        metadata = None
+        if name.endswith(".safetensors") and os.path.isfile(path):
+            with safe_open(path, framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        if metadata and _STATE_TREE in metadata:
+            tensors = load_file(path)
+            state = _tree_to_state(json.loads(metadata[_STATE_TREE]), tensors)
+            torch.save(state, os.path.join(work_dir, metadata[_STATE_SOURCE]))
+        else:
+            os.symlink(os.path.abspath(path), os.path.join(work_dir, name))
