@@ -25,13 +25,13 @@ if str(REPO_ROOT) not in sys.path:
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from dinalrm.benchmarks import BENCHMARKS, Benchmark, compute_accuracy, load_benchmark
+from dinalrm.eval_datasets import BENCHMARKS, Benchmark, compute_accuracy, load_benchmark
 from dinalrm.data import SkipStats
 from dinalrm.images import ImageLoadError
 
 logger = logging.getLogger(__name__)
 
-# Accepted spellings of benchmark names (benchmarks.py calls Pick-a-Pic v2 "pickapic_v2").
+# Accepted spellings of benchmark names (eval_datasets.py calls Pick-a-Pic v2 "pickapic_v2").
 BENCHMARK_ALIASES = {
     "pickapic": "pickapic_v2", "genai-bench": "genai_bench", "genaibench": "genai_bench", "pairs": "canonical",
 }  # fmt: skip
@@ -61,7 +61,7 @@ def parse_floats(text: str) -> list[float]:
 
 
 def canonical_benchmark(name: str) -> str:
-    """The benchmarks.py name of ``name`` (aliases such as ``pickapic`` accepted)."""
+    """The eval_datasets.py name of ``name`` (aliases such as ``pickapic`` accepted)."""
     canonical = BENCHMARK_ALIASES.get(name.strip().lower(), name.strip().lower())
     if canonical not in BENCHMARKS:
         known = ", ".join([*BENCHMARKS, *BENCHMARK_ALIASES])

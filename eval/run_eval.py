@@ -12,7 +12,7 @@ same files a single process would. Writes ``results.json``
 (``{setting: {benchmark: {accuracy, n_pairs, n_correct, n_score_ties, n_gt_ties_dropped, n_missing_images,
 averaging}}}``) and ``results.md`` (Table 1 layout). Entries already in ``--output_dir/results.json`` from other
 runs are kept (same setting and benchmark: replaced), so successive runs for several models build one table;
-``--fresh`` starts over. Protocols per benchmark are documented in ``dinalrm/benchmarks.py``. ``--pairs PATH_OR_ID``
+``--fresh`` starts over. Protocols per benchmark are documented in ``dinalrm/eval_datasets.py``. ``--pairs PATH_OR_ID``
 evaluates a dataset in our canonical pair schema (e.g. the tiny world's held-out pairs) as benchmark ``canonical``.
 """
 

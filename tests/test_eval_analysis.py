@@ -17,7 +17,7 @@ import run_eval
 import scorers
 import uncertainty
 
-from dinalrm.benchmarks import Benchmark, BenchmarkImage, BenchmarkPair
+from dinalrm.eval_datasets import Benchmark, BenchmarkImage, BenchmarkPair
 from dinalrm.data import FIRST, SECOND
 from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
 

@@ -24,7 +24,7 @@ import noise_sweep
 import run_eval
 import scorers
 
-from dinalrm.benchmarks import load_benchmark
+from dinalrm.eval_datasets import load_benchmark
 from dinalrm.testing import (
     make_tiny_image_pair,
     save_tiny_clip,

@@ -9,7 +9,7 @@ import evaluate
 import numpy as np
 import pytest
 
-from dinalrm.benchmarks import compute_accuracy
+from dinalrm.eval_datasets import compute_accuracy
 from dinalrm.data import FIRST, SECOND, TIE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

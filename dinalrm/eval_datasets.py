@@ -1,4 +1,4 @@
-"""Evaluation benchmarks (DESIGN §11): public test sets -> scored image list + preference pairs.
+"""Evaluation datasets: public reward-model test sets -> scored image list + preference pairs.
 
 Each adapter reads a benchmark from the Hub or from a local copy in ``data_dir/<name>/`` and returns a
 :class:`Benchmark`: the distinct images to score (id -> :class:`BenchmarkImage`, each with its prompt and
@@ -17,7 +17,7 @@ a lazy loader), the pairs ``(group_id, image_a, image_b, label)`` to compare, an
 * ``pickapic_v2`` — Pick-a-Pic v2 ``test_unique`` (default) or ``test`` (``caption, jpg_0, jpg_1,
   label_0, label_1``): 0.5/0.5 ties dropped and counted; micro.
 * ``canonical`` — any dataset in the repository's canonical pair schema (``prompt, chosen, rejected[, weight]``,
-  image columns; what :func:`dinalrm.testing.write_canonical_pairs` and the tiny world's ``make_pairs.py``
+  image columns; what :func:`dinalrm.data.write_canonical_pairs` and the tiny world's ``make_pairs.py``
   write), default split ``test``: one pair per row, ``chosen`` preferred, ``weight`` ignored; micro. It has no
   default dataset: pass ``hub_id`` (a Hub id or a local folder) or put it in ``data_dir/canonical/``.
 
@@ -76,7 +76,7 @@ BENCHMARKS: dict[str, _Spec] = {
 }
 GENAI_BENCH_CONFIG = "image_generation"
 GENAI_VOTES = {"leftvote": FIRST, "rightvote": SECOND, "tievote": TIE}
-# The published value is "bothbad_vote" (GenAI-Arena's vote name); DESIGN §11 writes "both-bad".
+# The published value is "bothbad_vote" (GenAI-Arena's vote name); "both-bad" is accepted as an alternate spelling.
 GENAI_BOTH_BAD = {"bothbad_vote", "both-bad"}
 # Image columns of the row-per-pair tables: image id suffix -> column, the first image being ``image_a``.
 GENAI_IMAGES = {"left": "left_image", "right": "right_image"}
@@ -365,37 +365,37 @@ def _load_table(
     return table
 
 
-def _load_genai_bench(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
-    table = _load_table(folder, spec.hub_id, GENAI_BENCH_CONFIG, split, cache_dir, GENAI_IMAGES.values())
+def _row_pairs(
+    table: datasets.Dataset, prompts: Iterable[str], labels: Iterable[int | str | None], columns: Mapping[str, str]
+) -> _Builder:
+    """One pair per row of a row-per-pair table, grouped by prompt.
+
+    ``labels`` holds per row FIRST or SECOND (kept), TIE (counted as a GT tie), None (an invalid label) or the
+    name of another reason to drop the row (e.g. BOTH_BAD), counted under that name.
+    """
     builder = _Builder()
     groups: dict[str, str] = {}
-    for row, (prompt, vote) in enumerate(zip(table["prompt"], table["vote_type"], strict=True)):
-        label = GENAI_VOTES.get(vote)
-        if vote in GENAI_BOTH_BAD:
-            builder.stats.count(BOTH_BAD)
-        elif label is None:
-            builder.stats.count(INVALID_LABEL)
-        elif label == TIE:
-            builder.stats.count(GT_TIE)
+    for row, (prompt, label) in enumerate(zip(prompts, labels, strict=True)):
+        if label == FIRST or label == SECOND:
+            builder.add_row_pair(_group_key(groups, prompt), prompt, table, row, columns, label)
         else:
-            builder.add_row_pair(_group_key(groups, prompt), prompt, table, row, GENAI_IMAGES, label)
+            builder.stats.count(GT_TIE if label == TIE else INVALID_LABEL if label is None else label)
     return builder
+
+
+def _genai_label(vote: str) -> int | str | None:
+    return BOTH_BAD if vote in GENAI_BOTH_BAD else GENAI_VOTES.get(vote)
+
+
+def _load_genai_bench(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
+    table = _load_table(folder, spec.hub_id, GENAI_BENCH_CONFIG, split, cache_dir, GENAI_IMAGES.values())
+    return _row_pairs(table, table["prompt"], map(_genai_label, table["vote_type"]), GENAI_IMAGES)
 
 
 def _load_pickapic(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
     table = _load_table(folder, spec.hub_id, None, split, cache_dir, PICKAPIC_IMAGES.values())
-    builder = _Builder()
-    groups: dict[str, str] = {}
-    labels = zip(table["caption"], table["label_0"], table["label_1"], strict=True)
-    for row, (caption, label_0, label_1) in enumerate(labels):
-        label = pickapic_preference(label_0, label_1)
-        if label is None:
-            builder.stats.count(INVALID_LABEL)
-        elif label == TIE:
-            builder.stats.count(GT_TIE)
-        else:
-            builder.add_row_pair(_group_key(groups, caption), caption, table, row, PICKAPIC_IMAGES, label)
-    return builder
+    labels = map(pickapic_preference, table["label_0"], table["label_1"])
+    return _row_pairs(table, table["caption"], labels, PICKAPIC_IMAGES)
 
 
 def _load_canonical(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
@@ -405,11 +405,7 @@ def _load_canonical(folder: str | None, spec: _Spec, split: str, cache_dir: str 
             "eval scripts: --pairs PATH_OR_ID) or put it in <data_dir>/canonical/."
         )
     table = _load_table(folder, spec.hub_id or folder, None, split, cache_dir, CANONICAL_IMAGES.values())
-    builder = _Builder()
-    groups: dict[str, str] = {}
-    for row, prompt in enumerate(table["prompt"]):
-        builder.add_row_pair(_group_key(groups, prompt), prompt, table, row, CANONICAL_IMAGES, FIRST)
-    return builder
+    return _row_pairs(table, table["prompt"], [FIRST] * len(table), CANONICAL_IMAGES)
 
 
 _ADAPTERS: dict[str, Callable[..., _Builder]] = {

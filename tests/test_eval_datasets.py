@@ -13,7 +13,7 @@ import huggingface_hub
 import pytest
 from PIL import Image
 
-from dinalrm.benchmarks import BenchmarkPair, collect_scores, compute_accuracy, load_benchmark
+from dinalrm.eval_datasets import BenchmarkPair, collect_scores, compute_accuracy, load_benchmark
 from dinalrm.data import FIRST, SECOND, TIE
 
 
@@ -267,7 +267,7 @@ def test_pickapic_splits_ties_and_corrupt_images(tmp_path, caplog):
     bench = load_benchmark("pickapic_v2", str(tmp_path), cache_dir=str(tmp_path / "cache"))
     assert bench.split == "test_unique" and [p.label for p in bench.pairs] == [FIRST, SECOND, FIRST]
     assert bench.n_gt_ties_dropped == 1
-    with caplog.at_level(logging.WARNING, logger="dinalrm.benchmarks"):
+    with caplog.at_level(logging.WARNING, logger="dinalrm.eval_datasets"):
         scores, stats = collect_scores(bench, red_score)
     assert stats["corrupt_image"] == 1 and stats.kept == 5
     assert "images scored: kept 5, skipped 1 (corrupt_image=1)" in caplog.text
