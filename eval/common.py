@@ -11,22 +11,21 @@ import argparse
 import csv
 import logging
 import os
-import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-from dinalrm.eval_datasets import BENCHMARKS, Benchmark, compute_accuracy, load_benchmark
 from dinalrm.data import SkipStats
+from dinalrm.eval_datasets import (
+    BENCHMARKS,
+    Benchmark,
+    compute_accuracy,
+    load_benchmark,
+)
 from dinalrm.images import ImageLoadError
 
 logger = logging.getLogger(__name__)

@@ -47,9 +47,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-from modeling_dinalrm import SD35_MEDIUM_TRANSFORMER_CONFIG, DiNaLRMConfig, DiNaLRMModel  # noqa: E402
+from modeling_dinalrm import SD35_MEDIUM_TRANSFORMER_CONFIG, DiNaLRMConfig, DiNaLRMModel
 
 DTYPE = torch.bfloat16
 GIB = 1024**3

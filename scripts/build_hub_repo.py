@@ -15,15 +15,11 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 
 from huggingface_hub import create_repo, upload_folder
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dinalrm.hub import build_hub_repo  # noqa: E402
-from modeling_dinalrm import DiNaLRMModel  # noqa: E402
-
+from dinalrm.hub import build_hub_repo
+from modeling_dinalrm import DiNaLRMModel
 
 logger = logging.getLogger("build_hub_repo")
 

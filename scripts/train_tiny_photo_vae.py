@@ -38,14 +38,12 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dinalrm.photo_pairs import (  # noqa: E402
+from dinalrm.photo_pairs import (
     DEGRADATIONS,
+    TINY_VAE_CONFIG,
     images_to_tensor,
     load_photos,
     split_photos,
-    TINY_VAE_CONFIG,
     textured_crop,
 )
 
