@@ -30,7 +30,7 @@ from dinalrm.photo_pairs import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-ASSET = REPO / "tests" / "assets" / "tiny-photo-vae"
+ASSET = REPO / "tests" / "fixtures" / "tiny-photo-vae"
 
 # Measured on the committed asset (64 held-out 64x64 crops, seed 1234): 25.5 dB; random init 10.1-11.2 dB.
 MIN_HELD_OUT_PSNR = 25.0
