@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Assemble the DiNa-LRM Hub repository (the layout `DiffusionPipeline.from_pretrained` loads) from a trained reward model and an SD3 pipeline.
+"""Assemble the DiNa-LRM Hub repository (a `DiffusionPipeline` folder) from a trained reward model and an SD3 pipeline.
 
 The reward model folder (`DiNaLRMModel.save_pretrained`, e.g. the converter's output) already holds the backbone
 blocks it uses, so only the base pipeline's VAE, text encoders, tokenizers and scheduler are loaded, one by one:
