@@ -22,12 +22,12 @@ import noise_sweep
 import run_eval
 import scorers
 
+from dinalrm.data import write_canonical_pairs
 from dinalrm.eval_datasets import load_benchmark
 from dinalrm.testing import (
     make_tiny_image_pair,
     save_tiny_clip,
     save_tiny_dinalrm_repo,
-    write_canonical_pairs,
     write_tiny_benchmarks,
 )
 
