@@ -52,8 +52,9 @@ __all__ = [
     "BenchmarkPair",
     "DatasetCell",
     "collect_scores",
-    "compute_accuracy",
+    "PairMargins",
     "load_benchmark",
+    "pair_margins",
 ]
 
 BOTH_BAD = "both_bad"
@@ -137,9 +138,6 @@ class Benchmark:
         """Distinct images listed by the benchmark but absent on disk or empty."""
         return self.stats[MISSING]
 
-    def accuracy(self, scores_by_image: Mapping[str, float]) -> dict[str, Any]:
-        """:func:`compute_accuracy` with this benchmark's averaging and dropped-tie count."""
-        return compute_accuracy(self.pairs, scores_by_image, self.averaging, n_gt_ties_dropped=self.n_gt_ties_dropped)
 
 
 class _Builder:
@@ -459,7 +457,7 @@ def collect_scores(
     """Score every image of ``benchmark`` with ``score_fn(prompts, images) -> scores``, batch by batch.
 
     Images that fail to load are skipped and counted per reason (their pairs are then excluded, and
-    counted, by :func:`compute_accuracy`). Returns ``(scores_by_image, stats)``.
+    counted, by :func:`pair_margins`). Returns ``(scores_by_image, stats)``.
     """
     scores: dict[str, float] = {}
     stats = SkipStats()
@@ -489,27 +487,29 @@ def collect_scores(
     return scores, stats
 
 
-def compute_accuracy(
-    pairs: Iterable[BenchmarkPair | tuple[str, str, str, int]],
-    scores_by_image: Mapping[str, float],
-    averaging: str = "micro",
-    *,
-    n_gt_ties_dropped: int = 0,
-) -> dict[str, Any]:
-    """Pairwise accuracy of ``scores_by_image`` (higher = better) on ``pairs``.
+class PairMargins(NamedTuple):
+    """Scored pairs in the form the pairwise-accuracy metric (``eval/pairwise_accuracy``) takes them."""
 
-    A pair is correct when the preferred image scores strictly higher; equal scores count as wrong.
-    TIE pairs (HPDv2) are always correct. Pairs with an unscored image are excluded and counted.
-    ``micro``: correct / pairs. ``macro``: mean over groups of each group's accuracy.
+    margins: list[float]  # per scored pair: score(preferred) - score(other); score(a) - score(b) for a TIE pair
+    group_ids: list[str]
+    gt_tie: list[bool]  # TIE pairs (HPDv2's human ties, credited as correct by the metric)
+    n_missing_images: int  # distinct images of the pairs that have no score
+    n_pairs_missing_image: int  # pairs left out because one of their images has no score
 
-    Returns ``accuracy, n_pairs, n_correct, n_score_ties, n_gt_ties_dropped, n_gt_ties_credited,
-    n_missing_images`` (distinct unscored images), ``n_pairs_missing_image, n_groups, averaging``.
+
+def pair_margins(
+    pairs: Iterable[BenchmarkPair | tuple[str, str, str, int]], scores_by_image: Mapping[str, float]
+) -> PairMargins:
+    """The margin by which each pair's preferred image outscores the other (higher score = better).
+
+    The metric counts a positive margin as correct and zero (a score tie) as wrong; TIE pairs are flagged in
+    ``gt_tie``. Pairs with an unscored image are left out and counted. Non-finite scores raise ValueError.
     """
-    if averaging not in ("micro", "macro"):
-        raise ValueError(f"averaging must be 'micro' or 'macro', got {averaging!r}.")
-    per_group: dict[str, list[int]] = {}
+    margins: list[float] = []
+    group_ids: list[str] = []
+    gt_tie: list[bool] = []
     missing: set[str] = set()
-    n_pairs_missing = n_score_ties = n_credited = 0
+    n_pairs_missing = 0
     for group_id, image_a, image_b, label in pairs:
         if image_a not in scores_by_image or image_b not in scores_by_image:
             missing.update(i for i in (image_a, image_b) if i not in scores_by_image)
@@ -518,36 +518,9 @@ def compute_accuracy(
         score_a, score_b = float(scores_by_image[image_a]), float(scores_by_image[image_b])
         if not (math.isfinite(score_a) and math.isfinite(score_b)):
             raise ValueError(f"Non-finite score for {image_a!r} or {image_b!r}: {score_a}, {score_b}.")
-        if label == TIE:
-            n_credited += 1
-            correct = True
-        elif label in (FIRST, SECOND):
-            margin = (score_a - score_b) * label
-            n_score_ties += int(margin == 0)
-            correct = margin > 0
-        else:
+        if label not in (FIRST, SECOND, TIE):
             raise ValueError(f"Pair label must be FIRST (1), SECOND (-1) or TIE (0), got {label!r}.")
-        counts = per_group.setdefault(group_id, [0, 0])
-        counts[0] += int(correct)
-        counts[1] += 1
-    n_correct = sum(c for c, _ in per_group.values())
-    n_pairs = sum(n for _, n in per_group.values())
-    if n_pairs == 0:
-        logger.warning("No scorable pairs: accuracy is undefined (NaN).")
-        accuracy = math.nan
-    elif averaging == "micro":
-        accuracy = n_correct / n_pairs
-    else:
-        accuracy = sum(c / n for c, n in per_group.values()) / len(per_group)
-    return {
-        "accuracy": accuracy,
-        "n_pairs": n_pairs,
-        "n_correct": n_correct,
-        "n_score_ties": n_score_ties,
-        "n_gt_ties_dropped": n_gt_ties_dropped,
-        "n_gt_ties_credited": n_credited,
-        "n_missing_images": len(missing),
-        "n_pairs_missing_image": n_pairs_missing,
-        "n_groups": len(per_group),
-        "averaging": averaging,
-    }
+        margins.append((score_a - score_b) * (label or 1))
+        group_ids.append(group_id)
+        gt_tie.append(label == TIE)
+    return PairMargins(margins, group_ids, gt_tie, len(missing), n_pairs_missing)
