@@ -125,7 +125,7 @@ CLIP_VIT_H14 = {
     },
 }
 
-# DiNa-LRM recipe (DESIGN.md section 3).
+# DiNa-LRM recipe (the training recipe in README.md: 12 blocks of SD3.5-M, features of blocks 4, 8, 12).
 DINALRM_BLOCKS = 12
 DINALRM_LAYERS = (4, 8, 12)
 DINALRM_NOISE_LEVEL = 0.4

@@ -1,4 +1,4 @@
-"""Photo preference pairs and the tiny photo VAE asset that the learning test builds on (DESIGN.md §7).
+"""Photo preference pairs and the tiny photo VAE asset that the learning test builds on (tests/test_train_learning.py).
 
 The VAE checks guard the asset's purpose: its latents must keep what distinguishes a clean crop from a
 degraded one, on photos it never saw. Bounds were measured on the committed asset (see the constants).
