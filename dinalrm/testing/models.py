@@ -108,46 +108,29 @@ def _pooled_dim(size: str) -> int:
     return sum(clip["projection_dim"] for clip in _TEXT_ENCODER_SIZES[size]["clip"])
 
 
+def _transformer_config(
+    size: str, sample_size: int, num_layers: int, attention_head_dim: int, dual_attention_layers: tuple[int, ...],
+    overrides: dict[str, Any],
+) -> dict[str, Any]:
+    """An SD3.5-style ``SD3Transformer2DModel`` config (4 heads, RMS qk-norm) whose text widths fit ``size``."""
+    inner_dim = 4 * attention_head_dim
+    return {
+        "sample_size": sample_size, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": num_layers,
+        "attention_head_dim": attention_head_dim, "num_attention_heads": 4, "joint_attention_dim": inner_dim,
+        "caption_projection_dim": inner_dim, "pooled_projection_dim": _pooled_dim(size),
+        "pos_embed_max_size": sample_size, "dual_attention_layers": dual_attention_layers, "qk_norm": "rms_norm",
+        **overrides,
+    }  # fmt: skip
+
+
 def tiny_transformer_config(**overrides: Any) -> dict[str, Any]:
     """Keyword arguments of a tiny ``SD3Transformer2DModel`` (inner_dim 32, 4 blocks, SD3.5-style dual attention)."""
-    config = {
-        "sample_size": 32,
-        "patch_size": 2,
-        "in_channels": 16,
-        "out_channels": 16,
-        "num_layers": 4,
-        "attention_head_dim": 8,
-        "num_attention_heads": 4,
-        "joint_attention_dim": 32,
-        "caption_projection_dim": 32,
-        "pooled_projection_dim": _pooled_dim("tiny"),
-        "pos_embed_max_size": 32,
-        "dual_attention_layers": (0,),
-        "qk_norm": "rms_norm",
-    }
-    config.update(overrides)
-    return config
+    return _transformer_config("tiny", 32, 4, 8, (0,), overrides)
 
 
 def medium_transformer_config(**overrides: Any) -> dict[str, Any]:
     """Keyword arguments of a medium ``SD3Transformer2DModel`` (inner_dim 256, 8 blocks) for CPU benchmarks."""
-    config = {
-        "sample_size": 64,
-        "patch_size": 2,
-        "in_channels": 16,
-        "out_channels": 16,
-        "num_layers": 8,
-        "attention_head_dim": 64,
-        "num_attention_heads": 4,
-        "joint_attention_dim": 256,
-        "caption_projection_dim": 256,
-        "pooled_projection_dim": _pooled_dim("medium"),
-        "pos_embed_max_size": 64,
-        "dual_attention_layers": (0, 1, 2),
-        "qk_norm": "rms_norm",
-    }
-    config.update(overrides)
-    return config
+    return _transformer_config("medium", 64, 8, 64, (0, 1, 2), overrides)
 
 
 def _clip_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:

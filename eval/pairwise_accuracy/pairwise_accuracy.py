@@ -153,17 +153,6 @@ class PairwiseAccuracy(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("float64")}),
         )
 
-    def _compute(
-        self,
-        predictions,
-        group_ids=None,
-        gt_tie=None,
-        averaging="micro",
-        gt_tie_policy="drop",
-        n_bootstrap=1000,
-        confidence_level=0.95,
-        seed=0,
-    ):
-        return pairwise_accuracy(
-            predictions, group_ids, gt_tie, averaging, gt_tie_policy, n_bootstrap, confidence_level, seed
-        )
+    def _compute(self, predictions, **options):
+        """``options``: the keyword arguments of :func:`pairwise_accuracy` (defaults there)."""
+        return pairwise_accuracy(predictions, **options)
