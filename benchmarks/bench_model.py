@@ -12,13 +12,8 @@ import argparse
 import multiprocessing
 import resource
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LEVELS = [0.2, 0.5, 0.7]
 

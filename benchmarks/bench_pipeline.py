@@ -16,7 +16,6 @@ import functools
 import gc
 import os
 import statistics
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,10 +25,7 @@ import PIL.Image
 import psutil
 import torch
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dinalrm.testing import get_tiny_dinalrm_pipeline  # noqa: E402
-
+from dinalrm.testing import get_tiny_dinalrm_pipeline
 
 PROMPT = "a photo of a red cat on a table"
 ENSEMBLE = [0.2, 0.5, 0.7]

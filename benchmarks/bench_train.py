@@ -18,12 +18,10 @@ import argparse
 import multiprocessing
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SCENARIOS = {
     "cached, one batched forward": ("cached", "batched"),

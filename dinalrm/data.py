@@ -407,3 +407,39 @@ def _check_pairs(
         lambda batch: [reason == "" for reason in batch], input_columns=_SKIP_COLUMN, batched=True, num_proc=num_proc
     )
     return kept.remove_columns(_SKIP_COLUMN), stats
+
+
+def write_canonical_pairs(output_dir: str | os.PathLike[str], rows: list[dict[str, Any]], split: str = "train") -> str:
+    """Write pairs ``{prompt, chosen, rejected[, weight], ...}`` to ``<split>.parquet`` with ``datasets.Image`` cells.
+
+    The writer of the canonical schema that :func:`load_preference_dataset` reads. Images are PIL images (stored
+    as PNG) or ready ``{"bytes", "path"}`` records; the first row's values decide the column types. Extra keys
+    become extra columns (the training data adapter ignores them). Returns the folder.
+    """
+    import io  # only this writer encodes images
+
+    def cell(value: Any) -> Any:
+        if not isinstance(value, Image.Image):
+            return value
+        buffer = io.BytesIO()
+        value.save(buffer, "PNG")
+        return {"bytes": buffer.getvalue(), "path": None}
+
+    os.makedirs(output_dir, exist_ok=True)
+    columns: dict[str, list[Any]] = {name: [] for name in rows[0]}
+    for row in rows:
+        for name, value in row.items():
+            columns[name].append(cell(value))
+    features = datasets.Features(
+        {
+            name: datasets.Image()
+            if isinstance(value, Image.Image)
+            else datasets.Value("float32" if isinstance(value, float) else "string")
+            for name, value in rows[0].items()
+        }
+    )
+    datasets.Dataset.from_dict(columns, features=features).to_parquet(os.path.join(output_dir, f"{split}.parquet"))
+    return str(output_dir)
+
+
+__all__.append("write_canonical_pairs")  # kept next to its definition (see __all__ at the top)

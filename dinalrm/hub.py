@@ -1,4 +1,4 @@
-"""Assembling the DiNa-LRM Hub repository (DESIGN §5): the reward model plus SD3's VAE, text encoders and scheduler.
+"""Assembling the DiNa-LRM Hub repository (a DiffusionPipeline folder): the reward model plus SD3's other parts.
 
 Used by `scripts/build_hub_repo.py` (from a saved reward model) and by `train_dinalrm.py --pipeline_output_dir`
 (at the end of training). The base pipeline's components are loaded one by one, so its transformer is never read.

@@ -1,6 +1,6 @@
 """Preference pairs built from scikit-image's bundled photographs.
 
-The learning test (DESIGN.md §7) needs real images whose preference is known without annotators: the
+The learning test (tests/test_train_learning.py) needs real images whose preference is known without annotators: the
 chosen image is a clean photo crop and the rejected one is the same crop after a visible degradation
 (blur, noise, JPEG, down-up scaling, colour cast). scikit-image ships these photos inside its wheel, so
 everything here works offline and is deterministic for a seed.
@@ -229,7 +229,8 @@ def make_pairs(
     return pairs
 
 
-#: The tiny VAEs' layout (photo test asset and tiny world): SD3's at toy width: three blocks (factor 4), one resnet per block, 16 latent channels.
+#: The tiny VAEs' layout (the photo test fixture tests/fixtures/tiny-photo-vae and the tiny world): SD3's at toy
+#: width: three blocks (factor 4), one resnet per block, 16 latent channels.
 TINY_VAE_CONFIG: dict = {
     "in_channels": 3,
     "out_channels": 3,

@@ -11,27 +11,22 @@ import argparse
 import csv
 import logging
 import os
-import sys
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
+from pairwise_accuracy.pairwise_accuracy import pairwise_accuracy  # eval/pairwise_accuracy: the one implementation
 
-from dinalrm.benchmarks import BENCHMARKS, Benchmark, compute_accuracy, load_benchmark
 from dinalrm.data import SkipStats
+from dinalrm.eval_datasets import BENCHMARKS, Benchmark, BenchmarkPair, load_benchmark, pair_margins
 from dinalrm.images import ImageLoadError
 
 logger = logging.getLogger(__name__)
 
-# Accepted spellings of benchmark names (benchmarks.py calls Pick-a-Pic v2 "pickapic_v2").
+# Accepted spellings of benchmark names (eval_datasets.py calls Pick-a-Pic v2 "pickapic_v2").
 BENCHMARK_ALIASES = {
     "pickapic": "pickapic_v2", "genai-bench": "genai_bench", "genaibench": "genai_bench", "pairs": "canonical",
 }  # fmt: skip
@@ -48,8 +43,12 @@ DISPLAY_NAMES = {
 }
 TABLE1_BENCHMARKS = ("imagereward", "hpdv2", "hpdv3", "genai_bench")
 RESULT_KEYS = (
-    "accuracy", "n_pairs", "n_correct", "n_score_ties", "n_gt_ties_dropped", "n_missing_images", "averaging",
+    "accuracy", "accuracy_ci_low", "accuracy_ci_high", "n_pairs", "n_correct", "n_score_ties", "n_gt_ties_dropped",
+    "n_missing_images", "averaging",
 )  # fmt: skip
+# run_eval's bootstrap: resamples of the pairs (micro) or of whole prompts (macro, HPDv2), 95% percentile interval.
+BOOTSTRAP_SAMPLES = 1000
+CONFIDENCE_LEVEL = 0.95
 
 
 def parse_floats(text: str) -> list[float]:
@@ -61,7 +60,7 @@ def parse_floats(text: str) -> list[float]:
 
 
 def canonical_benchmark(name: str) -> str:
-    """The benchmarks.py name of ``name`` (aliases such as ``pickapic`` accepted)."""
+    """The eval_datasets.py name of ``name`` (aliases such as ``pickapic`` accepted)."""
     canonical = BENCHMARK_ALIASES.get(name.strip().lower(), name.strip().lower())
     if canonical not in BENCHMARKS:
         known = ", ".join([*BENCHMARKS, *BENCHMARK_ALIASES])
@@ -230,15 +229,72 @@ def distributed_scores(
     return scores, len(local)
 
 
-def accuracy_entry(benchmark: Benchmark, scores: Mapping[str, float]) -> dict[str, Any]:
-    """The results.json entry of one benchmark: :func:`compute_accuracy` restricted to ``RESULT_KEYS``.
+def compute_accuracy(
+    pairs: Iterable[BenchmarkPair | tuple[str, str, str, int]],
+    scores_by_image: Mapping[str, float],
+    averaging: str = "micro",
+    *,
+    n_gt_ties_dropped: int = 0,
+    n_bootstrap: int = 0,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Pairwise accuracy of ``scores_by_image`` (higher = better) on ``pairs``, by the ``pairwise_accuracy`` metric.
+
+    A pair is correct when the preferred image scores strictly higher; equal scores count as wrong. TIE pairs
+    (HPDv2) are always correct. Pairs with an unscored image are excluded and counted. ``micro``: correct / pairs.
+    ``macro``: mean over groups of each group's accuracy. With ``n_bootstrap`` > 0, ``ci_low`` / ``ci_high`` bound
+    a percentile-bootstrap interval at ``CONFIDENCE_LEVEL`` that resamples pairs (micro) or groups (macro: a
+    macro average weighs prompts equally, so prompts are the sampling unit), seeded by ``seed``; else NaN.
+
+    Returns the metric's fields (``accuracy, n_pairs, n_correct, n_wrong, n_score_ties, n_gt_ties_credited,
+    n_groups, averaging, ci_low, ci_high, ...``) with ``n_gt_ties_dropped`` (human ties the loader removed),
+    ``n_missing_images`` (distinct unscored images) and ``n_pairs_missing_image``.
+    """
+    scored = pair_margins(pairs, scores_by_image)
+    if not scored.margins:
+        logger.warning("No scorable pairs: accuracy is undefined (NaN).")
+    result = pairwise_accuracy(
+        scored.margins, scored.group_ids, scored.gt_tie, averaging, gt_tie_policy="credit",
+        n_bootstrap=n_bootstrap, confidence_level=CONFIDENCE_LEVEL, seed=seed,
+    )  # fmt: skip
+    return {
+        **result,
+        "n_gt_ties_dropped": n_gt_ties_dropped,
+        "n_missing_images": scored.n_missing_images,
+        "n_pairs_missing_image": scored.n_pairs_missing_image,
+    }
+
+
+def benchmark_accuracy(benchmark: Benchmark, scores: Mapping[str, float], **options: int) -> dict[str, Any]:
+    """:func:`compute_accuracy` with the benchmark's averaging and dropped-tie count (``options``: bootstrap)."""
+    return compute_accuracy(
+        benchmark.pairs, scores, benchmark.averaging, n_gt_ties_dropped=benchmark.n_gt_ties_dropped, **options
+    )
+
+
+def accuracy_entry(benchmark: Benchmark, scores: Mapping[str, float], **options: int) -> dict[str, Any]:
+    """The results.json entry of one benchmark: :func:`benchmark_accuracy` restricted to ``RESULT_KEYS``.
 
     ``n_missing_images`` counts distinct images of the scored pairs that have no score (absent or unreadable).
+    ``accuracy_ci_low`` / ``accuracy_ci_high``: the bootstrap interval (NaN without ``n_bootstrap``).
     """
-    result = compute_accuracy(
-        benchmark.pairs, scores, benchmark.averaging, n_gt_ties_dropped=benchmark.n_gt_ties_dropped
-    )
+    result = benchmark_accuracy(benchmark, scores, **options)
+    result["accuracy_ci_low"], result["accuracy_ci_high"] = result["ci_low"], result["ci_high"]
     return {key: result[key] for key in RESULT_KEYS}
+
+
+def setting_entries(
+    scorer, benchmark: Benchmark, accelerator: Accelerator, batch_size: int, **options: int
+) -> tuple[list[dict[str, Any]], int]:
+    """Score ``benchmark`` once across processes; one :func:`accuracy_entry` per score column of ``scorer``.
+
+    Returns ``(entries in the order of scorer.setting_names, images this process scored)``.
+    """
+    scores, n_local = distributed_scores(scorer, benchmark, accelerator, batch_size)
+    entries = [
+        accuracy_entry(benchmark, column(scores, index), **options) for index in range(len(scorer.setting_names))
+    ]
+    return entries, n_local
 
 
 def column(scores: Mapping[str, Sequence[float]], index: int) -> dict[str, float]:

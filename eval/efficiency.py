@@ -47,9 +47,7 @@ from transformers import (
     Qwen2VLForConditionalGeneration,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
-from modeling_dinalrm import SD35_MEDIUM_TRANSFORMER_CONFIG, DiNaLRMConfig, DiNaLRMModel  # noqa: E402
+from modeling_dinalrm import SD35_MEDIUM_TRANSFORMER_CONFIG, DiNaLRMConfig, DiNaLRMModel
 
 DTYPE = torch.bfloat16
 GIB = 1024**3
@@ -127,7 +125,7 @@ CLIP_VIT_H14 = {
     },
 }
 
-# DiNa-LRM recipe (DESIGN.md section 3).
+# DiNa-LRM recipe (the training recipe in README.md: 12 blocks of SD3.5-M, features of blocks 4, 8, 12).
 DINALRM_BLOCKS = 12
 DINALRM_LAYERS = (4, 8, 12)
 DINALRM_NOISE_LEVEL = 0.4
@@ -325,13 +323,19 @@ def qwen_resize(height: int, width: int, min_pixels: int, max_pixels: int, facto
     return h, w
 
 
+def sdpa_config(config_class: type, config: dict):
+    """A transformers config built from ``config`` that runs attention through torch SDPA."""
+    built = config_class(**config)
+    built._attn_implementation = "sdpa"
+    return built
+
+
 class HPSv3Reward(nn.Module):
     """HPSv3: Qwen2-VL on the image and instruction, an MLP head read at the reward token (mu of the output)."""
 
     def __init__(self, config: dict) -> None:
         super().__init__()
-        qwen_config = Qwen2VLConfig(**config)
-        qwen_config._attn_implementation = "sdpa"
+        qwen_config = sdpa_config(Qwen2VLConfig, config)
         self.qwen = Qwen2VLForConditionalGeneration(qwen_config)
         hidden = qwen_config.text_config.hidden_size
         self.rm_head = nn.Sequential(
@@ -392,9 +396,7 @@ class PickScoreReward(nn.Module):
 
     def __init__(self, config: dict) -> None:
         super().__init__()
-        clip_config = CLIPConfig(**config)
-        clip_config._attn_implementation = "sdpa"
-        self.clip = CLIPModel(clip_config)
+        self.clip = CLIPModel(sdpa_config(CLIPConfig, config))
 
     def forward(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """Score images in [0, 1]: resize to the CLIP resolution, normalise, embed, compare."""

@@ -20,12 +20,10 @@ from typing import Any
 from accelerate import Accelerator
 from common import (
     DISPLAY_NAMES,
-    accuracy_entry,
     add_benchmark_args,
-    column,
-    distributed_scores,
     load_benchmarks,
     parse_floats,
+    setting_entries,
     setup_logging,
     write_csv,
 )
@@ -57,9 +55,8 @@ def sweep(
     """
     rows = []
     for key, benchmark in benchmarks.items():
-        scores, _ = distributed_scores(scorer, benchmark, accelerator, batch_size)
-        for index, t in enumerate(t_values):
-            entry = accuracy_entry(benchmark, column(scores, index))
+        entries, _ = setting_entries(scorer, benchmark, accelerator, batch_size)
+        for t, entry in zip(t_values, entries, strict=True):
             rows.append({"model": model, "benchmark": key, "t": t, "accuracy": entry["accuracy"],
                          "n_pairs": entry["n_pairs"], "n_correct": entry["n_correct"],
                          "n_score_ties": entry["n_score_ties"]})  # fmt: skip

@@ -9,11 +9,14 @@
 Each distinct image is scored once; each setting (``--t``, ``--ensemble``: one results row each) reuses that
 pass. Under ``accelerate launch`` the images are split over the processes and the main process writes the
 same files a single process would. Writes ``results.json``
-(``{setting: {benchmark: {accuracy, n_pairs, n_correct, n_score_ties, n_gt_ties_dropped, n_missing_images,
-averaging}}}``) and ``results.md`` (Table 1 layout). Entries already in ``--output_dir/results.json`` from other
-runs are kept (same setting and benchmark: replaced), so successive runs for several models build one table;
-``--fresh`` starts over. Protocols per benchmark are documented in ``dinalrm/benchmarks.py``. ``--pairs PATH_OR_ID``
-evaluates a dataset in our canonical pair schema (e.g. the tiny world's held-out pairs) as benchmark ``canonical``.
+(``{setting: {benchmark: {accuracy, accuracy_ci_low, accuracy_ci_high, n_pairs, n_correct, n_score_ties,
+n_gt_ties_dropped, n_missing_images, averaging}}}``) and ``results.md`` (Table 1 layout, then counts and intervals).
+The interval is a 95% percentile bootstrap (``--bootstrap_samples``, ``--bootstrap_seed``) that resamples pairs for
+micro averages and whole prompts for HPDv2's macro average (prompts are its averaging unit). Entries already in
+``--output_dir/results.json`` from other runs are kept (same setting and benchmark: replaced), so successive runs
+for several models build one table; ``--fresh`` starts over. Protocols per benchmark are documented in
+``dinalrm/eval_datasets.py``. ``--pairs PATH_OR_ID`` evaluates a dataset in our canonical pair schema (e.g. the
+tiny world's held-out pairs) as benchmark ``canonical``.
 """
 
 from __future__ import annotations
@@ -28,14 +31,14 @@ from typing import Any
 from accelerate import Accelerator
 from common import (
     BENCHMARKS,
+    BOOTSTRAP_SAMPLES,
+    CONFIDENCE_LEVEL,
     DISPLAY_NAMES,
     TABLE1_BENCHMARKS,
-    accuracy_entry,
     add_benchmark_args,
-    column,
-    distributed_scores,
     load_benchmarks,
     parse_floats,
+    setting_entries,
     setup_logging,
 )
 from scorers import SCORERS, build_scorer
@@ -62,26 +65,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_noise_samples", type=int, default=1, help="DiNa-LRM: average over N noise draws.")
     parser.add_argument("--output_dir", default="eval_results")
     parser.add_argument("--fresh", action="store_true", help="Ignore results already in --output_dir.")
+    parser.add_argument("--bootstrap_samples", type=int, default=BOOTSTRAP_SAMPLES,
+                        help="Bootstrap resamples for the 95%% interval of each accuracy (0: no interval).")
+    parser.add_argument("--bootstrap_seed", type=int, default=0, help="Seed of the bootstrap resampling.")
     add_benchmark_args(parser, "imagereward,hpdv2,hpdv3,genai_bench")
     return parser.parse_args(argv)
 
 
 def evaluate(
-    scorer, benchmarks: dict, accelerator, batch_size: int
+    scorer, benchmarks: dict, accelerator, batch_size: int, bootstrap_samples: int = 0, bootstrap_seed: int = 0
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], int]:
-    """``({setting: {benchmark: entry}}, images this process scored)`` for every score column of ``scorer``."""
+    """``({setting: {benchmark: entry}}, images this process scored)`` for every score column of ``scorer``.
+
+    Each entry carries a ``bootstrap_samples``-resample percentile interval of its accuracy (see
+    ``common.compute_accuracy``: pairs are resampled for micro averages, whole prompts for HPDv2's macro one).
+    """
     results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in scorer.setting_names}
     n_local = 0
     for key, benchmark in benchmarks.items():
-        scores, n_images = distributed_scores(scorer, benchmark, accelerator, batch_size)
+        entries, n_images = setting_entries(
+            scorer, benchmark, accelerator, batch_size, n_bootstrap=bootstrap_samples, seed=bootstrap_seed
+        )
         n_local += n_images
-        for index, setting in enumerate(scorer.setting_names):
-            results[setting][key] = accuracy_entry(benchmark, column(scores, index))
+        for setting, entry in zip(scorer.setting_names, entries, strict=True):
+            results[setting][key] = entry
     return results, n_local
 
 
 def _percent(value: float | None) -> str:
     return "–" if value is None or math.isnan(value) else f"{100 * value:.2f}"
+
+
+def _interval(entry: dict[str, Any]) -> str:
+    """``[low, high]`` in %, or – (no bootstrap, or results written before intervals were recorded)."""
+    low, high = entry.get("accuracy_ci_low"), entry.get("accuracy_ci_high")
+    if low is None or high is None or math.isnan(low) or math.isnan(high):
+        return "–"
+    return f"[{_percent(low)}, {_percent(high)}]"
 
 
 def _column_order(key: str) -> tuple[int, str]:
@@ -117,16 +137,21 @@ def markdown_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
         "",
         "Average over: " + ", ".join(header(key) for key in averaged) + ".",
         "",
-        "## Counts",
+        "## Counts and 95% bootstrap intervals",
         "",
-        "| Model / setting | Benchmark | Averaging | Pairs | Correct | Score ties | GT ties dropped | Missing images |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        f"Intervals: percentile bootstrap at {CONFIDENCE_LEVEL:.0%} over the pairs (micro averages) or the prompts "
+        "(macro, HPDv2).",
+        "",
+        "| Model / setting | Benchmark | Averaging | Accuracy | 95% CI | Pairs | Correct | Score ties "
+        "| GT ties dropped | Missing images |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for setting, entries in results.items():
         for key in sorted(entries, key=_column_order):
             e = entries[key]
             lines.append(
-                f"| {setting} | {header(key)} | {e['averaging']} | {e['n_pairs']} | {e['n_correct']} | "
+                f"| {setting} | {header(key)} | {e['averaging']} | {_percent(e['accuracy'])} | {_interval(e)} | "
+                f"{e['n_pairs']} | {e['n_correct']} | "
                 f"{e['n_score_ties']} | {e['n_gt_ties_dropped']} | {e['n_missing_images']} |"
             )
     lines += [
@@ -169,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     except (NotImplementedError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results, n_local = evaluate(scorer, benchmarks, accelerator, args.batch_size)
+    results, n_local = evaluate(
+        scorer, benchmarks, accelerator, args.batch_size, args.bootstrap_samples, args.bootstrap_seed
+    )
     print(f"process {accelerator.process_index}/{accelerator.num_processes}: scored {n_local} images", flush=True)
     if accelerator.is_main_process:
         merged = write_results(args.output_dir, results, args.fresh)

@@ -44,7 +44,7 @@ from common import (
 )
 from scorers import DiNaLRMScorer, model_label, setting_label
 
-from dinalrm.benchmarks import Benchmark, BenchmarkPair
+from dinalrm.eval_datasets import Benchmark, BenchmarkPair
 
 STATS = ("variation_ratio", "frac_pairs_flipping", "mean_margin", "mean_reward_variance", "mean_accuracy")
 

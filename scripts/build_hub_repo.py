@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Assemble the DiNa-LRM Hub repository (DESIGN §5) from a trained reward model and an SD3 pipeline.
+"""Assemble the DiNa-LRM Hub repository (a `DiffusionPipeline` folder) from a trained reward model and an SD3 pipeline.
 
 The reward model folder (`DiNaLRMModel.save_pretrained`, e.g. the converter's output) already holds the backbone
 blocks it uses, so only the base pipeline's VAE, text encoders, tokenizers and scheduler are loaded, one by one:
@@ -15,15 +15,11 @@ import argparse
 import logging
 import os
 import shutil
-import sys
 
 from huggingface_hub import create_repo, upload_folder
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from dinalrm.hub import build_hub_repo  # noqa: E402
-from modeling_dinalrm import DiNaLRMModel  # noqa: E402
-
+from dinalrm.hub import build_hub_repo
+from modeling_dinalrm import DiNaLRMModel
 
 logger = logging.getLogger("build_hub_repo")
 

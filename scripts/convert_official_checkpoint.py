@@ -17,15 +17,11 @@ import argparse
 import json
 import logging
 import os
-import sys
 
 import torch
 from safetensors.torch import load_file
 
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from modeling_dinalrm import DiNaLRMModel  # noqa: E402
-
+from modeling_dinalrm import DiNaLRMModel
 
 logger = logging.getLogger("convert_official_checkpoint")
 

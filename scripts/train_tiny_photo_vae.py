@@ -1,4 +1,4 @@
-"""Train the tiny SD3-layout VAE used by the learning test (DESIGN.md §7).
+"""Train the tiny SD3-layout VAE used by the learning test (tests/test_train_learning.py).
 
 A randomly initialised VAE reconstructs nothing (~10 dB PSNR) and loses part of the evidence that tells a
 clean crop from a degraded one (JPEG artefacts most of all). This script trains a tiny diffusers
@@ -18,7 +18,7 @@ PSNR is measured on 64x64 crops of the held-out photos, which are used for nothi
 ``shift_factor`` and ``scaling_factor`` are set from the measured latent statistics so that SD3-style
 scaled latents ``(z - shift_factor) * scaling_factor`` have zero mean and unit variance on training crops.
 
-    python scripts/train_tiny_photo_vae.py --threads 1   # ~4 CPU minutes, writes tests/assets/tiny-photo-vae
+    python scripts/train_tiny_photo_vae.py --threads 1   # ~4 CPU minutes, writes tests/fixtures/tiny-photo-vae
 """
 
 from __future__ import annotations
@@ -38,14 +38,12 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dinalrm.photo_pairs import (  # noqa: E402
+from dinalrm.photo_pairs import (
     DEGRADATIONS,
+    TINY_VAE_CONFIG,
     images_to_tensor,
     load_photos,
     split_photos,
-    TINY_VAE_CONFIG,
     textured_crop,
 )
 
@@ -56,7 +54,7 @@ logger = logging.getLogger("train_tiny_photo_vae")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line options (``argv`` defaults to ``sys.argv[1:]``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="tests/assets/tiny-photo-vae")
+    parser.add_argument("--output_dir", default="tests/fixtures/tiny-photo-vae")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resolution", type=int, default=32, help="side of the square training crops")

@@ -19,7 +19,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_TINY = REPO_ROOT / "tests" / "fixtures" / "official-tiny"
-sys.path.insert(0, str(REPO_ROOT))
+# The only sys.path edit of the repository: the package is installed (`pip install -e .`), but tests also import the
+# script folders' modules (eval/common.py, examples/tiny_world/domain.py, ...) as a script run there would see them.
+for folder in (REPO_ROOT, REPO_ROOT / "eval", REPO_ROOT / "examples" / "tiny_world", REPO_ROOT / "examples" / "refl"):
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
 
 
 def load_space_app() -> types.ModuleType:

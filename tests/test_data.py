@@ -18,6 +18,7 @@ from dinalrm.data import (
     detect_format,
     load_preference_dataset,
     resize_and_center_crop,
+    write_canonical_pairs,
 )
 from dinalrm.images import CORRUPT, MISSING, ImageLoadError, load_image, read_image_size
 
@@ -341,3 +342,21 @@ def test_hpdv3_from_the_hub_reads_the_split_json(hpdv3_dir, tmp_path, monkeypatc
     )
     assert calls == [("MizzenAI/HPDv3", None, {"train": "train.json"}, "train")]
     assert ds["prompt"] == ["cat"]
+
+
+def test_write_canonical_pairs_round_trips_through_the_reader(tmp_path):
+    red, blue = solid((40, 40)), solid((40, 40), (20, 40, 220))
+    rows = [
+        {"prompt": "a red square", "chosen": red, "rejected": blue, "weight": 0.5, "source": "a"},
+        {"prompt": "a blue square", "chosen": blue, "rejected": red, "weight": 2.0, "source": "b"},
+    ]
+    folder = write_canonical_pairs(tmp_path / "pairs", rows, split="test")
+    assert os.listdir(folder) == ["test.parquet"]
+    table = datasets.load_dataset("parquet", data_files=os.path.join(folder, "test.parquet"), split="train")
+    assert table.features["chosen"] == datasets.Image() and table.features["weight"] == datasets.Value("float32")
+    assert table["source"] == ["a", "b"]  # extra keys become extra columns
+    ds, stats = load_preference_dataset(train_data_dir=folder, split="test", cache_dir=str(tmp_path / "c"))
+    assert ds["prompt"] == ["a red square", "a blue square"] and ds["weight"] == [0.5, 2.0]
+    assert stats.as_dict() == {"kept": 2, "skipped": 0}
+    chosen = load_image(ds[0]["chosen"])
+    assert chosen.getpixel((0, 0)) == (200, 30, 30)

@@ -2,25 +2,18 @@
 
 import csv
 import json
-import sys
-from pathlib import Path
-
-import pytest
-from accelerate import Accelerator
-from PIL import Image
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "eval"))
 
 import noise_sweep
+import pytest
 import run_eval
 import scorers
 import uncertainty
+from accelerate import Accelerator
+from PIL import Image
 
-from dinalrm.benchmarks import Benchmark, BenchmarkImage, BenchmarkPair
 from dinalrm.data import FIRST, SECOND
+from dinalrm.eval_datasets import Benchmark, BenchmarkImage, BenchmarkPair
 from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

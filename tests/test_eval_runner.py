@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -17,19 +16,18 @@ import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "eval"))
 
 import common
 import noise_sweep
 import run_eval
 import scorers
 
-from dinalrm.benchmarks import load_benchmark
+from dinalrm.data import write_canonical_pairs
+from dinalrm.eval_datasets import load_benchmark
 from dinalrm.testing import (
     make_tiny_image_pair,
     save_tiny_clip,
     save_tiny_dinalrm_repo,
-    write_canonical_pairs,
     write_tiny_benchmarks,
 )
 
@@ -103,6 +101,8 @@ def test_run_eval_writes_json_and_table_scoring_each_image_once(one_process_run)
             ), name  # fmt: skip
             if averaging == "micro":
                 assert entry["accuracy"] == pytest.approx(entry["n_correct"] / n_pairs)
+            # The 95% bootstrap interval (pairs resampled for micro, prompts for HPDv2's macro) holds the estimate.
+            assert entry["accuracy_ci_low"] <= entry["accuracy"] <= entry["accuracy_ci_high"], name
     # Each distinct readable image went to the scorer exactly once, for both settings together.
     assert len(calls) == sum(e[4] for e in EXPECTED.values()) == 30
     assert max(Counter(calls).values()) == 1
@@ -118,6 +118,9 @@ def test_run_eval_writes_json_and_table_scoring_each_image_once(one_process_run)
         average = sum(expected[:4]) / 4  # Pick-a-Pic is shown but not averaged (not in the paper's Table 1)
         assert cells == [f"{100 * v:.2f}" for v in [*expected, average]]
     assert "| DiNa-LRM (t=0.4) | 60.34 | 82.13 | 75.04 | 68.43 | 71.49 |" in table
+    hpdv2 = results[settings[0]]["hpdv2"]
+    interval = f"[{100 * hpdv2['accuracy_ci_low']:.2f}, {100 * hpdv2['accuracy_ci_high']:.2f}]"
+    assert f"| {settings[0]} | HPDv2 | macro | {100 * hpdv2['accuracy']:.2f} | {interval} |" in table
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ import evaluate
 import numpy as np
 import pytest
 
-from dinalrm.benchmarks import compute_accuracy
+from common import compute_accuracy  # eval/common.py, on sys.path through conftest
+
 from dinalrm.data import FIRST, SECOND, TIE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -97,3 +98,40 @@ def test_bad_inputs(metric):
         metric.compute(predictions=[float("nan")])
     with pytest.raises(ValueError, match="one entry per prediction"):
         metric.compute(predictions=[1.0, 2.0], gt_tie=[True])
+
+
+def test_bootstrap_interval_by_hand(metric):
+    # Every pair right: every resample of the pairs is right too -> [1, 1].
+    perfect = metric.compute(predictions=[0.3, 0.1, 2.0, 0.5], seed=0)
+    assert (perfect["ci_low"], perfect["ci_high"]) == (1.0, 1.0)
+    # Macro over two prompts at 1/1 and 0/2: a resample of two prompts averages to 0, 1/2 or 1 with probabilities
+    # 1/4, 1/2, 1/4, so the 2.5% and 97.5% quantiles of 1000 resamples are 0 and 1 (the pairs are not resampled).
+    macro = metric.compute(predictions=[1.0, -1.0, -2.0], group_ids=["a", "b", "b"], averaging="macro", seed=0)
+    assert macro["accuracy"] == 0.5 and (macro["ci_low"], macro["ci_high"]) == (0.0, 1.0)
+
+
+def test_bootstrap_interval_narrows_with_more_pairs(metric):
+    rng = np.random.default_rng(3)
+    widths = []
+    for n in (50, 2000):
+        diffs = rng.normal(0.5, 1.0, size=n).tolist()
+        result = metric.compute(predictions=diffs, seed=0)
+        assert result["ci_low"] <= result["accuracy"] <= result["ci_high"]
+        widths.append(result["ci_high"] - result["ci_low"])
+    assert widths[1] < widths[0] / 3  # the width shrinks like 1 / sqrt(n): sqrt(40) ~ 6.3
+
+
+def test_eval_scripts_get_the_metrics_interval(metric):
+    pairs = [(f"p{i // 3}", f"a{i}", f"b{i}", FIRST) for i in range(30)]
+    scores = {**{f"a{i}": float(i % 4 != 0) for i in range(30)}, **{f"b{i}": 0.5 for i in range(30)}}
+    for averaging in ("micro", "macro"):
+        first = compute_accuracy(pairs, scores, averaging, n_bootstrap=500, seed=4)
+        again = compute_accuracy(pairs, scores, averaging, n_bootstrap=500, seed=4)
+        assert first == again and first["ci_low"] <= first["accuracy"] <= first["ci_high"]
+        direct = metric.compute(
+            predictions=[scores[a] - scores[b] for _, a, b, _ in pairs], group_ids=[p[0] for p in pairs],
+            averaging=averaging, n_bootstrap=500, seed=4,
+        )  # fmt: skip
+        assert (first["accuracy"], first["ci_low"], first["ci_high"]) == (
+            direct["accuracy"], direct["ci_low"], direct["ci_high"]
+        )

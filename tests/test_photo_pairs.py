@@ -1,4 +1,4 @@
-"""Photo preference pairs and the tiny photo VAE asset that the learning test builds on (DESIGN.md §7).
+"""Photo preference pairs and the tiny photo VAE asset that the learning test builds on (tests/test_train_learning.py).
 
 The VAE checks guard the asset's purpose: its latents must keep what distinguishes a clean crop from a
 degraded one, on photos it never saw. Bounds were measured on the committed asset (see the constants).
@@ -30,7 +30,7 @@ from dinalrm.photo_pairs import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-ASSET = REPO / "tests" / "assets" / "tiny-photo-vae"
+ASSET = REPO / "tests" / "fixtures" / "tiny-photo-vae"
 
 # Measured on the committed asset (64 held-out 64x64 crops, seed 1234): 25.5 dB; random init 10.1-11.2 dB.
 MIN_HELD_OUT_PSNR = 25.0

@@ -6,7 +6,6 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 
 from dinalrm.testing import (
-    _WORDS,
     build_tiny_tokenizers,
     get_tiny_sd3_components,
     get_tiny_sd3_pipeline,
@@ -14,6 +13,7 @@ from dinalrm.testing import (
     save_tiny_sd3_pipeline,
     tiny_transformer_config,
 )
+from dinalrm.testing.models import _WORDS
 
 PROMPT = "a photo of a red cat on a table"
 MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")

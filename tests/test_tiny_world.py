@@ -16,7 +16,7 @@ from PIL import Image, ImageDraw
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD = REPO_ROOT / "examples" / "tiny_world"
-sys.path.insert(0, str(WORLD))
+REFL_SCRIPT = REPO_ROOT / "examples" / "refl" / "train_refl.py"
 
 from domain import (
     BACKGROUNDS,
@@ -171,7 +171,7 @@ def test_refl_for_a_few_steps_raises_the_mean_reward(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(split_prompts()[0][::12]) + "\n")
     command = [
-        sys.executable, str(REPO_ROOT / "train_refl.py"), "--pretrained_model_name_or_path", str(GENERATOR),
+        sys.executable, str(REFL_SCRIPT), "--pretrained_model_name_or_path", str(GENERATOR),
         "--reward_model", str(REWARD), "--prompts_file", str(prompts), "--height", "64", "--width", "64",
         "--max_sequence_length", "16", "--num_inference_steps", "8", "--guidance_scale", "4.0", "--lora_rank", "8",
         "--learning_rate", "1e-3", "--train_batch_size", "8", "--max_train_steps", "6", "--validation_steps", "6",

@@ -28,7 +28,7 @@ from pipeline_dinalrm import DiNaLRMPipeline
 
 pytestmark = pytest.mark.slow  # about 4-5 CPU minutes
 
-VAE_ASSET = REPO_ROOT / "tests" / "assets" / "tiny-photo-vae"
+VAE_ASSET = REPO_ROOT / "tests" / "fixtures" / "tiny-photo-vae"
 IMAGE_SIZE = 64
 TRAIN_PAIRS, HELD_OUT_PAIRS = 3000, 250
 SCORE_T = 0.4

@@ -66,6 +66,81 @@ def _bootstrap(rng, correct, totals, micro, n_bootstrap):
     return per_group[draws].mean(axis=1)
 
 
+def pairwise_accuracy(
+    predictions,
+    group_ids=None,
+    gt_tie=None,
+    averaging="micro",
+    gt_tie_policy="drop",
+    n_bootstrap=1000,
+    confidence_level=0.95,
+    seed=0,
+):
+    """The metric's computation as a plain function (see ``_KWARGS_DESCRIPTION``); the evaluation scripts call it.
+
+    This is the repository's one pairwise-accuracy implementation: ``eval/common.py`` imports it directly (no
+    ``evaluate`` cache or Arrow writer per call) and the :class:`PairwiseAccuracy` metric wraps it.
+    """
+    diffs = np.asarray(predictions, dtype=np.float64)
+    if np.isnan(diffs).any():
+        raise ValueError("predictions contain NaN: score every pair before computing accuracy.")
+    if averaging not in ("micro", "macro"):
+        raise ValueError(f"averaging must be 'micro' or 'macro', got {averaging!r}.")
+    if gt_tie_policy not in ("drop", "credit"):
+        raise ValueError(f"gt_tie_policy must be 'drop' or 'credit', got {gt_tie_policy!r}.")
+    if not 0 < confidence_level < 1:
+        raise ValueError(f"confidence_level must lie in (0, 1), got {confidence_level}.")
+    ties = np.zeros(len(diffs), dtype=bool) if gt_tie is None else np.asarray(gt_tie, dtype=bool)
+    if averaging == "macro" and group_ids is None:
+        raise ValueError("averaging='macro' needs group_ids (one per prediction), passed to compute().")
+    groups = np.zeros(len(diffs), dtype=np.int64)
+    if group_ids is not None:
+        _, groups = np.unique(np.asarray(group_ids, dtype=str), return_inverse=True)
+    if len(ties) != len(diffs) or len(groups) != len(diffs):
+        raise ValueError("group_ids and gt_tie must have one entry per prediction.")
+
+    n_gt_ties = int(ties.sum())
+    keep = ~ties if gt_tie_policy == "drop" else np.ones(len(diffs), dtype=bool)
+    correct = (diffs > 0) | ties
+    n_score_ties = int(((diffs == 0) & ~ties & keep).sum())
+    n_wrong = int(((diffs < 0) & ~ties & keep).sum())
+
+    kept_groups = groups[keep]
+    totals = np.bincount(kept_groups).astype(np.float64)
+    hits = np.bincount(kept_groups, weights=correct[keep].astype(np.float64), minlength=len(totals))
+    present = totals > 0
+    totals, hits = totals[present], hits[present]
+    n_pairs = int(totals.sum())
+    micro = averaging == "micro"
+
+    ci_low = ci_high = math.nan
+    if n_pairs == 0:
+        accuracy = math.nan
+    else:
+        accuracy = float(hits.sum() / n_pairs) if micro else float(np.mean(hits / totals))
+        if n_bootstrap > 0:
+            rng = np.random.default_rng(seed)
+            replicates = _bootstrap(rng, hits, totals, micro, n_bootstrap)
+            alpha = (1.0 - confidence_level) / 2.0
+            ci_low, ci_high = (float(q) for q in np.quantile(replicates, [alpha, 1.0 - alpha]))
+    return {
+        "accuracy": accuracy,
+        "n_pairs": n_pairs,
+        "n_correct": int(hits.sum()),
+        "n_wrong": n_wrong,
+        "n_score_ties": n_score_ties,
+        "n_gt_ties_dropped": n_gt_ties if gt_tie_policy == "drop" else 0,
+        "n_gt_ties_credited": n_gt_ties if gt_tie_policy == "credit" else 0,
+        "n_groups": int(len(totals)),
+        "averaging": averaging,
+        "ci_low": ci_low,
+        "ci_high": ci_high,
+        "confidence_level": confidence_level,
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+    }
+
+
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class PairwiseAccuracy(evaluate.Metric):
     """Pairwise accuracy (micro or macro) with score ties counted wrong and a bootstrap interval."""
@@ -78,72 +153,6 @@ class PairwiseAccuracy(evaluate.Metric):
             features=datasets.Features({"predictions": datasets.Value("float64")}),
         )
 
-    def _compute(
-        self,
-        predictions,
-        group_ids=None,
-        gt_tie=None,
-        averaging="micro",
-        gt_tie_policy="drop",
-        n_bootstrap=1000,
-        confidence_level=0.95,
-        seed=0,
-    ):
-        diffs = np.asarray(predictions, dtype=np.float64)
-        if np.isnan(diffs).any():
-            raise ValueError("predictions contain NaN: score every pair before computing accuracy.")
-        if averaging not in ("micro", "macro"):
-            raise ValueError(f"averaging must be 'micro' or 'macro', got {averaging!r}.")
-        if gt_tie_policy not in ("drop", "credit"):
-            raise ValueError(f"gt_tie_policy must be 'drop' or 'credit', got {gt_tie_policy!r}.")
-        if not 0 < confidence_level < 1:
-            raise ValueError(f"confidence_level must lie in (0, 1), got {confidence_level}.")
-        ties = np.zeros(len(diffs), dtype=bool) if gt_tie is None else np.asarray(gt_tie, dtype=bool)
-        if averaging == "macro" and group_ids is None:
-            raise ValueError("averaging='macro' needs group_ids (one per prediction), passed to compute().")
-        groups = np.zeros(len(diffs), dtype=np.int64)
-        if group_ids is not None:
-            _, groups = np.unique(np.asarray(group_ids, dtype=str), return_inverse=True)
-        if len(ties) != len(diffs) or len(groups) != len(diffs):
-            raise ValueError("group_ids and gt_tie must have one entry per prediction.")
-
-        n_gt_ties = int(ties.sum())
-        keep = ~ties if gt_tie_policy == "drop" else np.ones(len(diffs), dtype=bool)
-        correct = (diffs > 0) | ties
-        n_score_ties = int(((diffs == 0) & ~ties & keep).sum())
-        n_wrong = int(((diffs < 0) & ~ties & keep).sum())
-
-        kept_groups = groups[keep]
-        totals = np.bincount(kept_groups).astype(np.float64)
-        hits = np.bincount(kept_groups, weights=correct[keep].astype(np.float64), minlength=len(totals))
-        present = totals > 0
-        totals, hits = totals[present], hits[present]
-        n_pairs = int(totals.sum())
-        micro = averaging == "micro"
-
-        ci_low = ci_high = math.nan
-        if n_pairs == 0:
-            accuracy = math.nan
-        else:
-            accuracy = float(hits.sum() / n_pairs) if micro else float(np.mean(hits / totals))
-            if n_bootstrap > 0:
-                rng = np.random.default_rng(seed)
-                replicates = _bootstrap(rng, hits, totals, micro, n_bootstrap)
-                alpha = (1.0 - confidence_level) / 2.0
-                ci_low, ci_high = (float(q) for q in np.quantile(replicates, [alpha, 1.0 - alpha]))
-        return {
-            "accuracy": accuracy,
-            "n_pairs": n_pairs,
-            "n_correct": int(hits.sum()),
-            "n_wrong": n_wrong,
-            "n_score_ties": n_score_ties,
-            "n_gt_ties_dropped": n_gt_ties if gt_tie_policy == "drop" else 0,
-            "n_gt_ties_credited": n_gt_ties if gt_tie_policy == "credit" else 0,
-            "n_groups": int(len(totals)),
-            "averaging": averaging,
-            "ci_low": ci_low,
-            "ci_high": ci_high,
-            "confidence_level": confidence_level,
-            "n_bootstrap": n_bootstrap,
-            "seed": seed,
-        }
+    def _compute(self, predictions, **options):
+        """``options``: the keyword arguments of :func:`pairwise_accuracy` (defaults there)."""
+        return pairwise_accuracy(predictions, **options)

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tiny_world_common import generate, set_threads
 from diffusers import StableDiffusion3Pipeline
 from domain import oracle_score, sample_prompts, split_prompts
+from tiny_world_common import generate, set_threads
 
-from dinalrm.testing import write_canonical_pairs
+from dinalrm.data import write_canonical_pairs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -14,9 +14,9 @@ import time
 
 import torch
 import torch.nn.functional as F
-from tiny_world_common import TOKEN_LENGTH, images_to_tensor, report, set_threads
 from diffusers import StableDiffusion3Pipeline
 from evaluate_reward import load_pairs
+from tiny_world_common import TOKEN_LENGTH, images_to_tensor, report, set_threads
 from torch import nn
 
 

@@ -22,6 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusion3Pipeline
+from diffusers.training_utils import compute_density_for_timestep_sampling
+from domain import attribute_accuracy, oracle_score, sample_prompts, split_prompts
+from PIL import Image
 from tiny_world_common import (
     TOKEN_LENGTH,
     encode_latents,
@@ -30,10 +34,6 @@ from tiny_world_common import (
     sd3_components,
     set_threads,
 )
-from diffusers import AutoencoderKL, StableDiffusion3Pipeline
-from diffusers.training_utils import compute_density_for_timestep_sampling
-from domain import attribute_accuracy, oracle_score, sample_prompts, split_prompts
-from PIL import Image
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
+from domain import attribute_accuracy, sample_prompts, split_prompts
 from tiny_world_common import (
     VAE_CONFIG,
     images_to_tensor,
@@ -27,8 +29,6 @@ from tiny_world_common import (
     set_threads,
     tensor_to_images,
 )
-from diffusers import AutoencoderKL
-from domain import attribute_accuracy, sample_prompts, split_prompts
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -2,7 +2,7 @@
 # Regenerate the whole tiny world from scratch with fixed seeds:
 #   VAE -> SD3 generator -> oracle-labelled pairs -> DiNa-LRM (train_dinalrm.py) -> Hub repo
 #   -> evaluation (evaluate_reward.py, then eval/run_eval.py + eval/noise_sweep.py) -> pixel baseline
-#   -> ReFL (train_refl.py), then copy the shipped artefacts to assets/.
+#   -> ReFL (examples/refl/train_refl.py), then copy the shipped artefacts to assets/.
 #
 #   bash examples/tiny_world/regenerate.sh                 # full run, writes examples/tiny_world/outputs and assets/
 #   QUICK=1 OUT=/tmp/tw bash examples/tiny_world/regenerate.sh   # toy step counts, assets untouched
@@ -83,7 +83,7 @@ stage pixel_baseline "$PY" "$HERE/pixel_baseline.py" --generator "$OUT/tiny-sd3"
 align_generator() {  # align_generator LEARNING_RATE OUTPUT_NAME
   rm -rf "$OUT/$2"
   "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no \
-    --dynamo_backend no "$REPO/train_refl.py" \
+    --dynamo_backend no "$REPO/examples/refl/train_refl.py" \
     --pretrained_model_name_or_path "$OUT/tiny-sd3" --reward_model "$OUT/dinalrm-tiny" \
     --prompts_file "$OUT/pairs/train_prompts.txt" --validation_prompts_file "$OUT/pairs/held_out_prompts.txt" \
     --golden_metric "$HERE/domain.py:oracle_score" --height 64 --width 64 --max_sequence_length 16 \

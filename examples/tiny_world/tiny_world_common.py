@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+# Run as `python examples/tiny_world/<script>.py`, a script has this folder on sys.path (so `domain` imports) and
+# `dinalrm` comes from the installed package (`pip install -e .`).
 REPO_ROOT = Path(__file__).resolve().parents[2]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-HERE = Path(__file__).resolve().parent
-if str(HERE) not in sys.path:
-    sys.path.insert(0, str(HERE))
 
 from domain import IMAGE_SIZE, VOCABULARY, render
 

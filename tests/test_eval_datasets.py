@@ -13,7 +13,9 @@ import huggingface_hub
 import pytest
 from PIL import Image
 
-from dinalrm.benchmarks import BenchmarkPair, collect_scores, compute_accuracy, load_benchmark
+from common import benchmark_accuracy, compute_accuracy  # eval/common.py, on sys.path through conftest
+
+from dinalrm.eval_datasets import BenchmarkPair, collect_scores, load_benchmark
 from dinalrm.data import FIRST, SECOND, TIE
 
 
@@ -75,13 +77,14 @@ def test_imagereward_pairs_ties_and_micro_accuracy(imagereward_dir):
         "part-1/a.webp": 0.9, "part-1/b.webp": 0.5, "part-1/c.webp": 0.7, "part-1/d.webp": 0.5,
         "part-2/e.webp": 0.1, "part-2/f.webp": 0.3, "part-2/g.webp": 0.2,
     })  # fmt: skip
-    result = bench.accuracy(scores)
+    result = benchmark_accuracy(bench, scores)
     # Prompt 1: a>b a>c a>d right, b=d score tie (wrong), c>d right -> 4/5. Prompt 2: f>e, g>e, f>g -> 3/3.
-    assert result == {
-        "accuracy": 7 / 8, "n_pairs": 8, "n_correct": 7, "n_score_ties": 1, "n_gt_ties_dropped": 1,
+    expected = {
+        "accuracy": 7 / 8, "n_pairs": 8, "n_correct": 7, "n_wrong": 0, "n_score_ties": 1, "n_gt_ties_dropped": 1,
         "n_gt_ties_credited": 0, "n_missing_images": 1, "n_pairs_missing_image": 3, "n_groups": 2,
         "averaging": "micro",
     }  # fmt: skip
+    assert {key: result[key] for key in expected} == expected
     # HPSv2's variant of the ImageReward metric: macro over prompts, ties dropped -> (4/5 + 3/3) / 2.
     assert compute_accuracy(bench.pairs, scores, "macro")["accuracy"] == pytest.approx(0.9)
 
@@ -103,7 +106,7 @@ HPDV2_SCORES = {
 def check_hpdv2(bench):
     assert bench.averaging == "macro" and len(bench.pairs) == 3 + 6 and bench.n_gt_ties_dropped == 0
     assert [p.label for p in bench.pairs[:3]] == [FIRST, FIRST, TIE]  # the GT tie is kept, to be credited
-    result = bench.accuracy(scores_for(bench, HPDV2_SCORES))
+    result = benchmark_accuracy(bench, scores_for(bench, HPDV2_SCORES))
     # HPSv2 inversion score per prompt, by hand:
     # castle: predicted order 00001 > 00000 > 00002; (0,1) discordant, (0,2) concordant, (1,2) GT tie never
     #   discordant -> 1 - 1/3 = 2/3.
@@ -166,7 +169,7 @@ def test_hpdv3_path1_preferred_micro(tmp_path):
     assert prompts == {"a cat", "a dog"}
     scores = {"p0/images/1.png": 1.0, "p0/images/2.png": 0.0, "p0/images/3.png": 2.0,
               "p1/images/1.png": 0.5, "p1/images/4.png": 0.5}  # fmt: skip
-    result = bench.accuracy(scores)
+    result = benchmark_accuracy(bench, scores)
     assert (result["accuracy"], result["n_correct"], result["n_score_ties"]) == (1 / 3, 1, 1)
     with pytest.raises(ValueError, match="image_root"):
         load_benchmark("hpdv3")  # the Hub JSON alone cannot locate the images
@@ -216,7 +219,7 @@ def test_genai_bench_local_parquet_end_to_end(tmp_path):
     assert bench.n_gt_ties_dropped == 1 and bench.stats["both_bad"] == 1 and len(bench.images) == 6
     scores, stats = collect_scores(bench, red_score, batch_size=4)
     assert stats.kept == 6 and stats.n_skipped == 0
-    result = bench.accuracy(scores)
+    result = benchmark_accuracy(bench, scores)
     assert (result["accuracy"], result["n_pairs"], result["n_score_ties"], result["n_gt_ties_dropped"]) == (
         2 / 3, 3, 1, 1,
     )  # fmt: skip
@@ -267,11 +270,11 @@ def test_pickapic_splits_ties_and_corrupt_images(tmp_path, caplog):
     bench = load_benchmark("pickapic_v2", str(tmp_path), cache_dir=str(tmp_path / "cache"))
     assert bench.split == "test_unique" and [p.label for p in bench.pairs] == [FIRST, SECOND, FIRST]
     assert bench.n_gt_ties_dropped == 1
-    with caplog.at_level(logging.WARNING, logger="dinalrm.benchmarks"):
+    with caplog.at_level(logging.WARNING, logger="dinalrm.eval_datasets"):
         scores, stats = collect_scores(bench, red_score)
     assert stats["corrupt_image"] == 1 and stats.kept == 5
     assert "images scored: kept 5, skipped 1 (corrupt_image=1)" in caplog.text
-    result = bench.accuracy(scores)
+    result = benchmark_accuracy(bench, scores)
     assert (result["accuracy"], result["n_pairs"], result["n_missing_images"], result["n_pairs_missing_image"]) == (
         1.0, 2, 1, 1,
     )  # fmt: skip

@@ -1,4 +1,4 @@
-"""Evaluation benchmarks (DESIGN §11): public test sets -> scored image list + preference pairs.
+"""Evaluation datasets: public reward-model test sets -> scored image list + preference pairs.
 
 Each adapter reads a benchmark from the Hub or from a local copy in ``data_dir/<name>/`` and returns a
 :class:`Benchmark`: the distinct images to score (id -> :class:`BenchmarkImage`, each with its prompt and
@@ -17,7 +17,7 @@ a lazy loader), the pairs ``(group_id, image_a, image_b, label)`` to compare, an
 * ``pickapic_v2`` — Pick-a-Pic v2 ``test_unique`` (default) or ``test`` (``caption, jpg_0, jpg_1,
   label_0, label_1``): 0.5/0.5 ties dropped and counted; micro.
 * ``canonical`` — any dataset in the repository's canonical pair schema (``prompt, chosen, rejected[, weight]``,
-  image columns; what :func:`dinalrm.testing.write_canonical_pairs` and the tiny world's ``make_pairs.py``
+  image columns; what :func:`dinalrm.data.write_canonical_pairs` and the tiny world's ``make_pairs.py``
   write), default split ``test``: one pair per row, ``chosen`` preferred, ``weight`` ignored; micro. It has no
   default dataset: pass ``hub_id`` (a Hub id or a local folder) or put it in ``data_dir/canonical/``.
 
@@ -52,8 +52,9 @@ __all__ = [
     "BenchmarkPair",
     "DatasetCell",
     "collect_scores",
-    "compute_accuracy",
+    "PairMargins",
     "load_benchmark",
+    "pair_margins",
 ]
 
 BOTH_BAD = "both_bad"
@@ -76,7 +77,7 @@ BENCHMARKS: dict[str, _Spec] = {
 }
 GENAI_BENCH_CONFIG = "image_generation"
 GENAI_VOTES = {"leftvote": FIRST, "rightvote": SECOND, "tievote": TIE}
-# The published value is "bothbad_vote" (GenAI-Arena's vote name); DESIGN §11 writes "both-bad".
+# The published value is "bothbad_vote" (GenAI-Arena's vote name); "both-bad" is accepted as an alternate spelling.
 GENAI_BOTH_BAD = {"bothbad_vote", "both-bad"}
 # Image columns of the row-per-pair tables: image id suffix -> column, the first image being ``image_a``.
 GENAI_IMAGES = {"left": "left_image", "right": "right_image"}
@@ -137,9 +138,6 @@ class Benchmark:
         """Distinct images listed by the benchmark but absent on disk or empty."""
         return self.stats[MISSING]
 
-    def accuracy(self, scores_by_image: Mapping[str, float]) -> dict[str, Any]:
-        """:func:`compute_accuracy` with this benchmark's averaging and dropped-tie count."""
-        return compute_accuracy(self.pairs, scores_by_image, self.averaging, n_gt_ties_dropped=self.n_gt_ties_dropped)
 
 
 class _Builder:
@@ -365,37 +363,37 @@ def _load_table(
     return table
 
 
-def _load_genai_bench(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
-    table = _load_table(folder, spec.hub_id, GENAI_BENCH_CONFIG, split, cache_dir, GENAI_IMAGES.values())
+def _row_pairs(
+    table: datasets.Dataset, prompts: Iterable[str], labels: Iterable[int | str | None], columns: Mapping[str, str]
+) -> _Builder:
+    """One pair per row of a row-per-pair table, grouped by prompt.
+
+    ``labels`` holds per row FIRST or SECOND (kept), TIE (counted as a GT tie), None (an invalid label) or the
+    name of another reason to drop the row (e.g. BOTH_BAD), counted under that name.
+    """
     builder = _Builder()
     groups: dict[str, str] = {}
-    for row, (prompt, vote) in enumerate(zip(table["prompt"], table["vote_type"], strict=True)):
-        label = GENAI_VOTES.get(vote)
-        if vote in GENAI_BOTH_BAD:
-            builder.stats.count(BOTH_BAD)
-        elif label is None:
-            builder.stats.count(INVALID_LABEL)
-        elif label == TIE:
-            builder.stats.count(GT_TIE)
+    for row, (prompt, label) in enumerate(zip(prompts, labels, strict=True)):
+        if label == FIRST or label == SECOND:
+            builder.add_row_pair(_group_key(groups, prompt), prompt, table, row, columns, label)
         else:
-            builder.add_row_pair(_group_key(groups, prompt), prompt, table, row, GENAI_IMAGES, label)
+            builder.stats.count(GT_TIE if label == TIE else INVALID_LABEL if label is None else label)
     return builder
+
+
+def _genai_label(vote: str) -> int | str | None:
+    return BOTH_BAD if vote in GENAI_BOTH_BAD else GENAI_VOTES.get(vote)
+
+
+def _load_genai_bench(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
+    table = _load_table(folder, spec.hub_id, GENAI_BENCH_CONFIG, split, cache_dir, GENAI_IMAGES.values())
+    return _row_pairs(table, table["prompt"], map(_genai_label, table["vote_type"]), GENAI_IMAGES)
 
 
 def _load_pickapic(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
     table = _load_table(folder, spec.hub_id, None, split, cache_dir, PICKAPIC_IMAGES.values())
-    builder = _Builder()
-    groups: dict[str, str] = {}
-    labels = zip(table["caption"], table["label_0"], table["label_1"], strict=True)
-    for row, (caption, label_0, label_1) in enumerate(labels):
-        label = pickapic_preference(label_0, label_1)
-        if label is None:
-            builder.stats.count(INVALID_LABEL)
-        elif label == TIE:
-            builder.stats.count(GT_TIE)
-        else:
-            builder.add_row_pair(_group_key(groups, caption), caption, table, row, PICKAPIC_IMAGES, label)
-    return builder
+    labels = map(pickapic_preference, table["label_0"], table["label_1"])
+    return _row_pairs(table, table["caption"], labels, PICKAPIC_IMAGES)
 
 
 def _load_canonical(folder: str | None, spec: _Spec, split: str, cache_dir: str | None, **_: Any) -> _Builder:
@@ -405,11 +403,7 @@ def _load_canonical(folder: str | None, spec: _Spec, split: str, cache_dir: str 
             "eval scripts: --pairs PATH_OR_ID) or put it in <data_dir>/canonical/."
         )
     table = _load_table(folder, spec.hub_id or folder, None, split, cache_dir, CANONICAL_IMAGES.values())
-    builder = _Builder()
-    groups: dict[str, str] = {}
-    for row, prompt in enumerate(table["prompt"]):
-        builder.add_row_pair(_group_key(groups, prompt), prompt, table, row, CANONICAL_IMAGES, FIRST)
-    return builder
+    return _row_pairs(table, table["prompt"], [FIRST] * len(table), CANONICAL_IMAGES)
 
 
 _ADAPTERS: dict[str, Callable[..., _Builder]] = {
@@ -463,7 +457,7 @@ def collect_scores(
     """Score every image of ``benchmark`` with ``score_fn(prompts, images) -> scores``, batch by batch.
 
     Images that fail to load are skipped and counted per reason (their pairs are then excluded, and
-    counted, by :func:`compute_accuracy`). Returns ``(scores_by_image, stats)``.
+    counted, by :func:`pair_margins`). Returns ``(scores_by_image, stats)``.
     """
     scores: dict[str, float] = {}
     stats = SkipStats()
@@ -493,27 +487,29 @@ def collect_scores(
     return scores, stats
 
 
-def compute_accuracy(
-    pairs: Iterable[BenchmarkPair | tuple[str, str, str, int]],
-    scores_by_image: Mapping[str, float],
-    averaging: str = "micro",
-    *,
-    n_gt_ties_dropped: int = 0,
-) -> dict[str, Any]:
-    """Pairwise accuracy of ``scores_by_image`` (higher = better) on ``pairs``.
+class PairMargins(NamedTuple):
+    """Scored pairs in the form the pairwise-accuracy metric (``eval/pairwise_accuracy``) takes them."""
 
-    A pair is correct when the preferred image scores strictly higher; equal scores count as wrong.
-    TIE pairs (HPDv2) are always correct. Pairs with an unscored image are excluded and counted.
-    ``micro``: correct / pairs. ``macro``: mean over groups of each group's accuracy.
+    margins: list[float]  # per scored pair: score(preferred) - score(other); score(a) - score(b) for a TIE pair
+    group_ids: list[str]
+    gt_tie: list[bool]  # TIE pairs (HPDv2's human ties, credited as correct by the metric)
+    n_missing_images: int  # distinct images of the pairs that have no score
+    n_pairs_missing_image: int  # pairs left out because one of their images has no score
 
-    Returns ``accuracy, n_pairs, n_correct, n_score_ties, n_gt_ties_dropped, n_gt_ties_credited,
-    n_missing_images`` (distinct unscored images), ``n_pairs_missing_image, n_groups, averaging``.
+
+def pair_margins(
+    pairs: Iterable[BenchmarkPair | tuple[str, str, str, int]], scores_by_image: Mapping[str, float]
+) -> PairMargins:
+    """The margin by which each pair's preferred image outscores the other (higher score = better).
+
+    The metric counts a positive margin as correct and zero (a score tie) as wrong; TIE pairs are flagged in
+    ``gt_tie``. Pairs with an unscored image are left out and counted. Non-finite scores raise ValueError.
     """
-    if averaging not in ("micro", "macro"):
-        raise ValueError(f"averaging must be 'micro' or 'macro', got {averaging!r}.")
-    per_group: dict[str, list[int]] = {}
+    margins: list[float] = []
+    group_ids: list[str] = []
+    gt_tie: list[bool] = []
     missing: set[str] = set()
-    n_pairs_missing = n_score_ties = n_credited = 0
+    n_pairs_missing = 0
     for group_id, image_a, image_b, label in pairs:
         if image_a not in scores_by_image or image_b not in scores_by_image:
             missing.update(i for i in (image_a, image_b) if i not in scores_by_image)
@@ -522,36 +518,9 @@ def compute_accuracy(
         score_a, score_b = float(scores_by_image[image_a]), float(scores_by_image[image_b])
         if not (math.isfinite(score_a) and math.isfinite(score_b)):
             raise ValueError(f"Non-finite score for {image_a!r} or {image_b!r}: {score_a}, {score_b}.")
-        if label == TIE:
-            n_credited += 1
-            correct = True
-        elif label in (FIRST, SECOND):
-            margin = (score_a - score_b) * label
-            n_score_ties += int(margin == 0)
-            correct = margin > 0
-        else:
+        if label not in (FIRST, SECOND, TIE):
             raise ValueError(f"Pair label must be FIRST (1), SECOND (-1) or TIE (0), got {label!r}.")
-        counts = per_group.setdefault(group_id, [0, 0])
-        counts[0] += int(correct)
-        counts[1] += 1
-    n_correct = sum(c for c, _ in per_group.values())
-    n_pairs = sum(n for _, n in per_group.values())
-    if n_pairs == 0:
-        logger.warning("No scorable pairs: accuracy is undefined (NaN).")
-        accuracy = math.nan
-    elif averaging == "micro":
-        accuracy = n_correct / n_pairs
-    else:
-        accuracy = sum(c / n for c, n in per_group.values()) / len(per_group)
-    return {
-        "accuracy": accuracy,
-        "n_pairs": n_pairs,
-        "n_correct": n_correct,
-        "n_score_ties": n_score_ties,
-        "n_gt_ties_dropped": n_gt_ties_dropped,
-        "n_gt_ties_credited": n_credited,
-        "n_missing_images": len(missing),
-        "n_pairs_missing_image": n_pairs_missing,
-        "n_groups": len(per_group),
-        "averaging": averaging,
-    }
+        margins.append((score_a - score_b) * (label or 1))
+        group_ids.append(group_id)
+        gt_tie.append(label == TIE)
+    return PairMargins(margins, group_ids, gt_tie, len(missing), n_pairs_missing)

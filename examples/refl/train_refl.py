@@ -2,7 +2,7 @@
 # Copyright 2026 The dinalrm authors. Licensed under the Apache License, Version 2.0.
 """ReFL alignment of an SD3 generator with a DiNa-LRM reward, with 🤗 accelerate and peft LoRA.
 
-    accelerate launch train_refl.py \\
+    accelerate launch examples/refl/train_refl.py \\
         --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \\
         --reward_model org/dinalrm-sd35m --prompts_file prompts.txt --output_dir sd35m-refl
 

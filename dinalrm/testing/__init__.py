@@ -1,0 +1,62 @@
+"""Tiny, real SD3 components and tiny datasets built offline from fixed seeds, shared by tests, benchmarks, examples.
+
+Every component is a genuine diffusers/transformers class with a small config, so code exercised against these
+behaves as it would against ``stabilityai/stable-diffusion-3.5-medium`` (same classes, same dimension chain),
+without the Hub and in seconds on a CPU. :mod:`dinalrm.testing.models` builds the models,
+:mod:`dinalrm.testing.datasets` writes tiny preference datasets and benchmarks in their published layouts.
+``write_canonical_pairs`` is the real writer of the canonical pair schema; it lives in :mod:`dinalrm.data` and
+is re-exported here for convenience (lazily: ``datasets`` is an optional dependency).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .datasets import (
+    PREFERENCE_FORMATS,
+    TINY_BENCHMARKS,
+    make_tiny_image_pair,
+    write_tiny_benchmarks,
+    write_tiny_preference_dataset,
+)
+from .models import (
+    build_tiny_tokenizers,
+    get_tiny_dinalrm_pipeline,
+    get_tiny_dinalrm_reward_model,
+    get_tiny_sd3_components,
+    get_tiny_sd3_pipeline,
+    medium_transformer_config,
+    save_tiny_clip,
+    save_tiny_dinalrm_repo,
+    save_tiny_sd3_pipeline,
+    tiny_transformer_config,
+    torch_threads,
+)
+
+__all__ = [
+    "PREFERENCE_FORMATS",
+    "TINY_BENCHMARKS",
+    "build_tiny_tokenizers",
+    "get_tiny_dinalrm_pipeline",
+    "get_tiny_dinalrm_reward_model",
+    "get_tiny_sd3_components",
+    "get_tiny_sd3_pipeline",
+    "make_tiny_image_pair",
+    "medium_transformer_config",
+    "save_tiny_clip",
+    "save_tiny_dinalrm_repo",
+    "save_tiny_sd3_pipeline",
+    "tiny_transformer_config",
+    "torch_threads",
+    "write_canonical_pairs",
+    "write_tiny_benchmarks",
+    "write_tiny_preference_dataset",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "write_canonical_pairs":  # imported on use: dinalrm.data needs the optional `datasets` package
+        from ..data import write_canonical_pairs
+
+        return write_canonical_pairs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
