@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 import common
 import noise_sweep
@@ -30,6 +29,8 @@ from dinalrm.testing import (
     save_tiny_dinalrm_repo,
     write_tiny_benchmarks,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 ALL_BENCHMARKS = "imagereward,hpdv2,hpdv3,genai_bench,pickapic"
 # Per benchmark, by hand from write_tiny_benchmarks' docstring:

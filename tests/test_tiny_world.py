@@ -14,9 +14,6 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-WORLD = REPO_ROOT / "examples" / "tiny_world"
-REFL_SCRIPT = REPO_ROOT / "examples" / "refl" / "train_refl.py"
 
 from domain import (
     BACKGROUNDS,
@@ -30,6 +27,10 @@ from domain import (
     render,
     split_prompts,
 )
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WORLD = REPO_ROOT / "examples" / "tiny_world"
+REFL_SCRIPT = REPO_ROOT / "examples" / "refl" / "train_refl.py"
 
 GENERATOR = REPO_ROOT / "assets" / "tiny-sd3"
 REWARD = REPO_ROOT / "assets" / "dinalrm-tiny"

@@ -9,13 +9,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-# Run as `python examples/tiny_world/<script>.py`, a script has this folder on sys.path (so `domain` imports) and
-# `dinalrm` comes from the installed package (`pip install -e .`).
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 from domain import IMAGE_SIZE, VOCABULARY, render
 
 from dinalrm.photo_pairs import TINY_VAE_CONFIG, images_to_tensor  # noqa: F401 (re-exported to the scripts)
+
+# Run as `python examples/tiny_world/<script>.py`, a script has this folder on sys.path (so `domain` imports) and
+# `dinalrm` comes from the installed package (`pip install -e .`).
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 ASSETS = REPO_ROOT / "assets"
 TOKEN_LENGTH = 16  # CLIP and T5 prompt length of the tiny world (prompts have 11 words)

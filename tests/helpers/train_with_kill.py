@@ -12,11 +12,8 @@
 import os
 import signal
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-import train_dinalrm  # after the sys.path entry: the repository root first
+import train_dinalrm  # the tests run this file with PYTHONPATH set to the repository root
 from dinalrm import checkpointing
 
 
