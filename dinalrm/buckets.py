@@ -1,7 +1,7 @@
 """Aspect-ratio buckets: which bucket an image or pair goes to, batches of one bucket, the buckets of a model.
 
-Every consumer of buckets (the data adapters of :mod:`dinalrm.data`, the data loaders and the feature cache of
-``train_dinalrm.py``) takes them from here, so the bucket of a pair is decided in one place.
+Every consumer of buckets (the data adapters of `dinalrm.data`, the data loaders and the feature cache of
+`train_dinalrm.py`) takes them from here, so the bucket of a pair is decided in one place.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ _BUCKET_BASE_RESOLUTION = 1024
 
 
 class BucketSet:
-    """The :data:`ASPECT_RATIO_BUCKETS` scaled to ``resolution`` and snapped to ``multiple``.
+    """The `ASPECT_RATIO_BUCKETS` scaled to `resolution` and snapped to `multiple`.
 
-    ``multiple`` is the VAE down-sampling factor times the transformer patch size (8 x 2 = 16 for
+    `multiple` is the VAE down-sampling factor times the transformer patch size (8 x 2 = 16 for
     SD3), so every bucket maps to a whole number of latent patches. An image goes to the bucket with
     the closest aspect ratio (log-ratio distance); among buckets of that ratio (1024², 512², 256²)
     the one closest in log-area wins, ties going to the larger one.
@@ -71,7 +71,7 @@ class BucketSet:
         return candidates[distances.index(min(distances))]
 
     def assign_bucket(self, width: int, height: int) -> tuple[int, int]:
-        """Bucket ``(width, height)`` for an image of the given size."""
+        """Bucket `(width, height)` for an image of the given size."""
         return self._closest_size(self._ratio_class(width, height), math.log(width * height))
 
     def assign_pair(self, first: tuple[int, int], second: tuple[int, int]) -> tuple[int, int] | None:
@@ -89,9 +89,9 @@ class BucketSet:
 class BucketBatchSampler:
     """Batches of dataset indices where every batch holds pairs of one aspect-ratio bucket.
 
-    With ``shuffle``, the order within each bucket and the order of the batches are drawn from ``(seed, epoch)``;
-    call :meth:`start_epoch` before iterating. The last batch of a bucket may be smaller. Every process builds the
-    same sequence; accelerate hands each process its share. (The size is deliberately not called ``batch_size``:
+    With `shuffle`, the order within each bucket and the order of the batches are drawn from `(seed, epoch)`;
+    call `start_epoch` before iterating. The last batch of a bucket may be smaller. Every process builds the
+    same sequence; accelerate hands each process its share. (The size is deliberately not called `batch_size`:
     accelerate then treats the batches as variable-length lists, which they are.)
     """
 
@@ -107,7 +107,7 @@ class BucketBatchSampler:
             self._groups.setdefault(tuple(bucket), []).append(index)
 
     def start_epoch(self, epoch: int) -> None:
-        """Select the shuffle of ``epoch`` (deterministic for a seed)."""
+        """Select the shuffle of `epoch` (deterministic for a seed)."""
         self.epoch = epoch
 
     def batches(self) -> list[list[int]]:
@@ -138,10 +138,10 @@ def buckets_for_model(
     multiple: int | None = None,
     revision: str | None = None,
 ) -> BucketSet:
-    """Buckets at ``resolution`` whose sides give whole backbone patches after the VAE of the SD3 pipeline.
+    """Buckets at `resolution` whose sides give whole backbone patches after the VAE of the SD3 pipeline.
 
-    ``multiple`` defaults to the VAE's down-sampling factor (read from its config, no weights loaded) times the
-    transformer's ``patch_size``.
+    `multiple` defaults to the VAE's down-sampling factor (read from its config, no weights loaded) times the
+    transformer's `patch_size`.
     """
     if multiple is None:
         vae_config = AutoencoderKL.load_config(pretrained_model_name_or_path, subfolder="vae", revision=revision)

@@ -1,8 +1,8 @@
 """Checkpoints of a training run: atomic writes, exact resumes, EMA weights, and no pickles on disk.
 
-A checkpoint is written under ``.partial-checkpoint-<step>`` and renamed to ``checkpoint-<step>`` only once complete,
-so :func:`list_checkpoints` (and ``--resume_from_checkpoint latest``) never sees a half-written one. What accelerate
-writes with ``torch.save`` is converted to safetensors before the rename and handed back to accelerate on resume.
+A checkpoint is written under `.partial-checkpoint-<step>` and renamed to `checkpoint-<step>` only once complete,
+so `list_checkpoints` (and `--resume_from_checkpoint latest`) never sees a half-written one. What accelerate
+writes with `torch.save` is converted to safetensors before the rename and handed back to accelerate on resume.
 """
 
 from __future__ import annotations
@@ -59,9 +59,9 @@ def _fsync_tree(path: str) -> None:
 
 
 def _publish_checkpoint(partial: str, final: str) -> None:
-    """Rename the complete folder ``partial`` to ``final`` (replacing an older one) and make the rename durable.
+    """Rename the complete folder `partial` to `final` (replacing an older one) and make the rename durable.
 
-    The one moment a checkpoint becomes visible; the crash tests' launcher (``tests/helpers/train_with_kill.py``)
+    The one moment a checkpoint becomes visible; the crash tests' launcher (`tests/helpers/train_with_kill.py`)
     wraps it to kill the process just before or just after.
     """
     if os.path.isdir(final):
@@ -81,8 +81,8 @@ def save_checkpoint(
 ) -> None:
     """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` once complete.
 
-    The main process converts accelerate's pickles, writes ``training_state`` as ``training_state.json`` and fsyncs
-    everything before the rename; with ``total_limit``, the oldest complete checkpoints are then removed.
+    The main process converts accelerate's pickles, writes `training_state` as `training_state.json` and fsyncs
+    everything before the rename; with `total_limit`, the oldest complete checkpoints are then removed.
     """
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
     partial = os.path.join(output_dir, f"{PARTIAL_PREFIX}{CHECKPOINT_PREFIX}{global_step}")
@@ -105,9 +105,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict:
-    """Restore the state :func:`save_checkpoint` wrote into ``accelerator`` and return its ``training_state``.
+    """Restore the state `save_checkpoint` wrote into `accelerator` and return its `training_state`.
 
-    accelerate's files are laid out in accelerate's own format in a temporary folder only, for ``load_state``.
+    accelerate's files are laid out in accelerate's own format in a temporary folder only, for `load_state`.
     """
     with tempfile.TemporaryDirectory(prefix="dinalrm-resume-") as state_dir:
         restore_accelerate_pickles(path, state_dir)
@@ -125,10 +125,10 @@ def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
-    """Complete checkpoints ``(step, path)`` in ``output_dir``, oldest first.
+    """Complete checkpoints `(step, path)` in `output_dir`, oldest first.
 
     Checkpoints are written under a temporary name and renamed when complete, so a folder named
-    ``checkpoint-<step>`` holding its ``training_state.json`` is complete; anything else is ignored.
+    `checkpoint-<step>` holding its `training_state.json` is complete; anything else is ignored.
     """
     if not os.path.isdir(output_dir):
         return []
@@ -142,7 +142,7 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
 
 
 def resolve_checkpoint(output_dir: str | os.PathLike, spec: str) -> str | None:
-    """The folder ``--resume_from_checkpoint`` names: ``latest`` (None when there is none yet) or a path/name."""
+    """The folder `--resume_from_checkpoint` names: `latest` (None when there is none yet) or a path/name."""
     if spec == "latest":
         checkpoints = list_checkpoints(output_dir)
         return checkpoints[-1][1] if checkpoints else None
@@ -153,7 +153,7 @@ def resolve_checkpoint(output_dir: str | os.PathLike, spec: str) -> str | None:
 
 
 def remove_old_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[str]:
-    """Delete the oldest complete checkpoints so that at most ``keep`` remain; returns the removed paths."""
+    """Delete the oldest complete checkpoints so that at most `keep` remain; returns the removed paths."""
     checkpoints = list_checkpoints(output_dir)
     removed = [path for _, path in checkpoints[: max(0, len(checkpoints) - keep)]]
     for path in removed:
@@ -174,7 +174,7 @@ def save_ema(ema: EMAModel, names: Sequence[str], directory: str | os.PathLike) 
 
 
 def load_ema(ema: EMAModel, names: Sequence[str], directory: str | os.PathLike) -> None:
-    """Restore what :func:`save_ema` wrote; the parameter names must match the ones being averaged."""
+    """Restore what `save_ema` wrote; the parameter names must match the ones being averaged."""
     weights = load_file(os.path.join(directory, _EMA_WEIGHTS))
     if set(weights) != set(names):
         missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))

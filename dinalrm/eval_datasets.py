@@ -1,28 +1,28 @@
 """Evaluation datasets: public reward-model test sets -> scored image list + preference pairs.
 
-Each adapter reads a benchmark from the Hub or from a local copy in ``data_dir/<name>/`` and returns a
-:class:`Benchmark`: the distinct images to score (id -> :class:`BenchmarkImage`, each with its prompt and
-a lazy loader), the pairs ``(group_id, image_a, image_b, label)`` to compare, and what was dropped.
-``label`` is FIRST (+1, ``image_a`` preferred), SECOND (-1) or TIE (0). Per protocol:
+Each adapter reads a benchmark from the Hub or from a local copy in `data_dir/<name>/` and returns a
+[`Benchmark`]: the distinct images to score (id -> [`BenchmarkImage`], each with its prompt and
+a lazy loader), the pairs `(group_id, image_a, image_b, label)` to compare, and what was dropped.
+`label` is FIRST (+1, `image_a` preferred), SECOND (-1) or TIE (0). Per protocol:
 
-* ``imagereward`` — ImageReward test (``id, prompt, generations, ranking``; 1 = best): every pair of a
-  prompt with distinct ranks; GT ties dropped and counted; micro average (ImageReward's ``acc``).
-* ``hpdv2`` — HPDv2 test (``prompt, image_path, rank``; lower = better): all C(n, 2) pairs of a prompt;
+* `imagereward` — ImageReward test (`id, prompt, generations, ranking`; 1 = best): every pair of a
+  prompt with distinct ranks; GT ties dropped and counted; micro average (ImageReward's `acc`).
+* `hpdv2` — HPDv2 test (`prompt, image_path, rank`; lower = better): all C(n, 2) pairs of a prompt;
   GT ties are kept as TIE pairs and always credited; macro average over prompts. This is HPSv2's
-  ``inversion_score``: per prompt ``1 - discordant / C(n, 2)``, where a GT-tied pair is never discordant
+  `inversion_score`: per prompt `1 - discordant / C(n, 2)`, where a GT-tied pair is never discordant
   yet stays in the denominator.
-* ``hpdv3`` — HPDv3 test (``prompt, path1, path2, ...``): one pair per row, ``path1`` preferred; micro.
-* ``genai_bench`` — GenAI-Bench ``image_generation`` (``left_image, right_image, vote_type``): tievote and
+* `hpdv3` — HPDv3 test (`prompt, path1, path2, ...`): one pair per row, `path1` preferred; micro.
+* `genai_bench` — GenAI-Bench `image_generation` (`left_image, right_image, vote_type`): tievote and
   bothbad_vote rows dropped and counted (apart); micro.
-* ``pickapic_v2`` — Pick-a-Pic v2 ``test_unique`` (default) or ``test`` (``caption, jpg_0, jpg_1,
-  label_0, label_1``): 0.5/0.5 ties dropped and counted; micro.
-* ``canonical`` — any dataset in the repository's canonical pair schema (``prompt, chosen, rejected[, weight]``,
-  image columns; what :func:`dinalrm.data.write_canonical_pairs` and the tiny world's ``make_pairs.py``
-  write), default split ``test``: one pair per row, ``chosen`` preferred, ``weight`` ignored; micro. It has no
-  default dataset: pass ``hub_id`` (a Hub id or a local folder) or put it in ``data_dir/canonical/``.
+* `pickapic_v2` — Pick-a-Pic v2 `test_unique` (default) or `test` (`caption, jpg_0, jpg_1,
+  label_0, label_1`): 0.5/0.5 ties dropped and counted; micro.
+* `canonical` — any dataset in the repository's canonical pair schema (`prompt, chosen, rejected[, weight]`,
+  image columns; what `dinalrm.data.write_canonical_pairs` and the tiny world's `make_pairs.py`
+  write), default split `test`: one pair per row, `chosen` preferred, `weight` ignored; micro. It has no
+  default dataset: pass `hub_id` (a Hub id or a local folder) or put it in `data_dir/canonical/`.
 
 Everywhere a score tie (equal scores on a pair with a strict human preference) counts as wrong.
-HPSv2's own code ranks by ``argsort`` and so breaks exact score ties by position; we do not.
+HPSv2's own code ranks by `argsort` and so breaks exact score ties by position; we do not.
 """
 
 from __future__ import annotations
@@ -79,14 +79,14 @@ GENAI_BENCH_CONFIG = "image_generation"
 GENAI_VOTES = {"leftvote": FIRST, "rightvote": SECOND, "tievote": TIE}
 # The published value is "bothbad_vote" (GenAI-Arena's vote name); "both-bad" is accepted as an alternate spelling.
 GENAI_BOTH_BAD = {"bothbad_vote", "both-bad"}
-# Image columns of the row-per-pair tables: image id suffix -> column, the first image being ``image_a``.
+# Image columns of the row-per-pair tables: image id suffix -> column, the first image being `image_a`.
 GENAI_IMAGES = {"left": "left_image", "right": "right_image"}
 PICKAPIC_IMAGES = {"0": "jpg_0", "1": "jpg_1"}
 CANONICAL_IMAGES = {"chosen": "chosen", "rejected": "rejected"}
 
 
 class BenchmarkPair(NamedTuple):
-    """One comparison: ``label`` is FIRST if ``image_a`` is preferred, SECOND if ``image_b``, TIE if tied."""
+    """One comparison: `label` is FIRST if `image_a` is preferred, SECOND if `image_b`, TIE if tied."""
 
     group_id: str
     image_a: str
@@ -95,7 +95,7 @@ class BenchmarkPair(NamedTuple):
 
 
 class DatasetCell(NamedTuple):
-    """A lazy reference to an image stored in a ``datasets.Dataset`` (avoids holding all bytes in memory)."""
+    """A lazy reference to an image stored in a `datasets.Dataset` (avoids holding all bytes in memory)."""
 
     dataset: datasets.Dataset
     row: int
@@ -119,7 +119,7 @@ class BenchmarkImage:
 
 @dataclass
 class Benchmark:
-    """A loaded benchmark: images to score, pairs to compare, and what was dropped (``stats``)."""
+    """A loaded benchmark: images to score, pairs to compare, and what was dropped (`stats`)."""
 
     name: str
     split: str
@@ -150,7 +150,7 @@ class _Builder:
         self._missing: set[str] = set()
 
     def add_file(self, image_id: str, prompt: str, path: str | None) -> str:
-        """Register an image file; a missing file is counted once and left out of ``images``."""
+        """Register an image file; a missing file is counted once and left out of `images`."""
         if image_id in self.images or image_id in self._missing:
             return image_id
         if path is None or not os.path.isfile(path):
@@ -176,7 +176,7 @@ class _Builder:
     def add_row_pair(
         self, group_id: str, prompt: str, table: datasets.Dataset, row: int, columns: Mapping[str, str], label: int
     ) -> None:
-        """A pair from two image columns of ``table[row]``: ``columns`` maps id suffix -> column, ``image_a`` first."""
+        """A pair from two image columns of `table[row]`: `columns` maps id suffix -> column, `image_a` first."""
         cells = table[row]
         image_a, image_b = (
             self.add_cell(f"{row}/{suffix}", prompt, table, row, column, cells[column])
@@ -207,8 +207,8 @@ class _Builder:
 class _FileResolver:
     """Maps the relative image paths a benchmark lists to files under an (extracted) root.
 
-    A path is looked up as ``root/path`` first; archives whose internal folders differ from the
-    listed paths are handled by falling back to a unique file-name match under ``root``.
+    A path is looked up as `root/path` first; archives whose internal folders differ from the
+    listed paths are handled by falling back to a unique file-name match under `root`.
     """
 
     def __init__(self, root: str) -> None:
@@ -242,7 +242,7 @@ def _read_json_list(path: str) -> list[dict[str, Any]]:
 
 
 def _extract(archive: str, target: str) -> str:
-    """Extract a .zip/.tar(.gz) once into ``target`` (a marker file makes re-runs free)."""
+    """Extract a .zip/.tar(.gz) once into `target` (a marker file makes re-runs free)."""
     marker = os.path.join(target, f".extracted-{os.path.basename(archive)}")
     if not os.path.exists(marker):
         os.makedirs(target, exist_ok=True)
@@ -265,7 +265,7 @@ def _extraction_dir(name: str, split: str, cache_dir: str | None) -> str:
 def _imagereward(
     folder: str | None, spec: _Spec, split: str, cache_dir: str | None
 ) -> tuple[list[dict[str, Any]], _FileResolver]:
-    """ImageReward records ``{id, prompt, generations, ranking}`` and the resolver for their paths."""
+    """ImageReward records `{id, prompt, generations, ranking}` and the resolver for their paths."""
     if folder is not None:
         return _read_json_list(os.path.join(folder, f"{split}.json")), _FileResolver(folder)
     from huggingface_hub import snapshot_download
@@ -349,7 +349,7 @@ def _load_hpdv3(
 def _load_table(
     folder: str | None, hub_id: str, config: str | None, split: str, cache_dir: str | None, image_columns: Iterable[str]
 ) -> datasets.Dataset:
-    """A split through ``datasets.load_dataset`` (Hub id or local folder), image columns left encoded."""
+    """A split through `datasets.load_dataset` (Hub id or local folder), image columns left encoded."""
     if folder is not None:
         table = datasets.load_dataset(folder, split=split, cache_dir=cache_dir)
     else:
@@ -368,7 +368,7 @@ def _row_pairs(
 ) -> _Builder:
     """One pair per row of a row-per-pair table, grouped by prompt.
 
-    ``labels`` holds per row FIRST or SECOND (kept), TIE (counted as a GT tie), None (an invalid label) or the
+    `labels` holds per row FIRST or SECOND (kept), TIE (counted as a GT tie), None (an invalid label) or the
     name of another reason to drop the row (e.g. BOTH_BAD), counted under that name.
     """
     builder = _Builder()
@@ -425,13 +425,13 @@ def load_benchmark(
     image_root: str | None = None,
     cache_dir: str | None = None,
 ) -> Benchmark:
-    """Load benchmark ``name`` (a key of BENCHMARKS) from ``data_dir/<name>/`` or, without data_dir, the Hub.
+    """Load benchmark `name` (a key of BENCHMARKS) from `data_dir/<name>/` or, without data_dir, the Hub.
 
-    Local layouts: ``imagereward``, ``hpdv2``, ``hpdv3`` — ``<split>.json`` in the published format with
-    image paths relative to that folder; ``genai_bench``, ``pickapic_v2``, ``canonical`` — a folder that
-    ``datasets.load_dataset`` reads (e.g. parquet files with the published columns, one split per file
-    name). ``hub_id`` overrides the default repository (e.g. a Pick-a-Pic mirror; for ``canonical``, which has
-    none, a Hub id or a local folder); ``image_root`` points at extracted HPDv3 images when its JSON comes from
+    Local layouts: `imagereward`, `hpdv2`, `hpdv3` — `<split>.json` in the published format with
+    image paths relative to that folder; `genai_bench`, `pickapic_v2`, `canonical` — a folder that
+    `datasets.load_dataset` reads (e.g. parquet files with the published columns, one split per file
+    name). `hub_id` overrides the default repository (e.g. a Pick-a-Pic mirror; for `canonical`, which has
+    none, a Hub id or a local folder); `image_root` points at extracted HPDv3 images when its JSON comes from
     the Hub.
     """
     if name not in BENCHMARKS:
@@ -454,10 +454,10 @@ def collect_scores(
     score_fn: Callable[[list[str], list[Image.Image]], Sequence[float]],
     batch_size: int = 16,
 ) -> tuple[dict[str, float], SkipStats]:
-    """Score every image of ``benchmark`` with ``score_fn(prompts, images) -> scores``, batch by batch.
+    """Score every image of `benchmark` with `score_fn(prompts, images) -> scores`, batch by batch.
 
     Images that fail to load are skipped and counted per reason (their pairs are then excluded, and
-    counted, by :func:`pair_margins`). Returns ``(scores_by_image, stats)``.
+    counted, by `pair_margins`). Returns `(scores_by_image, stats)`.
     """
     scores: dict[str, float] = {}
     stats = SkipStats()
@@ -488,7 +488,7 @@ def collect_scores(
 
 
 class PairMargins(NamedTuple):
-    """Scored pairs in the form the pairwise-accuracy metric (``eval/pairwise_accuracy``) takes them."""
+    """Scored pairs in the form the pairwise-accuracy metric (`eval/pairwise_accuracy`) takes them."""
 
     margins: list[float]  # per scored pair: score(preferred) - score(other); score(a) - score(b) for a TIE pair
     group_ids: list[str]
@@ -503,7 +503,7 @@ def pair_margins(
     """The margin by which each pair's preferred image outscores the other (higher score = better).
 
     The metric counts a positive margin as correct and zero (a score tie) as wrong; TIE pairs are flagged in
-    ``gt_tie``. Pairs with an unscored image are left out and counted. Non-finite scores raise ValueError.
+    `gt_tie`. Pairs with an unscored image are left out and counted. Non-finite scores raise ValueError.
     """
     margins: list[float] = []
     group_ids: list[str] = []

@@ -1,6 +1,6 @@
 """The feature cache: prompts and images encoded once into safetensors shards, and read back for training.
 
-Training from the cache never loads the VAE or the text encoders. A cache is complete once its ``cache_info.json``
+Training from the cache never loads the VAE or the text encoders. A cache is complete once its `cache_info.json`
 (fingerprint of what the features depend on, splits, skip counts) is in place; a cache built for other settings is
 refused rather than silently reused.
 """
@@ -49,7 +49,7 @@ __all__ = [
 CACHE_INFO = "cache_info.json"
 CACHE_FORMAT_VERSION = 1
 _PARTIAL_CACHE_INFO = f".partial-{CACHE_INFO}"
-#: The training flags (``train_dinalrm.py`` argument names) the cached features depend on, besides the buckets and
+#: The training flags (`train_dinalrm.py` argument names) the cached features depend on, besides the buckets and
 #: the dtype: the model that encodes, the data and its selection.
 FINGERPRINT_SETTINGS = (
     "pretrained_model_name_or_path", "revision", "variant", "max_sequence_length", "dataset_name",
@@ -60,7 +60,7 @@ FINGERPRINT_SETTINGS = (
 
 
 def cache_fingerprint(settings: Mapping[str, Any], buckets: BucketSet, dtype: torch.dtype) -> dict:
-    """Everything the cached features depend on: ``settings`` holds the values of :data:`FINGERPRINT_SETTINGS`."""
+    """Everything the cached features depend on: `settings` holds the values of `FINGERPRINT_SETTINGS`."""
     return {
         "format": CACHE_FORMAT_VERSION,
         **{key: settings[key] for key in FINGERPRINT_SETTINGS},
@@ -95,13 +95,13 @@ def write_feature_cache(
     shard_size: int = 1024,
     num_workers: int = 0,
 ) -> Counter[str]:
-    """Encode one split's prompts and images once and write them as safetensors shards under ``cache_dir/split``.
+    """Encode one split's prompts and images once and write them as safetensors shards under `cache_dir/split`.
 
-    Prompts are de-duplicated (``prompts-XXXXXX.safetensors``: ``prompt_embeds``, ``pooled_prompt_embeds``); pairs
-    are cut into chunks of ``shard_size`` in dataset order and every chunk into one shard per aspect-ratio bucket
-    (``pairs-XXXXXX-WxH.safetensors``: ``chosen``, ``rejected`` latents, ``pair_index``, ``prompt_index``,
-    ``weight``). Chunks are spread over processes round-robin; each process returns the pairs it had to skip.
-    The cache is only complete once ``cache_info.json`` is written (see :func:`build_feature_cache`).
+    Prompts are de-duplicated (`prompts-XXXXXX.safetensors`: `prompt_embeds`, `pooled_prompt_embeds`); pairs
+    are cut into chunks of `shard_size` in dataset order and every chunk into one shard per aspect-ratio bucket
+    (`pairs-XXXXXX-WxH.safetensors`: `chosen`, `rejected` latents, `pair_index`, `prompt_index`,
+    `weight`). Chunks are spread over processes round-robin; each process returns the pairs it had to skip.
+    The cache is only complete once `cache_info.json` is written (see `build_feature_cache`).
     """
     root = os.path.join(cache_dir, split)
     os.makedirs(root, exist_ok=True)
@@ -176,7 +176,7 @@ def write_feature_cache(
 
 
 class CachedPairDataset(torch.utils.data.Dataset):
-    """Pairs read back from a feature cache (no VAE, no text encoder): item ``i`` is the ``i``-th kept pair.
+    """Pairs read back from a feature cache (no VAE, no text encoder): item `i` is the `i`-th kept pair.
 
     Tensors are read row by row from memory-mapped safetensors shards, so the cache never has to fit in memory.
     """
@@ -233,7 +233,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
 
 
 def collate_cached_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack cached pairs of one bucket into the tensors :func:`preference_step` takes."""
+    """Stack cached pairs of one bucket into the tensors `preference_step` takes."""
     batch = {name: torch.stack([item[name] for item in items]) for name in ("chosen", "rejected", "prompt_embeds",
                                                                             "pooled_prompt_embeds")}
     batch["weights"] = torch.stack([item["weight"] for item in items]).float()
@@ -241,7 +241,7 @@ def collate_cached_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torc
 
 
 def read_valid_cache_info(cache_dir: str | os.PathLike, fingerprint: dict) -> dict | None:
-    """:func:`read_cache_info`, refusing (ValueError, naming the differences) a cache built for another fingerprint."""
+    """`read_cache_info`, refusing (ValueError, naming the differences) a cache built for another fingerprint."""
     info = read_cache_info(cache_dir)
     if info is None:
         return None
@@ -266,11 +266,11 @@ def build_feature_cache(
     batch_size: int,
     num_workers: int = 0,
 ) -> dict:
-    """Encode every split into ``cache_dir`` (all processes share the work) and mark the cache complete.
+    """Encode every split into `cache_dir` (all processes share the work) and mark the cache complete.
 
-    ``skipped`` (per split, the counts of the rows dropped while loading the table) gets the pairs whose images no
-    longer decode added; ``cache_info.json`` is written last, atomically, so an interrupted build is never used.
-    Returns the cache's description, as :func:`read_cache_info` reads it back.
+    `skipped` (per split, the counts of the rows dropped while loading the table) gets the pairs whose images no
+    longer decode added; `cache_info.json` is written last, atomically, so an interrupted build is never used.
+    Returns the cache's description, as `read_cache_info` reads it back.
     """
     if accelerator.is_main_process:
         for split in splits:

@@ -1,10 +1,10 @@
 """Robust image decoding shared by training data and benchmark adapters.
 
-Every image that enters dinalrm goes through :func:`load_image` (full decode to 8-bit RGB) or
-:func:`read_image_size` (header only). Both accept the source forms the public datasets use — a file
-path, raw encoded bytes (Pick-a-Pic), the ``{"bytes": ..., "path": ...}`` dict that a ``datasets.Image``
-feature yields with ``decode=False``, or an already opened PIL image — and both report a bad image the
-same way: an :class:`ImageLoadError` whose ``reason`` callers count, so no row fails silently and no
+Every image that enters dinalrm goes through `load_image` (full decode to 8-bit RGB) or
+`read_image_size` (header only). Both accept the source forms the public datasets use — a file
+path, raw encoded bytes (Pick-a-Pic), the `{"bytes": ..., "path": ...}` dict that a `datasets.Image`
+feature yields with `decode=False`, or an already opened PIL image — and both report a bad image the
+same way: an [`ImageLoadError`] whose `reason` callers count, so no row fails silently and no
 single broken file stops a run.
 """
 
@@ -46,7 +46,7 @@ _SWAPS_AXES = {5, 6, 7, 8}
 
 
 class ImageLoadError(ValueError):
-    """An image could not be read; ``reason`` is one of MISSING, CORRUPT or OVERSIZED (for counting)."""
+    """An image could not be read; `reason` is one of MISSING, CORRUPT or OVERSIZED (for counting)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{detail} [{reason}]")
@@ -63,7 +63,7 @@ def _resolve_path(path: str | os.PathLike[str], root: str | os.PathLike[str] | N
 
 
 def open_image(source: ImageSource, root: str | os.PathLike[str] | None = None) -> Image.Image:
-    """Open ``source`` lazily (only the header is parsed); relative paths are joined to ``root``.
+    """Open `source` lazily (only the header is parsed); relative paths are joined to `root`.
 
     Raises ImageLoadError for a missing or unidentifiable image and TypeError for an unsupported
     source type (a programming error, not a data error).
@@ -101,7 +101,7 @@ def open_image(source: ImageSource, root: str | os.PathLike[str] | None = None) 
 
 
 def read_image_size(source: ImageSource, root: str | os.PathLike[str] | None = None) -> tuple[int, int]:
-    """Return ``(width, height)`` as displayed (EXIF rotation applied) without decoding the pixels."""
+    """Return `(width, height)` as displayed (EXIF rotation applied) without decoding the pixels."""
     if isinstance(source, Image.Image):
         return _displayed_size(source)
     with open_image(source, root) as image:
@@ -118,7 +118,7 @@ def _displayed_size(image: Image.Image) -> tuple[int, int]:
 
 
 def load_image(source: ImageSource, root: str | os.PathLike[str] | None = None) -> Image.Image:
-    """Fully decode ``source`` into an 8-bit RGB image with EXIF rotation applied.
+    """Fully decode `source` into an 8-bit RGB image with EXIF rotation applied.
 
     A truncated or otherwise undecodable file raises ImageLoadError(CORRUPT) here, not later inside a
     training or scoring step.

@@ -1,9 +1,9 @@
-"""Image pairs for training: canonical pairs (see :mod:`dinalrm.data`) decoded and encoded on the fly.
+"""Image pairs for training: canonical pairs (see `dinalrm.data`) decoded and encoded on the fly.
 
-:class:`ImagePairDataset` decodes the two images of a pair to their bucket's size, :func:`collate_image_pairs`
-batches them (dropping pairs whose images stopped decoding) and :func:`encode_image_pairs` turns a batch into the
-latents and prompt embeddings :func:`dinalrm.training_utils.preference_step` takes. The feature cache
-(:mod:`dinalrm.feature_cache`) runs the same encoders once, up front.
+[`ImagePairDataset`] decodes the two images of a pair to their bucket's size, `collate_image_pairs`
+batches them (dropping pairs whose images stopped decoding) and `encode_image_pairs` turns a batch into the
+latents and prompt embeddings `dinalrm.training_utils.preference_step` takes. The feature cache
+(`dinalrm.feature_cache`) runs the same encoders once, up front.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ RUNTIME_SKIP = "runtime_"  # prefix of skip reasons counted while training / cac
 
 
 class ImagePairDataset(torch.utils.data.Dataset):
-    """Canonical preference pairs (see :mod:`dinalrm.data`) decoded to RGB images of their bucket's size.
+    """Canonical preference pairs (see `dinalrm.data`) decoded to RGB images of their bucket's size.
 
-    An image that fails to decode here (e.g. deleted since the table was checked) yields a ``skip`` item that the
+    An image that fails to decode here (e.g. deleted since the table was checked) yields a `skip` item that the
     collate function drops and counts, instead of stopping training.
     """
 
@@ -65,7 +65,7 @@ class ImagePairDataset(torch.utils.data.Dataset):
 
 
 def collate_image_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Lists of prompts and PIL images of one bucket; unreadable pairs are dropped and listed in ``skipped``."""
+    """Lists of prompts and PIL images of one bucket; unreadable pairs are dropped and listed in `skipped`."""
     kept = [item for item in items if "skip" not in item]
     return {
         "indices": torch.tensor([item["index"] for item in kept], dtype=torch.long),
@@ -88,7 +88,7 @@ def encode_pair_latents(batch: dict[str, Any], encode_images: EncodeImages) -> t
 
 
 def encode_image_pairs(batch: dict[str, Any], encode_prompts: EncodePrompts, encode_images: EncodeImages) -> dict:
-    """Turn a :func:`collate_image_pairs` batch into the tensors :func:`preference_step` takes.
+    """Turn a `collate_image_pairs` batch into the tensors `preference_step` takes.
 
     Each prompt is encoded once for its pair (both images share it).
     """

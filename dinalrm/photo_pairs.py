@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 #: Natural photographs bundled with scikit-image (no download needed), with the caption used in prompts.
 #: Gray photos are converted to RGB. Synthetic images (colorwheel, logo, phantom, checkerboard), the
-#: already motion-blurred ``clock``, the nearly featureless ``cell`` and the tiny ``microaneurysms`` are
+#: already motion-blurred `clock`, the nearly featureless `cell` and the tiny `microaneurysms` are
 #: left out on purpose.
 PHOTO_CAPTIONS: dict[str, str] = {
     "astronaut": "an astronaut in a space suit",
@@ -60,7 +60,7 @@ def _load_array(name: str) -> np.ndarray:
 def load_photos(names: Iterable[str] | None = None, max_short_side: int = MAX_SHORT_SIDE) -> list[tuple[str, Image.Image]]:
     """Load the bundled photos as RGB PIL images (gray ones replicated to three channels).
 
-    Photos whose shorter side exceeds ``max_short_side`` are downsized with Lanczos filtering so that
+    Photos whose shorter side exceeds `max_short_side` are downsized with Lanczos filtering so that
     crops of large, smooth photos (retina, hubble) still contain detail.
     """
     photos = []
@@ -81,7 +81,7 @@ def load_photos(names: Iterable[str] | None = None, max_short_side: int = MAX_SH
 
 
 def split_photos(names: Sequence[str], held_out: Sequence[str] = HELD_OUT) -> tuple[list[str], list[str]]:
-    """Split photo names into (train, held_out); held-out names must be among ``names``."""
+    """Split photo names into (train, held_out); held-out names must be among `names`."""
     missing = set(held_out) - set(names)
     if missing:
         raise ValueError(f"held-out photos {sorted(missing)} are not among the given names")
@@ -91,7 +91,7 @@ def split_photos(names: Sequence[str], held_out: Sequence[str] = HELD_OUT) -> tu
 
 
 def random_crop(img: Image.Image, size: int, rng: np.random.Generator, max_zoom_out: float = 2.0) -> Image.Image:
-    """Crop a random square and resize it to ``size`` x ``size``.
+    """Crop a random square and resize it to `size` x `size`.
 
     The square's side is drawn uniformly in [size, size * max_zoom_out] (capped by the photo), so crops
     mix native-resolution detail with slightly zoomed-out views; downsizing uses Lanczos (antialiased,
@@ -184,9 +184,9 @@ def caption(name: str) -> str:
 
 
 def textured_crop(img: Image.Image, size: int, rng: np.random.Generator, min_texture: float = 4.0, tries: int = 20) -> Image.Image:
-    """Random crop with at least ``min_texture`` fine detail (see :func:`texture`), so a degradation is visible.
+    """Random crop with at least `min_texture` fine detail (see `texture`), so a degradation is visible.
 
-    Falls back to the most textured of ``tries`` crops when none reaches the bound (e.g. mostly black sky).
+    Falls back to the most textured of `tries` crops when none reaches the bound (e.g. mostly black sky).
     """
     best, best_texture = None, -1.0
     for _ in range(tries):
@@ -206,10 +206,10 @@ def make_pairs(
     seed: int = 0,
     kinds: Sequence[str] | None = None,
 ) -> list[dict]:
-    """Build ``n_pairs`` preference pairs: chosen = clean textured crop, rejected = the same crop degraded.
+    """Build `n_pairs` preference pairs: chosen = clean textured crop, rejected = the same crop degraded.
 
     Kinds cycle in the given order (balanced counts); photos are drawn uniformly at random. Returns dicts
-    ``{prompt, chosen, rejected, kind, photo}``; the same arguments always give the same pairs.
+    `{prompt, chosen, rejected, kind, photo}`; the same arguments always give the same pairs.
     """
     kinds = list(DEGRADATIONS) if kinds is None else list(kinds)
     unknown = set(kinds) - set(DEGRADATIONS)

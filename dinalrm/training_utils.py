@@ -1,12 +1,12 @@
-"""The training step and the randomness it draws, shared by ``train_dinalrm.py``, its tests and the benchmark.
+"""The training step and the randomness it draws, shared by `train_dinalrm.py`, its tests and the benchmark.
 
-* The step: :func:`preference_step` draws one noise level and one noise per pair (shared by both images), scores
+* The step: `preference_step` draws one noise level and one noise per pair (shared by both images), scores
   both sides in ONE forward and returns the loss.
-* Randomness is counter-based (:func:`seeded_generator`): every draw of a step depends only on the seed, the process
+* Randomness is counter-based (`seeded_generator`): every draw of a step depends only on the seed, the process
   and the data position, so a resumed run repeats the draws of an uninterrupted one without saving RNG states.
 
-Data (:mod:`dinalrm.buckets`, :mod:`dinalrm.pair_datasets`, :mod:`dinalrm.feature_cache`) and checkpoints
-(:mod:`dinalrm.checkpointing`) have their own modules.
+Data (`dinalrm.buckets`, `dinalrm.pair_datasets`, `dinalrm.feature_cache`) and checkpoints
+(`dinalrm.checkpointing`) have their own modules.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ WEIGHTING_SCHEMES = ("uniform", "logit_normal", "constant")
 
 # ----------------------------------------------------------------------------------------------- randomness
 def seeded_generator(seed: int, *keys: int) -> torch.Generator:
-    """A CPU generator seeded from ``seed`` and integer ``keys`` (e.g. process, epoch, batch).
+    """A CPU generator seeded from `seed` and integer `keys` (e.g. process, epoch, batch).
 
     Distinct key tuples give unrelated streams; the same tuple always gives the same stream, on any device.
     """
@@ -51,7 +51,7 @@ def sample_noise_levels(
     logit_std: float = 1.0,
     constant_t: float = 0.4,
 ) -> torch.Tensor:
-    """Noise fractions ``t`` in (0, 1), shape ``(batch_size,)``: uniform, logit-normal (diffusers' sampler) or constant."""
+    """Noise fractions `t` in (0, 1), shape `(batch_size,)`: uniform, logit-normal (diffusers' sampler) or constant."""
     if weighting_scheme not in WEIGHTING_SCHEMES:
         raise ValueError(f"weighting_scheme={weighting_scheme!r} is not one of {WEIGHTING_SCHEMES}.")
     if weighting_scheme == "constant":
@@ -62,7 +62,7 @@ def sample_noise_levels(
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
-    """SHA-256 of every tensor of ``module``'s state dict (names and bytes): equal digests mean equal weights."""
+    """SHA-256 of every tensor of `module`'s state dict (names and bytes): equal digests mean equal weights."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
@@ -93,12 +93,12 @@ def preference_step(
 ) -> StepOutput:
     """The DiNa-LRM objective on one batch of pairs of clean latents.
 
-    Per pair: one noise level ``t`` and ONE noise shared by chosen and rejected (``x_t = (1 - t) x0 + t eps`` with
-    ``t`` snapped to the scheduler's table, see ``modeling_dinalrm.add_noise``), one batched forward of
-    ``[chosen; rejected]`` through ``model`` (the possibly DDP-wrapped ``reward_model``), then the model's
-    chosen-first ``preference_loss`` over all pairs at once, weighted by ``batch["weights"]``. The pairs are not
+    Per pair: one noise level `t` and ONE noise shared by chosen and rejected (`x_t = (1 - t) x0 + t eps` with
+    `t` snapped to the scheduler's table, see `modeling_dinalrm.add_noise`), one batched forward of
+    `[chosen; rejected]` through `model` (the possibly DDP-wrapped `reward_model`), then the model's
+    chosen-first `preference_loss` over all pairs at once, weighted by `batch["weights"]`. The pairs are not
     presented in a random order: the loss is symmetric, so a left/right swap would change nothing. Draws from
-    ``generator`` in a fixed order: t, then noise.
+    `generator` in a fixed order: t, then noise.
     """
     chosen, rejected = batch["chosen"], batch["rejected"]
     device, pairs = chosen.device, chosen.shape[0]

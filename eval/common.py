@@ -1,8 +1,8 @@
 """Shared by run_eval.py, noise_sweep.py and uncertainty.py: benchmark options, distributed scoring, accuracy rows.
 
 Scoring visits each DISTINCT image of a benchmark once (pairs only index the cached scores). Under
-``accelerate launch`` the image ids are split over the processes (``split_between_processes``) and the scores
-gathered (``gather_object``); as scorers are deterministic per image id, every process count gives the same scores.
+`accelerate launch` the image ids are split over the processes (`split_between_processes`) and the scores
+gathered (`gather_object`); as scorers are deterministic per image id, every process count gives the same scores.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 BENCHMARK_ALIASES = {
     "pickapic": "pickapic_v2", "genai-bench": "genai_bench", "genaibench": "genai_bench", "pairs": "canonical",
 }  # fmt: skip
-# ``--pairs``: a dataset in our canonical pair schema, evaluated as benchmark "canonical" (not in Table 1).
+# `--pairs`: a dataset in our canonical pair schema, evaluated as benchmark "canonical" (not in Table 1).
 PAIRS_BENCHMARK = "canonical"
 # Column order and headers of the paper's Table 1 (Pick-a-Pic is not in it and stays out of its average).
 DISPLAY_NAMES = {
@@ -52,7 +52,7 @@ CONFIDENCE_LEVEL = 0.95
 
 
 def parse_floats(text: str) -> list[float]:
-    """``"0.2,0.5,0.7"`` -> ``[0.2, 0.5, 0.7]`` (an argparse type)."""
+    """`"0.2,0.5,0.7"` -> `[0.2, 0.5, 0.7]` (an argparse type)."""
     try:
         return [float(value) for value in text.split(",") if value.strip()]
     except ValueError as err:
@@ -60,7 +60,7 @@ def parse_floats(text: str) -> list[float]:
 
 
 def canonical_benchmark(name: str) -> str:
-    """The eval_datasets.py name of ``name`` (aliases such as ``pickapic`` accepted)."""
+    """The eval_datasets.py name of `name` (aliases such as `pickapic` accepted)."""
     canonical = BENCHMARK_ALIASES.get(name.strip().lower(), name.strip().lower())
     if canonical not in BENCHMARKS:
         known = ", ".join([*BENCHMARKS, *BENCHMARK_ALIASES])
@@ -69,12 +69,12 @@ def canonical_benchmark(name: str) -> str:
 
 
 def parse_benchmarks(text: str) -> list[str]:
-    """``"imagereward,hpdv2,pickapic"`` -> canonical names, duplicates removed (an argparse type)."""
+    """`"imagereward,hpdv2,pickapic"` -> canonical names, duplicates removed (an argparse type)."""
     return list(dict.fromkeys(canonical_benchmark(name) for name in text.split(",") if name.strip()))
 
 
 def _per_benchmark(values: Sequence[str]) -> dict[str, str]:
-    """``["pickapic=test", ...]`` -> ``{"pickapic_v2": "test"}``."""
+    """`["pickapic=test", ...]` -> `{"pickapic_v2": "test"}`."""
     mapping = {}
     for item in values:
         name, sep, value = item.partition("=")
@@ -128,7 +128,7 @@ def result_key(name: str, split: str) -> str:
 
 
 def limit_pairs(benchmark: Benchmark, limit: int | None) -> Benchmark:
-    """The first ``limit`` pairs and only the images they use (unchanged without a limit)."""
+    """The first `limit` pairs and only the images they use (unchanged without a limit)."""
     if limit is None or limit >= len(benchmark.pairs):
         return benchmark
     pairs = benchmark.pairs[:limit]
@@ -138,7 +138,7 @@ def limit_pairs(benchmark: Benchmark, limit: int | None) -> Benchmark:
 
 
 def _load_one(name: str, args: argparse.Namespace, split: str | None, hub_id: str | None) -> Benchmark:
-    """``load_benchmark``, also finding a local copy stored under an alias folder (e.g. ``data_dir/pickapic``)."""
+    """`load_benchmark`, also finding a local copy stored under an alias folder (e.g. `data_dir/pickapic`)."""
     options: dict[str, Any] = {
         "split": split, "hub_id": hub_id, "image_root": args.hpdv3_image_root if name == "hpdv3" else None,
         "cache_dir": args.cache_dir,
@@ -156,13 +156,13 @@ def _load_one(name: str, args: argparse.Namespace, split: str | None, hub_id: st
 
 
 def requested_benchmarks(args: argparse.Namespace) -> list[str]:
-    """``--benchmarks``, else the script's default (none with ``--pairs``), plus ``canonical`` with ``--pairs``."""
+    """`--benchmarks`, else the script's default (none with `--pairs`), plus `canonical` with `--pairs`."""
     names = args.benchmarks if args.benchmarks is not None else ([] if args.pairs else args.default_benchmarks)
     return list(dict.fromkeys([*names, *([PAIRS_BENCHMARK] if args.pairs else [])]))
 
 
 def load_benchmarks(args: argparse.Namespace) -> dict[str, Benchmark]:
-    """The requested benchmarks keyed by :func:`result_key`, limited to ``--limit`` pairs each."""
+    """The requested benchmarks keyed by `result_key`, limited to `--limit` pairs each."""
     splits, hub_ids = _per_benchmark(args.split), _per_benchmark(args.hub_id)
     if args.pairs:
         hub_ids[PAIRS_BENCHMARK] = args.pairs
@@ -176,7 +176,7 @@ def load_benchmarks(args: argparse.Namespace) -> dict[str, Benchmark]:
 def score_images(
     scorer, benchmark: Benchmark, image_ids: Sequence[str], batch_size: int
 ) -> list[tuple[str, list[float] | None, str | None]]:
-    """Score the given images of ``benchmark`` in batches: ``(image_id, scores or None, skip reason or None)``.
+    """Score the given images of `benchmark` in batches: `(image_id, scores or None, skip reason or None)`.
 
     Unreadable images are reported with their reason instead of stopping the run.
     """
@@ -211,7 +211,7 @@ def distributed_scores(
 ) -> tuple[dict[str, list[float]], int]:
     """Every distinct image's score columns, computed once across all processes, on every process.
 
-    Returns ``(scores_by_image, n_local)``: ``n_local`` is how many images this process itself handled.
+    Returns `(scores_by_image, n_local)`: `n_local` is how many images this process itself handled.
     """
     image_ids = list(benchmark.images)
     with accelerator.split_between_processes(image_ids) as mine:
@@ -238,17 +238,17 @@ def compute_accuracy(
     n_bootstrap: int = 0,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Pairwise accuracy of ``scores_by_image`` (higher = better) on ``pairs``, by the ``pairwise_accuracy`` metric.
+    """Pairwise accuracy of `scores_by_image` (higher = better) on `pairs`, by the `pairwise_accuracy` metric.
 
     A pair is correct when the preferred image scores strictly higher; equal scores count as wrong. TIE pairs
-    (HPDv2) are always correct. Pairs with an unscored image are excluded and counted. ``micro``: correct / pairs.
-    ``macro``: mean over groups of each group's accuracy. With ``n_bootstrap`` > 0, ``ci_low`` / ``ci_high`` bound
-    a percentile-bootstrap interval at ``CONFIDENCE_LEVEL`` that resamples pairs (micro) or groups (macro: a
-    macro average weighs prompts equally, so prompts are the sampling unit), seeded by ``seed``; else NaN.
+    (HPDv2) are always correct. Pairs with an unscored image are excluded and counted. `micro`: correct / pairs.
+    `macro`: mean over groups of each group's accuracy. With `n_bootstrap` > 0, `ci_low` / `ci_high` bound
+    a percentile-bootstrap interval at `CONFIDENCE_LEVEL` that resamples pairs (micro) or groups (macro: a
+    macro average weighs prompts equally, so prompts are the sampling unit), seeded by `seed`; else NaN.
 
-    Returns the metric's fields (``accuracy, n_pairs, n_correct, n_wrong, n_score_ties, n_gt_ties_credited,
-    n_groups, averaging, ci_low, ci_high, ...``) with ``n_gt_ties_dropped`` (human ties the loader removed),
-    ``n_missing_images`` (distinct unscored images) and ``n_pairs_missing_image``.
+    Returns the metric's fields (`accuracy, n_pairs, n_correct, n_wrong, n_score_ties, n_gt_ties_credited,
+    n_groups, averaging, ci_low, ci_high, ...`) with `n_gt_ties_dropped` (human ties the loader removed),
+    `n_missing_images` (distinct unscored images) and `n_pairs_missing_image`.
     """
     scored = pair_margins(pairs, scores_by_image)
     if not scored.margins:
@@ -266,17 +266,17 @@ def compute_accuracy(
 
 
 def benchmark_accuracy(benchmark: Benchmark, scores: Mapping[str, float], **options: int) -> dict[str, Any]:
-    """:func:`compute_accuracy` with the benchmark's averaging and dropped-tie count (``options``: bootstrap)."""
+    """`compute_accuracy` with the benchmark's averaging and dropped-tie count (`options`: bootstrap)."""
     return compute_accuracy(
         benchmark.pairs, scores, benchmark.averaging, n_gt_ties_dropped=benchmark.n_gt_ties_dropped, **options
     )
 
 
 def accuracy_entry(benchmark: Benchmark, scores: Mapping[str, float], **options: int) -> dict[str, Any]:
-    """The results.json entry of one benchmark: :func:`benchmark_accuracy` restricted to ``RESULT_KEYS``.
+    """The results.json entry of one benchmark: `benchmark_accuracy` restricted to `RESULT_KEYS`.
 
-    ``n_missing_images`` counts distinct images of the scored pairs that have no score (absent or unreadable).
-    ``accuracy_ci_low`` / ``accuracy_ci_high``: the bootstrap interval (NaN without ``n_bootstrap``).
+    `n_missing_images` counts distinct images of the scored pairs that have no score (absent or unreadable).
+    `accuracy_ci_low` / `accuracy_ci_high`: the bootstrap interval (NaN without `n_bootstrap`).
     """
     result = benchmark_accuracy(benchmark, scores, **options)
     result["accuracy_ci_low"], result["accuracy_ci_high"] = result["ci_low"], result["ci_high"]
@@ -286,9 +286,9 @@ def accuracy_entry(benchmark: Benchmark, scores: Mapping[str, float], **options:
 def setting_entries(
     scorer, benchmark: Benchmark, accelerator: Accelerator, batch_size: int, **options: int
 ) -> tuple[list[dict[str, Any]], int]:
-    """Score ``benchmark`` once across processes; one :func:`accuracy_entry` per score column of ``scorer``.
+    """Score `benchmark` once across processes; one `accuracy_entry` per score column of `scorer`.
 
-    Returns ``(entries in the order of scorer.setting_names, images this process scored)``.
+    Returns `(entries in the order of scorer.setting_names, images this process scored)`.
     """
     scores, n_local = distributed_scores(scorer, benchmark, accelerator, batch_size)
     entries = [
@@ -298,7 +298,7 @@ def setting_entries(
 
 
 def column(scores: Mapping[str, Sequence[float]], index: int) -> dict[str, float]:
-    """One score column of :func:`distributed_scores`' output."""
+    """One score column of `distributed_scores`' output."""
     return {image_id: row[index] for image_id, row in scores.items()}
 
 

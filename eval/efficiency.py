@@ -2,20 +2,20 @@
 
 Setting: 1024x1024 images, batch 1, bf16. A ReFL step back-propagates the reward into its input (the generator's
 latents); the reward model itself is frozen, so no weight gradients are formed. Every model is built from its
-published configuration on the ``meta`` device: shapes and dtypes are real, no weight is allocated, nothing is
+published configuration on the `meta` device: shapes and dtypes are real, no weight is allocated, nothing is
 downloaded.
 
-- FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per multiply-add of matmuls, convolutions
+- FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add of matmuls, convolutions
   and attention; element-wise ops and norms are not counted).
 - Attention is routed to PyTorch's fused memory-efficient SDPA kernel (the O(N)-memory kernel used on GPUs) for
   every model, so no model is charged for an N x N attention matrix.
 - Peak activation memory: a dispatch mode records every tensor storage an op allocates (views and in-place
   results share their input's storage, so parameters, buffers and the caller's inputs never count) and follows
   its lifetime through a weak reference; the peak is the largest live total after any op, over the forward pass
-  (inference, ``no_grad``) or over forward + backward (ReFL). It is what a caching-free allocator would need on
+  (inference, `no_grad`) or over forward + backward (ReFL). It is what a caching-free allocator would need on
   top of the weights; allocator slack, workspaces and the CUDA context are not modelled.
 
-Run ``python eval/efficiency.py [--json PATH] [--resolution 1024]``.
+Run `python eval/efficiency.py [--json PATH] [--resolution 1024]`.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def fused_sdpa(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> torch.Tensor:
-    """Drop-in for ``F.scaled_dot_product_attention`` that always uses the fused memory-efficient kernel.
+    """Drop-in for `F.scaled_dot_product_attention` that always uses the fused memory-efficient kernel.
 
     Grouped-query attention is modelled as a GQA-aware kernel does it: the query heads sharing one key/value head
     are laid out along the sequence axis, which gives the same FLOPs and the same saved tensors without copying
@@ -177,7 +177,7 @@ def fused_sdpa(
 
 @contextlib.contextmanager
 def fused_attention() -> Iterator[None]:
-    """Route every ``F.scaled_dot_product_attention`` call to :func:`fused_sdpa` while active."""
+    """Route every `F.scaled_dot_product_attention` call to `fused_sdpa` while active."""
     original = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = fused_sdpa
     try:
@@ -232,7 +232,7 @@ class Cost:
 
 
 def measure(reward: Callable[[torch.Tensor], torch.Tensor], make_input: Callable[[], torch.Tensor]) -> Cost:
-    """Measure ``reward`` on fresh inputs: inference under ``no_grad``, then forward + backward into the input.
+    """Measure `reward` on fresh inputs: inference under `no_grad`, then forward + backward into the input.
 
     The forward FLOPs are read from the ReFL pass before its backward starts (the same ops run without grad).
     """
@@ -250,7 +250,7 @@ def measure(reward: Callable[[torch.Tensor], torch.Tensor], make_input: Callable
 def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
     """Build a module on the meta device in bf16, frozen and in eval mode.
 
-    The dtype cast is ``nn.Module.to`` itself: the diffusers / transformers overrides only add warnings and
+    The dtype cast is `nn.Module.to` itself: the diffusers / transformers overrides only add warnings and
     quantisation checks that do not apply to a cost model.
     """
     with torch.device("meta"):
@@ -281,7 +281,7 @@ def build_dinalrm(
 def dinalrm_reward(model: nn.Module, text_tokens: int, config: dict = SD35M_TRANSFORMER) -> Callable:
     """Reward of clean latents: noised to t = 0.4 with a fixed noise draw, then backbone, fusion and pooling.
 
-    The backbone and head are called directly (as ``DiNaLRMModel.score_latents`` does after its input checks,
+    The backbone and head are called directly (as `DiNaLRMModel.score_latents` does after its input checks,
     which read tensor values and so cannot run on meta tensors).
     """
     pooled = torch.zeros(1, config["pooled_projection_dim"], device="meta", dtype=DTYPE)
@@ -312,7 +312,7 @@ def vae_decode(vae: AutoencoderKL) -> Callable:
 
 
 def qwen_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = 28) -> tuple[int, int]:
-    """Qwen2-VL's resize rule: sides multiple of ``factor``, area within bounds, aspect ratio kept."""
+    """Qwen2-VL's resize rule: sides multiple of `factor`, area within bounds, aspect ratio kept."""
     h, w = round(height / factor) * factor, round(width / factor) * factor
     if h * w > max_pixels:
         shrink = math.sqrt(height * width / max_pixels)
@@ -324,7 +324,7 @@ def qwen_resize(height: int, width: int, min_pixels: int, max_pixels: int, facto
 
 
 def sdpa_config(config_class: type, config: dict):
-    """A transformers config built from ``config`` that runs attention through torch SDPA."""
+    """A transformers config built from `config` that runs attention through torch SDPA."""
     built = config_class(**config)
     built._attn_implementation = "sdpa"
     return built
@@ -416,7 +416,7 @@ def build_pickscore(config: dict = CLIP_VIT_H14) -> PickScoreReward:
 
 
 def pickscore_reward(model: PickScoreReward, text_tokens: int = PICKSCORE_TEXT_TOKENS) -> Callable:
-    """PickScore reward of an image batch in [0, 1] for a prompt padded to ``text_tokens``."""
+    """PickScore reward of an image batch in [0, 1] for a prompt padded to `text_tokens`."""
     input_ids = torch.zeros(1, text_tokens, dtype=torch.long, device="meta")
     return lambda pixels: model(pixels, input_ids)
 
@@ -446,7 +446,7 @@ class Row:
 
 
 def profile(name: str, reward: Callable, input_shape: tuple[int, ...], modules: list[nn.Module]) -> Row:
-    """Measure one reward on meta inputs of ``input_shape``; ``modules`` are the weights it keeps in memory."""
+    """Measure one reward on meta inputs of `input_shape`; `modules` are the weights it keeps in memory."""
     params, weight_bytes = weight_stats(*modules)
     cost = measure(reward, lambda: torch.zeros(input_shape, device="meta", dtype=DTYPE))
     label = "x".join(str(s) for s in input_shape)
@@ -455,12 +455,12 @@ def profile(name: str, reward: Callable, input_shape: tuple[int, ...], modules: 
 
 
 def change(ours: float, theirs: float) -> float:
-    """Relative change of ``ours`` with respect to ``theirs`` (-0.7 = 70% less)."""
+    """Relative change of `ours` with respect to `theirs` (-0.7 = 70% less)."""
     return ours / theirs - 1
 
 
 def run(resolution: int = 1024) -> dict:
-    """Measure every model at ``resolution``; returns settings, rows, ratios and the paper comparison."""
+    """Measure every model at `resolution`; returns settings, rows, ratios and the paper comparison."""
     latent_shape = (1, SD35M_VAE["latent_channels"], resolution // 8, resolution // 8)
     pixel_shape = (1, 3, resolution, resolution)
     dinalrm = build_dinalrm()

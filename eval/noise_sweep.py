@@ -4,10 +4,10 @@
         [--t_values 0.0,0.1,...,0.9] [--num_noise_samples N] [--data_dir DIR] [--limit N] [--output_dir DIR]
     python eval/noise_sweep.py --models assets/dinalrm-tiny --pairs examples/tiny_world/outputs/pairs
 
-Each image is encoded once and scored at every t with the same noise draw (see ``scorers.DiNaLRMScorer``), so
-the curve compares noise levels, not noise samples. Writes ``noise_sweep.csv`` (one row per model, benchmark and
-t; with several benchmarks also ``average`` rows, the unweighted mean of their accuracies) and ``noise_sweep.png``
-(one panel per benchmark, one line per model). Runs under ``accelerate launch`` like ``run_eval.py``.
+Each image is encoded once and scored at every t with the same noise draw (see `scorers.DiNaLRMScorer`), so
+the curve compares noise levels, not noise samples. Writes `noise_sweep.csv` (one row per model, benchmark and
+t; with several benchmarks also `average` rows, the unweighted mean of their accuracies) and `noise_sweep.png`
+(one panel per benchmark, one line per model). Runs under `accelerate launch` like `run_eval.py`.
 """
 
 from __future__ import annotations
@@ -49,9 +49,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sweep(
     scorer: DiNaLRMScorer, model: str, benchmarks: dict, t_values: list[float], accelerator, batch_size: int
 ) -> list[dict[str, Any]]:
-    """CSV rows ``model, benchmark, t, accuracy, n_pairs, n_correct, n_score_ties``.
+    """CSV rows `model, benchmark, t, accuracy, n_pairs, n_correct, n_score_ties`.
 
-    With several benchmarks, ``average`` rows add the mean accuracy over benchmarks and the summed counts.
+    With several benchmarks, `average` rows add the mean accuracy over benchmarks and the summed counts.
     """
     rows = []
     for key, benchmark in benchmarks.items():

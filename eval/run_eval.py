@@ -6,17 +6,17 @@
         [--output_dir eval_results]
     python eval/run_eval.py --model assets/dinalrm-tiny --pairs examples/tiny_world/outputs/pairs --t 0.4 --ensemble
 
-Each distinct image is scored once; each setting (``--t``, ``--ensemble``: one results row each) reuses that
-pass. Under ``accelerate launch`` the images are split over the processes and the main process writes the
-same files a single process would. Writes ``results.json``
-(``{setting: {benchmark: {accuracy, accuracy_ci_low, accuracy_ci_high, n_pairs, n_correct, n_score_ties,
-n_gt_ties_dropped, n_missing_images, averaging}}}``) and ``results.md`` (Table 1 layout, then counts and intervals).
-The interval is a 95% percentile bootstrap (``--bootstrap_samples``, ``--bootstrap_seed``) that resamples pairs for
+Each distinct image is scored once; each setting (`--t`, `--ensemble`: one results row each) reuses that
+pass. Under `accelerate launch` the images are split over the processes and the main process writes the
+same files a single process would. Writes `results.json`
+(`{setting: {benchmark: {accuracy, accuracy_ci_low, accuracy_ci_high, n_pairs, n_correct, n_score_ties,
+n_gt_ties_dropped, n_missing_images, averaging}}}`) and `results.md` (Table 1 layout, then counts and intervals).
+The interval is a 95% percentile bootstrap (`--bootstrap_samples`, `--bootstrap_seed`) that resamples pairs for
 micro averages and whole prompts for HPDv2's macro average (prompts are its averaging unit). Entries already in
-``--output_dir/results.json`` from other runs are kept (same setting and benchmark: replaced), so successive runs
-for several models build one table; ``--fresh`` starts over. Protocols per benchmark are documented in
-``dinalrm/eval_datasets.py``. ``--pairs PATH_OR_ID`` evaluates a dataset in our canonical pair schema (e.g. the
-tiny world's held-out pairs) as benchmark ``canonical``.
+`--output_dir/results.json` from other runs are kept (same setting and benchmark: replaced), so successive runs
+for several models build one table; `--fresh` starts over. Protocols per benchmark are documented in
+`dinalrm/eval_datasets.py`. `--pairs PATH_OR_ID` evaluates a dataset in our canonical pair schema (e.g. the
+tiny world's held-out pairs) as benchmark `canonical`.
 """
 
 from __future__ import annotations
@@ -75,10 +75,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def evaluate(
     scorer, benchmarks: dict, accelerator, batch_size: int, bootstrap_samples: int = 0, bootstrap_seed: int = 0
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], int]:
-    """``({setting: {benchmark: entry}}, images this process scored)`` for every score column of ``scorer``.
+    """`({setting: {benchmark: entry}}, images this process scored)` for every score column of `scorer`.
 
-    Each entry carries a ``bootstrap_samples``-resample percentile interval of its accuracy (see
-    ``common.compute_accuracy``: pairs are resampled for micro averages, whole prompts for HPDv2's macro one).
+    Each entry carries a `bootstrap_samples`-resample percentile interval of its accuracy (see
+    `common.compute_accuracy`: pairs are resampled for micro averages, whole prompts for HPDv2's macro one).
     """
     results: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in scorer.setting_names}
     n_local = 0
@@ -97,7 +97,7 @@ def _percent(value: float | None) -> str:
 
 
 def _interval(entry: dict[str, Any]) -> str:
-    """``[low, high]`` in %, or – (no bootstrap, or results written before intervals were recorded)."""
+    """`[low, high]` in %, or – (no bootstrap, or results written before intervals were recorded)."""
     low, high = entry.get("accuracy_ci_low"), entry.get("accuracy_ci_high")
     if low is None or high is None or math.isnan(low) or math.isnan(high):
         return "–"
@@ -110,7 +110,7 @@ def _column_order(key: str) -> tuple[int, str]:
 
 
 def markdown_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
-    """``results.md``: Table 1 (accuracy %, one row per setting, average), then counts and the paper's numbers.
+    """`results.md`: Table 1 (accuracy %, one row per setting, average), then counts and the paper's numbers.
 
     The average is over the Table 1 benchmarks shown (Pick-a-Pic is reported but not averaged, as in the paper);
     a row missing one of them gets no average.
@@ -166,7 +166,7 @@ def markdown_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
 
 
 def write_results(output_dir: str, results: dict[str, dict[str, dict[str, Any]]], fresh: bool = False) -> dict:
-    """Merge ``results`` into ``output_dir/results.json`` (unless ``fresh``) and rewrite it and ``results.md``."""
+    """Merge `results` into `output_dir/results.json` (unless `fresh`) and rewrite it and `results.md`."""
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, "results.json")
     merged: dict[str, dict[str, dict[str, Any]]] = {}

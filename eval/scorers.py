@@ -1,23 +1,23 @@
 """Reward scorers behind one interface, so DiNa-LRM and its peers are evaluated the same way.
 
-A scorer maps ``(prompts, images[, image_ids])`` to one score per image (higher = preferred). It may produce
+A scorer maps `(prompts, images[, image_ids])` to one score per image (higher = preferred). It may produce
 several *columns* of scores per image in one pass (e.g. DiNa-LRM at t = 0.4 and with the ensemble, from one VAE
-encoding); ``score`` returns the first column, ``score_columns`` all of them, and ``setting_names`` names each
+encoding); `score` returns the first column, `score_columns` all of them, and `setting_names` names each
 column as a row of the results table.
 
-Registry (``SCORERS``, names as in ``run_eval.py --scorer``):
+Registry (`SCORERS`, names as in `run_eval.py --scorer`):
 
-* ``dinalrm`` — DiNa-LRM through ``DiNaLRMPipeline.from_pretrained`` (noise level(s), ensemble, noise samples,
+* `dinalrm` — DiNa-LRM through `DiNaLRMPipeline.from_pretrained` (noise level(s), ensemble, noise samples,
   seed). Deterministic per image: the scoring noise of an image comes from a CPU generator seeded with
-  ``sha256(f"{seed}/{image_id}")``, so a score depends neither on the batch it is in nor on the process that
+  `sha256(f"{seed}/{image_id}")`, so a score depends neither on the batch it is in nor on the process that
   computes it.
-* ``pickscore`` — ``yuvalkirstain/PickScore_v1`` with the processor of ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``;
-  score = ``logit_scale.exp() * cos(image, text)`` (PickScore's own formula).
-* ``clip`` — plain CLIP (``openai/clip-vit-large-patch14``), same formula (its logit scale is 100).
-* ``hpsv2``, ``hpsv3``, ``imagereward`` — not bundled: these raise an error saying what to install. To plug one
-  in, subclass :class:`Scorer` and decorate it with ``@register_scorer("name")``; ``run_eval.py --scorer name``
-  then uses it. A scorer needs ``from_args(args, device)`` (build it from the parsed command line),
-  ``setting_names`` and ``score_columns``.
+* `pickscore` — `yuvalkirstain/PickScore_v1` with the processor of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`;
+  score = `logit_scale.exp() * cos(image, text)` (PickScore's own formula).
+* `clip` — plain CLIP (`openai/clip-vit-large-patch14`), same formula (its logit scale is 100).
+* `hpsv2`, `hpsv3`, `imagereward` — not bundled: these raise an error saying what to install. To plug one
+  in, subclass [`Scorer`] and decorate it with `@register_scorer("name")`; `run_eval.py --scorer name`
+  then uses it. A scorer needs `from_args(args, device)` (build it from the parsed command line),
+  `setting_names` and `score_columns`.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is bfloat16 on accelerators and float32 on the CPU."""
+    """`auto` is bfloat16 on accelerators and float32 on the CPU."""
     if name == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
     return DTYPES[name]
@@ -66,7 +66,7 @@ class Scorer(ABC):
     def score_columns(
         self, prompts: list[str], images: list[Image.Image], image_ids: list[str] | None = None
     ) -> list[list[float]]:
-        """Per image, its scores in every column (``len(setting_names)`` values)."""
+        """Per image, its scores in every column (`len(setting_names)` values)."""
 
     def score(self, prompts: list[str], images: list[Image.Image], image_ids: list[str] | None = None) -> list[float]:
         """One score per image: the first column."""
@@ -75,14 +75,14 @@ class Scorer(ABC):
     @classmethod
     @abstractmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> Scorer:
-        """Build the scorer from ``run_eval.py``'s parsed arguments, on ``device``."""
+        """Build the scorer from `run_eval.py`'s parsed arguments, on `device`."""
 
 
 SCORERS: dict[str, type[Scorer]] = {}
 
 
 def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:
-    """Class decorator adding a scorer to ``SCORERS`` under ``name``."""
+    """Class decorator adding a scorer to `SCORERS` under `name`."""
 
     def register(cls: type[Scorer]) -> type[Scorer]:
         cls.name = name
@@ -93,14 +93,14 @@ def register_scorer(name: str) -> Callable[[type[Scorer]], type[Scorer]]:
 
 
 def build_scorer(name: str, args: argparse.Namespace, device: torch.device) -> Scorer:
-    """The registered scorer ``name`` built from ``args``."""
+    """The registered scorer `name` built from `args`."""
     if name not in SCORERS:
         raise ValueError(f"Unknown scorer {name!r}; choose one of {', '.join(sorted(SCORERS))}.")
     return SCORERS[name].from_args(args, device)
 
 
 def image_seed(seed: int, image_id: str) -> int:
-    """A 64-bit seed per (run seed, image id), the same in every process (unlike Python's ``hash``)."""
+    """A 64-bit seed per (run seed, image id), the same in every process (unlike Python's `hash`)."""
     return int.from_bytes(hashlib.sha256(f"{seed}/{image_id}".encode()).digest()[:8], "little")
 
 
@@ -112,7 +112,7 @@ def content_id(prompt: str, image: Image.Image) -> str:
 
 
 def setting_label(setting: NoiseSetting) -> str:
-    """``t=0.4`` for one level, ``ensemble=0.2,0.5,0.7`` for several."""
+    """`t=0.4` for one level, `ensemble=0.2,0.5,0.7` for several."""
     if isinstance(setting, tuple):
         return "ensemble=" + ",".join(f"{level:g}" for level in setting)
     return f"t={setting:g}"
@@ -122,8 +122,8 @@ def setting_label(setting: NoiseSetting) -> str:
 class DiNaLRMScorer(Scorer):
     """DiNa-LRM rewards at one or more noise settings, each image encoded once.
 
-    Columns are setting-major: for setting ``s`` and noise draw ``k`` the column is ``s * num_draws + k``. Each
-    image has its own generator (:func:`image_seed`); draw ``k`` averages its next ``num_noise_samples`` noises,
+    Columns are setting-major: for setting `s` and noise draw `k` the column is `s * num_draws + k`. Each
+    image has its own generator (`image_seed`); draw `k` averages its next `num_noise_samples` noises,
     and every setting restarts the generator, so all settings see the same noises (common random numbers: a noise
     sweep compares levels, not noise draws). An ensemble setting shares one noise across its levels. Images are
     encoded with the VAE's posterior mode, grouped by size, then scored as latents.
@@ -149,7 +149,7 @@ class DiNaLRMScorer(Scorer):
 
     @staticmethod
     def load_pipeline(model: str, device: torch.device, dtype: str = "auto"):
-        """``DiNaLRMPipeline.from_pretrained`` (Hub id or local folder) on ``device``, progress bars off."""
+        """`DiNaLRMPipeline.from_pretrained` (Hub id or local folder) on `device`, progress bars off."""
         from pipeline_dinalrm import DiNaLRMPipeline
 
         pipe = DiNaLRMPipeline.from_pretrained(model, dtype=resolve_dtype(dtype, device))
@@ -161,17 +161,17 @@ class DiNaLRMScorer(Scorer):
     def load(
         cls, model: str, device: torch.device, settings: Sequence[NoiseSetting], dtype: str = "auto", **kwargs
     ) -> DiNaLRMScorer:
-        """A scorer on the pipeline of ``model``; ``kwargs`` as in the constructor."""
+        """A scorer on the pipeline of `model`; `kwargs` as in the constructor."""
         return cls(cls.load_pipeline(model, device, dtype), settings, label=cls.label_for(model), **kwargs)
 
     @staticmethod
     def label_for(model: str) -> str:
-        """``DiNa-LRM [model]``: the prefix of this scorer's result names."""
+        """`DiNa-LRM [model]`: the prefix of this scorer's result names."""
         return f"DiNa-LRM [{model_label(model)}]"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> DiNaLRMScorer:
-        """``--t`` and/or ``--ensemble`` (no value: the model's levels) give the settings, in that order."""
+        """`--t` and/or `--ensemble` (no value: the model's levels) give the settings, in that order."""
         if not args.model:
             raise ValueError("--scorer dinalrm needs --model (a Hub id or a local folder in the Hub layout).")
         pipe = cls.load_pipeline(args.model, device, args.dtype)
@@ -239,7 +239,7 @@ class DiNaLRMScorer(Scorer):
 
 
 class CLIPScorer(Scorer):
-    """``logit_scale.exp() * cos(image, text)`` of a transformers ``CLIPModel`` (PickScore's formula)."""
+    """`logit_scale.exp() * cos(image, text)` of a transformers `CLIPModel` (PickScore's formula)."""
 
     display_name: ClassVar[str] = "CLIP"
     default_model: ClassVar[str] = "openai/clip-vit-large-patch14"
@@ -298,7 +298,7 @@ class PickScoreScorer(CLIPScorer):
 
 @register_scorer("clip")
 class PlainCLIPScorer(CLIPScorer):
-    """OpenAI CLIP ViT-L/14 (or any ``CLIPModel`` given by ``--model``)."""
+    """OpenAI CLIP ViT-L/14 (or any `CLIPModel` given by `--model`)."""
 
 
 class NotBundledScorer(Scorer):

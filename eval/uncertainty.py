@@ -3,22 +3,22 @@
     python eval/uncertainty.py --model org/dinalrm-sd35m --benchmarks hpdv3 --limit 1000 \
         [--t_values 0.2,0.4,0.6,0.8] [--num_draws 10] [--data_dir DIR] [--output_dir DIR]
 
-Every image is scored ``K = --num_draws`` times at each t, with K independent noise draws (draw k is the k-th
-noise of the image's own seeded generator, the same draws at every t; see ``scorers.DiNaLRMScorer``). For a pair
-(a, b) and draw k let ``d_k = r_a^k - r_b^k`` and the predicted outcome ``o_k = sign(d_k)`` (a win for a, a win
+Every image is scored `K = --num_draws` times at each t, with K independent noise draws (draw k is the k-th
+noise of the image's own seeded generator, the same draws at every t; see `scorers.DiNaLRMScorer`). For a pair
+(a, b) and draw k let `d_k = r_a^k - r_b^k` and the predicted outcome `o_k = sign(d_k)` (a win for a, a win
 for b, or a score tie). Over the pairs of a benchmark whose two images were scored:
 
-* ``variation_ratio`` — the mean over pairs of ``1 - m / K``, where ``m`` is how many draws give the pair's most
+* `variation_ratio` — the mean over pairs of `1 - m / K`, where `m` is how many draws give the pair's most
   frequent outcome (0: every draw agrees; at most 1 - 1/3 with three outcomes);
-* ``frac_pairs_flipping`` — the fraction of pairs whose outcome is not the same in all K draws;
-* ``mean_margin`` — the mean over pairs and draws of ``|d_k|`` (the typical reward gap the noise has to beat);
-* ``mean_reward_variance`` — the mean over the distinct images of the unbiased sample variance (``ddof=1``)
+* `frac_pairs_flipping` — the fraction of pairs whose outcome is not the same in all K draws;
+* `mean_margin` — the mean over pairs and draws of `|d_k|` (the typical reward gap the noise has to beat);
+* `mean_reward_variance` — the mean over the distinct images of the unbiased sample variance (`ddof=1`)
   of their K rewards;
-* ``mean_accuracy`` — the benchmark's pairwise accuracy (its own protocol) averaged over the K draws.
+* `mean_accuracy` — the benchmark's pairwise accuracy (its own protocol) averaged over the K draws.
 
 Pairs are all the benchmark's pairs, human ties included (stability does not need a label). The paper reports,
 at t = 0.4 on 1000 HPDv3 pairs with 10 draws, variation ratio 0.023 and mean margin 0.929. Writes
-``uncertainty.json`` (``{model: {benchmark: {"t=0.4": {...}}}}``) and ``uncertainty.csv``.
+`uncertainty.json` (`{model: {benchmark: {"t=0.4": {...}}}}`) and `uncertainty.csv`.
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def uncertainty_stats(
 ) -> dict[str, float | int]:
     """Variation ratio, flip fraction, mean margin and mean reward variance (module docstring) of K draws per image.
 
-    ``draws`` maps image ids to their K rewards; pairs with an image missing from it are left out.
+    `draws` maps image ids to their K rewards; pairs with an image missing from it are left out.
     """
     rewards = {image_id: np.asarray(values, dtype=np.float64) for image_id, values in draws.items()}
     num_draws = len(next(iter(rewards.values()))) if rewards else 0
@@ -96,7 +96,7 @@ def measure(
     scorer, benchmarks: Mapping[str, Benchmark], t_values: Sequence[float], num_draws: int, accelerator,
     batch_size: int,
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """``{benchmark: {"t=..": stats}}`` from a scorer whose columns are setting-major, ``num_draws`` per level."""
+    """`{benchmark: {"t=..": stats}}` from a scorer whose columns are setting-major, `num_draws` per level."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
     for key, benchmark in benchmarks.items():
         scores, _ = distributed_scores(scorer, benchmark, accelerator, batch_size)

@@ -2,21 +2,21 @@
 
 A randomly initialised VAE reconstructs nothing (~10 dB PSNR) and loses part of the evidence that tells a
 clean crop from a degraded one (JPEG artefacts most of all). This script trains a tiny diffusers
-``AutoencoderKL`` (16 latent channels, downsampling factor 4, no quant convs, as in SD3) on random crops
-of the training photos of :mod:`dinalrm.photo_pairs` -- clean and, with probability ``--degrade_prob``,
+`AutoencoderKL` (16 latent channels, downsampling factor 4, no quant convs, as in SD3) on random crops
+of the training photos of `dinalrm.photo_pairs` -- clean and, with probability `--degrade_prob`,
 degraded, so that degraded images are reconstructed faithfully rather than cleaned up.
 
 An L1-only tiny VAE still cleans them up: it cannot reproduce pixel noise exactly, so the loss-optimal
 reconstruction is the clean image and the noise barely reaches the latents (latents of a noised crop moved by
 13% of their norm; the reward model then told noised from clean crops 74% of the time). Real VAEs keep grain
-and texture through perceptual and adversarial losses; here a cheap stand-in, ``--texture_weight``, asks the
-reconstruction to match the input's local amount of fine detail (:func:`detail_energy`), not its exact pattern.
+and texture through perceptual and adversarial losses; here a cheap stand-in, `--texture_weight`, asks the
+reconstruction to match the input's local amount of fine detail (`detail_energy`), not its exact pattern.
 With it the same noise moves the latents by 71% and the reward model detects it 98% of the time, for 1.5 dB
 less PSNR. Training crops are
 32x32 by default (the network is convolutional; a step costs a quarter of a 64x64 one) while the final
 PSNR is measured on 64x64 crops of the held-out photos, which are used for nothing else.
-``shift_factor`` and ``scaling_factor`` are set from the measured latent statistics so that SD3-style
-scaled latents ``(z - shift_factor) * scaling_factor`` have zero mean and unit variance on training crops.
+`shift_factor` and `scaling_factor` are set from the measured latent statistics so that SD3-style
+scaled latents `(z - shift_factor) * scaling_factor` have zero mean and unit variance on training crops.
 
     python scripts/train_tiny_photo_vae.py --threads 1   # ~4 CPU minutes, writes tests/fixtures/tiny-photo-vae
 """
@@ -52,7 +52,7 @@ logger = logging.getLogger("train_tiny_photo_vae")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    """Command-line options (``argv`` defaults to ``sys.argv[1:]``)."""
+    """Command-line options (`argv` defaults to `sys.argv[1:]`)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default="tests/fixtures/tiny-photo-vae")
     parser.add_argument("--steps", type=int, default=2400)
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def sample_batch(photos: Sequence[tuple[str, Image.Image]], size: int, batch_size: int, degrade_prob: float, rng: np.random.Generator) -> torch.Tensor:
-    """Random textured crops (random flips), a ``degrade_prob`` share degraded by a random kind."""
+    """Random textured crops (random flips), a `degrade_prob` share degraded by a random kind."""
     kinds = list(DEGRADATIONS)
     crops = []
     for _ in range(batch_size):
@@ -87,7 +87,7 @@ def sample_batch(photos: Sequence[tuple[str, Image.Image]], size: int, batch_siz
 
 
 def detail_energy(images: torch.Tensor, window: int = 4) -> torch.Tensor:
-    """Local mean of the absolute Laplacian per channel, over ``window`` x ``window`` cells: how much fine detail
+    """Local mean of the absolute Laplacian per channel, over `window` x `window` cells: how much fine detail
     (texture, grain, blocking) each part of an image holds, whatever its exact pattern."""
     kernel = torch.tensor([[0.0, -1.0, 0.0], [-1.0, 4.0, -1.0], [0.0, -1.0, 0.0]], dtype=images.dtype)
     kernel = kernel.expand(images.shape[1], 1, 3, 3)

@@ -80,7 +80,7 @@ TINY_CLIP = {
 
 
 def meta_input(*shape: int) -> Callable[[], torch.Tensor]:
-    """A factory of zero bf16 meta tensors of ``shape``."""
+    """A factory of zero bf16 meta tensors of `shape`."""
     return lambda: torch.zeros(shape, device="meta", dtype=efficiency.DTYPE)
 
 

@@ -62,7 +62,7 @@ def test_noise_sweep_writes_csv_and_png(assets, tmp_path):
 
 
 class TableScorer(scorers.Scorer):
-    """Returns fixed rewards per image id: ``table[id][level][draw]``, flattened level-major like DiNaLRMScorer."""
+    """Returns fixed rewards per image id: `table[id][level][draw]`, flattened level-major like DiNaLRMScorer."""
 
     def __init__(self, table):
         self.table = table

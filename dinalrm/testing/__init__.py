@@ -1,11 +1,11 @@
 """Tiny, real SD3 components and tiny datasets built offline from fixed seeds, shared by tests, benchmarks, examples.
 
 Every component is a genuine diffusers/transformers class with a small config, so code exercised against these
-behaves as it would against ``stabilityai/stable-diffusion-3.5-medium`` (same classes, same dimension chain),
-without the Hub and in seconds on a CPU. :mod:`dinalrm.testing.models` builds the models,
-:mod:`dinalrm.testing.datasets` writes tiny preference datasets and benchmarks in their published layouts.
-``write_canonical_pairs`` is the real writer of the canonical pair schema; it lives in :mod:`dinalrm.data` and
-is re-exported here for convenience (lazily: ``datasets`` is an optional dependency).
+behaves as it would against `stabilityai/stable-diffusion-3.5-medium` (same classes, same dimension chain),
+without the Hub and in seconds on a CPU. `dinalrm.testing.models` builds the models,
+`dinalrm.testing.datasets` writes tiny preference datasets and benchmarks in their published layouts.
+`write_canonical_pairs` is the real writer of the canonical pair schema; it lives in `dinalrm.data` and
+is re-exported here for convenience (lazily: `datasets` is an optional dependency).
 """
 
 from __future__ import annotations

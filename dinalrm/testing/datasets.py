@@ -1,6 +1,6 @@
 """Tiny datasets on disk in the real published layouts: preference data for the trainer, evaluation benchmarks.
 
-Pictures are seeded (:func:`make_tiny_image_pair`), so every builder is deterministic for a seed.
+Pictures are seeded (`make_tiny_image_pair`), so every builder is deterministic for a seed.
 """
 
 from __future__ import annotations
@@ -51,10 +51,10 @@ def write_tiny_preference_dataset(
 ) -> str:
     """A tiny preference dataset on disk in one of the real schemas the trainer reads; returns its folder.
 
-    ``canonical``: ``<split>.parquet`` with ``prompt``, ``chosen`` / ``rejected`` (``datasets.Image``) and ``weight``.
-    ``hpdv3``: ``<split>.json`` (``prompt, path1, path2, model1, model2, choice_dist, confidence``; ``path1`` is the
-    preferred image) with PNG files under ``images/``. ``pickapic``: ``<split>.parquet`` with ``caption``, JPEG
-    bytes ``jpg_0`` / ``jpg_1``, ``label_0`` / ``label_1`` (the preferred side alternates). With ``bad_rows``, one
+    `canonical`: `<split>.parquet` with `prompt`, `chosen` / `rejected` (`datasets.Image`) and `weight`.
+    `hpdv3`: `<split>.json` (`prompt, path1, path2, model1, model2, choice_dist, confidence`; `path1` is the
+    preferred image) with PNG files under `images/`. `pickapic`: `<split>.parquet` with `caption`, JPEG
+    bytes `jpg_0` / `jpg_1`, `label_0` / `label_1` (the preferred side alternates). With `bad_rows`, one
     more row has a corrupt image (HPDv3: a missing file) and Pick-a-Pic also gets a tie: rows a trainer must skip.
     """
     import datasets  # optional dependency (the train / eval extras); only these builders need it
@@ -109,17 +109,17 @@ TINY_BENCHMARKS: tuple[str, ...] = ("imagereward", "hpdv2", "hpdv3", "genai_benc
 
 
 def write_tiny_benchmarks(data_dir: str | PathLike[str], size: tuple[int, int] = (32, 32), seed: int = 0) -> str:
-    """Tiny copies of the five evaluation benchmarks, in their published layouts, under ``data_dir/<name>/``.
+    """Tiny copies of the five evaluation benchmarks, in their published layouts, under `data_dir/<name>/`.
 
-    Each holds a case its protocol must handle (``dinalrm.eval_datasets`` documents the protocols):
-    ``imagereward`` (``test.json``: ``id, prompt, generations, ranking``) ranks [1, 2, 2, 3] (a human tie) and
-    [3, 1, 2, 4] with the last file missing, and one image is wider than ``size``; ``hpdv2`` (``test.json``:
-    ``prompt, image_path, rank, raw_annotations``) ranks [1, 2, 2] (a credited tie) and [2, 1, 4, 3]; ``hpdv3``
-    (``test.json``: ``prompt, path1, path2, model1, model2, choice_dist, confidence``) has three pairs, one with
-    a missing ``path2``; ``genai_bench`` (``test.parquet`` with ``datasets.Image`` columns) has left, right, tie,
-    both-bad and left votes; ``pickapic_v2`` (``data/test_unique-*.parquet`` and ``data/test-*.parquet``, JPEG
+    Each holds a case its protocol must handle (`dinalrm.eval_datasets` documents the protocols):
+    `imagereward` (`test.json`: `id, prompt, generations, ranking`) ranks [1, 2, 2, 3] (a human tie) and
+    [3, 1, 2, 4] with the last file missing, and one image is wider than `size`; `hpdv2` (`test.json`:
+    `prompt, image_path, rank, raw_annotations`) ranks [1, 2, 2] (a credited tie) and [2, 1, 4, 3]; `hpdv3`
+    (`test.json`: `prompt, path1, path2, model1, model2, choice_dist, confidence`) has three pairs, one with
+    a missing `path2`; `genai_bench` (`test.parquet` with `datasets.Image` columns) has left, right, tie,
+    both-bad and left votes; `pickapic_v2` (`data/test_unique-*.parquet` and `data/test-*.parquet`, JPEG
     bytes) has 1/0, 0/1, a 0.5/0.5 tie and a corrupt JPEG. Pictures are seeded; a preferred image is the clean
-    member of a :func:`make_tiny_image_pair`. Returns ``data_dir``.
+    member of a `make_tiny_image_pair`. Returns `data_dir`.
     """
     import datasets  # optional dependency (the train / eval extras); only these builders need it
 

@@ -1,7 +1,7 @@
 """Tiny, real SD3 components built offline from fixed seeds: tokenizers, SD3 pipelines, DiNa-LRM models, CLIP.
 
 Every component is a genuine diffusers/transformers class with a small config, so code exercised against
-these behaves as it would against ``stabilityai/stable-diffusion-3.5-medium`` (same classes, same dimension
+these behaves as it would against `stabilityai/stable-diffusion-3.5-medium` (same classes, same dimension
 chain), without the Hub and in seconds on a CPU.
 """
 
@@ -73,7 +73,7 @@ def _clip(width: int, intermediate_size: int, num_hidden_layers: int, num_attent
 
 
 # Per size: the two CLIP text encoders (deliberately different so they are told apart) and the T5 encoder;
-# the T5 width is the transformer's ``joint_attention_dim``.
+# the T5 width is the transformer's `joint_attention_dim`.
 _TEXT_ENCODER_SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
         "clip": (_clip(16, 32, 2, 2), _clip(16, 48, 3, 4)),
@@ -112,7 +112,7 @@ def _transformer_config(
     size: str, sample_size: int, num_layers: int, attention_head_dim: int, dual_attention_layers: tuple[int, ...],
     overrides: dict[str, Any],
 ) -> dict[str, Any]:
-    """An SD3.5-style ``SD3Transformer2DModel`` config (4 heads, RMS qk-norm) whose text widths fit ``size``."""
+    """An SD3.5-style `SD3Transformer2DModel` config (4 heads, RMS qk-norm) whose text widths fit `size`."""
     inner_dim = 4 * attention_head_dim
     return {
         "sample_size": sample_size, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": num_layers,
@@ -124,12 +124,12 @@ def _transformer_config(
 
 
 def tiny_transformer_config(**overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of a tiny ``SD3Transformer2DModel`` (inner_dim 32, 4 blocks, SD3.5-style dual attention)."""
+    """Keyword arguments of a tiny `SD3Transformer2DModel` (inner_dim 32, 4 blocks, SD3.5-style dual attention)."""
     return _transformer_config("tiny", 32, 4, 8, (0,), overrides)
 
 
 def medium_transformer_config(**overrides: Any) -> dict[str, Any]:
-    """Keyword arguments of a medium ``SD3Transformer2DModel`` (inner_dim 256, 8 blocks) for CPU benchmarks."""
+    """Keyword arguments of a medium `SD3Transformer2DModel` (inner_dim 256, 8 blocks) for CPU benchmarks."""
     return _transformer_config("medium", 64, 8, 64, (0, 1, 2), overrides)
 
 
@@ -161,8 +161,8 @@ def build_tiny_tokenizers(
 ) -> tuple[CLIPTokenizer, CLIPTokenizer, T5Tokenizer]:
     """Two CLIP tokenizers and a T5 tokenizer built in memory from a small vocabulary (no download).
 
-    ``words`` (default: the factory's typical prompt words) are single tokens; any other ASCII text falls back to
-    characters, never to ``<unk>``.
+    `words` (default: the factory's typical prompt words) are single tokens; any other ASCII text falls back to
+    characters, never to `<unk>`.
     """
     words = tuple(dict.fromkeys(words))
     merges = _clip_merges(words)
@@ -196,7 +196,7 @@ def _seeded(seed: int, name: str, build: Callable[[], _Module]) -> _Module:
 
 
 def _check_dimension_chain(transformer_config: dict[str, Any], size: str) -> None:
-    """Refuse a transformer config that the ``size`` text encoders cannot feed (SD3's dimension chain)."""
+    """Refuse a transformer config that the `size` text encoders cannot feed (SD3's dimension chain)."""
     pooled = _pooled_dim(size)
     clip_width = sum(clip["hidden_size"] for clip in _TEXT_ENCODER_SIZES[size]["clip"])
     inner_dim = transformer_config["num_attention_heads"] * transformer_config["attention_head_dim"]
@@ -225,12 +225,12 @@ def get_tiny_sd3_components(
     model_max_length: int = 77,
     vae_config: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The nine components of a ``StableDiffusion3Pipeline``, small, random, float32, in eval mode.
+    """The nine components of a `StableDiffusion3Pipeline`, small, random, float32, in eval mode.
 
-    ``size`` ("tiny" or "medium") picks the text encoders and the default transformer config;
-    ``transformer_config`` replaces the latter (it must keep the dimension chain with the text encoders).
-    The T5 width follows the transformer's ``joint_attention_dim``. The VAE is the same for both sizes unless
-    ``vae_config`` replaces it. ``words`` and ``model_max_length`` go to ``build_tiny_tokenizers`` (the CLIP
+    `size` ("tiny" or "medium") picks the text encoders and the default transformer config;
+    `transformer_config` replaces the latter (it must keep the dimension chain with the text encoders).
+    The T5 width follows the transformer's `joint_attention_dim`. The VAE is the same for both sizes unless
+    `vae_config` replaces it. `words` and `model_max_length` go to `build_tiny_tokenizers` (the CLIP
     encoders' position table follows the latter).
     """
     if size not in _TEXT_ENCODER_SIZES:
@@ -278,12 +278,12 @@ def get_tiny_sd3_components(
 
 
 def get_tiny_sd3_pipeline(seed: int = 0, **kwargs: Any) -> StableDiffusion3Pipeline:
-    """A ``StableDiffusion3Pipeline`` of the factory's components; ``kwargs`` go to ``get_tiny_sd3_components``."""
+    """A `StableDiffusion3Pipeline` of the factory's components; `kwargs` go to `get_tiny_sd3_components`."""
     return StableDiffusion3Pipeline(**get_tiny_sd3_components(seed=seed, **kwargs))
 
 
 def save_tiny_sd3_pipeline(output_dir: str | PathLike[str], seed: int = 0, **kwargs: Any) -> str:
-    """Write the tiny pipeline with ``save_pretrained`` so it loads like a Hub repo; returns the folder."""
+    """Write the tiny pipeline with `save_pretrained` so it loads like a Hub repo; returns the folder."""
     get_tiny_sd3_pipeline(seed=seed, **kwargs).save_pretrained(output_dir)
     return str(Path(output_dir))
 
@@ -300,7 +300,7 @@ def get_tiny_dinalrm_reward_model(
     head_noise_std: float = 0.1,
     **config_kwargs: Any,
 ) -> DiNaLRMModel:
-    """A ``DiNaLRMModel`` on the first blocks of the factory's transformer, built through ``from_backbone``.
+    """A `DiNaLRMModel` on the first blocks of the factory's transformer, built through `from_backbone`.
 
     The head gets seeded random perturbations on top of its init: some of its layers start at zero by design,
     which would give every sample the same reward and hide mistakes in tests.
@@ -327,9 +327,9 @@ def get_tiny_dinalrm_reward_model(
 
 
 def get_tiny_dinalrm_pipeline(seed: int = 0, size: str = "tiny", **reward_model_kwargs: Any) -> DiNaLRMPipeline:
-    """A ``DiNaLRMPipeline`` of the factory's SD3 components and a tiny reward model on their transformer.
+    """A `DiNaLRMPipeline` of the factory's SD3 components and a tiny reward model on their transformer.
 
-    ``reward_model_kwargs`` go to ``get_tiny_dinalrm_reward_model``.
+    `reward_model_kwargs` go to `get_tiny_dinalrm_reward_model`.
     """
     components = get_tiny_sd3_components(seed=seed, size=size)
     reward_model = get_tiny_dinalrm_reward_model(
@@ -341,14 +341,14 @@ def get_tiny_dinalrm_pipeline(seed: int = 0, size: str = "tiny", **reward_model_
 
 
 def save_tiny_dinalrm_repo(output_dir: str | PathLike[str], seed: int = 0, **kwargs: Any) -> str:
-    """Write the tiny DiNa-LRM pipeline in the Hub layout, loadable offline like ``org/dinalrm-sd35m``; returns it."""
+    """Write the tiny DiNa-LRM pipeline in the Hub layout, loadable offline like `org/dinalrm-sd35m`; returns it."""
     get_tiny_dinalrm_pipeline(seed=seed, **kwargs).save_pretrained(output_dir)
     return str(Path(output_dir))
 
 
 @contextmanager
 def torch_threads(num_threads: int) -> Iterator[None]:
-    """Run torch on ``num_threads`` intra-op threads inside the block (tiny models run fastest on one thread)."""
+    """Run torch on `num_threads` intra-op threads inside the block (tiny models run fastest on one thread)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:
@@ -359,9 +359,9 @@ def torch_threads(num_threads: int) -> Iterator[None]:
 
 
 def save_tiny_clip(output_dir: str | PathLike[str], seed: int = 0, image_size: int = 32) -> str:
-    """A tiny random ``CLIPModel`` and its ``CLIPProcessor`` (the factory's offline tokenizer), saved to a folder.
+    """A tiny random `CLIPModel` and its `CLIPProcessor` (the factory's offline tokenizer), saved to a folder.
 
-    Loads with ``CLIPModel.from_pretrained`` and ``AutoProcessor.from_pretrained`` like a Hub CLIP. Returns it.
+    Loads with `CLIPModel.from_pretrained` and `AutoProcessor.from_pretrained` like a Hub CLIP. Returns it.
     """
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 

@@ -1,6 +1,6 @@
 """Pairwise preference accuracy for reward models, with a bootstrap confidence interval.
 
-Self-contained `evaluate` metric (it is loaded by path: ``evaluate.load("eval/pairwise_accuracy")``).
+Self-contained `evaluate` metric (it is loaded by path: `evaluate.load("eval/pairwise_accuracy")`).
 Each prediction is one pair's score difference: the score of the human-preferred item minus the score
 of the other. A positive difference is correct; a negative one is wrong; zero is a score tie and also
 counts as wrong (a reward model that cannot separate two items has not ranked them).
@@ -76,10 +76,10 @@ def pairwise_accuracy(
     confidence_level=0.95,
     seed=0,
 ):
-    """The metric's computation as a plain function (see ``_KWARGS_DESCRIPTION``); the evaluation scripts call it.
+    """The metric's computation as a plain function (see `_KWARGS_DESCRIPTION`); the evaluation scripts call it.
 
-    This is the repository's one pairwise-accuracy implementation: ``eval/common.py`` imports it directly (no
-    ``evaluate`` cache or Arrow writer per call) and the :class:`PairwiseAccuracy` metric wraps it.
+    This is the repository's one pairwise-accuracy implementation: `eval/common.py` imports it directly (no
+    `evaluate` cache or Arrow writer per call) and the [`PairwiseAccuracy`] metric wraps it.
     """
     diffs = np.asarray(predictions, dtype=np.float64)
     if np.isnan(diffs).any():
@@ -154,5 +154,5 @@ class PairwiseAccuracy(evaluate.Metric):
         )
 
     def _compute(self, predictions, **options):
-        """``options``: the keyword arguments of :func:`pairwise_accuracy` (defaults there)."""
+        """`options`: the keyword arguments of `pairwise_accuracy` (defaults there)."""
         return pairwise_accuracy(predictions, **options)

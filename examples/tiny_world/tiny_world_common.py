@@ -43,7 +43,7 @@ TRANSFORMER_CONFIG: dict = {
 
 
 def report(result: dict, output: str | None) -> None:
-    """Print a stage's metrics as JSON and, when ``output`` is given, write them there too."""
+    """Print a stage's metrics as JSON and, when `output` is given, write them there too."""
     text = json.dumps(result, indent=2)
     print(text, flush=True)
     if output:
