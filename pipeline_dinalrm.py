@@ -7,7 +7,6 @@ the Hub's remote code and must stay self-contained: it imports nothing from the 
 """
 
 import importlib
-import importlib.util
 import inspect
 import json
 import math
@@ -247,7 +246,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
         A folder that ships no code (the bundled demo model) loads with the installed `modeling_dinalrm`, which
         diffusers only uses once it has been imported.
         """
-        if importlib.util.find_spec(MODELING_FILE.removesuffix(".py")) is not None:
+        folder = str(pretrained_model_name_or_path)
+        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "reward_model", MODELING_FILE)):
             importlib.import_module(MODELING_FILE.removesuffix(".py"))
         kwargs.setdefault("trust_remote_code", True)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
