@@ -46,7 +46,16 @@ SD35_MEDIUM_TRANSFORMER_CONFIG = {
 }
 
 # Projection names that receive LoRA inside the backbone (peft matches them as name suffixes).
-DEFAULT_LORA_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+DEFAULT_LORA_TARGET_MODULES = [
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+]
 LOSS_TYPES = ("thurstone", "bradley_terry", "fixed_variance")
 
 
@@ -199,9 +208,13 @@ class DiNaLRMConfig(PretrainedConfig):
                 "last block, which is context-pre-only and has no text output. Drop that index."
             )
         if self.backbone_config["caption_projection_dim"] != self.backbone_width:
-            raise ValueError("backbone_config: caption_projection_dim must equal num_attention_heads * attention_head_dim.")
+            raise ValueError(
+                "backbone_config: caption_projection_dim must equal num_attention_heads * attention_head_dim."
+            )
         if self.width % self.head_num_heads or self.width % 4:
-            raise ValueError(f"head width {self.width} must be divisible by head_num_heads={self.head_num_heads} and 4.")
+            raise ValueError(
+                f"head width {self.width} must be divisible by head_num_heads={self.head_num_heads} and 4."
+            )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is not one of {LOSS_TYPES}.")
 
@@ -375,10 +388,14 @@ class DiNaLRMHead(nn.Module):
         self.agg_text = nn.Linear(len(config.text_layers) * (width // 4), width) if config.text_layers else None
         self.query_tokens = nn.Parameter(torch.zeros(1, config.head_num_queries, width))
         heads, dropout = config.head_num_heads, config.head_dropout
-        self.attn1 = GatedCrossAttention(width, heads, with_text=bool(config.text_layers), with_gates=True, dropout=dropout)
+        self.attn1 = GatedCrossAttention(
+            width, heads, with_text=bool(config.text_layers), with_gates=True, dropout=dropout
+        )
         self.attn2 = GatedCrossAttention(width, heads, with_text=False, with_gates=False, dropout=dropout)
         self.norm_ff = nn.RMSNorm(width)
-        self.ff = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout))
+        self.ff = nn.Sequential(
+            nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width), nn.Dropout(dropout)
+        )
         self.head = nn.Linear(width, 1)
 
     def fuse(
@@ -490,7 +507,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             model._freeze_lora_base()
         return loaded
 
-    def add_lora(self, rank: int = 64, alpha: float | None = None, target_modules: Sequence[str] | None = None) -> None:
+    def add_lora(
+        self, rank: int = 64, alpha: float | None = None, target_modules: Sequence[str] | None = None
+    ) -> None:
         """Adds a fresh LoRA adapter (B = 0, so the rewards are unchanged) to the backbone only, never the head."""
         if self.config.lora_rank:
             raise ValueError("The backbone already has a LoRA adapter; merge it first with `merge_lora()`.")
@@ -501,7 +520,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
 
     def lora_layers(self) -> dict[str, nn.Module]:
         """Backbone modules carrying LoRA, by their path inside the backbone."""
-        return {name: m for name, m in self.backbone.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+        return {
+            name: m for name, m in self.backbone.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")
+        }
 
     def _merged_backbone_weights(self) -> dict[str, torch.Tensor]:
         merged = {}
@@ -598,7 +619,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         """
         bc = self.config.backbone_config
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
-            raise ValueError(f"latents must be a 4D tensor (batch, channels, height, width), got {_describe(latents)}.")
+            raise ValueError(
+                f"latents must be a 4D tensor (batch, channels, height, width), got {_describe(latents)}."
+            )
         batch, channels, height, width = latents.shape
         if channels != bc["in_channels"]:
             raise ValueError(
@@ -612,7 +635,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         if height > max_size or width > max_size:
             raise ValueError(f"latent size {height}x{width} exceeds the backbone's maximum of {max_size}x{max_size}.")
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
-            raise ValueError(f"prompt_embeds must be a 3D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}.")
+            raise ValueError(
+                f"prompt_embeds must be a 3D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}."
+            )
         if prompt_embeds.shape[-1] != bc["joint_attention_dim"]:
             raise ValueError(
                 f"prompt_embeds have dim {prompt_embeds.shape[-1]}, the backbone expects {bc['joint_attention_dim']}."
@@ -876,7 +901,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         state = {f"backbone.{k}": v for k, v in files.read(lambda key: f"backbone.{key}" in wanted).items()}
         missing = sorted(wanted - state.keys())
         if missing:
-            raise ValueError(f"{files.describe()} lacks backbone weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+            raise ValueError(
+                f"{files.describe()} lacks backbone weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+            )
         model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()}, strict=True)
         model.reward_head.apply(model._init_weights)
         model.to(torch_dtype)
@@ -925,7 +952,11 @@ class _BackboneFiles:
         from huggingface_hub import hf_hub_download
 
         return hf_hub_download(
-            self.path, filename, subfolder=self.subfolder, revision=self.revision, token=self.token,
+            self.path,
+            filename,
+            subfolder=self.subfolder,
+            revision=self.revision,
+            token=self.token,
             cache_dir=self.cache_dir,
         )
 

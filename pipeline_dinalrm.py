@@ -233,8 +233,16 @@ class DiNaLRMPipeline(DiffusionPipeline):
     def from_sd3(cls, sd3_pipeline: DiffusionPipeline, reward_model: PreTrainedModel) -> "DiNaLRMPipeline":
         """Builds the pipeline around an already loaded `StableDiffusion3Pipeline`, sharing (not copying) its VAE,
         text encoders, tokenizers and scheduler, so an alignment loop holds one copy of each."""
-        shared = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3",
-                  "scheduler")
+        shared = (
+            "vae",
+            "text_encoder",
+            "tokenizer",
+            "text_encoder_2",
+            "tokenizer_2",
+            "text_encoder_3",
+            "tokenizer_3",
+            "scheduler",
+        )
         return cls(reward_model=reward_model, **{name: getattr(sd3_pipeline, name) for name in shared})
 
     @classmethod
@@ -259,8 +267,11 @@ class DiNaLRMPipeline(DiffusionPipeline):
         `model_index.json` naming both files. With `push_to_hub`, uploads the folder (`repo_id`, `token`, `private`,
         `commit_message`, `create_pr` as in diffusers).
         """
-        hub_options = {key: kwargs.pop(key) for key in ("repo_id", "token", "private", "commit_message", "create_pr")
-                       if key in kwargs}
+        hub_options = {
+            key: kwargs.pop(key)
+            for key in ("repo_id", "token", "private", "commit_message", "create_pr")
+            if key in kwargs
+        }
         super().save_pretrained(save_directory, push_to_hub=False, **kwargs)
         self._write_hub_layout(str(save_directory))
         if push_to_hub:
@@ -268,14 +279,19 @@ class DiNaLRMPipeline(DiffusionPipeline):
             token = hub_options.get("token")
             repo_id = create_repo(repo_id, exist_ok=True, private=hub_options.get("private"), token=token).repo_id
             self._upload_folder(
-                save_directory, repo_id, token=token, commit_message=hub_options.get("commit_message"),
+                save_directory,
+                repo_id,
+                token=token,
+                commit_message=hub_options.get("commit_message"),
                 create_pr=hub_options.get("create_pr", False),
             )
 
     def _write_hub_layout(self, save_directory: str) -> None:
         code_files = {
             os.path.join(save_directory, PIPELINE_FILE): inspect.getsourcefile(type(self)),
-            os.path.join(save_directory, "reward_model", MODELING_FILE): inspect.getsourcefile(type(self.reward_model)),
+            os.path.join(save_directory, "reward_model", MODELING_FILE): inspect.getsourcefile(
+                type(self.reward_model)
+            ),
         }
         for target, source in code_files.items():
             if not (os.path.exists(target) and os.path.samefile(source, target)):
@@ -364,7 +380,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
         """Prompt embeddings of the samples at `indices` (a single prompt or embedding row serves every sample)."""
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else prompt
-            return self._cached_prompt_embeds([prompts[i % len(prompts)] for i in indices], device, max_sequence_length)
+            return self._cached_prompt_embeds(
+                [prompts[i % len(prompts)] for i in indices], device, max_sequence_length
+            )
         rows = [i % prompt_embeds.shape[0] for i in indices]
         return prompt_embeds[rows].to(device), pooled_prompt_embeds[rows].to(device)
 
@@ -548,7 +566,11 @@ class DiNaLRMPipeline(DiffusionPipeline):
         """
         draws = [
             self.reward_model.score_latents(
-                latents, prompt_embeds, pooled_prompt_embeds, t=levels, generator=generator,
+                latents,
+                prompt_embeds,
+                pooled_prompt_embeds,
+                t=levels,
+                generator=generator,
                 check_finite=check_finite and draw == 0,
             )
             for draw in range(num_noise_samples)
@@ -658,8 +680,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
         with self.progress_bar(total=len(starts)) as progress:
             for start in starts:
                 batch = list(range(start, min(start + batch_size, num_samples)))
-                for indices, batch_latents in self._latent_groups(batch, images, latents, resolution,
-                                                                  sample_posterior, generator):
+                for indices, batch_latents in self._latent_groups(
+                    batch, images, latents, resolution, sample_posterior, generator
+                ):
                     embeds, pooled = self._prompt_embeds_for(
                         prompt, prompt_embeds, pooled_prompt_embeds, indices, device, max_sequence_length
                     )

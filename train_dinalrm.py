@@ -85,6 +85,7 @@ from dinalrm.training_utils import (
 from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
 
+
 logger = get_logger(__name__)
 
 SUMMARY_FILE = "training_summary.json"
@@ -103,76 +104,149 @@ def _float_list(value: str) -> list[float]:
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a DiNa-LRM latent reward model on preference pairs.")
     model = parser.add_argument_group("model")
-    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
-                       help="SD3 pipeline (Hub id or folder): the backbone is its `transformer`, and its VAE and text "
-                            "encoders encode the data.")
+    model.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="SD3 pipeline (Hub id or folder): the backbone is its `transformer`, and its VAE and text "
+        "encoders encode the data.",
+    )
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
-    model.add_argument("--num_backbone_layers", type=int, default=12, help="How many leading transformer blocks to keep.")
-    model.add_argument("--visual_layers", type=_int_list, default=[4, 8, 12],
-                       help="Comma-separated 1-based blocks whose image stream feeds the head.")
-    model.add_argument("--text_layers", type=_int_list, default=[4, 8, 12],
-                       help="Comma-separated 1-based blocks whose text stream feeds the head (may be empty: '').")
+    model.add_argument(
+        "--num_backbone_layers", type=int, default=12, help="How many leading transformer blocks to keep."
+    )
+    model.add_argument(
+        "--visual_layers",
+        type=_int_list,
+        default=[4, 8, 12],
+        help="Comma-separated 1-based blocks whose image stream feeds the head.",
+    )
+    model.add_argument(
+        "--text_layers",
+        type=_int_list,
+        default=[4, 8, 12],
+        help="Comma-separated 1-based blocks whose text stream feeds the head (may be empty: '').",
+    )
     model.add_argument("--head_width", type=int, default=None, help="Head width W (default: the backbone width).")
     model.add_argument("--head_num_queries", type=int, default=4, help="Learned query tokens of the head.")
     model.add_argument("--head_num_heads", type=int, default=8, help="Attention heads of the head.")
     model.add_argument("--head_dropout", type=float, default=0.0, help="Dropout inside the head.")
     model.add_argument("--head_use_proj_in", action="store_true", help="Project every layer to W before FiLM.")
-    model.add_argument("--max_backbone_batch_size", type=int, default=None,
-                       help="Run the backbone in chunks of at most this many samples (memory bound).")
-    model.add_argument("--lora_rank", type=int, default=64,
-                       help="LoRA rank on the backbone; 0 fine-tunes the whole backbone (unless --freeze_backbone).")
+    model.add_argument(
+        "--max_backbone_batch_size",
+        type=int,
+        default=None,
+        help="Run the backbone in chunks of at most this many samples (memory bound).",
+    )
+    model.add_argument(
+        "--lora_rank",
+        type=int,
+        default=64,
+        help="LoRA rank on the backbone; 0 fine-tunes the whole backbone (unless --freeze_backbone).",
+    )
     model.add_argument("--lora_alpha", type=float, default=128.0, help="LoRA alpha (scale alpha / rank).")
-    model.add_argument("--freeze_backbone", action="store_true", help="Train the head only (no LoRA, frozen backbone).")
-    model.add_argument("--gradient_checkpointing", action="store_true",
-                       help="Recompute backbone activations in the backward pass to save memory.")
+    model.add_argument(
+        "--freeze_backbone", action="store_true", help="Train the head only (no LoRA, frozen backbone)."
+    )
+    model.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute backbone activations in the backward pass to save memory.",
+    )
 
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset_name", type=str, default=None,
-                      help="Preference dataset on the Hub (e.g. MizzenAI/HPDv3, a Pick-a-Pic v2 mirror).")
+    data.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Preference dataset on the Hub (e.g. MizzenAI/HPDv3, a Pick-a-Pic v2 mirror).",
+    )
     data.add_argument("--dataset_config_name", type=str, default=None, help="Config of --dataset_name.")
-    data.add_argument("--train_data_dir", type=str, default=None,
-                      help="Local dataset folder instead: HPDv3's layout (train.json + images) or any folder "
-                           "`datasets.load_dataset` reads (parquet, ...).")
-    data.add_argument("--image_root", type=str, default=None,
-                      help="Folder that relative image paths are resolved against (HPDv3 from the Hub: the extracted "
-                           "images); defaults to --train_data_dir.")
-    data.add_argument("--data_format", type=str, default="auto", choices=("auto", *DATA_FORMATS),
-                      help="Schema of the dataset; `auto` detects it from the columns.")
+    data.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Local dataset folder instead: HPDv3's layout (train.json + images) or any folder "
+        "`datasets.load_dataset` reads (parquet, ...).",
+    )
+    data.add_argument(
+        "--image_root",
+        type=str,
+        default=None,
+        help="Folder that relative image paths are resolved against (HPDv3 from the Hub: the extracted "
+        "images); defaults to --train_data_dir.",
+    )
+    data.add_argument(
+        "--data_format",
+        type=str,
+        default="auto",
+        choices=("auto", *DATA_FORMATS),
+        help="Schema of the dataset; `auto` detects it from the columns.",
+    )
     data.add_argument("--prompt_column", type=str, default="prompt", help="Canonical format: the prompt column.")
     data.add_argument("--chosen_column", type=str, default="chosen", help="Canonical format: the preferred image.")
     data.add_argument("--rejected_column", type=str, default="rejected", help="Canonical format: the other image.")
-    data.add_argument("--weight_column", type=str, default="weight",
-                      help="Canonical format: optional per-pair loss weight (missing = 1).")
-    data.add_argument("--min_confidence", type=float, default=None,
-                      help="HPDv3: drop pairs whose `confidence` is below this (HPSv3 uses 0.95); null is kept.")
+    data.add_argument(
+        "--weight_column",
+        type=str,
+        default="weight",
+        help="Canonical format: optional per-pair loss weight (missing = 1).",
+    )
+    data.add_argument(
+        "--min_confidence",
+        type=float,
+        default=None,
+        help="HPDv3: drop pairs whose `confidence` is below this (HPSv3 uses 0.95); null is kept.",
+    )
     data.add_argument("--max_train_samples", type=int, default=None, help="Use only the first N rows (debugging).")
-    data.add_argument("--resolution", type=int, default=1024,
-                      help="Side of the square bucket; the aspect-ratio buckets of the paper are scaled to it.")
-    data.add_argument("--bucket_multiple", type=int, default=None,
-                      help="Bucket sides are multiples of this (default: VAE downsampling x patch size, 16 for SD3).")
+    data.add_argument(
+        "--resolution",
+        type=int,
+        default=1024,
+        help="Side of the square bucket; the aspect-ratio buckets of the paper are scaled to it.",
+    )
+    data.add_argument(
+        "--bucket_multiple",
+        type=int,
+        default=None,
+        help="Bucket sides are multiples of this (default: VAE downsampling x patch size, 16 for SD3).",
+    )
     data.add_argument("--max_sequence_length", type=int, default=128, help="T5 prompt tokens.")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loader worker processes.")
-    data.add_argument("--cache_dir", type=str, default=None,
-                      help="Folder of the feature cache: with --precompute_features it is written there (default: "
-                           "<output_dir>/feature_cache); a complete cache found there is used for training, without "
-                           "loading the VAE or the text encoders.")
-    data.add_argument("--precompute_features", action="store_true",
-                      help="Encode prompts (three text encoders) and images (VAE) once into --cache_dir, then train "
-                           "from the cache.")
+    data.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="Folder of the feature cache: with --precompute_features it is written there (default: "
+        "<output_dir>/feature_cache); a complete cache found there is used for training, without "
+        "loading the VAE or the text encoders.",
+    )
+    data.add_argument(
+        "--precompute_features",
+        action="store_true",
+        help="Encode prompts (three text encoders) and images (VAE) once into --cache_dir, then train from the cache.",
+    )
 
     training = parser.add_argument_group("training")
     training.add_argument("--output_dir", type=str, default="dinalrm-model", help="Checkpoints and the final model.")
-    training.add_argument("--seed", type=int, default=0,
-                          help="Seed of initialisation, data order and noise; runs with the same seed and flags match.")
+    training.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of initialisation, data order and noise; runs with the same seed and flags match.",
+    )
     training.add_argument("--train_batch_size", type=int, default=8, help="Pairs per device per step.")
     training.add_argument("--num_train_epochs", type=int, default=1)
     training.add_argument("--max_train_steps", type=int, default=None, help="Overrides --num_train_epochs when set.")
     training.add_argument("--gradient_accumulation_steps", type=int, default=1)
     training.add_argument("--learning_rate", type=float, default=5e-5)
-    training.add_argument("--lr_scheduler", type=str, default="constant_with_warmup",
-                          help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", '
-                               '"constant_with_warmup".')
+    training.add_argument(
+        "--lr_scheduler",
+        type=str,
+        default="constant_with_warmup",
+        help='One of "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup".',
+    )
     training.add_argument("--lr_warmup_steps", type=int, default=1000)
     training.add_argument("--lr_num_cycles", type=int, default=1, help="Restarts of cosine_with_restarts.")
     training.add_argument("--lr_power", type=float, default=1.0, help="Power of the polynomial scheduler.")
@@ -181,48 +255,88 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--adam_weight_decay", type=float, default=0.01)
     training.add_argument("--adam_epsilon", type=float, default=1e-8)
     training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 disables it).")
-    training.add_argument("--mixed_precision", type=str, default=None, choices=("no", "fp16", "bf16"),
-                          help="Overrides the accelerate config; encoders run in this precision, trained weights stay fp32.")
+    training.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=("no", "fp16", "bf16"),
+        help="Overrides the accelerate config; encoders run in this precision, trained weights stay fp32.",
+    )
     training.add_argument("--loss", type=str, default="thurstone", choices=LOSS_TYPES)
     training.add_argument("--thurstone_k", type=float, default=2.0, help="var(t) = k t^2 + v0.")
-    training.add_argument("--thurstone_v0", type=float, default=0.05,
-                          help="The official code's 0.05 (the paper states 0.01).")
+    training.add_argument(
+        "--thurstone_v0", type=float, default=0.05, help="The official code's 0.05 (the paper states 0.01)."
+    )
     training.add_argument("--fixed_variance", type=float, default=0.5, help="Variance of --loss fixed_variance.")
-    training.add_argument("--weighting_scheme", type=str, default="uniform", choices=WEIGHTING_SCHEMES,
-                          help="Distribution of the training noise level t.")
+    training.add_argument(
+        "--weighting_scheme",
+        type=str,
+        default="uniform",
+        choices=WEIGHTING_SCHEMES,
+        help="Distribution of the training noise level t.",
+    )
     training.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean of logit(t).")
     training.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: std of logit(t).")
     training.add_argument("--constant_t", type=float, default=0.4, help="constant: the single training noise level.")
-    training.add_argument("--use_ema", action="store_true", help="Keep an EMA of the trained weights (used for "
-                                                                  "validation and the final model).")
+    training.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Keep an EMA of the trained weights (used for validation and the final model).",
+    )
     training.add_argument("--ema_decay", type=float, default=0.995)
 
     validation = parser.add_argument_group("validation")
-    validation.add_argument("--validation_split", type=str, default=None,
-                            help="A split name (of --validation_dataset_name, else of the training source) or a "
-                                 "fraction in (0, 1) of the training pairs held out.")
-    validation.add_argument("--validation_dataset_name", type=str, default=None,
-                            help="Validation pairs from another dataset (Hub id or local folder; split "
-                                 "--validation_split, default `test`).")
+    validation.add_argument(
+        "--validation_split",
+        type=str,
+        default=None,
+        help="A split name (of --validation_dataset_name, else of the training source) or a "
+        "fraction in (0, 1) of the training pairs held out.",
+    )
+    validation.add_argument(
+        "--validation_dataset_name",
+        type=str,
+        default=None,
+        help="Validation pairs from another dataset (Hub id or local folder; split "
+        "--validation_split, default `test`).",
+    )
     validation.add_argument("--max_validation_samples", type=int, default=None)
-    validation.add_argument("--validation_steps", type=int, default=500, help="Validate every N steps (and at the end).")
-    validation.add_argument("--validation_t", type=_float_list, default=[0.2, 0.4, 0.7],
-                            help="Comma-separated noise levels; accuracy is reported at each and for their ensemble.")
+    validation.add_argument(
+        "--validation_steps", type=int, default=500, help="Validate every N steps (and at the end)."
+    )
+    validation.add_argument(
+        "--validation_t",
+        type=_float_list,
+        default=[0.2, 0.4, 0.7],
+        help="Comma-separated noise levels; accuracy is reported at each and for their ensemble.",
+    )
 
     saving = parser.add_argument_group("checkpointing and logging")
     saving.add_argument("--checkpointing_steps", type=int, default=500)
-    saving.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
-    saving.add_argument("--resume_from_checkpoint", type=str, default=None,
-                        help='A checkpoint folder (or its name in --output_dir), or "latest".')
+    saving.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints."
+    )
+    saving.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help='A checkpoint folder (or its name in --output_dir), or "latest".',
+    )
     saving.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
     saving.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb" or "all".')
     saving.add_argument("--tracker_project_name", type=str, default="dinalrm")
-    saving.add_argument("--pipeline_output_dir", type=str, default=None,
-                        help="Also write the full DiNa-LRM pipeline repository (the final reward model plus the base "
-                             "pipeline's VAE, text encoders and scheduler) here; it must be empty or missing. "
-                             "With --push_to_hub this folder is the one uploaded.")
+    saving.add_argument(
+        "--pipeline_output_dir",
+        type=str,
+        default=None,
+        help="Also write the full DiNa-LRM pipeline repository (the final reward model plus the base "
+        "pipeline's VAE, text encoders and scheduler) here; it must be empty or missing. "
+        "With --push_to_hub this folder is the one uploaded.",
+    )
     saving.add_argument("--push_to_hub", action="store_true")
-    saving.add_argument("--hub_model_id", type=str, default=None, help="Repository id (default: the output folder name).")
+    saving.add_argument(
+        "--hub_model_id", type=str, default=None, help="Repository id (default: the output folder name)."
+    )
     saving.add_argument("--hub_token", type=str, default=None)
 
     args = parser.parse_args(input_args)
@@ -292,8 +406,12 @@ def load_pairs(args, accelerator, buckets: BucketSet) -> tuple[datasets.Dataset,
     skipped = {}
     with accelerator.main_process_first():
         train, stats = load_preference_dataset(
-            args.dataset_name, args.dataset_config_name, args.train_data_dir, max_samples=args.max_train_samples,
-            split="train", **common,
+            args.dataset_name,
+            args.dataset_config_name,
+            args.train_data_dir,
+            max_samples=args.max_train_samples,
+            split="train",
+            **common,
         )
         skipped["train"] = stats.as_dict()
         validation = None
@@ -301,8 +419,11 @@ def load_pairs(args, accelerator, buckets: BucketSet) -> tuple[datasets.Dataset,
             source = args.validation_dataset_name
             local = os.path.isdir(source)
             validation, stats = load_preference_dataset(
-                None if local else source, None, source if local else None,
-                split=args.validation_split or "test", **{**common, "image_root": source if local else args.image_root},
+                None if local else source,
+                None,
+                source if local else None,
+                split=args.validation_split or "test",
+                **{**common, "image_root": source if local else args.image_root},
             )
             skipped["validation"] = stats.as_dict()
         elif _is_fraction(args.validation_split):
@@ -323,10 +444,16 @@ def load_pairs(args, accelerator, buckets: BucketSet) -> tuple[datasets.Dataset,
     return train, validation, skipped
 
 
-def load_encoding_pipeline(args, reward_model: DiNaLRMModel, device: torch.device, dtype: torch.dtype) -> DiNaLRMPipeline:
+def load_encoding_pipeline(
+    args, reward_model: DiNaLRMModel, device: torch.device, dtype: torch.dtype
+) -> DiNaLRMPipeline:
     """The pipeline whose `encode_prompt` / `encode_images` encode the data (SD3's VAE and text encoders, frozen)."""
     sd3 = StableDiffusion3Pipeline.from_pretrained(
-        args.pretrained_model_name_or_path, transformer=None, revision=args.revision, variant=args.variant, dtype=dtype,
+        args.pretrained_model_name_or_path,
+        transformer=None,
+        revision=args.revision,
+        variant=args.variant,
+        dtype=dtype,
     )
     pipeline = DiNaLRMPipeline.from_sd3(sd3, reward_model)
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
@@ -362,8 +489,15 @@ def precompute_features(args, accelerator, reward_model, cache_dir: str, buckets
     encode_prompts, encode_images = encoders(pipeline, args, accelerator.device)
     splits = {"train": train, **({"validation": validation} if validation is not None else {})}
     info = build_feature_cache(
-        accelerator, cache_dir, splits, skipped, encode_prompts, encode_images, fingerprint(args, buckets, dtype),
-        batch_size=args.train_batch_size, num_workers=args.dataloader_num_workers,
+        accelerator,
+        cache_dir,
+        splits,
+        skipped,
+        encode_prompts,
+        encode_images,
+        fingerprint(args, buckets, dtype),
+        batch_size=args.train_batch_size,
+        num_workers=args.dataloader_num_workers,
     )
     del pipeline, encode_prompts, encode_images
     return info
@@ -371,14 +505,26 @@ def precompute_features(args, accelerator, reward_model, cache_dir: str, buckets
 
 def data_sources(args, accelerator, reward_model, dtype):
     """Training/validation datasets, their collate function, the encoder (None when cached) and skip counts."""
-    buckets = buckets_for_model(args.pretrained_model_name_or_path, reward_model.config.backbone_config["patch_size"],
-                                args.resolution, args.bucket_multiple, args.revision)
-    cache_dir = args.cache_dir or (os.path.join(args.output_dir, "feature_cache") if args.precompute_features else None)
+    buckets = buckets_for_model(
+        args.pretrained_model_name_or_path,
+        reward_model.config.backbone_config["patch_size"],
+        args.resolution,
+        args.bucket_multiple,
+        args.revision,
+    )
+    cache_dir = args.cache_dir or (
+        os.path.join(args.output_dir, "feature_cache") if args.precompute_features else None
+    )
     if cache_dir is None:
         train, validation, skipped = load_pairs(args, accelerator, buckets)
         pipeline = load_encoding_pipeline(args, reward_model, accelerator.device, dtype)
-        return (ImagePairDataset(train), ImagePairDataset(validation) if validation is not None else None,
-                collate_image_pairs, encoders(pipeline, args, accelerator.device), skipped)
+        return (
+            ImagePairDataset(train),
+            ImagePairDataset(validation) if validation is not None else None,
+            collate_image_pairs,
+            encoders(pipeline, args, accelerator.device),
+            skipped,
+        )
     info = read_valid_cache_info(cache_dir, fingerprint(args, buckets, dtype))
     if info is None:
         if not args.precompute_features:
@@ -409,7 +555,10 @@ def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_f
     batches = BucketBatchSampler(dataset.buckets, args.train_batch_size, shuffle=False).batches()
     mine = list(range(accelerator.process_index, len(batches), accelerator.num_processes))
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=[batches[i] for i in mine], collate_fn=collate_fn, num_workers=args.dataloader_num_workers
+        dataset,
+        batch_sampler=[batches[i] for i in mine],
+        collate_fn=collate_fn,
+        num_workers=args.dataloader_num_workers,
     )
     for number, batch in zip(mine, loader):
         if encode is not None:
@@ -419,14 +568,22 @@ def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_f
             batch = encode_image_pairs(batch, *encode)
         chosen = batch["chosen"].to(accelerator.device)
         latents = torch.cat([chosen, batch["rejected"].to(accelerator.device)])
-        noise = randn_tensor(chosen.shape, generator=seeded_generator(args.seed, VALIDATION_STREAM, number),
-                             device=accelerator.device, dtype=chosen.dtype)
+        noise = randn_tensor(
+            chosen.shape,
+            generator=seeded_generator(args.seed, VALIDATION_STREAM, number),
+            device=accelerator.device,
+            dtype=chosen.dtype,
+        )
         prompt_embeds = batch["prompt_embeds"].to(accelerator.device).repeat(2, 1, 1)
         pooled = batch["pooled_prompt_embeds"].to(accelerator.device).repeat(2, 1)
         with accelerator.autocast():
             for j, level in enumerate(levels):
                 rewards = reward_model.score_latents(
-                    latents, prompt_embeds, pooled, t=level if len(level) > 1 else level[0], noise=torch.cat([noise, noise])
+                    latents,
+                    prompt_embeds,
+                    pooled,
+                    t=level if len(level) > 1 else level[0],
+                    noise=torch.cat([noise, noise]),
                 ).float()
                 rewards_chosen, rewards_rejected = rewards.chunk(2)
                 correct[j] += (rewards_chosen > rewards_rejected).sum()
@@ -449,24 +606,37 @@ def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_f
 # --------------------------------------------------------------------------------------------------- model card
 def save_model_card(repo_id: str, args, output_dir: str, validation: dict | None, skipped: dict) -> None:
     """Write a README.md (huggingface_hub ModelCard) describing the trained reward model."""
-    datasets_used = [name for name in (args.dataset_name, args.validation_dataset_name)
-                     if name and not os.path.isdir(name)]
+    datasets_used = [
+        name for name in (args.dataset_name, args.validation_dataset_name) if name and not os.path.isdir(name)
+    ]
     card_data = ModelCardData(
         library_name="transformers",
-        base_model=args.pretrained_model_name_or_path if not os.path.isdir(args.pretrained_model_name_or_path) else None,
+        base_model=args.pretrained_model_name_or_path
+        if not os.path.isdir(args.pretrained_model_name_or_path)
+        else None,
         datasets=datasets_used or None,
         tags=["dinalrm", "reward-model", "text-to-image", "sd3", "diffusers-training"],
     )
-    results = "\n".join(f"| {name.removeprefix('val/accuracy_')} | {value:.4f} |"
-                        for name, value in (validation or {}).items() if name.startswith("val/accuracy_"))
+    results = "\n".join(
+        f"| {name.removeprefix('val/accuracy_')} | {value:.4f} |"
+        for name, value in (validation or {}).items()
+        if name.startswith("val/accuracy_")
+    )
     body = f"""
 # DiNa-LRM reward model: {repo_id}
 
 A diffusion-native latent reward model ([DiNa-LRM](https://arxiv.org/abs/2602.11146)) trained with
 `train_dinalrm.py` on the first {args.num_backbone_layers} blocks of `{args.pretrained_model_name_or_path}`
-(visual layers {args.visual_layers}, text layers {args.text_layers}; {'frozen backbone' if args.freeze_backbone
-else f'LoRA rank {args.lora_rank}, merged' if args.lora_rank else 'fully fine-tuned backbone'}). It scores noisy SD3
-VAE latents; the weights here are {'the EMA (decay ' + str(args.ema_decay) + ')' if args.use_ema else 'the final'} weights.
+(visual layers {args.visual_layers}, text layers {args.text_layers}; {
+        "frozen backbone"
+        if args.freeze_backbone
+        else f"LoRA rank {args.lora_rank}, merged"
+        if args.lora_rank
+        else "fully fine-tuned backbone"
+    }). It scores noisy SD3
+VAE latents; the weights here are {
+        "the EMA (decay " + str(args.ema_decay) + ")" if args.use_ema else "the final"
+    } weights.
 
 Training: loss `{args.loss}` (k={args.thurstone_k}, v0={args.thurstone_v0}), t ~ `{args.weighting_scheme}`,
 learning rate {args.learning_rate}, {args.train_batch_size} pairs per device, data
@@ -476,7 +646,7 @@ learning rate {args.learning_rate}, {args.train_batch_size} pairs per device, da
 
 | level | accuracy |
 |---|---|
-{results or '| - | not run |'}
+{results or "| - | not run |"}
 
 ## Usage
 
@@ -508,8 +678,9 @@ def main(args: argparse.Namespace) -> None:
     verbosity = logging.WARNING if accelerator.is_local_main_process else logging.ERROR
     for library in (datasets, transformers, diffusers):
         library.utils.logging.set_verbosity(verbosity)
-    logger.info(f"process {accelerator.process_index} of world size {accelerator.num_processes}",
-                main_process_only=False)
+    logger.info(
+        f"process {accelerator.process_index} of world size {accelerator.num_processes}", main_process_only=False
+    )
 
     set_seed(args.seed)
     repo_id = None
@@ -517,8 +688,9 @@ def main(args: argparse.Namespace) -> None:
         os.makedirs(args.output_dir, exist_ok=True)
         remove_partial_checkpoints(args.output_dir)
         if args.push_to_hub:
-            repo_id = create_repo(args.hub_model_id or Path(args.output_dir).name, exist_ok=True,
-                                  token=args.hub_token).repo_id
+            repo_id = create_repo(
+                args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token
+            ).repo_id
     accelerator.wait_for_everyone()
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
@@ -526,8 +698,10 @@ def main(args: argparse.Namespace) -> None:
     reward_model.to(accelerator.device)
     trainable_names = [name for name, p in reward_model.named_parameters() if p.requires_grad]
     trainable = [p for p in reward_model.parameters() if p.requires_grad]
-    logger.info(f"{sum(p.numel() for p in trainable):,} trainable parameters "
-                f"of {sum(p.numel() for p in reward_model.parameters()):,}")
+    logger.info(
+        f"{sum(p.numel() for p in trainable):,} trainable parameters "
+        f"of {sum(p.numel() for p in reward_model.parameters()):,}"
+    )
 
     train_dataset, validation_dataset, collate_fn, encode, skipped = data_sources(
         args, accelerator, reward_model, weight_dtype
@@ -538,8 +712,11 @@ def main(args: argparse.Namespace) -> None:
     )
 
     optimizer = torch.optim.AdamW(
-        trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        trainable,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
     )
     batches_per_process = math.ceil(len(batch_sampler) / accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / args.gradient_accumulation_steps)
@@ -547,10 +724,12 @@ def main(args: argparse.Namespace) -> None:
         args.max_train_steps = args.num_train_epochs * steps_per_epoch
     args.num_train_epochs = math.ceil(args.max_train_steps / steps_per_epoch)
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer,
+        args.lr_scheduler,
+        optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=args.max_train_steps * accelerator.num_processes,
-        num_cycles=args.lr_num_cycles, power=args.lr_power,
+        num_cycles=args.lr_num_cycles,
+        power=args.lr_power,
     )
     model, optimizer, train_dataloader, lr_scheduler = accelerator.prepare(
         reward_model, optimizer, train_dataloader, lr_scheduler
@@ -562,8 +741,9 @@ def main(args: argparse.Namespace) -> None:
     def save_model_hook(models, weights, output_dir):
         for model_ in models:
             if accelerator.is_main_process:
-                accelerator.unwrap_model(model_).save_pretrained(os.path.join(output_dir, "reward_model"),
-                                                                 merge_lora=False)
+                accelerator.unwrap_model(model_).save_pretrained(
+                    os.path.join(output_dir, "reward_model"), merge_lora=False
+                )
             weights.pop()
         if ema is not None and accelerator.is_main_process:
             save_ema(ema, trainable_names, os.path.join(output_dir, "ema"))
@@ -581,8 +761,11 @@ def main(args: argparse.Namespace) -> None:
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     if accelerator.is_main_process:
-        config = {key: value if isinstance(value, (int, float, str, bool)) else str(value)
-                  for key, value in vars(args).items() if key != "hub_token"}
+        config = {
+            key: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for key, value in vars(args).items()
+            if key != "hub_token"
+        }
         accelerator.init_trackers(args.tracker_project_name, config=config)
 
     global_step, first_epoch, skip_batches = 0, 0, 0
@@ -595,7 +778,10 @@ def main(args: argparse.Namespace) -> None:
         else:
             logger.info(f"Resuming from checkpoint {path}")
             state = load_checkpoint(accelerator, path)
-            if (state["num_processes"], state["train_batch_size"]) != (accelerator.num_processes, args.train_batch_size):
+            if (state["num_processes"], state["train_batch_size"]) != (
+                accelerator.num_processes,
+                args.train_batch_size,
+            ):
                 logger.warning("The number of processes or the batch size changed: the data position is approximate.")
             global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
             if accelerator.is_main_process:  # the checkpoint holds the sum over processes
@@ -605,16 +791,20 @@ def main(args: argparse.Namespace) -> None:
                 first_epoch, skip_batches = first_epoch + 1, 0
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    logger.info(f"***** Training: {len(train_dataset)} pairs, {args.num_train_epochs} epochs, {total_batch_size} pairs "
-                f"per step, {args.max_train_steps} steps ({steps_per_epoch} per epoch) *****")
-    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
-                        disable=not accelerator.is_local_main_process)
+    logger.info(
+        f"***** Training: {len(train_dataset)} pairs, {args.num_train_epochs} epochs, {total_batch_size} pairs "
+        f"per step, {args.max_train_steps} steps ({steps_per_epoch} per epoch) *****"
+    )
+    progress_bar = tqdm(
+        range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process
+    )
 
     def run_validation() -> None:
         already_done = bool(history) and history[-1]["step"] == global_step
         if validation_dataset is not None and len(validation_dataset) and not already_done:
-            metrics = log_validation(accelerator, reward_model, ema, trainable, validation_dataset, collate_fn, encode,
-                                     args, global_step)
+            metrics = log_validation(
+                accelerator, reward_model, ema, trainable, validation_dataset, collate_fn, encode, args, global_step
+            )
             history.append({"step": global_step, **metrics})
 
     fallback = None  # the last good batch, re-used with zero weights if every pair of a batch fails to decode
@@ -636,9 +826,14 @@ def main(args: argparse.Namespace) -> None:
                     else:
                         raise RuntimeError("Every pair of the first batch failed to decode; check the dataset.")
                 output = preference_step(
-                    model, reward_model, batch,
+                    model,
+                    reward_model,
+                    batch,
                     seeded_generator(args.seed, accelerator.process_index, epoch, micro_index),
-                    args.weighting_scheme, args.logit_mean, args.logit_std, args.constant_t,
+                    args.weighting_scheme,
+                    args.logit_mean,
+                    args.logit_std,
+                    args.constant_t,
                 )
                 accelerator.backward(output.loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -652,29 +847,44 @@ def main(args: argparse.Namespace) -> None:
                     ema.step(trainable)
                 global_step += 1
                 progress_bar.update(1)
-                logs = {"loss": output.loss.detach().item(), "train_accuracy": output.accuracy.item(),
-                        "reward_margin": output.reward_margin.item(), "mean_t": output.mean_t.item(),
-                        "lr": lr_scheduler.get_last_lr()[0]}
+                logs = {
+                    "loss": output.loss.detach().item(),
+                    "train_accuracy": output.accuracy.item(),
+                    "reward_margin": output.reward_margin.item(),
+                    "mean_t": output.mean_t.item(),
+                    "lr": lr_scheduler.get_last_lr()[0],
+                }
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", acc=f"{logs['train_accuracy']:.2f}")
                 accelerator.log(logs, step=global_step)
                 if global_step % args.validation_steps == 0 and global_step < args.max_train_steps:
                     run_validation()
                 if global_step % args.checkpointing_steps == 0:
                     all_skips = sum((Counter(c) for c in gather_object([dict(runtime_skips)])), Counter())
-                    save_checkpoint(accelerator, args.output_dir, global_step, {
-                        "global_step": global_step, "epoch": epoch, "batches_in_epoch": micro_index + 1,
-                        "num_processes": accelerator.num_processes, "train_batch_size": args.train_batch_size,
-                        "gradient_accumulation_steps": args.gradient_accumulation_steps,
-                        "runtime_skips": dict(all_skips),
-                        "validation": history,
-                    }, args.checkpoints_total_limit)
+                    save_checkpoint(
+                        accelerator,
+                        args.output_dir,
+                        global_step,
+                        {
+                            "global_step": global_step,
+                            "epoch": epoch,
+                            "batches_in_epoch": micro_index + 1,
+                            "num_processes": accelerator.num_processes,
+                            "train_batch_size": args.train_batch_size,
+                            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                            "runtime_skips": dict(all_skips),
+                            "validation": history,
+                        },
+                        args.checkpoints_total_limit,
+                    )
             if global_step >= args.max_train_steps:
                 break
 
     run_validation()
     total_runtime = sum((Counter(c) for c in gather_object([dict(runtime_skips)])), Counter())
-    logger.info(f"process {accelerator.process_index}: final parameter digest {parameter_digest(reward_model)}",
-                main_process_only=False)
+    logger.info(
+        f"process {accelerator.process_index}: final parameter digest {parameter_digest(reward_model)}",
+        main_process_only=False,
+    )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_model = accelerator.unwrap_model(model)
@@ -688,20 +898,34 @@ def main(args: argparse.Namespace) -> None:
         summary = {"global_step": global_step, "skipped": skipped, "validation": history}
         with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=2)
-        save_model_card(repo_id or Path(args.output_dir).name, args, args.output_dir,
-                        history[-1] if history else None, skipped)
+        save_model_card(
+            repo_id or Path(args.output_dir).name, args, args.output_dir, history[-1] if history else None, skipped
+        )
         logger.info(f"Saved the {'EMA ' if ema is not None else ''}reward model to {args.output_dir}")
         if args.pipeline_output_dir:
-            build_hub_repo(final_model, args.pretrained_model_name_or_path, args.pipeline_output_dir, args.revision,
-                           repo_id)
+            build_hub_repo(
+                final_model, args.pretrained_model_name_or_path, args.pipeline_output_dir, args.revision, repo_id
+            )
             logger.info(f"Saved the DiNa-LRM pipeline repository to {args.pipeline_output_dir}")
         if args.push_to_hub and args.pipeline_output_dir:
-            upload_folder(repo_id=repo_id, folder_path=args.pipeline_output_dir, commit_message="End of training",
-                          token=args.hub_token)
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.pipeline_output_dir,
+                commit_message="End of training",
+                token=args.hub_token,
+            )
         elif args.push_to_hub:
             upload_folder(
-                repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", token=args.hub_token,
-                ignore_patterns=[f"{CHECKPOINT_PREFIX}*", f"{PARTIAL_PREFIX}*", f"{args.logging_dir}/*", "feature_cache/*"],
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                token=args.hub_token,
+                ignore_patterns=[
+                    f"{CHECKPOINT_PREFIX}*",
+                    f"{PARTIAL_PREFIX}*",
+                    f"{args.logging_dir}/*",
+                    "feature_cache/*",
+                ],
             )
     accelerator.end_training()
 

@@ -15,6 +15,7 @@ import statistics
 import tempfile
 import time
 
+
 LEVELS = [0.2, 0.5, 0.7]
 
 
@@ -32,7 +33,9 @@ def build_model(folder: str):
     n = config["num_layers"] - 1
     third = max(1, n // 3)
     layers = [third, 2 * third, n]
-    model = DiNaLRMModel.from_backbone(folder, num_layers=n, visual_layers=layers, text_layers=layers, head_num_heads=4)
+    model = DiNaLRMModel.from_backbone(
+        folder, num_layers=n, visual_layers=layers, text_layers=layers, head_num_heads=4
+    )
     return model.eval(), config
 
 
@@ -97,9 +100,11 @@ def main() -> None:
             process.join()
 
     first = results["single"]
-    print(f"medium config: {first['params'] / 1e6:.1f}M parameters ({first['backbone_params'] / 1e6:.1f}M backbone), "
-          f"batch {args.batch_size}, latents {args.latent_size}x{args.latent_size}, {args.tokens} prompt tokens, "
-          f"{args.threads} threads, median of {args.repeats}")
+    print(
+        f"medium config: {first['params'] / 1e6:.1f}M parameters ({first['backbone_params'] / 1e6:.1f}M backbone), "
+        f"batch {args.batch_size}, latents {args.latent_size}x{args.latent_size}, {args.tokens} prompt tokens, "
+        f"{args.threads} threads, median of {args.repeats}"
+    )
     print(f"{'scenario':<34}{'s/batch':>10}{'rewards/s':>12}{'peak RSS MB':>14}{'+RSS scoring MB':>18}")
     labels = {
         "single": "single level (t=0.4)",
@@ -107,8 +112,10 @@ def main() -> None:
         "ensemble_sequential": "3-level ensemble, 3 passes",
     }
     for scenario, r in results.items():
-        print(f"{labels[scenario]:<34}{r['median_s']:>10.3f}{r['rewards_per_s']:>12.2f}{r['peak_rss_mb']:>14.0f}"
-              f"{r['scoring_rss_increase_mb']:>18.0f}")
+        print(
+            f"{labels[scenario]:<34}{r['median_s']:>10.3f}{r['rewards_per_s']:>12.2f}{r['peak_rss_mb']:>14.0f}"
+            f"{r['scoring_rss_increase_mb']:>18.0f}"
+        )
     ratio = results["ensemble_sequential"]["median_s"] / results["ensemble_batched"]["median_s"]
     print(f"batched / sequential ensemble speed: {ratio:.2f}x")
 

@@ -27,6 +27,7 @@ import torch
 
 from dinalrm.testing import get_tiny_dinalrm_pipeline
 
+
 PROMPT = "a photo of a red cat on a table"
 ENSEMBLE = [0.2, 0.5, 0.7]
 

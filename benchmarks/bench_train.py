@@ -34,11 +34,32 @@ def training_args(root: Path, options: argparse.Namespace, cached: bool) -> argp
     from train_dinalrm import parse_args
 
     flags = [
-        "--pretrained_model_name_or_path", str(root / "sd3"), "--train_data_dir", str(root / "data"),
-        "--output_dir", str(root / "out"), "--num_backbone_layers", "4", "--visual_layers", "2,4",
-        "--text_layers", "2,4", "--head_num_heads", "4", "--lora_rank", "16", "--lora_alpha", "32",
-        "--resolution", str(options.image_size), "--max_sequence_length", str(options.max_sequence_length),
-        "--train_batch_size", str(options.pairs_per_batch), "--learning_rate", "1e-4",
+        "--pretrained_model_name_or_path",
+        str(root / "sd3"),
+        "--train_data_dir",
+        str(root / "data"),
+        "--output_dir",
+        str(root / "out"),
+        "--num_backbone_layers",
+        "4",
+        "--visual_layers",
+        "2,4",
+        "--text_layers",
+        "2,4",
+        "--head_num_heads",
+        "4",
+        "--lora_rank",
+        "16",
+        "--lora_alpha",
+        "32",
+        "--resolution",
+        str(options.image_size),
+        "--max_sequence_length",
+        str(options.max_sequence_length),
+        "--train_batch_size",
+        str(options.pairs_per_batch),
+        "--learning_rate",
+        "1e-4",
     ]
     return parse_args(flags + (["--cache_dir", str(root / "cache")] if cached else []))
 
@@ -52,8 +73,13 @@ def prepare(root: Path, options: argparse.Namespace) -> None:
     from train_dinalrm import build_reward_model, data_sources
 
     save_tiny_sd3_pipeline(root / "sd3", size="medium")
-    write_tiny_preference_dataset(root / "data", "canonical", num_pairs=options.pairs_per_batch * 4,
-                                  size=(options.image_size, options.image_size), bad_rows=False)
+    write_tiny_preference_dataset(
+        root / "data",
+        "canonical",
+        num_pairs=options.pairs_per_batch * 4,
+        size=(options.image_size, options.image_size),
+        bad_rows=False,
+    )
     args = training_args(root, options, cached=True)
     args.precompute_features = True
     accelerator = Accelerator(cpu=options.device == "cpu")
@@ -98,8 +124,10 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
         batch = host_batches[number % len(host_batches)]
         if encode is not None:
             batch = encode_image_pairs(batch, *encode)
-        batch = {key: value.to(accelerator.device) if isinstance(value, torch.Tensor) else value
-                 for key, value in batch.items()}
+        batch = {
+            key: value.to(accelerator.device) if isinstance(value, torch.Tensor) else value
+            for key, value in batch.items()
+        }
         output = preference_step(model, set_up_model, batch, seeded_generator(0, number))
         output.loss.backward()
         optimizer.step()
@@ -124,8 +152,13 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if cuda else sampler.stop()
-    queue.put({"seconds_per_step": statistics.median(seconds), "step_memory_mb": (peak - baseline) / 2**20,
-               "trainable": sum(p.numel() for p in trainable)})
+    queue.put(
+        {
+            "seconds_per_step": statistics.median(seconds),
+            "step_memory_mb": (peak - baseline) / 2**20,
+            "trainable": sum(p.numel() for p in trainable),
+        }
+    )
 
 
 class ResidentMemorySampler:
@@ -179,9 +212,11 @@ def main() -> None:
                 if process.exitcode:
                     raise SystemExit(f"scenario {name!r} failed with exit code {process.exitcode}")
 
-    print(f"medium config: 4 of 8 SD3 blocks (width 256), LoRA rank 16, {results[next(iter(SCENARIOS))][0]['trainable']:,} "
-          f"trainable parameters; {options.pairs_per_batch} pairs of {options.image_size}x{options.image_size} images per "
-          f"step; {options.device}, {options.threads} thread(s); median of {options.repeats} processes x {options.steps} steps")
+    print(
+        f"medium config: 4 of 8 SD3 blocks (width 256), LoRA rank 16, {results[next(iter(SCENARIOS))][0]['trainable']:,} "
+        f"trainable parameters; {options.pairs_per_batch} pairs of {options.image_size}x{options.image_size} images per "
+        f"step; {options.device}, {options.threads} thread(s); median of {options.repeats} processes x {options.steps} steps"
+    )
     print(f"{'scenario':<34}{'s/step':>10}{'step memory (MB)':>20}")
     medians = {}
     for name, runs in results.items():
@@ -191,7 +226,9 @@ def main() -> None:
         print(f"{name:<34}{seconds:>10.3f}{memory:>20.1f}")
     cached, two, raw = (medians[name] for name in SCENARIOS)
     print(f"raw images / cached features: {raw[0] / cached[0]:.2f}x time, {raw[1] / max(cached[1], 1e-9):.2f}x memory")
-    print(f"two forwards / one batched forward: {two[0] / cached[0]:.2f}x time, {two[1] / max(cached[1], 1e-9):.2f}x memory")
+    print(
+        f"two forwards / one batched forward: {two[0] / cached[0]:.2f}x time, {two[1] / max(cached[1], 1e-9):.2f}x memory"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 
 from .training_utils import seeded_generator
 
+
 __all__ = ["ASPECT_RATIO_BUCKETS", "BucketBatchSampler", "BucketSet", "buckets_for_model"]
 
 # The paper's aspect-ratio buckets near 1024², plus 512² and 256² for small images.

@@ -23,6 +23,7 @@ from diffusers.training_utils import EMAModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [

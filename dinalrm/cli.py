@@ -53,7 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Score images against a prompt with DiNa-LRM (higher = preferred). Runs the model repository's "
         "own DiNa-LRM code (trust_remote_code).",
     )
-    parser.add_argument("images", nargs="+", help="Image files (any size and mode; resized as the pipeline documents).")
+    parser.add_argument(
+        "images", nargs="+", help="Image files (any size and mode; resized as the pipeline documents)."
+    )
     parser.add_argument(
         "--model",
         default=None,
@@ -64,7 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     levels = parser.add_mutually_exclusive_group()
     levels.add_argument("--t", type=float, default=None, help="Noise level in [0, 1] (default: the model's, 0.4).")
     levels.add_argument(
-        "--ensemble", type=_noise_levels, nargs="?", const=[], default=None,
+        "--ensemble",
+        type=_noise_levels,
+        nargs="?",
+        const=[],
+        default=None,
         help="Multi-level ensemble: comma-separated levels, or no value for the model's (0.2,0.5,0.7).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the scoring noise (same seed, same rewards).")

@@ -29,6 +29,7 @@ from PIL import Image
 from .buckets import BucketSet
 from .images import MISSING, ImageLoadError, load_image, read_image_size
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [

@@ -43,6 +43,7 @@ from PIL import Image
 from .data import FIRST, GT_TIE, INVALID_LABEL, SECOND, TIE, SkipStats, pickapic_preference
 from .images import MISSING, ImageLoadError, ImageSource, load_image
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -139,7 +140,6 @@ class Benchmark:
         return self.stats[MISSING]
 
 
-
 class _Builder:
     """Accumulates images, pairs and drop counts while an adapter walks its records."""
 
@@ -160,7 +160,9 @@ class _Builder:
             self.images[image_id] = BenchmarkImage(prompt, path)
         return image_id
 
-    def add_cell(self, image_id: str, prompt: str, dataset: datasets.Dataset, row: int, column: str, value: Any) -> str:
+    def add_cell(
+        self, image_id: str, prompt: str, dataset: datasets.Dataset, row: int, column: str, value: Any
+    ) -> str:
         """Register an image embedded in a dataset row; an empty cell is counted as missing."""
         empty = not value.get("bytes") and not value.get("path") if isinstance(value, Mapping) else not value
         if empty:
@@ -333,7 +335,10 @@ def _load_hpdv3(
             )
         from huggingface_hub import hf_hub_download
 
-        meta, root = hf_hub_download(spec.hub_id, f"{split}.json", repo_type="dataset", cache_dir=cache_dir), image_root
+        meta, root = (
+            hf_hub_download(spec.hub_id, f"{split}.json", repo_type="dataset", cache_dir=cache_dir),
+            image_root,
+        )
     resolve = _FileResolver(root)
     builder = _Builder()
     groups: dict[str, str] = {}
@@ -347,7 +352,12 @@ def _load_hpdv3(
 
 
 def _load_table(
-    folder: str | None, hub_id: str, config: str | None, split: str, cache_dir: str | None, image_columns: Iterable[str]
+    folder: str | None,
+    hub_id: str,
+    config: str | None,
+    split: str,
+    cache_dir: str | None,
+    image_columns: Iterable[str],
 ) -> datasets.Dataset:
     """A split through `datasets.load_dataset` (Hub id or local folder), image columns left encoded."""
     if folder is not None:

@@ -31,6 +31,7 @@ from .pair_datasets import (
     encode_pair_latents,
 )
 
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -234,8 +235,10 @@ class CachedPairDataset(torch.utils.data.Dataset):
 
 def collate_cached_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack cached pairs of one bucket into the tensors `preference_step` takes."""
-    batch = {name: torch.stack([item[name] for item in items]) for name in ("chosen", "rejected", "prompt_embeds",
-                                                                            "pooled_prompt_embeds")}
+    batch = {
+        name: torch.stack([item[name] for item in items])
+        for name in ("chosen", "rejected", "prompt_embeds", "pooled_prompt_embeds")
+    }
     batch["weights"] = torch.stack([item["weight"] for item in items]).float()
     return batch
 
@@ -245,8 +248,11 @@ def read_valid_cache_info(cache_dir: str | os.PathLike, fingerprint: dict) -> di
     info = read_cache_info(cache_dir)
     if info is None:
         return None
-    changed = {key: (info["fingerprint"].get(key), value) for key, value in fingerprint.items()
-               if info["fingerprint"].get(key) != value}
+    changed = {
+        key: (info["fingerprint"].get(key), value)
+        for key, value in fingerprint.items()
+        if info["fingerprint"].get(key) != value
+    }
     if changed:
         raise ValueError(
             f"The feature cache in {cache_dir} was built with other settings {changed} (cached, now): pick "
@@ -280,8 +286,15 @@ def build_feature_cache(
     for split, pairs in splits.items():
         logger.info(f"Encoding {len(pairs)} {split} pairs into {cache_dir}")
         runtime[split] = write_feature_cache(
-            cache_dir, split, pairs, encode_prompts, encode_images, batch_size=batch_size,
-            process_index=accelerator.process_index, num_processes=accelerator.num_processes, num_workers=num_workers,
+            cache_dir,
+            split,
+            pairs,
+            encode_prompts,
+            encode_images,
+            batch_size=batch_size,
+            process_index=accelerator.process_index,
+            num_processes=accelerator.num_processes,
+            num_workers=num_workers,
         )
     gathered = gather_object([runtime])
     for split in splits:

@@ -15,8 +15,16 @@ from huggingface_hub import ModelCard, ModelCardData
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
 
+
 BASE_COMPONENTS = (
-    "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler",
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "scheduler",
 )
 SD3_LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"
 CITATION = """\
@@ -124,7 +132,6 @@ def write_model_card(pipe: DiNaLRMPipeline, base: str, repo_id: str, output_dir:
         citation=CITATION,
     )
     ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
-
 
 
 def build_hub_repo(

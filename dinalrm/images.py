@@ -20,6 +20,7 @@ from PIL import Image, ImageOps
 
 from pipeline_dinalrm import to_rgb  # the pipeline's own conversion (one implementation); re-exported
 
+
 __all__ = [
     "CORRUPT",
     "MISSING",

@@ -18,6 +18,7 @@ from PIL import Image
 from .data import resize_and_center_crop
 from .images import ImageLoadError, load_image
 
+
 __all__ = [
     "RUNTIME_SKIP",
     "EncodeImages",

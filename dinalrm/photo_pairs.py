@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+
 logger = logging.getLogger(__name__)
 
 #: Natural photographs bundled with scikit-image (no download needed), with the caption used in prompts.
@@ -57,7 +58,9 @@ def _load_array(name: str) -> np.ndarray:
     return getattr(skimage.data, name)()
 
 
-def load_photos(names: Iterable[str] | None = None, max_short_side: int = MAX_SHORT_SIDE) -> list[tuple[str, Image.Image]]:
+def load_photos(
+    names: Iterable[str] | None = None, max_short_side: int = MAX_SHORT_SIDE
+) -> list[tuple[str, Image.Image]]:
     """Load the bundled photos as RGB PIL images (gray ones replicated to three channels).
 
     Photos whose shorter side exceeds `max_short_side` are downsized with Lanczos filtering so that
@@ -145,7 +148,9 @@ def jpeg(img: Image.Image, rng: np.random.Generator) -> Image.Image:
 def downscale(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Down-up scaling by a factor in [2.5, 4]; upsampled with nearest (pixelated) or bilinear (soft)."""
     factor = rng.uniform(2.5, 4.0)
-    small = img.resize((max(1, round(img.width / factor)), max(1, round(img.height / factor))), Image.Resampling.BILINEAR)
+    small = img.resize(
+        (max(1, round(img.width / factor)), max(1, round(img.height / factor))), Image.Resampling.BILINEAR
+    )
     up = Image.Resampling.NEAREST if rng.random() < 0.5 else Image.Resampling.BILINEAR
     return small.resize(img.size, up)
 
@@ -183,7 +188,9 @@ def caption(name: str) -> str:
     return f"a photo of {PHOTO_CAPTIONS.get(name, name)}"
 
 
-def textured_crop(img: Image.Image, size: int, rng: np.random.Generator, min_texture: float = 4.0, tries: int = 20) -> Image.Image:
+def textured_crop(
+    img: Image.Image, size: int, rng: np.random.Generator, min_texture: float = 4.0, tries: int = 20
+) -> Image.Image:
     """Random crop with at least `min_texture` fine detail (see `texture`), so a degradation is visible.
 
     Falls back to the most textured of `tries` crops when none reaches the bound (e.g. mostly black sky).

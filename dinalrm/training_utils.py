@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from modeling_dinalrm import add_noise
 
+
 __all__ = [
     "WEIGHTING_SCHEMES",
     "StepOutput",

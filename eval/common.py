@@ -24,6 +24,7 @@ from dinalrm.data import SkipStats
 from dinalrm.eval_datasets import BENCHMARKS, Benchmark, BenchmarkPair, load_benchmark, pair_margins
 from dinalrm.images import ImageLoadError
 
+
 logger = logging.getLogger(__name__)
 
 # Accepted spellings of benchmark names (eval_datasets.py calls Pick-a-Pic v2 "pickapic_v2").
@@ -110,7 +111,9 @@ def add_benchmark_args(parser: argparse.ArgumentParser, default_benchmarks: str)
         "--hub_id", action="append", default=[], metavar="BENCHMARK=REPO",
         help="Override a Hub dataset, e.g. pickapic=liuhuohuo2/pick-a-pic-v2 (repeatable).",
     )  # fmt: skip
-    parser.add_argument("--hpdv3_image_root", default=None, help="Extracted HPDv3 images when test.json is from the Hub.")
+    parser.add_argument(
+        "--hpdv3_image_root", default=None, help="Extracted HPDv3 images when test.json is from the Hub."
+    )
     parser.add_argument("--cache_dir", default=None, help="datasets / huggingface_hub cache folder.")
     parser.add_argument(
         "--limit", type=int, default=None,
@@ -118,8 +121,12 @@ def add_benchmark_args(parser: argparse.ArgumentParser, default_benchmarks: str)
     )  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=8, help="Images per scoring call.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the scoring noise (mixed with each image's id).")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="Model dtype; auto = bfloat16 on GPU, float32 on CPU.")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="Model dtype; auto = bfloat16 on GPU, float32 on CPU.",
+    )
 
 
 def result_key(name: str, split: str) -> str:

@@ -49,6 +49,7 @@ from transformers import (
 
 from modeling_dinalrm import SD35_MEDIUM_TRANSFORMER_CONFIG, DiNaLRMConfig, DiNaLRMModel
 
+
 DTYPE = torch.bfloat16
 GIB = 1024**3
 
@@ -450,8 +451,9 @@ def profile(name: str, reward: Callable, input_shape: tuple[int, ...], modules: 
     params, weight_bytes = weight_stats(*modules)
     cost = measure(reward, lambda: torch.zeros(input_shape, device="meta", dtype=DTYPE))
     label = "x".join(str(s) for s in input_shape)
-    return Row(name, label, params, weight_bytes, cost.flops_forward, cost.flops_refl, cost.peak_forward,
-               cost.peak_refl)
+    return Row(
+        name, label, params, weight_bytes, cost.flops_forward, cost.flops_refl, cost.peak_forward, cost.peak_refl
+    )
 
 
 def change(ours: float, theirs: float) -> float:
@@ -566,9 +568,18 @@ NOTES = {
 
 def format_report(result: dict) -> str:
     """Human-readable table, ratios, paper comparison and method notes."""
-    columns = [("model", "", 46), ("input", "", 14), ("params", "(B)", 8), ("weights", "(GiB)", 9),
-               ("GFLOPs", "fwd", 9), ("GFLOPs", "fwd+bwd", 9), ("act fwd", "(GiB)", 9),
-               ("act ReFL", "(GiB)", 10), ("peak fwd", "(GiB)", 10), ("peak ReFL", "(GiB)", 11)]
+    columns = [
+        ("model", "", 46),
+        ("input", "", 14),
+        ("params", "(B)", 8),
+        ("weights", "(GiB)", 9),
+        ("GFLOPs", "fwd", 9),
+        ("GFLOPs", "fwd+bwd", 9),
+        ("act fwd", "(GiB)", 9),
+        ("act ReFL", "(GiB)", 10),
+        ("peak fwd", "(GiB)", 10),
+        ("peak ReFL", "(GiB)", 11),
+    ]
     lines = [
         "".join(f"{title:<{w}}" if i == 0 else f"{title:>{w}}" for i, (title, _, w) in enumerate(columns)),
         "".join(f"{unit:<{w}}" if i == 0 else f"{unit:>{w}}" for i, (_, unit, w) in enumerate(columns)),
@@ -589,10 +600,15 @@ def format_report(result: dict) -> str:
         )
     paper, comparison = result["paper"], result["paper_comparison"]
     flops_claim, memory_claim = paper["refl_reward_flops_change_vs_hpsv3"], paper["refl_peak_vram_change_vs_hpsv3"]
-    lines += ["", f"Paper (ReFL step, 1024^2, batch 1, vs HPSv3): reward FLOPs {flops_claim:+.1%}, "
-                  f"peak VRAM {memory_claim:+.1%}."]
-    implied, low, high = (comparison[key] for key in (
-        "implied_pixel_refl_flops", "pixel_refl_flops_hpsv3", "pixel_refl_flops_hpsv3_default"))
+    lines += [
+        "",
+        f"Paper (ReFL step, 1024^2, batch 1, vs HPSv3): reward FLOPs {flops_claim:+.1%}, "
+        f"peak VRAM {memory_claim:+.1%}.",
+    ]
+    implied, low, high = (
+        comparison[key]
+        for key in ("implied_pixel_refl_flops", "pixel_refl_flops_hpsv3", "pixel_refl_flops_hpsv3_default")
+    )
     values = {
         **result["settings"],
         "implied_position": "lies between the two" if low < implied < high else "lies outside this range",
@@ -607,8 +623,10 @@ def format_report(result: dict) -> str:
     }
     for title, paragraphs in NOTES.items():
         lines += ["", title]
-        lines += [textwrap.fill(text.format(**values), 116, initial_indent="  - ", subsequent_indent="    ")
-                  for text in paragraphs]
+        lines += [
+            textwrap.fill(text.format(**values), 116, initial_indent="  - ", subsequent_indent="    ")
+            for text in paragraphs
+        ]
     return "\n".join(lines)
 
 

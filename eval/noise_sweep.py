@@ -29,6 +29,7 @@ from common import (
 )
 from scorers import DiNaLRMScorer, model_label
 
+
 DEFAULT_T_VALUES = "0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"
 AVERAGE = "average"
 COUNTS = ("n_pairs", "n_correct", "n_score_ties")
@@ -36,10 +37,18 @@ COUNTS = ("n_pairs", "n_correct", "n_score_ties")
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", required=True, type=lambda text: [m for m in text.split(",") if m],
-                        help="Comma-separated DiNa-LRM Hub ids or local folders.")
-    parser.add_argument("--t_values", type=parse_floats, default=parse_floats(DEFAULT_T_VALUES),
-                        help=f"Noise levels to sweep (default {DEFAULT_T_VALUES}).")
+    parser.add_argument(
+        "--models",
+        required=True,
+        type=lambda text: [m for m in text.split(",") if m],
+        help="Comma-separated DiNa-LRM Hub ids or local folders.",
+    )
+    parser.add_argument(
+        "--t_values",
+        type=parse_floats,
+        default=parse_floats(DEFAULT_T_VALUES),
+        help=f"Noise levels to sweep (default {DEFAULT_T_VALUES}).",
+    )
     parser.add_argument("--num_noise_samples", type=int, default=1, help="Average each score over N noise draws.")
     parser.add_argument("--output_dir", default="eval_results")
     add_benchmark_args(parser, "imagereward,hpdv2,hpdv3,genai_bench")
@@ -81,11 +90,14 @@ def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
     figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False, sharey=False)
     for axis, panel in zip(axes[0], panels):
         for model in models:
-            points = sorted((row["t"], 100 * row["accuracy"]) for row in rows
-                            if row["benchmark"] == panel and row["model"] == model)
+            points = sorted(
+                (row["t"], 100 * row["accuracy"])
+                for row in rows
+                if row["benchmark"] == panel and row["model"] == model
+            )
             axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
         name = panel.split(":")[0]
-        axis.set_title("Average" if panel == AVERAGE else DISPLAY_NAMES.get(name, name) + panel[len(name):])
+        axis.set_title("Average" if panel == AVERAGE else DISPLAY_NAMES.get(name, name) + panel[len(name) :])
         axis.set_xlabel("noise level t")
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("pairwise accuracy (%)")

@@ -43,6 +43,7 @@ from common import (
 )
 from scorers import SCORERS, build_scorer
 
+
 # The paper's Table 1 (pairwise accuracy, %), for comparison in results.md.
 PAPER_TABLE1: dict[str, tuple[float, float, float, float, float]] = {
     "DiNa-LRM (t=0.4)": (60.34, 82.13, 75.04, 68.43, 71.49),
@@ -54,19 +55,32 @@ PAPER_TABLE1: dict[str, tuple[float, float, float, float, float]] = {
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None,
-                        help="Hub id or local folder (DiNa-LRM: the pipeline repo; CLIP scorers: a CLIPModel; "
-                             "default for pickscore/clip: their published model).")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hub id or local folder (DiNa-LRM: the pipeline repo; CLIP scorers: a CLIPModel; "
+        "default for pickscore/clip: their published model).",
+    )
     parser.add_argument("--scorer", default="dinalrm", choices=sorted(SCORERS))
     parser.add_argument("--processor", default=None, help="CLIP scorers: processor id/folder (default per scorer).")
     parser.add_argument("--t", type=float, default=None, help="DiNa-LRM noise level (default: the model's, 0.4).")
-    parser.add_argument("--ensemble", type=parse_floats, nargs="?", const=[], default=None,
-                        help="DiNa-LRM ensemble levels (no value: the model's 0.2,0.5,0.7); with --t, both rows.")
+    parser.add_argument(
+        "--ensemble",
+        type=parse_floats,
+        nargs="?",
+        const=[],
+        default=None,
+        help="DiNa-LRM ensemble levels (no value: the model's 0.2,0.5,0.7); with --t, both rows.",
+    )
     parser.add_argument("--num_noise_samples", type=int, default=1, help="DiNa-LRM: average over N noise draws.")
     parser.add_argument("--output_dir", default="eval_results")
     parser.add_argument("--fresh", action="store_true", help="Ignore results already in --output_dir.")
-    parser.add_argument("--bootstrap_samples", type=int, default=BOOTSTRAP_SAMPLES,
-                        help="Bootstrap resamples for the 95%% interval of each accuracy (0: no interval).")
+    parser.add_argument(
+        "--bootstrap_samples",
+        type=int,
+        default=BOOTSTRAP_SAMPLES,
+        help="Bootstrap resamples for the 95%% interval of each accuracy (0: no interval).",
+    )
     parser.add_argument("--bootstrap_seed", type=int, default=0, help="Seed of the bootstrap resampling.")
     add_benchmark_args(parser, "imagereward,hpdv2,hpdv3,genai_bench")
     return parser.parse_args(argv)

@@ -33,6 +33,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+
 logger = logging.getLogger(__name__)
 
 NoiseSetting = float | tuple[float, ...]
@@ -259,12 +260,16 @@ class CLIPScorer(Scorer):
         model = model or cls.default_model
         processor = processor or cls.default_processor or model
         clip = CLIPModel.from_pretrained(model, dtype=resolve_dtype(dtype, device))
-        return cls(clip, AutoProcessor.from_pretrained(processor), f"{cls.display_name} [{model_label(model)}]", device)
+        return cls(
+            clip, AutoProcessor.from_pretrained(processor), f"{cls.display_name} [{model_label(model)}]", device
+        )
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> CLIPScorer:
         if args.t is not None or args.ensemble is not None or args.num_noise_samples != 1:
-            logger.warning("--t, --ensemble and --num_noise_samples apply to DiNa-LRM only; %s ignores them.", cls.name)
+            logger.warning(
+                "--t, --ensemble and --num_noise_samples apply to DiNa-LRM only; %s ignores them.", cls.name
+            )
         return cls.load(args.model, args.processor, device, args.dtype)
 
     @property

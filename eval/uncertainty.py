@@ -46,6 +46,7 @@ from scorers import DiNaLRMScorer, model_label, setting_label
 
 from dinalrm.eval_datasets import Benchmark, BenchmarkPair
 
+
 STATS = ("variation_ratio", "frac_pairs_flipping", "mean_margin", "mean_reward_variance", "mean_accuracy")
 
 
@@ -59,9 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def uncertainty_stats(
-    pairs: Iterable[BenchmarkPair], draws: Mapping[str, Sequence[float]]
-) -> dict[str, float | int]:
+def uncertainty_stats(pairs: Iterable[BenchmarkPair], draws: Mapping[str, Sequence[float]]) -> dict[str, float | int]:
     """Variation ratio, flip fraction, mean margin and mean reward variance (module docstring) of K draws per image.
 
     `draws` maps image ids to their K rewards; pairs with an image missing from it are left out.
@@ -93,7 +92,11 @@ def uncertainty_stats(
 
 
 def measure(
-    scorer, benchmarks: Mapping[str, Benchmark], t_values: Sequence[float], num_draws: int, accelerator,
+    scorer,
+    benchmarks: Mapping[str, Benchmark],
+    t_values: Sequence[float],
+    num_draws: int,
+    accelerator,
     batch_size: int,
 ) -> dict[str, dict[str, dict[str, Any]]]:
     """`{benchmark: {"t=..": stats}}` from a scorer whose columns are setting-major, `num_draws` per level."""

@@ -21,6 +21,7 @@ from huggingface_hub import create_repo, upload_folder
 from dinalrm.hub import build_hub_repo
 from modeling_dinalrm import DiNaLRMModel
 
+
 logger = logging.getLogger("build_hub_repo")
 
 

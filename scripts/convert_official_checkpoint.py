@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from modeling_dinalrm import DiNaLRMModel
 
+
 logger = logging.getLogger("convert_official_checkpoint")
 
 PEFT_PREFIX = "base_model.model."
@@ -36,11 +37,15 @@ class ConversionError(ValueError):
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--official_dir", required=True, help="Folder with config.json and checkpoint/.")
-    parser.add_argument("--backbone", required=True, help="SD3 transformer: Hub id or folder (pipeline or transformer).")
+    parser.add_argument(
+        "--backbone", required=True, help="SD3 transformer: Hub id or folder (pipeline or transformer)."
+    )
     parser.add_argument("--backbone_subfolder", default="transformer")
     parser.add_argument("--revision", default=None)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--keep_lora_adapter", action="store_true", help="Save LoRA as an adapter instead of merging it.")
+    parser.add_argument(
+        "--keep_lora_adapter", action="store_true", help="Save LoRA as an adapter instead of merging it."
+    )
     parser.add_argument("--overwrite", action="store_true", help="Allow writing into a non-empty output_dir.")
     return parser.parse_args(argv)
 
@@ -141,7 +146,9 @@ def convert(
     kwargs = _model_kwargs(model_cfg)
 
     if model_cfg.get("use_lora"):
-        adapter_config, weights = _lora_adapter(_require(os.path.join(checkpoint, "backbone_lora"), "LoRA adapter dir"))
+        adapter_config, weights = _lora_adapter(
+            _require(os.path.join(checkpoint, "backbone_lora"), "LoRA adapter dir")
+        )
         modules, lora_state = _lora_state(weights)
         model = DiNaLRMModel.from_backbone(backbone, subfolder=backbone_subfolder, revision=revision, **kwargs)
         unknown = sorted(set(modules) - {name for name, _ in model.backbone.named_modules()})
@@ -151,13 +158,19 @@ def convert(
         if set(model.lora_layers()) != set(modules):
             raise ConversionError(f"LoRA landed on {sorted(model.lora_layers())[:10]}, expected {modules[:10]}")
         _load_exactly(model, lora_state, {k for k in model.state_dict() if ".lora_" in k}, "LoRA adapter")
-        _load_exactly(model, _prefixed(_load_tensors(os.path.join(checkpoint, "rm_head"))), head_keys(model), "rm_head")
+        _load_exactly(
+            model, _prefixed(_load_tensors(os.path.join(checkpoint, "rm_head"))), head_keys(model), "rm_head"
+        )
     elif model_cfg.get("freeze_backbone"):
         model = DiNaLRMModel.from_backbone(backbone, subfolder=backbone_subfolder, revision=revision, **kwargs)
-        _load_exactly(model, _prefixed(_load_tensors(os.path.join(checkpoint, "rm_head"))), head_keys(model), "rm_head")
+        _load_exactly(
+            model, _prefixed(_load_tensors(os.path.join(checkpoint, "rm_head"))), head_keys(model), "rm_head"
+        )
     else:
         model = DiNaLRMModel.from_backbone(backbone, subfolder=backbone_subfolder, revision=revision, **kwargs)
-        _load_exactly(model, _load_tensors(os.path.join(checkpoint, "full_model")), set(model.state_dict()), "full_model")
+        _load_exactly(
+            model, _load_tensors(os.path.join(checkpoint, "full_model")), set(model.state_dict()), "full_model"
+        )
     return model
 
 

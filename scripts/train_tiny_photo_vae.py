@@ -47,8 +47,8 @@ from dinalrm.photo_pairs import (
     textured_crop,
 )
 
-logger = logging.getLogger("train_tiny_photo_vae")
 
+logger = logging.getLogger("train_tiny_photo_vae")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,8 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-2, help="peak AdamW learning rate (warm-up, cosine decay)")
     parser.add_argument("--kl_weight", type=float, default=1e-6, help="KL weight relative to the L1 term")
-    parser.add_argument("--texture_weight", type=float, default=1.0,
-                        help="weight of the local detail-energy term (see detail_energy); 0 trains on L1 + KL only")
+    parser.add_argument(
+        "--texture_weight",
+        type=float,
+        default=1.0,
+        help="weight of the local detail-energy term (see detail_energy); 0 trains on L1 + KL only",
+    )
     parser.add_argument("--degrade_prob", type=float, default=0.5, help="fraction of training crops degraded")
     parser.add_argument("--eval_crops", type=int, default=64, help="held-out crops for the final PSNR")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: leave torch's setting)")
@@ -71,7 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def sample_batch(photos: Sequence[tuple[str, Image.Image]], size: int, batch_size: int, degrade_prob: float, rng: np.random.Generator) -> torch.Tensor:
+def sample_batch(
+    photos: Sequence[tuple[str, Image.Image]],
+    size: int,
+    batch_size: int,
+    degrade_prob: float,
+    rng: np.random.Generator,
+) -> torch.Tensor:
     """Random textured crops (random flips), a `degrade_prob` share degraded by a random kind."""
     kinds = list(DEGRADATIONS)
     crops = []
@@ -123,7 +133,10 @@ def train(args: argparse.Namespace) -> tuple[AutoencoderKL, dict]:
     logger.info("AutoencoderKL with %d parameters", n_params)
     eval_rng = np.random.default_rng(args.seed + 1)
     eval_images = images_to_tensor(
-        [textured_crop(held_out_photos[i % len(held_out_photos)][1], args.eval_resolution, eval_rng) for i in range(args.eval_crops)]
+        [
+            textured_crop(held_out_photos[i % len(held_out_photos)][1], args.eval_resolution, eval_rng)
+            for i in range(args.eval_crops)
+        ]
     )
     psnr_random_init = reconstruction_psnr(vae, eval_images)
 
@@ -131,7 +144,9 @@ def train(args: argparse.Namespace) -> tuple[AutoencoderKL, dict]:
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps)),
+        lambda step: (
+            min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+        ),
     )
     start, start_cpu = time.perf_counter(), time.process_time()
     vae.train()
@@ -150,7 +165,14 @@ def train(args: argparse.Namespace) -> tuple[AutoencoderKL, dict]:
         optimizer.step()
         schedule.step()
         if step % 100 == 0 or step == args.steps:
-            logger.info("step %d/%d  l1 %.4f  kl %.2f  %.0fs", step, args.steps, l1.item(), kl.item(), time.perf_counter() - start)
+            logger.info(
+                "step %d/%d  l1 %.4f  kl %.2f  %.0fs",
+                step,
+                args.steps,
+                l1.item(),
+                kl.item(),
+                time.perf_counter() - start,
+            )
     seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - start_cpu
 
     # SD3 pipelines feed the transformer (z - shift_factor) * scaling_factor: make that ~N(0, 1) on clean crops.
@@ -158,7 +180,10 @@ def train(args: argparse.Namespace) -> tuple[AutoencoderKL, dict]:
     stats_rng = np.random.default_rng(args.seed + 2)
     with torch.no_grad():
         latents = torch.cat(
-            [vae.encode(sample_batch(train_photos, args.resolution, 32, 0.0, stats_rng)).latent_dist.mode() for _ in range(8)]
+            [
+                vae.encode(sample_batch(train_photos, args.resolution, 32, 0.0, stats_rng)).latent_dist.mode()
+                for _ in range(8)
+            ]
         )
     shift, scale = latents.mean().item(), 1.0 / latents.std().item()
     vae.register_to_config(shift_factor=round(shift, 4), scaling_factor=round(scale, 4))

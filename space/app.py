@@ -12,6 +12,7 @@ The scoring and input checks are plain functions (`compare_images`, `reward_curv
 
 import os
 
+
 # Gradio reads this when the Blocks are built: without it the server phones home, which an offline Space must not do.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 
@@ -30,6 +31,7 @@ from diffusers import DiffusionPipeline
 from gradio.data_classes import ImageData
 from gradio.utils import get_upload_folder
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+
 
 try:
     import spaces
@@ -57,9 +59,12 @@ SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 COLORS = {"A": "#2563eb", "B": "#ea580c"}
 DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
 }
 # What PIL raises for undecodable data, depending on the format plugin.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -551,15 +556,27 @@ def build_demo() -> gr.Blocks:
         status = gr.Markdown(elem_id="model_status")
         with gr.Accordion("Scoring settings", open=True), gr.Row():
             t_slider = gr.Slider(
-                0.05, 0.95, value=DEFAULT_T, step=0.01, label="Noise level t",
-                info="0 = clean, 1 = pure noise; the paper scores at 0.4.", elem_id="t_slider",
+                0.05,
+                0.95,
+                value=DEFAULT_T,
+                step=0.01,
+                label="Noise level t",
+                info="0 = clean, 1 = pure noise; the paper scores at 0.4.",
+                elem_id="t_slider",
             )
             ensemble = gr.Checkbox(
-                False, label="Ensemble", elem_id="ensemble",
+                False,
+                label="Ensemble",
+                elem_id="ensemble",
                 info=f"Score at t = {', '.join(map(str, PAPER_ENSEMBLE))} at once (ignores the slider).",
             )
             num_draws = gr.Slider(
-                1, MAX_DRAWS, value=1, step=1, label="Noise draws", elem_id="num_draws",
+                1,
+                MAX_DRAWS,
+                value=1,
+                step=1,
+                label="Noise draws",
+                elem_id="num_draws",
                 info="Average the reward over this many noise samples.",
             )
             seed = gr.Number(0, label="Seed", precision=0, minimum=0, maximum=MAX_SEED, elem_id="seed")
@@ -571,7 +588,10 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     image_a, image_b = (
                         UploadedImage(
-                            type="filepath", image_mode=None, sources=["upload", "clipboard"], label=f"Image {side}",
+                            type="filepath",
+                            image_mode=None,
+                            sources=["upload", "clipboard"],
+                            label=f"Image {side}",
                             elem_id=f"image_{side.lower()}",
                         )
                         for side in "AB"
@@ -583,12 +603,24 @@ def build_demo() -> gr.Blocks:
                 )
                 with gr.Row():
                     reward_plot = gr.LinePlot(
-                        x="t", y="reward", color="image", color_map=COLORS, x_lim=[0, 1],
-                        title="Reward versus noise level", x_title="noise level t", elem_id="reward_curve",
+                        x="t",
+                        y="reward",
+                        color="image",
+                        color_map=COLORS,
+                        x_lim=[0, 1],
+                        title="Reward versus noise level",
+                        x_title="noise level t",
+                        elem_id="reward_curve",
                     )
                     probability_plot = gr.LinePlot(
-                        x="t", y="p_a", x_lim=[0, 1], y_lim=[0, 1], title="P(A preferred) versus noise level",
-                        x_title="noise level t", y_title="P(A preferred)", elem_id="probability_curve",
+                        x="t",
+                        y="p_a",
+                        x_lim=[0, 1],
+                        y_lim=[0, 1],
+                        title="P(A preferred) versus noise level",
+                        x_title="noise level t",
+                        y_title="P(A preferred)",
+                        elem_id="probability_curve",
                     )
                 gr.Examples(
                     [
@@ -602,16 +634,22 @@ def build_demo() -> gr.Blocks:
                     elem_id="compare_examples",
                 )
             with gr.Tab("Rank", id="rank_tab"):
-                rank_prompt = gr.Textbox(label="Prompt", placeholder=APPLE_PROMPT, max_length=MAX_PROMPT_CHARS,
-                                         elem_id="rank_prompt")
+                rank_prompt = gr.Textbox(
+                    label="Prompt", placeholder=APPLE_PROMPT, max_length=MAX_PROMPT_CHARS, elem_id="rank_prompt"
+                )
                 rank_files = gr.File(
-                    file_count="multiple", file_types=["image"], type="filepath",
-                    label=f"Images (up to {MAX_RANK_IMAGES})", elem_id="rank_images",
+                    file_count="multiple",
+                    file_types=["image"],
+                    type="filepath",
+                    label=f"Images (up to {MAX_RANK_IMAGES})",
+                    elem_id="rank_images",
                 )
                 rank_button = gr.Button("Rank", variant="primary", elem_id="rank")
                 rank_gallery = gr.Gallery(label="Best first", columns=4, object_fit="contain", elem_id="rank_gallery")
                 rank_table = gr.Dataframe(
-                    headers=["rank", "file", "reward"], label="Ranking (raw rewards)", interactive=False,
+                    headers=["rank", "file", "reward"],
+                    label="Ranking (raw rewards)",
+                    interactive=False,
                     elem_id="rank_table",
                 )
                 gr.Examples(
@@ -626,18 +664,30 @@ def build_demo() -> gr.Blocks:
             lambda on: gr.update(interactive=not on), ensemble, t_slider, queue=False, api_visibility="private"
         )
         compare.click(
-            lambda: (EMPTY_VERDICT, None, None, None), None, [verdict, rewards, reward_plot, probability_plot],
-            queue=False, api_visibility="private",
+            lambda: (EMPTY_VERDICT, None, None, None),
+            None,
+            [verdict, rewards, reward_plot, probability_plot],
+            queue=False,
+            api_visibility="private",
         ).then(
-            run_compare, [prompt, image_a, image_b, t_slider, ensemble, num_draws, seed], [verdict, rewards],
-            api_name="compare", **model_events,
+            run_compare,
+            [prompt, image_a, image_b, t_slider, ensemble, num_draws, seed],
+            [verdict, rewards],
+            api_name="compare",
+            **model_events,
         ).success(
-            run_curve, [prompt, image_a, image_b, num_draws, seed], [reward_plot, probability_plot],
-            api_name="reward_curve", **model_events,
+            run_curve,
+            [prompt, image_a, image_b, num_draws, seed],
+            [reward_plot, probability_plot],
+            api_name="reward_curve",
+            **model_events,
         )
         rank_button.click(
-            run_rank, [rank_prompt, rank_files, t_slider, ensemble, num_draws, seed], [rank_gallery, rank_table],
-            api_name="rank", **model_events,
+            run_rank,
+            [rank_prompt, rank_files, t_slider, ensemble, num_draws, seed],
+            [rank_gallery, rank_table],
+            api_name="rank",
+            **model_events,
         )
     return demo
 

@@ -41,9 +41,12 @@ def run_converter(official_dir: Path, output_dir: Path, *extra: str) -> subproce
     command = [
         sys.executable,
         str(REPO_ROOT / "scripts" / "convert_official_checkpoint.py"),
-        "--official_dir", str(official_dir),
-        "--backbone", str(OFFICIAL_TINY / "transformer"),
-        "--output_dir", str(output_dir),
+        "--official_dir",
+        str(official_dir),
+        "--backbone",
+        str(OFFICIAL_TINY / "transformer"),
+        "--output_dir",
+        str(output_dir),
         *extra,
     ]
     return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})

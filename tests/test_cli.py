@@ -5,17 +5,18 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
 import pytest
+import tomllib
 import torch
 from conftest import REPO_ROOT
 
 from dinalrm import cli
 from dinalrm.testing import get_tiny_dinalrm_pipeline
+
 
 PROMPT = "a red square"
 
@@ -72,8 +73,9 @@ def test_readme_offline_commands_run_from_the_shell(tmp_path, pipe):
         "HF_HOME": str(tmp_path / "hf_home"),
         "OMP_NUM_THREADS": "1",
     }
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines[:2]] == ["red.png", "noise.png"]
@@ -89,8 +91,9 @@ def test_readme_offline_commands_run_from_the_shell(tmp_path, pipe):
 def test_ensemble_json_output(pipe, image_files, loads_tiny_pipeline, capsys):
     assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, *image_files, "--ensemble", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    expected = pipe(PROMPT, images=[PIL.Image.open(path) for path in image_files], t=[0.2, 0.5, 0.7],
-                    generator=generator()).rewards
+    expected = pipe(
+        PROMPT, images=[PIL.Image.open(path) for path in image_files], t=[0.2, 0.5, 0.7], generator=generator()
+    ).rewards
     assert loads_tiny_pipeline == ["tiny"]
     assert result["t"] == [0.2, 0.5, 0.7] and result["seed"] == 0 and "p_first_preferred" not in result
     assert [entry["image"] for entry in result["rewards"]] == image_files

@@ -39,23 +39,46 @@ def test_other_official_configs_convert_faithfully(tmp_path, official_inputs):
     """3 blocks, unsorted visual indices, an embeddings-level text layer, W != C (proj_in), 2 queries, 2 heads,
     and the official LoRA exclusion of the last block's context projections (no text feature taken there)."""
     last = 3
-    excluded = {f"transformer_blocks.{last - 1}.attn.{p}" for p in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+    excluded = {
+        f"transformer_blocks.{last - 1}.attn.{p}" for p in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    }
     source = DiNaLRMModel.from_backbone(
-        OFFICIAL_TINY / "transformer", num_layers=last, visual_layers=[1, 3], text_layers=[0, 2], head_width=16,
-        head_num_queries=2, head_num_heads=2, head_use_proj_in=True,
+        OFFICIAL_TINY / "transformer",
+        num_layers=last,
+        visual_layers=[1, 3],
+        text_layers=[0, 2],
+        head_width=16,
+        head_num_queries=2,
+        head_num_heads=2,
+        head_use_proj_in=True,
     ).eval()
     suffixes = tuple("." + name for name in DEFAULT_LORA_TARGET_MODULES)
     targets = sorted(n for n, _ in source.backbone.named_modules() if n.endswith(suffixes) and n not in excluded)
     source.add_lora(rank=2, alpha=6, target_modules=targets)
     randomize(source, seed=0)
     official = tmp_path / "official"
-    write_official_checkpoint(source, official, {
-        "model_type": "thurstone", "num_transformer_layers": last, "use_lora": True, "freeze_backbone": False,
-        "visual_head_idx": [3, 1], "text_head_idx": [2, 0], "use_logistic": False,
-        "lora_config": {"r": 2, "lora_alpha": 6},
-        "reward_head": {"use_proj_in": True, "width": 16, "out_dim": 1, "num_queries": 2, "num_attn_heads": 2,
-                        "dropout": 0.0},
-    })
+    write_official_checkpoint(
+        source,
+        official,
+        {
+            "model_type": "thurstone",
+            "num_transformer_layers": last,
+            "use_lora": True,
+            "freeze_backbone": False,
+            "visual_head_idx": [3, 1],
+            "text_head_idx": [2, 0],
+            "use_logistic": False,
+            "lora_config": {"r": 2, "lora_alpha": 6},
+            "reward_head": {
+                "use_proj_in": True,
+                "width": 16,
+                "out_dim": 1,
+                "num_queries": 2,
+                "num_attn_heads": 2,
+                "dropout": 0.0,
+            },
+        },
+    )
     result = run_converter(official, tmp_path / "out", "--keep_lora_adapter")
     assert result.returncode == 0, result.stderr
     converted = DiNaLRMModel.from_pretrained(tmp_path / "out").eval()
@@ -63,8 +86,12 @@ def test_other_official_configs_convert_faithfully(tmp_path, official_inputs):
     assert set(converted.lora_layers()) == set(targets)
     x = official_inputs
     with torch.no_grad():
-        expected = source.score_latents(x["x0"], x["encoder_hidden_states"], x["pooled_projections"], noise=x["noise_single"])
-        actual = converted.score_latents(x["x0"], x["encoder_hidden_states"], x["pooled_projections"], noise=x["noise_single"])
+        expected = source.score_latents(
+            x["x0"], x["encoder_hidden_states"], x["pooled_projections"], noise=x["noise_single"]
+        )
+        actual = converted.score_latents(
+            x["x0"], x["encoder_hidden_states"], x["pooled_projections"], noise=x["noise_single"]
+        )
     torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
 
 

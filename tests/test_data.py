@@ -5,6 +5,7 @@ import json
 import logging
 import os
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets

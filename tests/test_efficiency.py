@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "eval" / "efficiency.py"
 
@@ -72,10 +73,22 @@ TINY_QWEN2_VL = {
 }
 TINY_CLIP = {
     "projection_dim": 16,
-    "text_config": {"vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                    "num_attention_heads": 2, "max_position_embeddings": 16},
-    "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                      "image_size": 28, "patch_size": 14},
+    "text_config": {
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 16,
+    },
+    "vision_config": {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "image_size": 28,
+        "patch_size": 14,
+    },
 }
 
 
@@ -97,7 +110,9 @@ def test_attention_flops_are_two_matmuls_of_2mnk():
     batch, heads, queries, keys, dim = 2, 3, 10, 14, 8
     k = torch.zeros(batch, heads, keys, dim, device="meta")
     v = torch.zeros(batch, heads, keys, dim, device="meta")
-    cost = efficiency.measure(lambda q: F.scaled_dot_product_attention(q, k, v), meta_input(batch, heads, queries, dim))
+    cost = efficiency.measure(
+        lambda q: F.scaled_dot_product_attention(q, k, v), meta_input(batch, heads, queries, dim)
+    )
     by_hand = 2 * (2 * batch * heads * queries * keys * dim)  # q @ k^T and softmax(.) @ v
     assert cost.flops_forward == by_hand
     with FlopCounterMode(display=False) as unfused:  # PyTorch's own (math) path counts the same two matmuls

@@ -15,6 +15,7 @@ from dinalrm.data import FIRST, SECOND
 from dinalrm.eval_datasets import Benchmark, BenchmarkImage, BenchmarkPair
 from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
 
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -49,7 +50,9 @@ def test_noise_sweep_writes_csv_and_png(assets, tmp_path):
         for t in (0.0, 0.4, 0.9):
             parts = [float(by_key[(model, b, t)]["accuracy"]) for b in ("hpdv2", "hpdv3")]
             assert float(by_key[(model, "average", t)]["accuracy"]) == pytest.approx(sum(parts) / 2)
-            assert int(by_key[(model, "hpdv2", t)]["n_pairs"]) == 9 and int(by_key[(model, "hpdv3", t)]["n_pairs"]) == 2
+            assert (
+                int(by_key[(model, "hpdv2", t)]["n_pairs"]) == 9 and int(by_key[(model, "hpdv3", t)]["n_pairs"]) == 2
+            )
     png = (output_dir / "noise_sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
@@ -58,7 +61,9 @@ def test_noise_sweep_writes_csv_and_png(assets, tmp_path):
             "--output_dir", str(tmp_path / "eval")]  # fmt: skip
     assert run_eval.main(argv) == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert float(by_key[("tiny-a", "hpdv2", 0.4)]["accuracy"]) == results["DiNa-LRM [tiny-a] t=0.4"]["hpdv2"]["accuracy"]
+    assert (
+        float(by_key[("tiny-a", "hpdv2", 0.4)]["accuracy"]) == results["DiNa-LRM [tiny-a] t=0.4"]["hpdv2"]["accuracy"]
+    )
 
 
 class TableScorer(scorers.Scorer):
@@ -81,7 +86,11 @@ class TableScorer(scorers.Scorer):
 
 def test_uncertainty_quantities_match_hand_computation():
     image = Image.new("RGB", (8, 8))
-    pairs = [BenchmarkPair("g", "a", "b", FIRST), BenchmarkPair("g", "a", "c", SECOND), BenchmarkPair("g", "b", "c", FIRST)]
+    pairs = [
+        BenchmarkPair("g", "a", "b", FIRST),
+        BenchmarkPair("g", "a", "c", SECOND),
+        BenchmarkPair("g", "b", "c", FIRST),
+    ]
     bench = Benchmark("toy", "test", "micro", {i: BenchmarkImage("p", image) for i in "abc"}, pairs)
     table = {  # two levels, K = 3 draws
         "a": [[3, 3, 3], [1, 1, 1]],
@@ -113,7 +122,12 @@ def test_uncertainty_script_on_tiny_model(assets, tmp_path):
     results = json.loads((tmp_path / "uncertainty.json").read_text())["tiny-a"]
     assert set(results) == {"hpdv3", "hpdv2"} and set(results["hpdv2"]) == {"t=0.1", "t=0.8"}
     rows = read_csv(tmp_path / "uncertainty.csv")
-    assert [(r["benchmark"], float(r["t"])) for r in rows] == [("hpdv3", 0.1), ("hpdv3", 0.8), ("hpdv2", 0.1), ("hpdv2", 0.8)]
+    assert [(r["benchmark"], float(r["t"])) for r in rows] == [
+        ("hpdv3", 0.1),
+        ("hpdv3", 0.8),
+        ("hpdv2", 0.1),
+        ("hpdv2", 0.8),
+    ]
     for row in rows:
         assert int(row["num_draws"]) == 3 and 0 <= float(row["variation_ratio"]) <= 2 / 3
         assert float(row["mean_reward_variance"]) > 0 and float(row["mean_margin"]) > 0

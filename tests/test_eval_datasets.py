@@ -6,17 +6,17 @@ import logging
 import os
 import tarfile
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import datasets
 import huggingface_hub
 import pytest
+from common import benchmark_accuracy, compute_accuracy  # eval/common.py, on sys.path through conftest
 from PIL import Image
 
-from common import benchmark_accuracy, compute_accuracy  # eval/common.py, on sys.path through conftest
-
-from dinalrm.eval_datasets import BenchmarkPair, collect_scores, load_benchmark
 from dinalrm.data import FIRST, SECOND, TIE
+from dinalrm.eval_datasets import BenchmarkPair, collect_scores, load_benchmark
 
 
 def save(path, color=(0, 0, 0)):

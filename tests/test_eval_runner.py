@@ -10,16 +10,14 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-from PIL import Image
-
-
 import common
 import noise_sweep
+import numpy as np
+import pytest
 import run_eval
 import scorers
+import torch
+from PIL import Image
 
 from dinalrm.data import write_canonical_pairs
 from dinalrm.eval_datasets import load_benchmark
@@ -29,6 +27,7 @@ from dinalrm.testing import (
     save_tiny_dinalrm_repo,
     write_tiny_benchmarks,
 )
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -187,7 +186,13 @@ def test_clip_scorer_formula_and_run_eval(assets, tmp_path):
     shutil.copytree(Path(assets["data"]) / "hpdv2", data_dir / "hpdv2")
     shutil.copytree(Path(assets["data"]) / "pickapic_v2", data_dir / "pickapic")
     output_dir = tmp_path / "out"
-    argv = ["--scorer", "clip", "--model", assets["clip"], *base_args(assets, output_dir, "hpdv2,pickapic", str(data_dir))]
+    argv = [
+        "--scorer",
+        "clip",
+        "--model",
+        assets["clip"],
+        *base_args(assets, output_dir, "hpdv2,pickapic", str(data_dir)),
+    ]
     assert run_eval.main(argv) == 0
     results = read_results(output_dir)
     assert list(results) == ["CLIP [tiny-clip]"]

@@ -28,13 +28,25 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = REPO_ROOT / "scripts" / "build_hub_repo.py"
 PROMPT = "a photo of a red cat on a table"
 EXPECTED_FILES = {
-    "README.md", "model_index.json", "pipeline_dinalrm.py",
-    "reward_model/config.json", "reward_model/model.safetensors", "reward_model/modeling_dinalrm.py",
-    "scheduler/scheduler_config.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
-    *(f"{encoder}/{name}" for encoder in ("text_encoder", "text_encoder_2", "text_encoder_3")
-      for name in ("config.json", "model.safetensors")),
-    *(f"{tokenizer}/{name}" for tokenizer in ("tokenizer", "tokenizer_2", "tokenizer_3")
-      for name in ("tokenizer.json", "tokenizer_config.json")),
+    "README.md",
+    "model_index.json",
+    "pipeline_dinalrm.py",
+    "reward_model/config.json",
+    "reward_model/model.safetensors",
+    "reward_model/modeling_dinalrm.py",
+    "scheduler/scheduler_config.json",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    *(
+        f"{encoder}/{name}"
+        for encoder in ("text_encoder", "text_encoder_2", "text_encoder_3")
+        for name in ("config.json", "model.safetensors")
+    ),
+    *(
+        f"{tokenizer}/{name}"
+        for tokenizer in ("tokenizer", "tokenizer_2", "tokenizer_3")
+        for name in ("tokenizer.json", "tokenizer_config.json")
+    ),
 }
 EXPECTED_MODEL_INDEX = {
     "_class_name": ["pipeline_dinalrm", "DiNaLRMPipeline"],
@@ -131,8 +143,9 @@ def sources(tmp_path_factory) -> SimpleNamespace:
 def hub_repo(sources) -> Path:
     """The script's output (run in-process through its `main`; the fresh-process test loads it)."""
     output = sources.root / "hub"
-    load_build_script().main(["--reward_model", str(sources.reward_model), "--base", str(sources.base),
-                              "--output_dir", str(output)])
+    load_build_script().main(
+        ["--reward_model", str(sources.reward_model), "--base", str(sources.base), "--output_dir", str(output)]
+    )
     return output
 
 
@@ -152,9 +165,15 @@ def test_build_writes_the_hub_layout(hub_repo):
 def test_model_card(hub_repo):
     card = (hub_repo / "README.md").read_text()
     assert card.startswith("---\n") and "library_name: diffusers" in card and "license: other" in card
-    for expected in ("Stability AI Community License", "arXiv:2602.11146", "`t = 0.4`", "[0.2, 0.5, 0.7]",
-                     "(raw + 10) / 10", 'DiffusionPipeline.from_pretrained("hub", trust_remote_code=True)',
-                     "dinalrm-score --model hub"):
+    for expected in (
+        "Stability AI Community License",
+        "arXiv:2602.11146",
+        "`t = 0.4`",
+        "[0.2, 0.5, 0.7]",
+        "(raw + 10) / 10",
+        'DiffusionPipeline.from_pretrained("hub", trust_remote_code=True)',
+        "dinalrm-score --model hub",
+    ):
         assert expected in card, expected
 
 
@@ -177,14 +196,22 @@ def test_fresh_process_loads_give_the_in_memory_rewards(hub_repo, tmp_path):
     prompt_embeds, pooled = pipe.encode_prompt([PROMPT, "a dog"])
     inputs = {"latents": latents, "prompt_embeds": prompt_embeds, "pooled_prompt_embeds": pooled}
     save_file(inputs, tmp_path / "inputs.safetensors")
-    expected_model = pipe.reward_model.score_latents(**inputs, t=[0.2, 0.5, 0.7],
-                                                     generator=torch.Generator().manual_seed(0))
+    expected_model = pipe.reward_model.score_latents(
+        **inputs, t=[0.2, 0.5, 0.7], generator=torch.Generator().manual_seed(0)
+    )
 
     workdir = tmp_path / "elsewhere"
     workdir.mkdir()
     (workdir / "fresh.py").write_text(FRESH_PROCESS_SCRIPT)
-    command = [sys.executable, "fresh.py", str(hub_repo), str(REPO_ROOT / "pipeline_dinalrm.py"),
-               str(tmp_path / "inputs.safetensors"), PROMPT, *image_files]
+    command = [
+        sys.executable,
+        "fresh.py",
+        str(hub_repo),
+        str(REPO_ROOT / "pipeline_dinalrm.py"),
+        str(tmp_path / "inputs.safetensors"),
+        PROMPT,
+        *image_files,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=workdir, env=clean_env(tmp_path))
     assert result.returncode == 0, result.stderr
     results = json.loads(result.stdout.strip().splitlines()[-1])
@@ -200,8 +227,9 @@ def test_fresh_process_loads_give_the_in_memory_rewards(hub_repo, tmp_path):
 def test_build_refuses_a_non_empty_output_dir(hub_repo, sources):
     build = load_build_script()
     with pytest.raises(SystemExit, match="not empty; pass --overwrite"):
-        build.main(["--reward_model", str(sources.reward_model), "--base", str(sources.base),
-                    "--output_dir", str(hub_repo)])
+        build.main(
+            ["--reward_model", str(sources.reward_model), "--base", str(sources.base), "--output_dir", str(hub_repo)]
+        )
     with pytest.raises(SystemExit):
         build.main(["--reward_model", "x", "--base", "y", "--output_dir", "z", "--push_to_hub"])
 
@@ -209,8 +237,11 @@ def test_build_refuses_a_non_empty_output_dir(hub_repo, sources):
 def test_push_to_hub_uploads_the_built_folder_and_overwrite_replaces_it(sources, tmp_path, monkeypatch):
     build = load_build_script()
     calls = []
-    monkeypatch.setattr(build, "create_repo", lambda repo_id, **kwargs: calls.append(("create", repo_id, kwargs))
-                        or SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(
+        build,
+        "create_repo",
+        lambda repo_id, **kwargs: calls.append(("create", repo_id, kwargs)) or SimpleNamespace(repo_id=repo_id),
+    )
     monkeypatch.setattr(build, "upload_folder", lambda **kwargs: calls.append(("upload", kwargs)))
     output = tmp_path / "pushed"
     common = ["--reward_model", str(sources.reward_model), "--base", str(sources.base), "--output_dir", str(output)]
@@ -228,10 +259,12 @@ def test_push_to_hub_uploads_the_built_folder_and_overwrite_replaces_it(sources,
 
 def test_pipeline_save_pretrained_pushes_the_hub_layout(tmp_path, monkeypatch):
     uploads = []
-    monkeypatch.setattr(pipeline_dinalrm, "create_repo",
-                        lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
-    monkeypatch.setattr(pipeline_dinalrm.DiNaLRMPipeline, "_upload_folder",
-                        lambda self, folder, repo_id, **kwargs: uploads.append((Path(folder), repo_id)))
+    monkeypatch.setattr(pipeline_dinalrm, "create_repo", lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(
+        pipeline_dinalrm.DiNaLRMPipeline,
+        "_upload_folder",
+        lambda self, folder, repo_id, **kwargs: uploads.append((Path(folder), repo_id)),
+    )
     pipe = get_tiny_dinalrm_pipeline()
     pipe.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="me/saved")
     assert uploads == [(tmp_path / "saved", "me/saved")]

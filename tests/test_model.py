@@ -111,7 +111,9 @@ def test_fresh_process_loads_with_automodel_and_remote_code(model, batch, tmp_pa
     assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "modeling_dinalrm.py"]
     assert json.loads((folder / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_dinalrm.DiNaLRMModel"
     noise = torch.randn(batch[0].shape, generator=torch.Generator().manual_seed(4))
-    save_file({"latents": batch[0], "prompt": batch[1], "pooled": batch[2], "noise": noise}, tmp_path / "inputs.safetensors")
+    save_file(
+        {"latents": batch[0], "prompt": batch[1], "pooled": batch[2], "noise": noise}, tmp_path / "inputs.safetensors"
+    )
     script = textwrap.dedent(
         """
         import sys, torch
@@ -183,8 +185,9 @@ def test_backbone_of_full_depth_runs_every_block_as_the_full_model_does():
     """Keeping all blocks includes the last, context-pre-only one: same weights, same image stream."""
     full = SD3Transformer2DModel.from_pretrained(OFFICIAL_TINY / "transformer").eval()
     depth = full.config.num_layers
-    model = DiNaLRMModel.from_backbone(OFFICIAL_TINY / "transformer", num_layers=depth, visual_layers=[2, depth],
-                                       text_layers=[2], head_num_heads=4).eval()
+    model = DiNaLRMModel.from_backbone(
+        OFFICIAL_TINY / "transformer", num_layers=depth, visual_layers=[2, depth], text_layers=[2], head_num_heads=4
+    ).eval()
     generator = torch.Generator().manual_seed(3)
     latents = torch.randn(2, 16, 8, 8, generator=generator)
     context = torch.randn(2, 6, full.config.joint_attention_dim, generator=generator)
@@ -357,8 +360,9 @@ def _nan_at(tensor: torch.Tensor, index: int) -> torch.Tensor:
     return broken
 
 
-@pytest.mark.parametrize("position, name", [(0, "latents"), (1, "prompt_embeds"), (2, "pooled_prompt_embeds"),
-                                            (3, "noise")])
+@pytest.mark.parametrize(
+    "position, name", [(0, "latents"), (1, "prompt_embeds"), (2, "pooled_prompt_embeds"), (3, "noise")]
+)
 def test_non_finite_inputs_are_refused_on_the_cpu_unless_check_finite_is_false(tiny, tiny_batch, position, name):
     inputs = list(tiny_batch)
     inputs[position] = _nan_at(inputs[position], 1)

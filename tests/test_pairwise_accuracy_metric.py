@@ -3,15 +3,16 @@
 import os
 from pathlib import Path
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import evaluate
 import numpy as np
 import pytest
-
 from common import compute_accuracy  # eval/common.py, on sys.path through conftest
 
 from dinalrm.data import FIRST, SECOND, TIE
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,5 +134,7 @@ def test_eval_scripts_get_the_metrics_interval(metric):
             averaging=averaging, n_bootstrap=500, seed=4,
         )  # fmt: skip
         assert (first["accuracy"], first["ci_low"], first["ci_high"]) == (
-            direct["accuracy"], direct["ci_low"], direct["ci_high"]
+            direct["accuracy"],
+            direct["ci_low"],
+            direct["ci_high"],
         )

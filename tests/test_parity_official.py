@@ -21,17 +21,23 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 def single_scores(model: DiNaLRMModel, x: dict) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        square = model.score_latents(x["x0"], x["encoder_hidden_states"], x["pooled_projections"], t=0.4,
-                                     noise=x["noise_single"])
-        non_square = model.score_latents(x["x0_ns"], x["encoder_hidden_states_ns"], x["pooled_projections_ns"],
-                                         t=0.4, noise=x["noise_single_ns"])
+        square = model.score_latents(
+            x["x0"], x["encoder_hidden_states"], x["pooled_projections"], t=0.4, noise=x["noise_single"]
+        )
+        non_square = model.score_latents(
+            x["x0_ns"], x["encoder_hidden_states_ns"], x["pooled_projections_ns"], t=0.4, noise=x["noise_single_ns"]
+        )
     return square, non_square
 
 
 def pair_scores(model: DiNaLRMModel, x: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen/rejected rewards of the fixture's loss pairs: one prompt and one noise per pair (official training)."""
     chosen, rejected = x["pair_chosen_idx"], x["pair_rejected_idx"]
-    prompt, pooled, noise = x["encoder_hidden_states"][chosen], x["pooled_projections"][chosen], x["noise_single"][chosen]
+    prompt, pooled, noise = (
+        x["encoder_hidden_states"][chosen],
+        x["pooled_projections"][chosen],
+        x["noise_single"][chosen],
+    )
     s_chosen = model.score_latents(x["x0"][chosen], prompt, pooled, t=x["u_pair"], noise=noise)
     s_rejected = model.score_latents(x["x0"][rejected], prompt, pooled, t=x["u_pair"], noise=noise)
     return s_chosen, s_rejected
@@ -41,7 +47,11 @@ def test_noise_level_lookup_is_exact(converted_dirs, official_inputs, official_e
     model, x = load(converted_dirs["merged"]), official_inputs
     assert torch.equal(model._sigma_table, official_expected["scheduler_sigmas"])
     assert torch.equal(model._timestep_table, official_expected["scheduler_timesteps"])
-    for key, u, batch in (("single", x["u_single"].item(), 3), ("single_ns", x["u_single"].item(), 2), ("pair", x["u_pair"], 2)):
+    for key, u, batch in (
+        ("single", x["u_single"].item(), 3),
+        ("single_ns", x["u_single"].item(), 2),
+        ("pair", x["u_pair"], 2),
+    ):
         sigmas, timesteps = model.snap_noise_level(u, batch)
         assert torch.equal(sigmas, official_expected[f"sigma_{key}"])
         assert torch.equal(timesteps, official_expected[f"timestep_{key}"])
@@ -56,12 +66,19 @@ def test_scores_match_official(form, converted_dirs, official_inputs, official_e
     model, x = load(converted_dirs[form]), official_inputs
     square, non_square = single_scores(model, x)
     with torch.no_grad():
-        ens = model.score_latents(x["x0"], x["encoder_hidden_states"], x["pooled_projections"], t=ENSEMBLE,
-                                  noise=list(x["noise_ens"]))
-        ens_shared = model.score_latents(x["x0"], x["encoder_hidden_states"], x["pooled_projections"], t=ENSEMBLE,
-                                         noise=x["noise_single"])
-        ens_shared_ns = model.score_latents(x["x0_ns"], x["encoder_hidden_states_ns"], x["pooled_projections_ns"],
-                                            t=ENSEMBLE, noise=x["noise_single_ns"])
+        ens = model.score_latents(
+            x["x0"], x["encoder_hidden_states"], x["pooled_projections"], t=ENSEMBLE, noise=list(x["noise_ens"])
+        )
+        ens_shared = model.score_latents(
+            x["x0"], x["encoder_hidden_states"], x["pooled_projections"], t=ENSEMBLE, noise=x["noise_single"]
+        )
+        ens_shared_ns = model.score_latents(
+            x["x0_ns"],
+            x["encoder_hidden_states_ns"],
+            x["pooled_projections_ns"],
+            t=ENSEMBLE,
+            noise=x["noise_single_ns"],
+        )
         chosen, rejected = pair_scores(model, x)
     assert_close(square, official_expected["score_single"])
     assert_close(non_square, official_expected["score_single_ns"])
@@ -90,8 +107,9 @@ def test_seeded_generator_reproduces_the_official_noise_draw(converted_dirs, off
     model, x = load(converted_dirs["merged"]), official_inputs
     generator = torch.Generator().manual_seed(int(x["seed_noise_single"]))
     with torch.no_grad():
-        scores = model.score_latents(x["x0"], x["encoder_hidden_states"], x["pooled_projections"], t=0.4,
-                                     generator=generator)
+        scores = model.score_latents(
+            x["x0"], x["encoder_hidden_states"], x["pooled_projections"], t=0.4, generator=generator
+        )
     assert_close(scores, official_expected["score_single"])
 
 
@@ -101,7 +119,9 @@ def test_thurstone_loss_and_gradients_match(converted_dirs, official_inputs, off
     chosen, rejected = pair_scores(model, x)
     loss = model.preference_loss(chosen, rejected, x["u_pair"])
     torch.testing.assert_close(loss, official_expected["loss_thurstone"], rtol=RTOL, atol=0)
-    per_pair = torch.stack([model.preference_loss(chosen[i : i + 1], rejected[i : i + 1], x["u_pair"][i]) for i in range(2)])
+    per_pair = torch.stack(
+        [model.preference_loss(chosen[i : i + 1], rejected[i : i + 1], x["u_pair"][i]) for i in range(2)]
+    )
     torch.testing.assert_close(per_pair, official_expected["loss_thurstone_per_pair"], rtol=RTOL, atol=0)
 
     loss.backward()
@@ -114,16 +134,26 @@ def test_thurstone_loss_and_gradients_match(converted_dirs, official_inputs, off
             lora_norms[official] = param.grad.norm()
         else:
             assert param.grad is None or not param.grad.any(), f"frozen base weight {name} received a gradient"
-    expected_head = {k.removeprefix("grad_norm/rm_head/"): v for k, v in official_expected.items() if k.startswith("grad_norm/rm_head/")}
-    expected_lora = {k.removeprefix("grad_norm/lora/"): v for k, v in official_expected.items() if k.startswith("grad_norm/lora/")}
+    expected_head = {
+        k.removeprefix("grad_norm/rm_head/"): v
+        for k, v in official_expected.items()
+        if k.startswith("grad_norm/rm_head/")
+    }
+    expected_lora = {
+        k.removeprefix("grad_norm/lora/"): v for k, v in official_expected.items() if k.startswith("grad_norm/lora/")
+    }
     assert head_norms.keys() == expected_head.keys() and lora_norms.keys() == expected_lora.keys()
     for name, norm in {**head_norms, **lora_norms}.items():
         expected = (expected_head | expected_lora)[name]
         # Round-off-only gradients (exact zeros in exact arithmetic, ~1e-8 stored) are compared absolutely.
         torch.testing.assert_close(norm.reshape(1), expected, rtol=1e-4, atol=1e-6, msg=name)
     total = lambda norms: torch.stack(list(norms.values())).square().sum().sqrt()  # noqa: E731
-    torch.testing.assert_close(total(head_norms).reshape(1), official_expected["loss_grad_norm_head"], rtol=RTOL, atol=0)
-    torch.testing.assert_close(total(lora_norms).reshape(1), official_expected["loss_grad_norm_lora"], rtol=RTOL, atol=0)
+    torch.testing.assert_close(
+        total(head_norms).reshape(1), official_expected["loss_grad_norm_head"], rtol=RTOL, atol=0
+    )
+    torch.testing.assert_close(
+        total(lora_norms).reshape(1), official_expected["loss_grad_norm_lora"], rtol=RTOL, atol=0
+    )
 
 
 def test_head_only_checkpoint_matches_lora_disabled_scores(tmp_path, official_inputs, official_expected):

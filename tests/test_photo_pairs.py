@@ -29,6 +29,7 @@ from dinalrm.photo_pairs import (
     textured_crop,
 )
 
+
 REPO = Path(__file__).resolve().parents[1]
 ASSET = REPO / "tests" / "fixtures" / "tiny-photo-vae"
 
@@ -147,7 +148,9 @@ def test_vae_asset_layout(vae: AutoencoderKL) -> None:
     assert (vae.config.shift_factor, vae.config.scaling_factor) == (summary["shift_factor"], summary["scaling_factor"])
 
 
-def test_vae_reconstructs_held_out_crops_far_better_than_random_init(vae: AutoencoderKL, photos: dict[str, Image.Image]) -> None:
+def test_vae_reconstructs_held_out_crops_far_better_than_random_init(
+    vae: AutoencoderKL, photos: dict[str, Image.Image]
+) -> None:
     images = held_out_crops(photos, 64)
     trained = reconstruction_psnr(vae, images)
     torch.manual_seed(0)

@@ -82,8 +82,9 @@ def test_posterior_sample_is_drawn_before_the_scoring_noise(pipe, images):
 
 def test_rewards_from_prompts_equal_rewards_from_prompt_embeds(pipe, latents, embeds):
     from_prompt = pipe(PROMPT, latents=latents, generator=generator()).rewards
-    from_embeds = pipe(prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], latents=latents,
-                       generator=generator()).rewards
+    from_embeds = pipe(
+        prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], latents=latents, generator=generator()
+    ).rewards
     torch.testing.assert_close(from_prompt, from_embeds)
 
     prompts = [PROMPT, "a dog in the snow", PROMPT]
@@ -140,8 +141,9 @@ def test_num_noise_samples_averages_draws_taken_in_order(pipe, latents, embeds):
     shared = generator(5)
     batch = latents.shape[0]
     draws = [
-        pipe.reward_model.score_latents(latents, embeds[0].expand(batch, -1, -1), embeds[1].expand(batch, -1),
-                                        t=0.4, generator=shared)
+        pipe.reward_model.score_latents(
+            latents, embeds[0].expand(batch, -1, -1), embeds[1].expand(batch, -1), t=0.4, generator=shared
+        )
         for _ in range(3)
     ]
     torch.testing.assert_close(averaged, torch.stack(draws).mean(0))
@@ -156,8 +158,9 @@ def test_batches_draw_noise_batch_by_batch_with_a_progress_bar(pipe, latents, em
     assert totals == [3]
     shared = generator(2)
     expected = [
-        pipe.reward_model.score_latents(chunk, embeds[0].expand(len(chunk), -1, -1), embeds[1].expand(len(chunk), -1),
-                                        generator=shared)
+        pipe.reward_model.score_latents(
+            chunk, embeds[0].expand(len(chunk), -1, -1), embeds[1].expand(len(chunk), -1), generator=shared
+        )
         for chunk in five.split(2)
     ]
     torch.testing.assert_close(rewards, torch.cat(expected))
@@ -203,9 +206,17 @@ def test_from_sd3_shares_components_without_copies(pipe, sd3):
 
 def test_scores_latents_of_a_stable_diffusion_3_run_with_its_own_prompt_embeds(pipe, sd3):
     prompt_embeds, negative, pooled, negative_pooled = sd3.encode_prompt(PROMPT, None, None, max_sequence_length=128)
-    latents = sd3(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative, pooled_prompt_embeds=pooled,
-                  negative_pooled_prompt_embeds=negative_pooled, height=32, width=32, num_inference_steps=2,
-                  generator=generator(), output_type="latent").images
+    latents = sd3(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=negative_pooled,
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        generator=generator(),
+        output_type="latent",
+    ).images
     reused = pipe(latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, generator=generator())
     encoded = pipe(PROMPT, latents=latents, generator=generator())
     torch.testing.assert_close(reused.rewards, encoded.rewards)
@@ -221,11 +232,18 @@ def test_reward_fn_keeps_the_graph_to_the_latents(pipe, sd3, latents, embeds):
 
     expected = pipe(PROMPT, latents=latents, generator=generator(4)).rewards
     torch.testing.assert_close(rewards.detach(), expected)
-    sd3_embeds, _, sd3_pooled, _ = sd3.encode_prompt(PROMPT, None, None, do_classifier_free_guidance=False,
-                                                      max_sequence_length=128)
+    sd3_embeds, _, sd3_pooled, _ = sd3.encode_prompt(
+        PROMPT, None, None, do_classifier_free_guidance=False, max_sequence_length=128
+    )
     with torch.no_grad():
-        from_sd3 = pipe.reward_fn(latents, prompt_embeds=sd3_embeds, pooled_prompt_embeds=sd3_pooled,
-                                  generator=generator(4), t=0.4, num_noise_samples=1)
+        from_sd3 = pipe.reward_fn(
+            latents,
+            prompt_embeds=sd3_embeds,
+            pooled_prompt_embeds=sd3_pooled,
+            generator=generator(4),
+            t=0.4,
+            num_noise_samples=1,
+        )
     torch.testing.assert_close(from_sd3, expected)
 
 

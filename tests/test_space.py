@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 from conftest import load_space_app
+from PIL import Image
 
 from dinalrm.testing import save_tiny_dinalrm_repo, torch_threads
 
@@ -276,8 +276,13 @@ def test_image_too_small_for_the_model(pipe, files, upload_dir):
 
 @pytest.mark.parametrize(
     ("t", "draws", "seed", "message"),
-    [(0.0, 1, 0, "noise level t"), (1.5, 1, 0, "noise level t"), (0.4, 0, 0, "noise draws"),
-     (0.4, app.MAX_DRAWS + 1, 0, "noise draws"), (0.4, 1, -1, "seed")],
+    [
+        (0.0, 1, 0, "noise level t"),
+        (1.5, 1, 0, "noise level t"),
+        (0.4, 0, 0, "noise draws"),
+        (0.4, app.MAX_DRAWS + 1, 0, "noise draws"),
+        (0.4, 1, -1, "seed"),
+    ],
 )
 def test_settings_out_of_range(t, draws, seed, message):
     with pytest.raises(gr.Error, match=message):
@@ -352,8 +357,21 @@ def test_examples_are_drawn_offline_and_score(pipe, upload_dir):
 def test_demo_has_the_stable_element_ids_and_no_analytics(upload_dir):
     demo = app.build_demo()
     ids = {block.elem_id for block in demo.blocks.values()}
-    assert {"prompt", "image_a", "image_b", "compare", "verdict", "rewards", "t_slider", "reward_curve",
-            "rank_prompt", "rank_images", "rank", "rank_gallery", "rank_table"} <= ids
+    assert {
+        "prompt",
+        "image_a",
+        "image_b",
+        "compare",
+        "verdict",
+        "rewards",
+        "t_slider",
+        "reward_curve",
+        "rank_prompt",
+        "rank_images",
+        "rank",
+        "rank_gallery",
+        "rank_table",
+    } <= ids
     assert demo.analytics_enabled is False
     image_a = next(block for block in demo.blocks.values() if block.elem_id == "image_a")
     assert image_a.get_block_name() == "image" and image_a.type == "filepath"

@@ -16,9 +16,9 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
+from conftest import load_space_app
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
-from conftest import load_space_app
 
 from dinalrm.testing import save_tiny_dinalrm_repo, torch_threads
 
@@ -28,8 +28,13 @@ ARTIFACTS = REPO_ROOT / "test-artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 REQUIRE_BROWSER = "DINALRM_REQUIRE_BROWSER"
 CHROMIUM_FLAGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-    "--disable-sync", "--no-first-run",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
 ]
 PROMPT = "a photo of a red apple on a wooden table"
 TIMEOUT_MS = 60_000
@@ -105,7 +110,11 @@ def server(tmp_path_factory) -> Iterator[str]:
         demo = app.build_demo().queue()
         port = free_port()
         demo.launch(
-            server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, ssr_mode=False, quiet=True,
+            server_name="127.0.0.1",
+            server_port=port,
+            prevent_thread_lock=True,
+            ssr_mode=False,
+            quiet=True,
             **app.launch_options(),
         )
         try:

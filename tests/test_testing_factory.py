@@ -15,6 +15,7 @@ from dinalrm.testing import (
 )
 from dinalrm.testing.models import _WORDS
 
+
 PROMPT = "a photo of a red cat on a table"
 MODULES = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
 

@@ -12,9 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
-
-
 from domain import (
     BACKGROUNDS,
     COLORS,
@@ -27,6 +24,8 @@ from domain import (
     render,
     split_prompts,
 )
+from PIL import Image, ImageDraw
+
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORLD = REPO_ROOT / "examples" / "tiny_world"
@@ -67,8 +66,13 @@ def test_grammar_round_trip_and_fixed_split():
 def test_oracle_prefers_the_matching_hand_drawn_image():
     right = _draw(_blank(), "circle", "red", (17, 32), 8)
     assert oracle_prefers(right, _draw(_blank(), "square", "blue", (47, 32), 8), PROMPT)
-    assert oracle_attributes(right, "white") == {"background": "white", "color": "red", "shape": "circle",
-                                                 "size": "small", "position": "left"}
+    assert oracle_attributes(right, "white") == {
+        "background": "white",
+        "color": "red",
+        "shape": "circle",
+        "size": "small",
+        "position": "left",
+    }
     assert attribute_accuracy(right, PROMPT) == 1.0
     # Every single wrong attribute costs score.
     wrong = {
@@ -97,17 +101,38 @@ def test_oracle_reads_every_render_correctly():
 def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
     """regenerate.sh in QUICK mode: VAE, generator, pairs, train_dinalrm.py, Hub repo, evaluations, baseline, ReFL."""
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(["bash", str(WORLD / "regenerate.sh")], capture_output=True, text=True, env=env,
-                            cwd=REPO_ROOT, check=False)
+    result = subprocess.run(
+        ["bash", str(WORLD / "regenerate.sh")], capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    for path in ("vae/config.json", "tiny-sd3/model_index.json", "pairs/train.parquet", "pairs/test.parquet",
-                 "dinalrm-tiny/model_index.json", "metrics/dinalrm.json", "metrics/run_eval/results.json",
-                 "metrics/run_eval/noise_sweep.csv", "metrics/pixel_baseline.json",
-                 "refl/refl_history.json", "refl/refl_curves.png", "refl/pytorch_lora_weights.safetensors"):
+    for path in (
+        "vae/config.json",
+        "tiny-sd3/model_index.json",
+        "pairs/train.parquet",
+        "pairs/test.parquet",
+        "dinalrm-tiny/model_index.json",
+        "metrics/dinalrm.json",
+        "metrics/run_eval/results.json",
+        "metrics/run_eval/noise_sweep.csv",
+        "metrics/pixel_baseline.json",
+        "refl/refl_history.json",
+        "refl/refl_curves.png",
+        "refl/pytorch_lora_weights.safetensors",
+    ):
         assert (tmp_path / path).exists(), path
     stages = [line.split()[0] for line in (tmp_path / "timings.txt").read_text().splitlines()]
-    assert stages == ["vae", "generator", "pairs", "dinalrm", "hub_repo", "evaluate", "run_eval", "pixel_baseline",
-                      "refl", "refl_fast"]
+    assert stages == [
+        "vae",
+        "generator",
+        "pairs",
+        "dinalrm",
+        "hub_repo",
+        "evaluate",
+        "run_eval",
+        "pixel_baseline",
+        "refl",
+        "refl_fast",
+    ]
     history = json.loads((tmp_path / "refl" / "refl_history.json").read_text())
     assert {"proxy_reward", "golden_metric"} <= history[0].keys()
 
@@ -152,8 +177,9 @@ def held_out_accuracy(held_out_pairs) -> dict:
     pipe = DiNaLRMPipeline.from_pretrained(REWARD)
     rows = held_out_pairs
     assert len(rows) >= 40
-    return evaluate(pipe, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows],
-                    sweep=False)
+    return evaluate(
+        pipe, [r["prompt"] for r in rows], [r["chosen"] for r in rows], [r["rejected"] for r in rows], sweep=False
+    )
 
 
 def test_shipped_dinalrm_agrees_with_the_oracle_on_held_out_pairs(held_out_accuracy):
@@ -172,11 +198,40 @@ def test_refl_for_a_few_steps_raises_the_mean_reward(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(split_prompts()[0][::12]) + "\n")
     command = [
-        sys.executable, str(REFL_SCRIPT), "--pretrained_model_name_or_path", str(GENERATOR),
-        "--reward_model", str(REWARD), "--prompts_file", str(prompts), "--height", "64", "--width", "64",
-        "--max_sequence_length", "16", "--num_inference_steps", "8", "--guidance_scale", "4.0", "--lora_rank", "8",
-        "--learning_rate", "1e-3", "--train_batch_size", "8", "--max_train_steps", "6", "--validation_steps", "6",
-        "--num_validation_prompts", "24", "--report_to", "tensorboard", "--output_dir", str(tmp_path / "refl"),
+        sys.executable,
+        str(REFL_SCRIPT),
+        "--pretrained_model_name_or_path",
+        str(GENERATOR),
+        "--reward_model",
+        str(REWARD),
+        "--prompts_file",
+        str(prompts),
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--max_sequence_length",
+        "16",
+        "--num_inference_steps",
+        "8",
+        "--guidance_scale",
+        "4.0",
+        "--lora_rank",
+        "8",
+        "--learning_rate",
+        "1e-3",
+        "--train_batch_size",
+        "8",
+        "--max_train_steps",
+        "6",
+        "--validation_steps",
+        "6",
+        "--num_validation_prompts",
+        "24",
+        "--report_to",
+        "tensorboard",
+        "--output_dir",
+        str(tmp_path / "refl"),
     ]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False)

@@ -58,16 +58,49 @@ from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
 from train_dinalrm import build_reward_model, parse_args
 
+
 TRAIN_SCRIPT = str(REPO_ROOT / "train_dinalrm.py")
 KILL_LAUNCHER = str(REPO_ROOT / "tests" / "helpers" / "train_with_kill.py")
 # One set of flags for every whole run: 2 blocks of the tiny transformer, LoRA, EMA, 32x32 images, batch 1 with
 # gradient accumulation 2 (so a checkpoint falls mid-epoch), 6 optimizer steps over 2 epochs, checkpoints every 2.
 COMMON_FLAGS = [
-    "--num_backbone_layers", "2", "--visual_layers", "1,2", "--text_layers", "1,2", "--head_num_heads", "2",
-    "--lora_rank", "4", "--lora_alpha", "8", "--resolution", "32", "--max_sequence_length", "16",
-    "--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--max_train_steps", "6",
-    "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--use_ema", "--ema_decay", "0.9",
-    "--checkpointing_steps", "2", "--validation_steps", "3", "--validation_t", "0.2,0.4,0.7", "--seed", "7",
+    "--num_backbone_layers",
+    "2",
+    "--visual_layers",
+    "1,2",
+    "--text_layers",
+    "1,2",
+    "--head_num_heads",
+    "2",
+    "--lora_rank",
+    "4",
+    "--lora_alpha",
+    "8",
+    "--resolution",
+    "32",
+    "--max_sequence_length",
+    "16",
+    "--train_batch_size",
+    "1",
+    "--gradient_accumulation_steps",
+    "2",
+    "--max_train_steps",
+    "6",
+    "--learning_rate",
+    "1e-3",
+    "--lr_warmup_steps",
+    "0",
+    "--use_ema",
+    "--ema_decay",
+    "0.9",
+    "--checkpointing_steps",
+    "2",
+    "--validation_steps",
+    "3",
+    "--validation_t",
+    "0.2,0.4,0.7",
+    "--seed",
+    "7",
 ]
 FINAL_WEIGHTS = "model.safetensors"
 
@@ -89,8 +122,16 @@ def _environment(**extra: str) -> dict:
 
 def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedProcess:
     """`accelerate launch train_dinalrm.py ...`; with two processes, the flags that run them synced on the CPU."""
-    launcher = ["--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no"]
+    launcher = [
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     if processes > 1:
         launcher = ["--multi_gpu", *launcher]
         env = {"ACCELERATE_USE_CPU": "true", **env}
@@ -102,8 +143,14 @@ def run_python(*flags: str, kill_at: str | None = None) -> subprocess.CompletedP
     """`python train_dinalrm.py ...` (one process); with `kill_at` (`<step>` or `<step>:partial`), the same run through
     `tests/helpers/train_with_kill.py`, which SIGKILLs it when that checkpoint is complete (or just before)."""
     script = [KILL_LAUNCHER, kill_at] if kill_at else [TRAIN_SCRIPT]
-    return subprocess.run([sys.executable, *script, *flags], capture_output=True, text=True, check=False,
-                          env=_environment(), cwd=REPO_ROOT)
+    return subprocess.run(
+        [sys.executable, *script, *flags],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=_environment(),
+        cwd=REPO_ROOT,
+    )
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -124,8 +171,9 @@ def _assert_scores(output_dir: Path, sd3_dir: Path) -> None:
     assert not torch.equal(model.backbone.state_dict()[key], base[key]), "LoRA was not trained or not merged"
     latents = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        rewards = model.score_latents(latents, torch.randn(2, 24, 32), torch.randn(2, 32), t=0.4,
-                                      generator=torch.Generator().manual_seed(0))
+        rewards = model.score_latents(
+            latents, torch.randn(2, 24, 32), torch.randn(2, 32), t=0.4, generator=torch.Generator().manual_seed(0)
+        )
     assert rewards.shape == (2,) and torch.isfinite(rewards).all() and rewards[0] != rewards[1]
 
 
@@ -160,8 +208,13 @@ def tiny_reward_model(tmp_path_factory) -> DiNaLRMModel:
 
 def _pair_batch(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
     n = chosen.shape[0]
-    return {"chosen": chosen, "rejected": rejected, "prompt_embeds": torch.zeros(n, 3, 32),
-            "pooled_prompt_embeds": torch.zeros(n, 32), "weights": torch.ones(n)}
+    return {
+        "chosen": chosen,
+        "rejected": rejected,
+        "prompt_embeds": torch.zeros(n, 3, 32),
+        "pooled_prompt_embeds": torch.zeros(n, 32),
+        "weights": torch.ones(n),
+    }
 
 
 def test_step_scores_both_sides_in_one_forward_with_shared_noise(tiny_reward_model):
@@ -212,8 +265,16 @@ def test_gradient_checkpointing_gives_the_same_gradients(workspace):
     batch["prompt_embeds"] = torch.randn(2, 5, 32)
     gradients = []
     for extra in ([], ["--gradient_checkpointing"]):
-        args = parse_args(["--pretrained_model_name_or_path", str(workspace / "sd3"), "--train_data_dir", "unused",
-                           *COMMON_FLAGS, *extra])
+        args = parse_args(
+            [
+                "--pretrained_model_name_or_path",
+                str(workspace / "sd3"),
+                "--train_data_dir",
+                "unused",
+                *COMMON_FLAGS,
+                *extra,
+            ]
+        )
         torch.manual_seed(0)
         model = build_reward_model(args).train()
         assert model.backbone.gradient_checkpointing == bool(extra)
@@ -256,8 +317,10 @@ def test_bucket_batches_are_single_bucket_complete_and_seeded():
 def test_feature_cache_round_trip_in_dataset_order_and_runtime_skips(tmp_path):
     rng = np.random.default_rng(0)
     images = [make_tiny_image_pair(rng, size) for size in [(32, 32)] * 3 + [(48, 32)] * 2]
-    rows = [{"prompt": f"prompt {i % 2}", "chosen": c, "rejected": r, "weight": float(i + 1)}
-            for i, (c, r) in enumerate(images)]
+    rows = [
+        {"prompt": f"prompt {i % 2}", "chosen": c, "rejected": r, "weight": float(i + 1)}
+        for i, (c, r) in enumerate(images)
+    ]
     write_canonical_pairs(tmp_path / "data", rows)
     pairs, stats = load_preference_dataset(train_data_dir=str(tmp_path / "data"), buckets=BucketSet(32, 8))
     assert stats.kept == 5
@@ -267,11 +330,16 @@ def test_feature_cache_round_trip_in_dataset_order_and_runtime_skips(tmp_path):
         return codes.view(-1, 1, 1).expand(-1, 4, 32).clone(), codes.view(-1, 1).expand(-1, 32).clone()
 
     def encode_images(batch):
-        return torch.stack([float(np.asarray(im, dtype=np.float32).mean()) * torch.ones(16, im.height // 4, im.width // 4)
-                            for im in batch])
+        return torch.stack(
+            [
+                float(np.asarray(im, dtype=np.float32).mean()) * torch.ones(16, im.height // 4, im.width // 4)
+                for im in batch
+            ]
+        )
 
-    skipped = write_feature_cache(tmp_path / "cache", "train", pairs, encode_prompts, encode_images, batch_size=2,
-                                  shard_size=2)
+    skipped = write_feature_cache(
+        tmp_path / "cache", "train", pairs, encode_prompts, encode_images, batch_size=2, shard_size=2
+    )
     assert not skipped
     cached = CachedPairDataset(tmp_path / "cache", "train")
     raw = ImagePairDataset(pairs)
@@ -290,8 +358,9 @@ def test_feature_cache_round_trip_in_dataset_order_and_runtime_skips(tmp_path):
     # An image that disappears after the table was checked is skipped and counted, not fatal.
     gone = tmp_path / "gone.png"
     Image.new("RGB", (32, 32)).save(gone)
-    broken = datasets.Dataset.from_dict({**pairs[:1], "chosen": [{"bytes": None, "path": str(gone)}]},
-                                        features=pairs.features)
+    broken = datasets.Dataset.from_dict(
+        {**pairs[:1], "chosen": [{"bytes": None, "path": str(gone)}]}, features=pairs.features
+    )
     gone.unlink()
     collated = collate_image_pairs([ImagePairDataset(broken)[0], raw[1]])
     assert collated["skipped"] == ["runtime_missing_image"] and collated["prompts"] == [rows[1]["prompt"]]
@@ -307,8 +376,14 @@ def test_accelerate_state_files_become_safetensors_and_come_back_unchanged(tmp_p
     optimizer.step()
     states = {
         "optimizer.bin": optimizer.state_dict(),
-        "random_states_0.pkl": {"step": 3, "random_state": random.getstate(), "numpy_random_seed": np.random.get_state(),
-                                "torch_manual_seed": torch.get_rng_state(), "nothing": None, "ratio": 0.1 + 0.2},
+        "random_states_0.pkl": {
+            "step": 3,
+            "random_state": random.getstate(),
+            "numpy_random_seed": np.random.get_state(),
+            "torch_manual_seed": torch.get_rng_state(),
+            "nothing": None,
+            "ratio": 0.1 + 0.2,
+        },
     }
     checkpoint, work = tmp_path / "checkpoint", tmp_path / "work"
     (checkpoint / "reward_model").mkdir(parents=True)
@@ -317,8 +392,11 @@ def test_accelerate_state_files_become_safetensors_and_come_back_unchanged(tmp_p
         torch.save(state, checkpoint / name)
 
     assert convert_accelerate_pickles(checkpoint) == sorted(states)
-    assert sorted(p.name for p in checkpoint.iterdir()) == ["optimizer.bin.safetensors", "random_states_0.pkl.safetensors",
-                                                            "reward_model"]
+    assert sorted(p.name for p in checkpoint.iterdir()) == [
+        "optimizer.bin.safetensors",
+        "random_states_0.pkl.safetensors",
+        "reward_model",
+    ]
     restore_accelerate_pickles(checkpoint, work)
     assert (work / "reward_model").resolve() == (checkpoint / "reward_model").resolve()
     for name, expected in states.items():
@@ -362,11 +440,28 @@ def test_ema_round_trip_is_exact(tmp_path):
 
 
 def test_flags_parse_as_documented():
-    args = parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "d", "--visual_layers", "2,4",
-                       "--text_layers", "", "--validation_t", "0.3,0.6"])
+    args = parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "x",
+            "--dataset_name",
+            "d",
+            "--visual_layers",
+            "2,4",
+            "--text_layers",
+            "",
+            "--validation_t",
+            "0.3,0.6",
+        ]
+    )
     assert args.visual_layers == [2, 4] and args.text_layers == [] and args.validation_t == [0.3, 0.6]
     assert (args.num_backbone_layers, args.lora_rank, args.lora_alpha, args.ema_decay) == (12, 64, 128.0, 0.995)
-    assert (args.learning_rate, args.adam_weight_decay, args.max_grad_norm, args.thurstone_v0) == (5e-5, 0.01, 1.0, 0.05)
+    assert (args.learning_rate, args.adam_weight_decay, args.max_grad_norm, args.thurstone_v0) == (
+        5e-5,
+        0.01,
+        1.0,
+        0.05,
+    )
     with pytest.raises(SystemExit):
         parse_args(["--pretrained_model_name_or_path", "x"])  # no data source
 
@@ -376,8 +471,19 @@ def test_flags_parse_as_documented():
 def raw_canonical_run(workspace) -> Path:
     """Canonical parquet data, images encoded every step, via `accelerate launch`."""
     output = workspace / "raw-canonical"
-    _ok(launch("--pretrained_model_name_or_path", str(workspace / "sd3"), "--train_data_dir",
-               str(workspace / "canonical"), "--validation_split", "test", "--output_dir", str(output), *COMMON_FLAGS))
+    _ok(
+        launch(
+            "--pretrained_model_name_or_path",
+            str(workspace / "sd3"),
+            "--train_data_dir",
+            str(workspace / "canonical"),
+            "--validation_split",
+            "test",
+            "--output_dir",
+            str(output),
+            *COMMON_FLAGS,
+        )
+    )
     return output
 
 
@@ -387,9 +493,22 @@ def cached_canonical_run(workspace) -> tuple[Path, Path, Path]:
     sd3 = workspace / "sd3-copy"
     shutil.copytree(workspace / "sd3", sd3)
     output, cache = workspace / "cached-canonical", workspace / "cache"
-    _ok(run_python("--pretrained_model_name_or_path", str(sd3), "--train_data_dir", str(workspace / "canonical"),
-                   "--validation_split", "test", "--output_dir", str(output), "--precompute_features",
-                   "--cache_dir", str(cache), *COMMON_FLAGS))
+    _ok(
+        run_python(
+            "--pretrained_model_name_or_path",
+            str(sd3),
+            "--train_data_dir",
+            str(workspace / "canonical"),
+            "--validation_split",
+            "test",
+            "--output_dir",
+            str(output),
+            "--precompute_features",
+            "--cache_dir",
+            str(cache),
+            *COMMON_FLAGS,
+        )
+    )
     return sd3, output, cache
 
 
@@ -427,9 +546,21 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
     for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
         shutil.rmtree(sd3 / name)
     output = workspace / "resumed"
-    flags = ["--pretrained_model_name_or_path", str(sd3), "--train_data_dir", str(workspace / "canonical"),
-             "--validation_split", "test", "--output_dir", str(output), "--cache_dir", str(cache),
-             "--resume_from_checkpoint", "latest", *COMMON_FLAGS]
+    flags = [
+        "--pretrained_model_name_or_path",
+        str(sd3),
+        "--train_data_dir",
+        str(workspace / "canonical"),
+        "--validation_split",
+        "test",
+        "--output_dir",
+        str(output),
+        "--cache_dir",
+        str(cache),
+        "--resume_from_checkpoint",
+        "latest",
+        *COMMON_FLAGS,
+    ]
 
     first = run_python(*flags, kill_at="2")
     assert first.returncode == -9, first.stderr[-3000:]
@@ -457,9 +588,21 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
 
 def test_two_processes_hpdv3_with_feature_cache(workspace):
     output = workspace / "ddp-hpdv3"
-    result = _ok(launch("--pretrained_model_name_or_path", str(workspace / "sd3"), "--train_data_dir",
-                        str(workspace / "hpdv3"), "--validation_split", "test", "--output_dir", str(output),
-                        "--precompute_features", *COMMON_FLAGS, processes=2))
+    result = _ok(
+        launch(
+            "--pretrained_model_name_or_path",
+            str(workspace / "sd3"),
+            "--train_data_dir",
+            str(workspace / "hpdv3"),
+            "--validation_split",
+            "test",
+            "--output_dir",
+            str(output),
+            "--precompute_features",
+            *COMMON_FLAGS,
+            processes=2,
+        )
+    )
     assert sorted(re.findall(r"process (\d) of world size (\d)", result.stderr)) == [("0", "2"), ("1", "2")]
     digests = dict(re.findall(r"process (\d): final parameter digest (\w+)", result.stderr))
     assert set(digests) == {"0", "1"} and digests["0"] == digests["1"]
@@ -474,10 +617,23 @@ def test_two_processes_hpdv3_with_feature_cache(workspace):
 
 def test_end_to_end_pickapic_with_separate_validation_dataset_and_pipeline_repo(workspace):
     output, repo = workspace / "pickapic", workspace / "pickapic-pipeline"
-    _ok(launch("--pretrained_model_name_or_path", str(workspace / "sd3"), "--train_data_dir",
-               str(workspace / "pickapic"), "--validation_dataset_name", str(workspace / "hpdv3"),
-               "--output_dir", str(output), "--checkpoints_total_limit", "1", "--pipeline_output_dir", str(repo),
-               *COMMON_FLAGS))
+    _ok(
+        launch(
+            "--pretrained_model_name_or_path",
+            str(workspace / "sd3"),
+            "--train_data_dir",
+            str(workspace / "pickapic"),
+            "--validation_dataset_name",
+            str(workspace / "hpdv3"),
+            "--output_dir",
+            str(output),
+            "--checkpoints_total_limit",
+            "1",
+            "--pipeline_output_dir",
+            str(repo),
+            *COMMON_FLAGS,
+        )
+    )
     summary = _summary(output)
     assert summary["skipped"]["train"] == {"kept": 6, "skipped": 2, "corrupt_image": 1, "gt_tie": 1}
     assert summary["skipped"]["validation"]["missing_image"] == 1
@@ -498,6 +654,14 @@ def test_pipeline_output_dir_must_be_empty(tmp_path):
     (tmp_path / "repo").mkdir()
     (tmp_path / "repo" / "README.md").write_text("a user's file")
     with pytest.raises(SystemExit):
-        parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "d",
-                    "--pipeline_output_dir", str(tmp_path / "repo")])
+        parse_args(
+            [
+                "--pretrained_model_name_or_path",
+                "x",
+                "--dataset_name",
+                "d",
+                "--pipeline_output_dir",
+                str(tmp_path / "repo"),
+            ]
+        )
     assert (tmp_path / "repo" / "README.md").read_text() == "a user's file"

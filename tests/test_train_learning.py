@@ -26,6 +26,7 @@ from dinalrm.testing import get_tiny_sd3_components, write_canonical_pairs
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
 
+
 pytestmark = pytest.mark.slow  # about 4-5 CPU minutes
 
 VAE_ASSET = REPO_ROOT / "tests" / "fixtures" / "tiny-photo-vae"
@@ -38,12 +39,48 @@ SCORE_T = 0.4
 # 600 training pairs instead of 3000 gave 0.872 / 0.812 for seeds 0 / 1; a constant learning rate, 0.792 / 0.880.
 MIN_ACCURACY = 0.80
 FLAGS = [
-    "--num_backbone_layers", "2", "--visual_layers", "1,2", "--text_layers", "1,2", "--head_width", "128",
-    "--head_num_heads", "4", "--lora_rank", "0", "--resolution", str(IMAGE_SIZE), "--max_sequence_length", "16",
-    "--train_batch_size", "16", "--max_train_steps", "500", "--learning_rate", "2e-3", "--lr_scheduler", "cosine",
-    "--lr_warmup_steps", "0", "--weighting_scheme", "logit_normal", "--logit_mean", "-1",
-    "--use_ema", "--ema_decay", "0.99", "--validation_t", "0.2,0.4,0.7", "--validation_steps", "100",
-    "--checkpointing_steps", "100000", "--seed", "0", "--precompute_features",
+    "--num_backbone_layers",
+    "2",
+    "--visual_layers",
+    "1,2",
+    "--text_layers",
+    "1,2",
+    "--head_width",
+    "128",
+    "--head_num_heads",
+    "4",
+    "--lora_rank",
+    "0",
+    "--resolution",
+    str(IMAGE_SIZE),
+    "--max_sequence_length",
+    "16",
+    "--train_batch_size",
+    "16",
+    "--max_train_steps",
+    "500",
+    "--learning_rate",
+    "2e-3",
+    "--lr_scheduler",
+    "cosine",
+    "--lr_warmup_steps",
+    "0",
+    "--weighting_scheme",
+    "logit_normal",
+    "--logit_mean",
+    "-1",
+    "--use_ema",
+    "--ema_decay",
+    "0.99",
+    "--validation_t",
+    "0.2,0.4,0.7",
+    "--validation_steps",
+    "100",
+    "--checkpointing_steps",
+    "100000",
+    "--seed",
+    "0",
+    "--precompute_features",
 ]
 
 
@@ -58,8 +95,10 @@ def photo_world(tmp_path_factory) -> Path:
     StableDiffusion3Pipeline(**components).save_pretrained(root / "sd3")
     photos = load_photos()
     train_names, held_out_names = split_photos([name for name, _ in photos])
-    for folder, names, count, seed, split in (("train", train_names, TRAIN_PAIRS, 0, "train"),
-                                              ("held-out", held_out_names, HELD_OUT_PAIRS, 1, "test")):
+    for folder, names, count, seed, split in (
+        ("train", train_names, TRAIN_PAIRS, 0, "train"),
+        ("held-out", held_out_names, HELD_OUT_PAIRS, 1, "test"),
+    ):
         pairs = make_pairs([(n, image) for n, image in photos if n in names], count, size=IMAGE_SIZE, seed=seed)
         rows = [{key: pair[key] for key in ("prompt", "chosen", "rejected", "kind", "photo")} for pair in pairs]
         write_canonical_pairs(root / folder, rows, split)
@@ -69,11 +108,26 @@ def photo_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(photo_world) -> Path:
     output = photo_world / "reward-model"
-    command = [sys.executable, str(REPO_ROOT / "train_dinalrm.py"), "--pretrained_model_name_or_path",
-               str(photo_world / "sd3"), "--train_data_dir", str(photo_world / "train"), "--validation_dataset_name",
-               str(photo_world / "held-out"), "--output_dir", str(output), *FLAGS]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1",
-           "TQDM_DISABLE": "1"}
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "train_dinalrm.py"),
+        "--pretrained_model_name_or_path",
+        str(photo_world / "sd3"),
+        "--train_data_dir",
+        str(photo_world / "train"),
+        "--validation_dataset_name",
+        str(photo_world / "held-out"),
+        "--output_dir",
+        str(output),
+        *FLAGS,
+    ]
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "TQDM_DISABLE": "1",
+    }
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False)
     assert result.returncode == 0, result.stderr[-6000:]
     return output
@@ -94,8 +148,13 @@ def accuracy_per_kind(photo_world: Path, model_dir: Path, t: float) -> dict[str,
         rejected = pipeline.encode_images(batch["rejected"], resolution=(IMAGE_SIZE, IMAGE_SIZE))
         prompt_embeds, pooled = pipeline.encode_prompt(batch["prompt"], max_sequence_length=16)
         noise = torch.randn(chosen.shape, generator=generator)
-        rewards = model.score_latents(torch.cat([chosen, rejected]), prompt_embeds.repeat(2, 1, 1),
-                                      pooled.repeat(2, 1), t=t, noise=torch.cat([noise, noise]))
+        rewards = model.score_latents(
+            torch.cat([chosen, rejected]),
+            prompt_embeds.repeat(2, 1, 1),
+            pooled.repeat(2, 1),
+            t=t,
+            noise=torch.cat([noise, noise]),
+        )
         rewards_chosen, rewards_rejected = rewards.chunk(2)
         for kind, win in zip(batch["kind"], (rewards_chosen > rewards_rejected).tolist()):
             wins.setdefault(kind, []).append(win)
@@ -104,8 +163,10 @@ def accuracy_per_kind(photo_world: Path, model_dir: Path, t: float) -> dict[str,
 
 def test_reward_model_learns_to_prefer_undegraded_photos(photo_world, trained):
     summary = json.loads((trained / "training_summary.json").read_text())
-    curve = [(entry["step"], entry[f"val/accuracy_t{SCORE_T:g}"], entry["val/accuracy_ensemble"])
-             for entry in summary["validation"]]
+    curve = [
+        (entry["step"], entry[f"val/accuracy_t{SCORE_T:g}"], entry["val/accuracy_ensemble"])
+        for entry in summary["validation"]
+    ]
     per_kind = accuracy_per_kind(photo_world, trained, SCORE_T)
     print(f"\nheld-out pairwise accuracy (EMA weights) by step: (step, t={SCORE_T}, ensemble) {curve}")
     print(f"held-out accuracy per degradation at t={SCORE_T}: {json.dumps(per_kind)}")

@@ -33,6 +33,7 @@ from .models import (
     torch_threads,
 )
 
+
 __all__ = [
     "PREFERENCE_FORMATS",
     "TINY_BENCHMARKS",

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+
 _PAIR_PROMPTS: tuple[str, ...] = (
     "a photo of a red apple on a table",
     "a cute dog in a park",
@@ -31,7 +32,9 @@ def _encode_image(image: Image.Image, fmt: str = "PNG") -> bytes:
     return buffer.getvalue()
 
 
-def make_tiny_image_pair(rng: np.random.Generator, size: tuple[int, int] = (32, 32)) -> tuple[Image.Image, Image.Image]:
+def make_tiny_image_pair(
+    rng: np.random.Generator, size: tuple[int, int] = (32, 32)
+) -> tuple[Image.Image, Image.Image]:
     """A smooth random picture (the preferred image) and the same picture with strong pixel noise (the other one)."""
     width, height = size
     coarse = rng.uniform(0, 255, size=(max(2, height // 8), max(2, width // 8), 3)).astype(np.uint8)
@@ -80,26 +83,45 @@ def write_tiny_preference_dataset(
             paths = [f"images/{split}-{i:04d}-{name}.png" for name in ("a", "b")]
             chosen.save(root / paths[0])
             rejected.save(root / paths[1])
-            records.append({"prompt": prompt, "path1": paths[0], "path2": paths[1], "model1": "sd3", "model2": "sdxl",
-                            "choice_dist": [3, 1], "confidence": 0.97})
+            records.append(
+                {
+                    "prompt": prompt,
+                    "path1": paths[0],
+                    "path2": paths[1],
+                    "model1": "sd3",
+                    "model2": "sdxl",
+                    "choice_dist": [3, 1],
+                    "confidence": 0.97,
+                }
+            )
         if bad_rows:
             records.append({**records[0], "path2": f"images/{split}-missing.png"})
         (root / f"{split}.json").write_text(json.dumps(records))
         return str(root)
-    columns: dict[str, list[Any]] = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [],
-                                     "model_0": [], "model_1": []}
+    columns: dict[str, list[Any]] = {
+        "caption": [],
+        "jpg_0": [],
+        "jpg_1": [],
+        "label_0": [],
+        "label_1": [],
+        "model_0": [],
+        "model_1": [],
+    }
     rows = [(prompt, chosen, rejected, i % 2 == 0) for i, (prompt, chosen, rejected) in enumerate(pairs)]
     for prompt, chosen, rejected, first in rows:
         images = (chosen, rejected) if first else (rejected, chosen)
         labels = (1.0, 0.0) if first else (0.0, 1.0)
-        for key, value in zip(("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1"),
-                              (prompt, *(_encode_image(im, "JPEG") for im in images), *labels, "sd3", "sdxl")):
+        for key, value in zip(
+            ("caption", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1"),
+            (prompt, *(_encode_image(im, "JPEG") for im in images), *labels, "sd3", "sdxl"),
+        ):
             columns[key].append(value)
     if bad_rows:
         for key, value in zip(columns, (pairs[0][0], corrupt, _encode_image(pairs[0][2], "JPEG"), 1.0, 0.0, "a", "b")):
             columns[key].append(value)
-        for key, value in zip(columns, (pairs[1][0], *(_encode_image(im, "JPEG") for im in pairs[1][1:]), 0.5, 0.5,
-                                        "a", "b")):
+        for key, value in zip(
+            columns, (pairs[1][0], *(_encode_image(im, "JPEG") for im in pairs[1][1:]), 0.5, 0.5, "a", "b")
+        ):
             columns[key].append(value)
     datasets.Dataset.from_dict(columns).to_parquet(str(root / f"{split}.parquet"))
     return str(root)
@@ -163,21 +185,46 @@ def write_tiny_benchmarks(data_dir: str | PathLike[str], size: tuple[int, int] =
         chosen, rejected = make_tiny_image_pair(rng, size)
         paths = [f"images/{i}-a.png", f"images/{i}-b.png"]
         write_files(folder, {paths[0]: chosen, **({paths[1]: rejected} if i != 1 else {})})
-        records.append({"prompt": prompt, "path1": paths[0], "path2": paths[1], "model1": "flux", "model2": "sd3",
-                        "choice_dist": None, "confidence": None})
+        records.append(
+            {
+                "prompt": prompt,
+                "path1": paths[0],
+                "path2": paths[1],
+                "model1": "flux",
+                "model2": "sd3",
+                "choice_dist": None,
+                "confidence": None,
+            }
+        )
     (folder / "test.json").write_text(json.dumps(records))
 
     votes = ("leftvote", "rightvote", "tievote", "bothbad_vote", "leftvote")
-    columns: dict[str, list[Any]] = {"prompt": [], "left_model": [], "left_image": [], "right_model": [],
-                                     "right_image": [], "vote_type": []}
+    columns: dict[str, list[Any]] = {
+        "prompt": [],
+        "left_model": [],
+        "left_image": [],
+        "right_model": [],
+        "right_image": [],
+        "vote_type": [],
+    }
     for i, vote in enumerate(votes):
         chosen, rejected = make_tiny_image_pair(rng, size)
         left, right = (rejected, chosen) if vote == "rightvote" else (chosen, rejected)
-        for key, value in zip(columns, (_PAIR_PROMPTS[i % 3], "sdxl", {"bytes": _encode_image(left), "path": None},
-                                        "flux", {"bytes": _encode_image(right), "path": None}, vote)):
+        for key, value in zip(
+            columns,
+            (
+                _PAIR_PROMPTS[i % 3],
+                "sdxl",
+                {"bytes": _encode_image(left), "path": None},
+                "flux",
+                {"bytes": _encode_image(right), "path": None},
+                vote,
+            ),
+        ):
             columns[key].append(value)
-    features = datasets.Features({name: datasets.Image() if name.endswith("_image") else datasets.Value("string")
-                                  for name in columns})
+    features = datasets.Features(
+        {name: datasets.Image() if name.endswith("_image") else datasets.Value("string") for name in columns}
+    )
     (root / "genai_bench").mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(columns, features=features).to_parquet(str(root / "genai_bench" / "test.parquet"))
 
@@ -190,9 +237,15 @@ def write_tiny_benchmarks(data_dir: str | PathLike[str], size: tuple[int, int] =
             second = second[:40]
         for key, value in zip(columns, (_PAIR_PROMPTS[3 + i % 3], first, second, label_0, label_1, "sd3", "sdxl")):
             columns[key].append(value)
-    features = datasets.Features({**{name: datasets.Value("string") for name in ("caption", "model_0", "model_1")},
-                                  "jpg_0": datasets.Value("binary"), "jpg_1": datasets.Value("binary"),
-                                  "label_0": datasets.Value("float64"), "label_1": datasets.Value("float64")})
+    features = datasets.Features(
+        {
+            **{name: datasets.Value("string") for name in ("caption", "model_0", "model_1")},
+            "jpg_0": datasets.Value("binary"),
+            "jpg_1": datasets.Value("binary"),
+            "label_0": datasets.Value("float64"),
+            "label_1": datasets.Value("float64"),
+        }
+    )
     table = datasets.Dataset.from_dict(columns, features=features)
     (root / "pickapic_v2" / "data").mkdir(parents=True, exist_ok=True)
     table.to_parquet(str(root / "pickapic_v2" / "data" / "test_unique-00000-of-00001.parquet"))

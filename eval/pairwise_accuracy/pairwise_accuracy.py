@@ -12,6 +12,7 @@ import datasets
 import evaluate
 import numpy as np
 
+
 _DESCRIPTION = """
 Pairwise accuracy of a reward model against human preferences. `predictions` holds, per pair, the score
 of the human-preferred item minus the score of the other; > 0 is correct, < 0 wrong, 0 (score tie) wrong.

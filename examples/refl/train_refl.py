@@ -44,6 +44,7 @@ from peft.utils import get_peft_model_state_dict
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
 
+
 logger = get_logger(__name__)
 
 HISTORY_FILE = "refl_history.json"
@@ -64,19 +65,35 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max_sequence_length", type=int, default=128, help="T5 tokens for the generator.")
     parser.add_argument("--num_inference_steps", type=int, default=28)
     parser.add_argument("--guidance_scale", type=float, default=4.5)
-    parser.add_argument("--stop_step_range", type=int, nargs=2, default=None, metavar=("MIN", "MAX"),
-                        help="Stop step drawn uniformly in [MIN, MAX] (0-based); default: the last step.")
-    parser.add_argument("--grad_steps", type=int, default=1,
-                        help="Denoising steps, ending at the stop step, that run with gradients.")
+    parser.add_argument(
+        "--stop_step_range",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("MIN", "MAX"),
+        help="Stop step drawn uniformly in [MIN, MAX] (0-based); default: the last step.",
+    )
+    parser.add_argument(
+        "--grad_steps", type=int, default=1, help="Denoising steps, ending at the stop step, that run with gradients."
+    )
     parser.add_argument("--reward_t", type=float, default=0.4, help="DiNa-LRM noise level t*.")
     parser.add_argument("--reward_weight", type=float, default=1.0)
-    parser.add_argument("--pretrain_loss_weight", type=float, default=0.0,
-                        help="Weight of the rectified-flow loss on --pretrain_data_dir (0 = off).")
-    parser.add_argument("--pretrain_data_dir", default=None,
-                        help="Parquet/image dataset folder with `prompt` and `image` columns (the regulariser's data).")
+    parser.add_argument(
+        "--pretrain_loss_weight",
+        type=float,
+        default=0.0,
+        help="Weight of the rectified-flow loss on --pretrain_data_dir (0 = off).",
+    )
+    parser.add_argument(
+        "--pretrain_data_dir",
+        default=None,
+        help="Parquet/image dataset folder with `prompt` and `image` columns (the regulariser's data).",
+    )
     parser.add_argument("--lora_rank", type=int, default=16)
     parser.add_argument("--lora_alpha", type=float, default=None, help="Default: the rank.")
-    parser.add_argument("--lora_target_modules", default="to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out")
+    parser.add_argument(
+        "--lora_target_modules", default="to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+    )
     parser.add_argument("--train_batch_size", type=int, default=2, help="Prompts per device per step.")
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--max_train_steps", type=int, default=200)
@@ -122,7 +139,9 @@ def load_golden_metric(spec: str | None):
 
 def load_reward_model(path: str) -> DiNaLRMModel:
     """The reward model of a Hub-layout repo (`reward_model/` subfolder) or of a bare model folder."""
-    subfolder = "reward_model" if (not os.path.isdir(path) or os.path.isdir(os.path.join(path, "reward_model"))) else None
+    subfolder = (
+        "reward_model" if (not os.path.isdir(path) or os.path.isdir(os.path.join(path, "reward_model"))) else None
+    )
     return DiNaLRMModel.from_pretrained(path, subfolder=subfolder)
 
 
@@ -132,8 +151,11 @@ class Sampler:
     def __init__(self, pipe: StableDiffusion3Pipeline, args: argparse.Namespace):
         self.pipe, self.args = pipe, args
         self.scheduler = pipe.scheduler
-        self.latent_shape = (pipe.transformer.config.in_channels, args.height // pipe.vae_scale_factor,
-                             args.width // pipe.vae_scale_factor)
+        self.latent_shape = (
+            pipe.transformer.config.in_channels,
+            args.height // pipe.vae_scale_factor,
+            args.width // pipe.vae_scale_factor,
+        )
 
     def sigmas(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """The sampling schedule (sigmas, timesteps) of the pipeline's scheduler."""
@@ -143,8 +165,13 @@ class Sampler:
     def velocity(self, transformer, latents, timestep, embeds, pooled):
         """Guided velocity; `embeds`/`pooled` hold the unconditional half first."""
         model_input = torch.cat([latents, latents])
-        v = transformer(hidden_states=model_input, timestep=timestep.expand(model_input.shape[0]),
-                        encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+        v = transformer(
+            hidden_states=model_input,
+            timestep=timestep.expand(model_input.shape[0]),
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
         v_uncond, v_cond = v.chunk(2)
         return v_uncond + self.args.guidance_scale * (v_cond - v_uncond)
 
@@ -152,8 +179,9 @@ class Sampler:
         """Run steps `0..stop` and return the one-step clean prediction at `stop` (differentiable tail)."""
         sigmas, timesteps = self.sigmas(embeds.device)
         batch = embeds.shape[0] // 2
-        latents = randn_tensor((batch, *self.latent_shape), generator=generator, device=embeds.device,
-                               dtype=embeds.dtype)
+        latents = randn_tensor(
+            (batch, *self.latent_shape), generator=generator, device=embeds.device, dtype=embeds.dtype
+        )
         first_grad = stop - self.args.grad_steps + 1 if grad else stop + 1
         for i in range(stop + 1):
             with torch.set_grad_enabled(grad and i >= first_grad):
@@ -168,7 +196,11 @@ def encode_generator_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str],
     """Generator prompt embeddings with the unconditional (empty prompt) half first, as the SD3 pipeline does."""
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, prompt_3=None, device=device, do_classifier_free_guidance=True,
+            prompt=prompts,
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=True,
             max_sequence_length=args.max_sequence_length,
         )
     return torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
@@ -180,16 +212,26 @@ def pretraining_loss(pipe, transformer, batch: dict, args, generator, device) ->
         pixels = pipe.image_processor.preprocess(batch["image"], height=args.height, width=args.width).to(device)
         x0 = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent_dist.mode()
         x0 = (x0 - (pipe.vae.config.shift_factor or 0.0)) * pipe.vae.config.scaling_factor
-        embeds, _, pooled, _ = pipe.encode_prompt(batch["prompt"], None, None, device=device,
-                                                  do_classifier_free_guidance=False,
-                                                  max_sequence_length=args.max_sequence_length)
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            batch["prompt"],
+            None,
+            None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=args.max_sequence_length,
+        )
     table = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
     u = compute_density_for_timestep_sampling("logit_normal", x0.shape[0], logit_mean=0.0, logit_std=1.0)
     index = (u * table.config.num_train_timesteps).long().clamp_max(len(table.timesteps) - 1)
     sigma = table.sigmas[index].to(device, x0.dtype).view(-1, 1, 1, 1)
     noise = torch.randn(x0.shape, generator=generator).to(device, x0.dtype)
-    prediction = transformer(hidden_states=(1 - sigma) * x0 + sigma * noise, timestep=table.timesteps[index].to(device),
-                             encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
+    prediction = transformer(
+        hidden_states=(1 - sigma) * x0 + sigma * noise,
+        timestep=table.timesteps[index].to(device),
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
+        return_dict=False,
+    )[0]
     return F.mse_loss(prediction.float(), (noise - x0).float())
 
 
@@ -218,16 +260,18 @@ def main(args: argparse.Namespace) -> list[dict]:
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to or None,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
     )
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     set_seed(args.seed, device_specific=True)
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
-    pipe = StableDiffusion3Pipeline.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision,
-                                                    dtype=weight_dtype)
+    pipe = StableDiffusion3Pipeline.from_pretrained(
+        args.pretrained_model_name_or_path, revision=args.revision, dtype=weight_dtype
+    )
     pipe.set_progress_bar_config(disable=True)
     for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         module = getattr(pipe, name)
@@ -238,10 +282,14 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     transformer = pipe.transformer.to(device)
     transformer.requires_grad_(False)
-    transformer.add_adapter(LoraConfig(
-        r=args.lora_rank, lora_alpha=args.lora_alpha or args.lora_rank, init_lora_weights="gaussian",
-        target_modules=args.lora_target_modules.split(","),
-    ))
+    transformer.add_adapter(
+        LoraConfig(
+            r=args.lora_rank,
+            lora_alpha=args.lora_alpha or args.lora_rank,
+            init_lora_weights="gaussian",
+            target_modules=args.lora_target_modules.split(","),
+        )
+    )
     lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
     for p in lora_parameters:
         p.data = p.data.float()
@@ -251,8 +299,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     transformer, optimizer = accelerator.prepare(transformer, optimizer)
 
     prompts = read_prompts(args.prompts_file)
-    validation_prompts = (read_prompts(args.validation_prompts_file) if args.validation_prompts_file
-                          else prompts)[: args.num_validation_prompts]
+    validation_prompts = (read_prompts(args.validation_prompts_file) if args.validation_prompts_file else prompts)[
+        : args.num_validation_prompts
+    ]
     # Reward-side prompt embeddings, computed once for every prompt (training and validation).
     unique = list(dict.fromkeys(prompts + validation_prompts))
     with torch.no_grad():
@@ -267,8 +316,13 @@ def main(args: argparse.Namespace) -> list[dict]:
 
     def reward_of(x0: torch.Tensor, batch_prompts: list[str], generator) -> torch.Tensor:
         rows = torch.tensor([reward_row[p] for p in batch_prompts], device=device)
-        return reward_pipe.reward_fn(x0.to(weight_dtype), prompt_embeds=reward_embeds[rows],
-                                     pooled_prompt_embeds=reward_pooled[rows], t=args.reward_t, generator=generator)
+        return reward_pipe.reward_fn(
+            x0.to(weight_dtype),
+            prompt_embeds=reward_embeds[rows],
+            pooled_prompt_embeds=reward_pooled[rows],
+            t=args.reward_t,
+            generator=generator,
+        )
 
     @torch.no_grad()
     def validate(step: int) -> dict:
@@ -277,18 +331,23 @@ def main(args: argparse.Namespace) -> list[dict]:
         embeds, pooled = encode_generator_prompts(pipe, validation_prompts, args, device)
         generator = torch.Generator().manual_seed(args.seed + 12345)
         x0 = sampler.sample_x0(unwrapped, embeds, pooled, args.num_inference_steps - 1, generator, grad=False)
-        record = {"step": step, "proxy_reward": float(reward_of(x0, validation_prompts,
-                                                                torch.Generator().manual_seed(args.seed)).mean())}
+        record = {
+            "step": step,
+            "proxy_reward": float(reward_of(x0, validation_prompts, torch.Generator().manual_seed(args.seed)).mean()),
+        }
         if golden is not None:
-            images = pipe.vae.decode(x0 / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)).sample
+            images = pipe.vae.decode(
+                x0 / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
+            ).sample
             images = pipe.image_processor.postprocess(images, output_type="pil")
             record["golden_metric"] = sum(golden(im, p) for im, p in zip(images, validation_prompts)) / len(images)
         unwrapped.train()
         return record
 
     if accelerator.is_main_process:
-        accelerator.init_trackers("dinalrm-refl", config={k: v for k, v in vars(args).items()
-                                                         if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers(
+            "dinalrm-refl", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        )
     history = [validate(0)] if accelerator.is_main_process else []
     if history:
         accelerator.log({f"validation/{k}": v for k, v in history[-1].items() if k != "step"}, step=0)
@@ -306,7 +365,9 @@ def main(args: argparse.Namespace) -> list[dict]:
             loss = -args.reward_weight * reward.mean()
             logs = {"train/proxy_reward": float(reward.detach().mean()), "train/stop_step": stop}
             if pretrain_data is not None:
-                rows = torch.randint(0, len(pretrain_data), (args.train_batch_size,), generator=rank_generator).tolist()
+                rows = torch.randint(
+                    0, len(pretrain_data), (args.train_batch_size,), generator=rank_generator
+                ).tolist()
                 batch = pretrain_data[rows]
                 batch["image"] = [im.convert("RGB") for im in batch["image"]]
                 pretrain = pretraining_loss(pipe, transformer, batch, args, rank_generator, device)
@@ -326,8 +387,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         unwrapped = accelerator.unwrap_model(transformer)
-        StableDiffusion3Pipeline.save_lora_weights(args.output_dir,
-                                                   transformer_lora_layers=get_peft_model_state_dict(unwrapped))
+        StableDiffusion3Pipeline.save_lora_weights(
+            args.output_dir, transformer_lora_layers=get_peft_model_state_dict(unwrapped)
+        )
         Path(args.output_dir, HISTORY_FILE).write_text(json.dumps(history, indent=2))
         plot_curves(history, os.path.join(args.output_dir, CURVES_FILE))
     accelerator.end_training()

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4
 
@@ -48,8 +49,16 @@ POSITIONS: dict[str, tuple[float, float]] = {
 FILL_RATIOS: dict[str, float] = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position", "background")
 VOCABULARY: tuple[str, ...] = (
-    "a", "at", "the", "on", "background",
-    *COLORS, *BACKGROUNDS, *SHAPES, *SIZES, *POSITIONS,
+    "a",
+    "at",
+    "the",
+    "on",
+    "background",
+    *COLORS,
+    *BACKGROUNDS,
+    *SHAPES,
+    *SIZES,
+    *POSITIONS,
 )
 
 
@@ -73,8 +82,13 @@ class Scene:
         if len(words) != 11 or words[0] != "a" or words[4:6] != ["at", "the"] or words[-1] != "background":
             raise ValueError(f"not a tiny-world prompt: {prompt!r}")
         scene = cls(size=words[1], color=words[2], shape=words[3], position=words[6], background=words[9])
-        if (scene.size not in SIZES or scene.color not in COLORS or scene.shape not in SHAPES
-                or scene.position not in POSITIONS or scene.background not in BACKGROUNDS):
+        if (
+            scene.size not in SIZES
+            or scene.color not in COLORS
+            or scene.shape not in SHAPES
+            or scene.position not in POSITIONS
+            or scene.background not in BACKGROUNDS
+        ):
             raise ValueError(f"unknown attribute in prompt {prompt!r}")
         return scene
 

@@ -17,6 +17,7 @@ import datasets
 import torch
 from tiny_world_common import TOKEN_LENGTH, report, set_threads
 
+
 SWEEP = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
@@ -38,13 +39,23 @@ def load_pairs(folder: str, split: str, max_pairs: int | None = None) -> tuple[l
     table = datasets.Dataset.from_parquet(str(Path(folder) / f"{split}.parquet"))
     if max_pairs is not None:
         table = table.select(range(min(max_pairs, len(table))))
-    return list(table["prompt"]), [im.convert("RGB") for im in table["chosen"]], \
-        [im.convert("RGB") for im in table["rejected"]]
+    return (
+        list(table["prompt"]),
+        [im.convert("RGB") for im in table["chosen"]],
+        [im.convert("RGB") for im in table["rejected"]],
+    )
 
 
 @torch.no_grad()
-def pair_accuracy(pipe, prompts: list[str], chosen_latents: torch.Tensor, rejected_latents: torch.Tensor,
-                  t: float | list[float], seed: int, batch_size: int = 64) -> float:
+def pair_accuracy(
+    pipe,
+    prompts: list[str],
+    chosen_latents: torch.Tensor,
+    rejected_latents: torch.Tensor,
+    t: float | list[float],
+    seed: int,
+    batch_size: int = 64,
+) -> float:
     """Fraction of pairs ranked as the oracle ranks them, one shared noise per pair."""
     model = pipe.reward_model
     wins = []
@@ -53,8 +64,13 @@ def pair_accuracy(pipe, prompts: list[str], chosen_latents: torch.Tensor, reject
         embeds, pooled = pipe.encode_prompt(prompts[i : i + batch_size], max_sequence_length=TOKEN_LENGTH)
         chosen, rejected = chosen_latents[i : i + batch_size], rejected_latents[i : i + batch_size]
         noise = torch.randn(chosen.shape, generator=generator)
-        both = model.score_latents(torch.cat([chosen, rejected]), embeds.repeat(2, 1, 1), pooled.repeat(2, 1), t=t,
-                                   noise=torch.cat([noise, noise]))
+        both = model.score_latents(
+            torch.cat([chosen, rejected]),
+            embeds.repeat(2, 1, 1),
+            pooled.repeat(2, 1),
+            t=t,
+            noise=torch.cat([noise, noise]),
+        )
         r_chosen, r_rejected = both.chunk(2)
         wins.append(r_chosen > r_rejected)
     return float(torch.cat(wins).float().mean())
@@ -68,15 +84,18 @@ def evaluate(pipe, prompts: list[str], chosen: list, rejected: list, seed: int =
     config = pipe.reward_model.config
     result = {
         "pairs": len(prompts),
-        f"accuracy_t{config.default_t}": pair_accuracy(pipe, prompts, chosen_latents, rejected_latents,
-                                                       config.default_t, seed),
-        "accuracy_ensemble": pair_accuracy(pipe, prompts, chosen_latents, rejected_latents,
-                                           list(config.ensemble_t), seed),
+        f"accuracy_t{config.default_t}": pair_accuracy(
+            pipe, prompts, chosen_latents, rejected_latents, config.default_t, seed
+        ),
+        "accuracy_ensemble": pair_accuracy(
+            pipe, prompts, chosen_latents, rejected_latents, list(config.ensemble_t), seed
+        ),
         "ensemble_t": list(config.ensemble_t),
     }
     if sweep:
-        result["noise_sweep"] = {str(t): pair_accuracy(pipe, prompts, chosen_latents, rejected_latents, t, seed)
-                                 for t in SWEEP}
+        result["noise_sweep"] = {
+            str(t): pair_accuracy(pipe, prompts, chosen_latents, rejected_latents, t, seed) for t in SWEEP
+        }
     result["seconds"] = time.time() - start
     return result
 

@@ -33,11 +33,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_prompts", type=int, default=1200, help="prompts sampled for training pairs")
     parser.add_argument("--test_prompts", type=int, default=240, help="held-out prompts sampled for test pairs")
     parser.add_argument("--margin", type=float, default=0.05, help="oracle score gap below which a pair is a tie")
-    parser.add_argument("--sample_steps", type=int, nargs="+", default=[4, 8, 12],
-                        help="sampling step counts, cycled over prompts (varies sample quality)")
+    parser.add_argument(
+        "--sample_steps",
+        type=int,
+        nargs="+",
+        default=[4, 8, 12],
+        help="sampling step counts, cycled over prompts (varies sample quality)",
+    )
     parser.add_argument("--guidance_scale", type=float, default=4.0, help="guidance of the first sample")
-    parser.add_argument("--second_guidance_scales", type=float, nargs="+", default=[1.0, 2.0, 4.0],
-                        help="guidance of the second sample, cycled over batches (varies how well it follows the prompt)")
+    parser.add_argument(
+        "--second_guidance_scales",
+        type=float,
+        nargs="+",
+        default=[1.0, 2.0, 4.0],
+        help="guidance of the second sample, cycled over batches (varies how well it follows the prompt)",
+    )
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
@@ -51,8 +61,9 @@ def oracle_pairs(pipe, prompts: list[str], seed: int, args: argparse.Namespace) 
         batch = prompts[start : start + args.batch_size]
         batch_index = start // args.batch_size
         steps = args.sample_steps[batch_index % len(args.sample_steps)]
-        second_guidance = args.second_guidance_scales[(batch_index // len(args.sample_steps))
-                                                      % len(args.second_guidance_scales)]
+        second_guidance = args.second_guidance_scales[
+            (batch_index // len(args.sample_steps)) % len(args.second_guidance_scales)
+        ]
         first = generate(pipe, batch, seed * 1000 + start, steps, args.guidance_scale)
         second = generate(pipe, batch, seed * 1000 + start + 500_000, steps, second_guidance)
         for prompt, a, b in zip(batch, first, second):
@@ -61,8 +72,15 @@ def oracle_pairs(pipe, prompts: list[str], seed: int, args: argparse.Namespace) 
                 ties += 1
                 continue
             chosen, rejected = (a, b) if score_a > score_b else (b, a)
-            rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "weight": 1.0,
-                         "oracle_margin": float(abs(score_a - score_b))})
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": chosen,
+                    "rejected": rejected,
+                    "weight": 1.0,
+                    "oracle_margin": float(abs(score_a - score_b)),
+                }
+            )
     return rows, {"prompts": len(prompts), "pairs": len(rows), "ties_dropped": ties}
 
 
@@ -73,8 +91,10 @@ def main(args: argparse.Namespace) -> dict:
     pipe.set_progress_bar_config(disable=True)
     train_prompts, held_out = split_prompts()
     stats = {}
-    for split, pool, n, seed in (("train", train_prompts, args.train_prompts, args.seed),
-                                 ("test", held_out, args.test_prompts, args.seed + 1)):
+    for split, pool, n, seed in (
+        ("train", train_prompts, args.train_prompts, args.seed),
+        ("test", held_out, args.test_prompts, args.seed + 1),
+    ):
         rows, stats[split] = oracle_pairs(pipe, sample_prompts(pool, n, seed), seed, args)
         stats[split]["mean_oracle_margin"] = float(np.mean([r["oracle_margin"] for r in rows]))
         write_canonical_pairs(args.output_dir, rows, split)

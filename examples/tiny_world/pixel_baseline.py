@@ -25,15 +25,25 @@ class PixelReward(nn.Module):
 
     def __init__(self, text_tokens: int, text_dim: int, width: int = 64):
         super().__init__()
-        self.text = nn.Sequential(nn.Flatten(1), nn.Linear(text_tokens * text_dim, width), nn.GELU(),
-                                  nn.Linear(width, 2 * width))
+        self.text = nn.Sequential(
+            nn.Flatten(1), nn.Linear(text_tokens * text_dim, width), nn.GELU(), nn.Linear(width, 2 * width)
+        )
         self.trunk = nn.Sequential(
-            nn.Conv2d(5, 32, 3, stride=2, padding=1), nn.GELU(),
-            nn.Conv2d(32, width, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(5, 32, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv2d(32, width, 3, stride=2, padding=1),
+            nn.GELU(),
             nn.Conv2d(width, width, 3, stride=2, padding=1),
         )
-        self.head = nn.Sequential(nn.GELU(), nn.Conv2d(width, 16, 1), nn.GELU(), nn.Flatten(1),
-                                  nn.Linear(16 * 8 * 8, width), nn.GELU(), nn.Linear(width, 1))
+        self.head = nn.Sequential(
+            nn.GELU(),
+            nn.Conv2d(width, 16, 1),
+            nn.GELU(),
+            nn.Flatten(1),
+            nn.Linear(16 * 8 * 8, width),
+            nn.GELU(),
+            nn.Linear(width, 1),
+        )
 
     def forward(self, pixels: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         b, _, h, w = pixels.shape
@@ -59,8 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 @torch.no_grad()
 def encode(pipe: StableDiffusion3Pipeline, prompts: list[str]) -> torch.Tensor:
-    return pipe.encode_prompt(prompts, None, None, do_classifier_free_guidance=False,
-                              max_sequence_length=TOKEN_LENGTH)[0]
+    return pipe.encode_prompt(
+        prompts, None, None, do_classifier_free_guidance=False, max_sequence_length=TOKEN_LENGTH
+    )[0]
 
 
 def main(args: argparse.Namespace) -> dict:

@@ -58,14 +58,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 @torch.no_grad()
 def encode_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt=prompts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False,
+        prompt=prompts,
+        prompt_2=None,
+        prompt_3=None,
+        do_classifier_free_guidance=False,
         max_sequence_length=TOKEN_LENGTH,
     )
     return embeds, pooled
 
 
-def evaluate_generator(pipe: StableDiffusion3Pipeline, prompts: list[str], seed: int, steps: int,
-                       guidance_scale: float) -> dict:
+def evaluate_generator(
+    pipe: StableDiffusion3Pipeline, prompts: list[str], seed: int, steps: int, guidance_scale: float
+) -> dict:
     """Oracle ratings of samples vs. renders of random other prompts (chance) and true renders (ceiling)."""
     samples = generate(pipe, prompts, seed, steps, guidance_scale)
     shuffled = list(np.random.default_rng(seed).permutation(prompts))
@@ -79,8 +83,13 @@ def evaluate_generator(pipe: StableDiffusion3Pipeline, prompts: list[str], seed:
         }
 
     beats = np.mean([oracle_score(s, p) > oracle_score(r, p) for s, r, p in zip(samples, random_renders, prompts)])
-    return {"samples": rate(samples), "random_prompt_renders": rate(random_renders),
-            "true_renders": rate(true_renders), "samples_beat_random_render": float(beats), "images": samples}
+    return {
+        "samples": rate(samples),
+        "random_prompt_renders": rate(random_renders),
+        "true_renders": rate(true_renders),
+        "samples_beat_random_render": float(beats),
+        "images": samples,
+    }
 
 
 def train(args: argparse.Namespace) -> float:
@@ -118,8 +127,11 @@ def train(args: argparse.Namespace) -> float:
         noise = torch.randn(x0.shape, generator=generator)
         noisy = (1.0 - sigma) * x0 + sigma * noise
         prediction = transformer(
-            hidden_states=noisy, timestep=table_timesteps[table_index], encoder_hidden_states=embeds,
-            pooled_projections=pooled_batch, return_dict=False,
+            hidden_states=noisy,
+            timestep=table_timesteps[table_index],
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled_batch,
+            return_dict=False,
         )[0]
         loss = F.mse_loss(prediction, noise - x0)
         optimizer.zero_grad(set_to_none=True)
@@ -144,15 +156,29 @@ def report(args: argparse.Namespace, train_seconds: float | None) -> dict:
     _, held_out = split_prompts()
     reloaded = StableDiffusion3Pipeline.from_pretrained(args.output_dir)
     reloaded.set_progress_bar_config(disable=True)
-    metrics = evaluate_generator(reloaded, sample_prompts(held_out, args.eval_prompts, args.seed + 7),
-                                args.seed + 7, args.sample_steps, args.guidance_scale)
+    metrics = evaluate_generator(
+        reloaded,
+        sample_prompts(held_out, args.eval_prompts, args.seed + 7),
+        args.seed + 7,
+        args.sample_steps,
+        args.guidance_scale,
+    )
     images = metrics.pop("images")
-    grid = np.concatenate([np.concatenate([np.asarray(im) for im in images[r * 8 : r * 8 + 8]], axis=1)
-                           for r in range(min(4, len(images) // 8))], axis=0)
+    grid = np.concatenate(
+        [
+            np.concatenate([np.asarray(im) for im in images[r * 8 : r * 8 + 8]], axis=1)
+            for r in range(min(4, len(images) // 8))
+        ],
+        axis=0,
+    )
     if grid.size:
         Image.fromarray(grid).save(Path(args.output_dir).with_suffix(".samples.png"))
-    metrics.update(train_seconds=train_seconds, eval_seconds=time.time() - start, held_out=True,
-                   transformer_parameters=sum(p.numel() for p in reloaded.transformer.parameters()))
+    metrics.update(
+        train_seconds=train_seconds,
+        eval_seconds=time.time() - start,
+        held_out=True,
+        transformer_parameters=sum(p.numel() for p in reloaded.transformer.parameters()),
+    )
     Path(args.output_dir).with_suffix(".metrics.json").write_text(json.dumps(metrics, indent=2))
     print(json.dumps(metrics), flush=True)
     return metrics

@@ -56,7 +56,9 @@ def psnr(reference: torch.Tensor, reconstruction: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / max(mse, 1e-12))
 
 
-def train_autoencoder(vae: AutoencoderKL, train: torch.Tensor, args: argparse.Namespace, start: float) -> AutoencoderKL:
+def train_autoencoder(
+    vae: AutoencoderKL, train: torch.Tensor, args: argparse.Namespace, start: float
+) -> AutoencoderKL:
     """Stage 1: L1 reconstruction + a tiny KL on random crops."""
     optimizer = torch.optim.AdamW(vae.parameters(), lr=args.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
@@ -89,8 +91,9 @@ def finetune_decoder(vae: AutoencoderKL, train: torch.Tensor, args: argparse.Nam
     weights = 1.0 + (args.foreground_weight - 1.0) * ((train - background).abs().amax(1, keepdim=True) > 0.25).float()
     decoder = [p for name, p in vae.named_parameters() if name.startswith(("decoder.", "post_quant_conv."))]
     optimizer = torch.optim.AdamW(decoder, lr=args.lr / 5, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=args.lr / 5, total_steps=max(args.decoder_steps, 1),
-                                                   pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=args.lr / 5, total_steps=max(args.decoder_steps, 1), pct_start=0.1
+    )
     generator = torch.Generator().manual_seed(args.seed + 1)
     vae.decoder.train()
     for step in range(args.decoder_steps):
@@ -123,14 +126,17 @@ def main(args: argparse.Namespace) -> dict:
     vae = finetune_decoder(vae, train, args, start)
     vae.eval()
     with torch.no_grad():
-        latents = torch.cat([vae.encode(train[i : i + 128]).latent_dist.mode() for i in range(0, min(512, len(train)), 128)])
+        latents = torch.cat(
+            [vae.encode(train[i : i + 128]).latent_dist.mode() for i in range(0, min(512, len(train)), 128)]
+        )
         shift, scale = latents.mean().item(), 1.0 / latents.std().item()
         vae.register_to_config(shift_factor=shift, scaling_factor=scale)
         reconstruction = vae.decode(vae.encode(test).latent_dist.mode()).sample
     result = {
         "psnr_held_out_db": psnr(test, reconstruction),
-        "oracle_attribute_accuracy_of_reconstructions": float(np.mean(
-            [attribute_accuracy(im, p) for im, p in zip(tensor_to_images(reconstruction), test_prompts)])),
+        "oracle_attribute_accuracy_of_reconstructions": float(
+            np.mean([attribute_accuracy(im, p) for im, p in zip(tensor_to_images(reconstruction), test_prompts)])
+        ),
         "shift_factor": shift,
         "scaling_factor": scale,
         "parameters": sum(p.numel() for p in vae.parameters()),

@@ -1,6 +1,6 @@
 """Collect the metrics every tiny-world stage wrote under one output folder into `results.json`.
 
-    python examples/tiny_world/summarize.py --out outputs/tiny-world --output examples/tiny_world/results.json
+python examples/tiny_world/summarize.py --out outputs/tiny-world --output examples/tiny_world/results.json
 """
 
 from __future__ import annotations

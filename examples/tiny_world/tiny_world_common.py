@@ -7,12 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from domain import IMAGE_SIZE, VOCABULARY, render
 from PIL import Image
 
-
-from domain import IMAGE_SIZE, VOCABULARY, render
-
 from dinalrm.photo_pairs import TINY_VAE_CONFIG, images_to_tensor  # noqa: F401 (re-exported to the scripts)
+
 
 # Run as `python examples/tiny_world/<script>.py`, a script has this folder on sys.path (so `domain` imports) and
 # `dinalrm` comes from the installed package (`pip install -e .`).
@@ -88,20 +87,30 @@ def sd3_components(vae=None, seed: int = 0) -> dict:
     from dinalrm.testing import get_tiny_sd3_components
 
     components = get_tiny_sd3_components(
-        seed=seed, transformer_config=dict(TRANSFORMER_CONFIG), size="tiny", words=VOCABULARY,
-        model_max_length=TOKEN_LENGTH, vae_config=dict(VAE_CONFIG),
+        seed=seed,
+        transformer_config=dict(TRANSFORMER_CONFIG),
+        size="tiny",
+        words=VOCABULARY,
+        model_max_length=TOKEN_LENGTH,
+        vae_config=dict(VAE_CONFIG),
     )
     if vae is not None:
         components["vae"] = vae
     return components
 
 
-def generate(pipe, prompts: list[str], seed: int, steps: int = 12, guidance_scale: float = 4.0,
-             output_type: str = "pil"):
+def generate(
+    pipe, prompts: list[str], seed: int, steps: int = 12, guidance_scale: float = 4.0, output_type: str = "pil"
+):
     """Samples of the tiny SD3 generator, one per prompt, with per-sample generators derived from `seed`."""
     generators = [torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(prompts))]
     return pipe(
-        prompt=prompts, height=IMAGE_SIZE, width=IMAGE_SIZE, num_inference_steps=steps,
-        guidance_scale=guidance_scale, generator=generators, max_sequence_length=TOKEN_LENGTH,
+        prompt=prompts,
+        height=IMAGE_SIZE,
+        width=IMAGE_SIZE,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        max_sequence_length=TOKEN_LENGTH,
         output_type=output_type,
     ).images
