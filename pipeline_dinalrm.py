@@ -157,6 +157,31 @@ def _describe(value) -> str:
     return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
 
 
+def resize_and_center_crop(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
+    """The one fixed-size resize rule, shared by training and scoring: `image` at exactly `size = (width, height)`.
+
+    The image is scaled with Lanczos filtering (the filter of diffusers' `VaeImageProcessor`), keeping its aspect
+    ratio, to the smallest size that covers `size` (the side that does not bind is rounded down, never below the
+    target), then the centre is cropped. This is what `VaeImageProcessor.resize(..., resize_mode="crop")` does, pixel
+    for pixel on RGB images, without its paste onto a new canvas. Smaller images are upscaled: a training bucket or
+    an explicit `resolution=(height, width)` asks for that exact size. `train_dinalrm.py` calls this (through
+    `dinalrm.data`) to bring each image to its bucket, and `DiNaLRMPipeline` calls it for `resolution=(h, w)`, so a
+    model scores images resized exactly as it was trained on them.
+    """
+    target_w, target_h = size
+    if target_w < 1 or target_h < 1:
+        raise ValueError(f"size must be positive, got {target_w}x{target_h}.")
+    width, height = image.size
+    if target_w / target_h > width / height:
+        new_w, new_h = target_w, height * target_w // width
+    else:
+        new_w, new_h = width * target_h // height, target_h
+    if (new_w, new_h) != (width, height):
+        image = image.resize((new_w, new_h), PIL.Image.Resampling.LANCZOS)
+    left, top = new_w // 2 - target_w // 2, new_h // 2 - target_h // 2
+    return image.crop((left, top, left + target_w, top + target_h))
+
+
 class DiNaLRMPipeline(DiffusionPipeline):
     r"""Scores images or SD3 latents against prompts with the DiNa-LRM latent reward model.
 
@@ -420,7 +445,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
                     f"resolution={tuple(resolution)} must be positive multiples of {multiple} (VAE factor "
                     f"{self.vae_scale_factor} x patch size {self.patch_size})."
                 )
-            return self.image_processor.resize(image, height, width, resize_mode="crop")
+            return resize_and_center_crop(image, (width, height))
         original_size = image.size
         scale = min(1.0, (resolution or self.default_resolution) / math.sqrt(image.width * image.height))
         if scale < 1.0:

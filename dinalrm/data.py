@@ -188,15 +188,25 @@ def image_record(value: Any, root: str | os.PathLike[str] | None = None) -> dict
 
 
 def resize_and_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Resize ``image`` to cover ``size = (width, height)`` keeping its aspect ratio, then centre-crop."""
-    target_w, target_h = size
-    width, height = image.size
-    scale = max(target_w / width, target_h / height)
-    new_w, new_h = max(target_w, round(width * scale)), max(target_h, round(height * scale))
-    if (new_w, new_h) != (width, height):
-        image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    left, top = (new_w - target_w) // 2, (new_h - target_h) // 2
-    return image.crop((left, top, left + target_w, top + target_h))
+    """``image`` brought to its bucket ``size = (width, height)`` by the pipeline's one fixed-size rule.
+
+    Lanczos, aspect kept, scaled up or down to cover ``size``, centre crop: see
+    :func:`pipeline_dinalrm.resize_and_center_crop`, which ``DiNaLRMPipeline`` also applies for
+    ``resolution=(height, width)``, so a model is trained and scored on the same pixels.
+
+    Upscaling policy: images are upscaled when smaller than their bucket, never dropped for it. The upscale is
+    bounded by the buckets: :class:`BucketSet` picks, among the sizes of the image's aspect-ratio class (the 1024²,
+    512² and 256² classes scaled to ``--resolution``), the one closest in log-area, so an image whose area lies in
+    that range is scaled by at most about √2 per side, plus the aspect-ratio difference to its bucket that the crop
+    removes. A pair's bucket follows the geometric mean of its two areas, so the smaller image of an unequal pair is
+    upscaled by a further square root of the pair's side ratio. An image smaller than the smallest bucket (a quarter
+    of ``--resolution`` per side) is upscaled to it however small it is: filter such images out of the data if
+    their blur matters.
+    """
+    # The Hub file (imported by dinalrm.images already, so this costs nothing).
+    from pipeline_dinalrm import resize_and_center_crop as one_rule
+
+    return one_rule(image, size)
 
 
 @dataclass(frozen=True)
