@@ -35,7 +35,7 @@ from dinalrm.checkpointing import (
     restore_accelerate_pickles,
     save_ema,
 )
-from dinalrm.data import load_preference_dataset
+from dinalrm.data import load_preference_dataset, write_canonical_pairs
 from dinalrm.feature_cache import (
     CachedPairDataset,
     collate_cached_pairs,
@@ -46,7 +46,6 @@ from dinalrm.testing import (
     get_tiny_sd3_components,
     make_tiny_image_pair,
     save_tiny_sd3_pipeline,
-    write_canonical_pairs,
     write_tiny_preference_dataset,
 )
 from dinalrm.training_utils import (

@@ -3,7 +3,7 @@
 Pairs come from scikit-image's bundled photographs (`dinalrm.photo_pairs`): the chosen image is a clean random crop,
 the rejected one the same crop blurred, noised, JPEG-compressed, down-up scaled or colour-shifted. The held-out
 photos are never seen in training (neither by the VAE nor by the reward model). The latent space is the tiny
-16-channel VAE trained on the same kind of crops (`tests/assets/tiny-photo-vae`, made by
+16-channel VAE trained on the same kind of crops (`tests/fixtures/tiny-photo-vae`, made by
 `scripts/train_tiny_photo_vae.py`); the reward model sits on a tiny random SD3 transformer. `train_dinalrm.py`
 runs as users run it (features precomputed once, EMA, validation on the held-out pairs); everything is seeded and
 single-threaded, so the figures below repeat exactly on one machine; another torch build or CPU gives other
@@ -23,8 +23,9 @@ import torch
 from conftest import REPO_ROOT
 from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 
+from dinalrm.data import write_canonical_pairs
 from dinalrm.photo_pairs import DEGRADATIONS, load_photos, make_pairs, split_photos
-from dinalrm.testing import get_tiny_sd3_components, write_canonical_pairs
+from dinalrm.testing import get_tiny_sd3_components
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
 

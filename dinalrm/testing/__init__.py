@@ -3,14 +3,11 @@
 Every component is a genuine diffusers/transformers class with a small config, so code exercised against these
 behaves as it would against `stabilityai/stable-diffusion-3.5-medium` (same classes, same dimension chain),
 without the Hub and in seconds on a CPU. `dinalrm.testing.models` builds the models,
-`dinalrm.testing.datasets` writes tiny preference datasets and benchmarks in their published layouts.
-`write_canonical_pairs` is the real writer of the canonical pair schema; it lives in `dinalrm.data` and
-is re-exported here for convenience (lazily: `datasets` is an optional dependency).
+`dinalrm.testing.datasets` writes tiny preference datasets and benchmarks in their published layouts (the real
+writer of the canonical pair schema, `write_canonical_pairs`, lives next to its reader in `dinalrm.data`).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from .datasets import (
     PREFERENCE_FORMATS,
@@ -49,15 +46,6 @@ __all__ = [
     "save_tiny_sd3_pipeline",
     "tiny_transformer_config",
     "torch_threads",
-    "write_canonical_pairs",
     "write_tiny_benchmarks",
     "write_tiny_preference_dataset",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "write_canonical_pairs":  # imported on use: dinalrm.data needs the optional `datasets` package
-        from ..data import write_canonical_pairs
-
-        return write_canonical_pairs
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
