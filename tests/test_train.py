@@ -23,7 +23,7 @@ from accelerate.utils import load as accelerate_load
 from conftest import REPO_ROOT
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dinalrm.buckets import BucketBatchSampler, BucketSet
 from dinalrm.checkpointing import (
@@ -187,7 +187,7 @@ class _MeanReward(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(()))
         self.batch_sizes: list[int] = []
 
-    def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds):
+    def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds, check_finite=None):
         self.batch_sizes.append(noisy.shape[0])
         self.inputs = noisy
         return type("Out", (), {"rewards": self.scale * noisy.mean(dim=(1, 2, 3))})()
@@ -665,3 +665,52 @@ def test_pipeline_output_dir_must_be_empty(tmp_path):
             ]
         )
     assert (tmp_path / "repo" / "README.md").read_text() == "a user's file"
+
+
+def _poison_cached_prompts(cache: Path, copy: Path) -> None:
+    """A copy of the feature cache with one infinite value in every cached training prompt embedding."""
+    shutil.copytree(cache, copy)
+    for shard in (copy / "train").glob("prompts-*.safetensors"):
+        tensors = load_file(shard)
+        tensors["prompt_embeds"][:, 0, 0] = float("inf")
+        save_file(tensors, shard)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(workspace, cached_canonical_run):
+    """Resumed at step 4 on a cache holding `inf` with --checkpoints_total_limit 1: the next checkpoint would rotate
+    both good ones away. The run must stop at step 5 with a non-zero exit code, naming the step, having saved nothing."""
+    sd3, reference, cache = cached_canonical_run
+    output, poisoned = workspace / "non-finite", workspace / "poisoned-cache"
+    _poison_cached_prompts(cache, poisoned)
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(reference / name, output / name)
+    flags = [
+        "--pretrained_model_name_or_path",
+        str(sd3),
+        "--train_data_dir",
+        str(workspace / "canonical"),
+        "--validation_split",
+        "test",
+        "--output_dir",
+        str(output),
+        "--cache_dir",
+        str(poisoned),
+        "--resume_from_checkpoint",
+        "latest",
+        "--checkpoints_total_limit",
+        "1",
+        *COMMON_FLAGS,
+    ]
+    result = run_python(*flags)
+    assert result.returncode != 0
+    assert "FloatingPointError: Non-finite loss at step 5" in result.stderr, result.stderr[-3000:]
+    assert f"{output / 'checkpoint-4'}, is intact" in result.stderr
+    assert [step for step, _ in list_checkpoints(output)] == [2, 4]
+    for step in (2, 4):
+        for name in ("reward_model/model.safetensors", "ema/ema_weights.safetensors"):
+            expected, actual = (
+                load_file(reference / f"checkpoint-{step}" / name),
+                load_file(output / f"checkpoint-{step}" / name),
+            )
+            assert all(torch.equal(expected[k], actual[k]) for k in expected), f"checkpoint-{step}/{name} changed"
+    assert not (output / FINAL_WEIGHTS).exists() and not list(output.glob(f"{PARTIAL_PREFIX}*"))
