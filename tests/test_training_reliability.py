@@ -1,7 +1,8 @@
-"""Checkpoints under faults and hostile input: non-finite weights, truncated files, crafted metadata, missing files,
-another model's checkpoint, and a second run on the same output folder (issue 14). Whole training runs that stop on
-a non-finite loss are in `tests/test_train.py`."""
+"""Training under faults and hostile input (issue 14): checkpoints with non-finite weights, truncated or missing files,
+crafted metadata or another model's settings; damaged feature caches; the non-finite step guard; a second run on the
+same output folder. The whole training run that stops on a non-finite loss is in `tests/test_train.py`."""
 
+import argparse
 import json
 import os
 import signal
@@ -12,8 +13,10 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import REPO_ROOT
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from dinalrm.buckets import BucketSet
 from dinalrm.checkpointing import (
     LOCK_FILE,
     PARTIAL_PREFIX,
@@ -24,8 +27,10 @@ from dinalrm.checkpointing import (
     restore_accelerate_pickles,
     save_checkpoint,
 )
-from dinalrm.testing import get_tiny_dinalrm_reward_model
-from train_dinalrm import load_checkpoint_model
+from dinalrm.data import load_preference_dataset
+from dinalrm.feature_cache import CachedPairDataset, read_cache_info, write_feature_cache
+from dinalrm.testing import get_tiny_dinalrm_reward_model, write_canonical_pairs
+from train_dinalrm import check_update, load_checkpoint_model
 
 
 @pytest.fixture
@@ -163,3 +168,85 @@ def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_repo
         assert lock.path == str(output / LOCK_FILE)
     assert f'no longer alive ({{"pid": {holder.pid}' in caplog.text
     assert not (output / LOCK_FILE).exists()  # released on exit
+
+
+def _cache(tmp_path, damage) -> str:
+    """A feature cache of 4 pairs (2 prompt shards, 2 pair shards), with its cache_info.json, damaged by `damage`."""
+    images = [Image.new("RGB", (32, 32), (i * 40, 0, 0)) for i in range(8)]
+    rows = [{"prompt": f"prompt {i}", "chosen": images[2 * i], "rejected": images[2 * i + 1]} for i in range(4)]
+    write_canonical_pairs(tmp_path / "data", rows)
+    pairs, _ = load_preference_dataset(train_data_dir=str(tmp_path / "data"), buckets=BucketSet(32, 8))
+    cache = tmp_path / "cache"
+    write_feature_cache(
+        cache,
+        "train",
+        pairs,
+        lambda prompts: (torch.zeros(len(prompts), 4, 32), torch.zeros(len(prompts), 32)),
+        lambda batch: torch.zeros(len(batch), 16, 8, 8),
+        batch_size=2,
+        shard_size=2,
+    )
+    (cache / "cache_info.json").write_text(
+        json.dumps({"fingerprint": {}, "splits": ["train"], "skipped": {"train": {"kept": 4, "skipped": 0}}})
+    )
+    damage(cache)
+    return str(cache)
+
+
+def _truncate(path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (lambda cache: None, None),
+        (
+            lambda cache: _truncate(cache / "train" / "pairs-000001-32x32.safetensors"),
+            "pairs-000001-32x32.safetensors cannot be read",
+        ),
+        (
+            lambda cache: _truncate(cache / "train" / "prompts-000000.safetensors"),
+            "prompts-000000.safetensors cannot be read",
+        ),
+        (
+            lambda cache: (cache / "train" / "pairs-000000-32x32.safetensors").unlink(),
+            "holds 2 pairs where 4 were cached",
+        ),
+        (lambda cache: (cache / "train" / "prompts-000000.safetensors").unlink(), "prompt shards .* are missing"),
+        (lambda cache: (cache / "train" / "prompts-000001.safetensors").unlink(), "prompt shards .* are missing"),
+        (
+            lambda cache: (cache / "cache_info.json").write_text('{"fingerprint": {'),
+            "cache_info.json is not valid JSON",
+        ),
+        (lambda cache: (cache / "cache_info.json").write_text("[]"), "cache_info.json lacks"),
+    ],
+)
+def test_a_damaged_feature_cache_is_refused_naming_the_problem(tmp_path, damage, problem):
+    cache = _cache(tmp_path, damage)
+    if problem is None:
+        assert len(CachedPairDataset(cache, "train")) == 4 and read_cache_info(cache)["splits"] == ["train"]
+        return
+    with pytest.raises(ValueError, match=rf"feature cache in {cache} is damaged: .*{problem}.*--precompute_features"):
+        read_cache_info(cache)
+        CachedPairDataset(cache, "train")
+
+
+def _update_check(tmp_path, loss: float, grad: float, skip: bool) -> bool:
+    accelerator = Accelerator(cpu=True)
+    parameter = torch.nn.Parameter(torch.ones(2))
+    parameter.grad = torch.tensor([grad, 0.0])
+    args = argparse.Namespace(max_grad_norm=1.0, skip_nonfinite_steps=skip, output_dir=str(tmp_path))
+    return check_update(accelerator, args, [parameter], torch.isfinite(torch.tensor(loss)), step=7)
+
+
+def test_the_step_guard_stops_on_a_non_finite_loss_or_gradient_or_skips_under_the_option(tmp_path, caplog):
+    assert _update_check(tmp_path, loss=0.5, grad=3.0, skip=False)
+    with pytest.raises(FloatingPointError, match="Non-finite loss at step 7.*no checkpoint was written"):
+        _update_check(tmp_path, loss=float("nan"), grad=3.0, skip=False)
+    with pytest.raises(FloatingPointError, match="Non-finite gradient at step 7.*--skip_nonfinite_steps"):
+        _update_check(tmp_path, loss=0.5, grad=float("inf"), skip=False)
+    with caplog.at_level("WARNING"):
+        assert not _update_check(tmp_path, loss=float("nan"), grad=3.0, skip=True)
+    assert "Non-finite loss at step 7: step skipped" in caplog.text
