@@ -161,11 +161,8 @@ def _require_pixels(image) -> None:
     """Refuses an image without pixels (a 0-pixel side), which no resize rule can bring to size."""
     if isinstance(image, PIL.Image.Image):
         empty, shape = min(image.size) == 0, f"{image.width}x{image.height} pixels"
-    else:
-        empty, shape = (
-            image.size == 0 if isinstance(image, np.ndarray) else image.numel() == 0,
-            f"shape {tuple(image.shape)}",
-        )
+    else:  # numpy array or torch tensor
+        empty, shape = 0 in image.shape, f"shape {tuple(image.shape)}"
     if empty:
         raise ValueError(f"an image of {shape} is empty: pass an image with pixels (did its file fail to decode?).")
 
