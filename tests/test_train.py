@@ -539,14 +539,9 @@ def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_ru
     assert [e["val/pairs"] for e in raw_val] == [e["val/pairs"] for e in cached_val]
 
 
-def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, cached_canonical_run):
-    sd3, reference, cache = cached_canonical_run
-    # Training from the cache must not need the VAE weights or the text encoders: remove them.
-    (sd3 / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
-        shutil.rmtree(sd3 / name)
-    output = workspace / "resumed"
-    flags = [
+def _cached_resume_flags(workspace: Path, sd3: Path, output: Path, cache: Path, *extra: str) -> list[str]:
+    """The flags of a run on the canonical data that trains from the feature cache `cache`, resuming if it can."""
+    return [
         "--pretrained_model_name_or_path",
         str(sd3),
         "--train_data_dir",
@@ -559,8 +554,27 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
         str(cache),
         "--resume_from_checkpoint",
         "latest",
+        *extra,
         *COMMON_FLAGS,
     ]
+
+
+def _assert_same_checkpoint(expected: Path, actual: Path) -> None:
+    """The live and EMA weights of two checkpoints are bit-identical."""
+    for name in ("reward_model/model.safetensors", "ema/ema_weights.safetensors"):
+        expected_weights, actual_weights = load_file(expected / name), load_file(actual / name)
+        assert expected_weights.keys() == actual_weights.keys()
+        assert all(torch.equal(expected_weights[k], actual_weights[k]) for k in expected_weights), f"{actual}/{name}"
+
+
+def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, cached_canonical_run):
+    sd3, reference, cache = cached_canonical_run
+    # Training from the cache must not need the VAE weights or the text encoders: remove them.
+    (sd3 / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.rmtree(sd3 / name)
+    output = workspace / "resumed"
+    flags = _cached_resume_flags(workspace, sd3, output, cache)
 
     first = run_python(*flags, kill_at="2")
     assert first.returncode == -9, first.stderr[-3000:]
@@ -577,10 +591,7 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
     assert resumed_from == [str(output / "checkpoint-2")]
     assert not (output / f"{PARTIAL_PREFIX}checkpoint-4").exists()
 
-    for name in ("reward_model/model.safetensors", "ema/ema_weights.safetensors"):
-        expected, actual = load_file(reference / "checkpoint-6" / name), load_file(output / "checkpoint-6" / name)
-        assert expected.keys() == actual.keys()
-        assert all(torch.equal(expected[k], actual[k]) for k in expected), f"{name} differs after resuming"
+    _assert_same_checkpoint(reference / "checkpoint-6", output / "checkpoint-6")
     expected, actual = load_file(reference / FINAL_WEIGHTS), load_file(output / FINAL_WEIGHTS)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert _summary(output)["validation"] == _summary(reference)["validation"]
@@ -684,33 +695,12 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(workspace,
     _poison_cached_prompts(cache, poisoned)
     for name in ("checkpoint-2", "checkpoint-4"):
         shutil.copytree(reference / name, output / name)
-    flags = [
-        "--pretrained_model_name_or_path",
-        str(sd3),
-        "--train_data_dir",
-        str(workspace / "canonical"),
-        "--validation_split",
-        "test",
-        "--output_dir",
-        str(output),
-        "--cache_dir",
-        str(poisoned),
-        "--resume_from_checkpoint",
-        "latest",
-        "--checkpoints_total_limit",
-        "1",
-        *COMMON_FLAGS,
-    ]
+    flags = _cached_resume_flags(workspace, sd3, output, poisoned, "--checkpoints_total_limit", "1")
     result = run_python(*flags)
     assert result.returncode != 0
     assert "FloatingPointError: Non-finite loss at step 5" in result.stderr, result.stderr[-3000:]
     assert f"{output / 'checkpoint-4'}, is intact" in result.stderr
     assert [step for step, _ in list_checkpoints(output)] == [2, 4]
     for step in (2, 4):
-        for name in ("reward_model/model.safetensors", "ema/ema_weights.safetensors"):
-            expected, actual = (
-                load_file(reference / f"checkpoint-{step}" / name),
-                load_file(output / f"checkpoint-{step}" / name),
-            )
-            assert all(torch.equal(expected[k], actual[k]) for k in expected), f"checkpoint-{step}/{name} changed"
+        _assert_same_checkpoint(reference / f"checkpoint-{step}", output / f"checkpoint-{step}")
     assert not (output / FINAL_WEIGHTS).exists() and not list(output.glob(f"{PARTIAL_PREFIX}*"))
