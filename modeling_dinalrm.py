@@ -622,6 +622,15 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             raise ValueError(
                 f"latents must be a 4D tensor (batch, channels, height, width), got {_describe(latents)}."
             )
+        for name, value in (
+            ("latents", latents),
+            ("prompt_embeds", prompt_embeds),
+            ("pooled_prompt_embeds", pooled_prompt_embeds),
+        ):
+            if isinstance(value, torch.Tensor) and not value.is_floating_point():
+                raise TypeError(
+                    f"{name} must be floating-point, got {value.dtype}: pass float32, bfloat16 or float16."
+                )
         batch, channels, height, width = latents.shape
         if channels != bc["in_channels"]:
             raise ValueError(

@@ -114,6 +114,11 @@ def _as_uint8(array: np.ndarray) -> np.ndarray:
         return np.rint(array / 257.0).astype(np.uint8)
     if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.floating):
         array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise ValueError(
+                "a float image holds NaN or infinite values: pass finite values in [0, 1] (a failed decode or a "
+                "division by zero upstream?)."
+            )
         low, high = float(array.min()), float(array.max())
         if low < -FLOAT_RANGE_TOLERANCE or high > 1.0 + FLOAT_RANGE_TOLERANCE:
             raise ValueError(
@@ -152,6 +157,16 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
+def _require_pixels(image) -> None:
+    """Refuses an image without pixels (a 0-pixel side), which no resize rule can bring to size."""
+    if isinstance(image, PIL.Image.Image):
+        empty, shape = min(image.size) == 0, f"{image.width}x{image.height} pixels"
+    else:  # numpy array or torch tensor
+        empty, shape = 0 in image.shape, f"shape {tuple(image.shape)}"
+    if empty:
+        raise ValueError(f"an image of {shape} is empty: pass an image with pixels (did its file fail to decode?).")
+
+
 def _describe(value) -> str:
     shape = getattr(value, "shape", None)
     return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
@@ -180,6 +195,15 @@ def resize_and_center_crop(image: PIL.Image.Image, size: tuple[int, int]) -> PIL
         image = image.resize((new_w, new_h), PIL.Image.Resampling.LANCZOS)
     left, top = new_w // 2 - target_w // 2, new_h // 2 - target_h // 2
     return image.crop((left, top, left + target_w, top + target_h))
+
+
+def _require_rankable(rewards: torch.Tensor) -> None:
+    """Refuses NaN rewards, which have no place in an order (a sort would silently put them first)."""
+    if torch.isnan(rewards).any():
+        raise ValueError(
+            f"rewards {rewards.tolist()} hold NaN, so they cannot be ranked: the inputs hold NaN or infinite values "
+            "(scored with check_finite=False?). Pass finite images or latents and prompt embeddings."
+        )
 
 
 class DiNaLRMPipeline(DiffusionPipeline):
@@ -439,6 +463,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
         """The RGB image at a size the VAE and the patch size accept; see `__call__`'s `resolution` for the rule."""
         multiple = self.size_multiple
         if isinstance(resolution, (tuple, list)):
+            if len(resolution) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in resolution):
+                raise ValueError(f"resolution=(height, width) takes two integers, got {resolution!r}.")
             height, width = resolution
             if height % multiple or width % multiple or min(height, width) < multiple:
                 raise ValueError(
@@ -446,6 +472,13 @@ class DiNaLRMPipeline(DiffusionPipeline):
                     f"{self.vae_scale_factor} x patch size {self.patch_size})."
                 )
             return resize_and_center_crop(image, (width, height))
+        if resolution is not None and (
+            isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < multiple
+        ):
+            raise ValueError(
+                f"resolution={resolution!r} must be an integer side of at least {multiple} pixels, a (height, width) "
+                f"pair, or None for the default ({self.default_resolution})."
+            )
         original_size = image.size
         scale = min(1.0, (resolution or self.default_resolution) / math.sqrt(image.width * image.height))
         if scale < 1.0:
@@ -464,6 +497,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
 
     def _preprocess(self, image, resolution) -> torch.Tensor:
         """One image as a `(1, 3, H, W)` tensor in [-1, 1]: converted to RGB, then brought to size by `_fit`."""
+        _require_pixels(image)
         if isinstance(image, torch.Tensor):
             array = image.detach().cpu()
             array = array.float() if array.is_floating_point() else array
@@ -535,6 +569,10 @@ class DiNaLRMPipeline(DiffusionPipeline):
             raise ValueError("Pass either `images` or `latents`, not both.")
         if latents is not None and not (isinstance(latents, torch.Tensor) and latents.ndim == 4):
             raise ValueError(f"latents must be a 4D tensor (batch, 16, height, width), got {_describe(latents)}.")
+        if latents is not None and not latents.is_floating_point():
+            raise TypeError(
+                f"latents must be floating-point VAE latents, got {latents.dtype}: pass float32, bfloat16 or float16."
+            )
         num_samples = len(images) if images is not None else latents.shape[0]
         if prompt is None and prompt_embeds is None:
             raise ValueError("Pass `prompt` or precomputed `prompt_embeds` and `pooled_prompt_embeds`.")
@@ -555,6 +593,12 @@ class DiNaLRMPipeline(DiffusionPipeline):
         else:
             if pooled_prompt_embeds is None:
                 raise ValueError("prompt_embeds needs pooled_prompt_embeds as well (both come from encode_prompt).")
+            for name, value in (("prompt_embeds", prompt_embeds), ("pooled_prompt_embeds", pooled_prompt_embeds)):
+                if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                    raise TypeError(
+                        f"{name} must be a floating-point torch tensor (from encode_prompt), got {_describe(value)}"
+                        + (f" of {value.dtype}." if isinstance(value, torch.Tensor) else ".")
+                    )
             if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2:
                 raise ValueError(
                     f"prompt_embeds must be (batch, tokens, dim) and pooled_prompt_embeds (batch, dim); got "
@@ -778,5 +822,6 @@ class DiNaLRMPipeline(DiffusionPipeline):
             [`DiNaLRMRankingOutput`] with `indices` into the inputs and their `rewards`, best first.
         """
         rewards = self(prompt, images=images, latents=latents, **kwargs).rewards
+        _require_rankable(rewards)
         ordered, order = torch.sort(rewards, descending=True, stable=True)
         return DiNaLRMRankingOutput(indices=order.tolist(), rewards=ordered)

@@ -24,6 +24,7 @@ RNG states) is converted to safetensors before the rename, and handed back to ac
 """
 
 import argparse
+import atexit
 import json
 import logging
 import math
@@ -53,9 +54,13 @@ from tqdm.auto import tqdm
 from dinalrm.buckets import BucketBatchSampler, BucketSet, buckets_for_model
 from dinalrm.checkpointing import (
     CHECKPOINT_PREFIX,
+    LOCK_FILE,
     PARTIAL_PREFIX,
+    OutputDirLock,
+    list_checkpoints,
     load_checkpoint,
     load_ema,
+    nonfinite_tensors,
     remove_partial_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
@@ -91,6 +96,13 @@ logger = get_logger(__name__)
 SUMMARY_FILE = "training_summary.json"
 VALIDATION_STREAM = -1  # key of the validation noise in `seeded_generator`, apart from the training streams
 HOLD_OUT_SEED = 0  # a fractional --validation_split is drawn with a fixed seed, so cached features stay valid
+NONFINITE_STEP = "nonfinite_step"  # runtime skip reason of a step skipped under --skip_nonfinite_steps
+#: Settings a checkpoint's reward model must share with the run that resumes from it (they fix the weights' shapes
+#: and what the adapter computes).
+RESUME_SETTINGS = (
+    "backbone_config", "num_backbone_layers", "visual_layers", "text_layers", "head_width", "head_num_queries",
+    "head_num_heads", "head_use_proj_in", "lora_rank", "lora_alpha", "lora_target_modules",
+)  # fmt: skip
 
 
 def _int_list(value: str) -> list[int]:
@@ -255,6 +267,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     training.add_argument("--adam_weight_decay", type=float, default=0.01)
     training.add_argument("--adam_epsilon", type=float, default=1e-8)
     training.add_argument("--max_grad_norm", type=float, default=1.0, help="Gradient clipping (0 disables it).")
+    training.add_argument(
+        "--skip_nonfinite_steps",
+        action="store_true",
+        help="Skip (and count) an optimizer step whose loss or gradient is NaN or infinite, instead of stopping "
+        "the run there (the default).",
+    )
     training.add_argument(
         "--mixed_precision",
         type=str,
@@ -536,6 +554,59 @@ def data_sources(args, accelerator, reward_model, dtype):
     return CachedPairDataset(cache_dir, "train"), validation, collate_cached_pairs, None, info["skipped"]
 
 
+# --------------------------------------------------------------------------------------------------- safeguards
+def load_checkpoint_model(folder: str, model: DiNaLRMModel) -> DiNaLRMModel:
+    """The reward model saved in a checkpoint's `reward_model/`, refused unless it fits `model` (`RESUME_SETTINGS`).
+
+    `folder` may be a link in the temporary folder `load_checkpoint` lays out; errors name the checkpoint itself.
+    """
+    folder = os.path.realpath(folder)
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        raise FileNotFoundError(
+            f"The checkpoint {os.path.dirname(folder)} is incomplete: {folder} has no config.json. Resume from "
+            "another checkpoint (--resume_from_checkpoint checkpoint-<step>) or start a new --output_dir."
+        )
+    loaded = DiNaLRMModel.from_pretrained(folder)
+    theirs, ours = loaded.config.to_dict(), model.config.to_dict()
+    changed = {key: (theirs.get(key), ours[key]) for key in RESUME_SETTINGS if theirs.get(key) != ours[key]}
+    if changed:
+        raise ValueError(
+            f"The checkpoint {os.path.dirname(folder)} was trained with other model settings {changed} "
+            "(checkpoint, this run): resume with the flags it was trained with, or start a new --output_dir."
+        )
+    return loaded
+
+
+def check_update(accelerator, args, trainable, loss_finite: torch.Tensor, step: int) -> bool:
+    """Clips the gradients and says whether the optimizer step `step` may be taken: loss and gradients finite.
+
+    The verdict is agreed over all processes. A non-finite step stops the run with `FloatingPointError`
+    before the optimizer, the EMA or a checkpoint sees it, unless `--skip_nonfinite_steps` (then it is skipped,
+    logged and counted). With an fp16 gradient scaler, overflowing gradients are the scaler's business: it skips
+    the step itself and lowers its scale, so only the loss is checked.
+    """
+    if args.max_grad_norm > 0:
+        grad_norm = accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+    else:
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+    grad_finite = torch.isfinite(grad_norm) if accelerator.scaler is None else torch.ones_like(loss_finite)
+    flags = accelerator.gather(torch.stack([loss_finite, grad_finite.to(loss_finite.device)]).int()[None])
+    loss_ok, grad_ok = (bool(flag) for flag in flags.all(dim=0))
+    if loss_ok and grad_ok:
+        return True
+    what = "loss" if not loss_ok else "gradient"
+    if args.skip_nonfinite_steps:
+        logger.warning(f"Non-finite {what} at step {step}: step skipped (--skip_nonfinite_steps).")
+        return False
+    checkpoints = list_checkpoints(args.output_dir)
+    kept = f"the latest checkpoint, {checkpoints[-1][1]}, is intact" if checkpoints else "no checkpoint was written"
+    raise FloatingPointError(
+        f"Non-finite {what} at step {step}: training stopped before that step changed any weight or wrote any file; "
+        f"{kept}. Look for NaN or infinite values in the data or the feature cache, lower --learning_rate, or pass "
+        "--skip_nonfinite_steps to skip such steps (counted in training_summary.json)."
+    )
+
+
 # --------------------------------------------------------------------------------------------------- validation
 @torch.no_grad()
 def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_fn, encode, args, global_step) -> dict:
@@ -685,7 +756,8 @@ def main(args: argparse.Namespace) -> None:
     set_seed(args.seed)
     repo_id = None
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        lock = OutputDirLock(args.output_dir).acquire()  # before anything in the folder is touched
+        atexit.register(lock.release)
         remove_partial_checkpoints(args.output_dir)
         if args.push_to_hub:
             repo_id = create_repo(
@@ -751,7 +823,7 @@ def main(args: argparse.Namespace) -> None:
     def load_model_hook(models, input_dir):
         while models:
             target = accelerator.unwrap_model(models.pop())
-            loaded = DiNaLRMModel.from_pretrained(os.path.join(input_dir, "reward_model"))
+            loaded = load_checkpoint_model(os.path.join(input_dir, "reward_model"), target)
             target.load_state_dict(loaded.state_dict())
             del loaded
         if ema is not None:
@@ -808,6 +880,7 @@ def main(args: argparse.Namespace) -> None:
             history.append({"step": global_step, **metrics})
 
     fallback = None  # the last good batch, re-used with zero weights if every pair of a batch fails to decode
+    loss_finite = torch.ones((), dtype=torch.bool, device=accelerator.device)  # over the micro-batches of a step
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:
             break
@@ -836,14 +909,20 @@ def main(args: argparse.Namespace) -> None:
                     args.constant_t,
                 )
                 accelerator.backward(output.loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
+                loss_finite &= torch.isfinite(output.loss.detach())
+                finite_update = True
+                if accelerator.sync_gradients:
+                    finite_update = check_update(accelerator, args, trainable, loss_finite, global_step + 1)
+                    loss_finite = torch.ones((), dtype=torch.bool, device=accelerator.device)
+                    if not finite_update:
+                        runtime_skips[NONFINITE_STEP] += 1
+                if finite_update:
+                    optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
             if accelerator.sync_gradients:
-                if ema is not None:
+                if ema is not None and finite_update:
                     ema.step(trainable)
                 global_step += 1
                 progress_bar.update(1)
@@ -890,6 +969,13 @@ def main(args: argparse.Namespace) -> None:
         final_model = accelerator.unwrap_model(model)
         if ema is not None:
             ema.copy_to(trainable)
+        nonfinite = nonfinite_tensors(final_model.named_parameters())
+        if nonfinite:
+            raise FloatingPointError(
+                f"The final {'EMA ' if ema is not None else ''}weights hold NaN or infinite values "
+                f"({', '.join(nonfinite[:5])}): they were not saved to {args.output_dir}. Resume from an earlier "
+                "checkpoint with a lower --learning_rate."
+            )
         final_model.save_pretrained(args.output_dir)
         skipped = {**skipped, "during_training": dict(total_runtime)}
         for split, counts in skipped.items():
@@ -923,6 +1009,7 @@ def main(args: argparse.Namespace) -> None:
                 ignore_patterns=[
                     f"{CHECKPOINT_PREFIX}*",
                     f"{PARTIAL_PREFIX}*",
+                    LOCK_FILE,
                     f"{args.logging_dir}/*",
                     "feature_cache/*",
                 ],

@@ -3,24 +3,29 @@
 A checkpoint is written under `.partial-checkpoint-<step>` and renamed to `checkpoint-<step>` only once complete,
 so `list_checkpoints` (and `--resume_from_checkpoint latest`) never sees a half-written one. What accelerate
 writes with `torch.save` is converted to safetensors before the rename and handed back to accelerate on resume.
+Every checkpoint is read back and checked for NaN / infinite values before it is published (and before one is
+resumed from), and `OutputDirLock` keeps a second run out of an output folder in use.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
 from diffusers.training_utils import EMAModel
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 
@@ -29,26 +34,36 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ACCELERATE_PICKLE_SUFFIXES",
     "CHECKPOINT_PREFIX",
+    "LOCK_FILE",
     "PARTIAL_PREFIX",
     "TRAINING_STATE",
+    "CheckpointError",
+    "OutputDirLock",
     "convert_accelerate_pickles",
     "list_checkpoints",
     "load_checkpoint",
     "load_ema",
+    "nonfinite_tensors",
     "remove_old_checkpoints",
     "remove_partial_checkpoints",
     "resolve_checkpoint",
     "restore_accelerate_pickles",
     "save_checkpoint",
     "save_ema",
+    "verify_checkpoint",
 ]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 PARTIAL_PREFIX = ".partial-"
 TRAINING_STATE = "training_state.json"
+LOCK_FILE = ".train.lock"
 _CHECKPOINT_PATTERN = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 _EMA_WEIGHTS = "ema_weights.safetensors"
 _EMA_STATE = "ema_state.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted: a file of it is unreadable or holds NaN or infinite values."""
 
 
 # ----------------------------------------------------------------------------------------------- writing and reading
@@ -82,8 +97,10 @@ def save_checkpoint(
 ) -> None:
     """`accelerator.save_state` into a temporary folder, renamed to `checkpoint-<step>` once complete.
 
-    The main process converts accelerate's pickles, writes `training_state` as `training_state.json` and fsyncs
-    everything before the rename; with `total_limit`, the oldest complete checkpoints are then removed.
+    The main process converts accelerate's pickles, writes `training_state` as `training_state.json`, fsyncs
+    everything and reads it back (`verify_checkpoint`) before the rename; with `total_limit`, the oldest complete
+    checkpoints are removed only then. A checkpoint that fails the check is never published and nothing is
+    removed: every process raises `CheckpointError`.
     """
     final = os.path.join(output_dir, f"{CHECKPOINT_PREFIX}{global_step}")
     partial = os.path.join(output_dir, f"{PARTIAL_PREFIX}{CHECKPOINT_PREFIX}{global_step}")
@@ -92,29 +109,93 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     accelerator.save_state(partial)
     accelerator.wait_for_everyone()
+    error = None
     if accelerator.is_main_process:
         convert_accelerate_pickles(partial)
         with open(os.path.join(partial, TRAINING_STATE), "w", encoding="utf-8") as handle:
             json.dump(training_state, handle, indent=2)
         _fsync_tree(partial)
-        _publish_checkpoint(partial, final)
-        logger.info(f"Saved {final}")
-        if total_limit is not None:
-            for removed in remove_old_checkpoints(output_dir, total_limit):
-                logger.info(f"Removed {removed} (--checkpoints_total_limit {total_limit})")
+        try:
+            verify_checkpoint(partial)
+        except ValueError as err:
+            error = f"{err} It was not published (left in {partial}); the earlier checkpoints are kept."
+        else:
+            _publish_checkpoint(partial, final)
+            logger.info(f"Saved {final}")
+            if total_limit is not None:
+                for removed in remove_old_checkpoints(output_dir, total_limit):
+                    logger.info(f"Removed {removed} (--checkpoints_total_limit {total_limit})")
+    error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise CheckpointError(error)
     accelerator.wait_for_everyone()
 
 
 def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict:
     """Restore the state `save_checkpoint` wrote into `accelerator` and return its `training_state`.
 
-    accelerate's files are laid out in accelerate's own format in a temporary folder only, for `load_state`.
+    The checkpoint is first read back by the main process (`verify_checkpoint`): a truncated file or NaN / infinite
+    values refuse the resume on every process, naming the checkpoint. accelerate's files are laid out in
+    accelerate's own format in a temporary folder only, for `load_state`; a file missing from the checkpoint is
+    reported under the checkpoint's name, not the temporary folder's.
     """
+    error = None
+    if accelerator.is_main_process:
+        try:
+            verify_checkpoint(path)
+        except ValueError as err:
+            error = str(err)
+    error = broadcast_object_list([error])[0]
+    if error is not None:
+        raise CheckpointError(error)
     with tempfile.TemporaryDirectory(prefix="dinalrm-resume-") as state_dir:
         restore_accelerate_pickles(path, state_dir)
-        accelerator.load_state(state_dir)
+        try:
+            accelerator.load_state(state_dir)
+        except FileNotFoundError as err:
+            missing = os.path.relpath(err.filename, state_dir) if err.filename else str(err)
+            raise FileNotFoundError(
+                f"The checkpoint {path} is incomplete: {missing} (or its `.safetensors` form) is missing. Resume "
+                "from another checkpoint (--resume_from_checkpoint checkpoint-<step>) or start a new --output_dir."
+            ) from err
     with open(os.path.join(path, TRAINING_STATE), encoding="utf-8") as handle:
         return json.load(handle)
+
+
+def nonfinite_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
+    """Names of the floating-point tensors among `named_tensors` that hold NaN or infinite values."""
+    return [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def verify_checkpoint(path: str | os.PathLike) -> None:
+    """Read back every safetensors file of a checkpoint folder: weights, EMA weights, optimizer and RNG states.
+
+    Raises `CheckpointError` (a `ValueError`) naming the checkpoint and the file when one cannot be read
+    (truncated, corrupt) or holds NaN or infinite values, so that such a checkpoint is neither resumed from nor
+    published in place of a good one.
+    """
+    files = sorted(
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(path)
+        for name in names
+        if name.endswith(".safetensors")
+    )
+    for file in files:
+        relative = os.path.relpath(file, path)
+        try:
+            with safe_open(file, framework="pt") as handle:
+                bad = nonfinite_tensors((key, handle.get_tensor(key)) for key in handle.keys())
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(
+                f"The checkpoint {path} is damaged: {relative} cannot be read ({err}); it may be truncated. Resume "
+                "from another checkpoint (--resume_from_checkpoint checkpoint-<step>) or start a new --output_dir."
+            ) from err
+        if bad:
+            raise CheckpointError(
+                f"The checkpoint {path} holds NaN or infinite values in {relative} ({', '.join(bad[:5])}"
+                f"{', ...' if len(bad) > 5 else ''}). Resume from an earlier checkpoint "
+                "(--resume_from_checkpoint checkpoint-<step>) or start a new --output_dir."
+            )
 
 
 def remove_partial_checkpoints(output_dir: str | os.PathLike) -> None:
@@ -195,6 +276,11 @@ def load_ema(ema: EMAModel, names: Sequence[str], directory: str | os.PathLike) 
 ACCELERATE_PICKLE_SUFFIXES = (".bin", ".pkl", ".pt")
 _STATE_TREE = "dinalrm_state_tree"
 _STATE_SOURCE = "dinalrm_state_source"
+#: The names `accelerator.save_state` gives the files it pickles (see accelerate's `checkpointing` module).
+_ACCELERATE_STATE_NAME = re.compile(
+    r"(?:(?:optimizer|scheduler|sampler|dl_state_dict|pytorch_model)(?:_\d+)?\.bin"
+    r"|random_states_\d+\.pkl|custom_checkpoint_\d+\.pkl|scaler\.pt)"
+)
 
 
 def _state_to_tree(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
@@ -259,7 +345,9 @@ def restore_accelerate_pickles(checkpoint_dir: str | os.PathLike, work_dir: str 
     """Lay out `checkpoint_dir` in `work_dir` as `accelerator.load_state` expects it.
 
     Entries are symlinked; files converted by `convert_accelerate_pickles` are written back in accelerate's
-    format, in `work_dir` only (a temporary folder), so the checkpoint itself stays pickle-free.
+    format, in `work_dir` only (a temporary folder), so the checkpoint itself stays pickle-free. The file each
+    one restores must be accelerate's own name (`optimizer.bin`, `random_states_0.pkl`, ...) and the name of the
+    safetensors file without its suffix: a checkpoint, which may come from elsewhere, never decides where we write.
     """
     for name in os.listdir(checkpoint_dir):
         path = os.path.join(checkpoint_dir, name)
@@ -268,8 +356,77 @@ def restore_accelerate_pickles(checkpoint_dir: str | os.PathLike, work_dir: str 
             with safe_open(path, framework="pt") as handle:
                 metadata = handle.metadata() or {}
         if metadata and _STATE_TREE in metadata:
+            source = metadata.get(_STATE_SOURCE)
+            if source != name.removesuffix(".safetensors") or not _ACCELERATE_STATE_NAME.fullmatch(source):
+                raise ValueError(
+                    f"{path} names {source!r} as the accelerate state file it restores; only accelerate's own "
+                    f"file names, matching its own name without `.safetensors`, are written. The checkpoint was not "
+                    "written by train_dinalrm.py: do not resume from it."
+                )
             tensors = load_file(path)
             state = _tree_to_state(json.loads(metadata[_STATE_TREE]), tensors)
-            torch.save(state, os.path.join(work_dir, metadata[_STATE_SOURCE]))
+            torch.save(state, os.path.join(work_dir, source))
         else:
             os.symlink(os.path.abspath(path), os.path.join(work_dir, name))
+
+
+# ----------------------------------------------------------------------------------------- one run per output folder
+class OutputDirLock:
+    """An exclusive lock on a training output folder, so that two runs never write (and rotate) the same checkpoints.
+
+    It is an `fcntl.flock` on `<output_dir>/.train.lock`, which records the holder's process id and host. The kernel
+    drops the lock when its process dies, however it dies: a lock file left behind by a killed run is reported as
+    stale and taken over, while a live run's lock refuses the second run with a `RuntimeError` naming that process.
+
+    Args:
+        output_dir (`str` or `os.PathLike`): the folder to lock (created if missing).
+    """
+
+    def __init__(self, output_dir: str | os.PathLike):
+        self.output_dir = os.fspath(output_dir)
+        self.path = os.path.join(self.output_dir, LOCK_FILE)
+        self._handle = None
+
+    def acquire(self) -> OutputDirLock:
+        """Take the lock, or raise `RuntimeError` if another live process holds it."""
+        os.makedirs(self.output_dir, exist_ok=True)
+        while True:
+            handle = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = handle.read().strip() or "an unknown process"
+                handle.close()
+                raise RuntimeError(
+                    f"{self.output_dir} is in use by another training run ({holder}): a second run would delete its "
+                    "checkpoints. Wait for it or stop that process, or pass another --output_dir."
+                ) from None
+            if os.path.exists(self.path) and os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
+                break
+            handle.close()  # the holder released and removed the file between our open and our lock: retry
+        handle.seek(0)
+        stale = handle.read().strip()
+        if stale:
+            logger.warning(
+                f"{self.path} was left by a run that is no longer alive ({stale}); taking the output folder over."
+            )
+        handle.truncate(0)
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (a no-op when not held)."""
+        if self._handle is None:
+            return
+        os.remove(self.path)
+        self._handle.close()
+        self._handle = None
+
+    def __enter__(self) -> OutputDirLock:
+        return self.acquire()
+
+    def __exit__(self, *exc_info) -> None:
+        self.release()

@@ -14,10 +14,10 @@ import os
 import sys
 from pathlib import Path
 
-import PIL.Image
 import torch
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
+from dinalrm.images import OVERSIZED, ImageLoadError, load_image
 from pipeline_dinalrm import DiNaLRMPipeline
 
 
@@ -80,13 +80,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _load_images(paths: list[str]) -> list[PIL.Image.Image]:
-    images = []
-    for path in paths:
-        with PIL.Image.open(path) as image:
-            image.load()
-            images.append(image.copy())
-    return images
+def _device_problem(device: str) -> str | None:
+    """Why `--device` cannot be used here, or None."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        return f"--device {device!r} is not a device name: use cpu, cuda, cuda:1 or mps."
+    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
+    if not available():
+        return f"--device {device} was asked for, but no {kind} device is available here: pass --device cpu."
+    return None
 
 
 def _load_pipeline(model: str | None) -> tuple[DiNaLRMPipeline | None, str]:
@@ -106,10 +109,17 @@ def _load_pipeline(model: str | None) -> tuple[DiNaLRMPipeline | None, str]:
 def score_main(argv: list[str] | None = None) -> int:
     """Entry point of `dinalrm-score`; returns the process exit code."""
     args = parse_args(argv)
+    problem = _device_problem(args.device)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
-        images = _load_images(args.images)
-    except OSError as err:
-        print(f"error: cannot read image: {err}", file=sys.stderr)
+        images = [load_image(path) for path in args.images]
+    except ImageLoadError as err:
+        hint = (
+            " Downscale it first: it is resized to about 1024x1024 pixels anyway." if err.reason == OVERSIZED else ""
+        )
+        print(f"error: cannot read image: {err}{hint}", file=sys.stderr)
         return 2
     pipe, args.model = _load_pipeline(args.model)
     if pipe is None:

@@ -27,7 +27,7 @@ import datasets
 from PIL import Image
 
 from .buckets import BucketSet
-from .images import MISSING, ImageLoadError, load_image, read_image_size
+from .images import MISSING, OUTSIDE_ROOT, ImageLoadError, is_within, load_image, read_image_size
 
 
 logger = logging.getLogger(__name__)
@@ -166,7 +166,8 @@ def image_record(value: Any, root: str | os.PathLike[str] | None = None) -> dict
     """Normalise a table cell (path, encoded bytes or ``{"bytes", "path"}``) to an image record.
 
     Relative paths are made absolute against ``root`` so the record loads without further context.
-    Raises ImageLoadError(MISSING) for an empty cell and TypeError for an unsupported value.
+    Raises ImageLoadError(MISSING) for an empty cell, ImageLoadError(OUTSIDE_ROOT) for a relative path that leaves
+    ``root`` (``../..``: a dataset only names files of its own) and TypeError for an unsupported value.
     """
     if value is None:
         raise ImageLoadError(MISSING, "empty image cell")
@@ -182,6 +183,8 @@ def image_record(value: Any, root: str | os.PathLike[str] | None = None) -> dict
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
         if root is not None and not os.path.isabs(path):
+            if not is_within(path, root):
+                raise ImageLoadError(OUTSIDE_ROOT, f"image path {path!r} leaves the dataset root {os.fspath(root)}")
             path = os.path.join(os.fspath(root), path)
         return {"bytes": None, "path": os.path.abspath(path)}
     raise TypeError(f"Unsupported image cell {type(value).__name__}: expected a path, bytes or an image record.")
@@ -303,6 +306,19 @@ def _require_image_root(image_root: str | None) -> None:
         )
 
 
+def _load_json_table(json_file: str, split: str, cache_dir: str | None) -> datasets.Dataset:
+    """The records of a JSON file as a table; an empty, truncated or malformed file is refused by name."""
+    problem = None
+    if os.path.getsize(json_file) == 0:
+        problem = "is empty"
+    else:
+        try:
+            return datasets.load_dataset("json", data_files={split: json_file}, split=split, cache_dir=cache_dir)
+        except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as err:
+            problem = f"cannot be read as JSON records ({err.__cause__ or err})"
+    raise ValueError(f"{json_file} {problem}: it may be truncated; download or write it again.")
+
+
 def _load_raw(
     dataset_name: str | None,
     dataset_config_name: str | None,
@@ -317,7 +333,7 @@ def _load_raw(
     if train_data_dir is not None:
         json_file = os.path.join(train_data_dir, f"{split}.json")
         if os.path.isfile(json_file):  # HPDv3's published layout: <root>/train.json + image folders
-            return datasets.load_dataset("json", data_files={split: json_file}, split=split, cache_dir=cache_dir)
+            return _load_json_table(json_file, split, cache_dir)
         if not os.path.isdir(train_data_dir):
             raise FileNotFoundError(f"train_data_dir {train_data_dir!r} is not a folder.")
         return datasets.load_dataset(train_data_dir, split=split, cache_dir=cache_dir)

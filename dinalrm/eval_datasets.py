@@ -41,7 +41,7 @@ import datasets
 from PIL import Image
 
 from .data import FIRST, GT_TIE, INVALID_LABEL, SECOND, TIE, SkipStats, pickapic_preference
-from .images import MISSING, ImageLoadError, ImageSource, load_image
+from .images import MISSING, ImageLoadError, ImageSource, is_within, load_image
 
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ __all__ = [
 ]
 
 BOTH_BAD = "both_bad"
+MALFORMED = "malformed_record"  # a benchmark row with a missing or null field, or ranks that are not numbers
 
 
 @dataclass(frozen=True)
@@ -186,10 +187,18 @@ class _Builder:
         )
         self.add_pair(group_id, image_a, image_b, label)
 
-    def add_ranked(self, group_id: str, image_ids: Sequence[str], ranks: Sequence[float], credit_ties: bool) -> None:
-        """All pairs of a ranked list (lower rank = better); GT ties credited (TIE pair) or dropped."""
-        if len(image_ids) != len(ranks):
-            raise ValueError(f"Group {group_id!r} lists {len(image_ids)} images but {len(ranks)} ranks.")
+    def add_ranked(self, group_id: str, image_ids: Sequence[str], ranks: Sequence[Any], credit_ties: bool) -> None:
+        """All pairs of a ranked list (lower rank = better); GT ties credited (TIE pair) or dropped.
+
+        Ranks are compared as numbers (`"10"` ranks after `"9"`); a group whose ranks are not numbers, or not one per
+        image, is skipped and counted as a malformed record.
+        """
+        numbers = [_rank_number(rank) for rank in ranks]
+        if len(image_ids) != len(ranks) or None in numbers:
+            logger.warning(f"Group {group_id!r}: {len(image_ids)} images with ranks {list(ranks)!r}; skipped.")
+            self.stats.count(MALFORMED)
+            return
+        ranks = numbers
         for i in range(len(image_ids)):
             for j in range(i + 1, len(image_ids)):
                 if ranks[i] == ranks[j]:
@@ -218,6 +227,8 @@ class _FileResolver:
         self._by_name: dict[str, str | None] | None = None
 
     def __call__(self, relpath: str) -> str | None:
+        if not is_within(relpath, self.root):
+            return None  # a benchmark only names files under its root: counted as a missing image
         direct = os.path.join(self.root, relpath)
         if os.path.isfile(direct):
             return direct
@@ -230,6 +241,30 @@ class _FileResolver:
         return self._by_name.get(os.path.basename(relpath))
 
 
+def _rank_number(rank: Any) -> float | None:
+    """A rank as a number (numeric strings included), or None for anything else (null, NaN, text, booleans)."""
+    if isinstance(rank, bool):
+        return None
+    try:
+        number = float(rank)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _fields(builder: _Builder, record: Any, keys: Sequence[str]) -> tuple[Any, ...] | None:
+    """The values of `keys` in a JSON record, or None, counted as a malformed record, when the record is not an
+    object, a key is missing or null, or its prompt is not a non-empty string: one bad row never aborts a run."""
+    if not isinstance(record, Mapping) or any(record.get(key) is None for key in keys):
+        builder.stats.count(MALFORMED)
+        return None
+    prompt = record.get("prompt")
+    if "prompt" in keys and not (isinstance(prompt, str) and prompt.strip()):
+        builder.stats.count(MALFORMED)
+        return None
+    return tuple(record[key] for key in keys)
+
+
 def _group_key(prompt_groups: dict[str, str], prompt: str) -> str:
     """Stable group id per distinct prompt (row-per-pair benchmarks group by prompt)."""
     return prompt_groups.setdefault(prompt, f"p{len(prompt_groups)}")
@@ -237,7 +272,10 @@ def _group_key(prompt_groups: dict[str, str], prompt: str) -> str:
 
 def _read_json_list(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
-        records = json.load(handle)
+        try:
+            records = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}): it may be truncated; download it again.") from err
     if not isinstance(records, list):
         raise ValueError(f"{path} should hold a JSON list of records, found {type(records).__name__}.")
     return records
@@ -297,9 +335,12 @@ def _load_imagereward(folder: str | None, spec: _Spec, split: str, cache_dir: st
     records, resolve = _imagereward(folder, spec, split, cache_dir)
     builder = _Builder()
     for record in records:
-        group = str(record["id"])
-        ids = [builder.add_file(f"{group}/{path}", record["prompt"], resolve(path)) for path in record["generations"]]
-        builder.add_ranked(group, ids, record["ranking"], credit_ties=False)
+        if (fields := _fields(builder, record, ("id", "prompt", "generations", "ranking"))) is None:
+            continue
+        record_id, prompt, generations, ranking = fields
+        group = str(record_id)
+        ids = [builder.add_file(f"{group}/{path}", prompt, resolve(path)) for path in generations]
+        builder.add_ranked(group, ids, ranking, credit_ties=False)
     return builder
 
 
@@ -315,9 +356,12 @@ def _load_hpdv2(folder: str | None, spec: _Spec, split: str, cache_dir: str | No
         resolve = _FileResolver(_extract(archive, _extraction_dir("hpdv2", split, cache_dir)))
     builder = _Builder()
     for index, record in enumerate(records):
+        if (fields := _fields(builder, record, ("prompt", "image_path", "rank"))) is None:
+            continue
+        prompt, image_paths, ranks = fields
         group = str(index)
-        ids = [builder.add_file(f"{group}/{path}", record["prompt"], resolve(path)) for path in record["image_path"]]
-        builder.add_ranked(group, ids, record["rank"], credit_ties=True)
+        ids = [builder.add_file(f"{group}/{path}", prompt, resolve(path)) for path in image_paths]
+        builder.add_ranked(group, ids, ranks, credit_ties=True)
     return builder
 
 
@@ -343,10 +387,12 @@ def _load_hpdv3(
     builder = _Builder()
     groups: dict[str, str] = {}
     for record in _read_json_list(meta):
-        prompt = record["prompt"]
+        if (fields := _fields(builder, record, ("prompt", "path1", "path2"))) is None:
+            continue
+        prompt, path1, path2 = fields
         group = _group_key(groups, prompt)
-        first = builder.add_file(f"{group}/{record['path1']}", prompt, resolve(record["path1"]))
-        second = builder.add_file(f"{group}/{record['path2']}", prompt, resolve(record["path2"]))
+        first = builder.add_file(f"{group}/{path1}", prompt, resolve(path1))
+        second = builder.add_file(f"{group}/{path2}", prompt, resolve(path2))
         builder.add_pair(group, first, second, FIRST)
     return builder
 
@@ -384,7 +430,9 @@ def _row_pairs(
     builder = _Builder()
     groups: dict[str, str] = {}
     for row, (prompt, label) in enumerate(zip(prompts, labels, strict=True)):
-        if label == FIRST or label == SECOND:
+        if not (isinstance(prompt, str) and prompt.strip()):
+            builder.stats.count(MALFORMED)
+        elif label == FIRST or label == SECOND:
             builder.add_row_pair(_group_key(groups, prompt), prompt, table, row, columns, label)
         else:
             builder.stats.count(GT_TIE if label == TIE else INVALID_LABEL if label is None else label)

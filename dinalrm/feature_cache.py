@@ -19,7 +19,7 @@ import datasets
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .buckets import BucketSet
@@ -71,13 +71,29 @@ def cache_fingerprint(settings: Mapping[str, Any], buckets: BucketSet, dtype: to
     }
 
 
+def _damaged(cache_dir: str | os.PathLike, problem: str) -> ValueError:
+    return ValueError(
+        f"The feature cache in {cache_dir} is damaged: {problem}. Delete that folder and run again with "
+        "--precompute_features to rebuild it (or pass another --cache_dir)."
+    )
+
+
 def read_cache_info(cache_dir: str | os.PathLike) -> dict | None:
-    """The cache's description (fingerprint, splits, skip counts), or None when no complete cache is there."""
+    """The cache's description (fingerprint, splits, skip counts), or None when no complete cache is there.
+
+    A `cache_info.json` that is not valid JSON or lacks one of its fields is refused with a `ValueError`.
+    """
     path = os.path.join(cache_dir, CACHE_INFO)
     if not os.path.isfile(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return json.load(handle)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            info = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise _damaged(cache_dir, f"{CACHE_INFO} is not valid JSON ({err})") from err
+    if not (isinstance(info, dict) and {"fingerprint", "splits", "skipped"} <= set(info)):
+        raise _damaged(cache_dir, f"{CACHE_INFO} lacks its fingerprint, splits or skip counts")
+    return info
 
 
 def _chunks(count: int, size: int) -> list[range]:
@@ -180,6 +196,8 @@ class CachedPairDataset(torch.utils.data.Dataset):
     """Pairs read back from a feature cache (no VAE, no text encoder): item `i` is the `i`-th kept pair.
 
     Tensors are read row by row from memory-mapped safetensors shards, so the cache never has to fit in memory.
+    Opening checks the cache against its `cache_info.json`: a shard that cannot be read (truncated) or that is
+    missing (fewer pairs, or fewer prompts, than were cached) is refused with a `ValueError` naming it.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, split: str):
@@ -188,15 +206,30 @@ class CachedPairDataset(torch.utils.data.Dataset):
             raise FileNotFoundError(f"The feature cache {cache_dir} has no {split!r} split.")
         rows: list[tuple[int, str, int, tuple[int, int]]] = []
         self._prompt_files: list[str] = []
+        prompt_rows, prompts_used = [], 0
         for name in sorted(os.listdir(self.root)):
             path = os.path.join(self.root, name)
-            if name.startswith("prompts-"):
-                self._prompt_files.append(path)
-            elif name.startswith("pairs-"):
-                width, height = (int(v) for v in name.removesuffix(".safetensors").rsplit("-", 1)[1].split("x"))
+            try:
                 with safe_open(path, framework="pt") as handle:
-                    pair_index = handle.get_tensor("pair_index").tolist()
-                rows += [(pair, path, row, (width, height)) for row, pair in enumerate(pair_index)]
+                    if name.startswith("prompts-"):
+                        self._prompt_files.append(path)
+                        prompt_rows.append(handle.get_slice("pooled_prompt_embeds").get_shape()[0])
+                    elif name.startswith("pairs-"):
+                        width, height = (
+                            int(v) for v in name.removesuffix(".safetensors").rsplit("-", 1)[1].split("x")
+                        )
+                        pair_index = handle.get_tensor("pair_index").tolist()
+                        prompts_used = max(prompts_used, int(handle.get_tensor("prompt_index").max()) + 1)
+                        rows += [(pair, path, row, (width, height)) for row, pair in enumerate(pair_index)]
+            except (SafetensorError, OSError) as err:
+                raise _damaged(cache_dir, f"{split}/{name} cannot be read ({err}); it may be truncated") from err
+        info = read_cache_info(cache_dir)
+        expected = info["skipped"].get(split, {}).get("kept") if info is not None else None
+        if expected is not None and len(rows) != expected:
+            raise _damaged(cache_dir, f"its {split!r} split holds {len(rows)} pairs where {expected} were cached")
+        numbers = [int(os.path.basename(path)[len("prompts-") :].split(".")[0]) for path in self._prompt_files]
+        if numbers != list(range(len(numbers))) or sum(prompt_rows) < prompts_used:
+            raise _damaged(cache_dir, f"prompt shards of its {split!r} split are missing")
         rows.sort()
         self._rows = [(path, row) for _, path, row, _ in rows]
         self.buckets = [bucket for _, _, _, bucket in rows]

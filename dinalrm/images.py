@@ -24,11 +24,13 @@ from pipeline_dinalrm import to_rgb  # the pipeline's own conversion (one implem
 __all__ = [
     "CORRUPT",
     "MISSING",
+    "OUTSIDE_ROOT",
     "OVERSIZED",
     "ImageLoadError",
     "ImageSource",
     "load_image",
     "open_image",
+    "is_within",
     "read_image_size",
     "to_rgb",
 ]
@@ -36,6 +38,7 @@ __all__ = [
 MISSING = "missing_image"
 CORRUPT = "corrupt_image"
 OVERSIZED = "oversized_image"
+OUTSIDE_ROOT = "path_outside_root"
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Mapping[str, Any] | Image.Image | None
 
@@ -47,11 +50,17 @@ _SWAPS_AXES = {5, 6, 7, 8}
 
 
 class ImageLoadError(ValueError):
-    """An image could not be read; `reason` is one of MISSING, CORRUPT or OVERSIZED (for counting)."""
+    """An image could not be read; `reason` is one of MISSING, CORRUPT, OVERSIZED or OUTSIDE_ROOT (for counting)."""
 
     def __init__(self, reason: str, detail: str) -> None:
         super().__init__(f"{detail} [{reason}]")
         self.reason = reason
+
+
+def is_within(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> bool:
+    """Whether `path` (relative paths are taken relative to `root`) stays inside `root` once `..` is resolved."""
+    root = os.path.abspath(root)
+    return os.path.commonpath([root, os.path.abspath(os.path.join(root, path))]) == root
 
 
 def _resolve_path(path: str | os.PathLike[str], root: str | os.PathLike[str] | None) -> str:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
@@ -50,6 +52,24 @@ RESULT_KEYS = (
 # run_eval's bootstrap: resamples of the pairs (micro) or of whole prompts (macro, HPDv2), 95% percentile interval.
 BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE_LEVEL = 0.95
+
+
+def write_json(path: str, value: Any) -> None:
+    """Write `value` as strict JSON: NaN and infinite numbers (no accuracy without pairs, no interval without a
+    bootstrap) become `null`, since a bare `NaN` is not JSON and breaks other readers."""
+
+    def strict(item: Any) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, Mapping):
+            return {key: strict(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [strict(v) for v in item]
+        return item
+
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(strict(value), handle, indent=2, sort_keys=True, allow_nan=False)
+        handle.write("\n")
 
 
 def parse_floats(text: str) -> list[float]:

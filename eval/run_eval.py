@@ -40,6 +40,7 @@ from common import (
     parse_floats,
     setting_entries,
     setup_logging,
+    write_json,
 )
 from scorers import SCORERS, build_scorer
 
@@ -144,7 +145,7 @@ def markdown_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     ]
     for setting, entries in results.items():
         cells = [_percent(entries[key]["accuracy"]) if key in entries else "–" for key in columns]
-        values = [entries[key]["accuracy"] for key in averaged if key in entries]
+        values = [entries[key]["accuracy"] for key in averaged if entries.get(key, {}).get("accuracy") is not None]
         average = sum(values) / len(values) if len(values) == len(averaged) else None
         lines.append(f"| {setting} | " + " | ".join(cells) + f" | {_percent(average)} |")
     lines += [
@@ -189,9 +190,7 @@ def write_results(output_dir: str, results: dict[str, dict[str, dict[str, Any]]]
             merged = json.load(handle)
     for setting, entries in results.items():
         merged.setdefault(setting, {}).update(entries)
-    with open(path, "w", encoding="utf-8") as handle:
-        json.dump(merged, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+    write_json(path, merged)
     with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as handle:
         handle.write(markdown_table(merged))
     return merged

@@ -24,7 +24,6 @@ at t = 0.4 on 1000 HPDv3 pairs with 10 draws, variation ratio 0.023 and mean mar
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections import Counter
@@ -41,6 +40,7 @@ from common import (
     parse_floats,
     setup_logging,
     write_csv,
+    write_json,
 )
 from scorers import DiNaLRMScorer, model_label, setting_label
 
@@ -132,9 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         model = model_label(args.model)
         os.makedirs(args.output_dir, exist_ok=True)
-        with open(os.path.join(args.output_dir, "uncertainty.json"), "w", encoding="utf-8") as handle:
-            json.dump({model: results}, handle, indent=2)
-            handle.write("\n")
+        write_json(os.path.join(args.output_dir, "uncertainty.json"), {model: results})
         rows = [
             {"model": model, "benchmark": key, "t": t, **{name: stats[name] for name in STATS},
              "n_pairs": stats["n_pairs"], "n_images": stats["n_images"], "num_draws": stats["num_draws"]}

@@ -155,6 +155,20 @@ def test_bad_images_and_arguments(image_files, tmp_path, loads_tiny_pipeline, ca
     assert exit_info.value.code == 2
 
 
+def test_a_decompression_bomb_or_an_unavailable_device_is_a_clear_error(image_files, tmp_path, monkeypatch, capsys):
+    PIL.Image.new("RGB", (64, 64)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 1000)  # 4096 pixels: over twice the limit, as a 400 MP PNG is
+    assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, str(tmp_path / "huge.png"), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "huge.png" in error and "too large to decode safely" in error and "Downscale it first" in error
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, image_files[0], "--device", "cuda"]) == 2
+    assert "no cuda device is available here: pass --device cpu" in capsys.readouterr().err
+    assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, image_files[0], "--device", "gpu0"]) == 2
+    assert "is not a device name" in capsys.readouterr().err
+
+
 def test_console_script_is_declared():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["dinalrm-score"] == "dinalrm.cli:score_main"

@@ -361,3 +361,26 @@ def test_write_canonical_pairs_round_trips_through_the_reader(tmp_path):
     assert stats.as_dict() == {"kept": 2, "skipped": 0}
     chosen = load_image(ds[0]["chosen"])
     assert chosen.getpixel((0, 0)) == (200, 30, 30)
+
+
+def test_image_paths_that_leave_the_dataset_root_are_skipped_and_counted(hpdv3_dir, tmp_path):
+    outside = tmp_path / "secret.png"  # a readable image next to the dataset, never named by it legitimately
+    solid((64, 64)).save(outside)
+    rows = [
+        {"prompt": "cat", "path1": "images/sd/a.png", "path2": "images/sd/b.jpg", "confidence": 0.99},
+        {"prompt": "dog", "path1": "../secret.png", "path2": "images/sd/a.png", "confidence": 0.99},
+        {"prompt": "owl", "path1": "images/sd/a.png", "path2": "images/../../secret.png", "confidence": 0.99},
+    ]
+    (hpdv3_dir / "train.json").write_text(json.dumps(rows))
+    ds, stats = load_preference_dataset(
+        train_data_dir=str(hpdv3_dir), cache_dir=str(tmp_path / "cache"), buckets=BucketSet(64, 16)
+    )
+    assert ds["prompt"] == ["cat"]
+    assert dict(stats.skipped) == {"path_outside_root": 2}
+
+
+@pytest.mark.parametrize("content, problem", [("", "is empty"), ('[{"prompt": "cat", "path1": "a', "cannot be read")])
+def test_an_empty_or_truncated_training_json_is_refused_by_name(tmp_path, content, problem):
+    (tmp_path / "train.json").write_text(content)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'train.json'} {problem}.*truncated"):
+        load_preference_dataset(train_data_dir=str(tmp_path), data_format="hpdv3", cache_dir=str(tmp_path / "c"))

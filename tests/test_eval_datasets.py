@@ -297,3 +297,36 @@ def test_errors_are_clear(tmp_path):
         compute_accuracy([("g", "a", "b", FIRST)], {"a": float("nan"), "b": 0.0})
     empty = compute_accuracy([("g", "a", "b", FIRST)], {})
     assert empty["n_pairs"] == 0 and empty["n_missing_images"] == 2 and empty["accuracy"] != empty["accuracy"]
+
+
+def test_bad_benchmark_rows_are_skipped_and_counted_never_fatal(tmp_path, caplog):
+    """Missing keys, null prompts, ranks that are not numbers: counted; ranks as strings compare as numbers."""
+    root = tmp_path / "hpdv2"
+    for name in ("a", "b", "c"):
+        save(root / f"{name}.jpg")
+    save(tmp_path / "outside.jpg")
+    records = [
+        {"prompt": "good", "image_path": ["a.jpg", "b.jpg", "c.jpg"], "rank": ["10", "9", "2"]},
+        {"image_path": ["a.jpg", "b.jpg"], "rank": [1, 2]},  # no prompt
+        {"prompt": None, "image_path": ["a.jpg", "b.jpg"], "rank": [1, 2]},
+        {"prompt": "no ranks", "image_path": ["a.jpg", "b.jpg"]},
+        {"prompt": "text ranks", "image_path": ["a.jpg", "b.jpg"], "rank": ["first", "second"]},
+        {"prompt": "escapes", "image_path": ["a.jpg", "../outside.jpg"], "rank": [1, 2]},
+        "not a record",
+    ]
+    (root / "test.json").write_text(json.dumps(records))
+    with caplog.at_level(logging.WARNING):
+        bench = load_benchmark("hpdv2", str(tmp_path))
+    assert bench.stats["malformed_record"] == 5
+    assert bench.n_missing_images == 1  # the path leaving the benchmark's root is never read
+    good = [p for p in bench.pairs if p.group_id == "0"]
+    # ranks "10", "9", "2" are numbers: c (2) beats b (9) beats a (10); as strings "10" < "2" < "9" would say a wins
+    labels = {(p.image_a.split("/")[1], p.image_b.split("/")[1]): p.label for p in good}
+    assert labels == {("a.jpg", "b.jpg"): SECOND, ("a.jpg", "c.jpg"): SECOND, ("b.jpg", "c.jpg"): SECOND}
+
+
+def test_an_unreadable_benchmark_json_is_reported_with_its_name(tmp_path):
+    (tmp_path / "hpdv3").mkdir()
+    (tmp_path / "hpdv3" / "test.json").write_text('[{"prompt": "a", "pa')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'hpdv3' / 'test.json'} is not valid JSON"):
+        load_benchmark("hpdv3", str(tmp_path))

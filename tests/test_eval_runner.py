@@ -267,3 +267,20 @@ def test_pairs_in_the_canonical_schema(assets, tmp_path):
     ]  # fmt: skip
     with pytest.raises(ValueError, match="no default dataset"):
         load_benchmark("canonical")
+
+
+def test_results_json_is_strict_json_without_nan(tmp_path):
+    """No pairs, no bootstrap: the NaN accuracy and interval are written as null, which every JSON reader takes."""
+    entry = {"accuracy": float("nan"), "accuracy_ci_low": float("nan"), "accuracy_ci_high": float("nan"),
+             "n_pairs": 0, "n_correct": 0, "n_score_ties": 0, "n_gt_ties_dropped": 0, "n_missing_images": 2,
+             "averaging": "micro"}  # fmt: skip
+    run_eval.write_results(str(tmp_path), {"A": {"hpdv3": entry}})
+    run_eval.write_results(str(tmp_path), {"B": {"hpdv3": {**entry, "accuracy": 0.5}}})  # merges the file back
+
+    def refuse(constant):
+        raise ValueError(f"bare {constant} in results.json")
+
+    results = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert results["A"]["hpdv3"]["accuracy"] is None and results["A"]["hpdv3"]["accuracy_ci_low"] is None
+    assert results["B"]["hpdv3"]["accuracy"] == 0.5
+    assert "| A | – |" in (tmp_path / "results.md").read_text()

@@ -342,6 +342,24 @@ IMG = PIL.Image.new("RGB", (32, 32))
         ({"prompt_embeds": torch.zeros(1, 205, 32), "images": [IMG]}, ValueError, "pooled_prompt_embeds"),
         ({"prompt": PROMPT, "latents": torch.zeros(16, 8, 8)}, ValueError, "4D tensor"),
         ({"prompt": PROMPT, "latents": torch.zeros(1, 4, 8, 8)}, ValueError, "16 channels|channels"),
+        # issue 14: inputs that used to give silent wrong results or raw crashes
+        ({"prompt": PROMPT, "images": [np.full((32, 32, 3), np.nan, np.float32)]}, ValueError, "NaN or infinite"),
+        ({"prompt": PROMPT, "images": [IMG], "resolution": 0}, ValueError, "resolution=0 must be an integer side"),
+        ({"prompt": PROMPT, "images": [IMG], "resolution": -16}, ValueError, "resolution=-16"),
+        ({"prompt": PROMPT, "images": [IMG], "resolution": (32.0, 32)}, ValueError, "two integers"),
+        ({"prompt": PROMPT, "images": [np.zeros((0, 32, 3), np.uint8)]}, ValueError, r"shape \(0, 32, 3\) is empty"),
+        ({"prompt": PROMPT, "images": [PIL.Image.new("RGB", (0, 0))]}, ValueError, "0x0 pixels is empty"),
+        ({"prompt": PROMPT, "images": [torch.zeros(3, 0, 0)]}, ValueError, r"shape \(3, 0, 0\) is empty"),
+        ({"prompt": PROMPT, "latents": torch.zeros(1, 16, 8, 8, dtype=torch.long)}, TypeError, "floating-point"),
+        (
+            {
+                "prompt_embeds": [[[0.0] * 32]],
+                "pooled_prompt_embeds": [[0.0] * 32],
+                "latents": torch.zeros(1, 16, 8, 8),
+            },
+            TypeError,
+            "prompt_embeds must be a floating-point torch tensor",
+        ),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, error, match):
@@ -369,6 +387,18 @@ def test_pipeline_refuses_non_finite_inputs_by_default(pipe, latents, embeds):
         pipe.rank(PROMPT, latents=_with_nan(latents))
     unchecked = pipe(PROMPT, latents=_with_nan(latents), generator=generator(), check_finite=False).rewards
     assert torch.isnan(unchecked[0]) and torch.isfinite(unchecked[1:]).all()
+    inf_pooled = embeds[1].clone()
+    inf_pooled[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="pooled_prompt_embeds contain NaN or infinite"):
+        pipe(prompt_embeds=embeds[0], pooled_prompt_embeds=inf_pooled, latents=latents)
+    with pytest.raises(ValueError, match="noise contains NaN or infinite"):
+        pipe.reward_model.score_latents(
+            latents, embeds[0].expand(3, -1, -1), embeds[1].expand(3, -1), noise=_with_nan(torch.randn_like(latents))
+        )
+    with pytest.raises(TypeError, match="latents must be floating-point, got torch.int64"):
+        pipe.reward_model.score_latents(latents.long(), embeds[0].expand(3, -1, -1), embeds[1].expand(3, -1))
+    with pytest.raises(ValueError, match="cannot be ranked"):  # a NaN reward is never ranked (first, or anywhere)
+        pipe.rank(PROMPT, latents=_with_nan(latents), generator=generator(), check_finite=False)
 
 
 def test_reward_fn_does_not_read_input_values_back(pipe, latents):

@@ -23,7 +23,7 @@ from accelerate.utils import load as accelerate_load
 from conftest import REPO_ROOT
 from diffusers.training_utils import EMAModel
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from dinalrm.buckets import BucketBatchSampler, BucketSet
 from dinalrm.checkpointing import (
@@ -186,7 +186,7 @@ class _MeanReward(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(()))
         self.batch_sizes: list[int] = []
 
-    def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds):
+    def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds, check_finite=None):
         self.batch_sizes.append(noisy.shape[0])
         self.inputs = noisy
         return type("Out", (), {"rewards": self.scale * noisy.mean(dim=(1, 2, 3))})()
@@ -538,14 +538,9 @@ def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_ru
     assert [e["val/pairs"] for e in raw_val] == [e["val/pairs"] for e in cached_val]
 
 
-def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, cached_canonical_run):
-    sd3, reference, cache = cached_canonical_run
-    # Training from the cache must not need the VAE weights or the text encoders: remove them.
-    (sd3 / "vae" / "diffusion_pytorch_model.safetensors").unlink()
-    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
-        shutil.rmtree(sd3 / name)
-    output = workspace / "resumed"
-    flags = [
+def _cached_resume_flags(workspace: Path, sd3: Path, output: Path, cache: Path, *extra: str) -> list[str]:
+    """The flags of a run on the canonical data that trains from the feature cache `cache`, resuming if it can."""
+    return [
         "--pretrained_model_name_or_path",
         str(sd3),
         "--train_data_dir",
@@ -558,8 +553,27 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
         str(cache),
         "--resume_from_checkpoint",
         "latest",
+        *extra,
         *COMMON_FLAGS,
     ]
+
+
+def _assert_same_checkpoint(expected: Path, actual: Path) -> None:
+    """The live and EMA weights of two checkpoints are bit-identical."""
+    for name in ("reward_model/model.safetensors", "ema/ema_weights.safetensors"):
+        expected_weights, actual_weights = load_file(expected / name), load_file(actual / name)
+        assert expected_weights.keys() == actual_weights.keys()
+        assert all(torch.equal(expected_weights[k], actual_weights[k]) for k in expected_weights), f"{actual}/{name}"
+
+
+def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, cached_canonical_run):
+    sd3, reference, cache = cached_canonical_run
+    # Training from the cache must not need the VAE weights or the text encoders: remove them.
+    (sd3 / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3"):
+        shutil.rmtree(sd3 / name)
+    output = workspace / "resumed"
+    flags = _cached_resume_flags(workspace, sd3, output, cache)
 
     first = run_python(*flags, kill_at="2")
     assert first.returncode == -9, first.stderr[-3000:]
@@ -576,10 +590,7 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
     assert resumed_from == [str(output / "checkpoint-2")]
     assert not (output / f"{PARTIAL_PREFIX}checkpoint-4").exists()
 
-    for name in ("reward_model/model.safetensors", "ema/ema_weights.safetensors"):
-        expected, actual = load_file(reference / "checkpoint-6" / name), load_file(output / "checkpoint-6" / name)
-        assert expected.keys() == actual.keys()
-        assert all(torch.equal(expected[k], actual[k]) for k in expected), f"{name} differs after resuming"
+    _assert_same_checkpoint(reference / "checkpoint-6", output / "checkpoint-6")
     expected, actual = load_file(reference / FINAL_WEIGHTS), load_file(output / FINAL_WEIGHTS)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert _summary(output)["validation"] == _summary(reference)["validation"]
@@ -664,3 +675,31 @@ def test_pipeline_output_dir_must_be_empty(tmp_path):
             ]
         )
     assert (tmp_path / "repo" / "README.md").read_text() == "a user's file"
+
+
+def _poison_cached_prompts(cache: Path, copy: Path) -> None:
+    """A copy of the feature cache with one infinite value in every cached training prompt embedding."""
+    shutil.copytree(cache, copy)
+    for shard in (copy / "train").glob("prompts-*.safetensors"):
+        tensors = load_file(shard)
+        tensors["prompt_embeds"][:, 0, 0] = float("inf")
+        save_file(tensors, shard)
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(workspace, cached_canonical_run):
+    """Resumed at step 4 on a cache holding `inf` with --checkpoints_total_limit 1: the next checkpoint would rotate
+    both good ones away. The run must stop at step 5 with a non-zero exit code, naming the step, having saved nothing."""
+    sd3, reference, cache = cached_canonical_run
+    output, poisoned = workspace / "non-finite", workspace / "poisoned-cache"
+    _poison_cached_prompts(cache, poisoned)
+    for name in ("checkpoint-2", "checkpoint-4"):
+        shutil.copytree(reference / name, output / name)
+    flags = _cached_resume_flags(workspace, sd3, output, poisoned, "--checkpoints_total_limit", "1")
+    result = run_python(*flags)
+    assert result.returncode != 0
+    assert "FloatingPointError: Non-finite loss at step 5" in result.stderr, result.stderr[-3000:]
+    assert f"{output / 'checkpoint-4'}, is intact" in result.stderr
+    assert [step for step, _ in list_checkpoints(output)] == [2, 4]
+    for step in (2, 4):
+        _assert_same_checkpoint(reference / f"checkpoint-{step}", output / f"checkpoint-{step}")
+    assert not (output / FINAL_WEIGHTS).exists() and not list(output.glob(f"{PARTIAL_PREFIX}*"))
