@@ -47,10 +47,10 @@ EXAMPLE_DOC_STRING = """
     Examples:
         ```py
         >>> import torch
-        >>> from diffusers import DiffusionPipeline
         >>> from PIL import Image
+        >>> from pipeline_dinalrm import DiNaLRMPipeline
 
-        >>> pipe = DiffusionPipeline.from_pretrained("org/dinalrm-sd35m", trust_remote_code=True)
+        >>> pipe = DiNaLRMPipeline.from_pretrained("liuhuohuo/DiNa-LRM-SD35M-12layers", torch_dtype=torch.float32)
         >>> images = [Image.new("RGB", (512, 512), "red"), Image.effect_noise((512, 512), 64).convert("RGB")]
         >>> generator = torch.Generator().manual_seed(0)
         >>> rewards = pipe("a red square", images=images, generator=generator).rewards
@@ -198,8 +198,10 @@ def load_base_components(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | None = None,
+    role: str = "base model",
 ) -> dict:
-    r"""The components of an SD3 pipeline except its transformer, each loaded from its own subfolder.
+    r"""The components of an SD3 (or DiNa-LRM) pipeline but its transformer and reward model, each loaded from its
+    own subfolder with the class `model_index.json` names (diffusers and transformers classes only).
 
     For a Hub id only those subfolders are downloaded (no transformer, no single-file checkpoints, no fp16/bf16
     duplicates); a gated, missing or unreachable repository stops with one message saying what to do.
@@ -212,7 +214,7 @@ def load_base_components(
     patterns = ["model_index.json"] + [
         f"{name}/*.{ext}" for name in BASE_COMPONENTS for ext in ("json", "txt", "model", "safetensors")
     ]
-    folder, _ = modeling.resolve_repo(base, patterns, "base model", revision, token, cache_dir)
+    folder, _ = modeling.resolve_repo(base, patterns, role, revision, token, cache_dir)
     model_index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(model_index_path):
         raise ValueError(f"{base} has no model_index.json: pass an SD3 pipeline (Hub id or folder).")
@@ -378,13 +380,14 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 f"base_model is for official checkpoints; {pretrained_model_name_or_path} is a pipeline repository "
                 "that already holds its components. Drop base_model."
             )
-        reward_model = modeling.DiNaLRMModel.from_pretrained(
-            pretrained_model_name_or_path, subfolder="reward_model", dtype=torch_dtype, **hub
-        )
         with modeling.hub_errors(str(pretrained_model_name_or_path), "DiNa-LRM model"):
-            return super().from_pretrained(
-                pretrained_model_name_or_path, reward_model=reward_model, dtype=torch_dtype, **kwargs
+            reward_model = modeling.DiNaLRMModel.from_pretrained(
+                pretrained_model_name_or_path, subfolder="reward_model", dtype=torch_dtype, **hub
             )
+        components = load_base_components(
+            pretrained_model_name_or_path, torch_dtype=torch_dtype, role="DiNa-LRM model", **hub
+        )
+        return cls(reward_model=reward_model, **components)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Saves the Hub layout that reloads in a fresh process (diffusers' own save copies no code files).

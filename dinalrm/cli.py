@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--base",
-        default=DEFAULT_BASE,
+        default=None,
         help="For official checkpoints: the SD3 pipeline (Hub id or folder) providing the backbone blocks, VAE and "
         f"text encoders (default: {DEFAULT_BASE}, gated: accept its licence on its Hub page and `hf auth login`).",
     )
