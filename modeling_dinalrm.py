@@ -6,10 +6,15 @@ one number by a small timestep-aware query head. This file is self-contained: it
 (`reward_model/modeling_dinalrm.py`) and must not import anything from the rest of the dinalrm repository.
 """
 
+import contextlib
+import hashlib
 import json
 import math
 import os
-from collections.abc import Sequence
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +61,7 @@ DEFAULT_LORA_TARGET_MODULES = [
     "add_v_proj",
     "to_add_out",
 ]
-LOSS_TYPES = ("thurstone", "bradley_terry", "fixed_variance")
+LOSS_TYPES = ("thurstone", "bradley_terry", "bradley_terry_margin", "fixed_variance")
 
 
 def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
@@ -105,10 +110,17 @@ class DiNaLRMConfig(PretrainedConfig):
             the head (0 = the embeddings before any block). Strictly increasing, at most `num_backbone_layers`.
         head_width (`int`, *optional*): head width `W`; `None` uses the backbone width.
         head_num_queries, head_num_heads, head_dropout, head_use_proj_in: query head hyper-parameters.
-        loss_type (`str`): `"thurstone"` (noise-calibrated, default), `"bradley_terry"` or `"fixed_variance"`.
+        loss_type (`str`): `"thurstone"` (noise-calibrated, default), `"bradley_terry"`, `"bradley_terry_margin"`
+            (the reference's `bt-margin`: `-log sigmoid(r_c - r_r - bt_margin)`) or `"fixed_variance"`.
         thurstone_k, thurstone_v0, thurstone_eps: `var(t) = k * t**2 + v0`; `eps` stabilises both square roots.
             The defaults (2.0, 0.05, 1e-6) are the official code's; the paper states v0 = 0.01.
-        fixed_variance (`float`): the comparison variance of the `"fixed_variance"` ablation.
+        fixed_variance (`float`): the comparison variance of the `"fixed_variance"` ablation (the reference's
+            `thurstone-constant` uses 0.5).
+        bt_margin (`float`): the margin of `"bradley_terry_margin"` (the reference's 1.0).
+        use_logistic (`bool`): squash rewards as the reference's `use_logistic` does,
+            `4 * sigmoid((r - logistic_eta3) / (|logistic_eta4| + 1e-6)) - 2`, a reward in (-2, 2).
+        add_noise (`bool`): noise clean latents before scoring (default). `False` is the reference's
+            `training.add_noise: false`: clean latents are read at the level's timestep.
         default_t (`float`): the noise level used to score clean latents. ensemble_t (`list[float]`): the levels
             of the multi-level ensemble.
         snap_t (`bool`): snap noise levels to the scheduler's table (as the reference does); the table is
@@ -138,6 +150,11 @@ class DiNaLRMConfig(PretrainedConfig):
         thurstone_v0: float = 0.05,
         thurstone_eps: float = 1e-6,
         fixed_variance: float = 0.5,
+        bt_margin: float = 1.0,
+        use_logistic: bool = False,
+        logistic_eta3: float = 0.0,
+        logistic_eta4: float = 0.15,
+        add_noise: bool = True,
         default_t: float = 0.4,
         ensemble_t: Sequence[float] = (0.2, 0.5, 0.7),
         snap_t: bool = True,
@@ -165,6 +182,11 @@ class DiNaLRMConfig(PretrainedConfig):
         self.thurstone_v0 = thurstone_v0
         self.thurstone_eps = thurstone_eps
         self.fixed_variance = fixed_variance
+        self.bt_margin = bt_margin
+        self.use_logistic = use_logistic
+        self.logistic_eta3 = logistic_eta3
+        self.logistic_eta4 = logistic_eta4
+        self.add_noise = add_noise
         self.default_t = default_t
         self.ensemble_t = list(ensemble_t)
         self.snap_t = snap_t
@@ -211,9 +233,10 @@ class DiNaLRMConfig(PretrainedConfig):
             raise ValueError(
                 "backbone_config: caption_projection_dim must equal num_attention_heads * attention_head_dim."
             )
-        if self.width % self.head_num_heads or self.width % 4:
+        # Each layer adapter outputs `width // 4` channels (floored, as the reference does).
+        if self.width % self.head_num_heads or self.width < 4:
             raise ValueError(
-                f"head width {self.width} must be divisible by head_num_heads={self.head_num_heads} and 4."
+                f"head width {self.width} must be at least 4 and divisible by head_num_heads={self.head_num_heads}."
             )
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"loss_type={self.loss_type!r} is not one of {LOSS_TYPES}.")
@@ -499,8 +522,36 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             param.requires_grad_(".lora_" in name)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *args, base_model: str | None = None, **kwargs
+    ):
+        r"""`PreTrainedModel.from_pretrained`, and official DiNa-LRM checkpoints by Hub id or folder.
+
+        A repository or folder in the reference's layout (`config.json` with a `model` section, `checkpoint/`) is
+        converted in memory on the first blocks of `base_model`'s transformer (see [`load_official_checkpoint`];
+        cached on disk, so only the first load converts).
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): a DiNa-LRM model folder or Hub id, or an
+                official checkpoint such as `"liuhuohuo/DiNa-LRM-SD35M-12layers"`.
+            base_model (`str`, *optional*): for official checkpoints, the SD3 pipeline (Hub id or folder) whose
+                transformer provides the backbone; defaults to `"stabilityai/stable-diffusion-3.5-medium"`.
+        """
+        if not args and not kwargs.get("subfolder") and _is_official(pretrained_model_name_or_path, kwargs):
+            return load_official_checkpoint(
+                pretrained_model_name_or_path,
+                base_model or SD35_MEDIUM_ID,
+                torch_dtype=kwargs.get("torch_dtype") or kwargs.get("dtype"),
+                revision=kwargs.get("revision"),
+                token=kwargs.get("token"),
+                cache_dir=kwargs.get("cache_dir"),
+            )
+        if base_model is not None:
+            raise ValueError(
+                f"base_model is for official DiNa-LRM checkpoints; {pretrained_model_name_or_path} is a converted "
+                "model that already holds its backbone blocks. Drop base_model."
+            )
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.config.lora_rank:
             # Loading re-creates the parameters, which forgets the freezing done in `__init__`.
@@ -515,8 +566,24 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             raise ValueError("The backbone already has a LoRA adapter; merge it first with `merge_lora()`.")
         self.config.lora_rank = rank
         self.config.lora_alpha = alpha if alpha is not None else 2 * rank
-        self.config.lora_target_modules = list(target_modules or DEFAULT_LORA_TARGET_MODULES)
+        self.config.lora_target_modules = list(target_modules or self.default_lora_targets())
         self._inject_lora()
+
+    def default_lora_targets(self) -> list[str]:
+        """Where the reference puts LoRA: every attention projection of the kept blocks, except the last block's
+        text-stream projections (`add_q/k/v_proj`, `to_add_out`) when no text layer reads that block's output."""
+        if self.config.text_layers and self.config.text_layers[-1] == self.config.num_backbone_layers:
+            return list(DEFAULT_LORA_TARGET_MODULES)
+        last = f"transformer_blocks.{self.config.num_backbone_layers - 1}.attn."
+        excluded = {last + name for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
+        suffixes = tuple("." + name for name in DEFAULT_LORA_TARGET_MODULES)
+        return sorted(
+            name
+            for name, _ in self.backbone.named_modules()
+            if name.endswith(suffixes)
+            and name not in excluded
+            and isinstance(self.backbone.get_submodule(name), nn.Linear)
+        )
 
     def lora_layers(self) -> dict[str, nn.Module]:
         """Backbone modules carrying LoRA, by their path inside the backbone."""
@@ -713,7 +780,12 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         ]
         fused_visual = torch.cat([v for v, _ in fused], dim=1)
         fused_text = torch.cat([x for _, x in fused], dim=1) if fused[0][1] is not None else None
-        return self.reward_head.pool(fused_visual, fused_text)
+        rewards = self.reward_head.pool(fused_visual, fused_text)
+        if self.config.use_logistic:
+            # The reference's `_logistic` with eta1 = 2, eta2 = -2, written as it writes it.
+            scale = abs(self.config.logistic_eta4) + 1e-6
+            rewards = 4.0 / (1 + torch.exp(-(rewards - self.config.logistic_eta3) / scale)) - 2.0
+        return rewards
 
     def forward(
         self,
@@ -795,7 +867,10 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         noisy, all_timesteps = [], []
         for level, level_noise in zip(levels, noises):
             sigmas, timesteps = self.snap_noise_level(level, batch, latents.device, check_finite)
-            noisy.append(add_noise(latents, level_noise.to(latents.device), sigmas))
+            if self.config.add_noise:
+                noisy.append(add_noise(latents, level_noise.to(latents.device), sigmas))
+            else:
+                noisy.append(latents)
             all_timesteps.append(timesteps)
         repeat = len(levels)
         return self._reward_over_levels(
@@ -820,10 +895,11 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
 
         Returns:
             `torch.Tensor` of shape `(B,)`: Thurstone `Phi((r_a - r_b) / sqrt(2 var(t) + eps))` with
-            `var(t) = k t**2 + v0` (a constant variance for `"fixed_variance"`), or `sigmoid(r_a - r_b)` (BT).
+            `var(t) = k t**2 + v0` (a constant variance for `"fixed_variance"`), or `sigmoid(r_a - r_b)` (BT, with
+            or without the training margin).
         """
         diff = rewards_a.reshape(-1) - rewards_b.reshape(-1)
-        if self.config.loss_type == "bradley_terry":
+        if self.config.loss_type in ("bradley_terry", "bradley_terry_margin"):
             return torch.sigmoid(diff)
         variance = self._comparison_variance(t, diff)
         z = diff / torch.sqrt(variance + variance + self.config.thurstone_eps)
@@ -838,7 +914,8 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         reduction: str = "mean",
     ) -> torch.Tensor:
         r"""The training loss of pairs, chosen first: fidelity `1 - sqrt(p + eps)` (Thurstone / fixed variance,
-        `p` from `preference_probability`) or `-log sigmoid(r_c - r_r)` (Bradley-Terry).
+        `p` from `preference_probability`) or `-log sigmoid(r_c - r_r - margin)` (Bradley-Terry, margin 0 or
+        `bt_margin`).
 
         Every pair is computed with elementwise operations, so a pair's loss does not depend on the other pairs.
 
@@ -855,8 +932,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             raise ValueError(f"reduction={reduction!r} is not supported: use 'mean' or 'none' (per-pair losses).")
         if weights is not None and reduction != "mean":
             raise ValueError("weights are the weights of the mean: pass them with reduction='mean'.")
-        if self.config.loss_type == "bradley_terry":
-            losses = -F.logsigmoid(rewards_chosen.reshape(-1) - rewards_rejected.reshape(-1))
+        if self.config.loss_type in ("bradley_terry", "bradley_terry_margin"):
+            margin = self.config.bt_margin if self.config.loss_type == "bradley_terry_margin" else 0.0
+            losses = -F.logsigmoid(rewards_chosen.reshape(-1) - rewards_rejected.reshape(-1) - margin)
         else:
             p = self.preference_probability(rewards_chosen, rewards_rejected, t)
             losses = 1.0 - torch.sqrt(p + self.config.thurstone_eps)
@@ -922,6 +1000,25 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         return model
 
 
+def _is_official(name: str | os.PathLike, kwargs: dict) -> bool:
+    """Whether `name` (folder or Hub id) is an official checkpoint; a Hub id costs one small config download."""
+    if os.path.isdir(name):
+        return is_official_checkpoint(name)
+    if not looks_like_repo_id(name):
+        return False
+    from huggingface_hub import hf_hub_download
+
+    try:
+        config_path = hf_hub_download(
+            str(name), "config.json", revision=kwargs.get("revision"), token=kwargs.get("token"),
+            cache_dir=kwargs.get("cache_dir"),
+        )  # fmt: skip
+    except Exception:  # transformers' own loading reports what is wrong with the repository
+        return False
+    with open(config_path, encoding="utf-8") as handle:
+        return isinstance(json.load(handle).get("model"), dict)
+
+
 def _describe(value) -> str:
     return f"a tensor of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
 
@@ -969,23 +1066,17 @@ class _BackboneFiles:
             cache_dir=self.cache_dir,
         )
 
-    def _exists(self, filename: str) -> bool:
-        if os.path.isdir(self.path):
-            return os.path.isfile(os.path.join(self.path, self.subfolder or "", filename))
-        from huggingface_hub import file_exists
-
-        name = f"{self.subfolder}/{filename}" if self.subfolder else filename
-        return file_exists(self.path, name, revision=self.revision, token=self.token)
-
     def read(self, keep) -> dict[str, torch.Tensor]:
         """Tensors whose key satisfies `keep`; other tensors (and shards holding none) are never read."""
+        from huggingface_hub.errors import EntryNotFoundError
         from safetensors import safe_open
 
         suffix = f".{self.variant}" if self.variant else ""
         single = f"{self.WEIGHTS}{suffix}.safetensors"
-        if self._exists(single):
+        try:  # one file (fetched whole), else a sharded checkpoint (only the shards holding kept tensors)
             shards = {single: None}
-        else:
+            self._fetch(single)
+        except (FileNotFoundError, EntryNotFoundError):
             with open(self._fetch(f"{single}.index.json"), encoding="utf-8") as handle:
                 weight_map = json.load(handle)["weight_map"]
             shards = {}
@@ -999,6 +1090,372 @@ class _BackboneFiles:
                     if keep(key):
                         tensors[key] = handle.get_tensor(key)
         return tensors
+
+
+# ------------------------------------------------------------------------------------- official checkpoints
+OFFICIAL_CHECKPOINT_ID = "liuhuohuo/DiNa-LRM-SD35M-12layers"
+# What the reference (github.com/HKUST-C4G/diffusion-rm) saves; nothing else of an official repository is read.
+OFFICIAL_ALLOW_PATTERNS = [
+    "config.json",
+    "checkpoint/rm_head.safetensors",
+    "checkpoint/rm_head.pt",
+    "checkpoint/full_model.safetensors",
+    "checkpoint/full_model.pt",
+    "checkpoint/backbone_lora/adapter_config.json",
+    "checkpoint/backbone_lora/adapter_model.safetensors",
+]
+# The reference's `model_type` -> our loss settings.
+OFFICIAL_LOSS_TYPES = {
+    "thurstone": {"loss_type": "thurstone"},
+    "thurstone-constant": {"loss_type": "fixed_variance", "fixed_variance": 0.5},
+    "bt": {"loss_type": "bradley_terry"},
+    "bradley_terry": {"loss_type": "bradley_terry"},
+    "bt-margin": {"loss_type": "bradley_terry_margin", "bt_margin": 1.0},
+}
+# The reference's initial values of its logistic squashing parameters (its LoRA runs do not save them).
+OFFICIAL_LOGISTIC_INIT = {"eta3": 0.0, "eta4": 0.15}
+_PEFT_PREFIX = "base_model.model."
+# Bump when the converted form changes, so older cached conversions are not reused.
+_CONVERSION_VERSION = 1
+
+
+class ConversionError(ValueError):
+    """An official checkpoint that cannot be converted faithfully."""
+
+
+class ModelUnavailableError(OSError):
+    """A model that neither a local folder, the Hugging Face cache nor the Hub can provide (one-line message)."""
+
+
+@contextlib.contextmanager
+def hub_errors(repo_id: str, role: str) -> Iterator[None]:
+    """Turns huggingface_hub's failures for `repo_id` into one [`ModelUnavailableError`] that says what to do."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    page = f"https://huggingface.co/{repo_id}"
+    try:
+        yield
+    except GatedRepoError:
+        message = (
+            f"the {role} {repo_id} is gated: accept its licence at {page} with your Hugging Face account, then run "
+            "`hf auth login` here (or pass a local folder)."
+        )
+    except RevisionNotFoundError:
+        message = f"the {role} {repo_id} has no such revision: check --revision (or pass a local folder)."
+    except RepositoryNotFoundError:
+        message = (
+            f"the {role} {repo_id} was not found on the Hub: check the id (a private or gated repository needs "
+            "`hf auth login`), or pass a local folder."
+        )
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        message = (
+            f"the {role} {repo_id} is not in the Hugging Face cache and the Hub cannot be reached (offline, or "
+            f"HF_HUB_OFFLINE=1): run once with network access or `hf download {repo_id}` (a gated model needs its "
+            f"licence accepted at {page} and `hf auth login` first), or pass a local folder."
+        )
+    except EntryNotFoundError as error:
+        message = f"the {role} {repo_id} lacks a file it needs ({error}); pass a complete repository or folder."
+    except HfHubHTTPError as error:
+        message = (
+            f"the Hub refused the {role} {repo_id} ({str(error).splitlines()[0]}); retry, or pass a local folder."
+        )
+    else:
+        return
+    raise ModelUnavailableError(message) from None
+
+
+def is_official_checkpoint(folder: str | os.PathLike) -> bool:
+    """Whether `folder` has the reference's layout: `config.json` with a `model` section, and `checkpoint/`."""
+    config_path = os.path.join(folder, "config.json")
+    if not (os.path.isfile(config_path) and os.path.isdir(os.path.join(folder, "checkpoint"))):
+        return False
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    return isinstance(config, dict) and isinstance(config.get("model"), dict)
+
+
+def looks_like_repo_id(name: str | os.PathLike) -> bool:
+    """`owner/name` that is not an existing local path."""
+    name = str(name)
+    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def snapshot_revision(path: str) -> str | None:
+    """The commit of a file or folder inside the Hugging Face cache (`.../snapshots/<commit>/...`), else None."""
+    parts = os.path.normpath(path).split(os.sep)
+    if "snapshots" in parts[:-1]:
+        commit = parts[parts.index("snapshots") + 1]
+        return commit if re.fullmatch(r"[0-9a-f]{40}", commit) else None
+    return None
+
+
+def resolve_repo(
+    name: str | os.PathLike,
+    allow_patterns: list[str],
+    role: str,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+) -> tuple[str, str | None]:
+    """`(local folder, commit)` of a folder (commit None) or a Hub id, downloading only `allow_patterns`."""
+    if os.path.isdir(name):
+        return str(name), None
+    if not looks_like_repo_id(name):
+        raise ModelUnavailableError(f"the {role} {str(name)!r} is neither a local folder nor a Hub id (owner/name).")
+    from huggingface_hub import snapshot_download
+
+    with hub_errors(str(name), role):
+        folder = snapshot_download(
+            str(name), allow_patterns=allow_patterns, revision=revision, token=token, cache_dir=cache_dir
+        )
+    return folder, snapshot_revision(folder)
+
+
+def converted_cache_root() -> str:
+    """Where converted official checkpoints are kept: `$DINALRM_CACHE`, else `$HF_HOME/dinalrm/converted`."""
+    from huggingface_hub import constants
+
+    return os.environ.get("DINALRM_CACHE") or os.path.join(constants.HF_HOME, "dinalrm", "converted")
+
+
+def _local_fingerprint(folder: str, names: Sequence[str]) -> str:
+    """Identifies the files `names` of a local folder by size and modification time (they may be gigabytes)."""
+    entries = []
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            stat = os.stat(path)
+            entries.append([name, stat.st_size, stat.st_mtime_ns])
+    return hashlib.sha256(json.dumps([os.path.abspath(folder), entries]).encode()).hexdigest()
+
+
+def _load_tensors(stem: str) -> dict[str, torch.Tensor]:
+    """Reads `<stem>.safetensors` if present, else the pickle `<stem>.pt` with `weights_only=True`."""
+    from safetensors.torch import load_file
+
+    if os.path.isfile(stem + ".safetensors"):
+        return load_file(stem + ".safetensors")
+    if not os.path.isfile(stem + ".pt"):
+        raise ConversionError(f"Missing weights: {stem}.pt (or {stem}.safetensors)")
+    state = torch.load(stem + ".pt", map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConversionError(f"{stem}.pt is not a state dict of tensors.")
+    return state
+
+
+def _official_model_kwargs(config: dict) -> dict:
+    """Maps the reference's run config (its `model` and `training` sections) to `from_backbone` arguments."""
+    model_cfg = config["model"]
+    head = model_cfg.get("reward_head", {})
+    if head.get("out_dim", 1) != 1:
+        raise ConversionError(f"reward_head.out_dim={head['out_dim']}: only scalar rewards are supported.")
+    if not model_cfg.get("use_t_embed", True):
+        raise ConversionError("use_t_embed=false (a head without timestep conditioning) is not supported.")
+    model_type = model_cfg.get("model_type", "thurstone")
+    if model_type not in OFFICIAL_LOSS_TYPES:
+        raise ConversionError(f"Unknown official model_type {model_type!r}; known: {sorted(OFFICIAL_LOSS_TYPES)}.")
+    use_text = model_cfg.get("use_text_features", True)
+    width = head.get("width", -1)
+    return {
+        "num_layers": model_cfg["num_transformer_layers"],
+        # The reference collects features in block order, whatever order the lists are written in.
+        "visual_layers": sorted(model_cfg["visual_head_idx"]),
+        "text_layers": sorted(model_cfg.get("text_head_idx") or []) if use_text else [],
+        "head_width": None if width == -1 else width,
+        "head_num_queries": head.get("num_queries", 4),
+        "head_num_heads": head.get("num_attn_heads", 8),
+        "head_dropout": head.get("dropout", 0.0),
+        "head_use_proj_in": head.get("use_proj_in", False),
+        "use_logistic": bool(model_cfg.get("use_logistic", False)),
+        "add_noise": bool((config.get("training") or {}).get("add_noise", True)),
+        **OFFICIAL_LOSS_TYPES[model_type],
+    }
+
+
+def _official_lora(lora_dir: str) -> tuple[dict, list[str], dict[str, torch.Tensor]]:
+    """The adapter's config, the module paths it targets inside the backbone, and its tensors under our keys."""
+    from safetensors.torch import load_file
+
+    config_path = os.path.join(lora_dir, "adapter_config.json")
+    weights_path = os.path.join(lora_dir, "adapter_model.safetensors")
+    for path, what in ((config_path, "LoRA config"), (weights_path, "LoRA weights")):
+        if not os.path.isfile(path):
+            raise ConversionError(f"Missing {what}: {path}")
+    with open(config_path, encoding="utf-8") as handle:
+        adapter_config = json.load(handle)
+    for flag in ("use_rslora", "use_dora"):
+        if adapter_config.get(flag):
+            raise ConversionError(f"LoRA with {flag}=true is not supported.")
+    for pattern in ("rank_pattern", "alpha_pattern"):
+        if adapter_config.get(pattern):
+            raise ConversionError(f"LoRA with a non-empty {pattern} is not supported.")
+    modules, state = set(), {}
+    for key, value in load_file(weights_path).items():
+        if not key.startswith(_PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
+            raise ConversionError(f"Unexpected key in the LoRA adapter: {key}")
+        module, _, part = key[len(_PEFT_PREFIX) :].rpartition(".lora_")
+        modules.add(module)
+        state[f"backbone.{module}.lora_{part.removesuffix('.weight')}.default.weight"] = value
+    for module in sorted(modules):
+        for side in ("A", "B"):
+            if f"backbone.{module}.lora_{side}.default.weight" not in state:
+                raise ConversionError(f"LoRA adapter has no lora_{side} for {module}.")
+    return adapter_config, sorted(modules), state
+
+
+def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
+    """Loads `state` into `model`, insisting that its keys are exactly `expected` with matching shapes (peft
+    itself would only warn and leave LoRA at zero, i.e. silently the no-LoRA model)."""
+    own = model.state_dict()
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ConversionError(f"{what}: missing keys {missing[:10]}, unexpected keys {unexpected[:10]}")
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
+    if wrong:
+        raise ConversionError(f"{what}: shape mismatches {wrong[:10]}")
+    result = model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
+    if result.unexpected_keys:
+        raise ConversionError(f"{what}: keys not consumed {result.unexpected_keys[:10]}")
+
+
+def convert_official_checkpoint(
+    official_dir: str | os.PathLike,
+    backbone: str | os.PathLike,
+    backbone_subfolder: str | None = "transformer",
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+) -> "DiNaLRMModel":
+    """Builds a [`DiNaLRMModel`] holding exactly an official checkpoint's weights, LoRA kept as an adapter.
+
+    Reads the reference's `config.json` and `checkpoint/` (`backbone_lora/` + `rm_head`, `rm_head` alone when the
+    backbone was frozen, or `full_model`) and the first blocks of `backbone`, an SD3 transformer (Hub id or
+    folder). Every official configuration the reference can produce converts with score parity; a partial load
+    stops with a [`ConversionError`] naming the keys.
+    """
+    official_dir = str(official_dir)
+    config_path = os.path.join(official_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ConversionError(f"Missing official config: {config_path}")
+    with open(config_path, encoding="utf-8") as handle:
+        config = json.load(handle)
+    if not isinstance(config.get("model"), dict):
+        raise ConversionError(f"{config_path} has no `model` section: it is not an official DiNa-LRM run config.")
+    model_cfg = config["model"]
+    kwargs = _official_model_kwargs(config)
+    checkpoint = os.path.join(official_dir, "checkpoint")
+    model = DiNaLRMModel.from_backbone(
+        backbone, subfolder=backbone_subfolder, revision=revision, token=token, cache_dir=cache_dir, **kwargs
+    )
+    head_keys = {k for k in model.state_dict() if k.startswith("reward_head.")}
+    logistic = dict(OFFICIAL_LOGISTIC_INIT)
+    # The reference builds LoRA only for an unfrozen backbone (freezing wins) and then saves only the head.
+    if model_cfg.get("freeze_backbone") or model_cfg.get("use_lora"):
+        if model_cfg.get("use_lora") and not model_cfg.get("freeze_backbone"):
+            adapter_config, modules, lora_state = _official_lora(os.path.join(checkpoint, "backbone_lora"))
+            unknown = sorted(set(modules) - {name for name, _ in model.backbone.named_modules()})
+            if unknown:
+                raise ConversionError(f"LoRA modules in the checkpoint but not in the backbone: {unknown[:10]}")
+            model.add_lora(adapter_config["r"], adapter_config["lora_alpha"], target_modules=modules)
+            if set(model.lora_layers()) != set(modules):
+                raise ConversionError(f"LoRA landed on {sorted(model.lora_layers())[:10]}, expected {modules[:10]}")
+            _load_exactly(model, lora_state, {k for k in model.state_dict() if ".lora_" in k}, "LoRA adapter")
+        head = {f"reward_head.{k}": v for k, v in _load_tensors(os.path.join(checkpoint, "rm_head")).items()}
+        _load_exactly(model, head, head_keys, "rm_head")
+        logistic_source = None
+    else:
+        state = _load_tensors(os.path.join(checkpoint, "full_model"))
+        if kwargs["use_logistic"]:
+            missing = [name for name in logistic if name not in state]
+            if missing:
+                raise ConversionError(f"full_model: use_logistic=true but {missing} are missing.")
+            logistic = {name: float(state.pop(name)) for name in logistic}
+        _load_exactly(model, state, set(model.state_dict()), "full_model")
+        logistic_source = "full_model"
+    if kwargs["use_logistic"]:
+        if logistic_source is None:
+            logger.warning(
+                "use_logistic=true: the official checkpoint does not save the logistic parameters eta3/eta4 "
+                "(only its full_model.pt does); using the reference's initial values eta3=0, eta4=0.15."
+            )
+        model.config.logistic_eta3, model.config.logistic_eta4 = logistic["eta3"], logistic["eta4"]
+    return model
+
+
+def load_official_checkpoint(
+    official: str | os.PathLike,
+    base_model: str | os.PathLike = SD35_MEDIUM_ID,
+    torch_dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    base_revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+    use_cache: bool = True,
+) -> "DiNaLRMModel":
+    """An official checkpoint (Hub id or folder) as a [`DiNaLRMModel`], converted once and cached on disk.
+
+    Only the official files and the base transformer's config and kept blocks are read. The conversion is kept
+    in [`converted_cache_root`] under a key made of both repositories' revisions (a local folder: its files'
+    sizes and times), so a later load reads the converted model instead of converting again.
+    """
+    official_dir, official_commit = resolve_repo(
+        official, OFFICIAL_ALLOW_PATTERNS, "DiNa-LRM checkpoint", revision, token, cache_dir
+    )
+    if not is_official_checkpoint(official_dir):
+        raise ConversionError(
+            f"{official} is not an official DiNa-LRM checkpoint (config.json `model` + checkpoint/)."
+        )
+    official_key = official_commit or _local_fingerprint(
+        official_dir, [p for p in OFFICIAL_ALLOW_PATTERNS if "*" not in p]
+    )
+    if os.path.isdir(base_model):
+        subfolder = "transformer" if os.path.isfile(os.path.join(base_model, "transformer", "config.json")) else None
+        transformer_dir = os.path.join(base_model, subfolder or "")
+        base_key = _local_fingerprint(transformer_dir, sorted(os.listdir(transformer_dir)))
+        base_source, base_pin = str(base_model), None
+    else:
+        from huggingface_hub import hf_hub_download
+
+        with hub_errors(str(base_model), "base model"):
+            config_path = hf_hub_download(
+                str(base_model), "config.json", subfolder="transformer", revision=base_revision, token=token,
+                cache_dir=cache_dir,
+            )  # fmt: skip
+        base_key = base_pin = snapshot_revision(config_path)
+        base_source, subfolder = str(base_model), "transformer"
+    key = json.dumps([_CONVERSION_VERSION, str(official), official_key, str(base_model), base_key])
+    name = re.sub(r"[^A-Za-z0-9._-]+", "--", os.path.basename(os.path.normpath(str(official))) or "official")
+    target = os.path.join(converted_cache_root(), f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+    if use_cache and os.path.isfile(os.path.join(target, "config.json")):
+        logger.info(f"Loading the converted reward model from {target} (cached; no conversion).")
+        model = DiNaLRMModel.from_pretrained(target)
+    else:
+        logger.info(f"Converting the official checkpoint {official} on the first blocks of {base_model} (once).")
+        with hub_errors(str(base_model), "base model"):
+            model = convert_official_checkpoint(
+                official_dir, base_source, subfolder, base_pin, token=token, cache_dir=cache_dir
+            )
+        if use_cache:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            staging = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(target))
+            try:
+                model.save_pretrained(staging, merge_lora=False)
+                os.replace(staging, target)
+                logger.info(f"Cached the converted reward model in {target}.")
+            except OSError:
+                shutil.rmtree(staging, ignore_errors=True)
+                if not os.path.isfile(os.path.join(target, "config.json")):
+                    raise
+    model.config.base_model_name_or_path = str(base_model)
+    return model.to(torch_dtype or torch.float32).eval()
 
 
 DiNaLRMConfig.register_for_auto_class()

@@ -47,10 +47,10 @@ EXAMPLE_DOC_STRING = """
     Examples:
         ```py
         >>> import torch
-        >>> from diffusers import DiffusionPipeline
         >>> from PIL import Image
+        >>> from pipeline_dinalrm import DiNaLRMPipeline
 
-        >>> pipe = DiffusionPipeline.from_pretrained("org/dinalrm-sd35m", trust_remote_code=True)
+        >>> pipe = DiNaLRMPipeline.from_pretrained("liuhuohuo/DiNa-LRM-SD35M-12layers", torch_dtype=torch.float32)
         >>> images = [Image.new("RGB", (512, 512), "red"), Image.effect_noise((512, 512), 64).convert("RGB")]
         >>> generator = torch.Generator().manual_seed(0)
         >>> rewards = pipe("a red square", images=images, generator=generator).rewards
@@ -206,6 +206,85 @@ def _require_rankable(rewards: torch.Tensor) -> None:
         )
 
 
+def _installed_modeling():
+    """The installed `modeling_dinalrm` (this file's companion); its classes load every repository's weights."""
+    try:
+        return importlib.import_module(MODELING_FILE.removesuffix(".py"))
+    except ImportError as error:
+        raise ImportError(
+            "DiNaLRMPipeline.from_pretrained loads with the installed dinalrm classes: install dinalrm "
+            "(`pip install -e .` in its repository), or load a pipeline repository with its own code through "
+            "`DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)`."
+        ) from error
+
+
+def _has_model_section(folder: str) -> bool:
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        return isinstance(json.load(handle).get("model"), dict)
+
+
+# The SD3 components the pipeline takes from a base pipeline (never its transformer), and the libraries allowed to
+# provide them.
+BASE_COMPONENTS = (
+    "vae",
+    "text_encoder",
+    "text_encoder_2",
+    "text_encoder_3",
+    "tokenizer",
+    "tokenizer_2",
+    "tokenizer_3",
+    "scheduler",
+)
+_COMPONENT_LIBRARIES = ("diffusers", "transformers")
+
+
+def load_base_components(
+    base: str | os.PathLike,
+    torch_dtype: torch.dtype | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | None = None,
+    role: str = "base model",
+) -> dict:
+    r"""The components of an SD3 (or DiNa-LRM) pipeline but its transformer and reward model, each loaded from its
+    own subfolder with the class `model_index.json` names (diffusers and transformers classes only).
+
+    For a Hub id only those subfolders are downloaded (no transformer, no single-file checkpoints, no fp16/bf16
+    duplicates); a gated, missing or unreachable repository stops with one message saying what to do.
+
+    Args:
+        base (`str` or `os.PathLike`): SD3 pipeline Hub id or folder, e.g. `"stabilityai/stable-diffusion-3.5-medium"`.
+        torch_dtype (`torch.dtype`, *optional*): dtype of the models (default: float32).
+    """
+    modeling = _installed_modeling()
+    patterns = ["model_index.json"] + [
+        f"{name}/*.{ext}" for name in BASE_COMPONENTS for ext in ("json", "txt", "model", "safetensors")
+    ]
+    folder, _ = modeling.resolve_repo(base, patterns, role, revision, token, cache_dir)
+    model_index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(model_index_path):
+        raise ValueError(f"{base} has no model_index.json: pass an SD3 pipeline (Hub id or folder).")
+    with open(model_index_path, encoding="utf-8") as handle:
+        model_index = json.load(handle)
+    components = {}
+    for name in BASE_COMPONENTS:
+        library, class_name = model_index.get(name) or (None, None)
+        if class_name is None:
+            if name not in DiNaLRMPipeline._optional_components:
+                raise ValueError(f"{base} has no {name}; the DiNa-LRM pipeline needs SD3's {name}.")
+            components[name] = None
+            continue
+        if library not in _COMPONENT_LIBRARIES:
+            raise ValueError(f"{base}'s {name} comes from {library!r}; only {_COMPONENT_LIBRARIES} are loaded.")
+        component_class = getattr(importlib.import_module(library), class_name)
+        options = {} if name.startswith(("tokenizer", "scheduler")) else {"dtype": torch_dtype or torch.float32}
+        components[name] = component_class.from_pretrained(os.path.join(folder, name), **options)
+    return components
+
+
 class DiNaLRMPipeline(DiffusionPipeline):
     r"""Scores images or SD3 latents against prompts with the DiNa-LRM latent reward model.
 
@@ -295,19 +374,69 @@ class DiNaLRMPipeline(DiffusionPipeline):
         return cls(reward_model=reward_model, **{name: getattr(sd3_pipeline, name) for name in shared})
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs) -> "DiNaLRMPipeline":
-        """`DiffusionPipeline.from_pretrained` with `trust_remote_code=True` by default.
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        base_model: str | os.PathLike | None = None,
+        torch_dtype: torch.dtype | None = None,
+        **kwargs,
+    ) -> "DiNaLRMPipeline":
+        r"""Loads a DiNa-LRM pipeline repository, or an official checkpoint, with the installed classes.
 
-        Calling this class means choosing DiNa-LRM's code; diffusers then runs the repository's own copies of
-        `pipeline_dinalrm.py` and `reward_model/modeling_dinalrm.py`. Pass `trust_remote_code=False` to refuse.
-        A folder that ships no code (the bundled demo model) loads with the installed `modeling_dinalrm`, which
-        diffusers only uses once it has been imported.
+        - A pipeline repository (`model_index.json`, as `save_pretrained` writes it): the reward model is loaded
+          with the installed `DiNaLRMModel` and the rest by diffusers; the repository's code files are not run.
+          (Its own code runs only through `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, or
+          with `trust_remote_code=True` here.)
+        - An official checkpoint (`config.json` with a `model` section and `checkpoint/`, e.g.
+          `"liuhuohuo/DiNa-LRM-SD35M-12layers"`): the reward model is converted from it and the first blocks of
+          `base_model`'s transformer (cached on disk after the first load), and the VAE, text encoders, tokenizers
+          and scheduler come from `base_model`, which is gated on the Hub: accept its licence on the model page
+          and run `hf auth login`, or pass a local folder.
+
+        Args:
+            pretrained_model_name_or_path (`str` or `os.PathLike`): Hub id or local folder.
+            base_model (`str` or `os.PathLike`, *optional*): for official checkpoints, the SD3 pipeline (Hub id or
+                folder); defaults to `"stabilityai/stable-diffusion-3.5-medium"`. Its transformer file is read only
+                for the kept blocks and is never loaded as a whole.
+            torch_dtype (`torch.dtype`, *optional*): the dtype of every component, whatever the repository was
+                saved in; defaults to `torch.float32`.
+            kwargs: `revision`, `token`, `cache_dir` and the other options of `DiffusionPipeline.from_pretrained`.
         """
-        folder = str(pretrained_model_name_or_path)
-        if os.path.isdir(folder) and not os.path.isfile(os.path.join(folder, "reward_model", MODELING_FILE)):
-            importlib.import_module(MODELING_FILE.removesuffix(".py"))
-        kwargs.setdefault("trust_remote_code", True)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        torch_dtype = torch_dtype or kwargs.pop("dtype", None) or torch.float32
+        if kwargs.get("trust_remote_code"):
+            return super().from_pretrained(pretrained_model_name_or_path, dtype=torch_dtype, **kwargs)
+        modeling = _installed_modeling()
+        hub = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
+        folder, _ = modeling.resolve_repo(
+            pretrained_model_name_or_path, ["config.json", "model_index.json"], "DiNa-LRM model", **hub
+        )
+        if modeling.is_official_checkpoint(folder) or (
+            not os.path.isfile(os.path.join(folder, "model_index.json")) and _has_model_section(folder)
+        ):
+            base_model = base_model or modeling.SD35_MEDIUM_ID
+            reward_model = modeling.load_official_checkpoint(
+                pretrained_model_name_or_path, base_model, torch_dtype=torch_dtype, **hub
+            )
+            components = load_base_components(base_model, torch_dtype=torch_dtype, token=hub.get("token"))
+            return cls(reward_model=reward_model, **components)
+        if not os.path.isfile(os.path.join(folder, "model_index.json")):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} is neither a DiNa-LRM pipeline (model_index.json) nor an official "
+                "DiNa-LRM checkpoint (config.json with a `model` section and checkpoint/)."
+            )
+        if base_model is not None:
+            raise ValueError(
+                f"base_model is for official checkpoints; {pretrained_model_name_or_path} is a pipeline repository "
+                "that already holds its components. Drop base_model."
+            )
+        with modeling.hub_errors(str(pretrained_model_name_or_path), "DiNa-LRM model"):
+            reward_model = modeling.DiNaLRMModel.from_pretrained(
+                pretrained_model_name_or_path, subfolder="reward_model", dtype=torch_dtype, **hub
+            )
+        components = load_base_components(
+            pretrained_model_name_or_path, torch_dtype=torch_dtype, role="DiNa-LRM model", **hub
+        )
+        return cls(reward_model=reward_model, **components)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Saves the Hub layout that reloads in a fresh process (diffusers' own save copies no code files).

@@ -6,26 +6,14 @@ Used by `scripts/build_hub_repo.py` (from a saved reward model) and by `train_di
 
 from __future__ import annotations
 
-import importlib
 import os
 
-from diffusers import DiffusionPipeline
 from huggingface_hub import ModelCard, ModelCardData
 
 from modeling_dinalrm import DiNaLRMModel
-from pipeline_dinalrm import DiNaLRMPipeline
+from pipeline_dinalrm import DiNaLRMPipeline, load_base_components
 
 
-BASE_COMPONENTS = (
-    "vae",
-    "text_encoder",
-    "text_encoder_2",
-    "text_encoder_3",
-    "tokenizer",
-    "tokenizer_2",
-    "tokenizer_3",
-    "scheduler",
-)
 SD3_LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"
 CITATION = """\
 @article{dinalrm2026,
@@ -92,22 +80,6 @@ inside `reward_model/` and the VAE, text encoders, tokenizers and scheduler in t
 """
 
 
-def load_base_components(base: str, revision: str | None = None) -> dict:
-    """The pipeline components of an SD3 pipeline except its transformer, each loaded from its own subfolder."""
-    model_index = DiffusionPipeline.load_config(base, revision=revision)
-    components = {}
-    for name in BASE_COMPONENTS:
-        library, class_name = model_index.get(name) or (None, None)
-        if class_name is None:
-            if name not in DiNaLRMPipeline._optional_components:
-                raise ValueError(f"{base} has no {name}; the DiNa-LRM pipeline needs SD3's {name}.")
-            components[name] = None
-            continue
-        component_class = getattr(importlib.import_module(library), class_name)
-        components[name] = component_class.from_pretrained(base, subfolder=name, revision=revision)
-    return components
-
-
 def write_model_card(pipe: DiNaLRMPipeline, base: str, repo_id: str, output_dir: str) -> None:
     """The repository's README.md: Hub metadata (license, base model, tags) and a usage card."""
     config = pipe.reward_model.config
@@ -143,7 +115,7 @@ def build_hub_repo(
     """
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise ValueError(f"{output_dir} is not empty; refusing to write the Hub repository over it.")
-    pipe = DiNaLRMPipeline(reward_model=reward_model, **load_base_components(base, revision))
+    pipe = DiNaLRMPipeline(reward_model=reward_model, **load_base_components(base, revision=revision))
     pipe.save_pretrained(output_dir)
     write_model_card(pipe, base, repo_id or os.path.basename(os.path.abspath(output_dir)), output_dir)
     return pipe

@@ -16,6 +16,7 @@ from conftest import REPO_ROOT
 
 from dinalrm import cli
 from dinalrm.testing import get_tiny_dinalrm_pipeline
+from pipeline_dinalrm import DiNaLRMPipeline
 
 
 PROMPT = "a red square"
@@ -55,8 +56,8 @@ def image_files(tmp_path_factory) -> list[str]:
 def loads_tiny_pipeline(pipe, monkeypatch):
     """`--model` resolves to the in-memory tiny pipeline (loading itself is tested through the shell)."""
     loaded = []
-    load = classmethod(lambda cls, model: loaded.append(model) or pipe)
-    monkeypatch.setattr(cli.DiNaLRMPipeline, "from_pretrained", load)
+    load = classmethod(lambda cls, model, **options: loaded.append(model) or pipe)
+    monkeypatch.setattr(DiNaLRMPipeline, "from_pretrained", load)
     return loaded
 
 
@@ -124,21 +125,25 @@ def test_default_model_offline_falls_back_loudly_to_the_bundled_tiny_model(image
     code = cli.score_main(["--prompt", "a small red circle at the left on a white background", *image_files[:2]])
     assert code == 0
     captured = capsys.readouterr()
-    assert "'org/dinalrm-sd35m' could not be loaded" in captured.err and "assets/dinalrm-tiny" in captured.err
-    assert captured.out.strip().splitlines()[-1].startswith("P(first preferred) = ")
+    assert f"'{cli.DEFAULT_MODEL}' could not be loaded" in captured.err and "assets/dinalrm-tiny" in captured.err
+    lines = captured.out.strip().splitlines()
+    assert lines[0].startswith("note: scored with the bundled tiny-world demo model") and cli.DEFAULT_MODEL in lines[0]
+    assert lines[-1].startswith("P(first preferred) = ")
 
 
-def test_readme_main_command_prefers_the_matching_image_offline():
+def test_readme_main_command_prefers_the_matching_image_offline(tmp_path):
     """The README's first set-up command, minus the install: the bundled tiny model, offline, from the repo root."""
     block = (REPO_ROOT / "README.md").read_text().split("## Set-up: two commands", 1)[1].split("```bash\n", 2)[1]
     install, command = block.split("```", 1)[0].strip().split(" && ")
     assert install.startswith("pip install torch==2.13.0") and command.startswith("dinalrm-score ")
     command = command.replace("dinalrm-score", f'"{sys.executable}" -m dinalrm.cli', 1)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["HF_HUB_CACHE"] = str(tmp_path / "empty-cache")  # whatever this machine has cached, the id is not there
     result = subprocess.run(["bash", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "bundled tiny-world demo model" in result.stderr
-    lines = result.stdout.strip().splitlines()
+    note, *lines = result.stdout.strip().splitlines()
+    assert "bundled tiny-world demo model" in note
     matching, other = (float(line.split()[1]) for line in lines[:2])
     assert matching > other
     assert float(lines[2].split("= ")[1]) > 0.5

@@ -148,8 +148,11 @@ def test_missing_lora_half_is_named(tmp_path):
 
 
 def test_unsupported_official_options_are_refused(tmp_path):
-    official = copy_official(tmp_path, use_logistic=True)
-    assert "use_logistic" in _failing(official, tmp_path)
+    official = copy_official(tmp_path)
+    config = json.loads((official / "config.json").read_text())
+    config["model"]["reward_head"]["out_dim"] = 2
+    (official / "config.json").write_text(json.dumps(config))
+    assert "out_dim=2" in _failing(official, tmp_path)
 
 
 def test_existing_output_is_not_overwritten_without_asking(tmp_path):

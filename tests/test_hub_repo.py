@@ -64,14 +64,15 @@ EXPECTED_MODEL_INDEX = {
 # Runs in a new interpreter, from a folder outside the repository, with the repository's modules made unimportable:
 # everything must come from the saved folder. Prints one JSON line of results.
 FRESH_PROCESS_SCRIPT = r"""
-import importlib.abc, importlib.util, json, sys
+import importlib.abc, json, os, sys
 
 class BlockRepositoryModules(importlib.abc.MetaPathFinder):
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {"dinalrm", "modeling_dinalrm", "pipeline_dinalrm"}:
             raise ImportError(f"{name} must come from the saved folder, not from the repository")
 
-sys.meta_path.insert(0, BlockRepositoryModules())
+blocker = BlockRepositoryModules()
+sys.meta_path.insert(0, blocker)
 
 import PIL.Image
 import torch
@@ -90,12 +91,6 @@ pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
 results["diffusion_pipeline"] = rewards(pipe)
 results["modules"] = [type(pipe).__module__, type(pipe.reward_model).__module__]
 
-# `pip install dinalrm` provides the class as a top-level module; load that file without the repository on sys.path.
-spec = importlib.util.spec_from_file_location("installed_pipeline_dinalrm", pipeline_file)
-installed = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(installed)
-results["pipeline_class"] = rewards(installed.DiNaLRMPipeline.from_pretrained(folder))
-
 reward_model = AutoModel.from_pretrained(f"{folder}/reward_model", trust_remote_code=True)
 x = load_file(inputs_file)
 results["auto_model"] = reward_model.score_latents(
@@ -103,8 +98,16 @@ results["auto_model"] = reward_model.score_latents(
     generator=torch.Generator().manual_seed(0),
 ).tolist()
 
+# The installed package (`pip install -e .`): DiNaLRMPipeline.from_pretrained loads with its classes, not the folder's.
+sys.meta_path.remove(blocker)
+sys.path.insert(0, os.path.dirname(pipeline_file))
+import pipeline_dinalrm as installed
+pipe = installed.DiNaLRMPipeline.from_pretrained(folder)
+results["pipeline_class"] = rewards(pipe)
+results["installed_modules"] = [type(pipe).__module__, type(pipe.reward_model).__module__]
+
 example = [line.strip()[4:] for line in installed.EXAMPLE_DOC_STRING.splitlines() if line.strip().startswith(">>> ")]
-exec("\n".join(example).replace("org/dinalrm-sd35m", folder), {})
+exec("\n".join(example).replace("liuhuohuo/DiNa-LRM-SD35M-12layers", folder), {})
 results["example_ran"] = True
 print(json.dumps(results))
 """
@@ -218,6 +221,7 @@ def test_fresh_process_loads_give_the_in_memory_rewards(hub_repo, tmp_path):
 
     loaded_from = [f"diffusers_modules.local.{name}" for name in ("pipeline_dinalrm", "modeling_dinalrm")]
     assert results["modules"] == loaded_from
+    assert results["installed_modules"] == ["pipeline_dinalrm", "modeling_dinalrm"]
     for key in ("diffusion_pipeline", "pipeline_class"):
         torch.testing.assert_close(torch.tensor(results[key]), expected, rtol=1e-5, atol=1e-5, msg=key)
     torch.testing.assert_close(torch.tensor(results["auto_model"]), expected_model, rtol=1e-5, atol=1e-5)

@@ -16,6 +16,7 @@ from .datasets import (
     write_tiny_benchmarks,
     write_tiny_preference_dataset,
 )
+from .hub_cache import add_to_hub_cache, save_tiny_sd3_base
 from .models import (
     build_tiny_tokenizers,
     get_tiny_dinalrm_pipeline,
@@ -34,6 +35,8 @@ from .models import (
 __all__ = [
     "PREFERENCE_FORMATS",
     "TINY_BENCHMARKS",
+    "add_to_hub_cache",
+    "save_tiny_sd3_base",
     "build_tiny_tokenizers",
     "get_tiny_dinalrm_pipeline",
     "get_tiny_dinalrm_reward_model",

@@ -218,6 +218,11 @@ _TEXT_ENCODER_SIZES: dict[str, dict[str, Any]] = {
         "clip": (_clip(16, 32, 2, 2), _clip(16, 48, 3, 4)),
         "t5": {"d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4},
     },
+    # Fits the official-format fixture's transformer (tests/fixtures/official-tiny): pooled 64, T5 width 32.
+    "official": {
+        "clip": ({**_clip(16, 32, 2, 2), "projection_dim": 32}, {**_clip(16, 48, 3, 4), "projection_dim": 32}),
+        "t5": {"d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4},
+    },
     "medium": {
         "clip": (_clip(64, 256, 2, 4), _clip(128, 512, 2, 4)),
         "t5": {"d_kv": 64, "d_ff": 512, "num_layers": 2, "num_heads": 4},

@@ -1,0 +1,132 @@
+"""The published checkpoint by its Hub id, end to end, on a simulated Hugging Face cache (offline).
+
+The cache holds the official-format tiny checkpoint under `liuhuohuo/DiNa-LRM-SD35M-12layers` and a tiny SD3
+pipeline around the same fixture's transformer under `stabilityai/stable-diffusion-3.5-medium`, in the cache's
+documented layout. What the CLI and `from_pretrained` print must equal converting the same checkpoint with the
+script and scoring through a pipeline assembled by hand.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import PIL.Image
+import pytest
+import torch
+from conftest import OFFICIAL_TINY, REPO_ROOT
+from huggingface_hub.errors import GatedRepoError
+
+import modeling_dinalrm
+from dinalrm.testing import add_to_hub_cache, save_tiny_sd3_base
+from modeling_dinalrm import DiNaLRMModel, ModelUnavailableError
+from pipeline_dinalrm import DiNaLRMPipeline, load_base_components
+
+
+OFFICIAL_ID = "liuhuohuo/DiNa-LRM-SD35M-12layers"
+BASE_ID = "stabilityai/stable-diffusion-3.5-medium"
+PROMPT = "a red circle"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """The simulated cache, the snapshot folders, two images and the environment of a user offline."""
+    root = tmp_path_factory.mktemp("hub")
+    official = add_to_hub_cache(root / "cache", OFFICIAL_ID, OFFICIAL_TINY)
+    base = add_to_hub_cache(root / "cache", BASE_ID, save_tiny_sd3_base(root / "base", OFFICIAL_TINY / "transformer"))
+    images = []
+    for name, colour in (("a.png", "red"), ("b.png", "blue")):
+        PIL.Image.new("RGB", (64, 48), colour).save(root / name)
+        images.append(str(root / name))
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(root / "cache"),
+        "HF_HOME": str(root / "hf_home"),  # the converted-model cache lives below it
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    return {"root": root, "official": official, "base": base, "images": images, "env": env}
+
+
+@pytest.fixture(scope="module")
+def expected(hub):
+    """Rewards from the script's conversion of the same checkpoint, scored through a hand-assembled pipeline."""
+    out = hub["root"] / "converted"
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "convert_official_checkpoint.py")]
+    command += ["--official_dir", str(hub["official"]), "--backbone", str(hub["base"]), "--output_dir", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=hub["env"])
+    assert result.returncode == 0, result.stderr
+    pipe = DiNaLRMPipeline(reward_model=DiNaLRMModel.from_pretrained(out), **load_base_components(hub["base"]))
+    images = [PIL.Image.open(path) for path in hub["images"]]
+    comparison = pipe.compare(PROMPT, images[0], images[1], generator=torch.Generator().manual_seed(0))
+    return comparison.rewards.tolist(), comparison.probability
+
+
+def score(hub, *extra) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "dinalrm.cli", "--prompt", PROMPT, *hub["images"], "--json", *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=hub["env"], cwd=hub["root"])
+
+
+def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_once(hub, expected):
+    rewards, probability = expected
+    runs = [score(hub, "--model", OFFICIAL_ID) for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr
+        result = json.loads(run.stdout)
+        assert [entry["reward"] for entry in result["rewards"]] == pytest.approx(rewards, abs=1e-5)
+        assert result["p_first_preferred"] == pytest.approx(probability, abs=1e-5)
+        assert "Traceback" not in run.stderr and "%|" not in run.stderr  # no progress bar when not a terminal
+    first, second = (run.stderr for run in runs)
+    assert "Converting the official checkpoint" in first and "no conversion" not in first
+    assert "Converting the official checkpoint" not in second and "(cached; no conversion)" in second
+
+
+def test_default_model_is_the_published_id(hub, expected):
+    """Without --model the published checkpoint is used (here found in the simulated cache): no fallback."""
+    run = score(hub)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout)
+    assert result["model"] == OFFICIAL_ID and "note" not in result
+    assert [entry["reward"] for entry in result["rewards"]] == pytest.approx(expected[0], abs=1e-5)
+
+
+def test_pipeline_from_pretrained_by_id_in_a_fresh_process(hub, expected):
+    code = f"""
+import json, torch, PIL.Image
+from pipeline_dinalrm import DiNaLRMPipeline
+pipe = DiNaLRMPipeline.from_pretrained({OFFICIAL_ID!r})
+assert type(pipe.reward_model).__module__ == "modeling_dinalrm"  # the installed class, no remote code
+images = [PIL.Image.open(p) for p in {hub["images"]!r}]
+out = pipe.compare({PROMPT!r}, images[0], images[1], generator=torch.Generator().manual_seed(0))
+print(json.dumps(out.rewards.tolist()))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=hub["env"])
+    assert run.returncode == 0, run.stderr
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == pytest.approx(expected[0], abs=1e-5)
+
+
+def test_missing_base_stops_with_one_message(hub):
+    run = score(hub, "--model", OFFICIAL_ID, "--base", "stabilityai/not-in-the-cache")
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    error = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1
+    assert "base model stabilityai/not-in-the-cache is not in the Hugging Face cache" in error[0]
+    assert "hf auth login" in error[0] and "pass a local folder" in error[0]
+
+
+def test_gated_base_says_to_accept_the_licence_and_log_in(monkeypatch, tmp_path):
+    url = f"https://huggingface.co/{BASE_ID}/resolve/main/model_index.json"
+    response = httpx.Response(401, request=httpx.Request("GET", url))
+
+    def gated(*args, **kwargs):
+        raise GatedRepoError(f"401 Client Error: access to model {BASE_ID} is restricted", response=response)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", gated)
+    with pytest.raises(ModelUnavailableError) as error:
+        modeling_dinalrm.resolve_repo(BASE_ID, ["model_index.json"], "base model")
+    message = str(error.value)
+    assert "\n" not in message and error.value.__cause__ is None
+    assert f"accept its licence at https://huggingface.co/{BASE_ID}" in message and "hf auth login" in message
