@@ -27,9 +27,9 @@ from dinalrm.checkpointing import (
     restore_accelerate_pickles,
     save_checkpoint,
 )
-from dinalrm.data import load_preference_dataset
+from dinalrm.data import load_preference_dataset, write_canonical_pairs
 from dinalrm.feature_cache import CachedPairDataset, read_cache_info, write_feature_cache
-from dinalrm.testing import get_tiny_dinalrm_reward_model, write_canonical_pairs
+from dinalrm.testing import get_tiny_dinalrm_reward_model
 from train_dinalrm import check_update, load_checkpoint_model
 
 
