@@ -551,7 +551,23 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 f"base_model is for official DiNa-LRM checkpoints; {pretrained_model_name_or_path} is a converted "
                 "model that already holds its backbone blocks. Drop base_model."
             )
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        require_local_folder(pretrained_model_name_or_path, "DiNa-LRM model")
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(pretrained_model_name_or_path) and not os.path.isfile(os.path.join(folder, "config.json")):
+            # transformers would build the full-size default model here and only then fail on the weights.
+            raise FileNotFoundError(
+                f"{os.path.join(folder, 'config.json')} is missing: {folder} is not a saved DiNa-LRM model "
+                "(save one with save_pretrained, or pass the folder that holds config.json and model.safetensors)."
+            )
+        from safetensors import SafetensorError
+
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            damaged = ", ".join(_damaged_weights_files(folder)) or f"a *.safetensors file of {folder}"
+            raise OSError(
+                f"{damaged} is truncated or damaged ({error}): save the DiNa-LRM model again, or download it again."
+            ) from None
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.config.lora_rank:
             # Loading re-creates the parameters, which forgets the freezing done in `__init__`.
@@ -1000,6 +1016,21 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         return model
 
 
+def _damaged_weights_files(folder: str) -> list[str]:
+    """The `*.safetensors` files of a local folder that cannot be opened (e.g. truncated: header beyond the end)."""
+    from safetensors import SafetensorError, safe_open
+
+    damaged = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError):
+                damaged.append(os.path.join(folder, name))
+    return damaged
+
+
 def _is_official(name: str | os.PathLike, kwargs: dict) -> bool:
     """Whether `name` (folder or Hub id) is an official checkpoint; a Hub id costs one small config download."""
     if os.path.isdir(name):
@@ -1182,10 +1213,28 @@ def is_official_checkpoint(folder: str | os.PathLike) -> bool:
     return isinstance(config, dict) and isinstance(config.get("model"), dict)
 
 
-def looks_like_repo_id(name: str | os.PathLike) -> bool:
-    """`owner/name` that is not an existing local path."""
+def looks_like_local_path(name: str | os.PathLike) -> bool:
+    """Whether `name` is meant as a local path: it exists, is absolute, starts with `.` or `~`, or has more
+    separators than an `owner/name` Hub id."""
     name = str(name)
-    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+    separators = name.count("/") + (name.count(os.sep) if os.sep != "/" else 0)
+    return os.path.exists(name) or name.startswith((".", "~", "/", os.sep)) or separators > 1
+
+
+def looks_like_repo_id(name: str | os.PathLike) -> bool:
+    """`owner/name` that is not meant as a local path."""
+    name = str(name)
+    return not looks_like_local_path(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def require_local_folder(name: str | os.PathLike, role: str) -> None:
+    """Refuses a path meant as local (see [`looks_like_local_path`]) that is not a folder, naming it."""
+    if looks_like_local_path(name) and not os.path.isdir(name):
+        what = "is a file, not a folder" if os.path.isfile(name) else "does not exist: no such folder"
+        raise ModelUnavailableError(
+            f"the {role} {str(name)!r} {what} ({os.path.abspath(os.path.expanduser(str(name)))}); check the path, "
+            "or pass a Hub id as owner/name."
+        )
 
 
 def snapshot_revision(path: str) -> str | None:
@@ -1208,6 +1257,7 @@ def resolve_repo(
     """`(local folder, commit)` of a folder (commit None) or a Hub id, downloading only `allow_patterns`."""
     if os.path.isdir(name):
         return str(name), None
+    require_local_folder(name, role)
     if not looks_like_repo_id(name):
         raise ModelUnavailableError(f"the {role} {str(name)!r} is neither a local folder nor a Hub id (owner/name).")
     from huggingface_hub import snapshot_download
@@ -1237,18 +1287,53 @@ def _local_fingerprint(folder: str, names: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps([os.path.abspath(folder), entries]).encode()).hexdigest()
 
 
-def _load_tensors(stem: str) -> dict[str, torch.Tensor]:
-    """Reads `<stem>.safetensors` if present, else the pickle `<stem>.pt` with `weights_only=True`."""
+def _damaged(path: str, error: Exception) -> ConversionError:
+    return ConversionError(
+        f"{path} is truncated or damaged ({str(error).splitlines()[0] or type(error).__name__}): download the "
+        "checkpoint again (`hf download <id>`, or delete that file from the Hugging Face cache)."
+    )
+
+
+def _require_finite_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Refuses weights holding NaN or infinity, which would give NaN rewards for every input."""
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ConversionError(
+            f"{path} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[:3]}): the checkpoint is damaged "
+            "(or was saved from a diverged run); download it again or use another checkpoint."
+        )
+    return state
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file of an official checkpoint, refusing a damaged file or non-finite values."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise _damaged(path, error) from None
+    return _require_finite_weights(state, path)
+
+
+def _load_tensors(stem: str) -> dict[str, torch.Tensor]:
+    """Reads `<stem>.safetensors` if present, else the pickle `<stem>.pt` with `weights_only=True`."""
+    import pickle
+    import zipfile
+
     if os.path.isfile(stem + ".safetensors"):
-        return load_file(stem + ".safetensors")
-    if not os.path.isfile(stem + ".pt"):
-        raise ConversionError(f"Missing weights: {stem}.pt (or {stem}.safetensors)")
-    state = torch.load(stem + ".pt", map_location="cpu", weights_only=True)
+        return _read_safetensors(stem + ".safetensors")
+    path = stem + ".pt"
+    if not os.path.isfile(path):
+        raise ConversionError(f"Missing weights: {path} (or {stem}.safetensors)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise _damaged(path, error) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{stem}.pt is not a state dict of tensors.")
-    return state
+        raise ConversionError(f"{path} is not a state dict of tensors.")
+    return _require_finite_weights(state, path)
 
 
 def _official_model_kwargs(config: dict) -> dict:
@@ -1282,8 +1367,6 @@ def _official_model_kwargs(config: dict) -> dict:
 
 def _official_lora(lora_dir: str) -> tuple[dict, list[str], dict[str, torch.Tensor]]:
     """The adapter's config, the module paths it targets inside the backbone, and its tensors under our keys."""
-    from safetensors.torch import load_file
-
     config_path = os.path.join(lora_dir, "adapter_config.json")
     weights_path = os.path.join(lora_dir, "adapter_model.safetensors")
     for path, what in ((config_path, "LoRA config"), (weights_path, "LoRA weights")):
@@ -1298,7 +1381,7 @@ def _official_lora(lora_dir: str) -> tuple[dict, list[str], dict[str, torch.Tens
         if adapter_config.get(pattern):
             raise ConversionError(f"LoRA with a non-empty {pattern} is not supported.")
     modules, state = set(), {}
-    for key, value in load_file(weights_path).items():
+    for key, value in _read_safetensors(weights_path).items():
         if not key.startswith(_PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ConversionError(f"Unexpected key in the LoRA adapter: {key}")
         module, _, part = key[len(_PEFT_PREFIX) :].rpartition(".lora_")

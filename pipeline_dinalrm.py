@@ -408,7 +408,10 @@ class DiNaLRMPipeline(DiffusionPipeline):
         modeling = _installed_modeling()
         hub = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
         folder, _ = modeling.resolve_repo(
-            pretrained_model_name_or_path, ["config.json", "model_index.json"], "DiNa-LRM model", **hub
+            pretrained_model_name_or_path,
+            ["config.json", "model_index.json", "reward_model/config.json"],
+            "DiNa-LRM model",
+            **hub,
         )
         if modeling.is_official_checkpoint(folder) or (
             not os.path.isfile(os.path.join(folder, "model_index.json")) and _has_model_section(folder)
@@ -428,6 +431,12 @@ class DiNaLRMPipeline(DiffusionPipeline):
             raise ValueError(
                 f"base_model is for official checkpoints; {pretrained_model_name_or_path} is a pipeline repository "
                 "that already holds its components. Drop base_model."
+            )
+        if not os.path.isfile(os.path.join(folder, "reward_model", "config.json")):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has a model_index.json but no reward_model/config.json: it is not "
+                "a complete DiNa-LRM pipeline (save one with DiNaLRMPipeline.save_pretrained or "
+                "scripts/build_hub_repo.py)."
             )
         with modeling.hub_errors(str(pretrained_model_name_or_path), "DiNa-LRM model"):
             reward_model = modeling.DiNaLRMModel.from_pretrained(

@@ -28,8 +28,8 @@ warning: {model!r} could not be loaded ({reason}); scoring with the bundled tiny
 {fallback} instead. It only knows the tiny world's coloured shapes; pass --model for real images.
 """
 FALLBACK_NOTE = "note: scored with the bundled tiny-world demo model ({model} could not be loaded; see stderr)."
-MODEL_UNAVAILABLE = """\
-error: could not load the DiNa-LRM model {model!r}: {reason}
+MODEL_UNAVAILABLE = "error: could not load the DiNa-LRM model {model!r}: {reason}\n"
+HUB_MODEL_HINT = """\
 To get it, run once with network access (it is cached afterwards): hf download {model}
 or pass --model a local folder (a DiNa-LRM pipeline folder, or an official checkpoint folder with --base), or for
 a quick offline try: python -c "from dinalrm.testing import save_tiny_dinalrm_repo; save_tiny_dinalrm_repo('tiny-dinalrm')"
@@ -122,18 +122,20 @@ def _load_pipeline(model: str | None, base: str, dtype) -> tuple[object | None, 
     bundled tiny model when that one cannot be loaded. Returns `(pipeline or None, name, fell_back)`."""
     from huggingface_hub.errors import HFValidationError
 
-    from modeling_dinalrm import ConversionError
+    from modeling_dinalrm import looks_like_local_path
     from pipeline_dinalrm import DiNaLRMPipeline
 
     name = model or DEFAULT_MODEL
     try:
         return DiNaLRMPipeline.from_pretrained(name, base_model=base, torch_dtype=dtype), name, False
-    except (OSError, HFValidationError, ConversionError) as err:
+    except (OSError, HFValidationError, ValueError) as err:  # ValueError: ConversionError, not a DiNa-LRM folder
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if model is None and BUNDLED_TINY_MODEL.is_dir():
             print(FALLBACK_WARNING.format(model=name, reason=reason, fallback=BUNDLED_TINY_MODEL), file=sys.stderr)
             return DiNaLRMPipeline.from_pretrained(BUNDLED_TINY_MODEL, torch_dtype=dtype), name, True
         print(MODEL_UNAVAILABLE.format(model=name, reason=reason), file=sys.stderr, end="")
+        if not looks_like_local_path(name):  # a local folder is not downloaded: the reason says what is wrong
+            print(HUB_MODEL_HINT.format(model=name), file=sys.stderr, end="")
         return None, name, False
 
 
