@@ -130,6 +130,10 @@ class DiNaLRMConfig(PretrainedConfig):
         max_backbone_batch_size (`int`, *optional*): split backbone passes into chunks of at most this many samples.
         max_sequence_length (`int`): T5 prompt length used in training.
         base_model_name_or_path (`str`): where the backbone weights came from (provenance).
+        calibration (`dict`, *optional*): a logistic calibration of reward differences to human preference, fitted
+            by `eval/calibrate.py`: `P(a preferred) = sigmoid(slope * (r_a - r_b))` at the noise level(s) `t` it
+            was fitted at, and `reference_reward` (the median reward of the fitting images) for calibrated scores
+            `sigmoid(slope * (r - reference_reward))`; also what it was fitted on and its calibration errors.
     """
 
     model_type = "dinalrm"
@@ -166,6 +170,7 @@ class DiNaLRMConfig(PretrainedConfig):
         max_backbone_batch_size: int | None = None,
         max_sequence_length: int = 128,
         base_model_name_or_path: str = SD35_MEDIUM_ID,
+        calibration: dict | None = None,
         **kwargs,
     ):
         self.backbone_config = dict(backbone_config if backbone_config is not None else SD35_MEDIUM_TRANSFORMER_CONFIG)
@@ -198,6 +203,7 @@ class DiNaLRMConfig(PretrainedConfig):
         self.max_backbone_batch_size = max_backbone_batch_size
         self.max_sequence_length = max_sequence_length
         self.base_model_name_or_path = base_model_name_or_path
+        self.calibration = dict(calibration) if calibration else None
         super().__init__(**kwargs)
         self.validate_layers()
 
@@ -962,6 +968,46 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         if weights.shape != losses.shape:
             raise ValueError(f"weights must hold one value per pair ({losses.shape[0]}), got {weights.shape[0]}.")
         return (weights * losses).sum() / weights.sum().clamp_min(torch.finfo(losses.dtype).tiny)
+
+    def calibration_for(self, t: float | Sequence[float]) -> dict | None:
+        """`config.calibration` if it was fitted at the noise level(s) `t` (compared after snapping), else None."""
+        calibration = self.config.calibration
+        if not calibration:
+            return None
+        levels = [t] if isinstance(t, (int, float)) else list(t)
+        snapped = [float(self.snap_noise_level(float(level), 1)[0][0]) for level in levels]
+        fitted = [float(self.snap_noise_level(float(level), 1)[0][0]) for level in calibration["t"]]
+        return calibration if snapped == fitted else None
+
+    def calibrated_probability(
+        self, rewards_a: torch.Tensor, rewards_b: torch.Tensor, t: float | Sequence[float]
+    ) -> torch.Tensor | None:
+        r"""P(a preferred over b) from the fitted logistic calibration, `sigmoid(slope * (r_a - r_b))`, or None when
+        the model has no calibration for the noise level(s) `t` (see `eval/calibrate.py`)."""
+        calibration = self.calibration_for(t)
+        if calibration is None:
+            return None
+        return torch.sigmoid(calibration["slope"] * (rewards_a.reshape(-1) - rewards_b.reshape(-1)))
+
+    def calibrated_score(self, rewards: torch.Tensor, t: float | Sequence[float]) -> torch.Tensor:
+        r"""Calibrated scores in (0, 1): `sigmoid(slope * (r - reference_reward))`, the calibrated probability that
+        a sample is preferred over one with the median reward of the calibration set, for the same prompt.
+
+        Raises `ValueError` when the model has no calibration (fit one with `eval/calibrate.py`); warns when it was
+        fitted at other noise levels than `t`, since reward differences grow with the noise level.
+        """
+        calibration = self.config.calibration
+        if not calibration:
+            raise ValueError(
+                "normalize='logistic' needs a calibration in the model config: fit one with "
+                "`python eval/calibrate.py --model <model> --pairs <pairs> --write_to_model` (or use normalize=True "
+                "for the display score (raw + 10) / 10)."
+            )
+        if self.calibration_for(t) is None:
+            logger.warning(
+                f"The calibration was fitted at t={calibration['t']}; scores at t={t} are calibrated with it anyway."
+            )
+        return torch.sigmoid(calibration["slope"] * (rewards - calibration["reference_reward"]))
 
     def _comparison_variance(self, t: float | torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
         if self.config.loss_type == "fixed_variance":

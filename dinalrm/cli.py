@@ -80,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="Default: bfloat16 on CUDA, float32 on the CPU.")
+    parser.add_argument(
+        "--normalize",
+        choices=("display", "logistic"),
+        default=None,
+        help="Print the official display score (raw + 10) / 10, or calibrated scores in (0, 1) from the model's "
+        "fitted calibration (eval/calibrate.py), instead of raw rewards. P(first preferred) is the same either way.",
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     return parser.parse_args(argv)
 
@@ -181,12 +188,14 @@ def score_main(argv: list[str] | None = None) -> int:
         t = args.t
     generator = torch.Generator().manual_seed(args.seed)
     options = {"t": t, "generator": generator, "batch_size": args.batch_size}
+    normalize = {None: False, "display": True, "logistic": "logistic"}[args.normalize]
     try:
         if len(images) == 2:
             comparison = pipe.compare(args.prompt, images[0], images[1], **options)
-            rewards, probability = comparison.rewards.tolist(), comparison.probability
+            rewards, probability = comparison.rewards, comparison.probability
         else:
-            rewards, probability = pipe(args.prompt, images=images, **options).rewards.tolist(), None
+            rewards, probability = pipe(args.prompt, images=images, **options).rewards, None
+        rewards = pipe.normalize_rewards(rewards, normalize, t).tolist()
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -197,6 +206,7 @@ def score_main(argv: list[str] | None = None) -> int:
             "prompt": args.prompt,
             "t": t if t is not None else pipe.reward_model.config.default_t,
             "seed": args.seed,
+            "normalize": args.normalize,
             "rewards": [{"image": path, "reward": reward} for path, reward in zip(args.images, rewards)],
         }
         if probability is not None:
