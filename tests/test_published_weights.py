@@ -8,6 +8,7 @@ script and scoring through a pipeline assembled by hand.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -174,3 +175,29 @@ def test_one_dtype_for_every_component_whatever_the_repository_was_saved_in(hub,
     assert dtypes(DiNaLRMPipeline.from_pretrained(tmp_path / "pipeline-fp16")) == {torch.float32}
     reloaded = DiNaLRMPipeline.from_pretrained(tmp_path / "pipeline-fp16", torch_dtype=torch.bfloat16)
     assert dtypes(reloaded) == {torch.bfloat16}
+
+
+def readme_python_blocks() -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
+    """Every Python block of the README, in order in one fresh process (later blocks continue earlier ones), on the
+    tiny stand-ins under the real ids. What a user without a GPU changes: cpu for cuda, float32 for bfloat16, and
+    the tiny backbone's 32x32 latents for SD3.5's 128x128 in the ReFL sketch."""
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 5 and all("org/dinalrm" not in block for block in blocks)
+    calls = [call for block in blocks for call in re.findall(r"\.from_pretrained\((.*?)\)(?:\.|\n)", block, re.S)]
+    assert len(calls) >= 4 and all("torch_dtype=" in call for call in calls), calls  # every load names its dtype
+    script = "\n".join(blocks)
+    for old, new in (('"cuda"', '"cpu"'), ("torch.bfloat16", "torch.float32"), ("1, 16, 128, 128", "1, 16, 32, 32")):
+        script = script.replace(old, new)
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
+        PIL.Image.new("RGB", (64, 64), colour).save(tmp_path / name)
+    (tmp_path / "readme.py").write_text(script + "\nprint('README OK', float(loss))\n")
+    run = subprocess.run(
+        [sys.executable, "readme.py"], capture_output=True, text=True, env=hub["env"], cwd=tmp_path, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "README OK" in run.stdout
