@@ -101,22 +101,28 @@ def fit_slope(margins: Sequence[float], max_iterations: int = 100) -> float:
     return float(slope)
 
 
-def calibration_errors(probabilities: Sequence[float], num_bins: int = NUM_BINS) -> dict[str, float]:
-    """ECE and Brier score of `probabilities` that each pair's preferred image wins, over both orders of each pair.
-
-    Counting both orders (`p` with outcome 1 and `1 - p` with outcome 0) makes the numbers independent of how the
-    pairs happen to be ordered. ECE: `sum_b n_b / N * |mean p - mean outcome|` over `num_bins` equal-width bins.
-    """
+def reliability_bins(probabilities: Sequence[float], num_bins: int = NUM_BINS) -> list[tuple[float, float, float]]:
+    """`(share of predictions, mean prediction, observed frequency)` per non-empty equal-width bin, over both orders
+    of each pair (`p` with outcome 1 and `1 - p` with outcome 0), so that how the pairs happen to be ordered does not
+    matter."""
     p = np.asarray(probabilities, dtype=np.float64)
     predicted = np.concatenate([p, 1.0 - p])
     outcome = np.concatenate([np.ones_like(p), np.zeros_like(p)])
     bins = np.minimum((predicted * num_bins).astype(int), num_bins - 1)
-    ece = 0.0
-    for b in range(num_bins):
-        members = bins == b
-        if members.any():
-            ece += members.mean() * abs(predicted[members].mean() - outcome[members].mean())
-    return {"ece": float(ece), "brier": float(np.mean((predicted - outcome) ** 2)), "n_pairs": int(p.size)}
+    return [
+        (float((bins == b).mean()), float(predicted[bins == b].mean()), float(outcome[bins == b].mean()))
+        for b in range(num_bins)
+        if (bins == b).any()
+    ]
+
+
+def calibration_errors(probabilities: Sequence[float], num_bins: int = NUM_BINS) -> dict[str, float]:
+    """ECE (`sum_b n_b / N * |mean p - observed frequency|` over `num_bins` equal-width bins) and Brier score of
+    `probabilities` that each pair's preferred image wins, both over the two orders of each pair."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    ece = sum(share * abs(mean - observed) for share, mean, observed in reliability_bins(p, num_bins))
+    # Both orders: (p - 1)^2 and ((1 - p) - 0)^2 are equal, so the Brier score is the mean of (1 - p)^2.
+    return {"ece": float(ece), "brier": float(np.mean((1.0 - p) ** 2)), "n_pairs": int(p.size)}
 
 
 # ------------------------------------------------------------------------------------------------------ the data
@@ -183,14 +189,8 @@ def plot_reliability(held_out: dict[str, list[float]], path: str, num_bins: int 
     figure, axis = plt.subplots(figsize=(4.2, 4.0))
     axis.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect")
     for label, probabilities in held_out.items():
-        p = np.asarray(probabilities)
-        predicted = np.concatenate([p, 1.0 - p])
-        outcome = np.concatenate([np.ones_like(p), np.zeros_like(p)])
-        bins = np.minimum((predicted * num_bins).astype(int), num_bins - 1)
-        used = [b for b in range(num_bins) if (bins == b).any()]
-        axis.plot(
-            [predicted[bins == b].mean() for b in used], [outcome[bins == b].mean() for b in used], "o-", label=label
-        )
+        bins = reliability_bins(probabilities, num_bins)
+        axis.plot([mean for _, mean, _ in bins], [observed for _, _, observed in bins], "o-", label=label)
     axis.set_xlabel("predicted P(preferred)")
     axis.set_ylabel("observed frequency")
     axis.set_title("Held-out calibration")
