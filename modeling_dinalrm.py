@@ -1563,10 +1563,15 @@ def load_official_checkpoint(
     key = json.dumps([_CONVERSION_VERSION, str(official), official_key, str(base_model), base_key])
     name = re.sub(r"[^A-Za-z0-9._-]+", "--", os.path.basename(os.path.normpath(str(official))) or "official")
     target = os.path.join(converted_cache_root(), f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+    model = None
     if use_cache and os.path.isfile(os.path.join(target, "config.json")):
         logger.info(f"Loading the converted reward model from {target} (cached; no conversion).")
-        model = DiNaLRMModel.from_pretrained(target)
-    else:
+        try:
+            model = DiNaLRMModel.from_pretrained(target)
+        except OSError as error:  # e.g. truncated by a full disk: the cache is ours to rebuild
+            logger.warning(f"The cached conversion {target} is damaged ({error}); converting again.")
+            shutil.rmtree(target, ignore_errors=True)
+    if model is None:
         logger.info(f"Converting the official checkpoint {official} on the first blocks of {base_model} (once).")
         with hub_errors(str(base_model), "base model"):
             model = convert_official_checkpoint(

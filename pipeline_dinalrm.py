@@ -954,8 +954,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
         inputs are refused unless `check_finite=False`). The probability is
         `reward_model.preference_probability(r_a, r_b, level)`, the comparison model of training (Thurstone:
         `Phi((r_a - r_b) / sqrt(2 * (k * level**2 + v0)))`), or the fitted curve `sigmoid(slope * (r_a - r_b))` when
-        the model carries a calibration for these noise levels (`eval/calibrate.py`). `level` is `t`; for an ensemble, which has no single
-        level, it is `reward_model.config.default_t`.
+        the model carries a calibration for these noise levels (`eval/calibrate.py`). `level` is `t`; for an
+        ensemble, which has no single level, it is `reward_model.config.default_t`.
         """
         for name, image in (("image_a", image_a), ("image_b", image_b)):
             if isinstance(image, (list, tuple)) or getattr(image, "ndim", 3) == 4:

@@ -4,7 +4,8 @@ the fix (issue 14): never a raw library error, never the full-size default model
 import shutil
 
 import pytest
-from conftest import REPO_ROOT
+import torch
+from conftest import OFFICIAL_TINY, REPO_ROOT
 
 from dinalrm import cli
 from modeling_dinalrm import DiNaLRMModel, ModelUnavailableError
@@ -71,3 +72,24 @@ def test_cli_names_local_problems_as_local(repo, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert cli.score_main(["--model", str(tmp_path / "empty"), "--prompt", PROMPT, image]) == 1
     assert "is neither a DiNa-LRM pipeline" in capsys.readouterr().err
+
+
+def test_a_damaged_cached_conversion_is_converted_again(tmp_path, monkeypatch):
+    import modeling_dinalrm
+
+    monkeypatch.setenv("DINALRM_CACHE", str(tmp_path / "converted"))
+    conversions = []
+    convert = modeling_dinalrm.convert_official_checkpoint
+    monkeypatch.setattr(
+        modeling_dinalrm, "convert_official_checkpoint", lambda *a, **k: conversions.append(1) or convert(*a, **k)
+    )
+    load = lambda: modeling_dinalrm.load_official_checkpoint(OFFICIAL_TINY, OFFICIAL_TINY / "transformer")  # noqa: E731
+    first = load()
+    (cached,) = (tmp_path / "converted").glob("*/model.safetensors")
+    truncate(cached)
+    second = load()  # the damaged cache is rebuilt instead of failing every later load
+    third = load()
+    assert len(conversions) == 2
+    for model in (second, third):
+        for (name, a), b in zip(first.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), name

@@ -73,3 +73,45 @@ def test_repositories_with_different_code_do_not_change_each_others_scores(tmp_p
         assert results[key] == pytest.approx(expected.tolist(), abs=1e-5), key
     for key in ("b", "b_after_reload"):
         assert results[key] == pytest.approx((2 * (expected + 1)).tolist(), abs=1e-5), key
+
+
+def test_readme_automodel_form_for_the_reward_model_of_a_hub_pipeline(tmp_path):
+    """The README's replacement for `AutoModel.from_pretrained(repo, subfolder="reward_model", ...)` (which
+    transformers cannot load: it looks for the code at the root), on a pipeline repository in a simulated cache."""
+    from dinalrm.testing import add_to_hub_cache
+
+    folder = save_tiny_dinalrm_repo(tmp_path / "tiny")
+    add_to_hub_cache(tmp_path / "cache", "me/tiny-dinalrm", folder)
+    readme = (REPO_ROOT / "README.md").read_text()
+    form = readme.split("so give it the folder itself:\n  `", 1)[1].split("`.", 1)[0].replace("\n  ", " ")
+    code = f"""
+import json, os, torch
+from huggingface_hub import snapshot_download
+from transformers import AutoModel
+repo = "me/tiny-dinalrm"
+try:
+    AutoModel.from_pretrained(repo, subfolder="reward_model", trust_remote_code=True)
+    subfolder_form = "loads"
+except OSError:
+    subfolder_form = "fails"
+model = {form}
+c = model.config.backbone_config
+x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+embeds, pooled = torch.ones(2, 8, c["joint_attention_dim"]), torch.ones(2, c["pooled_projection_dim"])
+rewards = model.score_latents(x, embeds, pooled, generator=torch.Generator().manual_seed(0))
+print(json.dumps({{"subfolder_form": subfolder_form, "module": type(model).__module__, "rewards": rewards.tolist()}}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["subfolder_form"] == "fails" and result["module"].startswith("transformers_modules")
+    from modeling_dinalrm import DiNaLRMModel
+
+    model = DiNaLRMModel.from_pretrained(tmp_path / "tiny" / "reward_model")
+    c = model.config.backbone_config
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    embeds, pooled = torch.ones(2, 8, c["joint_attention_dim"]), torch.ones(2, c["pooled_projection_dim"])
+    expected = model.score_latents(x, embeds, pooled, generator=torch.Generator().manual_seed(0))
+    assert result["rewards"] == pytest.approx(expected.tolist(), abs=1e-5)
