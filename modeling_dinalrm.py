@@ -130,6 +130,10 @@ class DiNaLRMConfig(PretrainedConfig):
         max_backbone_batch_size (`int`, *optional*): split backbone passes into chunks of at most this many samples.
         max_sequence_length (`int`): T5 prompt length used in training.
         base_model_name_or_path (`str`): where the backbone weights came from (provenance).
+        calibration (`dict`, *optional*): a logistic calibration of reward differences to human preference, fitted
+            by `eval/calibrate.py`: `P(a preferred) = sigmoid(slope * (r_a - r_b))` at the noise level(s) `t` it
+            was fitted at, and `reference_reward` (the median reward of the fitting images) for calibrated scores
+            `sigmoid(slope * (r - reference_reward))`; also what it was fitted on and its calibration errors.
     """
 
     model_type = "dinalrm"
@@ -166,6 +170,7 @@ class DiNaLRMConfig(PretrainedConfig):
         max_backbone_batch_size: int | None = None,
         max_sequence_length: int = 128,
         base_model_name_or_path: str = SD35_MEDIUM_ID,
+        calibration: dict | None = None,
         **kwargs,
     ):
         self.backbone_config = dict(backbone_config if backbone_config is not None else SD35_MEDIUM_TRANSFORMER_CONFIG)
@@ -198,6 +203,7 @@ class DiNaLRMConfig(PretrainedConfig):
         self.max_backbone_batch_size = max_backbone_batch_size
         self.max_sequence_length = max_sequence_length
         self.base_model_name_or_path = base_model_name_or_path
+        self.calibration = dict(calibration) if calibration else None
         super().__init__(**kwargs)
         self.validate_layers()
 
@@ -551,7 +557,23 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 f"base_model is for official DiNa-LRM checkpoints; {pretrained_model_name_or_path} is a converted "
                 "model that already holds its backbone blocks. Drop base_model."
             )
-        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        require_local_folder(pretrained_model_name_or_path, "DiNa-LRM model")
+        folder = os.path.join(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+        if os.path.isdir(pretrained_model_name_or_path) and not os.path.isfile(os.path.join(folder, "config.json")):
+            # transformers would build the full-size default model here and only then fail on the weights.
+            raise FileNotFoundError(
+                f"{os.path.join(folder, 'config.json')} is missing: {folder} is not a saved DiNa-LRM model "
+                "(save one with save_pretrained, or pass the folder that holds config.json and model.safetensors)."
+            )
+        from safetensors import SafetensorError
+
+        try:
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            damaged = ", ".join(_damaged_weights_files(folder)) or f"a *.safetensors file of {folder}"
+            raise OSError(
+                f"{damaged} is truncated or damaged ({error}): save the DiNa-LRM model again, or download it again."
+            ) from None
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if model.config.lora_rank:
             # Loading re-creates the parameters, which forgets the freezing done in `__init__`.
@@ -947,6 +969,46 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             raise ValueError(f"weights must hold one value per pair ({losses.shape[0]}), got {weights.shape[0]}.")
         return (weights * losses).sum() / weights.sum().clamp_min(torch.finfo(losses.dtype).tiny)
 
+    def calibration_for(self, t: float | Sequence[float]) -> dict | None:
+        """`config.calibration` if it was fitted at the noise level(s) `t` (compared after snapping), else None."""
+        calibration = self.config.calibration
+        if not calibration:
+            return None
+        levels = [t] if isinstance(t, (int, float)) else list(t)
+        snapped = [float(self.snap_noise_level(float(level), 1)[0][0]) for level in levels]
+        fitted = [float(self.snap_noise_level(float(level), 1)[0][0]) for level in calibration["t"]]
+        return calibration if snapped == fitted else None
+
+    def calibrated_probability(
+        self, rewards_a: torch.Tensor, rewards_b: torch.Tensor, t: float | Sequence[float]
+    ) -> torch.Tensor | None:
+        r"""P(a preferred over b) from the fitted logistic calibration, `sigmoid(slope * (r_a - r_b))`, or None when
+        the model has no calibration for the noise level(s) `t` (see `eval/calibrate.py`)."""
+        calibration = self.calibration_for(t)
+        if calibration is None:
+            return None
+        return torch.sigmoid(calibration["slope"] * (rewards_a.reshape(-1) - rewards_b.reshape(-1)))
+
+    def calibrated_score(self, rewards: torch.Tensor, t: float | Sequence[float]) -> torch.Tensor:
+        r"""Calibrated scores in (0, 1): `sigmoid(slope * (r - reference_reward))`, the calibrated probability that
+        a sample is preferred over one with the median reward of the calibration set, for the same prompt.
+
+        Raises `ValueError` when the model has no calibration (fit one with `eval/calibrate.py`); warns when it was
+        fitted at other noise levels than `t`, since reward differences grow with the noise level.
+        """
+        calibration = self.config.calibration
+        if not calibration:
+            raise ValueError(
+                "normalize='logistic' needs a calibration in the model config: fit one with "
+                "`python eval/calibrate.py --model <model> --pairs <pairs> --write_to_model` (or use normalize=True "
+                "for the display score (raw + 10) / 10)."
+            )
+        if self.calibration_for(t) is None:
+            logger.warning(
+                f"The calibration was fitted at t={calibration['t']}; scores at t={t} are calibrated with it anyway."
+            )
+        return torch.sigmoid(calibration["slope"] * (rewards - calibration["reference_reward"]))
+
     def _comparison_variance(self, t: float | torch.Tensor, diff: torch.Tensor) -> torch.Tensor:
         if self.config.loss_type == "fixed_variance":
             return torch.full_like(diff, self.config.fixed_variance)
@@ -998,6 +1060,21 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             model.add_lora(lora_rank, lora_alpha, lora_target_modules)
             model.to(torch_dtype)
         return model
+
+
+def _damaged_weights_files(folder: str) -> list[str]:
+    """The `*.safetensors` files of a local folder that cannot be opened (e.g. truncated: header beyond the end)."""
+    from safetensors import SafetensorError, safe_open
+
+    damaged = []
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".safetensors"):
+            try:
+                with safe_open(os.path.join(folder, name), framework="pt"):
+                    pass
+            except (SafetensorError, OSError):
+                damaged.append(os.path.join(folder, name))
+    return damaged
 
 
 def _is_official(name: str | os.PathLike, kwargs: dict) -> bool:
@@ -1182,10 +1259,28 @@ def is_official_checkpoint(folder: str | os.PathLike) -> bool:
     return isinstance(config, dict) and isinstance(config.get("model"), dict)
 
 
-def looks_like_repo_id(name: str | os.PathLike) -> bool:
-    """`owner/name` that is not an existing local path."""
+def looks_like_local_path(name: str | os.PathLike) -> bool:
+    """Whether `name` is meant as a local path: it exists, is absolute, starts with `.` or `~`, or has more
+    separators than an `owner/name` Hub id."""
     name = str(name)
-    return not os.path.exists(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+    separators = name.count("/") + (name.count(os.sep) if os.sep != "/" else 0)
+    return os.path.exists(name) or name.startswith((".", "~", "/", os.sep)) or separators > 1
+
+
+def looks_like_repo_id(name: str | os.PathLike) -> bool:
+    """`owner/name` that is not meant as a local path."""
+    name = str(name)
+    return not looks_like_local_path(name) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) is not None
+
+
+def require_local_folder(name: str | os.PathLike, role: str) -> None:
+    """Refuses a path meant as local (see [`looks_like_local_path`]) that is not a folder, naming it."""
+    if looks_like_local_path(name) and not os.path.isdir(name):
+        what = "is a file, not a folder" if os.path.isfile(name) else "does not exist: no such folder"
+        raise ModelUnavailableError(
+            f"the {role} {str(name)!r} {what} ({os.path.abspath(os.path.expanduser(str(name)))}); check the path, "
+            "or pass a Hub id as owner/name."
+        )
 
 
 def snapshot_revision(path: str) -> str | None:
@@ -1208,6 +1303,7 @@ def resolve_repo(
     """`(local folder, commit)` of a folder (commit None) or a Hub id, downloading only `allow_patterns`."""
     if os.path.isdir(name):
         return str(name), None
+    require_local_folder(name, role)
     if not looks_like_repo_id(name):
         raise ModelUnavailableError(f"the {role} {str(name)!r} is neither a local folder nor a Hub id (owner/name).")
     from huggingface_hub import snapshot_download
@@ -1237,18 +1333,53 @@ def _local_fingerprint(folder: str, names: Sequence[str]) -> str:
     return hashlib.sha256(json.dumps([os.path.abspath(folder), entries]).encode()).hexdigest()
 
 
-def _load_tensors(stem: str) -> dict[str, torch.Tensor]:
-    """Reads `<stem>.safetensors` if present, else the pickle `<stem>.pt` with `weights_only=True`."""
+def _damaged(path: str, error: Exception) -> ConversionError:
+    return ConversionError(
+        f"{path} is truncated or damaged ({str(error).splitlines()[0] or type(error).__name__}): download the "
+        "checkpoint again (`hf download <id>`, or delete that file from the Hugging Face cache)."
+    )
+
+
+def _require_finite_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """Refuses weights holding NaN or infinity, which would give NaN rewards for every input."""
+    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+    if bad:
+        raise ConversionError(
+            f"{path} holds NaN or infinite weights ({len(bad)} tensors, e.g. {bad[:3]}): the checkpoint is damaged "
+            "(or was saved from a diverged run); download it again or use another checkpoint."
+        )
+    return state
+
+
+def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file of an official checkpoint, refusing a damaged file or non-finite values."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
+    try:
+        state = load_file(path)
+    except (SafetensorError, OSError) as error:
+        raise _damaged(path, error) from None
+    return _require_finite_weights(state, path)
+
+
+def _load_tensors(stem: str) -> dict[str, torch.Tensor]:
+    """Reads `<stem>.safetensors` if present, else the pickle `<stem>.pt` with `weights_only=True`."""
+    import pickle
+    import zipfile
+
     if os.path.isfile(stem + ".safetensors"):
-        return load_file(stem + ".safetensors")
-    if not os.path.isfile(stem + ".pt"):
-        raise ConversionError(f"Missing weights: {stem}.pt (or {stem}.safetensors)")
-    state = torch.load(stem + ".pt", map_location="cpu", weights_only=True)
+        return _read_safetensors(stem + ".safetensors")
+    path = stem + ".pt"
+    if not os.path.isfile(path):
+        raise ConversionError(f"Missing weights: {path} (or {stem}.safetensors)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        raise _damaged(path, error) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConversionError(f"{stem}.pt is not a state dict of tensors.")
-    return state
+        raise ConversionError(f"{path} is not a state dict of tensors.")
+    return _require_finite_weights(state, path)
 
 
 def _official_model_kwargs(config: dict) -> dict:
@@ -1282,8 +1413,6 @@ def _official_model_kwargs(config: dict) -> dict:
 
 def _official_lora(lora_dir: str) -> tuple[dict, list[str], dict[str, torch.Tensor]]:
     """The adapter's config, the module paths it targets inside the backbone, and its tensors under our keys."""
-    from safetensors.torch import load_file
-
     config_path = os.path.join(lora_dir, "adapter_config.json")
     weights_path = os.path.join(lora_dir, "adapter_model.safetensors")
     for path, what in ((config_path, "LoRA config"), (weights_path, "LoRA weights")):
@@ -1298,7 +1427,7 @@ def _official_lora(lora_dir: str) -> tuple[dict, list[str], dict[str, torch.Tens
         if adapter_config.get(pattern):
             raise ConversionError(f"LoRA with a non-empty {pattern} is not supported.")
     modules, state = set(), {}
-    for key, value in load_file(weights_path).items():
+    for key, value in _read_safetensors(weights_path).items():
         if not key.startswith(_PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ConversionError(f"Unexpected key in the LoRA adapter: {key}")
         module, _, part = key[len(_PEFT_PREFIX) :].rpartition(".lora_")
@@ -1434,10 +1563,15 @@ def load_official_checkpoint(
     key = json.dumps([_CONVERSION_VERSION, str(official), official_key, str(base_model), base_key])
     name = re.sub(r"[^A-Za-z0-9._-]+", "--", os.path.basename(os.path.normpath(str(official))) or "official")
     target = os.path.join(converted_cache_root(), f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}")
+    model = None
     if use_cache and os.path.isfile(os.path.join(target, "config.json")):
         logger.info(f"Loading the converted reward model from {target} (cached; no conversion).")
-        model = DiNaLRMModel.from_pretrained(target)
-    else:
+        try:
+            model = DiNaLRMModel.from_pretrained(target)
+        except OSError as error:  # e.g. truncated by a full disk: the cache is ours to rebuild
+            logger.warning(f"The cached conversion {target} is damaged ({error}); converting again.")
+            shutil.rmtree(target, ignore_errors=True)
+    if model is None:
         logger.info(f"Converting the official checkpoint {official} on the first blocks of {base_model} (once).")
         with hub_errors(str(base_model), "base model"):
             model = convert_official_checkpoint(

@@ -67,7 +67,7 @@ class DiNaLRMPipelineOutput(BaseOutput):
 
     Args:
         rewards (`torch.Tensor` of shape `(num_samples,)`): float32 rewards on the CPU, higher = preferred; raw unless
-            `normalize=True` was passed.
+            `normalize` was passed.
         noise_levels (`list[float]`): the noise levels actually used (snapped to the scheduler's table), one per
             ensemble level.
     """
@@ -408,7 +408,10 @@ class DiNaLRMPipeline(DiffusionPipeline):
         modeling = _installed_modeling()
         hub = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
         folder, _ = modeling.resolve_repo(
-            pretrained_model_name_or_path, ["config.json", "model_index.json"], "DiNa-LRM model", **hub
+            pretrained_model_name_or_path,
+            ["config.json", "model_index.json", "reward_model/config.json"],
+            "DiNa-LRM model",
+            **hub,
         )
         if modeling.is_official_checkpoint(folder) or (
             not os.path.isfile(os.path.join(folder, "model_index.json")) and _has_model_section(folder)
@@ -428,6 +431,12 @@ class DiNaLRMPipeline(DiffusionPipeline):
             raise ValueError(
                 f"base_model is for official checkpoints; {pretrained_model_name_or_path} is a pipeline repository "
                 "that already holds its components. Drop base_model."
+            )
+        if not os.path.isfile(os.path.join(folder, "reward_model", "config.json")):
+            raise ValueError(
+                f"{pretrained_model_name_or_path} has a model_index.json but no reward_model/config.json: it is not "
+                "a complete DiNa-LRM pipeline (save one with DiNaLRMPipeline.save_pretrained or "
+                "scripts/build_hub_repo.py)."
             )
         with modeling.hub_errors(str(pretrained_model_name_or_path), "DiNa-LRM model"):
             reward_model = modeling.DiNaLRMModel.from_pretrained(
@@ -775,9 +784,26 @@ class DiNaLRMPipeline(DiffusionPipeline):
         ]
         return torch.stack(draws).mean(dim=0)
 
-    @staticmethod
-    def _display(rewards: torch.Tensor, normalize: bool) -> torch.Tensor:
+    def normalize_rewards(
+        self, rewards: torch.Tensor, normalize: bool | str, t: float | list[float] | None = None
+    ) -> torch.Tensor:
+        """Raw rewards (`normalize=False`), the official display score `(raw + 10) / 10` (`True`) or calibrated
+        scores (`"logistic"`, see [`DiNaLRMModel.calibrated_score`]) of rewards read at noise level(s) `t`."""
+        if normalize == "logistic":
+            return self.reward_model.calibrated_score(rewards, self._noise_levels(t))
+        if normalize not in (True, False):
+            raise ValueError(f"normalize must be False, True or 'logistic', got {normalize!r}.")
         return (rewards + DISPLAY_OFFSET) / DISPLAY_SCALE if normalize else rewards
+
+    def _preference_probability(
+        self, rewards_a: torch.Tensor, rewards_b: torch.Tensor, level: float, levels: list[float]
+    ) -> torch.Tensor:
+        """The fitted calibration curve when the model has one for `levels`, else the training objective at
+        `level`."""
+        calibrated = self.reward_model.calibrated_probability(rewards_a, rewards_b, levels)
+        if calibrated is not None:
+            return calibrated
+        return self.reward_model.preference_probability(rewards_a, rewards_b, level)
 
     def reward_fn(
         self,
@@ -788,7 +814,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         t: float | list[float] | None = None,
         num_noise_samples: int = 1,
         generator: torch.Generator | None = None,
-        normalize: bool = False,
+        normalize: bool | str = False,
         max_sequence_length: int | None = None,
     ) -> torch.Tensor:
         r"""Differentiable rewards `(B,)` of clean latents for alignment loops (ReFL: `loss = -rewards.mean()`).
@@ -805,8 +831,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
         embeds, pooled = self._prompt_embeds_for(
             prompt, prompt_embeds, pooled_prompt_embeds, indices, latents.device, max_sequence_length
         )
-        rewards = self._score(latents, embeds, pooled, self._noise_levels(t), num_noise_samples, generator, False)
-        return self._display(rewards, normalize)
+        levels = self._noise_levels(t)
+        rewards = self._score(latents, embeds, pooled, levels, num_noise_samples, generator, False)
+        return self.normalize_rewards(rewards, normalize, levels)
 
     @torch.no_grad()
     @replace_example_docstring(EXAMPLE_DOC_STRING)
@@ -821,7 +848,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         num_noise_samples: int = 1,
         generator: torch.Generator | None = None,
         batch_size: int = 8,
-        normalize: bool = False,
+        normalize: bool | str = False,
         resolution: int | tuple[int, int] | None = None,
         sample_posterior: bool = False,
         max_sequence_length: int | None = None,
@@ -850,7 +877,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
             generator (`torch.Generator`, *optional*): source of every random draw (posterior samples, then the
                 scoring noise, batch by batch); the same generator state gives the same rewards.
             batch_size (`int`): samples per VAE/backbone pass; more samples show a progress bar.
-            normalize (`bool`): return the display score `(raw + 10) / 10` instead of the raw reward.
+            normalize (`bool` or `str`): `True` returns the display score `(raw + 10) / 10` instead of the raw
+                reward; `"logistic"` returns calibrated scores in (0, 1) from the model's fitted calibration
+                (`eval/calibrate.py`): the probability that the sample is preferred over a median one.
             resolution (`int` or `(height, width)`, *optional*): the resize rule. An `int` caps the image area at
                 `resolution**2` pixels (default: the backbone's native side, 1024 for SD3.5-Medium): larger images
                 are downscaled (Lanczos) keeping their aspect ratio, smaller ones are never upscaled; then a center
@@ -889,7 +918,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
                     )
                     rewards[indices] = scores.float().cpu()
                 progress.update()
-        rewards = self._display(rewards, normalize)
+        rewards = self.normalize_rewards(rewards, normalize, levels)
         noise_levels = [self._snapped(level) for level in levels]
         self.maybe_free_model_hooks()
         if not return_dict:
@@ -924,8 +953,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
         Both images are scored in one call (other keyword arguments as in `__call__`, raw rewards; NaN or infinite
         inputs are refused unless `check_finite=False`). The probability is
         `reward_model.preference_probability(r_a, r_b, level)`, the comparison model of training (Thurstone:
-        `Phi((r_a - r_b) / sqrt(2 * (k * level**2 + v0)))`). `level` is `t`; for an ensemble, which has no single
-        level, it is `reward_model.config.default_t`.
+        `Phi((r_a - r_b) / sqrt(2 * (k * level**2 + v0)))`), or the fitted curve `sigmoid(slope * (r_a - r_b))` when
+        the model carries a calibration for these noise levels (`eval/calibrate.py`). `level` is `t`; for an
+        ensemble, which has no single level, it is `reward_model.config.default_t`.
         """
         for name, image in (("image_a", image_a), ("image_b", image_b)):
             if isinstance(image, (list, tuple)) or getattr(image, "ndim", 3) == 4:
@@ -937,7 +967,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         levels = self._noise_levels(t)
         level = self._snapped(levels[0] if len(levels) == 1 else self.reward_model.config.default_t)
         rewards = output.rewards
-        probability = float(self.reward_model.preference_probability(rewards[:1], rewards[1:], level)[0])
+        probability = float(self._preference_probability(rewards[:1], rewards[1:], level, levels)[0])
         return DiNaLRMComparisonOutput(
             probability=probability, winner="a" if probability >= 0.5 else "b", rewards=rewards, noise_level=level
         )

@@ -48,7 +48,7 @@ from diffusers import StableDiffusion3Pipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
-from huggingface_hub import ModelCard, ModelCardData, create_repo, upload_folder
+from huggingface_hub import ModelCard, create_repo, upload_folder
 from tqdm.auto import tqdm
 
 from dinalrm.buckets import BucketBatchSampler, BucketSet, buckets_for_model
@@ -75,7 +75,7 @@ from dinalrm.feature_cache import (
     collate_cached_pairs,
     read_valid_cache_info,
 )
-from dinalrm.hub import build_hub_repo
+from dinalrm.hub import build_hub_repo, card_data, pairwise_accuracy_result
 from dinalrm.pair_datasets import (
     ImagePairDataset,
     collate_image_pairs,
@@ -675,19 +675,27 @@ def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_f
 
 
 # --------------------------------------------------------------------------------------------------- model card
+def card_metadata(args, validation: dict | None) -> tuple[list[str], list]:
+    """`(training datasets, validation accuracies as model-index results)` for the model cards."""
+    training_data = [name for name in (args.dataset_name, args.validation_dataset_name) if name]
+    source = args.validation_dataset_name or args.dataset_name or Path(args.train_data_dir or "data").name
+    split = args.validation_split if not args.validation_dataset_name else "validation"
+    results = []
+    for name, value in (validation or {}).items():
+        if name.startswith("val/accuracy_"):
+            level = name.removeprefix("val/accuracy_")  # "t0.4" or "ensemble"
+            if level == "ensemble":
+                setting = "ensemble=" + ",".join(f"{t:g}" for t in args.validation_t)
+            else:
+                setting = "t=" + level.removeprefix("t")
+            results.append(pairwise_accuracy_result(value, setting, source, split))
+    return training_data, results
+
+
 def save_model_card(repo_id: str, args, output_dir: str, validation: dict | None, skipped: dict) -> None:
     """Write a README.md (huggingface_hub ModelCard) describing the trained reward model."""
-    datasets_used = [
-        name for name in (args.dataset_name, args.validation_dataset_name) if name and not os.path.isdir(name)
-    ]
-    card_data = ModelCardData(
-        library_name="transformers",
-        base_model=args.pretrained_model_name_or_path
-        if not os.path.isdir(args.pretrained_model_name_or_path)
-        else None,
-        datasets=datasets_used or None,
-        tags=["dinalrm", "reward-model", "text-to-image", "sd3", "diffusers-training"],
-    )
+    training_data, eval_results = card_metadata(args, validation)
+    metadata = card_data(args.pretrained_model_name_or_path, repo_id, "transformers", training_data, eval_results)
     results = "\n".join(
         f"| {name.removeprefix('val/accuracy_')} | {value:.4f} |"
         for name, value in (validation or {}).items()
@@ -728,7 +736,7 @@ model = DiNaLRMModel.from_pretrained("{repo_id}")
 rewards = model.score_latents(latents, prompt_embeds, pooled_prompt_embeds, t=0.4)
 ```
 """
-    ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(os.path.join(output_dir, "README.md"))
+    ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}").save(os.path.join(output_dir, "README.md"))
 
 
 # --------------------------------------------------------------------------------------------------- training
@@ -989,8 +997,15 @@ def main(args: argparse.Namespace) -> None:
         )
         logger.info(f"Saved the {'EMA ' if ema is not None else ''}reward model to {args.output_dir}")
         if args.pipeline_output_dir:
+            training_data, eval_results = card_metadata(args, history[-1] if history else None)
             build_hub_repo(
-                final_model, args.pretrained_model_name_or_path, args.pipeline_output_dir, args.revision, repo_id
+                final_model,
+                args.pretrained_model_name_or_path,
+                args.pipeline_output_dir,
+                args.revision,
+                repo_id,
+                training_data,
+                eval_results,
             )
             logger.info(f"Saved the DiNa-LRM pipeline repository to {args.pipeline_output_dir}")
         if args.push_to_hub and args.pipeline_output_dir:

@@ -28,8 +28,8 @@ warning: {model!r} could not be loaded ({reason}); scoring with the bundled tiny
 {fallback} instead. It only knows the tiny world's coloured shapes; pass --model for real images.
 """
 FALLBACK_NOTE = "note: scored with the bundled tiny-world demo model ({model} could not be loaded; see stderr)."
-MODEL_UNAVAILABLE = """\
-error: could not load the DiNa-LRM model {model!r}: {reason}
+MODEL_UNAVAILABLE = "error: could not load the DiNa-LRM model {model!r}: {reason}\n"
+HUB_MODEL_HINT = """\
 To get it, run once with network access (it is cached afterwards): hf download {model}
 or pass --model a local folder (a DiNa-LRM pipeline folder, or an official checkpoint folder with --base), or for
 a quick offline try: python -c "from dinalrm.testing import save_tiny_dinalrm_repo; save_tiny_dinalrm_repo('tiny-dinalrm')"
@@ -80,6 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="Default: bfloat16 on CUDA, float32 on the CPU.")
+    parser.add_argument(
+        "--normalize",
+        choices=("display", "logistic"),
+        default=None,
+        help="Print the official display score (raw + 10) / 10, or calibrated scores in (0, 1) from the model's "
+        "fitted calibration (eval/calibrate.py), instead of raw rewards. P(first preferred) is the same either way.",
+    )
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     return parser.parse_args(argv)
 
@@ -122,18 +129,20 @@ def _load_pipeline(model: str | None, base: str, dtype) -> tuple[object | None, 
     bundled tiny model when that one cannot be loaded. Returns `(pipeline or None, name, fell_back)`."""
     from huggingface_hub.errors import HFValidationError
 
-    from modeling_dinalrm import ConversionError
+    from modeling_dinalrm import looks_like_local_path
     from pipeline_dinalrm import DiNaLRMPipeline
 
     name = model or DEFAULT_MODEL
     try:
         return DiNaLRMPipeline.from_pretrained(name, base_model=base, torch_dtype=dtype), name, False
-    except (OSError, HFValidationError, ConversionError) as err:
+    except (OSError, HFValidationError, ValueError) as err:  # ValueError: ConversionError, not a DiNa-LRM folder
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if model is None and BUNDLED_TINY_MODEL.is_dir():
             print(FALLBACK_WARNING.format(model=name, reason=reason, fallback=BUNDLED_TINY_MODEL), file=sys.stderr)
             return DiNaLRMPipeline.from_pretrained(BUNDLED_TINY_MODEL, torch_dtype=dtype), name, True
         print(MODEL_UNAVAILABLE.format(model=name, reason=reason), file=sys.stderr, end="")
+        if not looks_like_local_path(name):  # a local folder is not downloaded: the reason says what is wrong
+            print(HUB_MODEL_HINT.format(model=name), file=sys.stderr, end="")
         return None, name, False
 
 
@@ -179,12 +188,14 @@ def score_main(argv: list[str] | None = None) -> int:
         t = args.t
     generator = torch.Generator().manual_seed(args.seed)
     options = {"t": t, "generator": generator, "batch_size": args.batch_size}
+    normalize = {None: False, "display": True, "logistic": "logistic"}[args.normalize]
     try:
         if len(images) == 2:
             comparison = pipe.compare(args.prompt, images[0], images[1], **options)
-            rewards, probability = comparison.rewards.tolist(), comparison.probability
+            rewards, probability = comparison.rewards, comparison.probability
         else:
-            rewards, probability = pipe(args.prompt, images=images, **options).rewards.tolist(), None
+            rewards, probability = pipe(args.prompt, images=images, **options).rewards, None
+        rewards = pipe.normalize_rewards(rewards, normalize, t).tolist()
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -195,6 +206,7 @@ def score_main(argv: list[str] | None = None) -> int:
             "prompt": args.prompt,
             "t": t if t is not None else pipe.reward_model.config.default_t,
             "seed": args.seed,
+            "normalize": args.normalize,
             "rewards": [{"image": path, "reward": reward} for path, reward in zip(args.images, rewards)],
         }
         if probability is not None:

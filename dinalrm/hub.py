@@ -7,9 +7,11 @@ Used by `scripts/build_hub_repo.py` (from a saved reward model) and by `train_di
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from dinalrm.eval_datasets import BENCHMARKS
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline, load_base_components
 
@@ -49,7 +51,8 @@ print(comparison.probability, comparison.winner)
 
 Score latents from `StableDiffusion3Pipeline(..., output_type="latent")` with `pipe(prompt, latents=latents)`,
 or keep the autograd graph for reward fine-tuning with `pipe.reward_fn(latents, prompt_embeds=...,
-pooled_prompt_embeds=...)`. From the shell (`pip install dinalrm`):
+pooled_prompt_embeds=...)`. From the shell (with the `dinalrm` package installed from its repository,
+`pip install -e .`; it is not on PyPI yet):
 
 ```bash
 dinalrm-score --model {repo_id} --prompt "a photo of a cat" a.png b.png
@@ -80,17 +83,71 @@ inside `reward_model/` and the VAE, text encoders, tokenizers and scheduler in t
 """
 
 
-def write_model_card(pipe: DiNaLRMPipeline, base: str, repo_id: str, output_dir: str) -> None:
-    """The repository's README.md: Hub metadata (license, base model, tags) and a usage card."""
-    config = pipe.reward_model.config
-    card_data = ModelCardData(
-        library_name="diffusers",
+TAGS = ["dinalrm", "reward-model", "text-to-image", "stable-diffusion-3", "preference-model"]
+TASK = {"task_type": "text-to-image", "task_name": "Text-to-image preference prediction"}
+
+
+def card_data(
+    base: str,
+    model_name: str,
+    library_name: str,
+    datasets: Sequence[str] | None = None,
+    eval_results: Sequence[EvalResult] | None = None,
+) -> ModelCardData:
+    """The Hub metadata of every DiNa-LRM card: the licence of the base model whose blocks the weights hold (the
+    Stability AI Community License for SD3.5), `base_model` (a Hub id; a local folder is not named), the training
+    `datasets` (Hub ids) and evaluation results in the Hub's model-index format."""
+    return ModelCardData(
+        library_name=library_name,
         license="other",
         license_name="stabilityai-ai-community",
         license_link=SD3_LICENSE_LINK,
         base_model=None if os.path.isdir(base) else base,
-        tags=["dinalrm", "reward-model", "text-to-image", "stable-diffusion-3", "preference-model"],
+        datasets=[name for name in datasets or () if not os.path.isdir(name)] or None,
+        model_name=model_name,
+        eval_results=list(eval_results) if eval_results else None,
+        tags=TAGS,
     )
+
+
+def pairwise_accuracy_result(accuracy: float, setting: str, dataset: str, split: str | None) -> EvalResult:
+    """One pairwise accuracy (a fraction) of a noise `setting` on `dataset` as a model-index entry."""
+    return EvalResult(
+        **TASK,
+        dataset_type=dataset,
+        dataset_name=dataset,
+        dataset_split=split,
+        metric_type="accuracy",
+        metric_name=f"Pairwise accuracy ({setting})",
+        metric_value=round(float(accuracy), 4),
+    )
+
+
+def eval_results_from_run_eval(results: Mapping[str, Mapping[str, Mapping]]) -> list[EvalResult]:
+    """The entries of `eval/run_eval.py`'s `results.json` (`{setting: {benchmark[:split]: entry}}`) with an accuracy,
+    each under its benchmark's Hub dataset id."""
+    entries = []
+    for setting, benchmarks in results.items():
+        for key, entry in benchmarks.items():
+            name, _, split = key.partition(":")
+            spec = BENCHMARKS.get(name)
+            if entry.get("accuracy") is None or spec is None or spec.hub_id is None:
+                continue
+            entries.append(pairwise_accuracy_result(entry["accuracy"], setting, spec.hub_id, split or spec.split))
+    return entries
+
+
+def write_model_card(
+    pipe: DiNaLRMPipeline,
+    base: str,
+    repo_id: str,
+    output_dir: str,
+    datasets: Sequence[str] | None = None,
+    eval_results: Sequence[EvalResult] | None = None,
+) -> None:
+    """The repository's README.md: Hub metadata (see [`card_data`]) and a usage card."""
+    config = pipe.reward_model.config
+    metadata = card_data(base, repo_id, "diffusers", datasets, eval_results)
     body = CARD_BODY.format(
         repo_id=repo_id,
         base=base,
@@ -103,13 +160,20 @@ def write_model_card(pipe: DiNaLRMPipeline, base: str, repo_id: str, output_dir:
         license_link=SD3_LICENSE_LINK,
         citation=CITATION,
     )
-    ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
+    ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
 
 
 def build_hub_repo(
-    reward_model: DiNaLRMModel, base: str, output_dir: str, revision: str | None = None, repo_id: str | None = None
+    reward_model: DiNaLRMModel,
+    base: str,
+    output_dir: str,
+    revision: str | None = None,
+    repo_id: str | None = None,
+    datasets: Sequence[str] | None = None,
+    eval_results: Sequence[EvalResult] | None = None,
 ) -> DiNaLRMPipeline:
-    """Save `reward_model` with `base`'s components as a pipeline repository in `output_dir`, with a model card.
+    """Save `reward_model` with `base`'s components as a pipeline repository in `output_dir`, with a model card
+    naming the training `datasets` and carrying `eval_results`.
 
     `output_dir` must be empty or missing: the caller decides whether to replace what is there.
     """
@@ -117,5 +181,6 @@ def build_hub_repo(
         raise ValueError(f"{output_dir} is not empty; refusing to write the Hub repository over it.")
     pipe = DiNaLRMPipeline(reward_model=reward_model, **load_base_components(base, revision=revision))
     pipe.save_pretrained(output_dir)
-    write_model_card(pipe, base, repo_id or os.path.basename(os.path.abspath(output_dir)), output_dir)
+    name = repo_id or os.path.basename(os.path.abspath(output_dir))
+    write_model_card(pipe, base, name, output_dir, datasets, eval_results)
     return pipe

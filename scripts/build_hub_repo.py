@@ -8,17 +8,19 @@ the base transformer is never read. The result loads with
 
     python scripts/build_hub_repo.py --reward_model dinalrm-sd35m-reward-model \
         --base stabilityai/stable-diffusion-3.5-medium --output_dir dinalrm-sd35m \
+        [--datasets MizzenAI/HPDv3] [--eval_results table1/results.json] \
         [--overwrite] [--push_to_hub --hub_model_id org/dinalrm-sd35m [--private]]
 """
 
 import argparse
+import json
 import logging
 import os
 import shutil
 
 from huggingface_hub import create_repo, upload_folder
 
-from dinalrm.hub import build_hub_repo
+from dinalrm.hub import build_hub_repo, eval_results_from_run_eval
 from modeling_dinalrm import DiNaLRMModel
 
 
@@ -32,6 +34,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--revision", default=None, help="Revision of --base.")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="Replace the contents of a non-empty output_dir.")
+    parser.add_argument(
+        "--datasets",
+        default=None,
+        help="Comma-separated Hub ids of the training data, for the card (e.g. MizzenAI/HPDv3).",
+    )
+    parser.add_argument(
+        "--eval_results",
+        default=None,
+        help="eval/run_eval.py's results.json: its accuracies go into the card's model-index.",
+    )
     parser.add_argument("--push_to_hub", action="store_true")
     parser.add_argument("--hub_model_id", default=None, help="Repository to push to, e.g. org/dinalrm-sd35m.")
     parser.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
@@ -50,7 +62,12 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(args.output_dir)
 
     reward_model = DiNaLRMModel.from_pretrained(args.reward_model)
-    build_hub_repo(reward_model, args.base, args.output_dir, args.revision, args.hub_model_id)
+    eval_results = None
+    if args.eval_results:
+        with open(args.eval_results, encoding="utf-8") as handle:
+            eval_results = eval_results_from_run_eval(json.load(handle))
+    datasets = [name for name in (args.datasets or "").split(",") if name]
+    build_hub_repo(reward_model, args.base, args.output_dir, args.revision, args.hub_model_id, datasets, eval_results)
     logger.info(f"Wrote the Hub repository to {args.output_dir}.")
 
     if args.push_to_hub:

@@ -1,15 +1,21 @@
 """DiNa-LRM demo Space: which of two images does the latent reward model prefer for a prompt, and how sure is it?
 
-`python space/app.py` serves the demo (honouring GRADIO_SERVER_NAME / GRADIO_SERVER_PORT). The model comes from the
-environment: DINALRM_MODEL (a Hub id or a local folder, default `org/dinalrm-sd35m`), DINALRM_DEVICE (default: cuda
-when available, else cpu) and DINALRM_DTYPE (float32, float16 or bfloat16; default bfloat16 on cuda, float32 on cpu).
-It loads through `DiffusionPipeline.from_pretrained(..., trust_remote_code=True)`, so the Space needs only the model
-repository's own code files, never the dinalrm package.
+`python space/app.py [--model ID_OR_DIR] [--device DEVICE] [--dtype DTYPE]` serves the demo (honouring
+GRADIO_SERVER_NAME / GRADIO_SERVER_PORT). The options override the environment: DINALRM_MODEL (a Hub id or a local
+folder, default the published checkpoint `liuhuohuo/DiNa-LRM-SD35M-12layers`), DINALRM_DEVICE (default: cuda when
+available, else cpu) and DINALRM_DTYPE (float32, float16 or bfloat16; default bfloat16 on cuda, float32 on cpu).
+
+A pipeline repository that ships its own `pipeline_dinalrm.py` loads through
+`DiffusionPipeline.from_pretrained(..., trust_remote_code=True)` (the code published with the weights). An official
+checkpoint ships no code: it loads with the DiNa-LRM code deployed next to this file (`pipeline_dinalrm.py` and
+`modeling_dinalrm.py`, copied from the repository root; in a checkout, the installed package), which converts it on
+the first blocks of SD3.5-Medium (gated: the Space needs an HF_TOKEN secret of an account that accepted its licence).
 
 The scoring and input checks are plain functions (`compare_images`, `reward_curve`, `rank_images`, `read_upload`,
 `run_compare`, `run_curve`, `run_rank`); `build_demo` only wires them to components.
 """
 
+import argparse
 import os
 
 
@@ -30,6 +36,8 @@ import torch
 from diffusers import DiffusionPipeline
 from gradio.data_classes import ImageData
 from gradio.utils import get_upload_folder
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
 
@@ -39,7 +47,7 @@ except ImportError:
     spaces = None
 
 
-DEFAULT_MODEL = "org/dinalrm-sd35m"
+DEFAULT_MODEL = "liuhuohuo/DiNa-LRM-SD35M-12layers"
 # Tried when DINALRM_MODEL is unset and DEFAULT_MODEL cannot be loaded (offline): the repository's tiny-world demo
 # model, when the Space runs from a checkout of the repository.
 _BUNDLED_TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "dinalrm-tiny"
@@ -95,28 +103,44 @@ class ModelSettings:
     explicit: bool
 
     @classmethod
-    def from_env(cls) -> "ModelSettings":
-        """Reads DINALRM_MODEL, DINALRM_DEVICE and DINALRM_DTYPE; raises ValueError for an unknown dtype."""
-        device = os.environ.get("DINALRM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype_name = (os.environ.get("DINALRM_DTYPE") or ("float32" if device == "cpu" else "bfloat16")).lower()
+    def from_env(
+        cls, model: str | None = None, device: str | None = None, dtype: str | None = None
+    ) -> "ModelSettings":
+        """Reads DINALRM_MODEL, DINALRM_DEVICE and DINALRM_DTYPE, each overridden by its argument when given; raises
+        ValueError for an unknown dtype."""
+        device = device or os.environ.get("DINALRM_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype_name = (
+            dtype or os.environ.get("DINALRM_DTYPE") or ("float32" if device == "cpu" else "bfloat16")
+        ).lower()
         if dtype_name not in DTYPES:
             raise ValueError(f"DINALRM_DTYPE={dtype_name!r} is not one of {', '.join(DTYPES)}.")
-        model = os.environ.get("DINALRM_MODEL")
+        model = model or os.environ.get("DINALRM_MODEL")
         return cls(name=model or DEFAULT_MODEL, device=device, dtype=DTYPES[dtype_name], explicit=bool(model))
 
 
-def load_pipeline(name: str, device: str, dtype: torch.dtype) -> DiffusionPipeline:
-    """The DiNa-LRM pipeline of a Hub repo or local folder, running the repo's own `pipeline_dinalrm.py`.
+def ships_pipeline_code(name: str) -> bool:
+    """Whether the repository or folder `name` holds its own `pipeline_dinalrm.py` (a pipeline repository)."""
+    if os.path.isdir(name):
+        return os.path.isfile(os.path.join(name, "pipeline_dinalrm.py"))
+    try:
+        hf_hub_download(name, "pipeline_dinalrm.py")
+    except (OSError, ValueError, EntryNotFoundError):  # none, or unreachable: the DiNa-LRM loader says which
+        return False
+    return True
 
-    A local folder that ships no code (the bundled demo model in a checkout of the dinalrm repository) loads with
-    the installed `pipeline_dinalrm` instead.
+
+def load_pipeline(name: str, device: str, dtype: torch.dtype) -> DiffusionPipeline:
+    """The DiNa-LRM pipeline of a Hub repo or local folder, every component in `dtype`.
+
+    A pipeline repository runs its own `pipeline_dinalrm.py` (remote code). An official checkpoint, or a folder
+    that ships no code (the bundled demo model), loads with the `pipeline_dinalrm` deployed with the app.
     """
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "pipeline_dinalrm.py")):
+    if ships_pipeline_code(name):
+        pipe = DiffusionPipeline.from_pretrained(name, trust_remote_code=True, dtype=dtype)
+    else:
         from pipeline_dinalrm import DiNaLRMPipeline
 
-        pipe = DiNaLRMPipeline.from_pretrained(name, dtype=dtype)
-    else:
-        pipe = DiffusionPipeline.from_pretrained(name, trust_remote_code=True, dtype=dtype)
+        pipe = DiNaLRMPipeline.from_pretrained(name, torch_dtype=dtype)
     if not all(hasattr(pipe, method) for method in ("compare", "rank")):
         raise ValueError(f"{name} holds a {type(pipe).__name__}, not a DiNa-LRM pipeline.")
     pipe.set_progress_bar_config(disable=True)
@@ -697,8 +721,28 @@ def launch_options() -> dict:
     return {"max_file_size": MAX_FILE_BYTES, "css": CSS}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Serve the DiNa-LRM demo Space.")
+    parser.add_argument(
+        "--model", default=None, help=f"Hub id or local folder (default: DINALRM_MODEL, else {DEFAULT_MODEL})."
+    )
+    parser.add_argument(
+        "--device", default=None, help="torch device (default: DINALRM_DEVICE, else cuda if available)."
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default=None,
+        help="dtype of every component (default: DINALRM_DTYPE, else bfloat16 on CUDA, float32 on the CPU).",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Loads the model (reporting failures in the page), then serves the app."""
+    global MODEL
+    args = parse_args(argv)
+    MODEL = SharedModel(ModelSettings.from_env(args.model, args.device, args.dtype))
     MODEL.load()
     build_demo().queue(max_size=32).launch(**launch_options())
 

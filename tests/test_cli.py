@@ -177,3 +177,15 @@ def test_a_decompression_bomb_or_an_unavailable_device_is_a_clear_error(image_fi
 def test_console_script_is_declared():
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["dinalrm-score"] == "dinalrm.cli:score_main"
+
+
+def test_help_is_instant_because_it_imports_no_heavy_library():
+    """`--help` must not wait for torch, diffusers or transformers (they load in seconds; --help takes ~0.15 s)."""
+    code = (
+        "import sys\nfrom dinalrm import cli\ntry:\n    cli.parse_args(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print([m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "--normalize" in run.stdout and run.stdout.strip().splitlines()[-1] == "[]"

@@ -3,11 +3,12 @@
 import json
 import shutil
 
+import pytest
 import torch
 from conftest import OFFICIAL_TINY, copy_official, run_converter
 from safetensors.torch import load_file, save_file
 
-from modeling_dinalrm import DEFAULT_LORA_TARGET_MODULES, DiNaLRMModel
+from modeling_dinalrm import DEFAULT_LORA_TARGET_MODULES, ConversionError, DiNaLRMModel, convert_official_checkpoint
 
 
 def write_official_checkpoint(model: DiNaLRMModel, folder, model_section: dict) -> None:
@@ -163,3 +164,40 @@ def test_existing_output_is_not_overwritten_without_asking(tmp_path):
     assert result.returncode != 0 and "--overwrite" in result.stderr
     assert (out / "keep.txt").read_text() == "user data" and not (out / "config.json").exists()
     shutil.rmtree(out)
+
+
+def _truncate(path) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 2)
+
+
+def _poison(path) -> None:
+    """Puts NaN into the first floating tensor of a safetensors or .pt weights file, and infinity into the last."""
+    state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+    floats = [key for key, value in state.items() if value.is_floating_point()]
+    state[floats[0]] = torch.full_like(state[floats[0]], float("nan"))
+    state[floats[-1]] = torch.full_like(state[floats[-1]], float("inf"))
+    save_file(state, path) if path.suffix == ".safetensors" else torch.save(state, path)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _poison])
+@pytest.mark.parametrize(
+    "file",
+    ["checkpoint/backbone_lora/adapter_model.safetensors", "checkpoint/rm_head.pt", "checkpoint/rm_head.safetensors"],
+)
+def test_truncated_or_non_finite_official_weights_are_refused_naming_the_file(tmp_path, file, damage):
+    official = copy_official(tmp_path)
+    if file == "checkpoint/rm_head.pt":  # the safetensors copy would be read first
+        (official / "checkpoint" / "rm_head.safetensors").unlink()
+    damage(official / file)
+    expected = "truncated or damaged" if damage is _truncate else "NaN or infinite weights"
+    with pytest.raises(ConversionError, match=expected) as error:
+        convert_official_checkpoint(official, OFFICIAL_TINY / "transformer", backbone_subfolder=None)
+    assert str(official / file) in str(error.value)
+
+
+def test_the_script_refuses_non_finite_weights_without_writing(tmp_path):
+    official = copy_official(tmp_path)
+    _poison(official / "checkpoint" / "rm_head.safetensors")
+    stderr = _failing(official, tmp_path)
+    assert "rm_head.safetensors holds NaN or infinite weights" in stderr and "Traceback" not in stderr

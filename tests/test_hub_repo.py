@@ -275,3 +275,47 @@ def test_pipeline_save_pretrained_pushes_the_hub_layout(tmp_path, monkeypatch):
     assert (tmp_path / "saved" / "pipeline_dinalrm.py").is_file()
     model_index = json.loads((tmp_path / "saved" / "model_index.json").read_text())
     assert model_index["_class_name"] == EXPECTED_MODEL_INDEX["_class_name"]
+
+
+def test_cards_carry_licence_base_model_datasets_and_model_index(sources, tmp_path):
+    """Both cards (the Hub repository's and the trainer's) in the Hub's metadata format, read back by huggingface_hub."""
+    from huggingface_hub import ModelCard
+
+    import train_dinalrm
+
+    results = {"DiNa-LRM [x] t=0.4": {"hpdv3": {"accuracy": 0.7504}, "hpdv2": {"accuracy": 0.8213}}}
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    output = tmp_path / "hub"
+    argv = ["--reward_model", str(sources.reward_model), "--base", str(sources.base), "--output_dir", str(output)]
+    argv += ["--datasets", "MizzenAI/HPDv3", "--eval_results", str(tmp_path / "results.json")]
+    load_build_script().main(argv)
+    data = ModelCard.load(output / "README.md").data
+    assert (data.license, data.license_name, data.datasets) == (
+        "other",
+        "stabilityai-ai-community",
+        ["MizzenAI/HPDv3"],
+    )
+    found = {(r.dataset_type, r.dataset_split, r.metric_type, r.metric_value) for r in data.eval_results}
+    assert found == {("MizzenAI/HPDv3", "test", "accuracy", 0.7504), ("ymhao/HPDv2", "test", "accuracy", 0.8213)}
+    assert "pip install dinalrm" not in (output / "README.md").read_text()
+
+    args = train_dinalrm.parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            "stabilityai/stable-diffusion-3.5-medium",
+            "--dataset_name",
+            "MizzenAI/HPDv3",
+        ]
+        + ["--validation_split", "test", "--validation_t", "0.2,0.4", "--output_dir", str(tmp_path / "run")]
+    )
+    validation = {"val/accuracy_t0.2": 0.61, "val/accuracy_t0.4": 0.75, "val/accuracy_ensemble": 0.76, "val/pairs": 9}
+    train_dinalrm.save_model_card("me/dinalrm", args, str(tmp_path), validation, {})
+    data = ModelCard.load(tmp_path / "README.md").data
+    assert data.base_model == "stabilityai/stable-diffusion-3.5-medium" and data.license == "other"
+    assert data.datasets == ["MizzenAI/HPDv3"] and data.model_name == "me/dinalrm"
+    found = {(r.metric_name, r.metric_value, r.dataset_type, r.dataset_split) for r in data.eval_results}
+    assert found == {
+        ("Pairwise accuracy (t=0.2)", 0.61, "MizzenAI/HPDv3", "test"),
+        ("Pairwise accuracy (t=0.4)", 0.75, "MizzenAI/HPDv3", "test"),
+        ("Pairwise accuracy (ensemble=0.2,0.4)", 0.76, "MizzenAI/HPDv3", "test"),
+    }

@@ -8,6 +8,7 @@ script and scoring through a pipeline assembled by hand.
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -130,3 +131,73 @@ def test_gated_base_says_to_accept_the_licence_and_log_in(monkeypatch, tmp_path)
     message = str(error.value)
     assert "\n" not in message and error.value.__cause__ is None
     assert f"accept its licence at https://huggingface.co/{BASE_ID}" in message and "hf auth login" in message
+
+
+def test_space_loads_the_published_id_in_the_dtype_asked_for(hub):
+    """The Space's default model is the published id; an official checkpoint ships no code, so the app loads it
+    with the DiNa-LRM code deployed with it, every component in the dtype asked for (here `--dtype bfloat16`)."""
+    code = f"""
+import importlib.util, json, sys, torch
+spec = importlib.util.spec_from_file_location("app", {str(REPO_ROOT / "space" / "app.py")!r})
+app = sys.modules["app"] = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(app)
+args = app.parse_args(["--device", "cpu", "--dtype", "bfloat16"])
+model = app.SharedModel(app.ModelSettings.from_env(args.model, args.device, args.dtype))
+pipe = model.get()
+dtypes = sorted({{str(p.dtype) for c in pipe.components.values() if isinstance(c, torch.nn.Module) for p in c.parameters()}})
+print(json.dumps({{"status": model.status(), "dtypes": dtypes, "module": type(pipe).__module__}}))
+"""
+    env = {key: value for key, value in hub["env"].items() if not key.startswith("DINALRM_")}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["status"].startswith(f"Model: `{OFFICIAL_ID}` on cpu (torch.bfloat16)"), result["status"]
+    assert result["dtypes"] == ["torch.bfloat16"] and result["module"] == "pipeline_dinalrm"
+
+
+def test_one_dtype_for_every_component_whatever_the_repository_was_saved_in(hub, tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+
+    StableDiffusion3Pipeline.from_pretrained(hub["base"], dtype=torch.float16).save_pretrained(tmp_path / "fp16")
+    weights = (tmp_path / "fp16" / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()
+    assert b"F16" in weights[:2000]  # the base really is saved in float16
+
+    def dtypes(pipe) -> set[torch.dtype]:
+        modules = [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+        return {p.dtype for module in modules for p in module.parameters()}
+
+    official = DiNaLRMPipeline.from_pretrained(
+        hub["official"], base_model=tmp_path / "fp16", torch_dtype=torch.bfloat16
+    )
+    assert dtypes(official) == {torch.bfloat16}
+    assert dtypes(DiNaLRMPipeline.from_pretrained(hub["official"], base_model=tmp_path / "fp16")) == {torch.float32}
+    official.to(torch.float16).save_pretrained(tmp_path / "pipeline-fp16")
+    assert dtypes(DiNaLRMPipeline.from_pretrained(tmp_path / "pipeline-fp16")) == {torch.float32}
+    reloaded = DiNaLRMPipeline.from_pretrained(tmp_path / "pipeline-fp16", torch_dtype=torch.bfloat16)
+    assert dtypes(reloaded) == {torch.bfloat16}
+
+
+def readme_python_blocks() -> list[str]:
+    text = (REPO_ROOT / "README.md").read_text()
+    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+
+
+def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
+    """Every Python block of the README, in order in one fresh process (later blocks continue earlier ones), on the
+    tiny stand-ins under the real ids. What a user without a GPU changes: cpu for cuda, float32 for bfloat16, and
+    the tiny backbone's 32x32 latents for SD3.5's 128x128 in the ReFL sketch."""
+    blocks = readme_python_blocks()
+    assert len(blocks) >= 5 and all("org/dinalrm" not in block for block in blocks)
+    calls = [call for block in blocks for call in re.findall(r"\.from_pretrained\((.*?)\)(?:\.|\n)", block, re.S)]
+    assert len(calls) >= 4 and all("torch_dtype=" in call for call in calls), calls  # every load names its dtype
+    script = "\n".join(blocks)
+    for old, new in (('"cuda"', '"cpu"'), ("torch.bfloat16", "torch.float32"), ("1, 16, 128, 128", "1, 16, 32, 32")):
+        script = script.replace(old, new)
+    for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
+        PIL.Image.new("RGB", (64, 64), colour).save(tmp_path / name)
+    (tmp_path / "readme.py").write_text(script + "\nprint('README OK', float(loss))\n")
+    run = subprocess.run(
+        [sys.executable, "readme.py"], capture_output=True, text=True, env=hub["env"], cwd=tmp_path, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "README OK" in run.stdout

@@ -299,7 +299,7 @@ def test_model_settings_come_from_the_environment(monkeypatch):
     for name in ("DINALRM_MODEL", "DINALRM_DEVICE", "DINALRM_DTYPE"):
         monkeypatch.delenv(name, raising=False)
     default = app.ModelSettings.from_env()
-    assert (default.name, default.explicit) == ("org/dinalrm-sd35m", False)
+    assert (default.name, default.explicit) == ("liuhuohuo/DiNa-LRM-SD35M-12layers", False)
     monkeypatch.setenv("DINALRM_MODEL", "/models/dinalrm")
     monkeypatch.setenv("DINALRM_DEVICE", "cuda:1")
     monkeypatch.setenv("DINALRM_DTYPE", "bf16")
@@ -307,6 +307,11 @@ def test_model_settings_come_from_the_environment(monkeypatch):
     monkeypatch.setenv("DINALRM_DTYPE", "float8")
     with pytest.raises(ValueError, match="DINALRM_DTYPE='float8'"):
         app.ModelSettings.from_env()
+    # The command line (`python space/app.py --model ... --device ... --dtype ...`) overrides the environment.
+    args = app.parse_args(["--model", "/models/other", "--device", "cpu", "--dtype", "float16"])
+    assert app.ModelSettings.from_env(args.model, args.device, args.dtype) == app.ModelSettings(
+        "/models/other", "cpu", torch.float16, True
+    )
 
 
 def test_unreachable_default_model_falls_back_to_the_bundled_tiny_model(monkeypatch):
@@ -323,7 +328,7 @@ def test_unreachable_default_model_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(app, "OFFLINE_FALLBACK_MODEL", None)
     model = app.SharedModel()
-    assert "Model unavailable" in model.status() and "org/dinalrm-sd35m" in model.status()
+    assert "Model unavailable" in model.status() and app.DEFAULT_MODEL in model.status()
     with pytest.raises(gr.Error, match="Set DINALRM_MODEL to a local model folder") as error:
         model.get()
     assert error.value.title == "Model unavailable"
