@@ -7,6 +7,7 @@ Images are resized to the backbone's native size and encoded with the SD1.5 / SD
 code and must stay self-contained: it imports nothing from the rest of the dinalrm repository.
 """
 
+import importlib
 import inspect
 import json
 import os
@@ -103,6 +104,40 @@ class LRMPipeline(DiffusionPipeline):
     def default_resolution(self) -> int:
         """The backbone's native image side (512 for SD1.5, 1024 for SDXL): the official resize target."""
         return self.reward_model.config.unet_config["sample_size"] * self.vae_scale_factor
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, trust_remote_code: bool = False, **kwargs
+    ) -> "LRMPipeline":
+        """Loads an LRM pipeline folder or Hub repository (the converter's output layout).
+
+        By default no code from the repository runs: the components load with the installed `modeling_lrm` (from
+        `pip install dinalrm`) and this class. `trust_remote_code=True` instead runs the repository's own
+        `pipeline_lrm.py` and `reward_model/modeling_lrm.py` through diffusers. `dtype` (or `torch_dtype`),
+        `revision`, `token` and `cache_dir` are passed on to every component.
+        """
+        if trust_remote_code:
+            return super().from_pretrained(pretrained_model_name_or_path, trust_remote_code=True, **kwargs)
+        try:
+            reward_model_class = importlib.import_module(MODELING_FILE.removesuffix(".py")).LRMModel
+        except ImportError as error:
+            raise ImportError(
+                "The LRM reward model class is not installed: `pip install dinalrm`, or pass trust_remote_code=True "
+                "to run the repository's own modeling_lrm.py."
+            ) from error
+        dtype = kwargs.pop("dtype", kwargs.pop("torch_dtype", None))
+        options = {key: kwargs.pop(key) for key in ("revision", "token", "cache_dir") if key in kwargs}
+        if kwargs:
+            raise TypeError(f"Unexpected arguments {sorted(kwargs)}.")
+        path = str(pretrained_model_name_or_path)
+        index = cls.load_config(path, **options)
+        reward_model = reward_model_class.from_pretrained(path, subfolder="reward_model", dtype=dtype, **options)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **options)
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **options)
+        tokenizer_2 = None
+        if index.get("tokenizer_2", [None])[0] is not None:
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **options)
+        return cls(reward_model=reward_model, vae=vae, tokenizer=tokenizer, tokenizer_2=tokenizer_2)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Saves the Hub layout that reloads in a fresh process: components, `pipeline_lrm.py` at the root,

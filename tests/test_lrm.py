@@ -302,3 +302,53 @@ def test_pipeline_reward_fn_is_differentiable_in_the_latents(tiny_pipeline):
     rewards = tiny_pipeline.reward_fn(latents, PROMPTS, t=451, generator=torch.Generator().manual_seed(0))
     rewards.sum().backward()
     assert latents.grad is not None and latents.grad.abs().sum() > 0
+
+
+def test_run_eval_scores_lrm_rows_under_the_table1_protocol(tmp_path):
+    """`run_eval.py --scorer lrm`: the converter's output folder, canonical pairs, one row per timestep."""
+    import json
+
+    import numpy as np
+    import run_eval
+
+    from dinalrm.data import write_canonical_pairs
+    from dinalrm.testing import make_tiny_image_pair
+
+    import_converter = REPO_ROOT / "scripts" / "convert_official_lrm_checkpoint.py"
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_lrm_eval", import_converter)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(
+        [
+            "--official_dir",
+            str(FIXTURE / "checkpoint"),
+            "--base",
+            str(FIXTURE / "base"),
+            "--output_dir",
+            str(tmp_path / "lrm"),
+        ]
+    )
+    from pipeline_lrm import LRMPipeline
+
+    # Without trust_remote_code the installed classes load the folder; none of its code files runs.
+    pipe = LRMPipeline.from_pretrained(tmp_path / "lrm")
+    assert type(pipe.reward_model).__module__ == "modeling_lrm" and pipe.tokenizer_2 is None
+    rng = np.random.default_rng(0)
+    rows = []
+    for prompt in ["a cat", "x", "a red car on a road"]:
+        chosen, rejected = make_tiny_image_pair(rng)
+        rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "weight": 1.0})
+    pairs = write_canonical_pairs(tmp_path / "pairs", rows, split="test")
+    argv = ["--scorer", "lrm", "--model", str(tmp_path / "lrm"), "--lrm_timesteps", "1,451", "--pairs", pairs]
+    argv += ["--output_dir", str(tmp_path / "out"), "--bootstrap_samples", "0"]
+    assert run_eval.main(argv) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for timestep in (1, 451):
+        entry = results[f"LRM [lrm] timestep={timestep}"]["canonical"]
+        assert entry["n_pairs"] == 3 and entry["accuracy"] == pytest.approx(entry["n_correct"] / 3)
+    # Deterministic per image: a second run with the same seed gives the same counts.
+    assert run_eval.main(argv + ["--fresh"]) == 0
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert again["LRM [lrm] timestep=451"] == results["LRM [lrm] timestep=451"]
