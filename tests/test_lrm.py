@@ -352,3 +352,86 @@ def test_run_eval_scores_lrm_rows_under_the_table1_protocol(tmp_path):
     assert run_eval.main(argv + ["--fresh"]) == 0
     again = json.loads((tmp_path / "out" / "results.json").read_text())
     assert again["LRM [lrm] timestep=451"] == results["LRM [lrm] timestep=451"]
+
+
+# ------------------------------------------------------------------------------------------------- training
+def test_mpcf_official_thresholds_per_strategy():
+    from dinalrm.lrm_training import mpcf_filter
+
+    scores = {  # different_flag, aesthetic_gap, clipscore_gap, vqascore_gap per row
+        "different_flag": [1, 1, 1, 1, 0, 0, 1],
+        "aesthetic_gap": [0.1, -0.3, -0.8, 0.5, 0.1, 0.1, float("nan")],
+        "clipscore_gap": [0.1, 0.1, 0.1, -0.01, 0.02, 0.05, 0.1],
+        "vqascore_gap": [0.1, 0.1, 0.1, 0.2, 0.05, 0.01, 0.1],
+    }
+    keep = {strategy: mpcf_filter(scores, strategy)[0] for strategy in (1, 2, 3)}
+    assert keep == {1: [0, 4], 2: [0, 1, 4], 3: [0, 1, 2, 4]}
+    counts = mpcf_filter(scores, 2)[1]
+    assert counts == {
+        "strategy": 2,
+        "rows": 7,
+        "kept_preferred": 2,
+        "kept_ties": 1,
+        "dropped_preferred": 2,
+        "dropped_ties": 1,
+        "dropped_missing_score": 1,
+    }
+
+
+def test_train_reward_model_lrm_with_mpcf_official_recipe_and_ties(tiny_bases, tmp_path):
+    """`train_dinalrm.py --reward_model lrm`: Pick-a-Pic data (with a tie), MPCF, the official defaults, resumable
+    checkpoints from the shared machinery, and a final folder that `LRMPipeline.from_pretrained` loads."""
+    import json
+
+    import pandas as pd
+
+    import train_dinalrm
+    from dinalrm.testing import write_tiny_preference_dataset
+    from pipeline_lrm import LRMPipeline
+
+    data = write_tiny_preference_dataset(tmp_path / "pickapic", "pickapic", num_pairs=6, size=(24, 24))
+    rows = len(pd.read_parquet(Path(data) / "train.parquet"))  # 6 pairs + a corrupt row + a tie
+    flags = [1] * rows
+    tie_row = next(i for i, r in pd.read_parquet(Path(data) / "train.parquet").iterrows() if r.label_0 == r.label_1)
+    flags[tie_row] = 0
+    gaps = [0.3] * rows
+    gaps[1] = -2.0  # row 1 contradicts the aesthetic score under every strategy: filtered out
+    gaps[tie_row] = 0.05
+    pd.DataFrame(
+        {"different_flag": flags, "aesthetic_gap": gaps, "clipscore_gap": [0.01] * rows, "vqascore_gap": [0.01] * rows}
+    ).to_csv(tmp_path / "mpcf.csv", index=False)
+    argv = [
+        "--reward_model", "lrm",
+        "--pretrained_model_name_or_path", tiny_bases["sd15"],
+        "--train_data_dir", data,
+        "--validation_split", "0.25",
+        "--mpcf_scores", str(tmp_path / "mpcf.csv"),
+        "--resolution", "16",
+        "--train_batch_size", "2",
+        "--max_train_steps", "3",
+        "--checkpointing_steps", "2",
+        "--validation_steps", "10",
+        "--lrm_validation_timesteps", "1,451",
+        "--report_to", "tensorboard",
+        "--output_dir", str(tmp_path / "run"),
+    ]  # fmt: skip
+    args = train_dinalrm.parse_args(argv)
+    assert (args.learning_rate, args.adam_weight_decay, args.lr_warmup_steps, args.lr_scheduler) == (
+        1e-5,
+        0.3,
+        500,
+        "linear",
+    )
+    assert train_dinalrm.parse_args([*argv, "--learning_rate", "1e-3"]).learning_rate == 1e-3
+    train_dinalrm.main(args)
+    summary = json.loads((tmp_path / "run" / "training_summary.json").read_text())
+    assert summary["global_step"] == 3
+    mpcf = summary["skipped"]["train"]["mpcf"]
+    assert (mpcf["kept_preferred"], mpcf["kept_ties"], mpcf["dropped_preferred"]) == (rows - 2, 1, 1)
+    assert summary["skipped"]["train"]["corrupt_image"] == 1  # the corrupt row passes MPCF, then the adapter skips it
+    assert {"val/accuracy_timestep1", "val/accuracy_timestep451"} <= set(summary["validation"][-1])
+    assert (tmp_path / "run" / "checkpoint-2" / "reward_model" / "config.json").is_file()
+    pipe = LRMPipeline.from_pretrained(tmp_path / "run")
+    assert pipe.reward_model.config.guidance_scale == 7.5
+    rewards = pipe("a red circle", latents=torch.randn(2, 4, 8, 8), generator=torch.Generator().manual_seed(0)).rewards
+    assert torch.isfinite(rewards).all()
