@@ -645,6 +645,8 @@ class LRMModel(LRMPreTrainedModel):
             kwargs["text_config_2"] = text_encoder_2.config.to_dict()
             kwargs["negative_input_ids_2"] = _empty_prompt_ids(load(CLIPTokenizer, "tokenizer_2"))
             kwargs["projection_dim"] = text_encoder_2.config.projection_dim
+        if text_projection_weight is not None:
+            kwargs["projection_dim"] = text_projection_weight.shape[0]
         kwargs.update(config_kwargs)
         model = cls(LRMConfig(**kwargs))
         state = {f"unet.{k}": v for k, v in unet.state_dict().items() if not k.startswith(UNUSED_UNET_PREFIXES)}

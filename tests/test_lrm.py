@@ -1,15 +1,13 @@
 """LRM beyond the official fixture: SDXL topology (feature indices, two text encoders, added time ids), learning,
 LoRA, the converter's refusals and Hub-id path, and the pipeline's public methods. Tiny models, seconds each."""
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from test_lrm_parity import run_lrm_converter
 from transformers import CLIPTokenizer
 
 from dinalrm.testing.lrm_models import get_tiny_lrm, save_tiny_sd_pipeline
@@ -173,22 +171,6 @@ def test_lora_starts_at_the_base_rewards_trains_only_the_adapter_and_saves_merge
 
 
 # ------------------------------------------------------------------------------------------------ converter
-def run_lrm_converter(official_dir, output_dir, env=None) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "scripts" / "convert_official_lrm_checkpoint.py"),
-        "--official_dir",
-        str(official_dir),
-        "--base",
-        str(FIXTURE / "base"),
-        "--output_dir",
-        str(output_dir),
-    ]
-    return subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    )
-
-
 def convert_in_process(official_dir, output_dir) -> str:
     """The converter's `main` run in this process (faster than a subprocess); returns its failure message."""
     import importlib.util
@@ -241,7 +223,9 @@ def test_converter_loads_a_hub_id_from_the_cache_and_a_frozen_text_encoder_from_
     shutil.copytree(FIXTURE / "checkpoint" / "unet", snapshot / "unet", dirs_exist_ok=True)
     (cache / "models--someone--lrm-tiny" / "refs").mkdir()
     (cache / "models--someone--lrm-tiny" / "refs" / "main").write_text("0" * 40)
-    result = run_lrm_converter("someone/lrm-tiny", tmp_path / "out", env={"HF_HUB_CACHE": str(cache)})
+    result = run_lrm_converter(
+        "someone/lrm-tiny", FIXTURE / "base", tmp_path / "out", env={"HF_HUB_CACHE": str(cache)}
+    )
     assert result.returncode == 0, result.stderr
     from transformers import CLIPTextModel
 

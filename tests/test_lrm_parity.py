@@ -45,8 +45,8 @@ def expected() -> dict[str, torch.Tensor]:
     return load_file(FIXTURE / "expected.safetensors")
 
 
-def run_lrm_converter(official_dir, base, output_dir, *extra: str) -> subprocess.CompletedProcess:
-    """Runs scripts/convert_official_lrm_checkpoint.py exactly as a user would."""
+def run_lrm_converter(official_dir, base, output_dir, *extra: str, env=None) -> subprocess.CompletedProcess:
+    """Runs scripts/convert_official_lrm_checkpoint.py exactly as a user would (offline; `env` adds variables)."""
     command = [
         sys.executable,
         str(REPO_ROOT / "scripts" / "convert_official_lrm_checkpoint.py"),
@@ -58,7 +58,9 @@ def run_lrm_converter(official_dir, base, output_dir, *extra: str) -> subprocess
         str(output_dir),
         *extra,
     ]
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    return subprocess.run(
+        command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    )
 
 
 def lrm_settings(config: dict) -> list[str]:
