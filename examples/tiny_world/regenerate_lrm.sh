@@ -24,7 +24,7 @@ else
   # make_pairs.py's defaults (1200 / 240 prompts: ~730 training, ~140 held-out pairs), a quarter of regenerate.sh's
   # training pairs: what a contended 2-core CPU allowed. DiNa-LRM (assets/dinalrm-tiny) is re-scored on these pairs.
   PAIR_FLAGS=(--train_prompts 1200 --test_prompts 240)
-  PRETRAIN_FLAGS=(--steps 300); LRM_STEPS=400; BASELINE_STEPS=1500
+  PRETRAIN_FLAGS=(--steps 300); LRM_STEPS=1000; BASELINE_STEPS=1500
 fi
 
 mkdir -p "$OUT/metrics"
@@ -47,8 +47,8 @@ train_lrm() {  # the official recipe (lr 1e-5, weight decay 0.3, ...) is for SD1
   "$PY" "$REPO/train_dinalrm.py" --reward_model lrm \
     --pretrained_model_name_or_path "$OUT/sd15-tiny" --train_data_dir "$OUT/pairs" --data_format canonical \
     --lrm_text_projection "$REPO/assets/tiny-sd3/text_encoder/model.safetensors" --resolution 64 \
-    --train_batch_size 16 --max_train_steps "$LRM_STEPS" --learning_rate 1e-3 --adam_weight_decay 1e-4 \
-    --lr_warmup_steps 20 --validation_split test --validation_steps 100000 --checkpointing_steps 100000 \
+    --train_batch_size 16 --max_train_steps "$LRM_STEPS" --learning_rate 3e-4 --adam_weight_decay 1e-4 \
+    --lr_warmup_steps 20 --validation_split test --validation_steps 250 --checkpointing_steps 100000 \
     --report_to tensorboard --seed 0 --output_dir "$OUT/lrm-model"
 }
 stage lrm train_lrm
