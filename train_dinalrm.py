@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -76,6 +77,21 @@ from dinalrm.feature_cache import (
     read_valid_cache_info,
 )
 from dinalrm.hub import build_hub_repo, card_data, pairwise_accuracy_result
+from dinalrm.lrm_training import (
+    LRMPairDataset,
+    add_lrm_args,
+    apply_official_recipe,
+    build_lrm,
+    check_lrm_args,
+    collate_lrm_pairs,
+    encode_lrm_pairs,
+    lrm_preference_step,
+    lrm_validation_accuracy,
+    mpcf_filter,
+    read_mpcf_scores,
+    timestep_grid,
+)
+from dinalrm.lrm_training import load_encoding_pipeline as load_lrm_encoding_pipeline
 from dinalrm.pair_datasets import (
     ImagePairDataset,
     collate_image_pairs,
@@ -357,7 +373,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     )
     saving.add_argument("--hub_token", type=str, default=None)
 
+    add_lrm_args(parser)
     args = parser.parse_args(input_args)
+    check_lrm_args(parser, args)
+    if args.reward_model == "lrm":
+        apply_official_recipe(args, sys.argv[1:] if input_args is None else input_args)
     if (args.dataset_name is None) == (args.train_data_dir is None):
         parser.error("Give exactly one of --dataset_name and --train_data_dir.")
     if not args.visual_layers:
@@ -422,6 +442,12 @@ def load_pairs(args, accelerator, buckets: BucketSet) -> tuple[datasets.Dataset,
         "buckets": buckets,
     }
     skipped = {}
+    keep_rows, mpcf = None, None
+    if args.reward_model == "lrm":
+        common["keep_ties"] = True  # the official LRM loss trains on ties (labels 0.5 / 0.5)
+        if args.mpcf_scores:
+            keep_rows, mpcf = mpcf_filter(read_mpcf_scores(args.mpcf_scores), args.mpcf_strategy)
+            logger.info(f"Multi-Preference Consistent Filtering: {mpcf}")
     with accelerator.main_process_first():
         train, stats = load_preference_dataset(
             args.dataset_name,
@@ -429,9 +455,12 @@ def load_pairs(args, accelerator, buckets: BucketSet) -> tuple[datasets.Dataset,
             args.train_data_dir,
             max_samples=args.max_train_samples,
             split="train",
+            keep_rows=keep_rows,
             **common,
         )
         skipped["train"] = stats.as_dict()
+        if mpcf is not None:
+            skipped["train"]["mpcf"] = mpcf
         validation = None
         if args.validation_dataset_name is not None:
             source = args.validation_dataset_name
@@ -523,6 +552,11 @@ def precompute_features(args, accelerator, reward_model, cache_dir: str, buckets
 
 def data_sources(args, accelerator, reward_model, dtype):
     """Training/validation datasets, their collate function, the encoder (None when cached) and skip counts."""
+    if args.reward_model == "lrm":  # images are resized to the UNet's native size when encoded
+        train, validation, skipped = load_pairs(args, accelerator, BucketSet(args.resolution, 8))
+        pipeline = load_lrm_encoding_pipeline(args, reward_model, accelerator.device, dtype)
+        validation = LRMPairDataset(validation) if validation is not None else None
+        return LRMPairDataset(train), validation, collate_lrm_pairs, pipeline, skipped
     buckets = buckets_for_model(
         args.pretrained_model_name_or_path,
         reward_model.config.backbone_config["patch_size"],
@@ -555,7 +589,7 @@ def data_sources(args, accelerator, reward_model, dtype):
 
 
 # --------------------------------------------------------------------------------------------------- safeguards
-def load_checkpoint_model(folder: str, model: DiNaLRMModel) -> DiNaLRMModel:
+def load_checkpoint_model(folder: str, model: torch.nn.Module) -> torch.nn.Module:
     """The reward model saved in a checkpoint's `reward_model/`, refused unless it fits `model` (`RESUME_SETTINGS`).
 
     `folder` may be a link in the temporary folder `load_checkpoint` lays out; errors name the checkpoint itself.
@@ -566,9 +600,9 @@ def load_checkpoint_model(folder: str, model: DiNaLRMModel) -> DiNaLRMModel:
             f"The checkpoint {os.path.dirname(folder)} is incomplete: {folder} has no config.json. Resume from "
             "another checkpoint (--resume_from_checkpoint checkpoint-<step>) or start a new --output_dir."
         )
-    loaded = DiNaLRMModel.from_pretrained(folder)
+    loaded = type(model).from_pretrained(folder)
     theirs, ours = loaded.config.to_dict(), model.config.to_dict()
-    changed = {key: (theirs.get(key), ours[key]) for key in RESUME_SETTINGS if theirs.get(key) != ours[key]}
+    changed = {key: (theirs.get(key), ours.get(key)) for key in RESUME_SETTINGS if theirs.get(key) != ours.get(key)}
     if changed:
         raise ValueError(
             f"The checkpoint {os.path.dirname(folder)} was trained with other model settings {changed} "
@@ -618,6 +652,20 @@ def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_f
     if ema is not None:
         ema.store(trainable)
         ema.copy_to(trainable)
+    if args.reward_model == "lrm":
+        metrics = lrm_validation_accuracy(
+            accelerator,
+            reward_model,
+            dataset,
+            encode,
+            args,
+            lambda number: seeded_generator(args.seed, VALIDATION_STREAM, number),
+        )
+        if ema is not None:
+            ema.restore(trainable)
+        accelerator.log(metrics, step=global_step)
+        logger.info(f"Validation at step {global_step} ({'EMA' if ema else 'live'} weights): {metrics}")
+        return metrics
     reward_model.eval()
     levels = [*([t] for t in args.validation_t), list(args.validation_t)]
     correct = torch.zeros(len(levels), dtype=torch.float64, device=accelerator.device)
@@ -742,8 +790,10 @@ rewards = model.score_latents(latents, prompt_embeds, pooled_prompt_embeds, t=0.
 # --------------------------------------------------------------------------------------------------- training
 def main(args: argparse.Namespace) -> None:
     logging_dir = Path(args.output_dir, args.logging_dir)
-    find_unused = not args.freeze_backbone and not (
-        args.num_backbone_layers in args.visual_layers and args.num_backbone_layers in args.text_layers
+    find_unused = (
+        args.reward_model == "lrm"
+        or not args.freeze_backbone
+        and not (args.num_backbone_layers in args.visual_layers and args.num_backbone_layers in args.text_layers)
     )
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -774,7 +824,7 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    reward_model = build_reward_model(args)
+    reward_model = build_lrm(args) if args.reward_model == "lrm" else build_reward_model(args)
     reward_model.to(accelerator.device)
     trainable_names = [name for name, p in reward_model.named_parameters() if p.requires_grad]
     trainable = [p for p in reward_model.parameters() if p.requires_grad]
@@ -897,8 +947,17 @@ def main(args: argparse.Namespace) -> None:
         start = skip_batches if epoch == first_epoch else 0
         loader = accelerator.skip_first_batches(train_dataloader, start) if start else train_dataloader
         for micro_index, batch in enumerate(loader, start=start):
+            generator = seeded_generator(args.seed, accelerator.process_index, epoch, micro_index)
             with accelerator.accumulate(model):
-                if encode is not None:
+                if args.reward_model == "lrm":
+                    runtime_skips.update(batch["skipped"])
+                    if batch["prompts"]:
+                        batch = fallback = encode_lrm_pairs(batch, encode, generator)
+                    elif fallback is not None:
+                        batch = {**fallback, "weights": torch.zeros_like(fallback["weights"])}
+                    else:
+                        raise RuntimeError("Every pair of the first batch failed to decode; check the dataset.")
+                elif encode is not None:
                     runtime_skips.update(batch["skipped"])
                     if batch["prompts"]:
                         batch = fallback = encode_image_pairs(batch, *encode)
@@ -906,16 +965,21 @@ def main(args: argparse.Namespace) -> None:
                         batch = {**fallback, "weights": torch.zeros_like(fallback["weights"])}
                     else:
                         raise RuntimeError("Every pair of the first batch failed to decode; check the dataset.")
-                output = preference_step(
-                    model,
-                    reward_model,
-                    batch,
-                    seeded_generator(args.seed, accelerator.process_index, epoch, micro_index),
-                    args.weighting_scheme,
-                    args.logit_mean,
-                    args.logit_std,
-                    args.constant_t,
-                )
+                if args.reward_model == "lrm":
+                    output = lrm_preference_step(
+                        model, reward_model, batch, generator, timestep_grid(args.lrm_largest_timestep)
+                    )
+                else:
+                    output = preference_step(
+                        model,
+                        reward_model,
+                        batch,
+                        generator,
+                        args.weighting_scheme,
+                        args.logit_mean,
+                        args.logit_std,
+                        args.constant_t,
+                    )
                 accelerator.backward(output.loss)
                 loss_finite &= torch.isfinite(output.loss.detach())
                 finite_update = True
@@ -984,7 +1048,10 @@ def main(args: argparse.Namespace) -> None:
                 f"({', '.join(nonfinite[:5])}): they were not saved to {args.output_dir}. Resume from an earlier "
                 "checkpoint with a lower --learning_rate."
             )
-        final_model.save_pretrained(args.output_dir)
+        if args.reward_model == "lrm":  # the LRMPipeline layout, which `run_eval.py --scorer lrm` loads
+            encode.save_pretrained(args.output_dir)
+        else:
+            final_model.save_pretrained(args.output_dir)
         skipped = {**skipped, "during_training": dict(total_runtime)}
         for split, counts in skipped.items():
             if any(v for k, v in counts.items() if k != "kept"):

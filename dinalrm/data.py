@@ -77,7 +77,12 @@ CANONICAL_FEATURES = datasets.Features(
     }
 )
 _SKIP_COLUMN = "skip_reason"
-_CHECKED_FEATURES = datasets.Features({**CANONICAL_FEATURES, _SKIP_COLUMN: datasets.Value("string")})
+# With keep_ties=True (Pick-a-Pic ties, for losses that train on ties such as LRM's) the table gains this column;
+# a tie keeps the source's image order.
+TIE_COLUMN = "tie"
+_CHECKED_FEATURES = datasets.Features(
+    {**CANONICAL_FEATURES, TIE_COLUMN: datasets.Value("bool"), _SKIP_COLUMN: datasets.Value("string")}
+)
 
 
 @dataclass
@@ -227,6 +232,7 @@ class _PairChecker:
     keep_null_confidence: bool
     buckets: BucketSet
     decode_check: bool
+    keep_ties: bool = False
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {name: [] for name in _CHECKED_FEATURES}
@@ -235,15 +241,17 @@ class _PairChecker:
             row = {name: values[i] for name, values in batch.items()}
             try:
                 prompt, first, second, preference, weight = self._extract(row)
-                chosen, rejected = (first, second) if preference == FIRST else (second, first)
+                chosen, rejected = (second, first) if preference == SECOND else (first, second)
                 bucket = self._bucket(chosen, rejected)
                 reason = ""
             except (_Skip, ImageLoadError) as err:
                 prompt, chosen, rejected, weight, bucket, reason = "", None, None, 0.0, (0, 0), err.reason
+                preference = FIRST
             out["prompt"].append(prompt)
             out["chosen"].append(chosen)
             out["rejected"].append(rejected)
             out["weight"].append(weight)
+            out[TIE_COLUMN].append(reason == "" and preference == TIE)
             out["bucket_width"].append(bucket[0])
             out["bucket_height"].append(bucket[1])
             out[_SKIP_COLUMN].append(reason)
@@ -257,7 +265,7 @@ class _PairChecker:
             preference = pickapic_preference(row["label_0"], row["label_1"])
             if preference is None:
                 raise _Skip(INVALID_LABEL)
-            if preference == TIE:
+            if preference == TIE and not self.keep_ties:
                 raise _Skip(GT_TIE)
             prompt, first, second, weight = row["caption"], row["jpg_0"], row["jpg_1"], 1.0
         else:
@@ -360,6 +368,8 @@ def load_preference_dataset(
     buckets: BucketSet | None = None,
     decode_check: bool = True,
     num_proc: int | None = None,
+    keep_rows: list[int] | None = None,
+    keep_ties: bool = False,
 ) -> tuple[datasets.Dataset, SkipStats]:
     """Load preference pairs from a Hub id or local folder and return ``(canonical dataset, stats)``.
 
@@ -379,6 +389,9 @@ def load_preference_dataset(
         decode_check: fully decode every image once to catch truncated files (slower); when False only
             the header is read (missing files and non-images are still caught).
         num_proc: worker processes for the check pass.
+        keep_rows: indices of the raw rows to read (e.g. the pairs a row-aligned filter keeps), applied before
+            ``max_samples``.
+        keep_ties: keep Pick-a-Pic ties (else dropped as ``gt_tie``) and add the boolean column ``tie``.
 
     Returns the canonical dataset (see the module docstring) and the :class:`SkipStats`; the totals are
     also logged. Raises ValueError for unknown columns or an unknown ``data_format``.
@@ -392,6 +405,8 @@ def load_preference_dataset(
     if dataset_name == HPDV3_HUB_ID:
         _require_image_root(image_root)  # fail before downloading the JSON
     raw = _load_raw(dataset_name, dataset_config_name, train_data_dir, data_format, split, cache_dir)
+    if keep_rows is not None:
+        raw = raw.select(keep_rows)
     if max_samples is not None:
         raw = raw.select(range(min(max_samples, len(raw))))
     if data_format == "auto":
@@ -403,9 +418,19 @@ def load_preference_dataset(
     if data_format == "hpdv3":
         _require_image_root(image_root)
     checker = _PairChecker(
-        data_format, columns, image_root, min_confidence, keep_null_confidence, buckets or BucketSet(), decode_check
+        data_format,
+        columns,
+        image_root,
+        min_confidence,
+        keep_null_confidence,
+        buckets or BucketSet(),
+        decode_check,
+        keep_ties,
     )
-    return _check_pairs(raw, checker, num_proc, what=f"{dataset_name or train_data_dir} [{split}, {data_format}]")
+    pairs, stats = _check_pairs(
+        raw, checker, num_proc, what=f"{dataset_name or train_data_dir} [{split}, {data_format}]"
+    )
+    return (pairs if keep_ties else pairs.remove_columns(TIE_COLUMN)), stats
 
 
 def _check_pairs(

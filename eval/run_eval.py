@@ -2,7 +2,7 @@
 
     python eval/run_eval.py --model org/dinalrm-sd35m --benchmarks imagereward,hpdv2,hpdv3,genai_bench \
         [--data_dir DIR] [--t 0.4] [--ensemble 0.2,0.5,0.7] [--num_noise_samples N] \
-        [--scorer dinalrm|pickscore|clip|hpsv2|hpsv3|imagereward] [--batch_size 8] [--limit N] [--seed 0] \
+        [--scorer dinalrm|lrm|pickscore|clip|hpsv2|hpsv3|imagereward] [--lrm_timesteps 1,451] [--batch_size 8] [--limit N] [--seed 0] \
         [--output_dir eval_results]
     python eval/run_eval.py --model assets/dinalrm-tiny --pairs examples/tiny_world/outputs/pairs --t 0.4 --ensemble
 
@@ -74,6 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="DiNa-LRM ensemble levels (no value: the model's 0.2,0.5,0.7); with --t, both rows.",
     )
     parser.add_argument("--num_noise_samples", type=int, default=1, help="DiNa-LRM: average over N noise draws.")
+    parser.add_argument(
+        "--lrm_timesteps",
+        type=parse_floats,
+        default=None,
+        help="LRM: integer DDPM timesteps, one results row each (default: 1, the official validation timestep).",
+    )
     parser.add_argument("--output_dir", default="eval_results")
     parser.add_argument("--fresh", action="store_true", help="Ignore results already in --output_dir.")
     parser.add_argument(

@@ -11,6 +11,8 @@ Registry (`SCORERS`, names as in `run_eval.py --scorer`):
   seed). Deterministic per image: the scoring noise of an image comes from a CPU generator seeded with
   `sha256(f"{seed}/{image_id}")`, so a score depends neither on the batch it is in nor on the process that
   computes it.
+* `lrm` — LRM, LPO's diffusion latent reward model, through `LRMPipeline.from_pretrained` (the converter's
+  output); one column per `--lrm_timesteps` entry (default 1, the official validation timestep).
 * `pickscore` — `yuvalkirstain/PickScore_v1` with the processor of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`;
   score = `logit_scale.exp() * cos(image, text)` (PickScore's own formula).
 * `clip` — plain CLIP (`openai/clip-vit-large-patch14`), same formula (its logit scale is 100).
@@ -236,6 +238,76 @@ class DiNaLRMScorer(Scorer):
                     ).rewards
                     for row, index in enumerate(indices):
                         rows[index][s * self.num_draws + draw] = float(rewards[row])
+        return rows
+
+
+@register_scorer("lrm")
+class LRMScorer(Scorer):
+    """LRM (LPO's diffusion latent reward model) through `LRMPipeline` at one or more integer DDPM timesteps.
+
+    One column per timestep (default: 1, the official validation timestep). As the official model, each image is
+    resized to the backbone's native size and encoded with a VAE posterior sample; the sample comes from a generator
+    seeded with `image_seed(seed, image_id)` and the scoring noise from one seeded with `image_seed(seed,
+    image_id + "/noise")`, restarted for every timestep (common random numbers), so a score depends neither on the
+    batch nor on the process.
+    """
+
+    def __init__(self, pipe, timesteps: Sequence[int], seed: int = 0, label: str = "LRM") -> None:
+        if not timesteps:
+            raise ValueError("Give at least one DDPM timestep.")
+        self.pipe = pipe
+        self.timesteps = [int(t) for t in timesteps]
+        self.seed = seed
+        self.label = label
+
+    @classmethod
+    def load(
+        cls,
+        model: str,
+        device: torch.device,
+        timesteps: Sequence[int] | None = None,
+        dtype: str = "auto",
+        seed: int = 0,
+    ) -> LRMScorer:
+        """A scorer on the `LRMPipeline` folder or Hub id `model` (the converter's output layout)."""
+        from pipeline_lrm import LRMPipeline
+
+        pipe = LRMPipeline.from_pretrained(model, dtype=resolve_dtype(dtype, device))
+        pipe.to(device)
+        pipe.set_progress_bar_config(disable=True)
+        timesteps = timesteps or [pipe.reward_model.config.default_timestep]
+        return cls(pipe, timesteps, seed=seed, label=f"LRM [{model_label(model)}]")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, device: torch.device) -> LRMScorer:
+        """`--lrm_timesteps` gives the columns; DiNa-LRM's noise options do not apply."""
+        if not args.model:
+            raise ValueError(
+                "--scorer lrm needs --model (an LRMPipeline folder or Hub id, e.g. the converter's output)."
+            )
+        if args.t is not None or args.ensemble is not None or args.num_noise_samples != 1:
+            logger.warning("--t, --ensemble and --num_noise_samples apply to DiNa-LRM; LRM uses --lrm_timesteps.")
+        timesteps = [int(t) for t in args.lrm_timesteps] if getattr(args, "lrm_timesteps", None) else None
+        return cls.load(args.model, device, timesteps, args.dtype, args.seed)
+
+    @property
+    def setting_names(self) -> list[str]:
+        return [f"{self.label} timestep={t}" for t in self.timesteps]
+
+    @torch.no_grad()
+    def score_columns(
+        self, prompts: list[str], images: list[Image.Image], image_ids: list[str] | None = None
+    ) -> list[list[float]]:
+        if image_ids is None:
+            image_ids = [content_id(p, im) for p, im in zip(prompts, images, strict=True)]
+        generators = [torch.Generator().manual_seed(image_seed(self.seed, i)) for i in image_ids]
+        latents = self.pipe.encode_images(images, generator=generators)
+        rows = [[0.0] * len(self.timesteps) for _ in images]
+        for column, timestep in enumerate(self.timesteps):
+            noise = [torch.Generator().manual_seed(image_seed(self.seed, f"{i}/noise")) for i in image_ids]
+            rewards = self.pipe(prompts, latents=latents, t=timestep, generator=noise, batch_size=len(images)).rewards
+            for row, reward in enumerate(rewards.tolist()):
+                rows[row][column] = reward
         return rows
 
 
