@@ -40,30 +40,39 @@ def test_noise_sweep_writes_csv_and_png(assets, tmp_path):
             "--data_dir", assets["data"], "--t_values", "0.0,0.4,0.9", "--output_dir", str(output_dir)]  # fmt: skip
     assert noise_sweep.main(argv) == 0
     rows = read_csv(output_dir / "noise_sweep.csv")
-    assert list(rows[0]) == ["model", "benchmark", "t", "accuracy", "n_pairs", "n_correct", "n_score_ties"]
-    keys = [(r["model"], r["benchmark"], float(r["t"])) for r in rows]
+    assert list(rows[0]) == [
+        "model", "noise_sharing", "benchmark", "t", "accuracy", "n_pairs", "n_correct", "n_score_ties",
+    ]  # fmt: skip
+    keys = [(r["model"], r["noise_sharing"], r["benchmark"], float(r["t"])) for r in rows]
+    modes = ("prompt", "none")  # the default: both curves
     assert sorted(keys) == sorted(
-        (m, b, t) for m in ("tiny-a", "tiny-b") for b in ("hpdv2", "hpdv3", "average") for t in (0.0, 0.4, 0.9)
+        (m, s, b, t)
+        for m in ("tiny-a", "tiny-b")
+        for s in modes
+        for b in ("hpdv2", "hpdv3", "average")
+        for t in (0.0, 0.4, 0.9)
     )
     by_key = dict(zip(keys, rows))
     for model in ("tiny-a", "tiny-b"):
-        for t in (0.0, 0.4, 0.9):
-            parts = [float(by_key[(model, b, t)]["accuracy"]) for b in ("hpdv2", "hpdv3")]
-            assert float(by_key[(model, "average", t)]["accuracy"]) == pytest.approx(sum(parts) / 2)
-            assert (
-                int(by_key[(model, "hpdv2", t)]["n_pairs"]) == 9 and int(by_key[(model, "hpdv3", t)]["n_pairs"]) == 2
-            )
+        for mode in modes:
+            for t in (0.0, 0.4, 0.9):
+                parts = [float(by_key[(model, mode, b, t)]["accuracy"]) for b in ("hpdv2", "hpdv3")]
+                assert float(by_key[(model, mode, "average", t)]["accuracy"]) == pytest.approx(sum(parts) / 2)
+                assert int(by_key[(model, mode, "hpdv2", t)]["n_pairs"]) == 9
+                assert int(by_key[(model, mode, "hpdv3", t)]["n_pairs"]) == 2
+        # Without noise (t = 0) the modes cannot differ.
+        assert by_key[(model, "prompt", "hpdv2", 0.0)]["accuracy"] == by_key[(model, "none", "hpdv2", 0.0)]["accuracy"]
     png = (output_dir / "noise_sweep.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 10_000
 
-    # The sweep's t = 0.4 point is run_eval's t = 0.4 result: same seed, same per-image noise.
+    # The sweep's t = 0.4 points are run_eval's t = 0.4 results: same seed, same noise in each mode.
     argv = ["--model", assets["model"], "--t", "0.4", "--benchmarks", "hpdv2", "--data_dir", assets["data"],
             "--output_dir", str(tmp_path / "eval")]  # fmt: skip
     assert run_eval.main(argv) == 0
     results = json.loads((tmp_path / "eval" / "results.json").read_text())
-    assert (
-        float(by_key[("tiny-a", "hpdv2", 0.4)]["accuracy"]) == results["DiNa-LRM [tiny-a] t=0.4"]["hpdv2"]["accuracy"]
-    )
+    for mode in ("prompt", "none"):
+        expected = results[f"DiNa-LRM [tiny-a] t=0.4 noise={mode}"]["hpdv2"]["accuracy"]
+        assert float(by_key[("tiny-a", mode, "hpdv2", 0.4)]["accuracy"]) == expected
 
 
 class TableScorer(scorers.Scorer):
@@ -98,7 +107,7 @@ def test_uncertainty_quantities_match_hand_computation():
         "c": [[0, 0, 0], [2, 0, 1]],
     }
     results = uncertainty.measure(TableScorer(table), {"toy": bench}, [0.1, 0.7], 3, Accelerator(), batch_size=2)
-    low, high = results["toy"]["t=0.1"], results["toy"]["t=0.7"]
+    low, high = results["toy"]["t=0.1 noise=prompt"], results["toy"]["t=0.7 noise=prompt"]
     # t=0.1: a-b differences (2, 1, -1): mode 2 of 3 -> 1/3; a-c (3, 3, 3) and b-c (1, 2, 4) stable.
     #   margins 4/3, 3, 7/3 -> 20/9; variances a 0, b 7/3, c 0 -> 7/9; draw accuracies 2/3, 2/3, 1/3 -> 5/9.
     assert low == pytest.approx({
@@ -120,18 +129,16 @@ def test_uncertainty_script_on_tiny_model(assets, tmp_path):
             "--t_values", "0.1,0.8", "--num_draws", "3", "--output_dir", str(tmp_path)]  # fmt: skip
     assert uncertainty.main(argv) == 0
     results = json.loads((tmp_path / "uncertainty.json").read_text())["tiny-a"]
-    assert set(results) == {"hpdv3", "hpdv2"} and set(results["hpdv2"]) == {"t=0.1", "t=0.8"}
+    settings = ["t=0.1 noise=prompt", "t=0.8 noise=prompt", "t=0.1 noise=none", "t=0.8 noise=none"]
+    assert set(results) == {"hpdv3", "hpdv2"} and list(results["hpdv2"]) == settings
     rows = read_csv(tmp_path / "uncertainty.csv")
-    assert [(r["benchmark"], float(r["t"])) for r in rows] == [
-        ("hpdv3", 0.1),
-        ("hpdv3", 0.8),
-        ("hpdv2", 0.1),
-        ("hpdv2", 0.8),
+    assert [(r["benchmark"], r["noise_sharing"], float(r["t"])) for r in rows] == [
+        (benchmark, mode, t) for benchmark in ("hpdv3", "hpdv2") for mode in ("prompt", "none") for t in (0.1, 0.8)
     ]
     for row in rows:
         assert int(row["num_draws"]) == 3 and 0 <= float(row["variation_ratio"]) <= 2 / 3
         assert float(row["mean_reward_variance"]) > 0 and float(row["mean_margin"]) > 0
-    hpdv2 = {float(r["t"]): r for r in rows if r["benchmark"] == "hpdv2"}
+    hpdv2 = {float(r["t"]): r for r in rows if r["benchmark"] == "hpdv2" and r["noise_sharing"] == "none"}
     assert int(hpdv2[0.1]["n_pairs"]) == 9 and int(hpdv2[0.1]["n_images"]) == 7
     # More noise, more spread between draws.
     assert float(hpdv2[0.8]["mean_reward_variance"]) > float(hpdv2[0.1]["mean_reward_variance"])
