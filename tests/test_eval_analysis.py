@@ -1,9 +1,12 @@
-"""eval/noise_sweep.py and eval/uncertainty.py: files and rows on tiny models, statistics against hand counts."""
+"""eval/noise_sweep.py, eval/uncertainty.py and eval/noise_sharing.py: files and rows on tiny models, statistics
+against hand counts."""
 
 import csv
 import json
 
+import noise_sharing
 import noise_sweep
+import numpy as np
 import pytest
 import run_eval
 import scorers
@@ -13,7 +16,7 @@ from PIL import Image
 
 from dinalrm.data import FIRST, SECOND
 from dinalrm.eval_datasets import Benchmark, BenchmarkImage, BenchmarkPair
-from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
+from dinalrm.testing import save_tiny_dinalrm_repo, write_canonical_pairs, write_tiny_benchmarks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -142,3 +145,20 @@ def test_uncertainty_script_on_tiny_model(assets, tmp_path):
     assert int(hpdv2[0.1]["n_pairs"]) == 9 and int(hpdv2[0.1]["n_images"]) == 7
     # More noise, more spread between draws.
     assert float(hpdv2[0.8]["mean_reward_variance"]) > float(hpdv2[0.1]["mean_reward_variance"])
+
+
+def test_noise_sharing_script_scores_pairs_one_by_one(assets, tmp_path):
+    """Pairs of one image with itself: a tie (wrong) with shared noise; per-image draws pick a random winner."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(6)]
+    rows = [{"prompt": "a red apple", "chosen": image, "rejected": image} for image in images]
+    pairs = write_canonical_pairs(tmp_path / "twins", rows, split="test")
+    output = tmp_path / "table.json"
+    argv = ["--model", assets["model"], "--pairs", str(pairs), "--t_values", "0.8", "--output", str(output)]
+    assert noise_sharing.main(argv) == 0
+    results = json.loads(output.read_text())["results"]
+    assert results["prompt"]["t=0.8"] == {"accuracy": 0.0, "standard_error": 0.0, "n_correct": 0, "n_pairs": 6}
+    independent = results["none"]["t=0.8"]
+    assert 0 < independent["n_correct"] < 6, "independent draws must break some ties either way"
+    accuracy = independent["n_correct"] / 6
+    assert independent["standard_error"] == pytest.approx((accuracy * (1 - accuracy) / 6) ** 0.5)
