@@ -104,4 +104,47 @@ Path(sys.argv[2]).write_text(json.dumps(runs, indent=2) + "\n")
 for name, history in runs.items():
     print(name, [(h["step"], round(h["proxy_reward"], 3), round(h["golden_metric"], 4)) for h in history])
 EOF
+"$PY" - "$RESULTS" <<'EOF'
+"""eval/results/noise_sharing.md: the README's tables, from the files above."""
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+results = Path(sys.argv[1])
+lines = ["# Noise sharing, measured (eval/noise_sharing.sh)", ""]
+for world, title in (("photo", "photo pairs (600 held-out)"), ("tiny-world", "tiny world (434 held-out)")):
+    rows = list(csv.DictReader((results / f"noise_sweep-{world}.csv").open()))
+    lines += [f"## Accuracy (%) vs t, {title}", "", "| t | shared (prompt) | independent (none) | gain |",
+              "|---|---|---|---|"]
+    by = {(r["noise_sharing"], float(r["t"])): r for r in rows}
+    for t in sorted({float(r["t"]) for r in rows}):
+        cells = []
+        for mode in ("prompt", "none"):
+            n, k = int(by[(mode, t)]["n_pairs"]), int(by[(mode, t)]["n_correct"])
+            cells.append((k / n, math.sqrt(k / n * (1 - k / n) / n)))
+        gain = 100 * (cells[0][0] - cells[1][0])
+        lines.append(f"| {t:g} | " + " | ".join(f"{100 * a:.1f} ± {100 * e:.1f}" for a, e in cells) + f" | {gain:+.1f} |")
+    lines += ["", f"## Table 4 quantities, {title} (10 draws)", "",
+              "| t | noise | variation ratio | pairs flipping | mean margin | reward variance | accuracy of a draw |",
+              "|---|---|---|---|---|---|---|"]
+    for r in csv.DictReader((results / f"uncertainty-{world}.csv").open()):
+        lines.append(f"| {float(r['t']):g} | {r['noise_sharing']} | {float(r['variation_ratio']):.3f} | "
+                     f"{float(r['frac_pairs_flipping']):.3f} | {float(r['mean_margin']):.3f} | "
+                     f"{float(r['mean_reward_variance']):.4f} | {float(r['mean_accuracy']):.3f} |")
+    lines.append("")
+learning = json.loads((results / "noise_sharing-photo-learning-test.json").read_text())["results"]
+lines += ["## The learning test's 250 held-out pairs, pair by pair through pipe.compare (%)", ""]
+lines += [f"- {mode}: " + ", ".join(f"{level} {100 * e['accuracy']:.1f} ± {100 * e['standard_error']:.1f}"
+                                     for level, e in by_level.items()) for mode, by_level in learning.items()]
+refl = json.loads((results / "refl-noise-sharing.json").read_text())
+lines += ["", "## Tiny-world ReFL: reward_fn noise per sample (none) vs per prompt (4 samples per prompt)", "",
+          "| run | proxy reward, step 0 -> 60 | golden metric (oracle), step 0 -> 60 |", "|---|---|---|"]
+for name, history in refl.items():
+    lines.append(f"| {name} | {history[0]['proxy_reward']:.2f} -> {history[-1]['proxy_reward']:.2f} | "
+                 f"{history[0]['golden_metric']:.4f} -> {history[-1]['golden_metric']:.4f} |")
+(results / "noise_sharing.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
 echo "done; results in $RESULTS"
