@@ -11,6 +11,11 @@ pair dataset (`prompt, chosen, rejected`, e.g. the tiny world's `make_pairs.py` 
 uses a generator seeded with `seed + i` in every mode and at every level, so the modes differ only in whether the
 two images share that draw. A pair counts as correct when P(chosen preferred) > 0.5. Prints and writes, per mode
 and level, the accuracy and its binomial standard error `sqrt(acc (1 - acc) / n)`.
+
+`--mismatch crop|resize` measures what images of different sizes could share: the rejected image is centre-cropped
+(or resized) to 3/4 of its height, so its latent is smaller than the chosen one's. The pipeline gives each latent
+shape its own draw (`independent`); the alternative, `cropped`, draws one noise at the chosen image's latent shape
+and centre-crops it for the rejected one (scored with `reward_model.score_latents(noise=...)`).
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Pair i draws its noise from seed + i.")
     parser.add_argument("--limit", type=int, default=None, help="Only the first N pairs.")
     parser.add_argument("--output", default=None, help="JSON file for the table.")
+    parser.add_argument(
+        "--mismatch",
+        choices=("crop", "resize"),
+        default=None,
+        help="Rejected images centre-cropped or resized to 3/4 height: independent vs centre-cropped shared noise.",
+    )
     return parser.parse_args(argv)
 
 
@@ -66,19 +77,62 @@ def pair_accuracies(pipe, rows, t_values, modes, seed: int) -> dict[str, dict[st
     return {mode: {f"t={t:g}": binomial_entry(correct[(mode, t)], len(rows)) for t in t_values} for mode in modes}
 
 
+def _centre_crop(tensor: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    top, left = (tensor.shape[-2] - height) // 2, (tensor.shape[-1] - width) // 2
+    return tensor[..., top : top + height, left : left + width]
+
+
+@torch.no_grad()
+def mismatch_accuracies(pipe, rows, t_values, seed: int, how: str) -> dict[str, dict[str, dict]]:
+    """`{"independent" | "cropped": {"t=..": binomial_entry}}` with rejected images of 3/4 the chosen height."""
+    model = pipe.reward_model
+    correct = {(variant, t): 0 for variant in ("independent", "cropped") for t in t_values}
+    for index, row in enumerate(rows):
+        chosen = row["chosen"].convert("RGB")
+        rejected = row["rejected"].convert("RGB")
+        height = chosen.height * 3 // 4
+        if how == "crop":
+            top = (chosen.height - height) // 2
+            rejected = rejected.crop((0, top, rejected.width, top + height))
+        else:
+            rejected = rejected.resize((rejected.width, height))
+        latents = [pipe.encode_images([image]) for image in (chosen, rejected)]
+        embeds, pooled = pipe.encode_prompt(row["prompt"])
+        for t in t_values:
+            generator = torch.Generator().manual_seed(seed + index)
+            independent = pipe.compare(row["prompt"], chosen, rejected, t=t, generator=generator)
+            correct[("independent", t)] += independent.probability > 0.5
+            noise = torch.randn(latents[0].shape, generator=torch.Generator().manual_seed(seed + index))
+            rewards = [
+                model.score_latents(latent, embeds, pooled, t=t, noise=_centre_crop(noise, *latent.shape[-2:]))
+                for latent in latents
+            ]
+            correct[("cropped", t)] += bool(rewards[0] > rewards[1])
+    return {
+        variant: {f"t={t:g}": binomial_entry(correct[(variant, t)], len(rows)) for t in t_values}
+        for variant in ("independent", "cropped")
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     rows = datasets.load_dataset(args.pairs, split=args.split)
     if args.limit is not None:
         rows = rows.select(range(min(args.limit, len(rows))))
     pipe = DiNaLRMScorer.load_pipeline(args.model, torch.device("cpu"), "float32")
-    table = pair_accuracies(pipe, rows, args.t_values, args.noise_sharing, args.seed)
+    if args.mismatch is None:
+        table = pair_accuracies(pipe, rows, args.t_values, args.noise_sharing, args.seed)
+    else:
+        table = mismatch_accuracies(pipe, rows, args.t_values, args.seed, args.mismatch)
     for mode, by_level in table.items():
         cells = ", ".join(f"{level}: {e['accuracy']:.3f} ± {e['standard_error']:.3f}" for level, e in by_level.items())
-        print(f"noise_sharing={mode:<7} ({len(rows)} pairs) {cells}")
+        print(f"{mode:<12} ({len(rows)} pairs) {cells}")
     if args.output:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        record = {"model": args.model, "pairs": args.pairs, "split": args.split, "seed": args.seed, "results": table}
+        record = {
+            "model": args.model, "pairs": args.pairs, "split": args.split, "seed": args.seed,
+            "mismatch": args.mismatch, "results": table,
+        }  # fmt: skip
         Path(args.output).write_text(json.dumps(record, indent=2) + "\n")
     return 0
 

@@ -80,6 +80,11 @@ done
 # The learning test's held-out pairs scored pair by pair through pipe.compare, as users call it.
 "$PY" eval/noise_sharing.py --model "$OUT/photo/pipe" --pairs "$OUT/photo/held-out" --t_values 0.4 \
   --output "$RESULTS/noise_sharing-photo-learning-test.json"
+# Images of different sizes: a draw per latent shape (the pipeline) vs one draw centre-cropped (rejected at 3/4 height).
+for how in crop resize; do
+  "$PY" eval/noise_sharing.py --model "$OUT/photo/pipe" --pairs "$OUT/photo/held-out" --t_values 0.4,0.7 \
+    --mismatch "$how" --output "$RESULTS/noise_sharing-photo-mismatch-$how.json"
+done
 
 for seed in 0 1; do
   for mode in none prompt; do

@@ -162,3 +162,18 @@ def test_noise_sharing_script_scores_pairs_one_by_one(assets, tmp_path):
     assert 0 < independent["n_correct"] < 6, "independent draws must break some ties either way"
     accuracy = independent["n_correct"] / 6
     assert independent["standard_error"] == pytest.approx((accuracy * (1 - accuracy) / 6) ** 0.5)
+
+
+def test_noise_sharing_script_measures_images_of_different_sizes(assets, tmp_path):
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)) for _ in range(4)]
+    rows = [{"prompt": "a red apple", "chosen": a, "rejected": b} for a, b in zip(images[::2], images[1::2])]
+    pairs = write_canonical_pairs(tmp_path / "pairs", rows, split="test")
+    output = tmp_path / "mismatch.json"
+    argv = ["--model", assets["model"], "--pairs", str(pairs), "--t_values", "0.4", "--mismatch", "crop",
+            "--output", str(output)]  # fmt: skip
+    assert noise_sharing.main(argv) == 0
+    record = json.loads(output.read_text())
+    assert record["mismatch"] == "crop" and set(record["results"]) == {"independent", "cropped"}
+    for entry in (record["results"][variant]["t=0.4"] for variant in ("independent", "cropped")):
+        assert entry["n_pairs"] == 2 and entry["n_correct"] in (0, 1, 2)
