@@ -629,7 +629,34 @@ class DiNaLRMPipeline(DiffusionPipeline):
         return [numbers.setdefault(key, len(numbers)) for key in keys]
 
     @staticmethod
+    def _distinct_rows(indices: list[int], latents: torch.Tensor, noises: list[torch.Tensor], groups: list[int]):
+        """The rows of a part that differ in latent or prompt group, and where each sample's reward comes from.
+
+        Equal latents of one prompt group get the same shared noise, hence the same reward; scoring them once makes
+        that exact (a batched pass may round equal rows differently) and saves the work. Returns `(indices,
+        latents, noises, (all indices, row of each))` for the distinct rows.
+        """
+        flat = latents.flatten(1)
+        rows: list[int] = []
+        source = []
+        for position, index in enumerate(indices):
+            match = next(
+                (
+                    k
+                    for k, row in enumerate(rows)
+                    if groups[indices[row]] == groups[index] and torch.equal(flat[row], flat[position])
+                ),
+                None,
+            )
+            if match is None:
+                rows.append(position)
+                match = len(rows) - 1
+            source.append(match)
+        kept = [indices[row] for row in rows]
+        return kept, latents[rows], [noise[rows] for noise in noises], (indices, source)
+
     def _shared_noises(
+        self,
         draws: dict,
         groups: list[int],
         parts: list[tuple[list[int], torch.Tensor]],
@@ -638,26 +665,32 @@ class DiNaLRMPipeline(DiffusionPipeline):
     ) -> list[list[torch.Tensor]]:
         """Per part `(indices, latents)`, its `num_noise_samples` noise tensors under prompt sharing.
 
-        A sample's draws are those of its (prompt group, latent shape); a pair not in `draws` yet gets
-        `num_noise_samples` draws from `generator`, pairs taken in the order of their first sample. As the parts
-        hold consecutive samples, that order (and so every score) does not depend on how the inputs are batched.
+        A prompt group not in `draws` yet gets `num_noise_samples` draws from `generator` (groups taken in the order of
+        their first sample), each at the largest latent size the backbone takes; every latent gets the centre crop of
+        its size. Latents of one size thus share the noise exactly, and latents of other sizes share it where their
+        centres align. As the parts hold consecutive samples, the draws (and so every score) do not depend on how
+        the inputs are batched.
         """
-        keyed = sorted(
-            (index, (groups[index], tuple(latents.shape[1:]))) for indices, latents in parts for index in indices
-        )
-        device, dtype = parts[0][1].device, parts[0][1].dtype
-        for _, key in keyed:
-            if key not in draws:
-                draws[key] = [
-                    randn_tensor((1, *key[1]), generator=generator, device=device, dtype=dtype)
+        latents = parts[0][1]
+        side = self.reward_model.config.backbone_config["pos_embed_max_size"] * self.patch_size
+        shape = (1, latents.shape[1], side, side)
+        for group in sorted({groups[index] for indices, _ in parts for index in indices}):
+            if group not in draws:
+                draws[group] = [
+                    randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
                     for _ in range(num_noise_samples)
                 ]
+
+        def crop(noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
+            top, left = (noise.shape[-2] - height) // 2, (noise.shape[-1] - width) // 2
+            return noise[..., top : top + height, left : left + width]
+
         return [
             [
-                torch.cat([draws[(groups[i], tuple(latents.shape[1:]))][k] for i in indices])
+                torch.cat([crop(draws[groups[i]][k], *part.shape[-2:]) for i in indices])
                 for k in range(num_noise_samples)
             ]
-            for indices, latents in parts
+            for indices, part in parts
         ]
 
     @staticmethod
@@ -762,14 +795,14 @@ class DiNaLRMPipeline(DiffusionPipeline):
             check_finite (`bool`, defaults to `True`): refuse latents (given or encoded) and prompt embeddings that
                 hold NaN or infinite values, which would give NaN rewards. The check reads the values back, one
                 device sync per batch; pass `False` to skip it.
-            noise_sharing (`str`, defaults to `"prompt"`): `"prompt"` scores the samples that share a prompt and a
-                latent shape with ONE noise draw (common random numbers, as in training, where both images of a pair
-                get the same noise): differences between them carry no noise-draw variance, identical images get
-                identical rewards, and `compare` gives P = 0.5 for them. Draws are taken from `generator` once per
-                (prompt, latent shape) group, in the order of each group's first sample, so rewards do not depend
-                on `batch_size` (without `sample_posterior`, whose draws are interleaved batch by batch). Samples of
-                different latent shapes (images of different sizes) cannot share a tensor: each shape gets its own
-                draw. `"none"` draws one noise per sample, batch by batch, as the reference code does.
+            noise_sharing (`str`, defaults to `"prompt"`): `"prompt"` scores the samples that share a prompt with
+                ONE noise draw (common random numbers, as in training, where both images of a pair get the same
+                noise): differences between them carry no noise-draw variance, identical images get identical
+                rewards, and `compare` gives P = 0.5 for them. Each prompt takes its draws from `generator` in the
+                order of its first sample, at the backbone's largest latent size; every latent gets the centre crop
+                of its own size, so images of different sizes share the noise where their centres align. Rewards do
+                not depend on `batch_size` (without `sample_posterior`, whose draws are interleaved batch by batch).
+                `"none"` draws one noise per sample, batch by batch, as the reference code does.
 
         Examples:
         """
@@ -795,13 +828,32 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 if groups is not None:
                     noises = self._shared_noises(shared_draws, groups, parts, num_noise_samples, generator)
                 for (indices, batch_latents), part_noises in zip(parts, noises):
+                    inverse = None
+                    if groups is not None:  # equal latents of one prompt share their noise: score them once
+                        indices, batch_latents, part_noises, inverse = self._distinct_rows(
+                            indices, batch_latents, part_noises, groups
+                        )
                     embeds, pooled = self._prompt_embeds_for(
                         prompt, prompt_embeds, pooled_prompt_embeds, indices, device, max_sequence_length
                     )
-                    scores = self._score(
-                        batch_latents, embeds, pooled, levels, num_noise_samples, generator, check_finite, part_noises
+                    scores = (
+                        self._score(
+                            batch_latents,
+                            embeds,
+                            pooled,
+                            levels,
+                            num_noise_samples,
+                            generator,
+                            check_finite,
+                            part_noises,
+                        )
+                        .float()
+                        .cpu()
                     )
-                    rewards[indices] = scores.float().cpu()
+                    if inverse is None:
+                        rewards[indices] = scores
+                    else:
+                        rewards[inverse[0]] = scores[inverse[1]]
                 progress.update()
         rewards = self._display(rewards, normalize)
         noise_levels = [self._snapped(level) for level in levels]

@@ -169,17 +169,25 @@ def test_no_sharing_draws_noise_batch_by_batch_as_the_reference(pipe, latents, m
     assert torch.equal(rewards, torch.cat(expected))
 
 
-def _draws(shapes: list[tuple[int, ...]], seed: int, per_group: int = 1) -> list[list[torch.Tensor]]:
-    """`per_group` standard normal tensors per shape, drawn in order from one seeded CPU generator."""
+def _draws(pipe, shapes: list[tuple[int, ...]], seed: int, per_group: int = 1) -> list[list[torch.Tensor]]:
+    """Per shape (one prompt group each), `per_group` centre crops of standard normal tensors at the backbone's
+    largest latent size, drawn in order from one seeded CPU generator."""
+    config = pipe.reward_model.config.backbone_config
+    side = config["pos_embed_max_size"] * config["patch_size"]
     source = generator(seed)
-    return [[torch.randn((1, *shape), generator=source) for _ in range(per_group)] for shape in shapes]
+    crops = []
+    for channels, height, width in shapes:
+        top, left = (side - height) // 2, (side - width) // 2
+        draws = [torch.randn((1, channels, side, side), generator=source) for _ in range(per_group)]
+        crops.append([d[..., top : top + height, left : left + width] for d in draws])
+    return crops
 
 
 def test_prompt_sharing_draws_one_noise_per_prompt_in_order_of_first_appearance(pipe, latents):
     prompts = [PROMPT, "a dog in the snow", PROMPT]
     embeds, pooled = pipe.encode_prompt(prompts)
     rewards = pipe(prompts, latents=latents, generator=generator(4)).rewards
-    (cat,), (dog,) = _draws([latents.shape[1:]] * 2, seed=4)
+    (cat,), (dog,) = _draws(pipe, [latents.shape[1:]] * 2, seed=4)
     expected = pipe.reward_model.score_latents(latents, embeds, pooled, t=0.4, noise=torch.cat([cat, dog, cat]))
     torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-6)
     # Rows of precomputed embeddings that are equal are one prompt, like equal strings.
@@ -189,7 +197,7 @@ def test_prompt_sharing_draws_one_noise_per_prompt_in_order_of_first_appearance(
 
 def test_num_noise_samples_are_draws_per_prompt_group(pipe, latents, embeds):
     rewards = pipe(PROMPT, latents=latents, t=ENSEMBLE, num_noise_samples=3, generator=generator(6)).rewards
-    (draws,) = _draws([latents.shape[1:]], seed=6, per_group=3)
+    (draws,) = _draws(pipe, [latents.shape[1:]], seed=6, per_group=3)
     batch = latents.shape[0]
     expected = [
         pipe.reward_model.score_latents(
@@ -233,16 +241,22 @@ def test_shared_scores_do_not_depend_on_batching(pipe, latents):
     torch.testing.assert_close(reordered, full[order], rtol=1e-6, atol=1e-6)
 
 
-def test_images_of_different_sizes_get_one_draw_per_latent_shape(pipe, images):
+def test_images_of_different_sizes_share_the_centre_of_one_draw(pipe, images):
     tall = PIL.Image.fromarray(random_rgb(5, height=48))
     rewards = pipe(PROMPT, images=[images[0], tall, images[1]], batch_size=1, generator=generator(2)).rewards
-    square, wide = pipe.encode_images(images[:2]), pipe.encode_images([tall])
-    (square_noise,), (tall_noise,) = _draws([square.shape[1:], wide.shape[1:]], seed=2)
+    square, high = pipe.encode_images(images[:2]), pipe.encode_images([tall])
+    assert square.shape[-2:] != high.shape[-2:]
+    ((big,),) = _draws(pipe, [(16, 32, 32)], seed=2)  # the tiny backbone's largest latent: 32 x 32
     embeds, pooled = pipe.encode_prompt(PROMPT)
+    centre = {size: big[..., (32 - size[0]) // 2 :, (32 - size[1]) // 2 :][..., : size[0], : size[1]]
+              for size in (tuple(square.shape[-2:]), tuple(high.shape[-2:]))}  # fmt: skip
     expected_square = pipe.reward_model.score_latents(
-        square, embeds.expand(2, -1, -1), pooled.expand(2, -1), noise=square_noise.expand_as(square)
+        square,
+        embeds.expand(2, -1, -1),
+        pooled.expand(2, -1),
+        noise=centre[tuple(square.shape[-2:])].expand_as(square),
     )
-    expected_tall = pipe.reward_model.score_latents(wide, embeds, pooled, noise=tall_noise)
+    expected_tall = pipe.reward_model.score_latents(high, embeds, pooled, noise=centre[tuple(high.shape[-2:])])
     torch.testing.assert_close(rewards[[0, 2]], expected_square, rtol=0, atol=1e-6)
     torch.testing.assert_close(rewards[1:2], expected_tall, rtol=0, atol=1e-6)
 
@@ -384,12 +398,13 @@ def test_image_modes_are_converted(pipe):
     torch.testing.assert_close(pipe.encode_images(odd), pipe.encode_images(center_crop), rtol=0, atol=0)
     assert pipe.encode_images(odd).shape == (1, 16, 12, 8)
     mixed = [cases["RGBA"][0], odd, cases["L"][0], cases["16-bit PIL"][0]]
-    rewards = pipe(PROMPT, images=mixed, generator=generator()).rewards
+    rewards = pipe(PROMPT, images=mixed, generator=generator(), noise_sharing="none").rewards
     assert rewards.shape == (4,) and torch.isfinite(rewards).all()
-    # A batch is split into groups of one size, in order of first appearance; each group draws its noise in turn.
+    # A batch is split into groups of one size, in order of first appearance; without noise sharing each group draws
+    # its noise in turn.
     shared = generator()
-    same_size = pipe(PROMPT, images=[mixed[0], mixed[2], mixed[3]], generator=shared).rewards
-    odd_alone = pipe(PROMPT, images=[odd], generator=shared).rewards
+    same_size = pipe(PROMPT, images=[mixed[0], mixed[2], mixed[3]], generator=shared, noise_sharing="none").rewards
+    odd_alone = pipe(PROMPT, images=[odd], generator=shared, noise_sharing="none").rewards
     torch.testing.assert_close(rewards, torch.stack([same_size[0], odd_alone[0], same_size[1], same_size[2]]))
 
 
