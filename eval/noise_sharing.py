@@ -13,9 +13,10 @@ two images share that draw. A pair counts as correct when P(chosen preferred) > 
 and level, the accuracy and its binomial standard error `sqrt(acc (1 - acc) / n)`.
 
 `--mismatch crop|resize` measures what images of different sizes could share: the rejected image is centre-cropped
-(or resized) to 3/4 of its height, so its latent is smaller than the chosen one's. The pipeline gives each latent
-shape its own draw (`independent`); the alternative, `cropped`, draws one noise at the chosen image's latent shape
-and centre-crops it for the rejected one (scored with `reward_model.score_latents(noise=...)`).
+(or resized) to 3/4 of its height, so its latent is smaller than the chosen one's. `independent`: a draw per image
+(`pipe.compare(..., noise_sharing="none")`); `cropped`: one draw at the chosen image's latent size, centre-cropped for
+the rejected one (scored with `reward_model.score_latents(noise=...)`), which is what the pipeline's default does
+with its draw at the backbone's largest size.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ def mismatch_accuracies(pipe, rows, t_values, seed: int, how: str) -> dict[str, 
         embeds, pooled = pipe.encode_prompt(row["prompt"])
         for t in t_values:
             generator = torch.Generator().manual_seed(seed + index)
-            independent = pipe.compare(row["prompt"], chosen, rejected, t=t, generator=generator)
+            independent = pipe.compare(row["prompt"], chosen, rejected, t=t, generator=generator, noise_sharing="none")
             correct[("independent", t)] += independent.probability > 0.5
             noise = torch.randn(latents[0].shape, generator=torch.Generator().manual_seed(seed + index))
             rewards = [
