@@ -143,6 +143,11 @@ learning = json.loads((results / "noise_sharing-photo-learning-test.json").read_
 lines += ["## The learning test's 250 held-out pairs, pair by pair through pipe.compare (%)", ""]
 lines += [f"- {mode}: " + ", ".join(f"{level} {100 * e['accuracy']:.1f} ± {100 * e['standard_error']:.1f}"
                                      for level, e in by_level.items()) for mode, by_level in learning.items()]
+for how in ("crop", "resize"):
+    mismatch = json.loads((results / f"noise_sharing-photo-mismatch-{how}.json").read_text())["results"]
+    lines += ["", f"## Rejected image ({how}) at 3/4 height: a draw per image vs one centre-cropped draw (%)", ""]
+    lines += [f"- {variant}: " + ", ".join(f"{level} {100 * e['accuracy']:.1f} ± {100 * e['standard_error']:.1f}"
+                                            for level, e in by_level.items()) for variant, by_level in mismatch.items()]
 refl = json.loads((results / "refl-noise-sharing.json").read_text())
 lines += ["", "## Tiny-world ReFL: reward_fn noise per sample (none) vs per prompt (4 samples per prompt)", "",
           "| run | proxy reward, step 0 -> 60 | golden metric (oracle), step 0 -> 60 |", "|---|---|---|"]

@@ -11,8 +11,8 @@ Registry (`SCORERS`, names as in `run_eval.py --scorer`):
   seed, noise sharing). Deterministic per image: the scoring noise of an image comes from a CPU generator seeded
   with `sha256(f"{seed}/{key}")`, so a score depends neither on the batch it is in nor on the process that
   computes it. The key is the image id with `noise_sharing="none"` (one noise per image, the reference protocol)
-  and the prompt and latent shape with `"prompt"` (all images of a prompt share their draws, as the pipeline's
-  default does; images of another size get their own).
+  and the prompt with `"prompt"`: the images of a prompt are scored as the pipeline scores a prompt group by
+  default, sharing the draws (centre crops of one draw for images of other sizes).
 * `pickscore` — `yuvalkirstain/PickScore_v1` with the processor of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`;
   score = `logit_scale.exp() * cos(image, text)` (PickScore's own formula).
 * `clip` — plain CLIP (`openai/clip-vit-large-patch14`), same formula (its logit scale is 100).
@@ -109,11 +109,9 @@ def image_seed(seed: int, image_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{image_id}".encode()).digest()[:8], "little")
 
 
-def noise_key(noise_sharing: str, image_id: str, prompt: str, latent_shape: Sequence[int]) -> str:
-    """What seeds an image's scoring noise: its id (`"none"`), or its prompt and latent shape (`"prompt"`)."""
-    if noise_sharing == "none":
-        return image_id
-    return f"prompt/{'x'.join(str(size) for size in latent_shape)}/{prompt}"
+def noise_key(noise_sharing: str, image_id: str, prompt: str) -> str:
+    """What seeds an image's scoring noise: its id (`"none"`) or its prompt (`"prompt"`)."""
+    return image_id if noise_sharing == "none" else f"prompt/{prompt}"
 
 
 def parse_noise_sharing(text: str) -> list[str]:
@@ -143,9 +141,10 @@ class DiNaLRMScorer(Scorer):
     """DiNa-LRM rewards at one or more noise settings, each image encoded once.
 
     Columns are mode-major, then setting-major: for noise-sharing mode `m`, setting `s` and noise draw `k` the
-    column is `(m * len(settings) + s) * num_draws + k`. Each image has its own generator, seeded by
-    `image_seed(seed, noise_key(...))`: per image with `"none"`, per prompt and latent shape with `"prompt"`, so that
-    all images of a prompt get the same draws however they are batched or split over processes. Draw `k` averages
+    column is `(m * len(settings) + s) * num_draws + k`. The noise comes from generators seeded by
+    `image_seed(seed, noise_key(...))`: one per image with `"none"`; with `"prompt"` one per prompt, and the images of
+    a prompt (and size) are scored in one call with `noise_sharing="prompt"`, so that they get the same draws however
+    they are batched or split over processes. Draw `k` averages
     the generator's next `num_noise_samples` noises, and every setting restarts it, so all settings see the same
     noises (common random numbers: a noise sweep compares levels, not noise draws). An ensemble setting shares one
     noise across its levels. Images are encoded once (the VAE's posterior mode), grouped by size, then scored as
@@ -252,26 +251,32 @@ class DiNaLRMScorer(Scorer):
             by_shape.setdefault(tuple(latent.shape), []).append(index)
         columns = len(self.noise_sharing) * len(self.settings) * self.num_draws
         rows = [[0.0] * columns for _ in images]
-        for shape, indices in by_shape.items():
-            batch = torch.cat([latents[i] for i in indices])
-            group_prompts = [prompts[i] for i in indices]
+        for indices in by_shape.values():
             for m, mode in enumerate(self.noise_sharing):
-                seeds = [image_seed(self.seed, noise_key(mode, image_ids[i], prompts[i], shape[1:])) for i in indices]
-                for s, setting in enumerate(self.settings):
-                    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-                    for draw in range(self.num_draws):
-                        rewards = self.pipe(
-                            prompt=group_prompts,
-                            latents=batch,
-                            t=list(setting) if isinstance(setting, tuple) else setting,
-                            num_noise_samples=self.num_noise_samples,
-                            generator=generators,
-                            batch_size=len(indices),
-                            noise_sharing="none",  # the per-image generators above already carry the sharing
-                        ).rewards
-                        column = (m * len(self.settings) + s) * self.num_draws + draw
-                        for row, index in enumerate(indices):
-                            rows[index][column] = float(rewards[row])
+                if mode == "none":
+                    calls = [(indices, [noise_key(mode, image_ids[i], prompts[i]) for i in indices])]
+                else:
+                    by_prompt: dict[str, list[int]] = {}
+                    for index in indices:
+                        by_prompt.setdefault(prompts[index], []).append(index)
+                    calls = [(members, [noise_key(mode, "", prompt)]) for prompt, members in by_prompt.items()]
+                for members, keys in calls:
+                    batch = torch.cat([latents[i] for i in members])
+                    for s, setting in enumerate(self.settings):
+                        generators = [torch.Generator().manual_seed(image_seed(self.seed, key)) for key in keys]
+                        for draw in range(self.num_draws):
+                            rewards = self.pipe(
+                                prompt=[prompts[i] for i in members],
+                                latents=batch,
+                                t=list(setting) if isinstance(setting, tuple) else setting,
+                                num_noise_samples=self.num_noise_samples,
+                                generator=generators if mode == "none" else generators[0],
+                                batch_size=len(members),
+                                noise_sharing=mode,
+                            ).rewards
+                            column = (m * len(self.settings) + s) * self.num_draws + draw
+                            for row, index in enumerate(members):
+                                rows[index][column] = float(rewards[row])
         return rows
 
 

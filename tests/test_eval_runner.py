@@ -188,8 +188,7 @@ def test_dinalrm_scorer_shares_draws_between_images_of_a_prompt(assets):
     torch.testing.assert_close(shared[0], shared[2], rtol=0, atol=1e-6)
     assert (independent[0] - independent[2]).abs().min() > 1e-3, "per-image draws differ"
     # Scored as the pipeline scores a prompt group by default, with the prompt's own generator.
-    shape = scorer.pipe.encode_images([chosen]).shape[1:]
-    seed = scorers.image_seed(0, scorers.noise_key("prompt", "y/0", "a red apple", shape))
+    seed = scorers.image_seed(0, scorers.noise_key("prompt", "y/0", "a red apple"))
     direct = scorer.pipe("a red apple", images=images[:2], t=0.7, generator=torch.Generator().manual_seed(seed))
     torch.testing.assert_close(shared[:2, 0], direct.rewards, rtol=0, atol=1e-5)
     alone = torch.tensor(scorer.score_columns(prompts[1:2], images[1:2], ids[1:2]))
