@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
+from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel, T5EncoderModel, T5Tokenizer
 
@@ -42,6 +43,8 @@ FLOAT_RANGE_TOLERANCE = 1e-3
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _EXIF_ORIENTATION = 0x0112
+# `noise_sharing`: "prompt" gives the samples of one prompt (and latent shape) one noise draw, "none" one per sample.
+NOISE_SHARING_MODES = ("prompt", "none")
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -83,7 +86,7 @@ class DiNaLRMComparisonOutput(BaseOutput):
     Args:
         probability (`float`): P(image A is preferred over image B) under the model's comparison model.
         winner (`str`): `"a"` when `probability >= 0.5`, else `"b"`.
-        rewards (`torch.Tensor` of shape `(2,)`): raw rewards of A and B.
+        rewards (`torch.Tensor` of shape `(2,)`): rewards of A and B (raw unless `normalize=True` was passed).
         noise_level (`float`): the (snapped) noise level whose comparison variance gave `probability`.
     """
 
@@ -765,11 +768,14 @@ class DiNaLRMPipeline(DiffusionPipeline):
         num_noise_samples: int,
         generator: torch.Generator | None,
         check_finite: bool,
+        noises: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Rewards of clean latents, averaged over `num_noise_samples` noise draws taken in order from `generator`.
+        """Rewards of clean latents, averaged over `num_noise_samples` noise draws.
 
-        The noise convention (snapping, one noise shared by all ensemble levels) is `reward_model.score_latents`'s;
-        `check_finite` is its value check (NaN / infinite latents or prompt embeddings), done once per batch.
+        The draws are `noises` (one tensor shaped like `latents` per draw) when given, else taken in order from
+        `generator`, one per sample. The noise convention (snapping, one noise shared by all ensemble levels) is
+        `reward_model.score_latents`'s; `check_finite` is its value check (NaN / infinite latents or prompt
+        embeddings), done once per batch.
         """
         draws = [
             self.reward_model.score_latents(
@@ -777,12 +783,122 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 prompt_embeds,
                 pooled_prompt_embeds,
                 t=levels,
+                noise=None if noises is None else noises[draw],
                 generator=generator,
                 check_finite=check_finite and draw == 0,
             )
             for draw in range(num_noise_samples)
         ]
         return torch.stack(draws).mean(dim=0)
+
+    @staticmethod
+    def _check_noise_sharing(noise_sharing: str, generator) -> None:
+        if noise_sharing not in NOISE_SHARING_MODES:
+            raise ValueError(
+                f"noise_sharing={noise_sharing!r} is not supported: use 'prompt' (one noise draw per prompt) or "
+                "'none' (one per sample, the reference protocol)."
+            )
+        if noise_sharing == "prompt" and isinstance(generator, (list, tuple)):
+            raise ValueError(
+                "a list of generators gives every sample its own noise: pass noise_sharing='none' with it, or one "
+                "generator for noise_sharing='prompt'."
+            )
+
+    @staticmethod
+    def _prompt_groups(prompt, prompt_embeds, pooled_prompt_embeds, num_samples: int) -> list[int]:
+        """Per sample, the index of its prompt among the distinct prompts, numbered in order of first appearance.
+
+        Prompts are compared as strings; precomputed embeddings row by row (equal `prompt_embeds` and
+        `pooled_prompt_embeds` rows are one prompt), which reads them back once.
+        """
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            keys = [prompts[i % len(prompts)] for i in range(num_samples)]
+        else:
+            representatives: list[int] = []
+            row_keys = []
+            for row in range(prompt_embeds.shape[0]):
+                match = next(
+                    (
+                        key
+                        for key, other in enumerate(representatives)
+                        if torch.equal(prompt_embeds[row], prompt_embeds[other])
+                        and torch.equal(pooled_prompt_embeds[row], pooled_prompt_embeds[other])
+                    ),
+                    None,
+                )
+                if match is None:
+                    representatives.append(row)
+                    match = len(representatives) - 1
+                row_keys.append(match)
+            keys = [row_keys[i % len(row_keys)] for i in range(num_samples)]
+        numbers: dict = {}
+        return [numbers.setdefault(key, len(numbers)) for key in keys]
+
+    @staticmethod
+    def _distinct_rows(indices: list[int], latents: torch.Tensor, noises: list[torch.Tensor], groups: list[int]):
+        """The rows of a part that differ in latent or prompt group, and where each sample's reward comes from.
+
+        Equal latents of one prompt group get the same shared noise, hence the same reward; scoring them once makes
+        that exact (a batched pass may round equal rows differently) and saves the work. Returns `(indices,
+        latents, noises, (all indices, row of each))` for the distinct rows.
+        """
+        flat = latents.flatten(1)
+        rows: list[int] = []
+        source = []
+        for position, index in enumerate(indices):
+            match = next(
+                (
+                    k
+                    for k, row in enumerate(rows)
+                    if groups[indices[row]] == groups[index] and torch.equal(flat[row], flat[position])
+                ),
+                None,
+            )
+            if match is None:
+                rows.append(position)
+                match = len(rows) - 1
+            source.append(match)
+        kept = [indices[row] for row in rows]
+        return kept, latents[rows], [noise[rows] for noise in noises], (indices, source)
+
+    def _shared_noises(
+        self,
+        draws: dict,
+        groups: list[int],
+        parts: list[tuple[list[int], torch.Tensor]],
+        num_noise_samples: int,
+        generator: torch.Generator | None,
+    ) -> list[list[torch.Tensor]]:
+        """Per part `(indices, latents)`, its `num_noise_samples` noise tensors under prompt sharing.
+
+        A prompt group not in `draws` yet gets `num_noise_samples` draws from `generator` (groups taken in the order of
+        their first sample), each at the largest latent size the backbone takes; every latent gets the centre crop of
+        its size. Latents of one size thus share the noise exactly, and latents of other sizes share it where their
+        centres align. As the parts hold consecutive samples, the draws (and so every score) do not depend on how
+        the inputs are batched.
+        """
+        latents = parts[0][1]
+        side = self.reward_model.config.backbone_config["pos_embed_max_size"] * self.patch_size
+        shape = (1, latents.shape[1], side, side)
+        for group in sorted({groups[index] for indices, _ in parts for index in indices}):
+            if group not in draws:
+                draws[group] = [
+                    randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
+                    for _ in range(num_noise_samples)
+                ]
+
+        def crop(noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
+            top, left = (noise.shape[-2] - height) // 2, (noise.shape[-1] - width) // 2
+            return noise[..., top : top + height, left : left + width]
+
+        return [
+            [
+                torch.cat([crop(draws[groups[i]][k], *part.shape[-2:]) for i in indices])
+                for k in range(num_noise_samples)
+            ]
+            for indices, part in parts
+        ]
 
     def normalize_rewards(
         self, rewards: torch.Tensor, normalize: bool | str, t: float | list[float] | None = None
@@ -816,6 +932,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         normalize: bool | str = False,
         max_sequence_length: int | None = None,
+        noise_sharing: str = "none",
     ) -> torch.Tensor:
         r"""Differentiable rewards `(B,)` of clean latents for alignment loops (ReFL: `loss = -rewards.mean()`).
 
@@ -825,14 +942,24 @@ class DiNaLRMPipeline(DiffusionPipeline):
         (`pipe.reward_model.requires_grad_(False)`) if only the generator should receive gradients. Input values are
         not checked for NaN / infinity: reading them back would wait for the accelerator on every call (and break
         `torch.compile` graphs); check the rewards, or call the reward model with `check_finite=True`, to debug.
+
+        `noise_sharing` defaults to `"none"`: every sample gets its own noise draw (one per sample from
+        `generator`), so the samples' reward gradients carry independent noise. `"prompt"` gives the samples of one
+        prompt one shared draw, as `__call__` does by default (see there); with precomputed embeddings it compares
+        their rows, which reads them back once per call.
         """
         self.check_inputs(prompt, None, latents, prompt_embeds, pooled_prompt_embeds, t, num_noise_samples)
+        self._check_noise_sharing(noise_sharing, generator)
         indices = list(range(latents.shape[0]))
         embeds, pooled = self._prompt_embeds_for(
             prompt, prompt_embeds, pooled_prompt_embeds, indices, latents.device, max_sequence_length
         )
+        noises = None
+        if noise_sharing == "prompt":
+            groups = self._prompt_groups(prompt, prompt_embeds, pooled_prompt_embeds, len(indices))
+            noises = self._shared_noises({}, groups, [(indices, latents.detach())], num_noise_samples, generator)[0]
         levels = self._noise_levels(t)
-        rewards = self._score(latents, embeds, pooled, levels, num_noise_samples, generator, False)
+        rewards = self._score(latents, embeds, pooled, levels, num_noise_samples, generator, False, noises)
         return self.normalize_rewards(rewards, normalize, levels)
 
     @torch.no_grad()
@@ -854,6 +981,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         max_sequence_length: int | None = None,
         return_dict: bool = True,
         check_finite: bool = True,
+        noise_sharing: str = "prompt",
     ) -> DiNaLRMPipelineOutput | tuple:
         r"""Rewards of images or clean latents for their prompts.
 
@@ -873,7 +1001,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 list of levels for the token-level ensemble (one batched backbone pass, one noise shared by all
                 levels). Defaults to `reward_model.config.default_t` (0.4); the paper's ensemble is
                 `reward_model.config.ensemble_t` (0.2, 0.5, 0.7).
-            num_noise_samples (`int`): average the reward over this many noise draws (lower variance).
+            num_noise_samples (`int`): average the reward over this many noise draws (lower variance); with
+                `noise_sharing="prompt"` these are draws per prompt group, shared by its samples.
             generator (`torch.Generator`, *optional*): source of every random draw (posterior samples, then the
                 scoring noise, batch by batch); the same generator state gives the same rewards.
             batch_size (`int`): samples per VAE/backbone pass; more samples show a progress bar.
@@ -892,6 +1021,14 @@ class DiNaLRMPipeline(DiffusionPipeline):
             check_finite (`bool`, defaults to `True`): refuse latents (given or encoded) and prompt embeddings that
                 hold NaN or infinite values, which would give NaN rewards. The check reads the values back, one
                 device sync per batch; pass `False` to skip it.
+            noise_sharing (`str`, defaults to `"prompt"`): `"prompt"` scores the samples that share a prompt with
+                ONE noise draw (common random numbers, as in training, where both images of a pair get the same
+                noise): differences between them carry no noise-draw variance, identical images get identical
+                rewards, and `compare` gives P = 0.5 for them. Each prompt takes its draws from `generator` in the
+                order of its first sample, at the backbone's largest latent size; every latent gets the centre crop
+                of its own size, so images of different sizes share the noise where their centres align. Rewards do
+                not depend on `batch_size` (without `sample_posterior`, whose draws are interleaved batch by batch).
+                `"none"` draws one noise per sample, batch by batch, as the reference code does.
 
         Examples:
         """
@@ -899,24 +1036,50 @@ class DiNaLRMPipeline(DiffusionPipeline):
         self.check_inputs(
             prompt, images, latents, prompt_embeds, pooled_prompt_embeds, t, num_noise_samples, batch_size
         )
+        self._check_noise_sharing(noise_sharing, generator)
         levels = self._noise_levels(t)
         device = self._execution_device
         num_samples = len(images) if images is not None else latents.shape[0]
+        groups = None
+        if noise_sharing == "prompt":
+            groups = self._prompt_groups(prompt, prompt_embeds, pooled_prompt_embeds, num_samples)
+        shared_draws: dict = {}
         rewards = torch.empty(num_samples, dtype=torch.float32)
         starts = range(0, num_samples, batch_size)
         with self.progress_bar(total=len(starts)) as progress:
             for start in starts:
                 batch = list(range(start, min(start + batch_size, num_samples)))
-                for indices, batch_latents in self._latent_groups(
-                    batch, images, latents, resolution, sample_posterior, generator
-                ):
+                parts = list(self._latent_groups(batch, images, latents, resolution, sample_posterior, generator))
+                noises = [None] * len(parts)
+                if groups is not None:
+                    noises = self._shared_noises(shared_draws, groups, parts, num_noise_samples, generator)
+                for (indices, batch_latents), part_noises in zip(parts, noises):
+                    inverse = None
+                    if groups is not None:  # equal latents of one prompt share their noise: score them once
+                        indices, batch_latents, part_noises, inverse = self._distinct_rows(
+                            indices, batch_latents, part_noises, groups
+                        )
                     embeds, pooled = self._prompt_embeds_for(
                         prompt, prompt_embeds, pooled_prompt_embeds, indices, device, max_sequence_length
                     )
-                    scores = self._score(
-                        batch_latents, embeds, pooled, levels, num_noise_samples, generator, check_finite
+                    scores = (
+                        self._score(
+                            batch_latents,
+                            embeds,
+                            pooled,
+                            levels,
+                            num_noise_samples,
+                            generator,
+                            check_finite,
+                            part_noises,
+                        )
+                        .float()
+                        .cpu()
                     )
-                    rewards[indices] = scores.float().cpu()
+                    if inverse is None:
+                        rewards[indices] = scores
+                    else:
+                        rewards[inverse[0]] = scores[inverse[1]]
                 progress.update()
         rewards = self.normalize_rewards(rewards, normalize, levels)
         noise_levels = [self._snapped(level) for level in levels]
@@ -950,12 +1113,15 @@ class DiNaLRMPipeline(DiffusionPipeline):
     ) -> DiNaLRMComparisonOutput:
         r"""Probability that `image_a` is preferred over `image_b` for `prompt`, and the winner.
 
-        Both images are scored in one call (other keyword arguments as in `__call__`, raw rewards; NaN or infinite
-        inputs are refused unless `check_finite=False`). The probability is
-        `reward_model.preference_probability(r_a, r_b, level)`, the comparison model of training (Thurstone:
-        `Phi((r_a - r_b) / sqrt(2 * (k * level**2 + v0)))`), or the fitted curve `sigmoid(slope * (r_a - r_b))` when
-        the model carries a calibration for these noise levels (`eval/calibrate.py`). `level` is `t`; for an
-        ensemble, which has no single level, it is `reward_model.config.default_t`.
+        Both images are scored in one call (other keyword arguments as in `__call__`; NaN or infinite inputs are
+        refused unless `check_finite=False`). By default (`noise_sharing="prompt"`) both get the same noise draw,
+        as the pairs of training did (images of different sizes cannot share it; see `__call__`), so identical
+        images give P = 0.5 exactly; `noise_sharing="none"` draws one noise per image (the reference protocol). The
+        probability is `reward_model.preference_probability(r_a, r_b, level)` of the raw rewards, the comparison
+        model of training (Thurstone: `Phi((r_a - r_b) / sqrt(2 * (k * level**2 + v0)))`), or the fitted curve
+        `sigmoid(slope * (r_a - r_b))` when the model carries a calibration for these noise levels
+        (`eval/calibrate.py`). `level` is `t`; for an ensemble, which has no single level, it is
+        `reward_model.config.default_t`. `normalize` changes only the returned `rewards`, never the probability.
         """
         for name, image in (("image_a", image_a), ("image_b", image_b)):
             if isinstance(image, (list, tuple)) or getattr(image, "ndim", 3) == 4:
@@ -963,18 +1129,23 @@ class DiNaLRMPipeline(DiffusionPipeline):
                     f"compare takes one image per side, got a batch for {name}; for many pairs score them with "
                     "pipe(...) and use pipe.reward_model.preference_probability."
                 )
-        output = self(prompt, images=[image_a, image_b], t=t, generator=generator, **kwargs)
+        normalize = kwargs.pop("normalize", False)
+        rewards = self(prompt, images=[image_a, image_b], t=t, generator=generator, **kwargs).rewards
         levels = self._noise_levels(t)
         level = self._snapped(levels[0] if len(levels) == 1 else self.reward_model.config.default_t)
-        rewards = output.rewards
         probability = float(self._preference_probability(rewards[:1], rewards[1:], level, levels)[0])
         return DiNaLRMComparisonOutput(
-            probability=probability, winner="a" if probability >= 0.5 else "b", rewards=rewards, noise_level=level
+            probability=probability,
+            winner="a" if probability >= 0.5 else "b",
+            rewards=self.normalize_rewards(rewards, normalize, levels),
+            noise_level=level,
         )
 
     def rank(self, prompt: str | list[str] | None, images=None, latents: torch.Tensor | None = None, **kwargs):
         r"""Orders images (or latents) by reward, best first; other keyword arguments as in `__call__`.
 
+        The samples of one prompt share their noise draw by default (`noise_sharing="prompt"`, see `__call__`), so
+        the order reflects the images, not the noise; `noise_sharing="none"` draws one noise per sample.
         NaN or infinite latents or prompt embeddings are refused unless `check_finite=False` is passed.
 
         Returns:

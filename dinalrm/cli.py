@@ -77,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="Multi-level ensemble: comma-separated levels, or no value for the model's (0.2,0.5,0.7).",
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed of the scoring noise (same seed, same rewards).")
+    parser.add_argument(
+        "--noise_sharing",
+        default="prompt",
+        choices=("prompt", "none"),
+        help="prompt (default): all images share one noise draw, so their rewards differ only by the images "
+        "(identical images tie, P = 0.5); none: one draw per image, the reference code's protocol.",
+    )
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="Default: bfloat16 on CUDA, float32 on the CPU.")
@@ -187,7 +194,7 @@ def score_main(argv: list[str] | None = None) -> int:
     else:
         t = args.t
     generator = torch.Generator().manual_seed(args.seed)
-    options = {"t": t, "generator": generator, "batch_size": args.batch_size}
+    options = {"t": t, "generator": generator, "batch_size": args.batch_size, "noise_sharing": args.noise_sharing}
     normalize = {None: False, "display": True, "logistic": "logistic"}[args.normalize]
     try:
         if len(images) == 2:
@@ -207,6 +214,7 @@ def score_main(argv: list[str] | None = None) -> int:
             "t": t if t is not None else pipe.reward_model.config.default_t,
             "seed": args.seed,
             "normalize": args.normalize,
+            "noise_sharing": args.noise_sharing,
             "rewards": [{"image": path, "reward": reward} for path, reward in zip(args.images, rewards)],
         }
         if probability is not None:

@@ -67,6 +67,8 @@ dinalrm-score --model {repo_id} --prompt "a photo of a cat" a.png b.png
   differences between rewards for the same prompt are meaningful: `P(A preferred) = Phi((r_A - r_B) /
   sqrt(2 (k t^2 + v0)))` with `k = {k}`, `v0 = {v0}` (`pipe.compare`).
 - Scoring draws noise: pass a `generator` for reproducible rewards, or `num_noise_samples > 1` to average draws.
+  The images of one prompt share their noise draw (`noise_sharing="prompt"`, as the pairs of training did), so
+  identical images tie at P = 0.5; `noise_sharing="none"` draws one noise per image, as the reference code does.
 
 ## Licence
 

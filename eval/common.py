@@ -21,6 +21,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from pairwise_accuracy.pairwise_accuracy import pairwise_accuracy  # eval/pairwise_accuracy: the one implementation
+from scorers import parse_noise_sharing
 
 from dinalrm.data import SkipStats
 from dinalrm.eval_datasets import BENCHMARKS, Benchmark, BenchmarkPair, load_benchmark, pair_margins
@@ -141,6 +142,12 @@ def add_benchmark_args(parser: argparse.ArgumentParser, default_benchmarks: str)
     )  # fmt: skip
     parser.add_argument("--batch_size", type=int, default=8, help="Images per scoring call.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the scoring noise (mixed with each image's id).")
+    parser.add_argument(
+        "--noise_sharing", type=parse_noise_sharing, default=parse_noise_sharing("prompt,none"),
+        help="DiNa-LRM: prompt (all images of a prompt share their noise draws, as pipelines score by default), none "
+             "(one draw per image, the reference protocol and the paper's), or prompt,none (default: both rows, from "
+             "one VAE encoding per image).",
+    )  # fmt: skip
     parser.add_argument(
         "--dtype",
         default="auto",

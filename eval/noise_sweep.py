@@ -5,7 +5,8 @@
     python eval/noise_sweep.py --models assets/dinalrm-tiny --pairs examples/tiny_world/outputs/pairs
 
 Each image is encoded once and scored at every t with the same noise draw (see `scorers.DiNaLRMScorer`), so
-the curve compares noise levels, not noise samples. Writes `noise_sweep.csv` (one row per model, benchmark and
+the curve compares noise levels, not noise samples; `--noise_sharing prompt,none` (default) gives one curve with the
+draws shared by the images of a prompt and one with a draw per image (the paper's protocol). Writes `noise_sweep.csv` (one row per model, benchmark and
 t; with several benchmarks also `average` rows, the unweighted mean of their accuracies) and `noise_sweep.png`
 (one panel per benchmark, one line per model). Runs under `accelerate launch` like `run_eval.py`.
 """
@@ -58,44 +59,46 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def sweep(
     scorer: DiNaLRMScorer, model: str, benchmarks: dict, t_values: list[float], accelerator, batch_size: int
 ) -> list[dict[str, Any]]:
-    """CSV rows `model, benchmark, t, accuracy, n_pairs, n_correct, n_score_ties`.
+    """CSV rows `model, noise_sharing, benchmark, t, accuracy, n_pairs, n_correct, n_score_ties`.
 
-    With several benchmarks, `average` rows add the mean accuracy over benchmarks and the summed counts.
+    One curve per noise-sharing mode of `scorer`. With several benchmarks, `average` rows add the mean accuracy
+    over benchmarks and the summed counts.
     """
     rows = []
+    settings = [(mode, t) for mode in scorer.noise_sharing for t in t_values]
     for key, benchmark in benchmarks.items():
         entries, _ = setting_entries(scorer, benchmark, accelerator, batch_size)
-        for t, entry in zip(t_values, entries, strict=True):
-            rows.append({"model": model, "benchmark": key, "t": t, "accuracy": entry["accuracy"],
-                         "n_pairs": entry["n_pairs"], "n_correct": entry["n_correct"],
+        for (mode, t), entry in zip(settings, entries, strict=True):
+            rows.append({"model": model, "noise_sharing": mode, "benchmark": key, "t": t,
+                         "accuracy": entry["accuracy"], "n_pairs": entry["n_pairs"], "n_correct": entry["n_correct"],
                          "n_score_ties": entry["n_score_ties"]})  # fmt: skip
     if len(benchmarks) > 1:
-        for t in t_values:
-            level = [row for row in rows if row["t"] == t]
-            average = {"model": model, "benchmark": AVERAGE, "t": t,
+        for mode, t in settings:
+            level = [row for row in rows if row["t"] == t and row["noise_sharing"] == mode]
+            average = {"model": model, "noise_sharing": mode, "benchmark": AVERAGE, "t": t,
                        "accuracy": sum(row["accuracy"] for row in level) / len(level)}  # fmt: skip
             rows.append({**average, **{key: sum(row[key] for row in level) for key in COUNTS}})
     return rows
 
 
 def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
-    """Accuracy (%) against t: one panel per benchmark (and the average), one line per model."""
+    """Accuracy (%) against t: one panel per benchmark (and the average), one line per model and noise sharing."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     panels = list(dict.fromkeys(row["benchmark"] for row in rows))
-    models = list(dict.fromkeys(row["model"] for row in rows))
+    models = list(dict.fromkeys((row["model"], row["noise_sharing"]) for row in rows))
     figure, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.2), squeeze=False, sharey=False)
     for axis, panel in zip(axes[0], panels):
-        for model in models:
+        for model, mode in models:
             points = sorted(
                 (row["t"], 100 * row["accuracy"])
                 for row in rows
-                if row["benchmark"] == panel and row["model"] == model
+                if row["benchmark"] == panel and row["model"] == model and row["noise_sharing"] == mode
             )
-            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+            axis.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{model} (noise={mode})")
         name = panel.split(":")[0]
         axis.set_title("Average" if panel == AVERAGE else DISPLAY_NAMES.get(name, name) + panel[len(name) :])
         axis.set_xlabel("noise level t")
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         with accelerator.main_process_first():
             scorer = DiNaLRMScorer.load(
                 model, accelerator.device, args.t_values, args.dtype,
-                num_noise_samples=args.num_noise_samples, seed=args.seed,
+                num_noise_samples=args.num_noise_samples, seed=args.seed, noise_sharing=args.noise_sharing,
             )  # fmt: skip
         rows += sweep(scorer, model_label(model), benchmarks, args.t_values, accelerator, args.batch_size)
         del scorer
@@ -129,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(csv_path, rows)
         plot_sweep(rows, png_path)
         for row in rows:
-            print(f"{row['model']:<30} {row['benchmark']:<14} t={row['t']:<5g} accuracy={100 * row['accuracy']:.2f}")
+            print(
+                f"{row['model']:<30} noise={row['noise_sharing']:<7} {row['benchmark']:<14} t={row['t']:<5g} "
+                f"accuracy={100 * row['accuracy']:.2f}"
+            )
         print(f"Wrote {csv_path} and {png_path}")
     accelerator.wait_for_everyone()
     return 0

@@ -8,9 +8,11 @@ column as a row of the results table.
 Registry (`SCORERS`, names as in `run_eval.py --scorer`):
 
 * `dinalrm` — DiNa-LRM through `DiNaLRMPipeline.from_pretrained` (noise level(s), ensemble, noise samples,
-  seed). Deterministic per image: the scoring noise of an image comes from a CPU generator seeded with
-  `sha256(f"{seed}/{image_id}")`, so a score depends neither on the batch it is in nor on the process that
-  computes it.
+  seed, noise sharing). Deterministic per image: the scoring noise of an image comes from a CPU generator seeded
+  with `sha256(f"{seed}/{key}")`, so a score depends neither on the batch it is in nor on the process that
+  computes it. The key is the image id with `noise_sharing="none"` (one noise per image, the reference protocol)
+  and the prompt with `"prompt"`: the images of a prompt are scored as the pipeline scores a prompt group by
+  default, sharing the draws (centre crops of one draw for images of other sizes).
 * `lrm` — LRM, LPO's diffusion latent reward model, through `LRMPipeline.from_pretrained` (the converter's
   output); one column per `--lrm_timesteps` entry (default 1, the official validation timestep).
 * `pickscore` — `yuvalkirstain/PickScore_v1` with the processor of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`;
@@ -39,6 +41,8 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 NoiseSetting = float | tuple[float, ...]
+# `noise_sharing` of the DiNa-LRM scorer: one noise per prompt (and latent shape), or one per image.
+NOISE_SHARING = ("prompt", "none")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,6 +111,19 @@ def image_seed(seed: int, image_id: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{image_id}".encode()).digest()[:8], "little")
 
 
+def noise_key(noise_sharing: str, image_id: str, prompt: str) -> str:
+    """What seeds an image's scoring noise: its id (`"none"`) or its prompt (`"prompt"`)."""
+    return image_id if noise_sharing == "none" else f"prompt/{prompt}"
+
+
+def parse_noise_sharing(text: str) -> list[str]:
+    """`"prompt,none"` -> `["prompt", "none"]` (an argparse type)."""
+    modes = list(dict.fromkeys(mode.strip() for mode in text.split(",") if mode.strip()))
+    if not modes or any(mode not in NOISE_SHARING for mode in modes):
+        raise argparse.ArgumentTypeError(f"expected prompt, none or prompt,none; got {text!r}")
+    return modes
+
+
 def content_id(prompt: str, image: Image.Image) -> str:
     """An id for an image given without one: a digest of its prompt, size, mode and pixels."""
     digest = hashlib.sha256(f"{prompt}\0{image.size}\0{image.mode}\0".encode())
@@ -125,11 +142,15 @@ def setting_label(setting: NoiseSetting) -> str:
 class DiNaLRMScorer(Scorer):
     """DiNa-LRM rewards at one or more noise settings, each image encoded once.
 
-    Columns are setting-major: for setting `s` and noise draw `k` the column is `s * num_draws + k`. Each
-    image has its own generator (`image_seed`); draw `k` averages its next `num_noise_samples` noises,
-    and every setting restarts the generator, so all settings see the same noises (common random numbers: a noise
-    sweep compares levels, not noise draws). An ensemble setting shares one noise across its levels. Images are
-    encoded with the VAE's posterior mode, grouped by size, then scored as latents.
+    Columns are mode-major, then setting-major: for noise-sharing mode `m`, setting `s` and noise draw `k` the
+    column is `(m * len(settings) + s) * num_draws + k`. The noise comes from generators seeded by
+    `image_seed(seed, noise_key(...))`: one per image with `"none"`; with `"prompt"` one per prompt, and the images of
+    a prompt (and size) are scored in one call with `noise_sharing="prompt"`, so that they get the same draws however
+    they are batched or split over processes. Draw `k` averages
+    the generator's next `num_noise_samples` noises, and every setting restarts it, so all settings see the same
+    noises (common random numbers: a noise sweep compares levels, not noise draws). An ensemble setting shares one
+    noise across its levels. Images are encoded once (the VAE's posterior mode), grouped by size, then scored as
+    latents in every mode.
     """
 
     def __init__(
@@ -140,9 +161,13 @@ class DiNaLRMScorer(Scorer):
         num_draws: int = 1,
         seed: int = 0,
         label: str = "DiNa-LRM",
+        noise_sharing: Sequence[str] = ("prompt",),
     ) -> None:
         if not settings:
             raise ValueError("Give at least one noise setting (a level t, or a tuple of levels for the ensemble).")
+        if isinstance(noise_sharing, str) or not noise_sharing or set(noise_sharing) - set(NOISE_SHARING):
+            raise ValueError(f"noise_sharing must be a non-empty list of {NOISE_SHARING}, got {noise_sharing!r}.")
+        self.noise_sharing = list(noise_sharing)
         self.pipe = pipe
         self.settings = [tuple(s) if isinstance(s, (list, tuple)) else float(s) for s in settings]
         self.num_noise_samples = num_noise_samples
@@ -190,13 +215,19 @@ class DiNaLRMScorer(Scorer):
             num_noise_samples=args.num_noise_samples,
             seed=args.seed,
             label=cls.label_for(args.model),
+            noise_sharing=args.noise_sharing,
         )
 
     @property
     def setting_names(self) -> list[str]:
         suffix = f" noise-samples={self.num_noise_samples}" if self.num_noise_samples > 1 else ""
         draws = [f" draw={k}" for k in range(self.num_draws)] if self.num_draws > 1 else [""]
-        return [f"{self.label} {setting_label(s)}{suffix}{d}" for s in self.settings for d in draws]
+        return [
+            f"{self.label} {setting_label(s)}{suffix} noise={mode}{d}"
+            for mode in self.noise_sharing
+            for s in self.settings
+            for d in draws
+        ]
 
     @torch.no_grad()
     def _latents(self, images: list[Image.Image]) -> list[torch.Tensor]:
@@ -220,24 +251,34 @@ class DiNaLRMScorer(Scorer):
         by_shape: dict[tuple[int, ...], list[int]] = {}
         for index, latent in enumerate(latents):
             by_shape.setdefault(tuple(latent.shape), []).append(index)
-        columns = len(self.settings) * self.num_draws
+        columns = len(self.noise_sharing) * len(self.settings) * self.num_draws
         rows = [[0.0] * columns for _ in images]
         for indices in by_shape.values():
-            batch = torch.cat([latents[i] for i in indices])
-            group_prompts = [prompts[i] for i in indices]
-            for s, setting in enumerate(self.settings):
-                generators = [torch.Generator().manual_seed(image_seed(self.seed, image_ids[i])) for i in indices]
-                for draw in range(self.num_draws):
-                    rewards = self.pipe(
-                        prompt=group_prompts,
-                        latents=batch,
-                        t=list(setting) if isinstance(setting, tuple) else setting,
-                        num_noise_samples=self.num_noise_samples,
-                        generator=generators,
-                        batch_size=len(indices),
-                    ).rewards
-                    for row, index in enumerate(indices):
-                        rows[index][s * self.num_draws + draw] = float(rewards[row])
+            for m, mode in enumerate(self.noise_sharing):
+                if mode == "none":
+                    calls = [(indices, [noise_key(mode, image_ids[i], prompts[i]) for i in indices])]
+                else:
+                    by_prompt: dict[str, list[int]] = {}
+                    for index in indices:
+                        by_prompt.setdefault(prompts[index], []).append(index)
+                    calls = [(members, [noise_key(mode, "", prompt)]) for prompt, members in by_prompt.items()]
+                for members, keys in calls:
+                    batch = torch.cat([latents[i] for i in members])
+                    for s, setting in enumerate(self.settings):
+                        generators = [torch.Generator().manual_seed(image_seed(self.seed, key)) for key in keys]
+                        for draw in range(self.num_draws):
+                            rewards = self.pipe(
+                                prompt=[prompts[i] for i in members],
+                                latents=batch,
+                                t=list(setting) if isinstance(setting, tuple) else setting,
+                                num_noise_samples=self.num_noise_samples,
+                                generator=generators if mode == "none" else generators[0],
+                                batch_size=len(members),
+                                noise_sharing=mode,
+                            ).rewards
+                            column = (m * len(self.settings) + s) * self.num_draws + draw
+                            for row, index in enumerate(members):
+                                rows[index][column] = float(rewards[row])
         return rows
 
 

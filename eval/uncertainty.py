@@ -4,7 +4,9 @@
         [--t_values 0.2,0.4,0.6,0.8] [--num_draws 10] [--data_dir DIR] [--output_dir DIR]
 
 Every image is scored `K = --num_draws` times at each t, with K independent noise draws (draw k is the k-th
-noise of the image's own seeded generator, the same draws at every t; see `scorers.DiNaLRMScorer`). For a pair
+noise of the image's own seeded generator, the same draws at every t; see `scorers.DiNaLRMScorer`). With
+`--noise_sharing prompt` the images of a prompt share their K draws (draw k of a pair's two images is one noise);
+with `none` every image has its own (the paper's protocol); the default `prompt,none` reports both. For a pair
 (a, b) and draw k let `d_k = r_a^k - r_b^k` and the predicted outcome `o_k = sign(d_k)` (a win for a, a win
 for b, or a score tie). Over the pairs of a benchmark whose two images were scored:
 
@@ -18,7 +20,7 @@ for b, or a score tie). Over the pairs of a benchmark whose two images were scor
 
 Pairs are all the benchmark's pairs, human ties included (stability does not need a label). The paper reports,
 at t = 0.4 on 1000 HPDv3 pairs with 10 draws, variation ratio 0.023 and mean margin 0.929. Writes
-`uncertainty.json` (`{model: {benchmark: {"t=0.4": {...}}}}`) and `uncertainty.csv`.
+`uncertainty.json` (`{model: {benchmark: {"t=0.4 noise=prompt": {...}}}}`) and `uncertainty.csv`.
 """
 
 from __future__ import annotations
@@ -98,13 +100,16 @@ def measure(
     num_draws: int,
     accelerator,
     batch_size: int,
+    noise_sharing: Sequence[str] = ("prompt",),
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """`{benchmark: {"t=..": stats}}` from a scorer whose columns are setting-major, `num_draws` per level."""
+    """`{benchmark: {"t=.. noise=..": stats}}` from a scorer whose columns are mode-major, then level-major,
+    `num_draws` per level."""
     results: dict[str, dict[str, dict[str, Any]]] = {}
+    settings = [(mode, t) for mode in noise_sharing for t in t_values]
     for key, benchmark in benchmarks.items():
         scores, _ = distributed_scores(scorer, benchmark, accelerator, batch_size)
         results[key] = {}
-        for level_index, t in enumerate(t_values):
+        for level_index, (mode, t) in enumerate(settings):
             first = level_index * num_draws
             draws = {image_id: row[first : first + num_draws] for image_id, row in scores.items()}
             stats = uncertainty_stats(benchmark.pairs, draws)
@@ -112,7 +117,7 @@ def measure(
                 accuracy_entry(benchmark, {image_id: values[k] for image_id, values in draws.items()})["accuracy"]
                 for k in range(num_draws)
             ]
-            results[key][setting_label(t)] = {**stats, "mean_accuracy": float(np.mean(accuracies))}
+            results[key][f"{setting_label(t)} noise={mode}"] = {**stats, "mean_accuracy": float(np.mean(accuracies))}
     return results
 
 
@@ -126,18 +131,22 @@ def main(argv: list[str] | None = None) -> int:
     with accelerator.main_process_first():
         benchmarks = load_benchmarks(args)
         scorer = DiNaLRMScorer.load(
-            args.model, accelerator.device, args.t_values, args.dtype, num_draws=args.num_draws, seed=args.seed
-        )
-    results = measure(scorer, benchmarks, args.t_values, args.num_draws, accelerator, args.batch_size)
+            args.model, accelerator.device, args.t_values, args.dtype, num_draws=args.num_draws, seed=args.seed,
+            noise_sharing=args.noise_sharing,
+        )  # fmt: skip
+    results = measure(
+        scorer, benchmarks, args.t_values, args.num_draws, accelerator, args.batch_size, args.noise_sharing
+    )
     if accelerator.is_main_process:
         model = model_label(args.model)
         os.makedirs(args.output_dir, exist_ok=True)
         write_json(os.path.join(args.output_dir, "uncertainty.json"), {model: results})
+        settings = [(mode, t) for mode in args.noise_sharing for t in args.t_values]
         rows = [
-            {"model": model, "benchmark": key, "t": t, **{name: stats[name] for name in STATS},
+            {"model": model, "noise_sharing": mode, "benchmark": key, "t": t, **{name: stats[name] for name in STATS},
              "n_pairs": stats["n_pairs"], "n_images": stats["n_images"], "num_draws": stats["num_draws"]}
             for key, by_level in results.items()
-            for t, stats in zip(args.t_values, by_level.values())
+            for (mode, t), stats in zip(settings, by_level.values())
         ]  # fmt: skip
         write_csv(os.path.join(args.output_dir, "uncertainty.csv"), rows)
         for row in rows:

@@ -395,7 +395,7 @@ def verdict_html(result: Comparison) -> str:
     margin = abs(result.probability - 0.5)
     options = result.options
     how = "the paper's 3-level ensemble" if options.ensemble else f"noise level t = {result.noise_level:.3f}"
-    draws = f"{options.num_draws} noise draw{'s' if options.num_draws > 1 else ''}"
+    draws = f"{options.num_draws} noise draw{'s' if options.num_draws > 1 else ''} shared by A and B"
     tie = " (a near tie)" if margin < NEAR_TIE else ""
     return (
         f'<div class="verdict" data-winner="{result.winner}" data-probability="{result.probability!r}" '

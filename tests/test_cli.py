@@ -113,6 +113,20 @@ def test_two_images_give_the_preference_probability(pipe, image_files, loads_tin
     assert result["p_first_preferred"] == pytest.approx(expected.probability, abs=1e-6)
 
 
+def test_one_image_twice_ties_unless_noise_sharing_is_off(pipe, image_files, loads_tiny_pipeline, capsys):
+    twice = ["--model", "tiny", "--prompt", PROMPT, image_files[0], image_files[0], "--t", "0.7", "--json"]
+    assert cli.score_main(twice) == 0
+    shared = json.loads(capsys.readouterr().out)
+    assert shared["noise_sharing"] == "prompt" and shared["p_first_preferred"] == 0.5
+    assert shared["rewards"][0]["reward"] == shared["rewards"][1]["reward"]
+    assert cli.score_main([*twice, "--noise_sharing", "none"]) == 0
+    independent = json.loads(capsys.readouterr().out)
+    image = PIL.Image.open(image_files[0])
+    expected = pipe.compare(PROMPT, image, image, t=0.7, generator=generator(), noise_sharing="none")
+    assert independent["p_first_preferred"] == pytest.approx(expected.probability, abs=1e-6)
+    assert independent["p_first_preferred"] != 0.5
+
+
 def test_model_neither_local_nor_cached_exits_with_how_to_get_it(image_files, capsys):
     code = cli.score_main(["--model", "dinalrm-tests/not-cached-anywhere", "--prompt", PROMPT, image_files[0]])
     assert code == 1

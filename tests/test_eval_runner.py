@@ -89,7 +89,11 @@ def one_process_run(assets, tmp_path_factory):
 def test_run_eval_writes_json_and_table_scoring_each_image_once(one_process_run):
     output_dir, calls = one_process_run
     results = read_results(output_dir)
-    settings = ["DiNa-LRM [tiny-dinalrm] t=0.4", "DiNa-LRM [tiny-dinalrm] ensemble=0.2,0.5,0.7"]
+    settings = [
+        f"DiNa-LRM [tiny-dinalrm] {level} noise={mode}"
+        for mode in ("prompt", "none")
+        for level in ("t=0.4", "ensemble=0.2,0.5,0.7")
+    ]
     assert sorted(results) == sorted(settings)
     for setting in settings:
         assert set(results[setting]) == set(EXPECTED)
@@ -144,7 +148,9 @@ def test_accelerate_two_processes_match_one_process(assets, one_process_run, tmp
 
 
 def test_dinalrm_scorer_is_deterministic_per_image(assets):
-    scorer = scorers.DiNaLRMScorer.load(assets["model"], torch.device("cpu"), [0.4, (0.2, 0.7)], num_draws=2)
+    scorer = scorers.DiNaLRMScorer.load(
+        assets["model"], torch.device("cpu"), [0.4, (0.2, 0.7)], num_draws=2, noise_sharing=["none"]
+    )
     rng = np.random.default_rng(3)
     images = [make_tiny_image_pair(rng, size)[i % 2] for i, size in enumerate([(32, 32), (40, 32), (32, 32)])]
     prompts = ["a red apple", "a cat", "a dog in a park"]
@@ -155,15 +161,38 @@ def test_dinalrm_scorer_is_deterministic_per_image(assets):
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
     torch.testing.assert_close(together, reversed_, rtol=0, atol=1e-5)
     assert together.shape == (3, 4)
-    assert scorer.setting_names[1] == "DiNa-LRM [tiny-dinalrm] t=0.4 draw=1"
+    assert scorer.setting_names[1] == "DiNa-LRM [tiny-dinalrm] t=0.4 noise=none draw=1"
     assert not torch.allclose(together[:, 0], together[:, 1])  # draws 0 and 1 differ
     # Column 0 is what the pipeline gives on the image itself with the image's own generator.
     for index in (0, 1):
         generator = torch.Generator().manual_seed(scorers.image_seed(0, ids[index]))
-        direct = scorer.pipe(prompts[index], images=images[index], t=0.4, generator=generator).rewards
+        direct = scorer.pipe(
+            prompts[index], images=images[index], t=0.4, generator=generator, noise_sharing="none"
+        ).rewards
         assert float(direct[0]) == pytest.approx(float(together[index, 0]), abs=1e-5)
     scorer.settings, scorer.num_draws, scorer.seed = [0.4], 1, 1
     assert not torch.allclose(torch.tensor(scorer.score_columns(prompts, images, ids))[:, 0], together[:, 0])
+
+
+def test_dinalrm_scorer_shares_draws_between_images_of_a_prompt(assets):
+    scorer = scorers.DiNaLRMScorer.load(
+        assets["model"], torch.device("cpu"), [0.7], num_draws=2, noise_sharing=["prompt", "none"]
+    )
+    rng = np.random.default_rng(5)
+    chosen, rejected = make_tiny_image_pair(rng, (32, 32))
+    images, prompts, ids = [chosen, rejected, chosen], ["a red apple"] * 3, ["y/0", "y/1", "y/2"]
+    rows = torch.tensor(scorer.score_columns(prompts, images, ids))
+    assert rows.shape == (3, 4)
+    shared, independent = rows[:, :2], rows[:, 2:]
+    # One image twice under one prompt: same draws, same rewards (up to the rounding of the batch row).
+    torch.testing.assert_close(shared[0], shared[2], rtol=0, atol=1e-6)
+    assert (independent[0] - independent[2]).abs().min() > 1e-3, "per-image draws differ"
+    # Scored as the pipeline scores a prompt group by default, with the prompt's own generator.
+    seed = scorers.image_seed(0, scorers.noise_key("prompt", "y/0", "a red apple"))
+    direct = scorer.pipe("a red apple", images=images[:2], t=0.7, generator=torch.Generator().manual_seed(seed))
+    torch.testing.assert_close(shared[:2, 0], direct.rewards, rtol=0, atol=1e-5)
+    alone = torch.tensor(scorer.score_columns(prompts[1:2], images[1:2], ids[1:2]))
+    torch.testing.assert_close(alone[0], rows[1], rtol=0, atol=1e-5)
 
 
 def test_clip_scorer_formula_and_run_eval(assets, tmp_path):
@@ -250,7 +279,10 @@ def test_pairs_in_the_canonical_schema(assets, tmp_path):
     # Without --benchmarks only the pairs are evaluated (no Hub benchmark is loaded).
     assert run_eval.main(["--model", assets["model"], "--t", "0.4", "--ensemble", *shared]) == 0
     results = read_results(output_dir)
-    for setting in ("DiNa-LRM [tiny-dinalrm] t=0.4", "DiNa-LRM [tiny-dinalrm] ensemble=0.2,0.5,0.7"):
+    levels = ("t=0.4", "ensemble=0.2,0.5,0.7")
+    settings = [f"DiNa-LRM [tiny-dinalrm] {level} noise={mode}" for mode in ("prompt", "none") for level in levels]
+    assert sorted(results) == sorted(settings)
+    for setting in settings:
         entry = results[setting]["canonical"]
         assert list(entry) == sorted(common.RESULT_KEYS)
         assert (entry["n_pairs"], entry["n_missing_images"], entry["averaging"]) == (3, 1, "micro")
@@ -262,9 +294,9 @@ def test_pairs_in_the_canonical_schema(assets, tmp_path):
     assert noise_sweep.main(argv) == 0
     with (output_dir / "noise_sweep.csv").open() as handle:
         sweep = list(csv.DictReader(handle))
-    assert [(row["benchmark"], row["t"], row["n_pairs"]) for row in sweep] == [
-        ("canonical:train", "0.2", "2"), ("canonical:train", "0.6", "2"),
-    ]  # fmt: skip
+    assert [(row["benchmark"], row["noise_sharing"], row["t"], row["n_pairs"]) for row in sweep] == [
+        ("canonical:train", mode, t, "2") for mode in ("prompt", "none") for t in ("0.2", "0.6")
+    ]
     with pytest.raises(ValueError, match="no default dataset"):
         load_benchmark("canonical")
 

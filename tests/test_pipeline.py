@@ -118,7 +118,7 @@ def test_missing_t5_encoder_gives_zero_t5_tokens(pipe, embeds):
 
 
 def test_pipeline_ensemble_equals_model_level_ensemble(pipe, latents, embeds):
-    output = pipe(PROMPT, latents=latents, t=ENSEMBLE, generator=generator(1))
+    output = pipe(PROMPT, latents=latents, t=ENSEMBLE, generator=generator(1), noise_sharing="none")
     batch = latents.shape[0]
     expected = pipe.reward_model.score_latents(
         latents, embeds[0].expand(batch, -1, -1), embeds[1].expand(batch, -1), t=ENSEMBLE, generator=generator(1)
@@ -137,7 +137,7 @@ def test_same_generator_same_rewards(pipe, latents):
 
 
 def test_num_noise_samples_averages_draws_taken_in_order(pipe, latents, embeds):
-    averaged = pipe(PROMPT, latents=latents, num_noise_samples=3, generator=generator(5)).rewards
+    averaged = pipe(PROMPT, latents=latents, num_noise_samples=3, generator=generator(5), noise_sharing="none").rewards
     shared = generator(5)
     batch = latents.shape[0]
     draws = [
@@ -149,27 +149,136 @@ def test_num_noise_samples_averages_draws_taken_in_order(pipe, latents, embeds):
     torch.testing.assert_close(averaged, torch.stack(draws).mean(0))
 
 
-def test_batches_draw_noise_batch_by_batch_with_a_progress_bar(pipe, latents, embeds, monkeypatch):
+def test_no_sharing_draws_noise_batch_by_batch_as_the_reference(pipe, latents, monkeypatch):
     five = torch.cat([latents, latents[:2].flip(0)])
     totals = []
     original = pipe.progress_bar
     monkeypatch.setattr(pipe, "progress_bar", lambda total: totals.append(total) or original(total=total))
-    rewards = pipe(PROMPT, latents=five, batch_size=2, generator=generator(2)).rewards
+    rewards = pipe(PROMPT, latents=five, batch_size=2, generator=generator(2), noise_sharing="none").rewards
     assert totals == [3]
     shared = generator(2)
+    with torch.no_grad():  # the pipeline encodes and scores without autograd, which changes the last bits
+        prompt_embeds, pooled = pipe.encode_prompt(PROMPT)
+        expected = [
+            pipe.reward_model.score_latents(
+                chunk, prompt_embeds.repeat(len(chunk), 1, 1), pooled.repeat(len(chunk), 1), generator=shared
+            )
+            for chunk in five.split(2)
+        ]
+    # Bit for bit: "none" is the scoring of the reference code (and of this pipeline before noise sharing).
+    assert torch.equal(rewards, torch.cat(expected))
+
+
+def _draws(pipe, shapes: list[tuple[int, ...]], seed: int, per_group: int = 1) -> list[list[torch.Tensor]]:
+    """Per shape (one prompt group each), `per_group` centre crops of standard normal tensors at the backbone's
+    largest latent size, drawn in order from one seeded CPU generator."""
+    config = pipe.reward_model.config.backbone_config
+    side = config["pos_embed_max_size"] * config["patch_size"]
+    source = generator(seed)
+    crops = []
+    for channels, height, width in shapes:
+        top, left = (side - height) // 2, (side - width) // 2
+        draws = [torch.randn((1, channels, side, side), generator=source) for _ in range(per_group)]
+        crops.append([d[..., top : top + height, left : left + width] for d in draws])
+    return crops
+
+
+def test_prompt_sharing_draws_one_noise_per_prompt_in_order_of_first_appearance(pipe, latents):
+    prompts = [PROMPT, "a dog in the snow", PROMPT]
+    embeds, pooled = pipe.encode_prompt(prompts)
+    rewards = pipe(prompts, latents=latents, generator=generator(4)).rewards
+    (cat,), (dog,) = _draws(pipe, [latents.shape[1:]] * 2, seed=4)
+    expected = pipe.reward_model.score_latents(latents, embeds, pooled, t=0.4, noise=torch.cat([cat, dog, cat]))
+    torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-6)
+    # Rows of precomputed embeddings that are equal are one prompt, like equal strings.
+    from_rows = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=latents, generator=generator(4))
+    torch.testing.assert_close(from_rows.rewards, rewards, rtol=0, atol=1e-6)
+
+
+def test_num_noise_samples_are_draws_per_prompt_group(pipe, latents, embeds):
+    rewards = pipe(PROMPT, latents=latents, t=ENSEMBLE, num_noise_samples=3, generator=generator(6)).rewards
+    (draws,) = _draws(pipe, [latents.shape[1:]], seed=6, per_group=3)
+    batch = latents.shape[0]
     expected = [
         pipe.reward_model.score_latents(
-            chunk, embeds[0].expand(len(chunk), -1, -1), embeds[1].expand(len(chunk), -1), generator=shared
+            latents,
+            embeds[0].expand(batch, -1, -1),
+            embeds[1].expand(batch, -1),
+            t=ENSEMBLE,
+            noise=d.expand_as(latents),
         )
-        for chunk in five.split(2)
+        for d in draws
     ]
-    torch.testing.assert_close(rewards, torch.cat(expected))
+    torch.testing.assert_close(rewards, torch.stack(expected).mean(0), rtol=0, atol=1e-6)
 
 
-def test_normalize_gives_the_display_score(pipe, latents):
+def test_identical_images_get_equal_rewards_and_even_odds(pipe, images):
+    twin = images[0].copy()
+    for seed in range(5):
+        for t in (0.1, 0.7, ENSEMBLE):
+            result = pipe.compare(PROMPT, images[0], twin, t=t, generator=generator(seed))
+            assert result.rewards[0] == result.rewards[1]
+            assert result.probability == 0.5 and result.winner == "a"
+    independent = pipe.compare(PROMPT, images[0], twin, t=0.7, generator=generator(0), noise_sharing="none")
+    assert independent.rewards[0] != independent.rewards[1], "independent draws must differ for this test to bite"
+    ranking = pipe.rank(PROMPT, [images[1], twin, images[0]], generator=generator(1))
+    assert ranking.rewards[ranking.indices.index(1)] == ranking.rewards[ranking.indices.index(2)]
+
+
+def test_shared_scores_do_not_depend_on_batching(pipe, latents):
+    five = torch.cat([latents, latents[:2].flip(0)])
+    prompts = [PROMPT, "a dog in the snow", PROMPT, "a dog in the snow", PROMPT]
+    full = pipe(prompts, latents=five, batch_size=5, generator=generator(3)).rewards
+    # Backbone passes of other batch sizes round differently in the last bits (about 1e-6 relative), nothing more.
+    for batch_size in (1, 2, 3):
+        rewards = pipe(prompts, latents=five, batch_size=batch_size, generator=generator(3)).rewards
+        torch.testing.assert_close(rewards, full, rtol=1e-6, atol=1e-6)
+    # Other samples of a prompt neither shift nor reorder the draws: a sub-list and a reordering agree.
+    fewer = pipe(prompts[:2], latents=five[:2], generator=generator(3)).rewards
+    torch.testing.assert_close(fewer, full[:2], rtol=1e-6, atol=1e-6)
+    order = [0, 3, 4, 1, 2]  # same first appearance of each prompt
+    reordered = pipe([prompts[i] for i in order], latents=five[order], batch_size=2, generator=generator(3)).rewards
+    torch.testing.assert_close(reordered, full[order], rtol=1e-6, atol=1e-6)
+
+
+def test_images_of_different_sizes_share_the_centre_of_one_draw(pipe, images):
+    tall = PIL.Image.fromarray(random_rgb(5, height=48))
+    rewards = pipe(PROMPT, images=[images[0], tall, images[1]], batch_size=1, generator=generator(2)).rewards
+    square, high = pipe.encode_images(images[:2]), pipe.encode_images([tall])
+    assert square.shape[-2:] != high.shape[-2:]
+    ((big,),) = _draws(pipe, [(16, 32, 32)], seed=2)  # the tiny backbone's largest latent: 32 x 32
+    embeds, pooled = pipe.encode_prompt(PROMPT)
+    centre = {size: big[..., (32 - size[0]) // 2 :, (32 - size[1]) // 2 :][..., : size[0], : size[1]]
+              for size in (tuple(square.shape[-2:]), tuple(high.shape[-2:]))}  # fmt: skip
+    expected_square = pipe.reward_model.score_latents(
+        square,
+        embeds.expand(2, -1, -1),
+        pooled.expand(2, -1),
+        noise=centre[tuple(square.shape[-2:])].expand_as(square),
+    )
+    expected_tall = pipe.reward_model.score_latents(high, embeds, pooled, noise=centre[tuple(high.shape[-2:])])
+    torch.testing.assert_close(rewards[[0, 2]], expected_square, rtol=0, atol=1e-6)
+    torch.testing.assert_close(rewards[1:2], expected_tall, rtol=0, atol=1e-6)
+
+
+def test_noise_sharing_refuses_unknown_modes_and_generator_lists(pipe, latents):
+    with pytest.raises(ValueError, match="noise_sharing='per-image' is not supported"):
+        pipe(PROMPT, latents=latents, noise_sharing="per-image")
+    with pytest.raises(ValueError, match="pass noise_sharing='none' with it"):
+        pipe(PROMPT, latents=latents, generator=[generator(i) for i in range(3)])
+    per_sample = pipe(PROMPT, latents=latents, generator=[generator(i) for i in range(3)], noise_sharing="none")
+    assert per_sample.rewards.shape == (3,)
+
+
+def test_normalize_gives_the_display_score(pipe, latents, images):
     raw = pipe(PROMPT, latents=latents, generator=generator()).rewards
     display = pipe(PROMPT, latents=latents, generator=generator(), normalize=True).rewards
     torch.testing.assert_close(display, (raw + 10) / 10)
+    # compare: the probability comes from the raw rewards whatever the display scale of the returned rewards.
+    plain = pipe.compare(PROMPT, images[0], images[1], t=0.1, generator=generator())
+    shown = pipe.compare(PROMPT, images[0], images[1], t=0.1, generator=generator(), normalize=True)
+    assert shown.probability == plain.probability and abs(plain.probability - 0.5) > 0.05
+    torch.testing.assert_close(shown.rewards, (plain.rewards + 10) / 10)
 
 
 def test_compare_agrees_with_the_thurstone_formula(pipe, images):
@@ -230,8 +339,10 @@ def test_reward_fn_keeps_the_graph_to_the_latents(pipe, sd3, latents, embeds):
     assert torch.isfinite(trainable.grad).all() and trainable.grad.abs().sum() > 0
     pipe.reward_model.zero_grad(set_to_none=True)
 
-    expected = pipe(PROMPT, latents=latents, generator=generator(4)).rewards
+    expected = pipe(PROMPT, latents=latents, generator=generator(4), noise_sharing="none").rewards
     torch.testing.assert_close(rewards.detach(), expected)
+    shared = pipe.reward_fn(latents, prompt=PROMPT, generator=generator(4), noise_sharing="prompt")
+    torch.testing.assert_close(shared.detach(), pipe(PROMPT, latents=latents, generator=generator(4)).rewards)
     sd3_embeds, _, sd3_pooled, _ = sd3.encode_prompt(
         PROMPT, None, None, do_classifier_free_guidance=False, max_sequence_length=128
     )
@@ -287,12 +398,13 @@ def test_image_modes_are_converted(pipe):
     torch.testing.assert_close(pipe.encode_images(odd), pipe.encode_images(center_crop), rtol=0, atol=0)
     assert pipe.encode_images(odd).shape == (1, 16, 12, 8)
     mixed = [cases["RGBA"][0], odd, cases["L"][0], cases["16-bit PIL"][0]]
-    rewards = pipe(PROMPT, images=mixed, generator=generator()).rewards
+    rewards = pipe(PROMPT, images=mixed, generator=generator(), noise_sharing="none").rewards
     assert rewards.shape == (4,) and torch.isfinite(rewards).all()
-    # A batch is split into groups of one size, in order of first appearance; each group draws its noise in turn.
+    # A batch is split into groups of one size, in order of first appearance; without noise sharing each group draws
+    # its noise in turn.
     shared = generator()
-    same_size = pipe(PROMPT, images=[mixed[0], mixed[2], mixed[3]], generator=shared).rewards
-    odd_alone = pipe(PROMPT, images=[odd], generator=shared).rewards
+    same_size = pipe(PROMPT, images=[mixed[0], mixed[2], mixed[3]], generator=shared, noise_sharing="none").rewards
+    odd_alone = pipe(PROMPT, images=[odd], generator=shared, noise_sharing="none").rewards
     torch.testing.assert_close(rewards, torch.stack([same_size[0], odd_alone[0], same_size[1], same_size[2]]))
 
 

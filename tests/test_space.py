@@ -127,6 +127,18 @@ def test_seed_draws_and_ensemble_reach_the_pipeline(pipe, files):
     assert "3-level ensemble" in app.verdict_html(ensemble)
 
 
+def test_the_same_image_twice_is_an_exact_tie(pipe, files):
+    """A and B share their noise draws (the pipeline's default), so only the images can make them differ."""
+    image = Image.open(files["a"])
+    for options in (app.ScoreOptions(t=0.8, seed=1), app.ScoreOptions(num_draws=3, ensemble=True)):
+        result = app.compare_images(pipe, PROMPT, image, image.copy(), options)
+        assert result.reward_a == result.reward_b and result.probability == 0.5
+        assert "shared by A and B" in app.verdict_html(result)
+    ranked = app.rank_images(pipe, PROMPT, [image, Image.open(files["b"]), image.copy()], app.ScoreOptions(seed=2))
+    rewards = dict(ranked)
+    assert rewards[0] == rewards[2]
+
+
 def test_reward_curve_covers_the_noise_range_and_passes_through_compare(pipe, files):
     images = [Image.open(files["a"]), Image.open(files["b"])]
     curve = app.reward_curve(pipe, PROMPT, *images, app.ScoreOptions(seed=2))

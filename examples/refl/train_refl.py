@@ -79,6 +79,18 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reward_t", type=float, default=0.4, help="DiNa-LRM noise level t*.")
     parser.add_argument("--reward_weight", type=float, default=1.0)
     parser.add_argument(
+        "--reward_noise_sharing",
+        default="none",
+        choices=("none", "prompt"),
+        help="reward_fn's noise_sharing: one reward noise per sample (default) or one per prompt of the batch.",
+    )
+    parser.add_argument(
+        "--samples_per_prompt",
+        type=int,
+        default=1,
+        help="Samples of each prompt in a batch (divides --train_batch_size); >1 gives prompt groups, as GRPO does.",
+    )
+    parser.add_argument(
         "--pretrain_loss_weight",
         type=float,
         default=0.0,
@@ -112,6 +124,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--pretrain_loss_weight needs --pretrain_data_dir.")
     if args.grad_steps < 1:
         parser.error("--grad_steps must be at least 1.")
+    if args.samples_per_prompt < 1 or args.train_batch_size % args.samples_per_prompt:
+        parser.error("--samples_per_prompt must be a positive divisor of --train_batch_size.")
     return args
 
 
@@ -322,6 +336,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             pooled_prompt_embeds=reward_pooled[rows],
             t=args.reward_t,
             generator=generator,
+            noise_sharing=args.reward_noise_sharing,
         )
 
     @torch.no_grad()
@@ -356,8 +371,9 @@ def main(args: argparse.Namespace) -> list[dict]:
     stop_low, stop_high = args.stop_step_range or (args.num_inference_steps - 1,) * 2
     for step in range(1, args.max_train_steps + 1):
         with accelerator.accumulate(transformer):
-            index = torch.randint(0, len(prompts), (args.train_batch_size,), generator=rank_generator).tolist()
-            batch_prompts = [prompts[i] for i in index]
+            num_prompts = args.train_batch_size // args.samples_per_prompt
+            index = torch.randint(0, len(prompts), (num_prompts,), generator=rank_generator)
+            batch_prompts = [prompts[i] for i in index.repeat_interleave(args.samples_per_prompt).tolist()]
             embeds, pooled = encode_generator_prompts(pipe, batch_prompts, args, device)
             stop = int(torch.randint(stop_low, stop_high + 1, (1,), generator=rank_generator))
             x0 = sampler.sample_x0(transformer, embeds, pooled, stop, rank_generator)

@@ -16,14 +16,16 @@ def read(path: Path):
 
 
 def run_eval_metrics(folder: Path) -> dict | None:
-    """`eval/run_eval.py`'s results.json and `eval/noise_sweep.py`'s accuracy per t, if they ran."""
+    """`eval/run_eval.py`'s results.json and `eval/noise_sweep.py`'s accuracy per noise sharing and t, if they ran."""
     results = read(folder / "results.json")
     if results is None:
         return None
     summary = {"results": results}
     if (folder / "noise_sweep.csv").exists():
         with (folder / "noise_sweep.csv").open() as handle:
-            summary["noise_sweep"] = {row["t"]: float(row["accuracy"]) for row in csv.DictReader(handle)}
+            summary["noise_sweep"] = {
+                f"noise={row['noise_sharing']} t={row['t']}": float(row["accuracy"]) for row in csv.DictReader(handle)
+            }
     return summary
 
 
