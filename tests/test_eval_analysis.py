@@ -14,9 +14,9 @@ import uncertainty
 from accelerate import Accelerator
 from PIL import Image
 
-from dinalrm.data import FIRST, SECOND
+from dinalrm.data import FIRST, SECOND, write_canonical_pairs
 from dinalrm.eval_datasets import Benchmark, BenchmarkImage, BenchmarkPair
-from dinalrm.testing import save_tiny_dinalrm_repo, write_canonical_pairs, write_tiny_benchmarks
+from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
