@@ -55,9 +55,10 @@ BOOTSTRAP_SAMPLES = 1000
 CONFIDENCE_LEVEL = 0.95
 
 
-def write_json(path: str, value: Any) -> None:
+def write_json(path: str, value: Any, sort_keys: bool = True) -> None:
     """Write `value` as strict JSON: NaN and infinite numbers (no accuracy without pairs, no interval without a
-    bootstrap) become `null`, since a bare `NaN` is not JSON and breaks other readers."""
+    bootstrap) become `null`, since a bare `NaN` is not JSON and breaks other readers. `sort_keys=False` keeps the
+    order of the settings as they were measured."""
 
     def strict(item: Any) -> Any:
         if isinstance(item, float) and not math.isfinite(item):
@@ -69,7 +70,7 @@ def write_json(path: str, value: Any) -> None:
         return item
 
     with open(path, "w", encoding="utf-8") as handle:
-        json.dump(strict(value), handle, indent=2, sort_keys=True, allow_nan=False)
+        json.dump(strict(value), handle, indent=2, sort_keys=sort_keys, allow_nan=False)
         handle.write("\n")
 
 

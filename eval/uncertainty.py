@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     if accelerator.is_main_process:
         model = model_label(args.model)
         os.makedirs(args.output_dir, exist_ok=True)
-        write_json(os.path.join(args.output_dir, "uncertainty.json"), {model: results})
+        write_json(os.path.join(args.output_dir, "uncertainty.json"), {model: results}, sort_keys=False)
         settings = [(mode, t) for mode in args.noise_sharing for t in args.t_values]
         rows = [
             {"model": model, "noise_sharing": mode, "benchmark": key, "t": t, **{name: stats[name] for name in STATS},

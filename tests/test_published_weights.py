@@ -18,6 +18,8 @@ import pytest
 import torch
 from conftest import OFFICIAL_TINY, REPO_ROOT
 from huggingface_hub.errors import GatedRepoError
+from test_lrm_parity import FIXTURE as LRM_FIXTURE
+from test_lrm_parity import lrm_settings, run_lrm_converter
 
 import modeling_dinalrm
 from dinalrm.testing import add_to_hub_cache, save_tiny_sd3_base
@@ -195,6 +197,16 @@ def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
         script = script.replace(old, new)
     for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
         PIL.Image.new("RGB", (64, 64), colour).save(tmp_path / name)
+    # The LRM section loads the converter's output folder `lrm-sd15`: here, the official-lrm-tiny fixture converted.
+    lrm_fixture = json.loads((LRM_FIXTURE / "config.json").read_text())
+    paths = lrm_fixture["paths"]
+    converted = run_lrm_converter(
+        LRM_FIXTURE / paths["checkpoint"],
+        LRM_FIXTURE / paths["base"],
+        tmp_path / "lrm-sd15",
+        *lrm_settings(lrm_fixture),
+    )
+    assert converted.returncode == 0, converted.stderr
     (tmp_path / "readme.py").write_text(script + "\nprint('README OK', float(loss))\n")
     run = subprocess.run(
         [sys.executable, "readme.py"], capture_output=True, text=True, env=hub["env"], cwd=tmp_path, timeout=600
