@@ -36,8 +36,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from common import add_benchmark_args, distributed_scores, load_benchmarks, parse_floats, setup_logging, write_json
+from common import (
+    add_benchmark_args,
+    distributed_scores,
+    load_benchmarks,
+    parse_floats,
+    save_figure,
+    start_run,
+    write_json,
+)
 from scorers import DiNaLRMScorer, setting_label
 
 from dinalrm.eval_datasets import Benchmark, pair_margins
@@ -195,16 +202,13 @@ def plot_reliability(held_out: dict[str, list[float]], path: str, num_bins: int 
     axis.set_ylabel("observed frequency")
     axis.set_title("Held-out calibration")
     axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 # ------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    accelerator = Accelerator()
-    setup_logging(accelerator)
+    accelerator = start_run()
     try:
         with accelerator.main_process_first():
             fit_sets = load_benchmarks(args)

@@ -345,6 +345,22 @@ def setup_logging(accelerator: Accelerator) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def start_run() -> Accelerator:
+    """The `Accelerator` of an evaluation script (single or multi-process), with our loggers set up."""
+    accelerator = Accelerator()
+    setup_logging(accelerator)
+    return accelerator
+
+
+def save_figure(figure, path: str | os.PathLike) -> None:
+    """Lays out a matplotlib figure, writes it to `path` at 120 dpi and frees it."""
+    import matplotlib.pyplot as plt
+
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> None:
     """Rows of dicts (same keys) as a CSV file with a header."""
     with open(path, "w", newline="", encoding="utf-8") as handle:

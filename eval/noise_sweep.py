@@ -18,14 +18,14 @@ import os
 import sys
 from typing import Any
 
-from accelerate import Accelerator
 from common import (
     DISPLAY_NAMES,
     add_benchmark_args,
     load_benchmarks,
     parse_floats,
+    save_figure,
     setting_entries,
-    setup_logging,
+    start_run,
     write_csv,
 )
 from scorers import DiNaLRMScorer, model_label
@@ -105,15 +105,12 @@ def plot_sweep(rows: list[dict[str, Any]], path: str) -> None:
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("pairwise accuracy (%)")
     axes[0][-1].legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    accelerator = Accelerator()
-    setup_logging(accelerator)
+    accelerator = start_run()
     with accelerator.main_process_first():
         benchmarks = load_benchmarks(args)
     rows = []

@@ -28,7 +28,6 @@ import os
 import sys
 from typing import Any
 
-from accelerate import Accelerator
 from common import (
     BENCHMARKS,
     BOOTSTRAP_SAMPLES,
@@ -39,7 +38,7 @@ from common import (
     load_benchmarks,
     parse_floats,
     setting_entries,
-    setup_logging,
+    start_run,
     write_json,
 )
 from scorers import SCORERS, build_scorer
@@ -204,8 +203,7 @@ def write_results(output_dir: str, results: dict[str, dict[str, dict[str, Any]]]
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    accelerator = Accelerator()
-    setup_logging(accelerator)
+    accelerator = start_run()
     try:
         with accelerator.main_process_first():
             benchmarks = load_benchmarks(args)
