@@ -60,12 +60,11 @@ from dinalrm.checkpointing import (
     OutputDirLock,
     list_checkpoints,
     load_checkpoint,
-    load_ema,
     nonfinite_tensors,
+    register_checkpoint_hooks,
     remove_partial_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
-    save_ema,
 )
 from dinalrm.data import DATA_FORMATS, ColumnNames, load_preference_dataset
 from dinalrm.feature_cache import (
@@ -868,27 +867,13 @@ def main(args: argparse.Namespace) -> None:
         raise RuntimeError(f"expected {batches_per_process} batches per process, got {len(train_dataloader)}")
     ema = EMAModel(trainable, decay=args.ema_decay) if args.use_ema else None
 
-    def save_model_hook(models, weights, output_dir):
-        for model_ in models:
-            if accelerator.is_main_process:
-                accelerator.unwrap_model(model_).save_pretrained(
-                    os.path.join(output_dir, "reward_model"), merge_lora=False
-                )
-            weights.pop()
-        if ema is not None and accelerator.is_main_process:
-            save_ema(ema, trainable_names, os.path.join(output_dir, "ema"))
+    def save_model(model_, folder):
+        model_.save_pretrained(os.path.join(folder, "reward_model"), merge_lora=False)
 
-    def load_model_hook(models, input_dir):
-        while models:
-            target = accelerator.unwrap_model(models.pop())
-            loaded = load_checkpoint_model(os.path.join(input_dir, "reward_model"), target)
-            target.load_state_dict(loaded.state_dict())
-            del loaded
-        if ema is not None:
-            load_ema(ema, trainable_names, os.path.join(input_dir, "ema"))
+    def load_model(target, folder):
+        target.load_state_dict(load_checkpoint_model(os.path.join(folder, "reward_model"), target).state_dict())
 
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    register_checkpoint_hooks(accelerator, save_model, load_model, ema, trainable_names)
 
     if accelerator.is_main_process:
         config = {

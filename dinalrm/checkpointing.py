@@ -17,7 +17,7 @@ import re
 import shutil
 import socket
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -44,6 +44,7 @@ __all__ = [
     "load_checkpoint",
     "load_ema",
     "nonfinite_tensors",
+    "register_checkpoint_hooks",
     "remove_old_checkpoints",
     "remove_partial_checkpoints",
     "resolve_checkpoint",
@@ -267,6 +268,38 @@ def load_ema(ema: EMAModel, names: Sequence[str], directory: str | os.PathLike) 
         counters = json.load(handle)
     device = ema.shadow_params[0].device if ema.shadow_params else "cpu"
     ema.load_state_dict({**counters, "shadow_params": [weights[name].to(device) for name in names]})
+
+
+def register_checkpoint_hooks(
+    accelerator: Accelerator,
+    save_model: Callable[[torch.nn.Module, str], None],
+    load_model: Callable[[torch.nn.Module, str], None],
+    ema: EMAModel | None = None,
+    ema_names: Sequence[str] = (),
+) -> None:
+    """Make `accelerator.save_state` / `load_state` keep the model the script's way, plus the EMA weights.
+
+    `save_model(model, folder)` writes the (unwrapped) model in its own format instead of accelerate's full weights
+    (a reward model folder, a LoRA file); `load_model(model, folder)` reads it back into the model. With `ema`, its
+    weights (keyed by `ema_names`) go to `<folder>/ema` through `save_ema` / `load_ema`.
+    """
+
+    def save_hook(models, weights, output_dir):
+        for model in models:
+            if accelerator.is_main_process:
+                save_model(accelerator.unwrap_model(model), output_dir)
+            weights.pop()
+        if ema is not None and accelerator.is_main_process:
+            save_ema(ema, ema_names, os.path.join(output_dir, "ema"))
+
+    def load_hook(models, input_dir):
+        while models:
+            load_model(accelerator.unwrap_model(models.pop()), input_dir)
+        if ema is not None:
+            load_ema(ema, ema_names, os.path.join(input_dir, "ema"))
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 # ----------------------------------------------------------------------------- accelerate's state without pickles

@@ -19,6 +19,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 OFFICIAL_TINY = REPO_ROOT / "tests" / "fixtures" / "official-tiny"
+OFFICIAL_LRM_TINY = REPO_ROOT / "tests" / "fixtures" / "official-lrm-tiny"
+PARITY_RELATIVE_TOLERANCE = 1e-5
 # The only sys.path edit of the repository: the package is installed (`pip install -e .`), but tests also import the
 # script folders' modules (eval/common.py, examples/tiny_world/domain.py, ...) as a script run there would see them.
 for folder in (REPO_ROOT, REPO_ROOT / "eval", REPO_ROOT / "examples" / "tiny_world", REPO_ROOT / "examples" / "refl"):
@@ -80,6 +82,30 @@ def official_inputs() -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="session")
 def official_expected() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in load_file(OFFICIAL_TINY / "expected.safetensors").items()}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
+    """Max |difference| within 1e-5 of the expected tensor's largest |value| (the fixtures' float32 noise floor)."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    scale = expected.abs().max().item()
+    error = (actual.double() - expected.double()).abs().max().item()
+    assert error <= PARITY_RELATIVE_TOLERANCE * scale + 1e-12, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+
+
+@pytest.fixture(scope="session")
+def lrm_tiny_config() -> dict:
+    """Every setting of the official LRM / LPO reference run (`tests/fixtures/official-lrm-tiny/config.json`)."""
+    return json.loads((OFFICIAL_LRM_TINY / "config.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def lrm_tiny_inputs() -> dict[str, torch.Tensor]:
+    return load_file(OFFICIAL_LRM_TINY / "inputs.safetensors")
+
+
+@pytest.fixture(scope="session")
+def lrm_tiny_expected() -> dict[str, torch.Tensor]:
+    return load_file(OFFICIAL_LRM_TINY / "expected.safetensors")
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,12 @@ fixture's config.json and tensors, so the tests pass unchanged on any fixture ma
 """
 
 import importlib.util
-import json
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFICIAL_LRM_TINY, REPO_ROOT, assert_close
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
-from safetensors.torch import load_file
 
 from dinalrm.lpo import (
     THRESHOLD_SCHEDULES,
@@ -31,55 +29,22 @@ from dinalrm.lpo import (
 )
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = REPO_ROOT / "tests" / "fixtures" / "official-lrm-tiny"
-RELATIVE_TOLERANCE = 1e-5
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    """Max |difference| within 1e-5 of the expected tensor's largest |value| (the fixture's float32 noise floor)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    scale = expected.abs().max().item()
-    error = (actual.double() - expected.double()).abs().max().item()
-    assert error <= RELATIVE_TOLERANCE * scale + 1e-12, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+FIXTURE = OFFICIAL_LRM_TINY
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def config() -> dict:
-    return json.loads((FIXTURE / "config.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def inputs() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURE / "inputs.safetensors")
-
-
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURE / "expected.safetensors")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The fixture was made with one thread; float sums in another order move values by up to ~1e-5."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def lrm(config):
+def lrm(lrm_tiny_config):
     """The official LRM checkpoint through the public converter (the same weights the official LPO scores with)."""
     spec = importlib.util.spec_from_file_location(
         "convert_lrm_lpo", REPO_ROOT / "scripts" / "convert_official_lrm_checkpoint.py"
     )
     converter = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(converter)
-    lrm = config["lrm"]
+    lrm = lrm_tiny_config["lrm"]
     pipe = converter.convert(
-        str(FIXTURE / config["paths"]["checkpoint"]),
-        str(FIXTURE / config["paths"]["base"]),
+        str(FIXTURE / lrm_tiny_config["paths"]["checkpoint"]),
+        str(FIXTURE / lrm_tiny_config["paths"]["base"]),
         guidance_scale=lrm["guidance_scale"],
         multi_scale=lrm["multi_scale"],
         multi_scale_cfg=lrm["multi_scale_cfg"],
@@ -88,30 +53,30 @@ def lrm(config):
 
 
 @pytest.fixture(scope="module")
-def policy(config):
+def policy(lrm_tiny_config):
     """The sampling pipeline as train_lpo.py builds it: DDIM from the base scheduler config, the policy LoRA."""
-    pipe = StableDiffusionPipeline.from_pretrained(FIXTURE / config["paths"]["base"], safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(FIXTURE / lrm_tiny_config["paths"]["base"], safety_checker=None)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.load_lora_weights(FIXTURE / config["paths"]["policy_lora"])
+    pipe.load_lora_weights(FIXTURE / lrm_tiny_config["paths"]["policy_lora"])
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
 @pytest.fixture(scope="module")
-def sampled(policy, lrm, config, inputs):
+def sampled(policy, lrm, lrm_tiny_config, lrm_tiny_inputs):
     """The seeded multi-candidate run of the fixture: global seed for the continuations, a generator for noise."""
-    sample = config["sample"]
-    compare = config["compare"]
+    sample = lrm_tiny_config["sample"]
+    compare = lrm_tiny_config["compare"]
     pipe = policy
     pipe.unet.eval()
     pipe.scheduler.set_timesteps(sample["num_steps"])
     with torch.no_grad():
-        prompt_embeds = pipe.text_encoder(inputs["lpo/pipe_prompt_ids"])[0]
+        prompt_embeds = pipe.text_encoder(lrm_tiny_inputs["lpo/pipe_prompt_ids"])[0]
         negative = pipe.text_encoder(pipe.tokenizer([""], padding="max_length", return_tensors="pt").input_ids)[0]
-        conditioning = lrm.encode_prompt(inputs["lpo/pipe_lrm_input_ids"])
+        conditioning = lrm.encode_prompt(lrm_tiny_inputs["lpo/pipe_lrm_input_ids"])
     negative = negative.repeat(prompt_embeds.shape[0], 1, 1)
-    torch.manual_seed(int(inputs["lpo/pipe_seed_global"][0]))
-    generator = torch.Generator().manual_seed(int(inputs["lpo/pipe_seed_generator"][0]))
+    torch.manual_seed(int(lrm_tiny_inputs["lpo/pipe_seed_global"][0]))
+    generator = torch.Generator().manual_seed(int(lrm_tiny_inputs["lpo/pipe_seed_generator"][0]))
     scale = pipe.vae_scale_factor
     shape = (prompt_embeds.shape[0], pipe.unet.config.in_channels, sample["height"] // scale, sample["width"] // scale)
     latents = randn_tensor(shape, generator=generator, dtype=prompt_embeds.dtype) * pipe.scheduler.init_noise_sigma
@@ -133,70 +98,74 @@ def sampled(policy, lrm, config, inputs):
     return output, prompt_embeds, negative
 
 
-def test_threshold_schedules_match_all_ranges(inputs, expected, config):
-    timesteps = inputs["lpo/threshold_timesteps"]
+def test_threshold_schedules_match_all_ranges(lrm_tiny_inputs, lrm_tiny_expected, lrm_tiny_config):
+    timesteps = lrm_tiny_inputs["lpo/threshold_timesteps"]
     assert set(THRESHOLD_SCHEDULES) == {"sigma", "variance", "linear"}
     for suffix, key in (("", "lpo/threshold_range"), ("_alt", "lpo/threshold_range_alt")):
-        low, high = inputs[key].tolist()
+        low, high = lrm_tiny_inputs[key].tolist()
         for schedule in THRESHOLD_SCHEDULES:
             actual = dynamic_threshold(schedule, timesteps, low, high)
-            reference = expected[f"lpo/threshold_{schedule}{suffix}"]
+            reference = lrm_tiny_expected[f"lpo/threshold_{schedule}{suffix}"]
             assert (actual.double() - reference.double()).abs().max() <= 1e-6, f"{schedule}{suffix}"
-    assert [low, high] == config["thresholds"]["alt"]
+    assert [low, high] == lrm_tiny_config["thresholds"]["alt"]
 
 
-def test_lrm_scores_compare_indices_and_validity_match(lrm, inputs, expected, config):
-    num_candidates = config["lpo_score"]["num_samples"]
-    num_prompts = inputs["lpo/compare_timesteps"].shape[0]
-    ids = inputs["lpo/input_ids"]
+def test_lrm_scores_compare_indices_and_validity_match(lrm, lrm_tiny_inputs, lrm_tiny_expected, lrm_tiny_config):
+    num_candidates = lrm_tiny_config["lpo_score"]["num_samples"]
+    num_prompts = lrm_tiny_inputs["lpo/compare_timesteps"].shape[0]
+    ids = lrm_tiny_inputs["lpo/input_ids"]
     with torch.no_grad():
         scores = LRMReward(lrm).score(
-            inputs["lpo/noisy_latents"], inputs["lpo/timesteps"], lrm.encode_prompt(ids[:num_prompts])
+            lrm_tiny_inputs["lpo/noisy_latents"],
+            lrm_tiny_inputs["lpo/timesteps"],
+            lrm.encode_prompt(ids[:num_prompts]),
         )
     assert torch.equal(ids, ids[:num_prompts].repeat(num_candidates, 1)), "rows must be candidate-major"
-    assert_close(scores, expected["lpo/lrm_scores"], "lrm scores")
-    compare = config["compare"]
+    assert_close(scores, lrm_tiny_expected["lpo/lrm_scores"], "lrm scores")
+    compare = lrm_tiny_config["compare"]
     thresholds = official_threshold_fn(
         compare["dynamic_threshold"], compare["threshold_min"], compare["threshold_max"]
-    )(inputs["lpo/compare_timesteps"])
-    assert_close(thresholds, expected["lpo/compare_threshold"], "compare thresholds")
-    result = compare_candidates(expected["lpo/lrm_scores"].reshape(num_candidates, num_prompts), thresholds)
-    assert torch.equal(result.indices, expected["lpo/compare_indices"])
-    assert torch.equal(result.valid.long(), expected["lpo/compare_valid"])
+    )(lrm_tiny_inputs["lpo/compare_timesteps"])
+    assert_close(thresholds, lrm_tiny_expected["lpo/compare_threshold"], "compare thresholds")
+    result = compare_candidates(lrm_tiny_expected["lpo/lrm_scores"].reshape(num_candidates, num_prompts), thresholds)
+    assert torch.equal(result.indices, lrm_tiny_expected["lpo/compare_indices"])
+    assert torch.equal(result.valid.long(), lrm_tiny_expected["lpo/compare_valid"])
 
 
-def test_sampled_trajectory_candidates_and_scores_match(sampled, expected, policy):
+def test_sampled_trajectory_candidates_and_scores_match(sampled, lrm_tiny_expected, policy):
     output, _, _ = sampled
-    assert torch.equal(policy.scheduler.timesteps, expected["lpo/pipe_timesteps"])
-    assert_close(output.stds, expected["lpo/pipe_std_dev"], "std per step")
-    assert torch.equal(output.continuation_indices, expected["lpo/pipe_denoise_idx"])
-    assert_close(output.trajectory, expected["lpo/pipe_trajectory"], "trajectory")
-    assert_close(output.scores.flatten(), expected["lpo/pipe_score_logs"], "score log")
-    assert torch.equal(output.compare_indices, expected["lpo/pipe_compare_indices"])
-    assert torch.equal(output.compare_valid.long(), expected["lpo/pipe_compare_valid"])
+    assert torch.equal(policy.scheduler.timesteps, lrm_tiny_expected["lpo/pipe_timesteps"])
+    assert_close(output.stds, lrm_tiny_expected["lpo/pipe_std_dev"], "std per step")
+    assert torch.equal(output.continuation_indices, lrm_tiny_expected["lpo/pipe_denoise_idx"])
+    assert_close(output.trajectory, lrm_tiny_expected["lpo/pipe_trajectory"], "trajectory")
+    assert_close(output.scores.flatten(), lrm_tiny_expected["lpo/pipe_score_logs"], "score log")
+    assert torch.equal(output.compare_indices, lrm_tiny_expected["lpo/pipe_compare_indices"])
+    assert torch.equal(output.compare_valid.long(), lrm_tiny_expected["lpo/pipe_compare_valid"])
 
 
-def test_kept_pairs_match(sampled, expected):
+def test_kept_pairs_match(sampled, lrm_tiny_expected):
     output, prompt_embeds, _ = sampled
-    assert torch.equal(output.timesteps.unsqueeze(1), expected["lpo/pipe_valid_timesteps"])
-    assert_close(output.current_latents.unsqueeze(1), expected["lpo/pipe_current_latents"], "x_t")
+    assert torch.equal(output.timesteps.unsqueeze(1), lrm_tiny_expected["lpo/pipe_valid_timesteps"])
+    assert_close(output.current_latents.unsqueeze(1), lrm_tiny_expected["lpo/pipe_current_latents"], "x_t")
     pairs = torch.stack([output.winner_latents, output.loser_latents], dim=1)
-    assert_close(pairs, expected["lpo/pipe_next_latents"], "winner / loser")
-    assert_close(prompt_embeds[output.prompt_indices].unsqueeze(1), expected["lpo/pipe_valid_prompt_embeds"], "embeds")
+    assert_close(pairs, lrm_tiny_expected["lpo/pipe_next_latents"], "winner / loser")
+    assert_close(
+        prompt_embeds[output.prompt_indices].unsqueeze(1), lrm_tiny_expected["lpo/pipe_valid_prompt_embeds"], "embeds"
+    )
 
 
 @pytest.fixture(scope="module")
-def trained(policy, expected, inputs, config):
+def trained(policy, lrm_tiny_expected, lrm_tiny_inputs, lrm_tiny_config):
     """Policy (LoRA, train mode) and reference (adapter disabled) on the fixture's kept pairs, with the loss."""
     pipe = policy
     unet = pipe.unet
-    sample, train = config["sample"], config["train"]
+    sample, train = lrm_tiny_config["sample"], lrm_tiny_config["train"]
     pipe.scheduler.set_timesteps(sample["num_steps"])
-    timesteps = expected["lpo/pipe_valid_timesteps"][:, 0]
-    current = expected["lpo/pipe_current_latents"][:, 0]
-    winners, losers = expected["lpo/pipe_next_latents"].unbind(1)
-    embeds = expected["lpo/pipe_valid_prompt_embeds"][:, 0]
-    negative = inputs["lpo/pipe_negative_prompt_embeds"].repeat(embeds.shape[0], 1, 1)
+    timesteps = lrm_tiny_expected["lpo/pipe_valid_timesteps"][:, 0]
+    current = lrm_tiny_expected["lpo/pipe_current_latents"][:, 0]
+    winners, losers = lrm_tiny_expected["lpo/pipe_next_latents"].unbind(1)
+    embeds = lrm_tiny_expected["lpo/pipe_valid_prompt_embeds"][:, 0]
+    negative = lrm_tiny_inputs["lpo/pipe_negative_prompt_embeds"].repeat(embeds.shape[0], 1, 1)
     guidance = sample["guidance_scale"] if train["cfg"] else 1.0
     unet.train()
     unet.requires_grad_(False)
@@ -229,50 +198,52 @@ def _loss_kwargs(train: dict) -> dict:
     return {"beta": train["beta"], "eps": train["eps"]}
 
 
-def test_noise_predictions_and_log_probs_of_policy_and_reference_match(trained, expected):
+def test_noise_predictions_and_log_probs_of_policy_and_reference_match(trained, lrm_tiny_expected):
     eps_policy, eps_ref, log_probs, _, _ = trained
-    assert_close(eps_policy, expected["lpo/eps_policy"], "policy eps")
-    assert_close(eps_ref, expected["lpo/eps_ref"], "reference eps")
+    assert_close(eps_policy, lrm_tiny_expected["lpo/eps_policy"], "policy eps")
+    assert_close(eps_ref, lrm_tiny_expected["lpo/eps_ref"], "reference eps")
     for name, value in log_probs.items():
-        assert_close(value.detach(), expected[f"lpo/logprob_{name}"], f"log-prob {name}")
+        assert_close(value.detach(), lrm_tiny_expected[f"lpo/logprob_{name}"], f"log-prob {name}")
 
 
-def test_loss_ratios_and_diagnostics_match(trained, expected):
+def test_loss_ratios_and_diagnostics_match(trained, lrm_tiny_expected):
     out = trained[3]
-    assert_close(out.ratio_w.detach(), expected["lpo/ratio_w"], "ratio_w")
-    assert_close(out.ratio_l.detach(), expected["lpo/ratio_l"], "ratio_l")
-    assert_close(out.loss.detach().reshape(1), expected["lpo/loss"], "loss")
-    assert_close(out.implicit_acc.reshape(1), expected["lpo/implicit_acc"], "implicit_acc")
-    assert_close(out.margin.detach().reshape(1), expected["lpo/margin"], "margin")
+    assert_close(out.ratio_w.detach(), lrm_tiny_expected["lpo/ratio_w"], "ratio_w")
+    assert_close(out.ratio_l.detach(), lrm_tiny_expected["lpo/ratio_l"], "ratio_l")
+    assert_close(out.loss.detach().reshape(1), lrm_tiny_expected["lpo/loss"], "loss")
+    assert_close(out.implicit_acc.reshape(1), lrm_tiny_expected["lpo/implicit_acc"], "implicit_acc")
+    assert_close(out.margin.detach().reshape(1), lrm_tiny_expected["lpo/margin"], "margin")
 
 
-def test_loss_formula_on_the_official_log_probs(expected, config):
+def test_loss_formula_on_the_official_log_probs(lrm_tiny_expected, lrm_tiny_config):
     """The loss of the official log-probabilities themselves, without any model: the objective alone."""
     out = lpo_loss(
-        expected["lpo/logprob_w_pol"],
-        expected["lpo/logprob_w_ref"],
-        expected["lpo/logprob_l_pol"],
-        expected["lpo/logprob_l_ref"],
-        **_loss_kwargs(config["train"]),
+        lrm_tiny_expected["lpo/logprob_w_pol"],
+        lrm_tiny_expected["lpo/logprob_w_ref"],
+        lrm_tiny_expected["lpo/logprob_l_pol"],
+        lrm_tiny_expected["lpo/logprob_l_ref"],
+        **_loss_kwargs(lrm_tiny_config["train"]),
     )
-    assert_close(out.loss.reshape(1), expected["lpo/loss"], "loss from official log-probs")
-    assert_close(out.ratio_w, expected["lpo/ratio_w"], "ratio_w from official log-probs")
+    assert_close(out.loss.reshape(1), lrm_tiny_expected["lpo/loss"], "loss from official log-probs")
+    assert_close(out.ratio_w, lrm_tiny_expected["lpo/ratio_w"], "ratio_w from official log-probs")
 
 
-def test_lora_gradients_and_the_official_clipping_quirk_match(trained, expected, config):
+def test_lora_gradients_and_the_official_clipping_quirk_match(trained, lrm_tiny_expected, lrm_tiny_config):
     grads = {name: p.grad for name, p in trained[4].items()}
     assert all(g is not None for g in grads.values())
 
     def norm(names) -> torch.Tensor:
         return torch.sqrt(sum((grads[n].double() ** 2).sum() for n in names)).float().reshape(1)
 
-    assert_close(norm(grads), expected["lpo/grad_norm_policy_lora"], "LoRA grad norm")
-    assert_close(norm([n for n in grads if "lora_A" in n]), expected["lpo/grad_norm_policy_lora_A"], "lora_A")
-    assert_close(norm([n for n in grads if "lora_B" in n]), expected["lpo/grad_norm_policy_lora_B"], "lora_B")
-    max_norm = config["train"]["max_grad_norm"]
+    assert_close(norm(grads), lrm_tiny_expected["lpo/grad_norm_policy_lora"], "LoRA grad norm")
+    assert_close(norm([n for n in grads if "lora_A" in n]), lrm_tiny_expected["lpo/grad_norm_policy_lora_A"], "lora_A")
+    assert_close(norm([n for n in grads if "lora_B" in n]), lrm_tiny_expected["lpo/grad_norm_policy_lora_B"], "lora_B")
+    max_norm = lrm_tiny_config["train"]["max_grad_norm"]
     returned = torch.nn.utils.clip_grad_norm_(parameters_to_clip(list(trained[4].values())), max_norm)
-    assert_close(returned.reshape(1), expected["lpo/clip_grad_norm_returned"], "clip return (official quirk)")
-    assert_close(norm(grads), expected["lpo/grad_norm_policy_lora_after_clip"], "norm after the official clip")
+    assert_close(returned.reshape(1), lrm_tiny_expected["lpo/clip_grad_norm_returned"], "clip return (official quirk)")
+    assert_close(
+        norm(grads), lrm_tiny_expected["lpo/grad_norm_policy_lora_after_clip"], "norm after the official clip"
+    )
     fixed = parameters_to_clip(list(trained[4].values()), official_exhausted_iterator=False)
     saved = {n: g.clone() for n, g in grads.items()}
     torch.nn.utils.clip_grad_norm_(fixed, max_norm)

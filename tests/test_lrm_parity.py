@@ -14,35 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFICIAL_LRM_TINY, REPO_ROOT, assert_close
 from safetensors.torch import load_file
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = REPO_ROOT / "tests" / "fixtures" / "official-lrm-tiny"
-RELATIVE_TOLERANCE = 1e-5
-
-
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    """Max |difference| within 1e-5 of the expected tensor's largest |value| (the fixture's float32 noise floor)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    scale = expected.abs().max().item()
-    error = (actual.double() - expected.double()).abs().max().item()
-    assert error <= RELATIVE_TOLERANCE * scale + 1e-12, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
-
-
-@pytest.fixture(scope="module")
-def fixture_config() -> dict:
-    return json.loads((FIXTURE / "config.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def inputs() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURE / "inputs.safetensors")
-
-
-@pytest.fixture(scope="module")
-def expected() -> dict[str, torch.Tensor]:
-    return load_file(FIXTURE / "expected.safetensors")
+FIXTURE = OFFICIAL_LRM_TINY
 
 
 def run_lrm_converter(official_dir, base, output_dir, *extra: str, env=None) -> subprocess.CompletedProcess:
@@ -74,11 +50,11 @@ def lrm_settings(config: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, fixture_config) -> Path:
+def converted(tmp_path_factory, lrm_tiny_config) -> Path:
     output = tmp_path_factory.mktemp("lrm") / "converted"
-    paths = fixture_config["paths"]
+    paths = lrm_tiny_config["paths"]
     result = run_lrm_converter(
-        FIXTURE / paths["checkpoint"], FIXTURE / paths["base"], output, *lrm_settings(fixture_config)
+        FIXTURE / paths["checkpoint"], FIXTURE / paths["base"], output, *lrm_settings(lrm_tiny_config)
     )
     assert result.returncode == 0, result.stderr
     return output
@@ -101,9 +77,9 @@ def recomputed(converted, tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(out)
 
 
-def test_converted_config_matches_the_fixture_settings(converted, fixture_config, inputs):
+def test_converted_config_matches_the_fixture_settings(converted, lrm_tiny_config, lrm_tiny_inputs):
     config = json.loads((converted / "reward_model" / "config.json").read_text())
-    lrm = fixture_config["lrm"]
+    lrm = lrm_tiny_config["lrm"]
     assert config["auto_map"]["AutoModel"] == "modeling_lrm.LRMModel"
     assert (converted / "reward_model" / "modeling_lrm.py").is_file()
     assert config["multi_scale_indices"] == lrm["multi_scale_indices"]
@@ -116,19 +92,19 @@ def test_converted_config_matches_the_fixture_settings(converted, fixture_config
     )
     assert not any(key.startswith("unet.up_blocks.") for key in state), "the up path must not be kept"
     # The unconditional VFE branch uses the ids of the empty prompt: BOS, then EOS / padding.
-    ids = inputs["lrm/input_ids"]
+    ids = lrm_tiny_inputs["lrm/input_ids"]
     assert len(config["negative_input_ids"]) == ids.shape[1]
     assert config["negative_input_ids"][0] == ids[0, 0].item()
 
 
-def test_vae_latents_noise_and_unet_inputs_match(recomputed, expected, inputs):
-    num_images = 2 * inputs["lrm/input_ids"].shape[0]
-    assert_close(recomputed["lrm/debug/vae_latents"], expected["lrm/debug/vae_latents"], "vae_latents")
-    assert_close(recomputed["lrm/debug/noise"], expected["lrm/debug/noise"], "noise")
-    unet_in = expected["lrm/debug/unet_noisy_latents_in"]
+def test_vae_latents_noise_and_unet_inputs_match(recomputed, lrm_tiny_expected, lrm_tiny_inputs):
+    num_images = 2 * lrm_tiny_inputs["lrm/input_ids"].shape[0]
+    assert_close(recomputed["lrm/debug/vae_latents"], lrm_tiny_expected["lrm/debug/vae_latents"], "vae_latents")
+    assert_close(recomputed["lrm/debug/noise"], lrm_tiny_expected["lrm/debug/noise"], "noise")
+    unet_in = lrm_tiny_expected["lrm/debug/unet_noisy_latents_in"]
     assert_close(recomputed["lrm/debug/noisy_latents"], unet_in[:num_images], "noisy latents (cond half)")
     assert_close(recomputed["lrm/debug/noisy_latents"], unet_in[num_images:], "noisy latents (uncond half)")
-    hidden = expected["lrm/debug/unet_encoder_hidden_states_in"]
+    hidden = lrm_tiny_expected["lrm/debug/unet_encoder_hidden_states_in"]
     num_prompts = num_images // 2
     assert_close(recomputed["lrm/debug/encoder_hidden_states"], hidden[:num_prompts], "prompt hidden states")
     assert_close(
@@ -138,46 +114,48 @@ def test_vae_latents_noise_and_unet_inputs_match(recomputed, expected, inputs):
     )
 
 
-def test_multiscale_features_with_vfe_match(recomputed, expected):
-    assert_close(recomputed["lrm/debug/pooled_multiscale"], expected["lrm/debug/pooled_multiscale"], "pooled")
+def test_multiscale_features_with_vfe_match(recomputed, lrm_tiny_expected):
+    assert_close(recomputed["lrm/debug/pooled_multiscale"], lrm_tiny_expected["lrm/debug/pooled_multiscale"], "pooled")
 
 
-def test_image_and_text_features_match(recomputed, expected):
+def test_image_and_text_features_match(recomputed, lrm_tiny_expected):
     for key in ("lrm/image_0_features", "lrm/image_1_features", "lrm/text_features"):
-        assert_close(recomputed[key], expected[key], key)
+        assert_close(recomputed[key], lrm_tiny_expected[key], key)
 
 
-def test_scores_match(recomputed, expected):
+def test_scores_match(recomputed, lrm_tiny_expected):
     for key in ("lrm/score_0", "lrm/score_1"):
-        assert_close(recomputed[key], expected[key], key)
+        assert_close(recomputed[key], lrm_tiny_expected[key], key)
 
 
-def test_pair_loss_with_ties_and_prompt_weights_matches(recomputed, expected):
-    assert_close(recomputed["lrm/loss_pair"], expected["lrm/loss_pair"], "loss")
+def test_pair_loss_with_ties_and_prompt_weights_matches(recomputed, lrm_tiny_expected):
+    assert_close(recomputed["lrm/loss_pair"], lrm_tiny_expected["lrm/loss_pair"], "loss")
 
 
-def test_gradients_per_parameter_group_match(recomputed, expected):
+def test_gradients_per_parameter_group_match(recomputed, lrm_tiny_expected):
     for key in ("lrm/grad/logit_scale", "lrm/grad/visual_projection", "lrm/grad/text_projection"):
-        assert_close(recomputed[key], expected[key], key)
+        assert_close(recomputed[key], lrm_tiny_expected[key], key)
     for group in ("visual_projection", "text_projection", "unet", "text_encoder"):
         assert recomputed[f"lrm/grad_count/{group}"].item() > 0
-        assert_close(recomputed[f"lrm/grad_norm/{group}"], expected[f"lrm/grad_norm/{group}"], f"grad norm {group}")
+        assert_close(
+            recomputed[f"lrm/grad_norm/{group}"], lrm_tiny_expected[f"lrm/grad_norm/{group}"], f"grad norm {group}"
+        )
 
 
-def test_pair_loss_formula_on_the_official_scores(expected, inputs, fixture_config):
+def test_pair_loss_formula_on_the_official_scores(lrm_tiny_expected, lrm_tiny_inputs, lrm_tiny_config):
     """The loss of the official scores themselves, without any model: the objective alone is the official one."""
     sys.path.insert(0, str(REPO_ROOT))
     from modeling_lrm import LRMModel
 
-    pairs = inputs["lrm/timestep_collated"].reshape(-1, 2)
+    pairs = lrm_tiny_inputs["lrm/timestep_collated"].reshape(-1, 2)
     loss = LRMModel.preference_loss(
-        expected["lrm/score_0"],
-        expected["lrm/score_1"],
-        inputs["lrm/label_0"],
-        inputs["lrm/label_1"],
-        inputs["lrm/num_example_per_prompt"],
+        lrm_tiny_expected["lrm/score_0"],
+        lrm_tiny_expected["lrm/score_1"],
+        lrm_tiny_inputs["lrm/label_0"],
+        lrm_tiny_inputs["lrm/label_1"],
+        lrm_tiny_inputs["lrm/num_example_per_prompt"],
         pairs[:, 0],
         pairs[:, 1],
-        aux_loss_coeff=fixture_config["lrm"]["aux_loss_coeff"],
+        aux_loss_coeff=lrm_tiny_config["lrm"]["aux_loss_coeff"],
     )
-    assert_close(loss.reshape(1), expected["lrm/loss_pair"], "loss from official scores")
+    assert_close(loss.reshape(1), lrm_tiny_expected["lrm/loss_pair"], "loss from official scores")

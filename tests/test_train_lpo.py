@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import OFFICIAL_LRM_TINY, REPO_ROOT
 from diffusers import StableDiffusionPipeline
 from safetensors.torch import load_file
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-FIXTURE = REPO_ROOT / "tests" / "fixtures" / "official-lrm-tiny"
+FIXTURE = OFFICIAL_LRM_TINY
 SCRIPT = REPO_ROOT / "examples" / "lpo" / "train_lpo.py"
 
 

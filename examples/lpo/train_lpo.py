@@ -50,11 +50,10 @@ from tqdm.auto import tqdm
 from dinalrm.checkpointing import (
     OutputDirLock,
     load_checkpoint,
-    load_ema,
+    register_checkpoint_hooks,
     remove_partial_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
-    save_ema,
 )
 from dinalrm.lpo import (
     OFFICIAL_THRESHOLD_RANGES,
@@ -275,29 +274,17 @@ def main(args: argparse.Namespace) -> None:
     unet, optimizer = accelerator.prepare(unet, optimizer)
     ema = EMAModel(trainable, decay=args.ema_decay) if args.use_ema else None
 
-    def save_model_hook(models, weights, output_dir):
-        for model in models:
-            if accelerator.is_main_process:
-                StableDiffusionPipeline.save_lora_weights(
-                    output_dir, unet_lora_layers=lora_state(accelerator.unwrap_model(model))
-                )
-            weights.pop()
-        if ema is not None and accelerator.is_main_process:
-            save_ema(ema, trainable_names, os.path.join(output_dir, "ema"))
+    def save_lora(model, folder):
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state(model))
 
-    def load_model_hook(models, input_dir):
-        while models:
-            model = accelerator.unwrap_model(models.pop())
-            state, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
-            state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-            result = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(state), adapter_name="default")
-            if result is not None and getattr(result, "unexpected_keys", None):
-                raise ValueError(f"{input_dir}: unexpected LoRA keys {result.unexpected_keys[:5]}")
-        if ema is not None:
-            load_ema(ema, trainable_names, os.path.join(input_dir, "ema"))
+    def load_lora(model, folder):
+        state, _ = StableDiffusionPipeline.lora_state_dict(folder)
+        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+        result = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(state), adapter_name="default")
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{folder}: unexpected LoRA keys {result.unexpected_keys[:5]}")
 
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    register_checkpoint_hooks(accelerator, save_lora, load_lora, ema, trainable_names)
     if accelerator.is_main_process:
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config=config)
