@@ -59,11 +59,10 @@ from dinalrm.checkpointing import (
     PARTIAL_PREFIX,
     OutputDirLock,
     list_checkpoints,
-    load_checkpoint,
     nonfinite_tensors,
     register_checkpoint_hooks,
     remove_partial_checkpoints,
-    resolve_checkpoint,
+    resume_from,
     save_checkpoint,
 )
 from dinalrm.data import DATA_FORMATS, ColumnNames, load_preference_dataset
@@ -886,24 +885,19 @@ def main(args: argparse.Namespace) -> None:
     global_step, first_epoch, skip_batches = 0, 0, 0
     runtime_skips: Counter[str] = Counter()
     history: list[dict] = []
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if path is None:
-            logger.info("No complete checkpoint to resume from: starting a new run.")
-        else:
-            logger.info(f"Resuming from checkpoint {path}")
-            state = load_checkpoint(accelerator, path)
-            if (state["num_processes"], state["train_batch_size"]) != (
-                accelerator.num_processes,
-                args.train_batch_size,
-            ):
-                logger.warning("The number of processes or the batch size changed: the data position is approximate.")
-            global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
-            if accelerator.is_main_process:  # the checkpoint holds the sum over processes
-                runtime_skips.update(state["runtime_skips"])
-            history = state["validation"]
-            if skip_batches >= len(train_dataloader):
-                first_epoch, skip_batches = first_epoch + 1, 0
+    state = resume_from(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if state is not None:
+        if (state["num_processes"], state["train_batch_size"]) != (
+            accelerator.num_processes,
+            args.train_batch_size,
+        ):
+            logger.warning("The number of processes or the batch size changed: the data position is approximate.")
+        global_step, first_epoch, skip_batches = state["global_step"], state["epoch"], state["batches_in_epoch"]
+        if accelerator.is_main_process:  # the checkpoint holds the sum over processes
+            runtime_skips.update(state["runtime_skips"])
+        history = state["validation"]
+        if skip_batches >= len(train_dataloader):
+            first_epoch, skip_batches = first_epoch + 1, 0
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info(

@@ -48,6 +48,7 @@ __all__ = [
     "remove_old_checkpoints",
     "remove_partial_checkpoints",
     "resolve_checkpoint",
+    "resume_from",
     "restore_accelerate_pickles",
     "save_checkpoint",
     "save_ema",
@@ -233,6 +234,21 @@ def resolve_checkpoint(output_dir: str | os.PathLike, spec: str) -> str | None:
     if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
         raise FileNotFoundError(f"{spec!r} is not a complete checkpoint folder (no {TRAINING_STATE} in {path}).")
     return path
+
+
+def resume_from(accelerator: Accelerator, output_dir: str | os.PathLike, spec: str | None) -> dict | None:
+    """Restore the checkpoint `--resume_from_checkpoint spec` names and return its training state (None: start anew).
+
+    `latest` with no complete checkpoint yet starts a new run (logged); any other name must be a complete checkpoint.
+    """
+    if not spec:
+        return None
+    path = resolve_checkpoint(output_dir, spec)
+    if path is None:
+        logger.info("No complete checkpoint to resume from: starting a new run.")
+        return None
+    logger.info(f"Resuming from checkpoint {path}")
+    return load_checkpoint(accelerator, path)
 
 
 def remove_old_checkpoints(output_dir: str | os.PathLike, keep: int) -> list[str]:

@@ -49,10 +49,9 @@ from tqdm.auto import tqdm
 
 from dinalrm.checkpointing import (
     OutputDirLock,
-    load_checkpoint,
     register_checkpoint_hooks,
     remove_partial_checkpoints,
-    resolve_checkpoint,
+    resume_from,
     save_checkpoint,
 )
 from dinalrm.lpo import (
@@ -294,14 +293,9 @@ def main(args: argparse.Namespace) -> None:
     rounds_per_epoch = math.ceil(len(prompts) / (args.sample_batch_size * accelerator.num_processes))
     max_rounds = args.num_train_epochs * rounds_per_epoch
     global_step, next_round = 0, 0
-    if args.resume_from_checkpoint:
-        path = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
-        if path is None:
-            logger.info("No complete checkpoint to resume from: starting a new run.")
-        else:
-            logger.info(f"Resuming from checkpoint {path}")
-            state = load_checkpoint(accelerator, path)
-            global_step, next_round = state["global_step"], state["next_round"]
+    state = resume_from(accelerator, args.output_dir, args.resume_from_checkpoint)
+    if state is not None:
+        global_step, next_round = state["global_step"], state["next_round"]
     max_steps = args.max_train_steps if args.max_train_steps is not None else math.inf
     logger.info(
         f"***** LPO: {len(prompts)} prompts, {args.sample_batch_size} per round and process, "
