@@ -191,20 +191,38 @@ def format_rows(rows: list[dict], file_format: str) -> str:
     return buffer.getvalue()
 
 
-def _parse_csv_row(values: dict) -> dict:
+def _parse_csv_row(values: list[str]) -> dict:
     def number(kind, text):
         return None if text == "" else kind(text)
 
-    return {
-        "image": values["image"],
-        "prompt": values["prompt"],
-        "reward": float(values["reward"]),
-        "normalized": float(values["normalized"]),
-        "rank": number(int, values["rank"]),
-        "pair": number(int, values["pair"]),
-        "side": values["side"] or None,
-        "p_preferred": number(float, values["p_preferred"]),
-    }
+    image, prompt, reward, normalized, rank, pair, side, p_preferred = values
+    values = (image, prompt, float(reward), float(normalized), number(int, rank), number(int, pair), side or None)
+    return dict(zip(COLUMNS, (*values, number(float, p_preferred))))
+
+
+def _complete_records(data: bytes, file_format: str) -> tuple[list[dict], int]:
+    """The rows of an output file's complete records and their length in bytes: a record cut short by a killed
+    write (no final newline, or, in CSV, a quoted prompt cut after one of its own newlines) is left out."""
+    lines = data[: data.rfind(b"\n") + 1].decode().splitlines(keepends=True)
+    if file_format == "jsonl":
+        return [json.loads(line) for line in lines], sum(len(line.encode()) for line in lines)
+    ends, end = [], 0
+
+    def feed():
+        nonlocal end
+        for line in lines:
+            end += len(line.encode())
+            yield line
+
+    records = []
+    for record in csv.reader(feed()):
+        records.append(record)
+        ends.append(end)
+    if records and len(records[-1]) != len(COLUMNS):
+        del records[-1], ends[-1]
+    if records and tuple(records[0]) != COLUMNS:
+        raise ValueError(f"the header is {records[0]}, not {list(COLUMNS)}")
+    return [_parse_csv_row(record) for record in records[1:]], ends[-1] if ends else 0
 
 
 class OutputFile:
@@ -240,19 +258,23 @@ class OutputFile:
                 "Pass the same settings to resume it, another --output, or --overwrite to start it anew."
             )
         data = Path(self.path).read_bytes()
-        complete = data[: data.rfind(b"\n") + 1]
-        if len(complete) < len(data):
+        try:
+            rows, length = _complete_records(data, self.format)
+        except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(
+                f"{self.path} cannot be resumed, it is not a {self.format} file as dinalrm-score writes them ({err}): "
+                "pass another --output, or --overwrite to start it anew."
+            ) from None
+        if length < len(data):
             logger.warning("%s: dropped a torn last line (the run was interrupted while writing it)", self.path)
             with open(self.path, "r+b") as file:
-                file.truncate(len(complete))
-        text = complete.decode()
-        if self.format == "jsonl":
-            return [json.loads(line) for line in text.splitlines()]
-        return [_parse_csv_row(values) for values in csv.DictReader(io.StringIO(text))]
+                file.truncate(length)
+        return rows
 
     def append(self, rows: list[dict]) -> None:
         """Writes `rows` and flushes them to the operating system (they survive a killed process)."""
         if not os.path.exists(self.settings_path):
+            os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             _write_atomically(self.settings_path, json.dumps(self.settings, indent=2) + "\n")
         new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         with open(self.path, "a", encoding="utf-8", newline="") as file:

@@ -1,10 +1,14 @@
-"""`dinalrm-score`: score image files against a prompt from the shell.
+"""`dinalrm-score`: score images against their prompts from the shell.
 
     dinalrm-score --prompt "a photo of a cat" a.png b.png [--model ID_OR_DIR] [--t 0.4 | --ensemble] [--json]
+    dinalrm-score --prompt "a photo of a cat" folder/ 'runs/**/*.png' --output scores.csv
+    dinalrm-score --pairs pairs.jsonl --output scores.jsonl
 
-Prints one raw reward per image (higher = preferred) and, for two images, the probability that the first one
-is preferred. Exit codes: 0 success, 1 the model could not be loaded, 2 bad arguments or unreadable images.
-Heavy imports (torch, diffusers) wait until the arguments are parsed, so `--help` is instant.
+Prints one raw reward and the per-prompt rank per image (higher = preferred) and, for two images, the probability
+that the first one is preferred; with `--output`, writes the rows to a CSV or JSON Lines file that a second run
+resumes (see `dinalrm.batch_scoring`). Bad rows are counted skips. Exit codes: 0 success, 1 the model could not be
+loaded, 2 bad arguments or no image that could be scored. Heavy imports (torch, diffusers) wait until the arguments
+are parsed, so `--help` is instant.
 """
 
 from __future__ import annotations

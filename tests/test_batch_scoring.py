@@ -16,6 +16,7 @@ import torch
 from conftest import REPO_ROOT
 
 from dinalrm import cli
+from dinalrm.batch_scoring import OutputFile
 from dinalrm.testing import get_tiny_dinalrm_pipeline
 from pipeline_dinalrm import DiNaLRMPipeline
 
@@ -137,10 +138,12 @@ def test_pairs_file_in_both_formats_with_counted_skips(pipe, tmp_path, tiny_mode
 
 def test_other_settings_or_a_foreign_file_are_refused_never_overwritten(tmp_path, tiny_model, capsys):
     images = save_images(tmp_path / "img", 2, size=48)
-    output = tmp_path / "out.jsonl"
+    output = tmp_path / "new-folder" / "out.jsonl"
     base = ["--model", "tiny", "--prompt", PROMPT, *images, "--output", str(output)]
     assert cli.score_main(base) == 0
     written = output.read_bytes()
+    assert cli.score_main(base) == 0  # the same command again: nothing to do, nothing changed
+    assert f"wrote 2 rows to {output} (0 new)" in capsys.readouterr().err and output.read_bytes() == written
     assert cli.score_main([*base, "--seed", "1"]) == 2
     assert "other settings (seed: 0 -> 1)" in capsys.readouterr().err and output.read_bytes() == written
     assert cli.score_main([*base, "--normalize", "logistic", "--t", "0.6"]) == 2
@@ -157,6 +160,29 @@ def test_other_settings_or_a_foreign_file_are_refused_never_overwritten(tmp_path
     assert foreign.read_text() == "my,own,data\n"
 
 
+@pytest.mark.parametrize("file_format", ["csv", "jsonl"])
+def test_a_torn_last_record_is_dropped_and_a_damaged_file_refused(tmp_path, file_format):
+    """Killed while writing: the record cut short goes, even a CSV prompt cut after one of its own newlines."""
+    path = str(tmp_path / f"out.{file_format}")
+    rows = [
+        {"image": "a.png", "prompt": "two\nlines", "reward": 0.1, "normalized": 1.01, "rank": None}
+        | {"pair": 0, "side": "a", "p_preferred": None},
+        {"image": "b.png", "prompt": "two\nlines", "reward": -2.5, "normalized": 0.75, "rank": None}
+        | {"pair": 0, "side": "b", "p_preferred": None},
+    ]
+    settings = {"seed": 0}
+    OutputFile(path, file_format, settings, overwrite=False).append(rows)
+    whole = Path(path).read_bytes()
+    second = whole.rindex(b"\n", 0, whole.index(b"b.png")) + 1  # where the second record starts
+    Path(path).write_bytes(whole[: whole.index(b"lines", second)])  # in CSV, just after the quoted newline
+    assert OutputFile(path, file_format, settings, overwrite=False).rows == rows[:1]
+    assert Path(path).read_bytes() == whole[:second]
+
+    Path(path).write_bytes(whole.replace(b"a.png", b"a.png,extra" if file_format == "csv" else b'a.png"}'))
+    with pytest.raises(ValueError, match="cannot be resumed"):
+        OutputFile(path, file_format, settings, overwrite=False)
+
+
 def score_arguments(folder: Path, output: Path) -> list[str]:
     model, prompt = str(REPO_ROOT / "assets" / "dinalrm-tiny"), "a small red circle at the left on a white background"
     return ["--model", model, "--prompt", prompt, str(folder), "--output", str(output)]
@@ -166,7 +192,7 @@ def score_command(folder: Path, output: Path) -> list[str]:
     return [sys.executable, "-m", "dinalrm.cli", *score_arguments(folder, output)]
 
 
-@pytest.mark.slow  # two interpreter starts (the kill must hit a real process): 67 s on a loaded 2-core machine
+@pytest.mark.slow  # two interpreter starts (the kill must hit a real process): about a minute on a shared 2-core machine
 def test_killed_run_resumes_to_the_uninterrupted_file(tmp_path):
     """200 images to CSV: SIGKILL midway, a torn last line, resume; the file equals an uninterrupted run's."""
     folder = tmp_path / "images"
