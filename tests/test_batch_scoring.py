@@ -1,6 +1,7 @@
 """`dinalrm-score` batch mode: folders, globs, --pairs files, counted skips, streamed output, resume and refusals."""
 
 import csv
+import io
 import json
 import os
 import signal
@@ -158,6 +159,21 @@ def test_other_settings_or_a_foreign_file_are_refused_never_overwritten(tmp_path
     assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, *images, "--output", str(foreign)]) == 2
     assert "was not written by dinalrm-score" in capsys.readouterr().err
     assert foreign.read_text() == "my,own,data\n"
+
+
+def test_one_progress_bar_with_images_per_second_on_a_terminal(tmp_path, tiny_model, monkeypatch):
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    images = save_images(tmp_path, 3, size=48)
+    assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, *images, "--output", str(tmp_path / "out.csv")]) == 0
+    lines = terminal.getvalue().replace("\r", "\n").splitlines()
+    bars = [line for line in lines if line.startswith("dinalrm-score:")]
+    assert bars and "3/3" in bars[-1] and ("img/s" in bars[-1] or "s/img" in bars[-1])  # s/img below 1 img/s
+    assert all(line.startswith("dinalrm-score:") for line in lines if "%|" in line)  # the pipeline's bar stays off
 
 
 @pytest.mark.parametrize("file_format", ["csv", "jsonl"])
