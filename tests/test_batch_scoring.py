@@ -154,6 +154,11 @@ def test_other_settings_or_a_foreign_file_are_refused_never_overwritten(tmp_path
     assert cli.score_main([*base, "--seed", "1", "--overwrite"]) == 0
     assert output.read_bytes() != written and json.loads(Path(f"{output}.settings.json").read_text())["seed"] == 1
 
+    independent = [*base, "--noise_sharing", "none", "--batch_size"]
+    assert cli.score_main([*independent, "2", "--overwrite"]) == 0  # draws per image within a batch: a setting then
+    assert cli.score_main([*independent, "1"]) == 2
+    assert "batch_size: 2 -> 1" in capsys.readouterr().err
+
     foreign = tmp_path / "mine.csv"
     foreign.write_text("my,own,data\n")
     assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, *images, "--output", str(foreign)]) == 2
