@@ -160,6 +160,12 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
+def _open_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """The image file at `path`, decoded to RGB (the file is closed again)."""
+    with PIL.Image.open(path) as image:
+        return to_rgb(image).copy()
+
+
 def _require_pixels(image) -> None:
     """Refuses an image without pixels (a 0-pixel side), which no resize rule can bring to size."""
     if isinstance(image, PIL.Image.Image):
@@ -579,26 +585,25 @@ class DiNaLRMPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------ images
     @staticmethod
     def _as_image_list(images) -> list:
-        """One list entry per image; 4D numpy arrays / torch tensors are batches."""
-        if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+        """One list entry per image; 4D numpy arrays / torch tensors are batches, file paths are opened."""
+        if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
             if getattr(images, "ndim", 3) == 4:
                 return list(images)
             images = [images]
         if not isinstance(images, (list, tuple)):
             raise TypeError(
-                f"images must be a PIL image, numpy array, torch tensor or a list of them, got {_describe(images)}"
-                + ("; open files with PIL.Image.open(path)." if isinstance(images, (str, os.PathLike)) else ".")
+                "images must be a PIL image, numpy array, torch tensor, file path or a list of them, got "
+                f"{_describe(images)}."
             )
         if not images:
             raise ValueError("images is an empty list: pass at least one image.")
         for index, image in enumerate(images):
-            if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+            if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
                 raise TypeError(
                     f"images[{index}] is a {_describe(image)}; each image must be a PIL image, a numpy array "
-                    "(H, W[, C]) or a torch tensor (C, H, W)"
-                    + (" - open files with PIL.Image.open(path)." if isinstance(image, (str, os.PathLike)) else ".")
+                    "(H, W[, C]), a torch tensor (C, H, W) or a file path."
                 )
-        return list(images)
+        return [_open_image(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
 
     def _fit(self, image: PIL.Image.Image, resolution: int | tuple[int, int] | None) -> PIL.Image.Image:
         """The RGB image at a size the VAE and the patch size accept; see `__call__`'s `resolution` for the rule."""
@@ -987,9 +992,10 @@ class DiNaLRMPipeline(DiffusionPipeline):
 
         Args:
             prompt (`str` or `list[str]`): one prompt for all samples or one per sample (not empty).
-            images (PIL image, numpy array, torch tensor, or a list of them): numpy arrays are `(H, W[, C])`, torch
-                tensors `(C, H, W)`; 4D arrays/tensors are batches. Grey, grey+alpha, RGB and RGBA are accepted, as
-                uint8, uint16 (16-bit) or floats in [0, 1]; PIL images of any mode (16-bit, palette, CMYK, ...).
+            images (PIL image, numpy array, torch tensor, file path, or a list of them): numpy arrays are
+                `(H, W[, C])`, torch tensors `(C, H, W)`; 4D arrays/tensors are batches; paths are opened with PIL.
+                Grey, grey+alpha, RGB and RGBA are accepted, as uint8, uint16 (16-bit) or floats in [0, 1]; PIL
+                images of any mode (16-bit, palette, CMYK, ...).
                 Transparency is composited on white and EXIF rotation applied. Each image is then resized and
                 center-cropped (see `resolution`) and encoded with the VAE's posterior mode (or a posterior sample
                 with `sample_posterior=True`) to `(latent - shift_factor) * scaling_factor`.
@@ -1132,14 +1138,25 @@ class DiNaLRMPipeline(DiffusionPipeline):
         normalize = kwargs.pop("normalize", False)
         rewards = self(prompt, images=[image_a, image_b], t=t, generator=generator, **kwargs).rewards
         levels = self._noise_levels(t)
-        level = self._snapped(levels[0] if len(levels) == 1 else self.reward_model.config.default_t)
-        probability = float(self._preference_probability(rewards[:1], rewards[1:], level, levels)[0])
+        probability = float(self.preference_probability(rewards[:1], rewards[1:], t)[0])
         return DiNaLRMComparisonOutput(
             probability=probability,
             winner="a" if probability >= 0.5 else "b",
             rewards=self.normalize_rewards(rewards, normalize, levels),
-            noise_level=level,
+            noise_level=self._comparison_level(levels),
         )
+
+    def _comparison_level(self, levels: list[float]) -> float:
+        """The snapped level a comparison is made at: `t`, or `default_t` for an ensemble."""
+        return self._snapped(levels[0] if len(levels) == 1 else self.reward_model.config.default_t)
+
+    def preference_probability(
+        self, rewards_a: torch.Tensor, rewards_b: torch.Tensor, t: float | list[float] | None = None
+    ) -> torch.Tensor:
+        r"""P(a preferred over b) of raw rewards scored at `t`, row by row, as [`~DiNaLRMPipeline.compare`] gives
+        it (the fitted calibration when the model has one for these levels, else the training objective)."""
+        levels = self._noise_levels(t)
+        return self._preference_probability(rewards_a, rewards_b, self._comparison_level(levels), levels)
 
     def rank(self, prompt: str | list[str] | None, images=None, latents: torch.Tensor | None = None, **kwargs):
         r"""Orders images (or latents) by reward, best first; other keyword arguments as in `__call__`.

@@ -42,6 +42,7 @@ __all__ = [
     "detect_format",
     "image_record",
     "load_preference_dataset",
+    "load_table_file",
     "pickapic_preference",
     "resize_and_center_crop",
 ]
@@ -325,6 +326,22 @@ def _load_json_table(json_file: str, split: str, cache_dir: str | None) -> datas
         except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as err:
             problem = f"cannot be read as JSON records ({err.__cause__ or err})"
     raise ValueError(f"{json_file} {problem}: it may be truncated; download or write it again.")
+
+
+TABLE_SUFFIXES = {".csv": "csv", ".json": "json", ".jsonl": "json"}
+
+
+def load_table_file(path: str | os.PathLike[str], cache_dir: str | None = None) -> datasets.Dataset:
+    """The records of one CSV or JSON / JSON Lines file (by its suffix) as a table, through ``datasets``."""
+    path = os.fspath(path)
+    kind = TABLE_SUFFIXES.get(os.path.splitext(path)[1].lower())
+    if kind is None:
+        raise ValueError(f"{path}: cannot tell the table format from its suffix; use .csv, .json or .jsonl.")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is not a file.")
+    if kind == "json":
+        return _load_json_table(path, "train", cache_dir)
+    return datasets.load_dataset("csv", data_files={"train": path}, split="train", cache_dir=cache_dir)
 
 
 def _load_raw(

@@ -438,7 +438,7 @@ IMG = PIL.Image.new("RGB", (32, 32))
         ({"prompt": [], "images": [IMG]}, ValueError, "empty list"),
         ({"prompt": "  ", "images": [IMG]}, ValueError, "prompt is empty"),
         ({"images": [IMG]}, ValueError, "Pass `prompt`"),
-        ({"prompt": PROMPT, "images": "cat.png"}, TypeError, r"PIL.Image.open\(path\)"),
+        ({"prompt": PROMPT, "images": "no-such-file.png"}, FileNotFoundError, "no-such-file.png"),
         ({"prompt": PROMPT, "images": [IMG, {"path": "x"}]}, TypeError, r"images\[1\] is a dict"),
         ({"prompt": PROMPT, "images": [np.zeros((32, 32, 3), np.int64)]}, TypeError, "dtype int64"),
         ({"prompt": PROMPT, "images": [np.zeros((3, 32, 32), np.uint8)]}, ValueError, r"\(height, width, channels\)"),
