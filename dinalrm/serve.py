@@ -427,11 +427,12 @@ async def _read_body(request, limit_mb: float) -> bytes:
     return b"".join(chunks)
 
 
-def create_app(options: ServeOptions, loader: Callable | None = None):
+def create_app(options: ServeOptions, loader: Callable | None = None, background_load: bool = True):
     """The FastAPI app of `dinalrm-serve` (also the ingress of the Ray Serve deployment).
 
-    The model loads in the background when the app starts (its lifespan), so `/healthz` answers 503 until it is
-    ready; `app.state.server` is the [`RewardServer`].
+    The model loads when the app starts (its lifespan): in the background by default, so `/healthz` answers 503
+    until it is ready; with `background_load=False` the start waits for it (Ray Serve then routes requests to a
+    replica only once its model is loaded). `app.state.server` is the [`RewardServer`].
     """
     server = RewardServer(options, loader)
 
@@ -439,6 +440,8 @@ def create_app(options: ServeOptions, loader: Callable | None = None):
     async def lifespan(app):
         server.batcher.start()
         loading = asyncio.get_running_loop().create_task(server.load())
+        if not background_load:
+            await loading
         yield
         loading.cancel()
         await server.batcher.stop()

@@ -7,7 +7,6 @@ spreads the requests over the replicas. Needs the `serve` extra: `pip install "d
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 
@@ -31,13 +30,17 @@ def build_deployment(options: ServeOptions, num_replicas: int = 1, num_gpus_per_
     if num_gpus_per_replica is None:
         num_gpus_per_replica = 1 if torch.cuda.is_available() else 0
 
+    def build_app():
+        """Runs on each replica when it starts: the model loads there, never in the driver."""
+        return create_app(options, background_load=False)
+
     @serve.deployment(
         name="DiNaLRMServer",
         num_replicas=num_replicas,
         ray_actor_options={"num_gpus": num_gpus_per_replica, "num_cpus": 1},
         max_ongoing_requests=max(options.max_queue, 1),
     )
-    @serve.ingress(functools.partial(create_app, options))
+    @serve.ingress(build_app)
     class DiNaLRMServer:
         """One replica: the app's lifespan loads the model and starts its batcher."""
 
