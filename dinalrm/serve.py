@@ -16,6 +16,7 @@ import binascii
 import io
 import json
 import logging
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -62,6 +63,8 @@ class ServeOptions:
         max_queue (`int`): requests waiting or running before new ones get 503.
         max_body_mb (`float`): largest request body accepted.
         request_timeout_s (`float`): per-request deadline; a request past it gets 503.
+        latents_only (`bool`): load only the reward model (no VAE, text encoders); `/v1/score_images` then answers
+            400.
     """
 
     model: str
@@ -73,17 +76,27 @@ class ServeOptions:
     max_queue: int = 1024
     max_body_mb: float = 256.0
     request_timeout_s: float = 120.0
+    latents_only: bool = False
 
 
 def load_pipeline(options: ServeOptions):
-    """The pipeline `options` name, on its device, through `DiNaLRMPipeline.from_pretrained` (official checkpoints by
-    Hub id included)."""
+    """What `options` name, on its device: the pipeline through `DiNaLRMPipeline.from_pretrained` (official
+    checkpoints by Hub id included), or with `latents_only` the reward model alone (`DiNaLRMModel.from_pretrained`:
+    a pipeline repository's `reward_model/`, or an official checkpoint on `base_model`)."""
+    from modeling_dinalrm import DiNaLRMModel, resolve_repo
     from pipeline_dinalrm import DiNaLRMPipeline
 
-    pipe = DiNaLRMPipeline.from_pretrained(
-        options.model, base_model=options.base_model, torch_dtype=DTYPES[options.dtype]
-    )
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[options.dtype]
+    if options.latents_only:
+        patterns = ["config.json", "model_index.json", "reward_model/config.json"]
+        folder, _ = resolve_repo(options.model, patterns, "DiNa-LRM model")
+        if os.path.isfile(os.path.join(folder, "reward_model", "config.json")):
+            model = DiNaLRMModel.from_pretrained(folder, subfolder="reward_model", dtype=dtype)
+        else:
+            model = DiNaLRMModel.from_pretrained(options.model, base_model=options.base_model, dtype=dtype)
+        return model.eval().to(device)
+    pipe = DiNaLRMPipeline.from_pretrained(options.model, base_model=options.base_model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -363,14 +376,15 @@ class RewardServer:
 
     Args:
         options ([`ServeOptions`]): what to load and how to batch.
-        loader (`Callable[[ServeOptions], DiNaLRMPipeline]`, *optional*): builds the pipeline (default
-            `load_pipeline`); tests pass a tiny one.
+        loader (`Callable[[ServeOptions], DiNaLRMPipeline | DiNaLRMModel]`, *optional*): builds the pipeline, or
+            the reward model alone, which serves only latents (default `load_pipeline`); tests pass a tiny one.
     """
 
     def __init__(self, options: ServeOptions, loader: Callable | None = None):
         self.options = options
         self.loader = loader or load_pipeline
         self.pipe = None
+        self.reward_model = None
         self.load_error: BaseException | None = None
         self.batcher = ScoreBatcher(
             self._run_group, options.max_batch_size, options.max_wait_ms, options.max_queue, options.request_timeout_s
@@ -378,16 +392,18 @@ class RewardServer:
 
     async def load(self) -> None:
         try:
-            self.pipe = await asyncio.to_thread(self.loader, self.options)
+            loaded = await asyncio.to_thread(self.loader, self.options)
         except Exception as error:
             self.load_error = error
             logger.exception(f"loading {self.options.model} failed")
             return
+        self.pipe = loaded if hasattr(loaded, "reward_model") else None
+        self.reward_model = loaded.reward_model if self.pipe is not None else loaded
         logger.info(f"{self.options.model} loaded; serving")
 
     def ready(self) -> None:
         """Raises a 503 `RequestError` unless the model is loaded."""
-        if self.pipe is None:
+        if self.reward_model is None:
             if self.load_error is not None:
                 raise RequestError(f"the model failed to load: {self.load_error}", 503)
             raise RequestError("the model is still loading: retry when GET /healthz answers 200.", 503)
@@ -396,16 +412,20 @@ class RewardServer:
         if key[0] == "images":
             images, prompts, options = payloads[0]
             return [score_image_request(self.pipe, images, prompts, options)]
-        return score_latent_batch(self.pipe.reward_model, payloads)
+        return score_latent_batch(self.reward_model, payloads)
 
     async def score_latents(self, body: bytes, version: str | None) -> list[float]:
         self.ready()
-        channels = self.pipe.reward_model.config.backbone_config["in_channels"]
+        channels = self.reward_model.config.backbone_config["in_channels"]
         request = parse_latent_request(body, version, channels)
         return await self.batcher.submit(latent_batch_key(request), request, request["latents"].shape[0])
 
     async def score_images(self, images: list, prompts, options: dict) -> list[float]:
         self.ready()
+        if self.pipe is None:
+            raise RequestError(
+                "this server loaded only the reward model (--latents-only): score latents at /v1/score."
+            )
         prompts, options = check_image_request(images, prompts, options)
         return await self.batcher.submit(
             ("images", id(images)), (images, prompts, options), self.options.max_batch_size
@@ -532,6 +552,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 503.")
     parser.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (400 above).")
     parser.add_argument("--request-timeout-s", type=float, default=120.0, help="per-request deadline (503 after).")
+    parser.add_argument(
+        "--latents-only",
+        action="store_true",
+        help="load only the reward model (no VAE, text encoders): serves /v1/score, not /v1/score_images.",
+    )
     parser.add_argument("--ray", action="store_true", help="deploy with Ray Serve (pip install 'dinalrm[serve]').")
     parser.add_argument("--num-replicas", type=int, default=1, help="Ray Serve replicas (with --ray).")
     parser.add_argument(
@@ -559,6 +584,7 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_queue=args.max_queue,
         max_body_mb=args.max_body_mb,
         request_timeout_s=args.request_timeout_s,
+        latents_only=args.latents_only,
     )
 
 

@@ -505,7 +505,7 @@ def test_verl_omni_client_retries_through_loading(pipe, inputs):
             attempts_seen.append(time.monotonic())
             if len(attempts_seen) == 2:
                 release.set()
-                while app.state.server.pipe is None:
+                while app.state.server.reward_model is None:
                     await asyncio.sleep(0.01)
                 return JSONResponse({"error": "simulated overload"}, status_code=503)
         return await call_next(request)
@@ -538,3 +538,20 @@ def test_verl_omni_client_gives_up_after_its_retries(client, inputs):
 
     with pytest.raises(RuntimeError, match=r"failed after 3 attempts: DRM server returned HTTP 400"):
         asyncio.run(run())
+
+
+def test_latents_only_loads_the_reward_model_alone(pipe, inputs):
+    """`--latents-only` loads no VAE or text encoder; latent scores are unchanged and images are refused."""
+    latents, embeds, pooled = (x[:1] for x in inputs)
+    with TestClient(create_app(ServeOptions(model=TINY, latents_only=True))) as client:
+        wait_ready(client)
+        assert not hasattr(client.app.state.server.reward_model, "vae") and client.app.state.server.pipe is None
+        response = client.post(
+            "/v1/score", content=body(latents, embeds, pooled, torch.tensor([0.4]), torch.tensor([3])), headers=HEADERS
+        )
+        target = expected(pipe, latents, embeds, pooled, torch.tensor(0.4).item(), 3)
+        assert response.json()["raw_scores"][0] == pytest.approx(target, abs=1e-5)
+        images = client.post(
+            "/v1/score_images", json={"images": [base64.b64encode(_png("red")).decode()], "prompts": "x"}
+        )
+        assert images.status_code == 400 and "--latents-only" in images.json()["error"]
