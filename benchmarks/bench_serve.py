@@ -4,9 +4,10 @@
 Clients send verl-omni's requests (one sample each, seeded) as fast as the server answers; every client count runs
 with micro-batching (`--max-batch-size 8`) and without it (`--max-batch-size 1`), side by side in one run. The app
 runs in-process (httpx's ASGI transport), so the figures are the server's own (queueing, batching, the model), not
-the network's. Prints requests/s and p50 / p95 latency.
+the network's. Prints requests/s (median of `--repeats` rounds, in which batched and unbatched alternate) and
+p50 / p95 latency over all rounds.
 
-    python benchmarks/bench_serve.py [--clients 1 8 64] [--requests 64] [--latent_size 32] [--threads 2] [--device cpu]
+    python benchmarks/bench_serve.py [--clients 1 8 64] [--requests 64] [--latent_size 32] [--repeats 3] [--device cpu]
 """
 
 import argparse
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--max_wait_ms", type=float, default=10.0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; batched and unbatched alternate in each")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -85,19 +87,24 @@ def main() -> None:
     )
     print(f"{'clients':>8}{'max batch':>11}{'requests/s':>12}{'p50 ms':>10}{'p95 ms':>10}")
     for clients in args.clients:
+        rates: dict[int, list[float]] = {8: [], 1: []}
+        latencies: dict[int, list[float]] = {8: [], 1: []}
+        for _ in range(args.repeats):
+            for max_batch_size in (8, 1):
+                options = ServeOptions(
+                    model="medium-random",
+                    max_batch_size=max_batch_size,
+                    max_wait_ms=args.max_wait_ms,
+                    request_timeout_s=600,
+                )
+                app = create_app(options, loader=lambda options: model)
+                seconds, times = asyncio.run(run_clients(app, bodies, clients))
+                rates[max_batch_size].append(len(bodies) / seconds)
+                latencies[max_batch_size] += times
         for max_batch_size in (8, 1):
-            options = ServeOptions(
-                model="medium-random",
-                max_batch_size=max_batch_size,
-                max_wait_ms=args.max_wait_ms,
-                request_timeout_s=600,
-            )
-            app = create_app(options, loader=lambda options: model)
-            seconds, latencies = asyncio.run(run_clients(app, bodies, clients))
-            p50, p95 = statistics.quantiles(latencies, n=20)[9], statistics.quantiles(latencies, n=20)[18]
-            print(
-                f"{clients:>8}{max_batch_size:>11}{len(bodies) / seconds:>12.2f}{p50 * 1000:>10.0f}{p95 * 1000:>10.0f}"
-            )
+            cuts = statistics.quantiles(latencies[max_batch_size], n=20)
+            rate = statistics.median(rates[max_batch_size])
+            print(f"{clients:>8}{max_batch_size:>11}{rate:>12.2f}{cuts[9] * 1000:>10.0f}{cuts[18] * 1000:>10.0f}")
 
 
 if __name__ == "__main__":

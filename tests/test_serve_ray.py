@@ -1,12 +1,10 @@
 """`dinalrm-serve --ray`: the same app on Ray Serve with 2 CPU replicas gives the plain server's scores."""
 
-import socket
-from pathlib import Path
-
 import httpx
 import pytest
 import ray
 import torch
+from conftest import REPO_ROOT, free_port
 from ray import serve
 from safetensors.torch import save
 
@@ -15,14 +13,7 @@ from dinalrm.serve_ray import build_deployment
 from pipeline_dinalrm import DiNaLRMPipeline
 
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY = str(REPO_ROOT / "assets" / "dinalrm-tiny")
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # About 60 s on 2 busy cores: a local Ray instance and two replica processes that each import torch and load the model.
@@ -46,7 +37,7 @@ def test_two_cpu_replicas_return_the_pipeline_scores():
         .item()
         for i in range(6)
     ]
-    port = _free_port()
+    port = free_port()
     env = {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
     try:
