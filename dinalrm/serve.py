@@ -20,6 +20,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -268,7 +269,8 @@ class _Job:
 
 class ScoreBatcher:
     """Micro-batches concurrent requests: one worker collects jobs for up to `max_wait_ms` or `max_batch_size`
-    samples, groups the jobs with equal keys and runs each group as one call in a thread.
+    samples, groups the jobs with equal keys and runs each group as one call on the model's thread (always the same
+    one: a fresh thread per call would start another OpenMP team on the CPU, whose idle spinning slows the next).
 
     Args:
         run_group (`Callable[[tuple, list], list]`): scores a group of payloads sharing a key; returns one result per
@@ -288,8 +290,10 @@ class ScoreBatcher:
         self.queue: asyncio.Queue[_Job] = asyncio.Queue()
         self.pending = 0
         self.worker: asyncio.Task | None = None
+        self.executor: ThreadPoolExecutor | None = None
 
     def start(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinalrm-model")
         self.worker = asyncio.get_running_loop().create_task(self._work())
 
     async def stop(self) -> None:
@@ -299,6 +303,8 @@ class ScoreBatcher:
                 await self.worker
             except asyncio.CancelledError:
                 pass
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, key: tuple, payload: object, size: int):
         """The result of `payload`, scored in a batch of jobs with the same key; raises `RequestError` (503) when the
@@ -353,7 +359,9 @@ class ScoreBatcher:
                 if not group:
                     continue
                 try:
-                    results = await asyncio.to_thread(self.run_group, group[0].key, [job.payload for job in group])
+                    results = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self.run_group, group[0].key, [job.payload for job in group]
+                    )
                 except RequestError as error:
                     for job in group:
                         job.future.set_exception(error)
