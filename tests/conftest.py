@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import types
@@ -26,6 +27,13 @@ PARITY_RELATIVE_TOLERANCE = 1e-5
 for folder in (REPO_ROOT, REPO_ROOT / "eval", REPO_ROOT / "examples" / "tiny_world", REPO_ROOT / "examples" / "refl"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for servers started by tests."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def load_space_app() -> types.ModuleType:

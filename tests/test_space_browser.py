@@ -7,7 +7,6 @@ that skip into a failure so the browser tests always run there.
 
 import os
 import re
-import socket
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +15,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
-from conftest import load_space_app
+from conftest import free_port, load_space_app
 from PIL import Image
 from playwright.sync_api import Browser, Page, sync_playwright
 
@@ -75,12 +74,6 @@ class OutboundCalls:
 OUTBOUND = OutboundCalls()
 sys.addaudithook(OUTBOUND)
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,612 @@
+"""`dinalrm-serve`: an HTTP reward server for distributed RL (verl-omni's latent scorer protocol, version 1).
+
+`POST /v1/score` scores clean SD3 latents sent as safetensors; `POST /v1/score_images` scores images with their
+prompts; `GET /healthz` answers 200 once the model is loaded. Concurrent requests are micro-batched by one worker
+(`ScoreBatcher`): requests whose tensors have the same shapes and dtypes share a backbone pass, and every sample
+keeps its own noise, drawn exactly as `DiNaLRMPipeline.__call__` draws it from `torch.Generator().manual_seed(seed)`,
+so a batched score equals the unbatched pipeline call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.utils import logging as diffusers_logging
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from safetensors import SafetensorError
+from safetensors.torch import load as load_tensors
+
+
+logger = diffusers_logging.get_logger(__name__)
+
+PROTOCOL_VERSION = "1"
+PROTOCOL_HEADER = "x-drm-protocol-version"
+LATENT_TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "u")
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class RequestError(ValueError):
+    """A request the server answers with an error; `status` is its HTTP status (400 for bad input, 503 for
+    overload, 500 for a genuine inference failure)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class ServeOptions:
+    """What `dinalrm-serve` loads and how it batches (the command-line options, as one object).
+
+    Args:
+        model (`str`): DiNa-LRM Hub id or folder (pipeline repository or official checkpoint).
+        base_model (`str`, *optional*): SD3.5-Medium Hub id or folder, for official checkpoints.
+        dtype (`str`): `"float32"` or `"bfloat16"`.
+        device (`str`, *optional*): defaults to `"cuda"` when available, else `"cpu"`.
+        max_batch_size (`int`): samples per batched model call.
+        max_wait_ms (`float`): how long the first request of a batch waits for others.
+        max_queue (`int`): requests waiting or running before new ones get 503.
+        max_body_mb (`float`): largest request body accepted.
+        request_timeout_s (`float`): per-request deadline; a request past it gets 503.
+        latents_only (`bool`): load only the reward model (no VAE, text encoders); `/v1/score_images` then answers
+            400.
+    """
+
+    model: str
+    base_model: str | None = None
+    dtype: str = "float32"
+    device: str | None = None
+    max_batch_size: int = 8
+    max_wait_ms: float = 10.0
+    max_queue: int = 1024
+    max_body_mb: float = 256.0
+    request_timeout_s: float = 120.0
+    latents_only: bool = False
+
+
+def load_pipeline(options: ServeOptions):
+    """What `options` name, on its device: the pipeline through `DiNaLRMPipeline.from_pretrained` (official
+    checkpoints by Hub id included), or with `latents_only` the reward model alone (`DiNaLRMModel.from_pretrained`:
+    a pipeline repository's `reward_model/`, or an official checkpoint on `base_model`)."""
+    from modeling_dinalrm import DiNaLRMModel, resolve_repo
+    from pipeline_dinalrm import DiNaLRMPipeline
+
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = DTYPES[options.dtype]
+    if options.latents_only:
+        patterns = ["config.json", "model_index.json", "reward_model/config.json"]
+        folder, _ = resolve_repo(options.model, patterns, "DiNa-LRM model")
+        if os.path.isfile(os.path.join(folder, "reward_model", "config.json")):
+            model = DiNaLRMModel.from_pretrained(folder, subfolder="reward_model", dtype=dtype)
+        else:
+            model = DiNaLRMModel.from_pretrained(options.model, base_model=options.base_model, dtype=dtype)
+        return model.eval().to(device)
+    pipe = DiNaLRMPipeline.from_pretrained(options.model, base_model=options.base_model, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+# ------------------------------------------------------------------------------------------ latent requests
+def parse_latent_request(body: bytes, version: str | None, channels: int) -> dict[str, torch.Tensor]:
+    """The checked tensors of a `/v1/score` body; raises `RequestError` naming what is wrong and the fix."""
+    if version != PROTOCOL_VERSION:
+        raise RequestError(
+            f"unsupported protocol version {version!r} in header {PROTOCOL_HEADER}: this server speaks version "
+            f"{PROTOCOL_VERSION!r}; send `{PROTOCOL_HEADER}: {PROTOCOL_VERSION}`."
+        )
+    if not body:
+        raise RequestError("empty body: send safetensors bytes with latents, prompt_embeds, pooled_prompt_embeds, u.")
+    try:
+        tensors = load_tensors(body)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise RequestError(
+            f"the body is not valid safetensors ({error}); serialise with safetensors.torch.save."
+        ) from None
+    missing = [name for name in LATENT_TENSORS if name not in tensors]
+    if missing:
+        raise RequestError(f"missing tensors {missing}: the body needs {list(LATENT_TENSORS)} (and optional seeds).")
+    unknown = sorted(set(tensors) - set(LATENT_TENSORS) - {"seeds"})
+    if unknown:
+        raise RequestError(f"unknown tensors {unknown}: send only {list(LATENT_TENSORS)} and optional seeds.")
+    latents, embeds, pooled, u = (tensors[name] for name in LATENT_TENSORS)
+    for name in ("latents", "prompt_embeds", "pooled_prompt_embeds", "u"):
+        if tensors[name].dtype not in FLOAT_DTYPES:
+            raise RequestError(f"{name} has dtype {tensors[name].dtype}: send float32, bfloat16 or float16.")
+    if latents.ndim != 4 or latents.shape[1] != channels:
+        raise RequestError(f"latents must be [B, {channels}, h, w] scaled SD3 latents, got {list(latents.shape)}.")
+    if embeds.ndim != 3 or pooled.ndim != 2:
+        raise RequestError(
+            f"prompt_embeds must be [B, L, D] and pooled_prompt_embeds [B, P], got {list(embeds.shape)} and "
+            f"{list(pooled.shape)}."
+        )
+    batch = latents.shape[0]
+    if batch == 0:
+        raise RequestError("latents hold no sample (B = 0): send at least one.")
+    if embeds.shape[0] != batch or pooled.shape[0] != batch:
+        raise RequestError(
+            f"batch sizes differ: latents {batch}, prompt_embeds {embeds.shape[0]}, pooled_prompt_embeds "
+            f"{pooled.shape[0]}; send one prompt row per latent."
+        )
+    if u.ndim != 1 or u.shape[0] not in (1, batch):
+        raise RequestError(f"u must be [1] or [B] = [{batch}] noise levels, got {list(u.shape)}.")
+    for name in ("latents", "prompt_embeds", "pooled_prompt_embeds", "u"):
+        if not torch.isfinite(tensors[name]).all():
+            raise RequestError(f"{name} contains NaN or infinite values.")
+    if ((u < 0) | (u > 1)).any():
+        raise RequestError(f"u is the noise level and must lie in [0, 1], got {u.tolist()}.")
+    seeds = tensors.get("seeds")
+    if seeds is not None and (seeds.dtype != torch.int64 or seeds.shape != (batch,)):
+        raise RequestError(f"seeds must be int64 [B] = [{batch}], got {seeds.dtype} {list(seeds.shape)}.")
+    tensors["u"] = u.float().expand(batch)
+    return tensors
+
+
+def seeded_noise(reward_model, latent: torch.Tensor, seed: int) -> torch.Tensor:
+    """The noise `DiNaLRMPipeline.__call__` gives one latent `[1, C, h, w]` scored alone with
+    `generator=torch.Generator().manual_seed(seed)` (its prompt-shared draw, cropped to the latent's size)."""
+    from pipeline_dinalrm import DiNaLRMPipeline
+
+    owner = _NoiseOwner(reward_model, reward_model.config.backbone_config["patch_size"])
+    generator = torch.Generator().manual_seed(seed)
+    return DiNaLRMPipeline._shared_noises(owner, {}, [0], [([0], latent)], 1, generator)[0][0]
+
+
+@dataclass
+class _NoiseOwner:
+    """The two attributes `DiNaLRMPipeline._shared_noises` reads, so that its one noise rule serves a reward model
+    loaded alone."""
+
+    reward_model: torch.nn.Module
+    patch_size: int
+
+
+def score_latent_batch(reward_model, requests: list[dict[str, torch.Tensor]]) -> list[list[float]]:
+    """Raw rewards of same-shaped latent requests in ONE `score_latents` call, split back per request.
+
+    Each sample is noised with its own seed (a fresh random one without `seeds`) at its own level `u`.
+    """
+    device = reward_model.device
+    latents = torch.cat([request["latents"] for request in requests]).to(device)
+    embeds = torch.cat([request["prompt_embeds"] for request in requests]).to(device)
+    pooled = torch.cat([request["pooled_prompt_embeds"] for request in requests]).to(device)
+    levels = torch.cat([request["u"] for request in requests]).to(device)
+    seeds = [
+        int(seed)
+        for request in requests
+        for seed in (request["seeds"] if "seeds" in request else [secrets.randbits(63)] * request["latents"].shape[0])
+    ]
+    noise = torch.cat([seeded_noise(reward_model, latents[i : i + 1], seed) for i, seed in enumerate(seeds)])
+    with torch.no_grad():
+        rewards = reward_model.score_latents(latents, embeds, pooled, t=levels, noise=noise, check_finite=False)
+    rewards = rewards.float().cpu().tolist()
+    sizes = [request["latents"].shape[0] for request in requests]
+    return [rewards[sum(sizes[:i]) : sum(sizes[: i + 1])] for i in range(len(sizes))]
+
+
+def latent_batch_key(request: dict[str, torch.Tensor]) -> tuple:
+    """Requests with equal keys can share one model call (same shapes and dtypes after the batch dimension)."""
+    return tuple((name, tuple(request[name].shape[1:]), request[name].dtype) for name in LATENT_TENSORS[:3])
+
+
+# ------------------------------------------------------------------------------------------ image requests
+def _decode_image(data: bytes, where: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise RequestError(f"{where} is not a readable PNG/JPEG image ({error}).") from None
+    return image
+
+
+def parse_image_json(payload) -> tuple[list, list[str], dict]:
+    """Images, prompts and options of a JSON `/v1/score_images` body (`images`: base64 PNG/JPEG strings)."""
+    if not isinstance(payload, dict):
+        raise RequestError('the JSON body must be an object {"images": [base64, ...], "prompts": [...]}.')
+    images, prompts = payload.get("images"), payload.get("prompts", payload.get("prompt"))
+    if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
+        raise RequestError('"images" must be a non-empty list of base64-encoded PNG/JPEG strings.')
+    decoded = []
+    for index, item in enumerate(images):
+        try:
+            data = base64.b64decode(item.split(",", 1)[-1], validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(f"images[{index}] is not valid base64.") from None
+        decoded.append(_decode_image(data, f"images[{index}]"))
+    return decoded, prompts, {key: payload[key] for key in ("t", "seed") if key in payload}
+
+
+def check_image_request(images: list, prompts, options: dict) -> tuple[list[str], dict]:
+    """Checked prompts (one per image) and options (`t` in [0, 1], integer `seed`) of an image request."""
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    if not isinstance(prompts, list) or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise RequestError('"prompts" must be one non-empty prompt or one per image.')
+    if len(prompts) not in (1, len(images)):
+        raise RequestError(f"{len(prompts)} prompts for {len(images)} images: send one prompt or one per image.")
+    t = options.get("t")
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1):
+        raise RequestError(f'"t" must be a noise level in [0, 1], got {t!r}.')
+    seed = options.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(f'"seed" must be an integer, got {seed!r}.')
+    return prompts * (len(images) // len(prompts)), options
+
+
+def score_image_request(pipe, images: list, prompts: list[str], options: dict) -> list[float]:
+    """Raw rewards of images through the pipeline (`t` and `seed` as `pipe(..., t=t, generator=seed)`)."""
+    seed = options.get("seed")
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return pipe(prompts, images=images, t=options.get("t"), generator=generator).rewards.tolist()
+
+
+# ------------------------------------------------------------------------------------------ batching
+@dataclass
+class _Job:
+    key: tuple
+    payload: object
+    size: int
+    future: asyncio.Future
+    cancelled: bool = False
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+class ScoreBatcher:
+    """Micro-batches concurrent requests: one worker collects jobs for up to `max_wait_ms` or `max_batch_size`
+    samples, groups the jobs with equal keys and runs each group as one call on the model's thread (always the same
+    one: a fresh thread per call would start another OpenMP team on the CPU, whose idle spinning slows the next).
+
+    Args:
+        run_group (`Callable[[tuple, list], list]`): scores a group of payloads sharing a key; returns one result per
+            payload.
+        max_batch_size (`int`): samples per group call (a larger single request runs alone).
+        max_wait_ms (`float`): how long the first job of a batch waits for more.
+        max_queue (`int`): jobs waiting or running before `submit` refuses with 503.
+        timeout_s (`float`): per-request deadline; a job past it gets 503 (and is skipped if not started).
+    """
+
+    def __init__(self, run_group: Callable, max_batch_size: int, max_wait_ms: float, max_queue: int, timeout_s: float):
+        self.run_group = run_group
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.timeout_s = timeout_s
+        self.queue: asyncio.Queue[_Job] = asyncio.Queue()
+        self.pending = 0
+        self.worker: asyncio.Task | None = None
+        self.executor: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dinalrm-model")
+        self.worker = asyncio.get_running_loop().create_task(self._work())
+
+    async def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.cancel()
+            try:
+                await self.worker
+            except asyncio.CancelledError:
+                pass
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+
+    async def submit(self, key: tuple, payload: object, size: int):
+        """The result of `payload`, scored in a batch of jobs with the same key; raises `RequestError` (503) when the
+        queue is full or the deadline passes."""
+        if self.pending >= self.max_queue:
+            raise RequestError(
+                f"the queue is full ({self.max_queue} requests): retry later or raise --max-queue.", 503
+            )
+        job = _Job(key, payload, size, asyncio.get_running_loop().create_future())
+        self.pending += 1
+        self.queue.put_nowait(job)
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.future), self.timeout_s)
+        except asyncio.TimeoutError:
+            job.cancelled = True
+            raise RequestError(
+                f"the request passed its deadline of {self.timeout_s:g} s: retry, or raise --request-timeout-s.", 503
+            ) from None
+        finally:
+            self.pending -= 1
+
+    async def _collect(self) -> list[_Job]:
+        jobs = [await self.queue.get()]
+        deadline = time.monotonic() + self.max_wait_s
+        while sum(job.size for job in jobs) < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                jobs.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        while not self.queue.empty() and sum(job.size for job in jobs) < self.max_batch_size:
+            jobs.append(self.queue.get_nowait())
+        return jobs
+
+    def _groups(self, jobs: list[_Job]) -> list[list[_Job]]:
+        """Jobs split by key, then into chunks of at most `max_batch_size` samples (in arrival order)."""
+        by_key: dict[tuple, list[list[_Job]]] = {}
+        for job in jobs:
+            chunks = by_key.setdefault(job.key, [[]])
+            if chunks[-1] and sum(j.size for j in chunks[-1]) + job.size > self.max_batch_size:
+                chunks.append([])
+            chunks[-1].append(job)
+        return [chunk for chunks in by_key.values() for chunk in chunks]
+
+    async def _work(self) -> None:
+        while True:
+            jobs = await self._collect()
+            for group in self._groups(jobs):
+                group = [job for job in group if not job.cancelled and not job.future.done()]
+                if not group:
+                    continue
+                try:
+                    results = await asyncio.get_running_loop().run_in_executor(
+                        self.executor, self.run_group, group[0].key, [job.payload for job in group]
+                    )
+                except RequestError as error:
+                    for job in group:
+                        job.future.set_exception(error)
+                    continue
+                except Exception as error:  # a genuine inference failure: 500 for the group's requests
+                    logger.exception("scoring failed")
+                    failure = RequestError(f"inference failed: {type(error).__name__}: {error}", 500)
+                    for job in group:
+                        if not job.future.done():
+                            job.future.set_exception(failure)
+                    continue
+                for job, result in zip(group, results):
+                    if not job.future.done():
+                        job.future.set_result(result)
+
+
+# ------------------------------------------------------------------------------------------ the app
+class RewardServer:
+    """The model and the batcher behind the app: loads with `loader` in a thread, then scores through the batcher.
+
+    Args:
+        options ([`ServeOptions`]): what to load and how to batch.
+        loader (`Callable[[ServeOptions], DiNaLRMPipeline | DiNaLRMModel]`, *optional*): builds the pipeline, or
+            the reward model alone, which serves only latents (default `load_pipeline`); tests pass a tiny one.
+    """
+
+    def __init__(self, options: ServeOptions, loader: Callable | None = None):
+        self.options = options
+        self.loader = loader or load_pipeline
+        self.pipe = None
+        self.reward_model = None
+        self.load_error: BaseException | None = None
+        self.batcher = ScoreBatcher(
+            self._run_group, options.max_batch_size, options.max_wait_ms, options.max_queue, options.request_timeout_s
+        )
+
+    async def load(self) -> None:
+        try:
+            loaded = await asyncio.to_thread(self.loader, self.options)
+        except Exception as error:
+            self.load_error = error
+            logger.exception(f"loading {self.options.model} failed")
+            return
+        self.pipe = loaded if hasattr(loaded, "reward_model") else None
+        self.reward_model = loaded.reward_model if self.pipe is not None else loaded
+        logger.info(f"{self.options.model} loaded; serving")
+
+    def ready(self) -> None:
+        """Raises a 503 `RequestError` unless the model is loaded."""
+        if self.reward_model is None:
+            if self.load_error is not None:
+                raise RequestError(f"the model failed to load: {self.load_error}", 503)
+            raise RequestError("the model is still loading: retry when GET /healthz answers 200.", 503)
+
+    def _run_group(self, key: tuple, payloads: list):
+        if key[0] == "images":
+            images, prompts, options = payloads[0]
+            return [score_image_request(self.pipe, images, prompts, options)]
+        return score_latent_batch(self.reward_model, payloads)
+
+    async def score_latents(self, body: bytes, version: str | None) -> list[float]:
+        self.ready()
+        channels = self.reward_model.config.backbone_config["in_channels"]
+        request = parse_latent_request(body, version, channels)
+        return await self.batcher.submit(latent_batch_key(request), request, request["latents"].shape[0])
+
+    async def score_images(self, images: list, prompts, options: dict) -> list[float]:
+        self.ready()
+        if self.pipe is None:
+            raise RequestError(
+                "this server loaded only the reward model (--latents-only): score latents at /v1/score."
+            )
+        prompts, options = check_image_request(images, prompts, options)
+        return await self.batcher.submit(
+            ("images", id(images)), (images, prompts, options), self.options.max_batch_size
+        )
+
+
+async def _read_body(request, limit_mb: float) -> bytes:
+    """The request body, refused (400) as soon as it passes `limit_mb`."""
+    limit = int(limit_mb * 1024 * 1024)
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise RequestError(f"the body ({int(length)} bytes) exceeds --max-body-mb {limit_mb:g}.")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(f"the body exceeds --max-body-mb {limit_mb:g}.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(options: ServeOptions, loader: Callable | None = None, background_load: bool = True):
+    """The FastAPI app of `dinalrm-serve` (also the ingress of the Ray Serve deployment).
+
+    The model loads when the app starts (its lifespan): in the background by default, so `/healthz` answers 503
+    until it is ready; with `background_load=False` the start waits for it (Ray Serve then routes requests to a
+    replica only once its model is loaded). `app.state.server` is the [`RewardServer`].
+    """
+    server = RewardServer(options, loader)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        loading = asyncio.get_running_loop().create_task(server.load())
+        if not background_load:
+            await loading
+        yield
+        loading.cancel()
+        await server.batcher.stop()
+
+    app = FastAPI(title="dinalrm-serve", lifespan=lifespan)
+    app.state.server = server
+
+    @app.exception_handler(RequestError)
+    async def refuse(request: Request, error: RequestError):
+        return JSONResponse({"protocol_version": PROTOCOL_VERSION, "error": str(error)}, status_code=error.status)
+
+    @app.get("/healthz")
+    async def healthz():
+        server.ready()
+        return {"status": "ok", "model": options.model}
+
+    @app.post("/v1/score")
+    async def score(request: Request):
+        body = await _read_body(request, options.max_body_mb)
+        scores = await server.score_latents(body, request.headers.get(PROTOCOL_HEADER))
+        return {"protocol_version": PROTOCOL_VERSION, "raw_scores": scores}
+
+    @app.post("/v1/score_images")
+    async def score_images(request: Request):
+        body = await _read_body(request, options.max_body_mb)
+        content_type = request.headers.get("content-type", "")
+        if content_type.startswith("multipart/form-data"):
+            images, prompts, extra = await _parse_multipart(request, body)
+        elif content_type.startswith("application/json"):
+            try:
+                payload = json.loads(body)
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise RequestError(f"the body is not valid JSON ({error}).") from None
+            images, prompts, extra = parse_image_json(payload)
+        else:
+            raise RequestError(
+                f"content-type {content_type!r} is not supported: send multipart/form-data (files `images`, fields "
+                "`prompts`) or application/json with base64 images."
+            )
+        scores = await server.score_images(images, prompts, extra)
+        return {"protocol_version": PROTOCOL_VERSION, "raw_scores": scores}
+
+    return app
+
+
+async def _parse_multipart(request, body: bytes) -> tuple[list, list[str], dict]:
+    """Images (files `images`), prompts (fields `prompts`, repeated or one) and `t` / `seed` of a multipart body."""
+
+    async def receive():
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    form = await Request(request.scope, receive).form()
+    files = form.getlist("images")
+    if not files or any(isinstance(item, str) for item in files):
+        raise RequestError("multipart bodies need one or more files in the `images` field.")
+    images = [_decode_image(await item.read(), f"image {item.filename!r}") for item in files]
+    prompts = form.getlist("prompts") or form.getlist("prompt")
+    options = {}
+    for name, cast in (("t", float), ("seed", int)):
+        if form.get(name) is not None:
+            try:
+                options[name] = cast(form.get(name))
+            except ValueError:
+                raise RequestError(f"field {name!r} must be a number, got {form.get(name)!r}.") from None
+    return images, prompts, options
+
+
+# ------------------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinalrm-serve",
+        description="HTTP reward server for RL trainers (verl-omni's latent scorer protocol, version 1).",
+    )
+    parser.add_argument("--model", "--model-path", dest="model", required=True, help="DiNa-LRM Hub id or folder.")
+    parser.add_argument(
+        "--base-model",
+        "--base-model-path",
+        dest="base_model",
+        default=None,
+        help="SD3.5-Medium Hub id or folder, for official checkpoints (default: stabilityai/stable-diffusion-3.5-medium).",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu.")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="samples per batched model call.")
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests.")
+    parser.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 503.")
+    parser.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (400 above).")
+    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="per-request deadline (503 after).")
+    parser.add_argument(
+        "--latents-only",
+        action="store_true",
+        help="load only the reward model (no VAE, text encoders): serves /v1/score, not /v1/score_images.",
+    )
+    parser.add_argument("--ray", action="store_true", help="deploy with Ray Serve (pip install 'dinalrm[serve]').")
+    parser.add_argument("--num-replicas", type=int, default=1, help="Ray Serve replicas (with --ray).")
+    parser.add_argument(
+        "--num-gpus-per-replica",
+        type=float,
+        default=None,
+        help="with --ray; default 1 when CUDA is available, else 0.",
+    )
+    return parser
+
+
+def options_from_args(args: argparse.Namespace) -> ServeOptions:
+    for name in ("max_batch_size", "max_queue", "num_replicas"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"dinalrm-serve: --{name.replace('_', '-')} must be at least 1.")
+    if args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.request_timeout_s <= 0:
+        raise SystemExit("dinalrm-serve: --max-wait-ms must be >= 0, --max-body-mb and --request-timeout-s > 0.")
+    return ServeOptions(
+        model=args.model,
+        base_model=args.base_model,
+        dtype=args.dtype,
+        device=args.device,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_body_mb=args.max_body_mb,
+        request_timeout_s=args.request_timeout_s,
+        latents_only=args.latents_only,
+    )
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    """Entry point of `dinalrm-serve`."""
+    args = build_parser().parse_args(argv)
+    options = options_from_args(args)
+    diffusers_logging.set_verbosity_info()
+    logging.basicConfig(level=logging.INFO)
+    if args.ray:
+        from dinalrm.serve_ray import run_ray
+
+        run_ray(options, args.host, args.port, args.num_replicas, args.num_gpus_per_replica)
+        return
+    import uvicorn
+
+    uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="info")
