@@ -37,6 +37,7 @@ from tiny_world_common import REPO_ROOT, TOKEN_LENGTH, decode_latents, report, s
 
 from dinalrm.flow_sde import sde_step
 from dinalrm.rewards import flow_grpo_latent_reward
+from modeling_dinalrm import DEFAULT_LORA_TARGET_MODULES
 from pipeline_dinalrm import DiNaLRMPipeline
 
 
@@ -160,16 +161,7 @@ def train(args: argparse.Namespace) -> list[dict]:
             r=args.lora_rank,
             lora_alpha=args.lora_rank,
             init_lora_weights="gaussian",
-            target_modules=[
-                "to_q",
-                "to_k",
-                "to_v",
-                "to_out.0",
-                "add_q_proj",
-                "add_k_proj",
-                "add_v_proj",
-                "to_add_out",
-            ],
+            target_modules=DEFAULT_LORA_TARGET_MODULES,
         )
     )
     lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
