@@ -61,6 +61,40 @@ DEFAULT_LORA_TARGET_MODULES = [
     "add_v_proj",
     "to_add_out",
 ]
+# diffusers' FluxTransformer2DModel config for black-forest-labs/FLUX.1-dev (transformer/config.json).
+FLUX1_DEV_ID = "black-forest-labs/FLUX.1-dev"
+FLUX1_DEV_TRANSFORMER_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 64,
+    "out_channels": None,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "attention_head_dim": 128,
+    "num_attention_heads": 24,
+    "joint_attention_dim": 4096,
+    "pooled_projection_dim": 768,
+    "guidance_embeds": True,
+    "axes_dims_rope": [16, 56, 56],
+}
+# diffusers' ZImageTransformer2DModel config for Tongyi-MAI/Z-Image-Turbo (transformer/config.json).
+ZIMAGE_TURBO_ID = "Tongyi-MAI/Z-Image-Turbo"
+ZIMAGE_TURBO_TRANSFORMER_CONFIG = {
+    "all_patch_size": [2],
+    "all_f_patch_size": [1],
+    "in_channels": 16,
+    "dim": 3840,
+    "n_layers": 30,
+    "n_refiner_layers": 2,
+    "n_heads": 30,
+    "n_kv_heads": 30,
+    "norm_eps": 1e-05,
+    "qk_norm": True,
+    "cap_feat_dim": 2560,
+    "rope_theta": 256.0,
+    "t_scale": 1000.0,
+    "axes_dims": [32, 48, 48],
+    "axes_lens": [1536, 512, 512],
+}
 LOSS_TYPES = ("thurstone", "bradley_terry", "bradley_terry_margin", "fixed_variance")
 
 
@@ -102,10 +136,14 @@ class DiNaLRMConfig(PretrainedConfig):
     r"""Configuration of a [`DiNaLRMModel`].
 
     Args:
+        backbone (`str`, defaults to `"sd3"`): the backbone family, a key of [`FEATURE_EXTRACTORS`]: `"sd3"`
+            (`SD3Transformer2DModel`), `"flux"` (`FluxTransformer2DModel`) or `"zimage"`
+            (`ZImageTransformer2DModel`). Configs saved before families existed load as `"sd3"`.
         backbone_config (`dict`, *optional*):
-            The diffusers `SD3Transformer2DModel` config of the backbone, kept inline so the model builds offline.
-            Defaults to SD3.5-Medium's.
-        num_backbone_layers (`int`, defaults to 12): how many leading transformer blocks are kept and run.
+            The diffusers transformer config of the backbone, kept inline so the model builds offline. Defaults to
+            the family's reference model (SD3.5-Medium, FLUX.1-dev, Z-Image-Turbo).
+        num_backbone_layers (`int`, defaults to 12): how many leading transformer blocks are kept and run (FLUX:
+            double-stream blocks; Z-Image: main layers, after its noise and context refiners, which always run).
         visual_layers / text_layers (`list[int]`): 1-based block indices whose image / text stream outputs feed
             the head (0 = the embeddings before any block). Strictly increasing, at most `num_backbone_layers`.
         head_width (`int`, *optional*): head width `W`; `None` uses the backbone width.
@@ -125,11 +163,15 @@ class DiNaLRMConfig(PretrainedConfig):
             of the multi-level ensemble.
         snap_t (`bool`): snap noise levels to the scheduler's table (as the reference does); the table is
             `FlowMatchEulerDiscreteScheduler(num_train_timesteps, shift)`.
+        guidance_scale (`float`, defaults to 3.5): the guidance input of guidance-distilled FLUX backbones
+            (`guidance_embeds`; FLUX.1-dev's pipeline default); unused by other backbones.
         lora_rank / lora_alpha / lora_target_modules: LoRA on the backbone (rank 0 = none). Target names are
-            suffixes of module paths inside the backbone, or full paths.
+            suffixes of module paths inside the backbone, or full paths; the default is the family's attention
+            projections.
         max_backbone_batch_size (`int`, *optional*): split backbone passes into chunks of at most this many samples.
         max_sequence_length (`int`): T5 prompt length used in training.
-        base_model_name_or_path (`str`): where the backbone weights came from (provenance).
+        base_model_name_or_path (`str`, *optional*): where the backbone weights came from (provenance); defaults to
+            the family's reference model.
         calibration (`dict`, *optional*): a logistic calibration of reward differences to human preference, fitted
             by `eval/calibrate.py`: `P(a preferred) = sigmoid(slope * (r_a - r_b))` at the noise level(s) `t` it
             was fitted at, and `reference_reward` (the median reward of the fitting images) for calibrated scores
@@ -140,6 +182,7 @@ class DiNaLRMConfig(PretrainedConfig):
 
     def __init__(
         self,
+        backbone: str = "sd3",
         backbone_config: dict | None = None,
         num_backbone_layers: int = 12,
         visual_layers: Sequence[int] = (4, 8, 12),
@@ -164,16 +207,23 @@ class DiNaLRMConfig(PretrainedConfig):
         snap_t: bool = True,
         num_train_timesteps: int = 1000,
         scheduler_shift: float = 3.0,
+        guidance_scale: float = 3.5,
         lora_rank: int = 0,
         lora_alpha: float | None = None,
         lora_target_modules: Sequence[str] | None = None,
         max_backbone_batch_size: int | None = None,
         max_sequence_length: int = 128,
-        base_model_name_or_path: str = SD35_MEDIUM_ID,
+        base_model_name_or_path: str | None = None,
         calibration: dict | None = None,
         **kwargs,
     ):
-        self.backbone_config = dict(backbone_config if backbone_config is not None else SD35_MEDIUM_TRANSFORMER_CONFIG)
+        if backbone not in FEATURE_EXTRACTORS:
+            raise ValueError(
+                f"backbone={backbone!r} is not one of the supported families {sorted(FEATURE_EXTRACTORS)}."
+            )
+        extractor = FEATURE_EXTRACTORS[backbone]
+        self.backbone = backbone
+        self.backbone_config = dict(backbone_config if backbone_config is not None else extractor.default_config)
         self.num_backbone_layers = num_backbone_layers
         self.visual_layers = list(visual_layers)
         self.text_layers = list(text_layers)
@@ -197,19 +247,35 @@ class DiNaLRMConfig(PretrainedConfig):
         self.snap_t = snap_t
         self.num_train_timesteps = num_train_timesteps
         self.scheduler_shift = scheduler_shift
+        self.guidance_scale = guidance_scale
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha if lora_alpha is not None else 2 * lora_rank
-        self.lora_target_modules = list(lora_target_modules or DEFAULT_LORA_TARGET_MODULES)
+        self.lora_target_modules = list(lora_target_modules or extractor.lora_targets)
         self.max_backbone_batch_size = max_backbone_batch_size
         self.max_sequence_length = max_sequence_length
-        self.base_model_name_or_path = base_model_name_or_path
+        self.base_model_name_or_path = base_model_name_or_path or extractor.default_model_id
         self.calibration = dict(calibration) if calibration else None
         super().__init__(**kwargs)
         self.validate_layers()
 
     @property
+    def feature_extractor_class(self) -> type["DiNaLRMFeatureExtractor"]:
+        return FEATURE_EXTRACTORS[self.backbone]
+
+    @property
     def backbone_width(self) -> int:
-        return self.backbone_config["num_attention_heads"] * self.backbone_config["attention_head_dim"]
+        """Width of the image- and text-stream hidden states the head reads."""
+        return self.feature_extractor_class.hidden_width(self.backbone_config)
+
+    @property
+    def latent_patch_size(self) -> int:
+        """Latent sides must be multiples of this (SD3, Z-Image: the patch size; FLUX: 2, its packing)."""
+        return self.feature_extractor_class.latent_patch_size(self.backbone_config)
+
+    @property
+    def conditioning_width(self) -> int:
+        """Width of the backbone's conditioning vector that drives the head's FiLM modulation."""
+        return self.feature_extractor_class.conditioning_width(self.backbone_config)
 
     @property
     def width(self) -> int:
@@ -217,7 +283,7 @@ class DiNaLRMConfig(PretrainedConfig):
 
     def validate_layers(self) -> None:
         """Refuse layer choices the backbone cannot provide, with a message naming the fix."""
-        total_blocks = self.backbone_config["num_layers"]
+        total_blocks = self.feature_extractor_class.num_blocks(self.backbone_config)
         n = self.num_backbone_layers
         if not 1 <= n <= total_blocks:
             raise ValueError(f"num_backbone_layers={n} must be between 1 and the backbone's {total_blocks} blocks.")
@@ -230,15 +296,7 @@ class DiNaLRMConfig(PretrainedConfig):
                 raise ValueError(
                     f"{name}={layers} must lie in [0, num_backbone_layers={n}]: only the first {n} blocks are run."
                 )
-        if self.text_layers and self.text_layers[-1] == total_blocks:
-            raise ValueError(
-                f"text_layers={self.text_layers} asks for the text stream after block {total_blocks}, the backbone's "
-                "last block, which is context-pre-only and has no text output. Drop that index."
-            )
-        if self.backbone_config["caption_projection_dim"] != self.backbone_width:
-            raise ValueError(
-                "backbone_config: caption_projection_dim must equal num_attention_heads * attention_head_dim."
-            )
+        self.feature_extractor_class.validate_config(self)
         # Each layer adapter outputs `width // 4` channels (floored, as the reference does).
         if self.width % self.head_num_heads or self.width < 4:
             raise ValueError(
@@ -263,21 +321,141 @@ class DiNaLRMOutput(ModelOutput):
     timesteps: torch.FloatTensor | None = None
 
 
-class DiNaLRMBackbone(nn.Module):
-    """The first `N` blocks of an SD3 MMDiT, returning the hidden states after the selected blocks.
+class DiNaLRMFeatureExtractor(nn.Module):
+    """The first `N` blocks of a diffusion transformer, read as features for the reward head.
 
-    Module names equal those of `SD3Transformer2DModel`, so its checkpoint keys load as they are. Every kept
-    block is built as it is inside the full model: with a text output, except the backbone's last block, which is
-    context-pre-only (kept only when `num_backbone_layers` is the backbone's full depth).
+    One subclass per backbone family. Each keeps the module names of its diffusers class, so the checkpoint's keys
+    load as they are and only the kept blocks' tensors are read (see [`DiNaLRMModel.from_backbone`]). For
+    `(noisy latents, timestep, prompt conditioning)` it returns the conditioning vector that drives the head's FiLM
+    modulation and the image- and text-stream hidden states after the blocks named by `visual_layers` /
+    `text_layers` (0 = the embeddings before any block).
+
+    Class attributes:
+        family (`str`): the key in [`FEATURE_EXTRACTORS`] and `DiNaLRMConfig.backbone`.
+        transformer_class (`str`): the diffusers class whose checkpoints it reads.
+        default_model_id (`str`) / default_config (`dict`): the family's reference model and its config.
+        blocks_attribute (`str`): the module list holding the blocks counted by `num_backbone_layers`.
+        lora_targets (`tuple[str]`): default LoRA target suffixes; text_only_lora_targets: those of them that only
+            feed the text stream's output (left out on the last kept block when no text layer reads it).
+        has_pooled_projection (`bool`): whether the family takes a pooled prompt embedding.
     """
+
+    family: str
+    transformer_class: str
+    default_model_id: str
+    default_config: dict
+    blocks_attribute: str
+    lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+    text_only_lora_targets: tuple[str, ...] = ()
+    has_pooled_projection: bool = True
 
     def __init__(self, config: DiNaLRMConfig):
         super().__init__()
+        self.visual_layers = config.visual_layers
+        self.text_layers = config.text_layers
+        self.gradient_checkpointing = False
+
+    @staticmethod
+    def num_blocks(backbone_config: dict) -> int:
+        """How many blocks the full backbone has in `blocks_attribute`."""
+        return backbone_config["num_layers"]
+
+    @staticmethod
+    def hidden_width(backbone_config: dict) -> int:
+        return backbone_config["num_attention_heads"] * backbone_config["attention_head_dim"]
+
+    @staticmethod
+    def latent_patch_size(backbone_config: dict) -> int:
+        """Latent sides must be multiples of this: the latent pixels that make one token's side."""
+        return backbone_config["patch_size"]
+
+    @classmethod
+    def conditioning_width(cls, backbone_config: dict) -> int:
+        return cls.hidden_width(backbone_config)
+
+    @classmethod
+    def validate_config(cls, config: DiNaLRMConfig) -> None:
+        """Refuses family-specific layer choices or backbone configs the extractor cannot serve."""
+
+    def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The backbone's timestep input for noise levels `sigmas`; `timesteps` are their SD3 timesteps (`1000 *
+        sigma`, read from the scheduler table when snapping)."""
+        raise NotImplementedError
+
+    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+        """Raises a clear error for latent or prompt shapes this backbone cannot take."""
+        raise NotImplementedError
+
+    def _check_latent_channels(self, latents: torch.Tensor, channels: int, what: str) -> None:
+        if latents.shape[1] != channels:
+            raise ValueError(
+                f"latents have {latents.shape[1]} channels but the backbone takes {channels}: pass VAE latents "
+                f"(scaled as {what} pipelines do), not images."
+            )
+
+    def _check_prompt(self, prompt_embeds: torch.Tensor, dim: int) -> None:
+        if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+            raise ValueError(
+                f"prompt_embeds must be a 3D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}."
+            )
+        if prompt_embeds.shape[-1] != dim:
+            raise ValueError(f"prompt_embeds have dim {prompt_embeds.shape[-1]}, the backbone expects {dim}.")
+
+    def _check_pooled(self, pooled: torch.Tensor | None, dim: int) -> None:
+        if not isinstance(pooled, torch.Tensor) or pooled.ndim != 2:
+            raise ValueError(f"pooled_prompt_embeds must be a 2D tensor, got {_describe(pooled)}.")
+        if pooled.shape[-1] != dim:
+            raise ValueError(f"pooled_prompt_embeds have dim {pooled.shape[-1]}, the backbone expects {dim}.")
+
+    def _block(self, block: nn.Module, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Runs one block, through gradient checkpointing when it is enabled and gradients are on."""
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block, *args)
+        return block(*args)
+
+    def _dual_stream_features(
+        self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor, *block_args
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Runs the kept dual-stream blocks (`(text, image) = block(image, text, *block_args)`, as SD3's and FLUX's)
+        on the embedded streams and returns the image and text hidden states of the selected layers, in order."""
+        visual = [hidden_states] if 0 in self.visual_layers else []
+        text = [encoder_hidden_states] if 0 in self.text_layers else []
+        for index, block in enumerate(self.transformer_blocks, start=1):
+            encoder_hidden_states, hidden_states = self._block(
+                block, hidden_states, encoder_hidden_states, *block_args
+            )
+            if index in self.visual_layers:
+                visual.append(hidden_states)
+            if index in self.text_layers:
+                text.append(encoder_hidden_states)
+        return visual, text
+
+
+class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
+    """The first `N` blocks of an SD3 MMDiT (`SD3Transformer2DModel`).
+
+    Every kept block is built as it is inside the full model: with a text output, except the backbone's last block,
+    which is context-pre-only (kept only when `num_backbone_layers` is the backbone's full depth). Noise convention:
+    the timestep is `1000 * sigma`, read from the scheduler's table when snapping.
+    """
+
+    family = "sd3"
+    transformer_class = "SD3Transformer2DModel"
+    default_model_id = SD35_MEDIUM_ID
+    default_config = SD35_MEDIUM_TRANSFORMER_CONFIG
+    blocks_attribute = "transformer_blocks"
+    lora_targets = tuple(DEFAULT_LORA_TARGET_MODULES)
+    text_only_lora_targets = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+    def __init__(self, config: DiNaLRMConfig):
+        super().__init__(config)
         bc = config.backbone_config
         width = config.backbone_width
         self.patch_size = bc["patch_size"]
-        self.visual_layers = config.visual_layers
-        self.text_layers = config.text_layers
+        self.max_size = bc["pos_embed_max_size"] * bc["patch_size"]
+        self.in_channels = bc["in_channels"]
+        self.joint_attention_dim = bc["joint_attention_dim"]
+        self.pooled_projection_dim = bc["pooled_projection_dim"]
         self.pos_embed = PatchEmbed(
             height=bc["sample_size"],
             width=bc["sample_size"],
@@ -301,7 +479,35 @@ class DiNaLRMBackbone(nn.Module):
             )
             for i in range(config.num_backbone_layers)
         )
-        self.gradient_checkpointing = False
+
+    @classmethod
+    def validate_config(cls, config: DiNaLRMConfig) -> None:
+        total_blocks = config.backbone_config["num_layers"]
+        if config.text_layers and config.text_layers[-1] == total_blocks:
+            raise ValueError(
+                f"text_layers={config.text_layers} asks for the text stream after block {total_blocks}, the "
+                "backbone's last block, which is context-pre-only and has no text output. Drop that index."
+            )
+        if config.backbone_config["caption_projection_dim"] != config.backbone_width:
+            raise ValueError(
+                "backbone_config: caption_projection_dim must equal num_attention_heads * attention_head_dim."
+            )
+
+    def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps
+
+    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+        self._check_latent_channels(latents, self.in_channels, "SD3")
+        height, width = latents.shape[-2:]
+        patch = self.patch_size
+        if height % patch or width % patch:
+            raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {patch}.")
+        if height > self.max_size or width > self.max_size:
+            raise ValueError(
+                f"latent size {height}x{width} exceeds the backbone's maximum of {self.max_size}x{self.max_size}."
+            )
+        self._check_prompt(prompt_embeds, self.joint_attention_dim)
+        self._check_pooled(pooled, self.pooled_projection_dim)
 
     def forward(
         self,
@@ -314,22 +520,268 @@ class DiNaLRMBackbone(nn.Module):
         hidden_states = self.pos_embed(hidden_states)
         temb = self.time_text_embed(timestep, pooled_projections)
         encoder_hidden_states = self.context_embedder(encoder_hidden_states)
-        visual = [hidden_states] if 0 in self.visual_layers else []
-        text = [encoder_hidden_states] if 0 in self.text_layers else []
-        for index, block in enumerate(self.transformer_blocks, start=1):
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                encoder_hidden_states, hidden_states = self._gradient_checkpointing_func(
-                    block, hidden_states, encoder_hidden_states, temb
-                )
-            else:
-                encoder_hidden_states, hidden_states = block(
-                    hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb
-                )
+        return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb)
+
+
+class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
+    """The first `N` double-stream blocks of FLUX (`FluxTransformer2DModel`); the single-stream blocks are never
+    built.
+
+    Latents come in as the FLUX VAE's scaled `(B, 16, H, W)` latents; the 2x2 packing into `(B, H*W/4, 64)` tokens
+    and the text/image position ids are made here as `FluxPipeline` makes them. Noise convention: the timestep
+    input is `sigma` (the model multiplies it by 1000), plus `config.guidance_scale` for guidance-distilled models.
+    """
+
+    family = "flux"
+    transformer_class = "FluxTransformer2DModel"
+    default_model_id = FLUX1_DEV_ID
+    default_config = FLUX1_DEV_TRANSFORMER_CONFIG
+    blocks_attribute = "transformer_blocks"
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+    # The text queries, keys and values also feed the image stream through joint attention; only `to_add_out`
+    # writes nothing but the text stream.
+    text_only_lora_targets = ("to_add_out",)
+
+    def __init__(self, config: DiNaLRMConfig):
+        from diffusers.models.embeddings import (
+            CombinedTimestepGuidanceTextProjEmbeddings,
+            CombinedTimestepTextProjEmbeddings,
+        )
+        from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxTransformerBlock
+
+        super().__init__(config)
+        bc = config.backbone_config
+        width = config.backbone_width
+        self.in_channels = bc["in_channels"] // 4
+        self.joint_attention_dim = bc["joint_attention_dim"]
+        self.pooled_projection_dim = bc["pooled_projection_dim"]
+        self.guidance_scale = config.guidance_scale if bc.get("guidance_embeds") else None
+        self.pos_embed = FluxPosEmbed(theta=10000, axes_dim=bc["axes_dims_rope"])
+        embeddings = (
+            CombinedTimestepGuidanceTextProjEmbeddings
+            if bc.get("guidance_embeds")
+            else CombinedTimestepTextProjEmbeddings
+        )
+        self.time_text_embed = embeddings(embedding_dim=width, pooled_projection_dim=bc["pooled_projection_dim"])
+        self.context_embedder = nn.Linear(bc["joint_attention_dim"], width)
+        self.x_embedder = nn.Linear(bc["in_channels"], width)
+        self.transformer_blocks = nn.ModuleList(
+            FluxTransformerBlock(
+                dim=width, num_attention_heads=bc["num_attention_heads"], attention_head_dim=bc["attention_head_dim"]
+            )
+            for _ in range(config.num_backbone_layers)
+        )
+
+    @classmethod
+    def validate_config(cls, config: DiNaLRMConfig) -> None:
+        if config.backbone_config.get("patch_size", 1) != 1 or config.backbone_config["in_channels"] % 4:
+            raise ValueError(
+                "backbone_config: only FLUX transformers on 2x2-packed latents are supported (patch_size 1, "
+                "in_channels = 4 * the VAE's latent channels)."
+            )
+
+    @staticmethod
+    def latent_patch_size(backbone_config: dict) -> int:
+        return 2
+
+    def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return sigmas
+
+    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+        self._check_latent_channels(latents, self.in_channels, "FLUX")
+        height, width = latents.shape[-2:]
+        if height % 2 or width % 2:
+            raise ValueError(
+                f"latent size {height}x{width} must be even: FLUX packs 2x2 latent patches into one token."
+            )
+        self._check_prompt(prompt_embeds, self.joint_attention_dim)
+        self._check_pooled(pooled, self.pooled_projection_dim)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        pooled_projections: torch.Tensor,
+        timestep: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Returns `(temb, visual_features, text_features)` for `(B, C, H, W)` latents and `timestep = sigma`."""
+        batch, channels, height, width = latents.shape
+        hidden_states = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
+        hidden_states = hidden_states.reshape(batch, (height // 2) * (width // 2), channels * 4)
+        img_ids = torch.zeros(height // 2, width // 2, 3, device=latents.device)
+        img_ids[..., 1] = torch.arange(height // 2, device=latents.device)[:, None]
+        img_ids[..., 2] = torch.arange(width // 2, device=latents.device)[None, :]
+        img_ids = img_ids.reshape(-1, 3).to(latents.dtype)
+        txt_ids = torch.zeros(encoder_hidden_states.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        image_rotary_emb = self.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+
+        hidden_states = self.x_embedder(hidden_states)
+        timestep = timestep.to(hidden_states.dtype) * 1000
+        if self.guidance_scale is None:
+            temb = self.time_text_embed(timestep, pooled_projections)
+        else:
+            guidance = torch.full_like(timestep, self.guidance_scale) * 1000
+            temb = self.time_text_embed(timestep, guidance, pooled_projections)
+        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
+
+
+# Z-Image pads the image and caption token sequences to a multiple of this (diffusers' `SEQ_MULTI_OF`).
+_ZIMAGE_SEQ_MULTIPLE = 32
+# Width of Z-Image's timestep embedding (diffusers' `ADALN_EMBED_DIM`).
+_ZIMAGE_ADALN_WIDTH = 256
+
+
+class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
+    """The first `N` main layers of Z-Image (`ZImageTransformer2DModel`), a single-stream DiT.
+
+    The noise refiner (image tokens) and context refiner (caption tokens) always run and do NOT count toward `N`:
+    they are the embedding stage that builds the unified `[image, caption]` sequence the main layers read (as
+    SD3's patch embedding and context embedder are), so layer 0 is that sequence and "16 layers" means the first
+    16 of the 30 main layers. The image features are the image tokens of the sequence, the text features its
+    caption tokens (padding excluded). The conditioning vector is the timestep embedding (256 wide), Z-Image has no
+    pooled prompt embedding. Noise convention: the timestep input is `1 - sigma` (the model scales it by
+    `t_scale`), as `ZImagePipeline` passes it.
+    """
+
+    family = "zimage"
+    transformer_class = "ZImageTransformer2DModel"
+    default_model_id = ZIMAGE_TURBO_ID
+    default_config = ZIMAGE_TURBO_TRANSFORMER_CONFIG
+    blocks_attribute = "layers"
+    has_pooled_projection = False
+
+    def __init__(self, config: DiNaLRMConfig):
+        from diffusers.models.normalization import RMSNorm
+        from diffusers.models.transformers.transformer_z_image import (
+            RopeEmbedder,
+            TimestepEmbedder,
+            ZImageTransformerBlock,
+        )
+
+        super().__init__(config)
+        bc = config.backbone_config
+        dim, heads, kv_heads, eps, qk_norm = bc["dim"], bc["n_heads"], bc["n_kv_heads"], bc["norm_eps"], bc["qk_norm"]
+        self.patch_size = bc["all_patch_size"][0]
+        self.in_channels = bc["in_channels"]
+        self.cap_feat_dim = bc["cap_feat_dim"]
+        self.t_scale = bc["t_scale"]
+        self.all_x_embedder = nn.ModuleDict(
+            {f"{self.patch_size}-1": nn.Linear(self.patch_size * self.patch_size * self.in_channels, dim)}
+        )
+        self.noise_refiner = nn.ModuleList(
+            ZImageTransformerBlock(1000 + i, dim, heads, kv_heads, eps, qk_norm, modulation=True)
+            for i in range(bc["n_refiner_layers"])
+        )
+        self.context_refiner = nn.ModuleList(
+            ZImageTransformerBlock(i, dim, heads, kv_heads, eps, qk_norm, modulation=False)
+            for i in range(bc["n_refiner_layers"])
+        )
+        self.t_embedder = TimestepEmbedder(min(dim, _ZIMAGE_ADALN_WIDTH), mid_size=1024)
+        self.cap_embedder = nn.Sequential(RMSNorm(self.cap_feat_dim, eps=eps), nn.Linear(self.cap_feat_dim, dim))
+        self.x_pad_token = nn.Parameter(torch.zeros((1, dim)))
+        self.cap_pad_token = nn.Parameter(torch.zeros((1, dim)))
+        self.layers = nn.ModuleList(
+            ZImageTransformerBlock(i, dim, heads, kv_heads, eps, qk_norm) for i in range(config.num_backbone_layers)
+        )
+        self.rope_embedder = RopeEmbedder(theta=bc["rope_theta"], axes_dims=bc["axes_dims"], axes_lens=bc["axes_lens"])
+
+    @staticmethod
+    def num_blocks(backbone_config: dict) -> int:
+        return backbone_config["n_layers"]
+
+    @staticmethod
+    def hidden_width(backbone_config: dict) -> int:
+        return backbone_config["dim"]
+
+    @staticmethod
+    def latent_patch_size(backbone_config: dict) -> int:
+        return backbone_config["all_patch_size"][0]
+
+    @classmethod
+    def conditioning_width(cls, backbone_config: dict) -> int:
+        return min(backbone_config["dim"], _ZIMAGE_ADALN_WIDTH)
+
+    @classmethod
+    def validate_config(cls, config: DiNaLRMConfig) -> None:
+        if (
+            list(config.backbone_config["all_f_patch_size"]) != [1]
+            or len(config.backbone_config["all_patch_size"]) != 1
+        ):
+            raise ValueError(
+                "backbone_config: only single-frame Z-Image transformers with one patch size are supported."
+            )
+
+    def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return 1.0 - sigmas
+
+    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+        self._check_latent_channels(latents, self.in_channels, "Z-Image")
+        height, width = latents.shape[-2:]
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {self.patch_size}.")
+        self._check_prompt(prompt_embeds, self.cap_feat_dim)
+        if pooled is not None:
+            raise ValueError("Z-Image has no pooled prompt embedding: pass pooled_prompt_embeds=None.")
+
+    def _positions(self, grid: tuple[int, int, int], start: int, pad: int, device: torch.device) -> torch.Tensor:
+        """Position ids of a `(frames, rows, cols)` grid whose first axis starts at `start`, then `pad` zero ids."""
+        axes = [torch.arange(s, s + n, dtype=torch.int32, device=device) for s, n in zip((start, 0, 0), grid)]
+        ids = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).flatten(0, 2)
+        return torch.cat([ids, ids.new_zeros(pad, 3)])
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        cap_feats: torch.Tensor,
+        pooled_projections: None,
+        timestep: torch.Tensor,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Returns `(adaln_input, visual_features, text_features)` for `(B, C, H, W)` latents, `timestep = 1 - sigma`.
+
+        Tokens and position ids are laid out as `ZImageTransformer2DModel.patchify_and_embed` lays them out for a
+        batch of equal-sized images and equal-length captions (so no attention mask is needed).
+        """
+        batch, channels, height, width = latents.shape
+        patch, device = self.patch_size, latents.device
+        rows, cols = height // patch, width // patch
+        image_len, cap_len = rows * cols, cap_feats.shape[1]
+        image_pad, cap_pad = -image_len % _ZIMAGE_SEQ_MULTIPLE, -cap_len % _ZIMAGE_SEQ_MULTIPLE
+        adaln_input = self.t_embedder(timestep * self.t_scale).type_as(latents)
+
+        x = latents.view(batch, channels, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)
+        x = self.all_x_embedder[f"{patch}-1"](x.reshape(batch, image_len, patch * patch * channels))
+        x = torch.cat([x, self.x_pad_token.expand(batch, image_pad, -1)], dim=1)
+        cap = self.cap_embedder(cap_feats)
+        cap = torch.cat([cap, self.cap_pad_token.expand(batch, cap_pad, -1)], dim=1)
+        cap_positions = self._positions((cap_len + cap_pad, 1, 1), 1, 0, device)
+        image_positions = self._positions((1, rows, cols), cap_len + cap_pad + 1, image_pad, device)
+        x_freqs = self.rope_embedder(image_positions).expand(batch, -1, -1)
+        cap_freqs = self.rope_embedder(cap_positions).expand(batch, -1, -1)
+
+        for layer in self.noise_refiner:
+            x = self._block(layer, x, None, x_freqs, adaln_input)
+        for layer in self.context_refiner:
+            cap = self._block(layer, cap, None, cap_freqs)
+        unified = torch.cat([x, cap], dim=1)
+        freqs = torch.cat([x_freqs, cap_freqs], dim=1)
+        image_tokens = slice(0, image_len)
+        cap_tokens = slice(image_len + image_pad, image_len + image_pad + cap_len)
+        visual = [unified[:, image_tokens]] if 0 in self.visual_layers else []
+        text = [unified[:, cap_tokens]] if 0 in self.text_layers else []
+        for index, layer in enumerate(self.layers, start=1):
+            unified = self._block(layer, unified, None, freqs, adaln_input)
             if index in self.visual_layers:
-                visual.append(hidden_states)
+                visual.append(unified[:, image_tokens])
             if index in self.text_layers:
-                text.append(encoder_hidden_states)
-        return temb, visual, text
+                text.append(unified[:, cap_tokens])
+        return adaln_input, visual, text
+
+
+# The backbone families by `DiNaLRMConfig.backbone`.
+FEATURE_EXTRACTORS: dict[str, type[DiNaLRMFeatureExtractor]] = {
+    extractor.family: extractor for extractor in (SD3FeatureExtractor, FluxFeatureExtractor, ZImageFeatureExtractor)
+}
 
 
 class FiLMLayerAdapter(nn.Module):
@@ -406,12 +858,12 @@ class DiNaLRMHead(nn.Module):
 
     def __init__(self, config: DiNaLRMConfig):
         super().__init__()
-        width, in_dim = config.width, config.backbone_width
+        width, in_dim, cond_dim = config.width, config.backbone_width, config.conditioning_width
         self.layer_adapters_visual = nn.ModuleList(
-            FiLMLayerAdapter(in_dim, in_dim, width, config.head_use_proj_in) for _ in config.visual_layers
+            FiLMLayerAdapter(in_dim, cond_dim, width, config.head_use_proj_in) for _ in config.visual_layers
         )
         self.layer_adapters_text = nn.ModuleList(
-            FiLMLayerAdapter(in_dim, in_dim, width, config.head_use_proj_in) for _ in config.text_layers
+            FiLMLayerAdapter(in_dim, cond_dim, width, config.head_use_proj_in) for _ in config.text_layers
         )
         self.agg_visual = nn.Linear(len(config.visual_layers) * (width // 4), width)
         self.agg_text = nn.Linear(len(config.text_layers) * (width // 4), width) if config.text_layers else None
@@ -450,7 +902,7 @@ class DiNaLRMPreTrainedModel(PreTrainedModel):
     config_class = DiNaLRMConfig
     base_model_prefix = "dinalrm"
     supports_gradient_checkpointing = True
-    _no_split_modules = ["JointTransformerBlock", "DiNaLRMHead"]
+    _no_split_modules = ["JointTransformerBlock", "FluxTransformerBlock", "ZImageTransformerBlock", "DiNaLRMHead"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -487,7 +939,9 @@ class DiNaLRMPreTrainedModel(PreTrainedModel):
 
 
 class DiNaLRMModel(DiNaLRMPreTrainedModel):
-    """DiNa-LRM reward model: truncated SD3 backbone (optionally with LoRA) + timestep-aware query head.
+    """DiNa-LRM reward model: a truncated diffusion backbone (optionally with LoRA) + timestep-aware query head.
+
+    The backbone is the family's [`DiNaLRMFeatureExtractor`] (`config.backbone`: SD3, FLUX or Z-Image).
 
     `forward` scores latents that are already noisy; `score_latents` noises clean latents itself (one level or
     the multi-level ensemble). `preference_probability` / `preference_loss` implement the training objective.
@@ -495,7 +949,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
 
     def __init__(self, config: DiNaLRMConfig):
         super().__init__(config)
-        self.backbone = DiNaLRMBackbone(config)
+        self.backbone = config.feature_extractor_class(config)
         self.reward_head = DiNaLRMHead(config)
         with torch.device("cpu"):
             scheduler = FlowMatchEulerDiscreteScheduler(
@@ -593,12 +1047,17 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
 
     def default_lora_targets(self) -> list[str]:
         """Where the reference puts LoRA: every attention projection of the kept blocks, except the last block's
-        text-stream projections (`add_q/k/v_proj`, `to_add_out`) when no text layer reads that block's output."""
-        if self.config.text_layers and self.config.text_layers[-1] == self.config.num_backbone_layers:
-            return list(DEFAULT_LORA_TARGET_MODULES)
-        last = f"transformer_blocks.{self.config.num_backbone_layers - 1}.attn."
-        excluded = {last + name for name in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")}
-        suffixes = tuple("." + name for name in DEFAULT_LORA_TARGET_MODULES)
+        text-only projections (SD3: `add_q/k/v_proj`, `to_add_out`, as the reference; FLUX: `to_add_out`) when no
+        text layer reads that block's output."""
+        extractor = type(self.backbone)
+        targets = extractor.lora_targets
+        if not extractor.text_only_lora_targets or (
+            self.config.text_layers and self.config.text_layers[-1] == self.config.num_backbone_layers
+        ):
+            return list(targets)
+        last = f"{extractor.blocks_attribute}.{self.config.num_backbone_layers - 1}.attn."
+        excluded = {last + name for name in extractor.text_only_lora_targets}
+        suffixes = tuple("." + name for name in targets)
         return sorted(
             name
             for name, _ in self.backbone.named_modules()
@@ -693,20 +1152,20 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         self,
         latents: torch.Tensor,
         prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None,
         check_finite: bool | None = None,
     ) -> None:
         r"""Raises a clear error for latents or prompt embeddings the backbone cannot take.
 
         Args:
             latents (`torch.Tensor`): `(B, C, H, W)` latents (clean or noisy).
-            prompt_embeds (`torch.Tensor`): `(B, tokens, joint_attention_dim)` prompt embeddings.
-            pooled_prompt_embeds (`torch.Tensor`): `(B, pooled_projection_dim)` pooled prompt embeddings.
+            prompt_embeds (`torch.Tensor`): `(B, tokens, dim)` prompt embeddings of the family's text encoder(s).
+            pooled_prompt_embeds (`torch.Tensor`, *optional*): `(B, pooled_projection_dim)` pooled prompt embeddings;
+                required for SD3 and FLUX, `None` for Z-Image.
             check_finite (`bool`, *optional*): whether to refuse NaN or infinite values (which give NaN rewards).
                 `None` checks the tensors that are on the CPU (outside `torch.compile`), where it costs nothing;
                 `True` checks always, which waits for an accelerator; `False` never checks.
         """
-        bc = self.config.backbone_config
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise ValueError(
                 f"latents must be a 4D tensor (batch, channels, height, width), got {_describe(latents)}."
@@ -720,37 +1179,15 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 raise TypeError(
                     f"{name} must be floating-point, got {value.dtype}: pass float32, bfloat16 or float16."
                 )
-        batch, channels, height, width = latents.shape
-        if channels != bc["in_channels"]:
+        self.backbone.check_inputs(latents, prompt_embeds, pooled_prompt_embeds)
+        batch = latents.shape[0]
+        if prompt_embeds.shape[0] != batch or (
+            pooled_prompt_embeds is not None and len(pooled_prompt_embeds) != batch
+        ):
+            pooled = "" if pooled_prompt_embeds is None else f" and {len(pooled_prompt_embeds)} pooled_prompt_embeds"
             raise ValueError(
-                f"latents have {channels} channels but the backbone takes {bc['in_channels']}: pass VAE latents "
-                "(scaled as SD3 pipelines do), not images."
-            )
-        patch = bc["patch_size"]
-        if height % patch or width % patch:
-            raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {patch}.")
-        max_size = bc["pos_embed_max_size"] * patch
-        if height > max_size or width > max_size:
-            raise ValueError(f"latent size {height}x{width} exceeds the backbone's maximum of {max_size}x{max_size}.")
-        if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
-            raise ValueError(
-                f"prompt_embeds must be a 3D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}."
-            )
-        if prompt_embeds.shape[-1] != bc["joint_attention_dim"]:
-            raise ValueError(
-                f"prompt_embeds have dim {prompt_embeds.shape[-1]}, the backbone expects {bc['joint_attention_dim']}."
-            )
-        if not isinstance(pooled_prompt_embeds, torch.Tensor) or pooled_prompt_embeds.ndim != 2:
-            raise ValueError(f"pooled_prompt_embeds must be a 2D tensor, got {_describe(pooled_prompt_embeds)}.")
-        if pooled_prompt_embeds.shape[-1] != bc["pooled_projection_dim"]:
-            raise ValueError(
-                f"pooled_prompt_embeds have dim {pooled_prompt_embeds.shape[-1]}, "
-                f"the backbone expects {bc['pooled_projection_dim']}."
-            )
-        if prompt_embeds.shape[0] != batch or pooled_prompt_embeds.shape[0] != batch:
-            raise ValueError(
-                f"batch mismatch: {batch} latents but {prompt_embeds.shape[0]} prompt_embeds and "
-                f"{pooled_prompt_embeds.shape[0]} pooled_prompt_embeds; give one prompt embedding per latent."
+                f"batch mismatch: {batch} latents but {prompt_embeds.shape[0]} prompt_embeds{pooled}; give one "
+                "prompt embedding per latent."
             )
         if _checks_values(check_finite, latents):
             _require_finite(
@@ -764,7 +1201,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 "prompt_embeds contain NaN or infinite values: re-encode the prompt (a T5 encoder run in float16 can "
                 "overflow; run it in bfloat16 or float32).",
             )
-        if _checks_values(check_finite, pooled_prompt_embeds):
+        if pooled_prompt_embeds is not None and _checks_values(check_finite, pooled_prompt_embeds):
             _require_finite(
                 pooled_prompt_embeds,
                 "pooled_prompt_embeds contain NaN or infinite values: re-encode the prompt with the CLIP text "
@@ -772,15 +1209,15 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             )
 
     # -------------------------------------------------------------------------------------- scoring
-    def _backbone_in_chunks(self, noisy, timesteps, prompt_embeds, pooled):
+    def _backbone_in_chunks(self, noisy, sigmas, timesteps, prompt_embeds, pooled):
         dtype = self.dtype
         chunk = self.config.max_backbone_batch_size or noisy.shape[0]
         parts = [
             self.backbone(
                 noisy[i : i + chunk].to(dtype),
                 prompt_embeds[i : i + chunk].to(dtype),
-                pooled[i : i + chunk].to(dtype),
-                timesteps[i : i + chunk],
+                None if pooled is None else pooled[i : i + chunk].to(dtype),
+                self.backbone.timestep(sigmas[i : i + chunk], timesteps[i : i + chunk]),
             )
             for i in range(0, noisy.shape[0], chunk)
         ]
@@ -791,9 +1228,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         text = [torch.cat(layer) for layer in zip(*(p[2] for p in parts))]
         return temb, visual, text
 
-    def _reward_over_levels(self, noisy, timesteps, prompt_embeds, pooled, num_levels: int) -> torch.Tensor:
+    def _reward_over_levels(self, noisy, sigmas, timesteps, prompt_embeds, pooled, num_levels: int) -> torch.Tensor:
         """Rewards of `num_levels` stacked copies of a batch: one backbone pass, tokens joined per sample."""
-        temb, visual, text = self._backbone_in_chunks(noisy, timesteps, prompt_embeds, pooled)
+        temb, visual, text = self._backbone_in_chunks(noisy, sigmas, timesteps, prompt_embeds, pooled)
         visual_by_level = list(zip(*(layer.chunk(num_levels) for layer in visual)))
         text_by_level = list(zip(*(layer.chunk(num_levels) for layer in text))) or [()] * num_levels
         fused = [
@@ -814,17 +1251,19 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         noisy_latents: torch.Tensor,
         t: float | torch.Tensor,
         prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None = None,
         return_dict: bool = True,
         check_finite: bool | None = None,
     ) -> DiNaLRMOutput | tuple:
         r"""Rewards of latents that are ALREADY noised to level `t`.
 
         Args:
-            noisy_latents (`torch.Tensor` of shape `(B, C, H, W)`): scaled SD3 latents at noise level `t`.
+            noisy_latents (`torch.Tensor` of shape `(B, C, H, W)`): the family VAE's scaled latents at noise level
+                `t`.
             t (`float` or `torch.Tensor` of shape `(B,)`): noise fraction in [0, 1] (snapped, see `snap_noise_level`).
-            prompt_embeds (`torch.Tensor` of shape `(B, tokens, joint_attention_dim)`): SD3 prompt embeddings.
-            pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`): SD3 pooled embeddings.
+            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`): the family's prompt embeddings.
+            pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`, *optional*): pooled prompt
+                embeddings (SD3, FLUX); `None` for Z-Image.
             return_dict (`bool`, defaults to `True`): return a [`DiNaLRMOutput`] instead of a tuple.
             check_finite (`bool`, *optional*): refuse NaN / infinite inputs and a tensor `t` outside [0, 1]. `None`
                 checks only tensors on the CPU (outside `torch.compile`), so that scoring on an accelerator never
@@ -832,7 +1271,8 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         """
         self.check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds, check_finite=check_finite)
         sigmas, timesteps = self.snap_noise_level(t, noisy_latents.shape[0], noisy_latents.device, check_finite)
-        rewards = self._reward_over_levels(noisy_latents, timesteps, prompt_embeds, pooled_prompt_embeds, 1)
+        rewards = self._reward_over_levels(noisy_latents, sigmas, timesteps, prompt_embeds, pooled_prompt_embeds, 1)
+        timesteps = self.backbone.timestep(sigmas, timesteps)
         if not return_dict:
             return (rewards, sigmas, timesteps)
         return DiNaLRMOutput(rewards=rewards, sigmas=sigmas, timesteps=timesteps)
@@ -841,7 +1281,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         self,
         latents: torch.Tensor,
         prompt_embeds: torch.Tensor,
-        pooled_prompt_embeds: torch.Tensor,
+        pooled_prompt_embeds: torch.Tensor | None = None,
         t: float | Sequence[float] | None = None,
         noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
@@ -850,9 +1290,11 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         r"""Rewards of CLEAN latents, shape `(B,)`; differentiable w.r.t. `latents` when grad is enabled.
 
         Args:
-            latents (`torch.Tensor` of shape `(B, C, H, W)`): clean scaled SD3 latents.
-            prompt_embeds (`torch.Tensor` of shape `(B, tokens, joint_attention_dim)`): SD3 prompt embeddings.
-            pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`): SD3 pooled embeddings.
+            latents (`torch.Tensor` of shape `(B, C, H, W)`): the family VAE's clean scaled latents (FLUX's 2x2
+                packing happens inside).
+            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`): the family's prompt embeddings.
+            pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`, *optional*): pooled prompt
+                embeddings (SD3, FLUX); `None` for Z-Image.
             t (`float` or `list[float]`, *optional*): one noise level, or a list of levels for the token-level
                 ensemble (all levels in one backbone pass, their tokens joined before the query head). Defaults to
                 `config.default_t`.
@@ -886,20 +1328,22 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                         "or leave noise=None to draw it from `generator`.",
                     )
         batch = latents.shape[0]
-        noisy, all_timesteps = [], []
+        noisy, all_sigmas, all_timesteps = [], [], []
         for level, level_noise in zip(levels, noises):
             sigmas, timesteps = self.snap_noise_level(level, batch, latents.device, check_finite)
             if self.config.add_noise:
                 noisy.append(add_noise(latents, level_noise.to(latents.device), sigmas))
             else:
                 noisy.append(latents)
+            all_sigmas.append(sigmas)
             all_timesteps.append(timesteps)
         repeat = len(levels)
         return self._reward_over_levels(
             torch.cat(noisy),
+            torch.cat(all_sigmas),
             torch.cat(all_timesteps),
             prompt_embeds.repeat(repeat, 1, 1),
-            pooled_prompt_embeds.repeat(repeat, 1),
+            None if pooled_prompt_embeds is None else pooled_prompt_embeds.repeat(repeat, 1),
             repeat,
         )
 
@@ -1033,14 +1477,28 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         lora_target_modules: Sequence[str] | None = None,
         **config_kwargs,
     ) -> "DiNaLRMModel":
-        """Builds a reward model on the first `num_layers` blocks of a diffusers SD3 transformer checkpoint.
+        """Builds a reward model on the first `num_layers` blocks of a diffusers transformer checkpoint.
 
-        `pretrained_model_name_or_path` is a Hub id or folder of an SD3 pipeline (the transformer is read from
-        `subfolder`) or a folder holding the transformer's `config.json` directly. Only the kept blocks'
-        tensors are read; the head starts from random init (see `_init_weights`).
+        `pretrained_model_name_or_path` is a Hub id or folder of an SD3, FLUX or Z-Image pipeline (the transformer
+        is read from `subfolder`) or a folder holding the transformer's `config.json` directly; the family follows
+        from its class (`SD3Transformer2DModel`, `FluxTransformer2DModel`, `ZImageTransformer2DModel`). Only the
+        kept blocks' tensors are read; the head starts from random init (see `_init_weights`).
+
+        Examples:
+
+        ```py
+        >>> sd3 = DiNaLRMModel.from_backbone("stabilityai/stable-diffusion-3.5-medium", num_layers=12)
+        >>> flux = DiNaLRMModel.from_backbone("black-forest-labs/FLUX.1-dev", num_layers=19, visual_layers=[6, 12, 19])
+        >>> zimage = DiNaLRMModel.from_backbone("Tongyi-MAI/Z-Image-Turbo", num_layers=16, visual_layers=[4, 8, 16])
+        ```
         """
         files = _BackboneFiles(pretrained_model_name_or_path, subfolder, revision, variant, token, cache_dir)
         backbone_config = {k: v for k, v in files.config.items() if not k.startswith("_")}
+        if config_kwargs.setdefault("backbone", files.family) != files.family:
+            raise ValueError(
+                f"backbone={config_kwargs['backbone']!r} but {files.describe()} is a {files.family} transformer "
+                f"({files.config.get('_class_name')}); drop backbone= (the family follows from the checkpoint)."
+            )
         config_kwargs.setdefault("base_model_name_or_path", str(pretrained_model_name_or_path))
         config = DiNaLRMConfig(backbone_config=backbone_config, num_backbone_layers=num_layers, **config_kwargs)
         with torch.device("meta"):
@@ -1101,7 +1559,7 @@ def _describe(value) -> str:
 
 
 class _BackboneFiles:
-    """Finds an SD3 transformer checkpoint (local or Hub) and reads selected tensors lazily from safetensors."""
+    """Finds a diffusers transformer checkpoint (local or Hub) and reads selected tensors lazily from safetensors."""
 
     WEIGHTS = "diffusion_pytorch_model"
 
@@ -1116,12 +1574,17 @@ class _BackboneFiles:
                 self.subfolder = None
             elif not (subfolder and os.path.isfile(os.path.join(self.path, subfolder, "config.json"))):
                 raise FileNotFoundError(
-                    f"No SD3 transformer config.json in {self.path} or {os.path.join(self.path, subfolder or '')}."
+                    f"No transformer config.json in {self.path} or {os.path.join(self.path, subfolder or '')}."
                 )
         with open(self._fetch("config.json"), encoding="utf-8") as handle:
             self.config = json.load(handle)
-        if self.config.get("_class_name", "SD3Transformer2DModel") != "SD3Transformer2DModel":
-            raise ValueError(f"{self.describe()} holds a {self.config['_class_name']}, not an SD3Transformer2DModel.")
+        families = {extractor.transformer_class: family for family, extractor in FEATURE_EXTRACTORS.items()}
+        class_name = self.config.get("_class_name", "SD3Transformer2DModel")
+        if class_name not in families:
+            raise ValueError(
+                f"{self.describe()} holds a {class_name}; supported backbones are {', '.join(sorted(families))}."
+            )
+        self.family = families[class_name]
 
     def describe(self) -> str:
         return os.path.join(self.path, self.subfolder or "")

@@ -26,7 +26,14 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging, replace_example_docstring
 from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import create_repo
-from transformers import CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedModel, T5EncoderModel, T5Tokenizer
+from transformers import (
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    T5EncoderModel,
+    T5Tokenizer,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -257,6 +264,8 @@ def load_base_components(
     token: str | bool | None = None,
     cache_dir: str | None = None,
     role: str = "base model",
+    names: Sequence[str] = BASE_COMPONENTS,
+    optional: Sequence[str] = ("text_encoder_3", "tokenizer_3"),
 ) -> dict:
     r"""The components of an SD3 (or DiNa-LRM) pipeline but its transformer and reward model, each loaded from its
     own subfolder with the class `model_index.json` names (diffusers and transformers classes only).
@@ -267,10 +276,11 @@ def load_base_components(
     Args:
         base (`str` or `os.PathLike`): SD3 pipeline Hub id or folder, e.g. `"stabilityai/stable-diffusion-3.5-medium"`.
         torch_dtype (`torch.dtype`, *optional*): dtype of the models (default: float32).
+        names (`Sequence[str]`, defaults to SD3's): the components to load; optional: those that may be missing.
     """
     modeling = _installed_modeling()
     patterns = ["model_index.json"] + [
-        f"{name}/*.{ext}" for name in BASE_COMPONENTS for ext in ("json", "txt", "model", "safetensors")
+        f"{name}/*.{ext}" for name in names for ext in ("json", "txt", "model", "safetensors")
     ]
     folder, _ = modeling.resolve_repo(base, patterns, role, revision, token, cache_dir)
     model_index_path = os.path.join(folder, "model_index.json")
@@ -279,10 +289,10 @@ def load_base_components(
     with open(model_index_path, encoding="utf-8") as handle:
         model_index = json.load(handle)
     components = {}
-    for name in BASE_COMPONENTS:
+    for name in names:
         library, class_name = model_index.get(name) or (None, None)
         if class_name is None:
-            if name not in DiNaLRMPipeline._optional_components:
+            if name not in optional:
                 raise ValueError(f"{base} has no {name}; the DiNa-LRM pipeline needs SD3's {name}.")
             components[name] = None
             continue
@@ -314,6 +324,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->vae->reward_model"
     _optional_components = ["text_encoder_3", "tokenizer_3"]
+    # The components (all but the reward model) `from_pretrained` loads from a saved repository.
+    _base_components = BASE_COMPONENTS
 
     def __init__(
         self,
@@ -339,11 +351,15 @@ class DiNaLRMPipeline(DiffusionPipeline):
             tokenizer_3=tokenizer_3,
             scheduler=scheduler,
         )
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self._set_up_scoring()
+
+    def _set_up_scoring(self) -> None:
+        """The image processor, the prompt cache and the noise-table check every family's pipeline needs."""
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._prompt_cache: OrderedDict = OrderedDict()
-        scheduler_table = (scheduler.config.shift, scheduler.config.num_train_timesteps)
-        reward_table = (reward_model.config.scheduler_shift, reward_model.config.num_train_timesteps)
+        scheduler_table = (self.scheduler.config.shift, self.scheduler.config.num_train_timesteps)
+        reward_table = (self.reward_model.config.scheduler_shift, self.reward_model.config.num_train_timesteps)
         if scheduler_table != reward_table:
             logger.warning(
                 f"The scheduler's (shift, num_train_timesteps) = {scheduler_table} differ from the table the reward "
@@ -353,12 +369,17 @@ class DiNaLRMPipeline(DiffusionPipeline):
     # ------------------------------------------------------------------------------------------ properties
     @property
     def patch_size(self) -> int:
-        return self.reward_model.config.backbone_config["patch_size"]
+        return self.reward_model.config.latent_patch_size
 
     @property
     def size_multiple(self) -> int:
         """Image sides must be multiples of this: one backbone patch after the VAE's downsampling."""
         return self.vae_scale_factor * self.patch_size
+
+    @property
+    def max_latent_side(self) -> int:
+        """The largest latent side the backbone takes (SD3: its position table); prompt-shared noise is drawn at it."""
+        return self.reward_model.config.backbone_config["pos_embed_max_size"] * self.patch_size
 
     @property
     def default_resolution(self) -> int:
@@ -451,10 +472,31 @@ class DiNaLRMPipeline(DiffusionPipeline):
             reward_model = modeling.DiNaLRMModel.from_pretrained(
                 pretrained_model_name_or_path, subfolder="reward_model", dtype=torch_dtype, **hub
             )
+        pipeline_class = cls._class_for(reward_model)
         components = load_base_components(
-            pretrained_model_name_or_path, torch_dtype=torch_dtype, role="DiNa-LRM model", **hub
+            pretrained_model_name_or_path,
+            torch_dtype=torch_dtype,
+            role="DiNa-LRM model",
+            names=pipeline_class._base_components,
+            optional=pipeline_class._optional_components,
+            **hub,
         )
-        return cls(reward_model=reward_model, **components)
+        return pipeline_class(reward_model=reward_model, **components)
+
+    @classmethod
+    def _class_for(cls, reward_model: PreTrainedModel) -> type["DiNaLRMPipeline"]:
+        """The pipeline class of the reward model's backbone family (`DiNaLRMPipeline.from_pretrained` on a FLUX
+        repository gives a [`DiNaLRMFluxPipeline`]); a family-specific class keeps itself."""
+        if cls is not DiNaLRMPipeline:
+            return cls
+        family = getattr(reward_model.config, "backbone", "sd3")
+        classes = {"sd3": DiNaLRMPipeline, "flux": DiNaLRMFluxPipeline}
+        if family not in classes:
+            raise ValueError(
+                f"there is no pipeline for {family} reward models yet: load the reward model with "
+                "DiNaLRMModel.from_pretrained(repo, subfolder='reward_model') and score latents with score_latents."
+            )
+        return classes[family]
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs) -> None:
         """Saves the Hub layout that reloads in a fresh process (diffusers' own save copies no code files).
@@ -884,7 +926,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         the inputs are batched.
         """
         latents = parts[0][1]
-        side = self.reward_model.config.backbone_config["pos_embed_max_size"] * self.patch_size
+        side = self.max_latent_side
         shape = (1, latents.shape[1], side, side)
         for group in sorted({groups[index] for indices, _ in parts for index in indices}):
             if group not in draws:
@@ -1172,3 +1214,90 @@ class DiNaLRMPipeline(DiffusionPipeline):
         _require_rankable(rewards)
         ordered, order = torch.sort(rewards, descending=True, stable=True)
         return DiNaLRMRankingOutput(indices=order.tolist(), rewards=ordered)
+
+
+class DiNaLRMFluxPipeline(DiNaLRMPipeline):
+    r"""Scores images or FLUX latents against prompts with a DiNa-LRM reward model on a FLUX backbone.
+
+    Everything but the encoders is [`DiNaLRMPipeline`]'s (`__call__`, `compare`, `rank`, `reward_fn`, the resize
+    rule, the noise conventions). Prompts are encoded as `FluxPipeline` encodes them (T5 hidden states, the CLIP
+    pooled output) and images with FLUX's 16-channel VAE, `(mode - shift_factor) * scaling_factor`; the reward model
+    packs the latents 2x2 itself, so latent sides must be even.
+
+    Args:
+        reward_model ([`DiNaLRMModel`]): a reward model with `config.backbone == "flux"`.
+        vae ([`AutoencoderKL`]): FLUX's VAE.
+        text_encoder ([`CLIPTextModel`]) / tokenizer ([`CLIPTokenizer`]): CLIP-L, for the pooled embedding.
+        text_encoder_2 ([`T5EncoderModel`]) / tokenizer_2 ([`T5TokenizerFast`]): T5-XXL, for the token embeddings.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): FLUX's scheduler.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->vae->reward_model"
+    _optional_components = []
+    _base_components = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+    # FLUX.1-dev's default sample size (128 latents) and a latent side of 2048 pixels for prompt-shared noise.
+    _default_latent_side = 128
+    _max_latent_side = 256
+
+    def __init__(
+        self,
+        reward_model: PreTrainedModel,
+        vae: AutoencoderKL,
+        text_encoder: PreTrainedModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: PreTrainedTokenizerBase,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ):
+        DiffusionPipeline.__init__(self)
+        if reward_model.config.backbone != "flux":
+            raise ValueError(
+                f"DiNaLRMFluxPipeline needs a reward model on a FLUX backbone, got backbone="
+                f"{reward_model.config.backbone!r}; use the pipeline of that family."
+            )
+        self.register_modules(
+            reward_model=reward_model,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            text_encoder_2=text_encoder_2,
+            tokenizer_2=tokenizer_2,
+            scheduler=scheduler,
+        )
+        self._set_up_scoring()
+
+    @property
+    def max_latent_side(self) -> int:
+        return self._max_latent_side
+
+    @property
+    def default_resolution(self) -> int:
+        return self._default_latent_side * self.vae_scale_factor
+
+    @classmethod
+    def from_flux(cls, flux_pipeline: DiffusionPipeline, reward_model: PreTrainedModel) -> "DiNaLRMFluxPipeline":
+        """Builds the pipeline around an already loaded `FluxPipeline`, sharing (not copying) its VAE, text
+        encoders, tokenizers and scheduler, so an alignment loop holds one copy of each."""
+        return cls(reward_model=reward_model, **{name: getattr(flux_pipeline, name) for name in cls._base_components})
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        device: torch.device | None = None,
+        max_sequence_length: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""FLUX prompt embeddings, as `FluxPipeline.encode_prompt` makes them.
+
+        Returns:
+            `(prompt_embeds, pooled_prompt_embeds)`: T5's last hidden state over `max_sequence_length` tokens
+            (default `reward_model.config.max_sequence_length`), `(B, tokens, joint_attention_dim)`, and CLIP's
+            pooled output, `(B, pooled_projection_dim)`.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        device = device or self._execution_device
+        max_sequence_length = max_sequence_length or self.reward_model.config.max_sequence_length
+        clip_ids = self._tokenize(self.tokenizer, prompts, self.tokenizer.model_max_length)
+        pooled = self.text_encoder(clip_ids.to(device), output_hidden_states=False).pooler_output
+        t5_ids = self._tokenize(self.tokenizer_2, prompts, max_sequence_length)
+        prompt_embeds = self.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
+        return prompt_embeds.to(self.text_encoder_2.dtype), pooled.to(self.text_encoder.dtype)

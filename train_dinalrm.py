@@ -45,7 +45,7 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
-from diffusers import StableDiffusion3Pipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
@@ -102,7 +102,7 @@ from dinalrm.training_utils import (
     seeded_generator,
 )
 from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel
-from pipeline_dinalrm import DiNaLRMPipeline
+from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline
 
 
 logger = get_logger(__name__)
@@ -114,7 +114,7 @@ NONFINITE_STEP = "nonfinite_step"  # runtime skip reason of a step skipped under
 #: Settings a checkpoint's reward model must share with the run that resumes from it (they fix the weights' shapes
 #: and what the adapter computes).
 RESUME_SETTINGS = (
-    "backbone_config", "num_backbone_layers", "visual_layers", "text_layers", "head_width", "head_num_queries",
+    "backbone", "backbone_config", "num_backbone_layers", "visual_layers", "text_layers", "head_width", "head_num_queries",
     "head_num_heads", "head_use_proj_in", "lora_rank", "lora_alpha", "lora_target_modules",
 )  # fmt: skip
 
@@ -134,8 +134,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="SD3 pipeline (Hub id or folder): the backbone is its `transformer`, and its VAE and text "
+        help="SD3 or FLUX pipeline (Hub id or folder): the backbone is its `transformer`, and its VAE and text "
         "encoders encode the data.",
+    )
+    model.add_argument(
+        "--backbone",
+        choices=("sd3", "flux", "zimage"),
+        default="sd3",
+        help="Backbone family of --pretrained_model_name_or_path (checked against its transformer's class): sd3 "
+        "(SD3.5, the paper's main setting), flux (FLUX.1-dev: first double-stream blocks) or zimage (Z-Image; no "
+        "encoding pipeline yet, so it cannot be trained here).",
     )
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
@@ -386,6 +394,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--constant_t must lie in [0, 1].")
     if args.pipeline_output_dir and os.path.isdir(args.pipeline_output_dir) and os.listdir(args.pipeline_output_dir):
         parser.error(f"--pipeline_output_dir {args.pipeline_output_dir} is not empty; choose another folder.")
+    if args.backbone == "zimage":
+        parser.error(
+            "--backbone zimage: Z-Image models build (DiNaLRMModel.from_backbone) but have no encoding pipeline yet "
+            "for prompts and images; train on sd3 or flux."
+        )
+    if args.backbone != "sd3" and args.pipeline_output_dir:
+        parser.error(
+            f"--pipeline_output_dir assembles an SD3 pipeline repository; with --backbone {args.backbone} save the "
+            "reward model (--output_dir) and build the scorer with DiNaLRMFluxPipeline.from_flux."
+        )
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token would be logged by wandb; log in with `hf auth login` instead.")
     return args
@@ -393,9 +411,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
 
 # --------------------------------------------------------------------------------------------------- set-up
 def build_reward_model(args: argparse.Namespace) -> DiNaLRMModel:
-    """A fresh reward model on the first blocks of the SD3 transformer, with its trainable parameters marked."""
+    """A fresh reward model on the first blocks of the backbone transformer, with its trainable parameters marked."""
     model = DiNaLRMModel.from_backbone(
         args.pretrained_model_name_or_path,
+        backbone=args.backbone,
         subfolder="transformer",
         num_layers=args.num_backbone_layers,
         revision=args.revision,
@@ -492,18 +511,22 @@ def load_pairs(args, accelerator, buckets: BucketSet) -> tuple[datasets.Dataset,
 def load_encoding_pipeline(
     args, reward_model: DiNaLRMModel, device: torch.device, dtype: torch.dtype
 ) -> DiNaLRMPipeline:
-    """The pipeline whose `encode_prompt` / `encode_images` encode the data (SD3's VAE and text encoders, frozen)."""
-    sd3 = StableDiffusion3Pipeline.from_pretrained(
+    """The pipeline whose `encode_prompt` / `encode_images` encode the data (the generator's VAE and text encoders,
+    frozen)."""
+    generator_class, from_generator = {
+        "sd3": (StableDiffusion3Pipeline, DiNaLRMPipeline.from_sd3),
+        "flux": (FluxPipeline, DiNaLRMFluxPipeline.from_flux),
+    }[args.backbone]
+    generator = generator_class.from_pretrained(
         args.pretrained_model_name_or_path,
         transformer=None,
         revision=args.revision,
         variant=args.variant,
         dtype=dtype,
     )
-    pipeline = DiNaLRMPipeline.from_sd3(sd3, reward_model)
-    for name in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        component = getattr(pipeline, name)
-        if component is not None:
+    pipeline = from_generator(generator, reward_model)
+    for name, component in pipeline.components.items():
+        if name != "reward_model" and isinstance(component, torch.nn.Module):
             component.requires_grad_(False).eval().to(device)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
@@ -557,7 +580,7 @@ def data_sources(args, accelerator, reward_model, dtype):
         return LRMPairDataset(train), validation, collate_lrm_pairs, pipeline, skipped
     buckets = buckets_for_model(
         args.pretrained_model_name_or_path,
-        reward_model.config.backbone_config["patch_size"],
+        reward_model.config.latent_patch_size,
         args.resolution,
         args.bucket_multiple,
         args.revision,

@@ -62,6 +62,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "default for pickscore/clip: their published model).",
     )
     parser.add_argument("--scorer", default="dinalrm", choices=sorted(SCORERS))
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        choices=("sd3", "flux", "zimage"),
+        help="DiNa-LRM: the backbone family --model must have (default: whichever it has; the pipeline follows it).",
+    )
     parser.add_argument("--processor", default=None, help="CLIP scorers: processor id/folder (default per scorer).")
     parser.add_argument("--t", type=float, default=None, help="DiNa-LRM noise level (default: the model's, 0.4).")
     parser.add_argument(

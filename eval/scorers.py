@@ -204,6 +204,12 @@ class DiNaLRMScorer(Scorer):
             raise ValueError("--scorer dinalrm needs --model (a Hub id or a local folder in the Hub layout).")
         pipe = cls.load_pipeline(args.model, device, args.dtype)
         config = pipe.reward_model.config
+        backbone = getattr(args, "backbone", None)
+        if backbone is not None and config.backbone != backbone:
+            raise ValueError(
+                f"--backbone {backbone}, but {args.model} is a DiNa-LRM model on a {config.backbone} backbone: "
+                f"pass --backbone {config.backbone}, or drop --backbone (the model's family is read from it)."
+            )
         settings: list[NoiseSetting] = []
         if args.t is not None or args.ensemble is None:
             settings.append(config.default_t if args.t is None else args.t)

@@ -72,6 +72,38 @@ def copy_official(tmp_path: Path, **model_overrides) -> Path:
     return target
 
 
+@pytest.fixture
+def safetensors_reads(monkeypatch):
+    """`(opened, read)`: the basenames of the safetensors files opened and the tensor names read while the test
+    runs, recorded by wrapping `safetensors.safe_open` (which selective readers import when they read)."""
+    import safetensors
+
+    opened, read = [], []
+    real_open = safetensors.safe_open
+
+    class RecordingOpen:
+        def __init__(self, path, *args, **kwargs):
+            opened.append(os.path.basename(path))
+            self._handle = real_open(path, *args, **kwargs)
+
+        def __enter__(self):
+            self._inner = self._handle.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self._handle.__exit__(*exc)
+
+        def keys(self):
+            return self._inner.keys()
+
+        def get_tensor(self, key):
+            read.append(key)
+            return self._inner.get_tensor(key)
+
+    monkeypatch.setattr(safetensors, "safe_open", RecordingOpen)
+    return opened, read
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run fastest on one torch thread (and the CPU is shared); use with `usefixtures`."""

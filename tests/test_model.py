@@ -8,7 +8,6 @@ import sys
 import textwrap
 
 import pytest
-import safetensors
 import torch
 from conftest import OFFICIAL_TINY
 from diffusers import SD3Transformer2DModel
@@ -137,36 +136,14 @@ def test_fresh_process_loads_with_automodel_and_remote_code(model, batch, tmp_pa
     torch.testing.assert_close(out["rewards"], expected, atol=1e-5, rtol=1e-5)
 
 
-def test_from_backbone_reads_only_the_kept_blocks(tmp_path, monkeypatch):
+def test_from_backbone_reads_only_the_kept_blocks(tmp_path, safetensors_reads):
     config = tiny_transformer_config(num_layers=6)
     torch.manual_seed(0)
     full = SD3Transformer2DModel(**config)
     # Small shards so that the blocks that are not kept live in files that must never be opened.
     full.save_pretrained(tmp_path / "transformer", max_shard_size="60KB")
     shard_index = json.loads((tmp_path / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
-    opened, read = [], []
-    real_open = safetensors.safe_open
-
-    class RecordingOpen:
-        def __init__(self, path, *args, **kwargs):
-            opened.append(os.path.basename(path))
-            self._handle = real_open(path, *args, **kwargs)
-
-        def __enter__(self):
-            self._inner = self._handle.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self._handle.__exit__(*exc)
-
-        def keys(self):
-            return self._inner.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self._inner.get_tensor(key)
-
-    monkeypatch.setattr(safetensors, "safe_open", RecordingOpen)
+    opened, read = safetensors_reads
     model = DiNaLRMModel.from_backbone(tmp_path, num_layers=2, visual_layers=[1, 2], text_layers=[2], head_num_heads=4)
 
     kept = ("pos_embed.", "time_text_embed.", "context_embedder.", "transformer_blocks.0.", "transformer_blocks.1.")

@@ -17,12 +17,19 @@ import PIL.Image
 import pytest
 import torch
 from conftest import OFFICIAL_TINY, REPO_ROOT
+from diffusers import FluxPipeline, ZImageTransformer2DModel
 from huggingface_hub.errors import GatedRepoError
 from test_lrm_parity import FIXTURE as LRM_FIXTURE
 from test_lrm_parity import lrm_settings, run_lrm_converter
 
 import modeling_dinalrm
-from dinalrm.testing import add_to_hub_cache, save_tiny_sd3_base
+from dinalrm.testing import (
+    add_to_hub_cache,
+    get_tiny_flux_components,
+    save_tiny_sd3_base,
+    tiny_flux_transformer_config,
+    tiny_zimage_transformer_config,
+)
 from modeling_dinalrm import DiNaLRMModel, ModelUnavailableError
 from pipeline_dinalrm import DiNaLRMPipeline, load_base_components
 
@@ -38,6 +45,14 @@ def hub(tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     official = add_to_hub_cache(root / "cache", OFFICIAL_ID, OFFICIAL_TINY)
     base = add_to_hub_cache(root / "cache", BASE_ID, save_tiny_sd3_base(root / "base", OFFICIAL_TINY / "transformer"))
+    # The README's FLUX.1-dev and Z-Image-Turbo stand-ins: as deep as the real ones, so its layer choices hold.
+    FluxPipeline(
+        **get_tiny_flux_components(transformer_config=tiny_flux_transformer_config(num_layers=19))
+    ).save_pretrained(root / "flux")
+    add_to_hub_cache(root / "cache", "black-forest-labs/FLUX.1-dev", root / "flux")
+    zimage = ZImageTransformer2DModel(**tiny_zimage_transformer_config(n_layers=30))
+    zimage.save_pretrained(root / "zimage" / "transformer")
+    add_to_hub_cache(root / "cache", "Tongyi-MAI/Z-Image-Turbo", root / "zimage")
     images = []
     for name, colour in (("a.png", "red"), ("b.png", "blue")):
         PIL.Image.new("RGB", (64, 48), colour).save(root / name)

@@ -21,6 +21,7 @@ import pytest
 import torch
 from accelerate.utils import load as accelerate_load
 from conftest import REPO_ROOT
+from diffusers import FluxPipeline
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -43,6 +44,7 @@ from dinalrm.feature_cache import (
 )
 from dinalrm.pair_datasets import ImagePairDataset, collate_image_pairs
 from dinalrm.testing import (
+    get_tiny_flux_components,
     get_tiny_sd3_components,
     make_tiny_image_pair,
     save_tiny_sd3_pipeline,
@@ -525,6 +527,27 @@ def test_end_to_end_canonical(raw_canonical_run, workspace):
     assert DiNaLRMModel.from_pretrained(checkpoint / "reward_model").config.lora_rank == 4  # adapter kept for resume
     assert "accuracy" in (raw_canonical_run / "README.md").read_text()
     assert list((raw_canonical_run / "logs").rglob("events.out.tfevents.*")), "tensorboard is the default tracker"
+
+
+def test_end_to_end_flux_backbone(workspace):
+    """`--backbone flux`: a tiny FLUX pipeline's VAE and encoders encode the data, its first double-stream blocks
+    are the backbone; the loop, validation and saving are the SD3 run's."""
+    FluxPipeline(**get_tiny_flux_components(seed=0)).save_pretrained(workspace / "flux")
+    output = workspace / "flux-run"
+    flags = [
+        "--pretrained_model_name_or_path",
+        str(workspace / "flux"),
+        "--train_data_dir",
+        str(workspace / "canonical"),
+    ]
+    flags += ["--validation_split", "test", "--output_dir", str(output), *COMMON_FLAGS]
+    mismatch = run_python(*flags)  # the family defaults to sd3 and must match the checkpoint
+    assert mismatch.returncode != 0 and "is a flux transformer" in mismatch.stderr
+    _ok(run_python("--backbone", "flux", *flags))
+    _assert_scores(output, workspace / "flux")
+    summary = _summary(output)
+    assert summary["global_step"] == 6 and summary["validation"][-1]["val/pairs"] == 4
+    assert DiNaLRMModel.from_pretrained(output).config.backbone == "flux"
 
 
 def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_run):

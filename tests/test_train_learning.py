@@ -137,14 +137,14 @@ def photo_world(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def trained(photo_world) -> Path:
-    output = photo_world / "reward-model"
+def train(photo_world: Path, base: str, *extra: str) -> Path:
+    """`train_dinalrm.py` with `FLAGS` on the photo pairs, on the pipeline folder `photo_world / base`."""
+    output = photo_world / f"reward-model-{base}"
     command = [
         sys.executable,
         str(REPO_ROOT / "train_dinalrm.py"),
         "--pretrained_model_name_or_path",
-        str(photo_world / "sd3"),
+        str(photo_world / base),
         "--train_data_dir",
         str(photo_world / "train"),
         "--validation_dataset_name",
@@ -152,6 +152,7 @@ def trained(photo_world) -> Path:
         "--output_dir",
         str(output),
         *FLAGS,
+        *extra,
     ]
     env = {
         **os.environ,
@@ -163,6 +164,11 @@ def trained(photo_world) -> Path:
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False)
     assert result.returncode == 0, result.stderr[-6000:]
     return output
+
+
+@pytest.fixture(scope="module")
+def trained(photo_world) -> Path:
+    return train(photo_world, "sd3")
 
 
 @torch.no_grad()

@@ -20,11 +20,13 @@ import torch
 from diffusers import (
     AutoencoderKL,
     FlowMatchEulerDiscreteScheduler,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from transformers import (
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
     T5Config,
@@ -281,6 +283,26 @@ def medium_transformer_config(**overrides: Any) -> dict[str, Any]:
     return _transformer_config("medium", 64, 8, 64, (0, 1, 2), overrides)
 
 
+def tiny_flux_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of a tiny guidance-distilled `FluxTransformer2DModel` like FLUX.1-dev's (inner_dim 32, 3
+    double-stream and 1 single-stream blocks, 16-channel latents packed 2x2 into 64 input channels)."""
+    return {
+        "patch_size": 1, "in_channels": 64, "num_layers": 3, "num_single_layers": 1, "attention_head_dim": 8,
+        "num_attention_heads": 4, "joint_attention_dim": 32, "pooled_projection_dim": 32, "guidance_embeds": True,
+        "axes_dims_rope": (2, 2, 4), **overrides,
+    }  # fmt: skip
+
+
+def tiny_zimage_transformer_config(**overrides: Any) -> dict[str, Any]:
+    """Keyword arguments of a tiny `ZImageTransformer2DModel` like Z-Image-Turbo's (dim 32, 3 main layers, one
+    noise and one context refiner layer, 16-channel latents in 2x2 patches)."""
+    return {
+        "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 32, "n_layers": 3,
+        "n_refiner_layers": 1, "n_heads": 4, "n_kv_heads": 4, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": 32,
+        "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [2, 2, 4], "axes_lens": [256, 32, 32], **overrides,
+    }  # fmt: skip
+
+
 def _clip_merges(words: tuple[str, ...]) -> list[tuple[str, str]]:
     """BPE merges that turn every word into one token.
 
@@ -421,6 +443,36 @@ def get_tiny_sd3_components(
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
         "tokenizer_3": tokenizer_3,
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    }
+
+
+def get_tiny_flux_components(seed: int = 0, transformer_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The seven components of a `FluxPipeline`, small, random, float32, in eval mode: a tiny FLUX transformer
+    (`tiny_flux_transformer_config`), a 16-channel VAE with FLUX's shift/scale, CLIP whose pooled output and T5 whose
+    hidden states have the transformer's widths."""
+    transformer_config = transformer_config or tiny_flux_transformer_config()
+    tokenizer, _, tokenizer_2 = build_tiny_tokenizers()
+    bos_id, eos_id = tokenizer.convert_tokens_to_ids(list(_CLIP_SPECIAL_TOKENS))
+    clip_config = CLIPTextConfig(
+        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length, bos_token_id=bos_id,
+        eos_token_id=eos_id, pad_token_id=tokenizer.pad_token_id, hidden_act="gelu",
+        **_clip(transformer_config["pooled_projection_dim"], 64, 2, 2),
+    )  # fmt: skip
+    t5_config = T5Config(
+        vocab_size=len(tokenizer_2), d_model=transformer_config["joint_attention_dim"],
+        pad_token_id=tokenizer_2.pad_token_id, eos_token_id=tokenizer_2.eos_token_id,
+        decoder_start_token_id=tokenizer_2.pad_token_id, relative_attention_num_buckets=8,
+        relative_attention_max_distance=32, **_TEXT_ENCODER_SIZES["tiny"]["t5"],
+    )  # fmt: skip
+    vae_config = {**_VAE_CONFIG, "shift_factor": 0.1159, "scaling_factor": 0.3611}
+    return {
+        "transformer": _seeded(seed, "flux_transformer", lambda: FluxTransformer2DModel(**transformer_config)),
+        "vae": _seeded(seed, "flux_vae", lambda: AutoencoderKL(**vae_config)),
+        "text_encoder": _seeded(seed, "flux_text_encoder", lambda: CLIPTextModel(clip_config)),
+        "text_encoder_2": _seeded(seed, "flux_text_encoder_2", lambda: T5EncoderModel(t5_config)),
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
         "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
     }
 
