@@ -26,7 +26,6 @@ side and the reference / ours ratios (> 1 means we are faster or smaller).
 import argparse
 import json
 import multiprocessing
-import resource
 import statistics
 import sys
 import tempfile
@@ -123,14 +122,18 @@ def batch_inputs(root: Path, batch: int, size: int):
 
 def run_side(side: str, workload: str, root: Path, options, queue) -> None:
     """Runs one side's workload in this (fresh) process; an error is passed to the parent instead of a result."""
+    from bench_train import ResidentMemorySampler
+
+    sampler = ResidentMemorySampler()  # polls /proc: ru_maxrss would include the parent's peak (fork + exec)
     try:
-        (run_reference if side == "reference" else run_ours)(workload, root, options, queue)
+        result = (run_reference if side == "reference" else run_ours)(workload, root, options)
+        queue.put({**result, "peak_rss_mb": sampler.stop() / 2**20})
     except BaseException as error:
         queue.put({"error": f"{type(error).__name__}: {error}"})
         raise
 
 
-def run_reference(workload: str, root: Path, options, queue) -> None:
+def run_reference(workload: str, root: Path, options) -> dict:
     import torch
 
     torch.set_num_threads(options.threads)
@@ -191,10 +194,10 @@ def run_reference(workload: str, root: Path, options, queue) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    queue.put(measure(workload, load_s, {"single": single, "ensemble": ensemble, "train": train}, options))
+    return measure(workload, load_s, {"single": single, "ensemble": ensemble, "train": train}, options)
 
 
-def run_ours(workload: str, root: Path, options, queue) -> None:
+def run_ours(workload: str, root: Path, options) -> dict:
     import torch
 
     from dinalrm.training_utils import preference_step, seeded_generator
@@ -244,11 +247,11 @@ def run_ours(workload: str, root: Path, options, queue) -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    queue.put(measure(workload, load_s, {"single": single, "ensemble": ensemble, "train": train}, options))
+    return measure(workload, load_s, {"single": single, "ensemble": ensemble, "train": train}, options)
 
 
 def measure(workload: str, load_s: float, functions: dict, options) -> dict:
-    """Seconds of the workload (load: the load itself; others: median of `--steps` after a warm-up) and peak RSS."""
+    """Seconds of the workload (load: the load itself; others: median of `--steps` after a warm-up)."""
     if workload == "load":
         seconds = load_s
     else:
@@ -260,7 +263,7 @@ def measure(workload: str, load_s: float, functions: dict, options) -> dict:
             fn()
             times.append(time.perf_counter() - start)
         seconds = statistics.median(times)
-    return {"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"seconds": seconds}
 
 
 def main() -> None:
