@@ -2,8 +2,7 @@
 """Speed-up of `torch.compile` on the reward model's backbone, for scoring and for a training step, on CPU.
 
 Two copies of the medium model of `bench_model.py` (same weights, LoRA rank 16 for training), one eager and one
-whose backbone is compiled in place with `nn.Module.compile()` (state-dict keys unchanged, as the pipeline's
-`compile=True` and `train_dinalrm.py --compile` do), timed interleaved in one process after warm-up. Prints the
+whose backbone is compiled in place with `nn.Module.compile()` (state-dict keys unchanged), timed interleaved in one process after warm-up. Prints the
 one-off compile time and the eager / compiled ratio (> 1: compiling wins).
 
     python benchmarks/bench_compile.py [--batch_size 4] [--latent_size 32] [--repeats 5]
