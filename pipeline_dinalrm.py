@@ -376,10 +376,19 @@ class DiNaLRMPipeline(DiffusionPipeline):
         """Image sides must be multiples of this: one backbone patch after the VAE's downsampling."""
         return self.vae_scale_factor * self.patch_size
 
+    @classmethod
+    def max_latent_side_for(cls, reward_model: PreTrainedModel) -> int:
+        """The largest latent side `reward_model`'s backbone takes (SD3: its position table); prompt-shared noise is
+        drawn at it. Also for callers that score latents with the reward model alone (the reward server)."""
+        family_class = cls._class_for(reward_model)
+        if family_class is not cls:
+            return family_class.max_latent_side_for(reward_model)
+        return reward_model.config.backbone_config["pos_embed_max_size"] * reward_model.config.latent_patch_size
+
     @property
     def max_latent_side(self) -> int:
-        """The largest latent side the backbone takes (SD3: its position table); prompt-shared noise is drawn at it."""
-        return self.reward_model.config.backbone_config["pos_embed_max_size"] * self.patch_size
+        """The largest latent side the backbone takes; prompt-shared noise is drawn at it."""
+        return self.max_latent_side_for(self.reward_model)
 
     @property
     def default_resolution(self) -> int:
@@ -1266,9 +1275,9 @@ class DiNaLRMFluxPipeline(DiNaLRMPipeline):
         )
         self._set_up_scoring()
 
-    @property
-    def max_latent_side(self) -> int:
-        return self._max_latent_side
+    @classmethod
+    def max_latent_side_for(cls, reward_model: PreTrainedModel) -> int:
+        return cls._max_latent_side
 
     @property
     def default_resolution(self) -> int:

@@ -162,18 +162,23 @@ def seeded_noise(reward_model, latent: torch.Tensor, seed: int) -> torch.Tensor:
     `generator=torch.Generator().manual_seed(seed)` (its prompt-shared draw, cropped to the latent's size)."""
     from pipeline_dinalrm import DiNaLRMPipeline
 
-    owner = _NoiseOwner(reward_model, reward_model.config.backbone_config["patch_size"])
+    owner = _NoiseOwner(
+        reward_model,
+        reward_model.config.backbone_config["patch_size"],
+        DiNaLRMPipeline.max_latent_side_for(reward_model),
+    )
     generator = torch.Generator().manual_seed(seed)
     return DiNaLRMPipeline._shared_noises(owner, {}, [0], [([0], latent)], 1, generator)[0][0]
 
 
 @dataclass
 class _NoiseOwner:
-    """The two attributes `DiNaLRMPipeline._shared_noises` reads, so that its one noise rule serves a reward model
+    """The attributes `DiNaLRMPipeline._shared_noises` reads, so that its one noise rule serves a reward model
     loaded alone."""
 
     reward_model: torch.nn.Module
     patch_size: int
+    max_latent_side: int
 
 
 def score_latent_batch(reward_model, requests: list[dict[str, torch.Tensor]]) -> list[list[float]]:
