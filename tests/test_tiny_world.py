@@ -99,7 +99,8 @@ def test_oracle_reads_every_render_correctly():
 
 # --------------------------------------------------------------------------------------------- stages end to end
 def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
-    """regenerate.sh in QUICK mode: VAE, generator, pairs, train_dinalrm.py, Hub repo, evaluations, baseline, ReFL."""
+    """regenerate.sh in QUICK mode: VAE, generator, pairs, train_dinalrm.py, Hub repo, evaluations, baseline, ReFL,
+    Flow-GRPO."""
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         ["bash", str(WORLD / "regenerate.sh")], capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False
@@ -118,6 +119,10 @@ def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
         "refl/refl_history.json",
         "refl/refl_curves.png",
         "refl/pytorch_lora_weights.safetensors",
+        "flow-grpo/flow_grpo_history.json",
+        "flow-grpo-pixel/pytorch_lora_weights.safetensors",
+        "results_flow_grpo.json",
+        "flow_grpo_curves.png",
     ):
         assert (tmp_path / path).exists(), path
     stages = [line.split()[0] for line in (tmp_path / "timings.txt").read_text().splitlines()]
@@ -132,9 +137,14 @@ def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
         "pixel_baseline",
         "refl",
         "refl_fast",
+        "flow_grpo",
+        "flow_grpo_pixel",
     ]
     history = json.loads((tmp_path / "refl" / "refl_history.json").read_text())
     assert {"proxy_reward", "golden_metric"} <= history[0].keys()
+    flow_grpo = json.loads((tmp_path / "results_flow_grpo.json").read_text())
+    assert {run["reward"] for run in flow_grpo.values()} == {"DiNa-LRM", "pixel CNN"}
+    assert all(len(run["validation"]) == 2 for run in flow_grpo.values())
 
 
 # ----------------------------------------------------------------------------------------------- shipped artefacts
@@ -248,3 +258,11 @@ def test_refl_for_a_few_steps_raises_the_mean_reward(tmp_path):
     assert result.returncode == 0, result.stderr[-6000:]
     history = json.loads((tmp_path / "refl" / "refl_history.json").read_text())
     assert history[-1]["proxy_reward"] > history[0]["proxy_reward"], history
+
+
+def test_flow_grpo_advantages_are_standardised_within_each_prompt_group():
+    from flow_grpo import group_advantages
+
+    advantages = group_advantages(torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0]), group_size=3)
+    torch.testing.assert_close(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-3, rtol=0)
+    assert torch.equal(advantages[3:], torch.zeros(3))  # a group of equal rewards teaches nothing

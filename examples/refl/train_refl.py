@@ -249,7 +249,7 @@ def pretraining_loss(pipe, transformer, batch: dict, args, generator, device) ->
     return F.mse_loss(prediction.float(), (noise - x0).float())
 
 
-def plot_curves(history: list[dict], path: str) -> None:
+def plot_curves(history: list[dict], path: str, xlabel: str = "ReFL step") -> None:
     """Proxy reward and golden metric (validation) against the step, one panel each."""
     import matplotlib
 
@@ -261,7 +261,7 @@ def plot_curves(history: list[dict], path: str) -> None:
     figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
     for axis, key in zip(axes[0], keys):
         axis.plot(steps, [h[key] for h in history], marker="o")
-        axis.set_xlabel("ReFL step")
+        axis.set_xlabel(xlabel)
         axis.set_title(key.replace("_", " "))
         axis.grid(alpha=0.3)
     figure.tight_layout()

@@ -5,6 +5,8 @@ A small CNN reads the decoded 64x64 image (plus x/y coordinate channels, so posi
 and returns one score; it is trained with the Bradley-Terry loss (there is no noise level to calibrate).
 
     python examples/tiny_world/pixel_baseline.py --generator assets/tiny-sd3 --pairs outputs/tiny-world/pairs
+
+`--save_model` keeps the trained CNN (safetensors) for use as a reward (`load_pixel_reward`, Flow-GRPO's baseline).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 from evaluate_reward import load_pairs
+from safetensors.torch import load_file, save_file
 from tiny_world_common import TOKEN_LENGTH, images_to_tensor, report, set_threads
 from torch import nn
 
@@ -25,6 +28,7 @@ class PixelReward(nn.Module):
 
     def __init__(self, text_tokens: int, text_dim: int, width: int = 64):
         super().__init__()
+        self.text_dim = text_dim
         self.text = nn.Sequential(
             nn.Flatten(1), nn.Linear(text_tokens * text_dim, width), nn.GELU(), nn.Linear(width, 2 * width)
         )
@@ -62,9 +66,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--output", default=None, help="write the metrics JSON here")
+    parser.add_argument("--save_model", default=None, help="write the trained CNN here (.safetensors)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
+
+
+def save_pixel_reward(model: PixelReward, path: str) -> None:
+    """The CNN's weights with its text shape in the metadata, so `load_pixel_reward` can rebuild it."""
+    tokens, dim = model.text[1].in_features // model.text_dim, model.text_dim
+    save_file(model.state_dict(), path, metadata={"text_tokens": str(tokens), "text_dim": str(dim)})
+
+
+def load_pixel_reward(path: str) -> PixelReward:
+    """A CNN written by `--save_model`, in eval mode."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata()
+    model = PixelReward(int(metadata["text_tokens"]), int(metadata["text_dim"]))
+    model.load_state_dict(load_file(path))
+    return model.eval()
 
 
 @torch.no_grad()
@@ -112,6 +134,8 @@ def main(args: argparse.Namespace) -> dict:
         "eval_seconds_per_pair": eval_seconds / max(len(test_prompts), 1),
     }
     report(result, args.output)
+    if args.save_model:
+        save_pixel_reward(model, args.save_model)
     return result
 
 

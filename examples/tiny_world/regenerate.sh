@@ -2,7 +2,8 @@
 # Regenerate the whole tiny world from scratch with fixed seeds:
 #   VAE -> SD3 generator -> oracle-labelled pairs -> DiNa-LRM (train_dinalrm.py) -> Hub repo
 #   -> evaluation (evaluate_reward.py, then eval/run_eval.py + eval/noise_sweep.py) -> pixel baseline
-#   -> ReFL (examples/refl/train_refl.py), then copy the shipped artefacts to assets/.
+#   -> ReFL (examples/refl/train_refl.py) -> Flow-GRPO (flow_grpo.py, DiNa-LRM and pixel-baseline rewards),
+#   then copy the shipped artefacts to assets/.
 #
 #   bash examples/tiny_world/regenerate.sh                 # full run, writes examples/tiny_world/outputs and assets/
 #   QUICK=1 OUT=/tmp/tw bash examples/tiny_world/regenerate.sh   # toy step counts, assets untouched
@@ -25,12 +26,15 @@ if [[ "$QUICK" == 1 ]]; then
   PAIR_FLAGS=(--train_prompts 24 --test_prompts 12 --sample_steps 2 --margin 0.0)
   RM_STEPS=4; BASELINE_STEPS=4
   REFL_FLAGS=(--max_train_steps 2 --validation_steps 1 --num_inference_steps 2 --num_validation_prompts 4)
+  GRPO_FLAGS=(--max_train_steps 1 --validation_steps 1 --num_inference_steps 3 --sde_window_range 2
+    --prompts_per_step 2 --group_size 2 --num_validation_prompts 4)
 else
   VAE_FLAGS=()
   GEN_FLAGS=()
   PAIR_FLAGS=(--train_prompts 4800 --test_prompts 720)  # ~2750 training / ~430 test pairs
   RM_STEPS=1500; BASELINE_STEPS=1500
   REFL_FLAGS=(--max_train_steps 60 --validation_steps 10 --num_inference_steps 12 --num_validation_prompts 32)
+  GRPO_FLAGS=(--max_train_steps 40 --validation_steps 10)  # 8 prompts x 4 samples, SDE window 2 of the first 6 steps
 fi
 
 mkdir -p "$OUT/metrics"
@@ -79,7 +83,7 @@ run_eval() {  # the repository's evaluation scripts on the same held-out pairs (
 }
 stage run_eval run_eval
 stage pixel_baseline "$PY" "$HERE/pixel_baseline.py" --generator "$OUT/tiny-sd3" --pairs "$OUT/pairs" \
-  --steps "$BASELINE_STEPS" --output "$OUT/metrics/pixel_baseline.json"
+  --steps "$BASELINE_STEPS" --output "$OUT/metrics/pixel_baseline.json" --save_model "$OUT/metrics/pixel_baseline.safetensors"
 align_generator() {  # align_generator LEARNING_RATE OUTPUT_NAME
   rm -rf "$OUT/$2"
   "$PY" -m accelerate.commands.launch --num_processes 1 --num_machines 1 --mixed_precision no \
@@ -92,6 +96,14 @@ align_generator() {  # align_generator LEARNING_RATE OUTPUT_NAME
 }
 stage refl align_generator 2e-4 refl
 stage refl_fast align_generator 1e-3 refl-fast  # 5x the learning rate: shows reward hacking early
+flow_grpo() {  # flow_grpo OUTPUT_NAME REWARD_FLAG REWARD_PATH
+  rm -rf "$OUT/$1"
+  "$PY" "$HERE/flow_grpo.py" train --generator "$OUT/tiny-sd3" "$2" "$3" --seed 0 --output_dir "$OUT/$1" "${GRPO_FLAGS[@]}"
+}
+stage flow_grpo flow_grpo flow-grpo --reward_model "$OUT/dinalrm-tiny"
+stage flow_grpo_pixel flow_grpo flow-grpo-pixel --pixel_reward "$OUT/metrics/pixel_baseline.safetensors"
+"$PY" "$HERE/flow_grpo.py" summarize --run "DiNa-LRM=$OUT/flow-grpo" --run "pixel CNN=$OUT/flow-grpo-pixel" \
+  --output "$OUT/results_flow_grpo.json" --plot "$OUT/flow_grpo_curves.png" > /dev/null
 
 "$PY" "$HERE/summarize.py" --out "$OUT" --output "$OUT/results.json" > /dev/null
 if [[ "$QUICK" != 1 ]]; then
@@ -104,5 +116,6 @@ if [[ "$QUICK" != 1 ]]; then
   rm "$REPO/assets/dinalrm-tiny/pipeline_dinalrm.py" "$REPO/assets/dinalrm-tiny/reward_model/modeling_dinalrm.py"
   cp "$OUT/refl/refl_curves.png" "$HERE/refl_curves.png"
   cp "$OUT/refl-fast/refl_curves.png" "$HERE/refl_curves_fast.png"
+  cp "$OUT/results_flow_grpo.json" "$OUT/flow_grpo_curves.png" "$HERE/"
 fi
 echo "done; timings in $OUT/timings.txt"
