@@ -1,5 +1,6 @@
-"""Smoke test of `examples/lpo/train_lpo.py` on the tiny SD1.5-topology base of `tests/fixtures/official-lrm-tiny`:
-it trains, writes checkpoints and the LoRA, and a resumed run ends with exactly the weights of an uninterrupted one.
+"""Smoke tests of `examples/lpo/train_lpo.py` on the tiny SD1.5-topology base of `tests/fixtures/official-lrm-tiny`
+and on the tiny world's SD3 generator with its DiNa-LRM: each trains, writes checkpoints and the LoRA, and a resumed
+run ends with exactly the weights of an uninterrupted one.
 """
 
 import importlib.util
@@ -9,12 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import OFFICIAL_LRM_TINY, REPO_ROOT
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 
 
 FIXTURE = OFFICIAL_LRM_TINY
 SCRIPT = REPO_ROOT / "examples" / "lpo" / "train_lpo.py"
+TINY_SD3 = REPO_ROOT / "assets" / "tiny-sd3"
+TINY_DINALRM = REPO_ROOT / "assets" / "dinalrm-tiny"
 
 
 def load_module(name: str, path: Path):
@@ -88,4 +91,61 @@ def test_train_lpo_rejects_a_single_candidate(setup):
         setup["script"].parse_args(
             ["--pretrained_model_name_or_path", "x", "--reward_model", "y", "--prompts_file", "z"]
             + ["--output_dir", "o", "--num_candidates", "1"]
+        )
+
+
+def test_train_lpo_flow_path_on_the_tiny_world_checkpoints_and_resumes_exactly(setup, tmp_path):
+    """The SD3 path (detected from model_index.json) on the tiny world's generator and DiNa-LRM: 2 optimizer steps,
+    a resumed run ends with exactly the weights of an uninterrupted one, and the LoRA loads into the SD3 pipeline."""
+    script = setup["script"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "a large blue circle at the bottom on a black background\na small red square on a white background\n"
+    )
+
+    def flow_run(output_dir: str, *flags: str) -> None:
+        args = script.parse_args(
+            [
+                "--pretrained_model_name_or_path", str(TINY_SD3),
+                "--reward_model", str(TINY_DINALRM),
+                "--prompts_file", str(prompts),
+                "--output_dir", str(tmp_path / output_dir),
+                "--max_sequence_length", "16",
+                "--num_inference_steps", "3",
+                "--divert_end_step", "1",  # one LPO step per round: 2 prompts -> at most 2 pairs -> one step
+                "--sample_batch_size", "2",
+                "--train_batch_size", "2",
+                "--min_confidence", "0.5",  # keep every pair with a strictly better best
+                "--checkpointing_steps", "1",
+                "--report_to", "none",
+                *flags,
+            ]
+        )  # fmt: skip
+        assert script.generator_family(args) == "sd3"
+        script.main(args)
+
+    flow_run("interrupted", "--max_train_steps", "1")
+    first = tmp_path / "interrupted" / "checkpoint-1"
+    assert json.loads((first / "training_state.json").read_text()) == {"global_step": 1, "next_round": 1}
+    flow_run("interrupted", "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    flow_run("straight", "--max_train_steps", "2")
+
+    resumed = load_file(tmp_path / "interrupted" / "pytorch_lora_weights.safetensors")
+    straight = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
+    after_one = load_file(first / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == straight.keys() and all(key.startswith("transformer.") for key in resumed)
+    for key in resumed:
+        assert torch.equal(resumed[key], straight[key]), key
+    assert any(not torch.equal(resumed[key], after_one[key]) for key in resumed), "the second step changed nothing"
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(TINY_SD3)
+    pipe.load_lora_weights(tmp_path / "interrupted", weight_name="pytorch_lora_weights.safetensors")
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_train_lpo_refuses_a_confidence_below_a_coin_flip(setup):
+    with pytest.raises(SystemExit):
+        setup["script"].parse_args(
+            ["--pretrained_model_name_or_path", "x", "--reward_model", "y", "--prompts_file", "z"]
+            + ["--output_dir", "o", "--min_confidence", "0.4"]
         )
