@@ -86,12 +86,21 @@ def test_train_lpo_checkpoints_and_resumes_exactly(setup, caplog):
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
-def test_train_lpo_rejects_a_single_candidate(setup):
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (["--num_candidates", "1"], "--num_candidates must be at least 2"),
+        (["--min_confidence", "0.4"], "--min_confidence is a probability"),
+        (["--noise_level", "0"], "--noise_level must be positive"),
+    ],
+)
+def test_train_lpo_refuses_settings_that_cannot_form_pairs(setup, flags, problem, capsys):
     with pytest.raises(SystemExit):
         setup["script"].parse_args(
             ["--pretrained_model_name_or_path", "x", "--reward_model", "y", "--prompts_file", "z"]
-            + ["--output_dir", "o", "--num_candidates", "1"]
+            + ["--output_dir", "o", *flags]
         )
+    assert problem in capsys.readouterr().err
 
 
 def test_train_lpo_flow_path_on_the_tiny_world_checkpoints_and_resumes_exactly(setup, tmp_path):
@@ -141,11 +150,3 @@ def test_train_lpo_flow_path_on_the_tiny_world_checkpoints_and_resumes_exactly(s
     pipe = StableDiffusion3Pipeline.from_pretrained(TINY_SD3)
     pipe.load_lora_weights(tmp_path / "interrupted", weight_name="pytorch_lora_weights.safetensors")
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
-
-
-def test_train_lpo_refuses_a_confidence_below_a_coin_flip(setup):
-    with pytest.raises(SystemExit):
-        setup["script"].parse_args(
-            ["--pretrained_model_name_or_path", "x", "--reward_model", "y", "--prompts_file", "z"]
-            + ["--output_dir", "o", "--min_confidence", "0.4"]
-        )

@@ -265,6 +265,18 @@ def sample_round(pipe, unet, reward, prompts, negative, args, generators, device
     return output, prompt_embeds
 
 
+def pair_loss(policy, reference, batch, args):
+    """The LPO loss of a batch's winners and losers under the policy's and the reference's transitions."""
+    return lpo_loss(
+        gaussian_log_prob(batch["winners"], policy),
+        gaussian_log_prob(batch["winners"], reference),
+        gaussian_log_prob(batch["losers"], policy),
+        gaussian_log_prob(batch["losers"], reference),
+        beta=args.beta,
+        eps=args.ratio_eps,
+    )
+
+
 def train_batch(pipe, unet, batch, negative, args) -> dict:
     """Loss of one batch of pairs: one policy and one reference pass per x_t (winner and loser share it)."""
     guidance = 1.0 if args.no_train_cfg else args.guidance_scale
@@ -276,14 +288,7 @@ def train_batch(pipe, unet, batch, negative, args) -> dict:
         unet.enable_adapters()
     policy = ddim_step_distribution(pipe.scheduler, eps, batch["timesteps"], batch["latents"], eta=args.eta)
     reference = ddim_step_distribution(pipe.scheduler, eps_ref, batch["timesteps"], batch["latents"], eta=args.eta)
-    return lpo_loss(
-        gaussian_log_prob(batch["winners"], policy),
-        gaussian_log_prob(batch["winners"], reference),
-        gaussian_log_prob(batch["losers"], policy),
-        gaussian_log_prob(batch["losers"], reference),
-        beta=args.beta,
-        eps=args.ratio_eps,
-    )
+    return pair_loss(policy, reference, batch, args)
 
 
 def sample_round_sd3(pipe, transformer, reward_pipe, prompts, args, generators, device):
@@ -350,14 +355,7 @@ def train_batch_sd3(pipe, transformer, batch, negative, args) -> dict:
         transformer.disable_adapters()
         reference = distribution()
         transformer.enable_adapters()
-    return lpo_loss(
-        gaussian_log_prob(batch["winners"], policy),
-        gaussian_log_prob(batch["winners"], reference),
-        gaussian_log_prob(batch["losers"], policy),
-        gaussian_log_prob(batch["losers"], reference),
-        beta=args.beta,
-        eps=args.ratio_eps,
-    )
+    return pair_loss(policy, reference, batch, args)
 
 
 def main(args: argparse.Namespace) -> None:
