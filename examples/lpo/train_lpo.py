@@ -129,15 +129,17 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     sampling = parser.add_argument_group("sampling (official SD1.5 recipe)")
     sampling.add_argument("--resolution", type=int, default=None, help="Default: the UNet's native size.")
     sampling.add_argument("--num_inference_steps", type=int, default=20)
-    sampling.add_argument("--eta", type=float, default=1.0)
+    sampling.add_argument("--eta", type=float, default=1.0, help="sd15: DDIM's eta.")
     sampling.add_argument("--guidance_scale", type=float, default=5.0)
     sampling.add_argument("--sample_batch_size", type=int, default=5, help="Prompts per round and process.")
     sampling.add_argument("--num_candidates", type=int, default=4, help="Candidates per step (num_sample_each_step).")
     sampling.add_argument("--divert_start_step", type=int, default=0, help="Plain DDIM steps before LPO starts.")
     sampling.add_argument("--divert_end_step", type=int, default=0, help="Stop sampling at this step when > 0.")
-    sampling.add_argument("--threshold_schedule", choices=THRESHOLD_SCHEDULES, default="sigma")
-    sampling.add_argument("--threshold_min", type=float, default=OFFICIAL_THRESHOLD_RANGES["sd15"][0])
-    sampling.add_argument("--threshold_max", type=float, default=OFFICIAL_THRESHOLD_RANGES["sd15"][1])
+    sampling.add_argument(
+        "--threshold_schedule", choices=THRESHOLD_SCHEDULES, default="sigma", help="sd15: the official schedule."
+    )
+    sampling.add_argument("--threshold_min", type=float, default=OFFICIAL_THRESHOLD_RANGES["sd15"][0], help="sd15.")
+    sampling.add_argument("--threshold_max", type=float, default=OFFICIAL_THRESHOLD_RANGES["sd15"][1], help="sd15.")
     sampling.add_argument(
         "--noise_level", type=float, default=0.7, help="sd3: Flow-GRPO's SDE noise level a of the candidates' step."
     )
@@ -151,7 +153,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     sampling.add_argument(
         "--reward_at_candidate_timestep",
         action="store_true",
-        help="Tell the LRM the candidates' own timestep t - T/N (official: the step's t).",
+        help="sd15: tell the LRM the candidates' own timestep t - T/N (official: the step's t; sd3 always tells "
+        "DiNa-LRM the candidates' own sigma).",
     )
     training = parser.add_argument_group("training (official SD1.5 recipe)")
     training.add_argument("--num_train_epochs", type=int, default=5)
