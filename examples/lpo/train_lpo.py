@@ -308,7 +308,7 @@ def sample_round_sd3(pipe, transformer, reward_pipe, prompts, args, generators, 
     )
     transformer.eval()
     output = sample_with_candidates(
-        predict=lambda x, i: sampler.velocity(transformer, x, timesteps[i], embeds, pooled),
+        predict=lambda x, i: sampler.velocity(transformer, x.to(embeds.dtype), timesteps[i], embeds, pooled),
         step_distribution=lambda v, i, x: flow_step_distribution(v, sigmas[i], sigmas[i + 1], x, args.noise_level),
         reward=DiNaLRMReward(reward_pipe.reward_model),
         threshold_fn=None,
@@ -350,7 +350,7 @@ def train_batch_sd3(pipe, transformer, batch, negative, args) -> dict:
     pooled = torch.cat([negative[1].expand(rows, -1), batch["pooled"]])
 
     def distribution():
-        v = sampler.velocity(transformer, batch["latents"], timesteps[steps], embeds, pooled)
+        v = sampler.velocity(transformer, batch["latents"].to(embeds.dtype), timesteps[steps], embeds, pooled)
         return flow_step_distribution(v, sigmas[steps], sigmas[steps + 1], batch["latents"], args.noise_level)
 
     policy = distribution()
