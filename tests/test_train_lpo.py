@@ -66,6 +66,18 @@ def run(setup, output_dir: str, *flags: str) -> None:
     script.main(args)
 
 
+def assert_resumed_run_matches_the_straight_one(root: Path, first: Path, prefix: str) -> None:
+    """The LoRA of `root/interrupted` (resumed from `first`) equals `root/straight`'s bit for bit, and differs from
+    `first`'s (the resumed step trained)."""
+    resumed = load_file(root / "interrupted" / "pytorch_lora_weights.safetensors")
+    straight = load_file(root / "straight" / "pytorch_lora_weights.safetensors")
+    after_one = load_file(first / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == straight.keys() and all(key.startswith(prefix) for key in resumed)
+    for key in resumed:
+        assert torch.equal(resumed[key], straight[key]), key
+    assert any(not torch.equal(resumed[key], after_one[key]) for key in resumed), "the second step changed nothing"
+
+
 def test_train_lpo_checkpoints_and_resumes_exactly(setup, caplog):
     root = setup["root"]
     run(setup, "interrupted", "--max_train_steps", "1")
@@ -78,13 +90,7 @@ def test_train_lpo_checkpoints_and_resumes_exactly(setup, caplog):
     assert (root / "interrupted" / "checkpoint-2").is_dir()
     run(setup, "straight", "--max_train_steps", "2")
 
-    resumed = load_file(root / "interrupted" / "pytorch_lora_weights.safetensors")
-    straight = load_file(root / "straight" / "pytorch_lora_weights.safetensors")
-    after_one = load_file(first / "pytorch_lora_weights.safetensors")
-    assert resumed.keys() == straight.keys() and all(key.startswith("unet.") for key in resumed)
-    for key in resumed:
-        assert torch.equal(resumed[key], straight[key]), key
-    assert any(not torch.equal(resumed[key], after_one[key]) for key in resumed), "the second step changed nothing"
+    assert_resumed_run_matches_the_straight_one(root, first, "unet.")
 
     pipe = StableDiffusionPipeline.from_pretrained(FIXTURE / "base", safety_checker=None)
     pipe.load_lora_weights(root / "interrupted")
@@ -144,13 +150,7 @@ def test_train_lpo_flow_path_on_the_tiny_world_checkpoints_and_resumes_exactly(s
     flow_run("interrupted", "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
     flow_run("straight", "--max_train_steps", "2")
 
-    resumed = load_file(tmp_path / "interrupted" / "pytorch_lora_weights.safetensors")
-    straight = load_file(tmp_path / "straight" / "pytorch_lora_weights.safetensors")
-    after_one = load_file(first / "pytorch_lora_weights.safetensors")
-    assert resumed.keys() == straight.keys() and all(key.startswith("transformer.") for key in resumed)
-    for key in resumed:
-        assert torch.equal(resumed[key], straight[key]), key
-    assert any(not torch.equal(resumed[key], after_one[key]) for key in resumed), "the second step changed nothing"
+    assert_resumed_run_matches_the_straight_one(tmp_path, first, "transformer.")
 
     pipe = StableDiffusion3Pipeline.from_pretrained(TINY_SD3)
     pipe.load_lora_weights(tmp_path / "interrupted", weight_name="pytorch_lora_weights.safetensors")

@@ -217,7 +217,7 @@ def curves(runs: dict, golden: GoldenMetric, pretrained: float) -> None:
             for step, value in points
         ]
         record["golden_metric"] = points[-1][1]
-        record["folder"] = str(folder)
+        record["folder"] = folder.name
 
 
 def plot(runs: dict, pretrained: float, path: str) -> None:
