@@ -57,10 +57,10 @@ def test_per_sample_sigmas_match_scalar_calls():
     noise = torch.randn(sample.shape, generator=torch.Generator().manual_seed(2))
     batched = sde_step(velocity, sigmas, nexts, sample, 0.7, prev_sample=noise)
     for i in range(3):
-        single = sde_step(velocity[i : i + 1], float(sigmas[i]), float(nexts[i]), sample[i : i + 1], 0.7,
-                          prev_sample=noise[i : i + 1])  # fmt: skip
-        torch.testing.assert_close(batched[1][i : i + 1], single[1])
-        torch.testing.assert_close(batched[2][i : i + 1], single[2])
+        one = slice(i, i + 1)
+        single = sde_step(velocity[one], float(sigmas[i]), float(nexts[i]), sample[one], 0.7, prev_sample=noise[one])
+        torch.testing.assert_close(batched[1][one], single[1])
+        torch.testing.assert_close(batched[2][one], single[2])
     assert torch.isfinite(batched[1]).all()  # sigma = 1 reads the diffusion coefficient at sigma_next
 
 

@@ -278,3 +278,15 @@ def test_flow_grpo_advantages_are_standardised_within_each_prompt_group():
     advantages = group_advantages(torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0]), group_size=3)
     torch.testing.assert_close(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-3, rtol=0)
     assert torch.equal(advantages[3:], torch.zeros(3))  # a group of equal rewards teaches nothing
+
+
+def test_pixel_baseline_saves_a_reward_that_loads_with_the_same_scores(tmp_path):
+    from pixel_baseline import PixelReward, load_pixel_reward, save_pixel_reward
+
+    torch.manual_seed(0)
+    model = PixelReward(text_tokens=5, text_dim=8).eval()
+    pixels, text = torch.rand(3, 3, 64, 64) * 2 - 1, torch.randn(3, 5, 8)
+    save_pixel_reward(model, str(tmp_path / "pixel.safetensors"))
+    loaded = load_pixel_reward(str(tmp_path / "pixel.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(loaded(pixels, text), model(pixels, text))

@@ -266,7 +266,7 @@ def summarize(args: argparse.Namespace) -> dict:
         history = run["validation"]
         steps = [h["step"] for h in history]
         axis.plot(steps, [h["proxy_reward"] for h in history], marker="o")
-        axis.set_title(f"{name}: proxy reward ({run['reward']})")
+        axis.set_title(f"{name} run: proxy reward")
         axes[-1].plot(steps, [h["golden_metric"] for h in history], marker="o", label=name)
         result[name] = {
             "reward": run["reward"],
