@@ -6,8 +6,8 @@ noise-aware latent reward scores the K candidates, and the best and worst candid
 their softmax gap exceeds a noise-dependent threshold. The trajectory continues from a random candidate. The pairs
 train the policy with a DPO-style loss on clipped likelihood ratios against a frozen reference.
 
-Everything here is exact to the official code (Kwai-Kolors/LPO, `lpo/`), checked on
-`tests/fixtures/official-lrm-tiny` by `tests/test_lpo_parity.py`. The step loop [`sample_with_candidates`] is
+The DDIM path is exact to the official code (Kwai-Kolors/LPO, `lpo/`), checked on
+`tests/fixtures/official-lrm-tiny` by `tests/test_lpo_parity.py`; the flow path is this repository's extension. The step loop [`sample_with_candidates`] is
 generic over the sampler step (a function returning the Gaussian transition) and the comparison rule, so other
 samplers ([`flow_step_distribution`], the SDE version of a flow-matching sampler) and rewards (DiNa-LRM, with its
 noise-calibrated [`confidence_compare_fn`]) plug in without changing it.
@@ -124,7 +124,8 @@ def confidence_compare_fn(
     exceeds `min_confidence`: for the Thurstone objective `Phi((r_best - r_worst) / sqrt(2 var(t)))` with
     `var(t) = k t**2 + v0`, the probability the reward model itself assigns to "best beats worst" at the
     candidates' noise level `t`. It replaces LPO's hand-tuned threshold table and is automatically stricter at high
-    noise, where the model's comparison variance grows.
+    noise, where the model's comparison variance grows. (A model trained with Bradley-Terry has no noise term: its
+    probability is `sigmoid(r_best - r_worst)` at every level.)
 
     Args:
         model ([`DiNaLRMModel`]): the reward model that scored the candidates.
