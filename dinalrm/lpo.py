@@ -6,10 +6,11 @@ noise-aware latent reward scores the K candidates, and the best and worst candid
 their softmax gap exceeds a noise-dependent threshold. The trajectory continues from a random candidate. The pairs
 train the policy with a DPO-style loss on clipped likelihood ratios against a frozen reference.
 
-Everything here is exact to the official code (Kwai-Kolors/LPO, `lpo/`), checked on
-`tests/fixtures/official-lrm-tiny` by `tests/test_lpo_parity.py`. The step loop [`sample_with_candidates`] is
-generic over the sampler step (a function returning the Gaussian transition) and the threshold schedule, so other
-samplers (an SDE version of a flow-matching sampler) and rewards (DiNa-LRM) plug in without changing it.
+The DDIM path is exact to the official code (Kwai-Kolors/LPO, `lpo/`), checked on
+`tests/fixtures/official-lrm-tiny` by `tests/test_lpo_parity.py`; the flow path is this repository's extension. The step loop [`sample_with_candidates`] is
+generic over the sampler step (a function returning the Gaussian transition) and the comparison rule, so other
+samplers ([`flow_step_distribution`], the SDE version of a flow-matching sampler) and rewards (DiNa-LRM, with its
+noise-calibrated [`confidence_compare_fn`]) plug in without changing it.
 """
 
 import math
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
+
+from dinalrm.flow_sde import sde_step
 
 
 # The official dynamic-threshold tables (compare_funcs.py:5-17): the DDIM eta=1 standard deviations of the 20-step
@@ -99,12 +102,44 @@ def compare_candidates(scores: torch.Tensor, thresholds: torch.Tensor | float) -
     r"""The official candidate comparison (compare_funcs.py:43-63): best and worst of each column of `scores`
     `(K, B)`, kept when `softmax(best, worst)` differs by more than `thresholds` (`tanh((best - worst) / 2)`).
     """
+    sorted_scores, indices = _best_and_worst(scores)
+    probabilities = sorted_scores.softmax(dim=0)
+    return CompareOutput(indices=indices, valid=probabilities[0] - probabilities[1] > thresholds)
+
+
+def _best_and_worst(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores `(2, B)` and indices `(2, B)` of the best (row 0) and worst (row 1) of each column of `scores`."""
     if scores.ndim != 2 or scores.shape[0] < 2:
         raise ValueError(f"scores must have shape (num_candidates >= 2, batch), got {tuple(scores.shape)}.")
     sorted_scores, order = torch.sort(scores, dim=0, descending=True)
-    indices = order[[0, -1], :]
-    probabilities = sorted_scores[[0, -1], :].softmax(dim=0)
-    return CompareOutput(indices=indices, valid=probabilities[0] - probabilities[1] > thresholds)
+    return sorted_scores[[0, -1], :], order[[0, -1], :]
+
+
+def confidence_compare_fn(
+    model: torch.nn.Module, min_confidence: float
+) -> Callable[[torch.Tensor, torch.Tensor], CompareOutput]:
+    r"""A compare function for [`sample_with_candidates`] from DiNa-LRM's own noise-calibrated comparison model.
+
+    The best and worst candidate of each prompt form a pair when `model.preference_probability(best, worst, t)`
+    exceeds `min_confidence`: for the Thurstone objective `Phi((r_best - r_worst) / sqrt(2 var(t)))` with
+    `var(t) = k t**2 + v0`, the probability the reward model itself assigns to "best beats worst" at the
+    candidates' noise level `t`. It replaces LPO's hand-tuned threshold table and is automatically stricter at high
+    noise, where the model's comparison variance grows. (A model trained with Bradley-Terry has no noise term: its
+    probability is `sigmoid(r_best - r_worst)` at every level.)
+
+    Args:
+        model ([`DiNaLRMModel`]): the reward model that scored the candidates.
+        min_confidence (`float`): in [0.5, 1); a pair is kept when its probability is strictly above it.
+    """
+    if not 0.5 <= min_confidence < 1.0:
+        raise ValueError(f"min_confidence is a probability that best beats worst, in [0.5, 1); got {min_confidence}.")
+
+    def compare(scores: torch.Tensor, timesteps: torch.Tensor) -> CompareOutput:
+        best_worst, indices = _best_and_worst(scores)
+        probability = model.preference_probability(best_worst[0], best_worst[1], timesteps)
+        return CompareOutput(indices=indices, valid=probability > min_confidence)
+
+    return compare
 
 
 # ------------------------------------------------------------------------------------------- rewards
@@ -266,6 +301,36 @@ def gaussian_log_prob(sample: torch.Tensor, distribution: StepDistribution) -> t
     return log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
 
 
+def flow_step_distribution(
+    model_output: torch.Tensor,
+    sigma: torch.Tensor | float,
+    sigma_next: torch.Tensor | float,
+    sample: torch.Tensor,
+    noise_level: float = 0.7,
+) -> StepDistribution:
+    r"""The Gaussian transition of the SDE version of a rectified-flow sampler from `sigma` to `sigma_next`.
+
+    The mean and standard deviation of `dinalrm.flow_sde.sde_step` (Flow-GRPO's ODE-to-SDE step, float32), so that
+    LPO's candidates, log-probabilities ([`gaussian_log_prob`], the same Gaussian) and loss run on flow models;
+    `prev_timestep` is `sigma_next`, the candidates' own noise level.
+
+    Args:
+        model_output (`torch.Tensor`): the (guided) velocity at `sample`.
+        sigma (`float` or `torch.Tensor` of shape `()` or `(B,)`): the current noise level.
+        sigma_next (`float` or `torch.Tensor` of shape `()` or `(B,)`): the next, smaller noise level.
+        sample (`torch.Tensor` of shape `(B, C, H, W)`): x_sigma.
+        noise_level (`float`, defaults to 0.7): Flow-GRPO's `a`; must be positive for a stochastic step.
+    """
+    if noise_level <= 0:
+        raise ValueError(
+            f"LPO needs a stochastic step to draw candidates: noise_level must be > 0, got {noise_level}."
+        )
+    _, _, mean, std = sde_step(model_output, sigma, sigma_next, sample, noise_level, prev_sample=sample)
+    return StepDistribution(
+        mean=mean, std=std.expand_as(mean), prev_timestep=torch.as_tensor(sigma_next, device=mean.device)
+    )
+
+
 def guided_prediction(
     unet: torch.nn.Module,
     latents: torch.Tensor,
@@ -327,7 +392,7 @@ def sample_with_candidates(
     predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     step_distribution: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], StepDistribution],
     reward: LatentReward,
-    threshold_fn: Callable[[torch.Tensor], torch.Tensor],
+    threshold_fn: Callable[[torch.Tensor], torch.Tensor] | None,
     latents: torch.Tensor,
     timesteps: torch.Tensor,
     conditioning: Any,
@@ -338,6 +403,7 @@ def sample_with_candidates(
     start_step: int = 0,
     end_step: int = 0,
     progress_bar: Callable | None = None,
+    compare_fn: Callable[[torch.Tensor, torch.Tensor], CompareOutput] | None = None,
 ) -> LPOSampleOutput:
     r"""The LPO sampling loop (multi_sample_pipeline.py): K candidates per step, scored, compared and continued.
 
@@ -346,7 +412,9 @@ def sample_with_candidates(
         step_distribution (`Callable`): `(model_output, t, x_t) -> StepDistribution`, e.g. [`ddim_step_distribution`]
             bound to a scheduler.
         reward ([`LatentReward`]): scores the candidates.
-        threshold_fn (`Callable`): `timesteps (B,) -> thresholds (B,)`, e.g. [`official_threshold_fn`].
+        threshold_fn (`Callable`, *optional*): `timesteps (B,) -> thresholds (B,)` of the official softmax-gap
+            comparison ([`compare_candidates`]) at the step's t, e.g. [`official_threshold_fn`]; `None` with
+            `compare_fn`.
         latents (`torch.Tensor` of shape `(B, C, H, W)`): x_T.
         timesteps (`torch.Tensor`): the sampler's grid.
         conditioning (`Any`): passed to `reward.score`.
@@ -359,7 +427,12 @@ def sample_with_candidates(
         start_step (`int`, defaults to 0): steps before it sample one plain transition (official `divert_start_step`).
         end_step (`int`, defaults to 0): stop before this step when > 0 (official `divert_end_step`).
         progress_bar (`Callable`, *optional*): a `tqdm`-like wrapper for the step iterator.
+        compare_fn (`Callable`, *optional*): `(scores (K, B), reward timesteps (B,)) -> CompareOutput`, a whole
+            comparison rule instead of `threshold_fn`'s, told the noise level the reward was told (e.g.
+            [`confidence_compare_fn`]).
     """
+    if (threshold_fn is None) == (compare_fn is None):
+        raise ValueError("Pass exactly one of threshold_fn (the official softmax-gap rule) and compare_fn.")
     if num_candidates < 2:
         raise ValueError(f"num_candidates must be at least 2 to form a pair, got {num_candidates}.")
     batch = latents.shape[0]
@@ -379,7 +452,10 @@ def sample_with_candidates(
         flat = candidates.flatten(0, 1)
         scores = reward.score(flat, torch.as_tensor(reward_t).reshape(-1).expand(flat.shape[0]), conditioning)
         scores = scores.reshape(num_candidates, batch)
-        compared = compare_candidates(scores, threshold_fn(torch.as_tensor(t).reshape(-1).expand(batch)))
+        if compare_fn is None:
+            compared = compare_candidates(scores, threshold_fn(torch.as_tensor(t).reshape(-1).expand(batch)))
+        else:
+            compared = compare_fn(scores, torch.as_tensor(reward_t).reshape(-1).expand(batch))
         rows = compared.valid.nonzero().flatten()
         kept["timesteps"].append(torch.as_tensor(t).reshape(-1).expand(rows.numel()))
         kept["prompts"].append(rows)

@@ -3,12 +3,17 @@
 import pytest
 import torch
 
+from dinalrm.flow_sde import sde_step
 from dinalrm.lpo import (
     CallableReward,
     DiNaLRMReward,
     LatentReward,
     StepDistribution,
+    confidence_compare_fn,
     dynamic_threshold,
+    flow_step_distribution,
+    gaussian_log_prob,
+    sample_candidates,
     sample_with_candidates,
 )
 from dinalrm.testing.models import get_tiny_dinalrm_reward_model
@@ -92,3 +97,56 @@ def test_official_tables_refuse_timesteps_beyond_them():
         dynamic_threshold("sigma", torch.tensor([1000]), 0.35, 0.5)
     with pytest.raises(ValueError, match="Unknown threshold schedule"):
         dynamic_threshold("cosine", torch.tensor([1]), 0.35, 0.5)
+
+
+def test_confidence_rule_is_the_thurstone_probability_of_best_over_worst():
+    """The flow path's pair rule against `Phi(dr / sqrt(2 var(t) + eps))` written here from the formula."""
+    from scipy.stats import norm
+
+    model = get_tiny_dinalrm_reward_model()
+    config = model.config
+    table = model._sigma_table  # levels that snap to themselves
+    sigmas = torch.stack([table[len(table) // 2], table[len(table) // 3], table.min(), table.max()])
+    scores = torch.tensor([[0.1, 0.0, 1.0, 0.3], [0.9, 0.5, 0.0, 1.3], [0.4, 1.2, 0.5, 0.5]])
+    min_confidence = 0.75
+    compared = confidence_compare_fn(model, min_confidence)(scores, sigmas)
+
+    best, worst = scores.max(0), scores.min(0)
+    variance = config.thurstone_k * sigmas.double() ** 2 + config.thurstone_v0
+    expected = norm.cdf(((best.values - worst.values).double() / torch.sqrt(2 * variance + config.thurstone_eps)))
+    assert torch.equal(compared.indices, torch.stack([best.indices, worst.indices]))
+    assert compared.valid.tolist() == (expected > min_confidence).tolist()
+    # The same gap of 1 is confident at the least noisy level and not at the noisiest: stricter where var(t) grows.
+    assert compared.valid[2] and not compared.valid[3] and expected[2] > min_confidence > expected[3]
+    with pytest.raises(ValueError, match="min_confidence"):
+        confidence_compare_fn(model, 0.3)
+
+
+def test_flow_step_distribution_is_the_shared_sde_step():
+    generator = torch.Generator().manual_seed(0)
+    sample, velocity = torch.randn(2, 4, 4, 4, generator=generator), torch.randn(2, 4, 4, 4, generator=generator)
+    sigma, sigma_next = torch.tensor([0.8, 0.5]), torch.tensor([0.6, 0.3])
+    distribution = flow_step_distribution(velocity, sigma, sigma_next, sample, noise_level=0.7)
+    candidate = sample_candidates(distribution, 1, generator)[0]
+    _, log_prob, mean, std = sde_step(velocity, sigma, sigma_next, sample, 0.7, prev_sample=candidate)
+    assert torch.equal(distribution.mean, mean) and torch.equal(distribution.prev_timestep, sigma_next)
+    assert torch.allclose(gaussian_log_prob(candidate, distribution), log_prob, rtol=1e-6, atol=1e-6)
+    # std = a sqrt(sigma / (1 - sigma)) sqrt(sigma - sigma_next), written out here
+    expected_std = 0.7 * torch.sqrt(sigma / (1 - sigma)) * torch.sqrt(sigma - sigma_next)
+    assert torch.allclose(distribution.std[:, 0, 0, 0], expected_std, rtol=1e-6)
+    with pytest.raises(ValueError, match="noise_level must be > 0"):
+        flow_step_distribution(velocity, sigma, sigma_next, sample, noise_level=0.0)
+
+
+def test_step_loop_takes_exactly_one_comparison_rule():
+    with pytest.raises(ValueError, match="exactly one of threshold_fn"):
+        sample_with_candidates(
+            predict=None,
+            step_distribution=None,
+            reward=None,
+            threshold_fn=None,
+            latents=torch.zeros(1, 1, 2, 2),
+            timesteps=torch.tensor([1]),
+            conditioning=None,
+            num_candidates=2,
+        )

@@ -100,7 +100,7 @@ def test_oracle_reads_every_render_correctly():
 # --------------------------------------------------------------------------------------------- stages end to end
 def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
     """regenerate.sh in QUICK mode: VAE, generator, pairs, train_dinalrm.py, Hub repo, evaluations, baseline, ReFL,
-    Flow-GRPO."""
+    Flow-GRPO, the LPO / ReFL / Flow-GRPO comparison."""
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         ["bash", str(WORLD / "regenerate.sh")], capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False
@@ -123,6 +123,9 @@ def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
         "flow-grpo-pixel/pytorch_lora_weights.safetensors",
         "results_flow_grpo.json",
         "flow_grpo_curves.png",
+        "results_optimisers.json",
+        "optimiser_comparison.png",
+        "optimisers/lpo-seed0/pytorch_lora_weights.safetensors",
     ):
         assert (tmp_path / path).exists(), path
     stages = [line.split()[0] for line in (tmp_path / "timings.txt").read_text().splitlines()]
@@ -139,12 +142,21 @@ def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
         "refl_fast",
         "flow_grpo",
         "flow_grpo_pixel",
+        "optimisers",
     ]
     history = json.loads((tmp_path / "refl" / "refl_history.json").read_text())
     assert {"proxy_reward", "golden_metric"} <= history[0].keys()
     flow_grpo = json.loads((tmp_path / "results_flow_grpo.json").read_text())
     assert {run["reward"] for run in flow_grpo.values()} == {"DiNa-LRM", "pixel CNN"}
     assert all(len(run["validation"]) == 2 for run in flow_grpo.values())
+    optimisers = json.loads((tmp_path / "results_optimisers.json").read_text())
+    assert {run["method"] for run in optimisers["runs"].values()} == {
+        "LPO + DiNa-LRM",
+        "ReFL + DiNa-LRM",
+        "Flow-GRPO + DiNa-LRM",
+    }
+    for run in optimisers["runs"].values():
+        assert run["peak_rss_mib"] > 0 and run["reward_model_calls"] > 0 and len(run["curve"]) >= 2
 
 
 # ----------------------------------------------------------------------------------------------- shipped artefacts

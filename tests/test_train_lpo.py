@@ -1,20 +1,28 @@
-"""Smoke test of `examples/lpo/train_lpo.py` on the tiny SD1.5-topology base of `tests/fixtures/official-lrm-tiny`:
-it trains, writes checkpoints and the LoRA, and a resumed run ends with exactly the weights of an uninterrupted one.
+"""Smoke tests of `examples/lpo/train_lpo.py` on the tiny SD1.5-topology base of `tests/fixtures/official-lrm-tiny`
+and on the tiny world's SD3 generator with its DiNa-LRM: each trains, writes checkpoints and the LoRA, and a resumed
+run ends with exactly the weights of an uninterrupted one.
 """
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFICIAL_LRM_TINY, REPO_ROOT
-from diffusers import StableDiffusionPipeline
+from conftest import OFFICIAL_LRM_TINY, OFFICIAL_TINY, REPO_ROOT
+from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
+
+from dinalrm.testing import add_to_hub_cache, save_tiny_sd3_base
 
 
 FIXTURE = OFFICIAL_LRM_TINY
 SCRIPT = REPO_ROOT / "examples" / "lpo" / "train_lpo.py"
+TINY_SD3 = REPO_ROOT / "assets" / "tiny-sd3"
+TINY_DINALRM = REPO_ROOT / "assets" / "dinalrm-tiny"
 
 
 def load_module(name: str, path: Path):
@@ -58,6 +66,18 @@ def run(setup, output_dir: str, *flags: str) -> None:
     script.main(args)
 
 
+def assert_resumed_run_matches_the_straight_one(root: Path, first: Path, prefix: str) -> None:
+    """The LoRA of `root/interrupted` (resumed from `first`) equals `root/straight`'s bit for bit, and differs from
+    `first`'s (the resumed step trained)."""
+    resumed = load_file(root / "interrupted" / "pytorch_lora_weights.safetensors")
+    straight = load_file(root / "straight" / "pytorch_lora_weights.safetensors")
+    after_one = load_file(first / "pytorch_lora_weights.safetensors")
+    assert resumed.keys() == straight.keys() and all(key.startswith(prefix) for key in resumed)
+    for key in resumed:
+        assert torch.equal(resumed[key], straight[key]), key
+    assert any(not torch.equal(resumed[key], after_one[key]) for key in resumed), "the second step changed nothing"
+
+
 def test_train_lpo_checkpoints_and_resumes_exactly(setup, caplog):
     root = setup["root"]
     run(setup, "interrupted", "--max_train_steps", "1")
@@ -70,22 +90,104 @@ def test_train_lpo_checkpoints_and_resumes_exactly(setup, caplog):
     assert (root / "interrupted" / "checkpoint-2").is_dir()
     run(setup, "straight", "--max_train_steps", "2")
 
-    resumed = load_file(root / "interrupted" / "pytorch_lora_weights.safetensors")
-    straight = load_file(root / "straight" / "pytorch_lora_weights.safetensors")
-    after_one = load_file(first / "pytorch_lora_weights.safetensors")
-    assert resumed.keys() == straight.keys() and all(key.startswith("unet.") for key in resumed)
-    for key in resumed:
-        assert torch.equal(resumed[key], straight[key]), key
-    assert any(not torch.equal(resumed[key], after_one[key]) for key in resumed), "the second step changed nothing"
+    assert_resumed_run_matches_the_straight_one(root, first, "unet.")
 
     pipe = StableDiffusionPipeline.from_pretrained(FIXTURE / "base", safety_checker=None)
     pipe.load_lora_weights(root / "interrupted")
     assert any("lora" in name for name, _ in pipe.unet.named_parameters())
 
 
-def test_train_lpo_rejects_a_single_candidate(setup):
+@pytest.mark.parametrize(
+    "flags, problem",
+    [
+        (["--num_candidates", "1"], "--num_candidates must be at least 2"),
+        (["--min_confidence", "0.4"], "--min_confidence is a probability"),
+        (["--noise_level", "0"], "--noise_level must be positive"),
+    ],
+)
+def test_train_lpo_refuses_settings_that_cannot_form_pairs(setup, flags, problem, capsys):
     with pytest.raises(SystemExit):
         setup["script"].parse_args(
             ["--pretrained_model_name_or_path", "x", "--reward_model", "y", "--prompts_file", "z"]
-            + ["--output_dir", "o", "--num_candidates", "1"]
+            + ["--output_dir", "o", *flags]
         )
+    assert problem in capsys.readouterr().err
+
+
+def test_train_lpo_flow_path_on_the_tiny_world_checkpoints_and_resumes_exactly(setup, tmp_path):
+    """The SD3 path (detected from model_index.json) on the tiny world's generator and DiNa-LRM: 2 optimizer steps,
+    a resumed run ends with exactly the weights of an uninterrupted one, and the LoRA loads into the SD3 pipeline."""
+    script = setup["script"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(
+        "a large blue circle at the bottom on a black background\na small red square on a white background\n"
+    )
+
+    def flow_run(output_dir: str, *flags: str) -> None:
+        args = script.parse_args(
+            [
+                "--pretrained_model_name_or_path", str(TINY_SD3),
+                "--reward_model", str(TINY_DINALRM),
+                "--prompts_file", str(prompts),
+                "--output_dir", str(tmp_path / output_dir),
+                "--max_sequence_length", "16",
+                "--num_inference_steps", "3",
+                "--divert_end_step", "1",  # one LPO step per round: 2 prompts -> at most 2 pairs -> one step
+                "--sample_batch_size", "2",
+                "--train_batch_size", "2",
+                "--min_confidence", "0.5",  # keep every pair with a strictly better best
+                "--checkpointing_steps", "1",
+                "--report_to", "none",
+                *flags,
+            ]
+        )  # fmt: skip
+        assert script.generator_family(args) == "sd3"
+        script.main(args)
+
+    flow_run("interrupted", "--max_train_steps", "1")
+    first = tmp_path / "interrupted" / "checkpoint-1"
+    assert json.loads((first / "training_state.json").read_text()) == {"global_step": 1, "next_round": 1}
+    flow_run("interrupted", "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
+    flow_run("straight", "--max_train_steps", "2")
+
+    assert_resumed_run_matches_the_straight_one(tmp_path, first, "transformer.")
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(TINY_SD3)
+    pipe.load_lora_weights(tmp_path / "interrupted", weight_name="pytorch_lora_weights.safetensors")
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
+
+
+def test_train_lpo_flow_path_loads_the_published_ids_from_the_hub_cache(tmp_path):
+    """The README's SD3.5-M command line by its real Hub ids, offline: the official-format DiNa-LRM checkpoint and a
+    tiny SD3 pipeline stored under `liuhuohuo/DiNa-LRM-SD35M-12layers` and `stabilityai/stable-diffusion-3.5-medium`
+    in a simulated cache; one optimizer step, and the LoRA it writes loads into the SD3 pipeline."""
+    cache = tmp_path / "cache"
+    add_to_hub_cache(cache, "liuhuohuo/DiNa-LRM-SD35M-12layers", OFFICIAL_TINY)
+    base = add_to_hub_cache(
+        cache,
+        "stabilityai/stable-diffusion-3.5-medium",
+        save_tiny_sd3_base(tmp_path / "base", OFFICIAL_TINY / "transformer"),
+    )
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+    command = [
+        sys.executable, str(SCRIPT),
+        "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-3.5-medium",
+        "--reward_model", "liuhuohuo/DiNa-LRM-SD35M-12layers",
+        "--prompts_file", str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path / "out"),
+        "--max_sequence_length", "16", "--num_inference_steps", "2", "--divert_end_step", "1",
+        "--sample_batch_size", "2", "--train_batch_size", "2", "--min_confidence", "0.5",
+        "--max_train_steps", "1", "--report_to", "none",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    pipe = StableDiffusion3Pipeline.from_pretrained(base)
+    pipe.load_lora_weights(tmp_path / "out", weight_name="pytorch_lora_weights.safetensors")
+    assert any("lora" in name for name, _ in pipe.transformer.named_parameters())

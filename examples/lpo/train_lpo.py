@@ -1,10 +1,15 @@
 #!/usr/bin/env python
 # Copyright 2026 The dinalrm authors. Licensed under the Apache License, Version 2.0.
-"""LPO (Latent Preference Optimization) of an SD1.5-style generator with an LRM reward, with 🤗 accelerate and peft.
+"""LPO (Latent Preference Optimization) of an SD1.5-style generator with an LRM reward, or of an SD3 generator with
+DiNa-LRM, with 🤗 accelerate and peft.
 
     accelerate launch examples/lpo/train_lpo.py \\
         --pretrained_model_name_or_path sd-legacy/stable-diffusion-v1-5 \\
         --reward_model lrm-sd15 --prompts_file prompts.json --output_dir sd15-lpo
+    accelerate launch examples/lpo/train_lpo.py \\
+        --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \\
+        --reward_model liuhuohuo/DiNa-LRM-SD35M-12layers --prompts_file prompts.txt --output_dir sd35m-lpo \\
+        --guidance_scale 4.5 --num_inference_steps 20 --min_confidence 0.9
 
 The official algorithm (Kwai-Kolors/LPO `lpo/train_scripts/train_lpo.py`, arXiv 2502.01051), built on
 `dinalrm.lpo`: every round samples `--sample_batch_size` prompts with DDIM (eta 1) and classifier-free guidance;
@@ -23,6 +28,14 @@ instead of the global generator; the LRM's prompt ids come from the reward model
 dataset tokenises them with CLIP-ViT-H-14's). A round's pairs are always trained on completely, so checkpoints
 (`--checkpointing_steps`) and the end of the run (`--max_train_steps`) fall at the first round boundary at or
 after the step. The LoRA is saved with `StableDiffusionPipeline.save_lora_weights` (`pipe.load_lora_weights`).
+
+Flow-matching path (`--generator_family sd3`, detected from the pipeline's `model_index.json`): the same loop on
+the SDE version of the SD3 sampler (`dinalrm.lpo.flow_step_distribution`, Flow-GRPO's ODE-to-SDE step with noise
+level `--noise_level`), guidance as `examples/refl/train_refl.py`'s sampler. DiNa-LRM scores every candidate at its
+own noise level (the sigma of x_{t-1}; the candidates are already noisy, so no noise is added), and a pair is kept
+when DiNa-LRM's own comparison probability that the best beats the worst, `Phi((r_b - r_w) / sqrt(2 var(sigma)))`,
+exceeds `--min_confidence` (`dinalrm.lpo.confidence_compare_fn`) instead of the DDPM threshold table. The LoRA
+(modeling_dinalrm's SD3 attention targets) is saved with `StableDiffusion3Pipeline.save_lora_weights`.
 """
 
 import argparse
@@ -31,6 +44,7 @@ import json
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 import diffusers
@@ -39,7 +53,7 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline
 from diffusers.training_utils import EMAModel, cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
 from diffusers.utils.torch_utils import randn_tensor
@@ -57,8 +71,11 @@ from dinalrm.checkpointing import (
 from dinalrm.lpo import (
     OFFICIAL_THRESHOLD_RANGES,
     THRESHOLD_SCHEDULES,
+    DiNaLRMReward,
     LRMReward,
+    confidence_compare_fn,
     ddim_step_distribution,
+    flow_step_distribution,
     gaussian_log_prob,
     guided_prediction,
     lpo_loss,
@@ -67,13 +84,25 @@ from dinalrm.lpo import (
     sample_with_candidates,
 )
 from dinalrm.training_utils import seeded_generator
+from modeling_dinalrm import (
+    DEFAULT_LORA_TARGET_MODULES,
+    is_official_checkpoint,
+    load_official_checkpoint,
+    resolve_repo,
+)
+from pipeline_dinalrm import DiNaLRMPipeline
 from pipeline_lrm import LRMPipeline
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "refl"))
+from train_refl import Sampler, encode_generator_prompts, load_reward_model  # noqa: E402
 
 
 logger = get_logger(__name__)
 
 LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]  # the official LoraConfig (train_lpo.py:185-190)
 LORA_FILE = "pytorch_lora_weights.safetensors"
+GENERATOR_FAMILIES = ("auto", "sd15", "sd3")
 
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
@@ -81,7 +110,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="SD1.5-style pipeline: Hub id/folder.")
     parser.add_argument("--revision", default=None)
     parser.add_argument(
-        "--reward_model", required=True, help="LRM pipeline (scripts/convert_official_lrm_checkpoint.py)."
+        "--generator_family",
+        choices=GENERATOR_FAMILIES,
+        default="auto",
+        help="sd15: DDIM + LRM (official LPO); sd3: flow SDE + DiNa-LRM; auto: from the pipeline's model_index.json.",
+    )
+    parser.add_argument(
+        "--reward_model",
+        required=True,
+        help="sd15: LRM pipeline (scripts/convert_official_lrm_checkpoint.py); sd3: DiNa-LRM repo, folder or "
+        "official checkpoint (its backbone blocks come from --pretrained_model_name_or_path).",
     )
     parser.add_argument(
         "--prompts_file", required=True, help="Prompts: a text file (one per line) or the official JSON list."
@@ -91,19 +129,32 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     sampling = parser.add_argument_group("sampling (official SD1.5 recipe)")
     sampling.add_argument("--resolution", type=int, default=None, help="Default: the UNet's native size.")
     sampling.add_argument("--num_inference_steps", type=int, default=20)
-    sampling.add_argument("--eta", type=float, default=1.0)
+    sampling.add_argument("--eta", type=float, default=1.0, help="sd15: DDIM's eta.")
     sampling.add_argument("--guidance_scale", type=float, default=5.0)
     sampling.add_argument("--sample_batch_size", type=int, default=5, help="Prompts per round and process.")
     sampling.add_argument("--num_candidates", type=int, default=4, help="Candidates per step (num_sample_each_step).")
     sampling.add_argument("--divert_start_step", type=int, default=0, help="Plain DDIM steps before LPO starts.")
     sampling.add_argument("--divert_end_step", type=int, default=0, help="Stop sampling at this step when > 0.")
-    sampling.add_argument("--threshold_schedule", choices=THRESHOLD_SCHEDULES, default="sigma")
-    sampling.add_argument("--threshold_min", type=float, default=OFFICIAL_THRESHOLD_RANGES["sd15"][0])
-    sampling.add_argument("--threshold_max", type=float, default=OFFICIAL_THRESHOLD_RANGES["sd15"][1])
+    sampling.add_argument(
+        "--threshold_schedule", choices=THRESHOLD_SCHEDULES, default="sigma", help="sd15: the official schedule."
+    )
+    sampling.add_argument("--threshold_min", type=float, default=OFFICIAL_THRESHOLD_RANGES["sd15"][0], help="sd15.")
+    sampling.add_argument("--threshold_max", type=float, default=OFFICIAL_THRESHOLD_RANGES["sd15"][1], help="sd15.")
+    sampling.add_argument(
+        "--noise_level", type=float, default=0.7, help="sd3: Flow-GRPO's SDE noise level a of the candidates' step."
+    )
+    sampling.add_argument(
+        "--min_confidence",
+        type=float,
+        default=0.9,
+        help="sd3: keep a pair when DiNa-LRM's probability that best beats worst at their noise level exceeds it.",
+    )
+    sampling.add_argument("--max_sequence_length", type=int, default=128, help="sd3: T5 tokens for the generator.")
     sampling.add_argument(
         "--reward_at_candidate_timestep",
         action="store_true",
-        help="Tell the LRM the candidates' own timestep t - T/N (official: the step's t).",
+        help="sd15: tell the LRM the candidates' own timestep t - T/N (official: the step's t; sd3 always tells "
+        "DiNa-LRM the candidates' own sigma).",
     )
     training = parser.add_argument_group("training (official SD1.5 recipe)")
     training.add_argument("--num_train_epochs", type=int, default=5)
@@ -137,7 +188,28 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--num_candidates must be at least 2: a pair needs a best and a worst candidate.")
     if args.sample_batch_size < 1 or args.train_batch_size < 1:
         parser.error("--sample_batch_size and --train_batch_size must be positive.")
+    if not 0.5 <= args.min_confidence < 1:
+        parser.error("--min_confidence is a probability that best beats worst: choose it in [0.5, 1).")
+    if args.noise_level <= 0:
+        parser.error("--noise_level must be positive: LPO draws its candidates from the stochastic step.")
     return args
+
+
+def generator_family(args: argparse.Namespace) -> str:
+    """`args.generator_family`, or "sd3" / "sd15" from the `_class_name` of the pipeline's `model_index.json`."""
+    if args.generator_family != "auto":
+        return args.generator_family
+    config = DiffusionPipeline.load_config(args.pretrained_model_name_or_path, revision=args.revision)
+    return "sd3" if config["_class_name"] == StableDiffusion3Pipeline.__name__ else "sd15"
+
+
+def load_dinalrm(path: str, base_model: str, dtype: torch.dtype):
+    """The DiNa-LRM reward model of an official checkpoint (backbone blocks from `base_model`, the generator), a
+    Hub-layout repo or a bare model folder."""
+    folder, _ = resolve_repo(path, ["config.json", "model_index.json", "reward_model/config.json"], "DiNa-LRM model")
+    if is_official_checkpoint(folder):
+        return load_official_checkpoint(path, base_model, torch_dtype=dtype)
+    return load_reward_model(path).to(dtype)
 
 
 def read_prompts(path: str) -> list[str]:
@@ -196,6 +268,18 @@ def sample_round(pipe, unet, reward, prompts, negative, args, generators, device
     return output, prompt_embeds
 
 
+def pair_loss(policy, reference, batch, args):
+    """The LPO loss of a batch's winners and losers under the policy's and the reference's transitions."""
+    return lpo_loss(
+        gaussian_log_prob(batch["winners"], policy),
+        gaussian_log_prob(batch["winners"], reference),
+        gaussian_log_prob(batch["losers"], policy),
+        gaussian_log_prob(batch["losers"], reference),
+        beta=args.beta,
+        eps=args.ratio_eps,
+    )
+
+
 def train_batch(pipe, unet, batch, negative, args) -> dict:
     """Loss of one batch of pairs: one policy and one reference pass per x_t (winner and loser share it)."""
     guidance = 1.0 if args.no_train_cfg else args.guidance_scale
@@ -207,14 +291,74 @@ def train_batch(pipe, unet, batch, negative, args) -> dict:
         unet.enable_adapters()
     policy = ddim_step_distribution(pipe.scheduler, eps, batch["timesteps"], batch["latents"], eta=args.eta)
     reference = ddim_step_distribution(pipe.scheduler, eps_ref, batch["timesteps"], batch["latents"], eta=args.eta)
-    return lpo_loss(
-        gaussian_log_prob(batch["winners"], policy),
-        gaussian_log_prob(batch["winners"], reference),
-        gaussian_log_prob(batch["losers"], policy),
-        gaussian_log_prob(batch["losers"], reference),
-        beta=args.beta,
-        eps=args.ratio_eps,
+    return pair_loss(policy, reference, batch, args)
+
+
+def sample_round_sd3(pipe, transformer, reward_pipe, prompts, args, generators, device):
+    """One LPO sampling call of the flow path: the kept pairs (`LPOSampleOutput`, its `timesteps` are step
+    indices) and the generator's conditional prompt embeddings and pooled embeddings."""
+    sampler = Sampler(pipe, sampler_settings(pipe, transformer, args, args.guidance_scale))
+    embeds, pooled = encode_generator_prompts(pipe, prompts, args, device)
+    with torch.no_grad():
+        conditioning = reward_pipe.encode_prompt(prompts, device=device)
+    sigmas, timesteps = sampler.sigmas(device)
+    noise_generator, continuation_generator = generators
+    latents = randn_tensor(
+        (len(prompts), *sampler.latent_shape), generator=noise_generator, device=device, dtype=embeds.dtype
     )
+    transformer.eval()
+    output = sample_with_candidates(
+        predict=lambda x, i: sampler.velocity(transformer, x.to(embeds.dtype), timesteps[i], embeds, pooled),
+        step_distribution=lambda v, i, x: flow_step_distribution(v, sigmas[i], sigmas[i + 1], x, args.noise_level),
+        reward=DiNaLRMReward(reward_pipe.reward_model),
+        threshold_fn=None,
+        compare_fn=confidence_compare_fn(reward_pipe.reward_model, args.min_confidence),
+        latents=latents,
+        timesteps=torch.arange(len(timesteps), device=device),
+        conditioning=conditioning,
+        num_candidates=args.num_candidates,
+        generator=noise_generator,
+        continuation_generator=continuation_generator,
+        reward_at_current_timestep=False,
+        start_step=args.divert_start_step,
+        end_step=args.divert_end_step,
+    )
+    half = len(prompts)
+    return output, embeds[half:], pooled[half:]
+
+
+def sampler_settings(pipe, transformer, args, guidance_scale: float) -> argparse.Namespace:
+    """The settings `train_refl.Sampler` reads, with the side of `--resolution` (default: the native size)."""
+    side = args.resolution or transformer.config.sample_size * pipe.vae_scale_factor
+    return argparse.Namespace(
+        height=side,
+        width=side,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=guidance_scale,
+        max_sequence_length=args.max_sequence_length,
+    )
+
+
+def train_batch_sd3(pipe, transformer, batch, negative, args) -> dict:
+    """Loss of one batch of flow pairs: policy and reference SDE transitions at each pair's step."""
+    guidance = 1.0 if args.no_train_cfg else args.guidance_scale
+    sampler = Sampler(pipe, sampler_settings(pipe, transformer, args, guidance))
+    sigmas, timesteps = sampler.sigmas(batch["latents"].device)
+    steps = batch["timesteps"]
+    rows = steps.shape[0]
+    embeds = torch.cat([negative[0].expand(rows, -1, -1), batch["embeds"]])
+    pooled = torch.cat([negative[1].expand(rows, -1), batch["pooled"]])
+
+    def distribution():
+        v = sampler.velocity(transformer, batch["latents"].to(embeds.dtype), timesteps[steps], embeds, pooled)
+        return flow_step_distribution(v, sigmas[steps], sigmas[steps + 1], batch["latents"], args.noise_level)
+
+    policy = distribution()
+    with torch.no_grad():
+        transformer.disable_adapters()
+        reference = distribution()
+        transformer.enable_adapters()
+    return pair_loss(policy, reference, batch, args)
 
 
 def main(args: argparse.Namespace) -> None:
@@ -240,23 +384,36 @@ def main(args: argparse.Namespace) -> None:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     prompts = read_prompts(args.prompts_file)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, revision=args.revision, safety_checker=None, dtype=weight_dtype
-    )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # clip_sample etc. inherited, as officially
+    flow = generator_family(args) == "sd3"
+    if flow:
+        pipe = StableDiffusion3Pipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, dtype=weight_dtype
+        )
+        for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+            if getattr(pipe, name) is not None:
+                getattr(pipe, name).requires_grad_(False).eval().to(device)
+        dinalrm = load_dinalrm(args.reward_model, args.pretrained_model_name_or_path, weight_dtype)
+        reward = DiNaLRMPipeline.from_sd3(pipe, dinalrm.to(device))
+        unet, lora_targets, pipeline_class = pipe.transformer, DEFAULT_LORA_TARGET_MODULES, StableDiffusion3Pipeline
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            args.pretrained_model_name_or_path, revision=args.revision, safety_checker=None, dtype=weight_dtype
+        )
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)  # clip_sample etc. inherited, as officially
+        pipe.text_encoder.requires_grad_(False).to(device)
+        reward = LRMPipeline.from_pretrained(args.reward_model, dtype=weight_dtype)
+        unet, lora_targets, pipeline_class = pipe.unet, LORA_TARGET_MODULES, StableDiffusionPipeline
     pipe.set_progress_bar_config(disable=True)
     pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False).to(device)
-    reward = LRMPipeline.from_pretrained(args.reward_model, dtype=weight_dtype)
     reward.reward_model.to(device).eval().requires_grad_(False)
-    unet = pipe.unet.to(device)
+    unet = unet.to(device)
     unet.requires_grad_(False)
     unet.add_adapter(
         LoraConfig(
             r=args.lora_rank,
             lora_alpha=args.lora_rank,
             init_lora_weights="gaussian",
-            target_modules=LORA_TARGET_MODULES,
+            target_modules=lora_targets,
         )
     )
     if accelerator.mixed_precision == "fp16":
@@ -274,12 +431,20 @@ def main(args: argparse.Namespace) -> None:
     ema = EMAModel(trainable, decay=args.ema_decay) if args.use_ema else None
 
     def save_lora(model, folder):
-        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state(model))
+        if flow:
+            StableDiffusion3Pipeline.save_lora_weights(
+                folder, transformer_lora_layers=get_peft_model_state_dict(model)
+            )
+        else:
+            StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=lora_state(model))
 
     def load_lora(model, folder):
-        state, _ = StableDiffusionPipeline.lora_state_dict(folder)
-        state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
-        result = set_peft_model_state_dict(model, convert_unet_state_dict_to_peft(state), adapter_name="default")
+        state = pipeline_class.lora_state_dict(folder, weight_name=LORA_FILE)
+        state = state if flow else state[0]  # the SD1.5 loader also returns the network alphas
+        prefix = "transformer." if flow else "unet."
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+        state = state if flow else convert_unet_state_dict_to_peft(state)
+        result = set_peft_model_state_dict(model, state, adapter_name="default")
         if getattr(result, "unexpected_keys", None):
             raise ValueError(f"{folder}: unexpected LoRA keys {result.unexpected_keys[:5]}")
 
@@ -289,7 +454,10 @@ def main(args: argparse.Namespace) -> None:
         accelerator.init_trackers(args.tracker_project_name, config=config)
 
     with torch.no_grad():
-        negative = pipe.text_encoder(tokenize(pipe.tokenizer, [""]).to(device))[0]
+        if flow:  # the empty prompt's embeddings, the unconditional half of every guided call
+            negative = [part[:1] for part in encode_generator_prompts(pipe, [""], args, device)]
+        else:
+            negative = pipe.text_encoder(tokenize(pipe.tokenizer, [""]).to(device))[0]
     rounds_per_epoch = math.ceil(len(prompts) / (args.sample_batch_size * accelerator.num_processes))
     max_rounds = args.num_train_epochs * rounds_per_epoch
     global_step, next_round = 0, 0
@@ -312,7 +480,14 @@ def main(args: argparse.Namespace) -> None:
         batch_prompts = [prompts[i] for i in order[start : start + args.sample_batch_size].tolist()]
         generators = [seeded_generator(args.seed, accelerator.process_index, round_index, k) for k in (0, 1)]
         if batch_prompts:
-            output, prompt_embeds = sample_round(pipe, unet, reward, batch_prompts, negative, args, generators, device)
+            if flow:
+                output, prompt_embeds, pooled = sample_round_sd3(
+                    pipe, unet, reward, batch_prompts, args, generators, device
+                )
+            else:
+                output, prompt_embeds = sample_round(
+                    pipe, unet, reward, batch_prompts, negative, args, generators, device
+                )
             local = {
                 "timesteps": output.timesteps.cpu(),
                 "latents": output.current_latents.cpu(),
@@ -321,6 +496,8 @@ def main(args: argparse.Namespace) -> None:
                 "embeds": prompt_embeds[output.prompt_indices].cpu(),
                 "scores": output.scores.flatten().cpu(),
             }
+            if flow:
+                local["pooled"] = pooled[output.prompt_indices].cpu()
         else:
             local = None
         shards = [shard for shard in gather_object([local]) if shard is not None]
@@ -340,7 +517,7 @@ def main(args: argparse.Namespace) -> None:
         for first in range(0, per_process, args.train_batch_size):
             rows = mine[first : first + args.train_batch_size]
             batch = {key: value[rows].to(device) for key, value in pairs.items()}
-            out = train_batch(pipe, unet, batch, negative, args)
+            out = (train_batch_sd3 if flow else train_batch)(pipe, unet, batch, negative, args)
             accelerator.backward(out.loss)
             grad_norm = accelerator.clip_grad_norm_(
                 parameters_to_clip(trainable, official_exhausted_iterator=not args.clip_gradients), args.max_grad_norm
@@ -371,7 +548,7 @@ def main(args: argparse.Namespace) -> None:
         final = accelerator.unwrap_model(unet)
         if ema is not None:
             ema.copy_to(trainable)
-        StableDiffusionPipeline.save_lora_weights(args.output_dir, unet_lora_layers=lora_state(final))
+        save_lora(final, args.output_dir)
         logger.info(f"Saved the LoRA ({'EMA' if ema else 'final'} weights) to {args.output_dir}/{LORA_FILE}")
     accelerator.end_training()
     if lock is not None:

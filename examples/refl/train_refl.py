@@ -177,11 +177,12 @@ class Sampler:
         return self.scheduler.sigmas.to(device), self.scheduler.timesteps.to(device)
 
     def velocity(self, transformer, latents, timestep, embeds, pooled):
-        """Guided velocity; `embeds`/`pooled` hold the unconditional half first."""
+        """Guided velocity at `timestep` (one for all samples, or one per sample); `embeds`/`pooled` hold the
+        unconditional half first."""
         model_input = torch.cat([latents, latents])
         v = transformer(
             hidden_states=model_input,
-            timestep=timestep.expand(model_input.shape[0]),
+            timestep=timestep.expand(latents.shape[0]).repeat(2),  # one per sample, or one for all
             encoder_hidden_states=embeds,
             pooled_projections=pooled,
             return_dict=False,

@@ -2,8 +2,8 @@
 # Regenerate the whole tiny world from scratch with fixed seeds:
 #   VAE -> SD3 generator -> oracle-labelled pairs -> DiNa-LRM (train_dinalrm.py) -> Hub repo
 #   -> evaluation (evaluate_reward.py, then eval/run_eval.py + eval/noise_sweep.py) -> pixel baseline
-#   -> ReFL (examples/refl/train_refl.py) -> Flow-GRPO (flow_grpo.py, DiNa-LRM and pixel-baseline rewards),
-#   then copy the shipped artefacts to assets/.
+#   -> ReFL (examples/refl/train_refl.py) -> Flow-GRPO (flow_grpo.py, DiNa-LRM and pixel-baseline rewards)
+#   -> LPO vs ReFL vs Flow-GRPO with DiNa-LRM side by side (compare_optimisers.py), then copy the shipped artefacts.
 #
 #   bash examples/tiny_world/regenerate.sh                 # full run, writes examples/tiny_world/outputs and assets/
 #   QUICK=1 OUT=/tmp/tw bash examples/tiny_world/regenerate.sh   # toy step counts, assets untouched
@@ -28,6 +28,7 @@ if [[ "$QUICK" == 1 ]]; then
   REFL_FLAGS=(--max_train_steps 2 --validation_steps 1 --num_inference_steps 2 --num_validation_prompts 4)
   GRPO_FLAGS=(--max_train_steps 1 --validation_steps 1 --num_inference_steps 3 --sde_window_range 2
     --prompts_per_step 2 --group_size 2 --num_validation_prompts 4)
+  OPTIMISER_FLAGS=(--quick --lpo_seeds 0 --num_validation_prompts 4)
 else
   VAE_FLAGS=()
   GEN_FLAGS=()
@@ -35,6 +36,7 @@ else
   RM_STEPS=1500; BASELINE_STEPS=1500
   REFL_FLAGS=(--max_train_steps 60 --validation_steps 10 --num_inference_steps 12 --num_validation_prompts 32)
   GRPO_FLAGS=(--max_train_steps 40 --validation_steps 10)  # 8 prompts x 4 samples, SDE window 2 of the first 6 steps
+  OPTIMISER_FLAGS=(--num_validation_prompts 72)  # LPO on 3 seeds, ReFL 40 steps, Flow-GRPO 20 steps
 fi
 
 mkdir -p "$OUT/metrics"
@@ -104,6 +106,9 @@ stage flow_grpo flow_grpo flow-grpo --reward_model "$OUT/dinalrm-tiny"
 stage flow_grpo_pixel flow_grpo flow-grpo-pixel --pixel_reward "$OUT/metrics/pixel_baseline.safetensors"
 "$PY" "$HERE/flow_grpo.py" summarize --run "DiNa-LRM=$OUT/flow-grpo" --run "pixel CNN=$OUT/flow-grpo-pixel" \
   --output "$OUT/results_flow_grpo.json" --plot "$OUT/flow_grpo_curves.png" > /dev/null
+stage optimisers "$PY" "$HERE/compare_optimisers.py" --generator "$OUT/tiny-sd3" --reward_model "$OUT/dinalrm-tiny" \
+  --output_dir "$OUT/optimisers" --results "$OUT/results_optimisers.json" --plot "$OUT/optimiser_comparison.png" \
+  "${OPTIMISER_FLAGS[@]}" > /dev/null
 
 "$PY" "$HERE/summarize.py" --out "$OUT" --output "$OUT/results.json" > /dev/null
 if [[ "$QUICK" != 1 ]]; then
@@ -117,5 +122,6 @@ if [[ "$QUICK" != 1 ]]; then
   cp "$OUT/refl/refl_curves.png" "$HERE/refl_curves.png"
   cp "$OUT/refl-fast/refl_curves.png" "$HERE/refl_curves_fast.png"
   cp "$OUT/results_flow_grpo.json" "$OUT/flow_grpo_curves.png" "$HERE/"
+  cp "$OUT/results_optimisers.json" "$OUT/optimiser_comparison.png" "$HERE/"
 fi
 echo "done; timings in $OUT/timings.txt"
