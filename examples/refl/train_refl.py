@@ -11,11 +11,13 @@ up to a stop step (drawn from `--stop_step_range`; the last step by default), ru
 denoising steps WITH gradients, turn the velocity at the stop step into the one-step prediction
 `x0 = x_t - sigma * v`, and score that clean latent with DiNa-LRM at `--reward_t` (0.4, the paper's t*) through
 `DiNaLRMPipeline.reward_fn` — in latent space, no VAE decoding. Prompt embeddings for the reward are computed once.
-Loss = `-reward_weight * reward` (+ `--pretrain_loss_weight` times the rectified-flow loss on
+With `--reward pixel --pixel_reward cnn.safetensors` the same `x0` is instead decoded by the generator's VAE (with
+gradients) and scored by the tiny world's pixel CNN (`examples/tiny_world/pixel_baseline.py --save_model`), the
+pixel-space baseline; everything else is the same. Loss = `-reward_weight * reward` (+ `--pretrain_loss_weight` times the rectified-flow loss on
 `--pretrain_data_dir`, ImageReward's ReFL regulariser). Only the LoRA on the generator's transformer trains.
 
 Every `--validation_steps` the current generator samples `--validation_prompts_file` prompts with fixed seeds; the
-mean proxy reward (DiNa-LRM at `--reward_t`, fixed noise) and, with `--golden_metric path.py:function`
+mean proxy reward (the training reward; DiNa-LRM with fixed noise) and, with `--golden_metric path.py:function`
 (a callable `(PIL image, prompt) -> float` independent of the reward), the golden metric are logged to the
 trackers and plotted to `<output_dir>/refl_curves.png`. The LoRA is saved with
 `StableDiffusion3Pipeline.save_lora_weights` (load it with `pipe.load_lora_weights(output_dir)`).
@@ -27,6 +29,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -47,6 +50,7 @@ from pipeline_dinalrm import DiNaLRMPipeline
 
 logger = get_logger(__name__)
 
+TINY_WORLD = Path(__file__).resolve().parents[1] / "tiny_world"
 HISTORY_FILE = "refl_history.json"
 CURVES_FILE = "refl_curves.png"
 
@@ -55,7 +59,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pretrained_model_name_or_path", required=True, help="SD3 pipeline: Hub id or folder.")
     parser.add_argument("--revision", default=None)
-    parser.add_argument("--reward_model", required=True, help="DiNa-LRM repo (Hub layout) or reward_model folder.")
+    parser.add_argument(
+        "--reward",
+        default="dinalrm",
+        choices=("dinalrm", "pixel"),
+        help="dinalrm: DiNa-LRM on the latent (--reward_model); pixel: the pixel CNN on the decode (--pixel_reward).",
+    )
+    parser.add_argument("--reward_model", default=None, help="DiNa-LRM repo (Hub layout) or reward_model folder.")
+    parser.add_argument("--pixel_reward", default=None, help="Pixel CNN written by pixel_baseline.py --save_model.")
     parser.add_argument("--prompts_file", required=True, help="Training prompts, one per line.")
     parser.add_argument("--validation_prompts_file", default=None, help="Default: the first 16 training prompts.")
     parser.add_argument("--output_dir", default="refl-lora")
@@ -120,6 +131,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report_to", default="tensorboard")
     parser.add_argument("--logging_dir", default="logs")
     args = parser.parse_args(input_args)
+    if args.reward == "dinalrm" and args.reward_model is None:
+        parser.error("--reward dinalrm needs --reward_model.")
+    if args.reward == "pixel" and args.pixel_reward is None:
+        parser.error("--reward pixel needs --pixel_reward (a CNN from pixel_baseline.py --save_model).")
     if args.pretrain_loss_weight > 0 and args.pretrain_data_dir is None:
         parser.error("--pretrain_loss_weight needs --pretrain_data_dir.")
     if args.grad_steps < 1:
@@ -221,6 +236,63 @@ def encode_generator_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str],
     return torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
 
 
+def decode(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled SD3 latents -> images in [-1, 1] with the generator's VAE (differentiable when gradients are on)."""
+    vae = pipe.vae
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
+
+
+RewardFn = Callable[[torch.Tensor, list[str], torch.Generator], torch.Tensor]
+
+
+def build_reward(
+    args: argparse.Namespace, pipe: StableDiffusion3Pipeline, prompts: list[str], device, weight_dtype: torch.dtype
+) -> RewardFn:
+    """The training reward `(x0, prompts, generator) -> (B,)` of one-step clean latents, differentiable in `x0`:
+    DiNa-LRM in latent space (noised to `--reward_t` with `generator`), or the pixel CNN on the VAE decode. The
+    reward's prompt embeddings are computed once for every prompt in `prompts`; the reward model (and, for the pixel
+    CNN, the VAE) is frozen."""
+    row = {p: i for i, p in enumerate(prompts)}
+    if args.reward == "pixel":
+        sys.path.insert(0, str(TINY_WORLD))  # the pixel CNN is the tiny world's baseline
+        from pixel_baseline import load_pixel_reward
+
+        model = load_pixel_reward(args.pixel_reward).to(device).requires_grad_(False)
+        embeds = encode_generator_prompts(pipe, prompts, args, device)[0].chunk(2)[1].float()
+        if embeds[0].numel() != model.text[1].in_features:
+            raise ValueError(
+                f"{args.pixel_reward} reads {model.text[1].in_features} text features per prompt but the generator's "
+                f"prompt embeddings have {tuple(embeds.shape[1:])}: pass the --max_sequence_length it was trained with."
+            )
+        pipe.vae.requires_grad_(False)
+        if args.gradient_checkpointing:
+            pipe.vae.enable_gradient_checkpointing()
+
+        def pixel_reward(x0: torch.Tensor, batch_prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+            rows = torch.tensor([row[p] for p in batch_prompts], device=device)
+            return model(decode(pipe, x0).float().clamp(-1, 1), embeds[rows])
+
+        return pixel_reward
+
+    reward_pipe = DiNaLRMPipeline.from_sd3(pipe, load_reward_model(args.reward_model).to(device, weight_dtype))
+    reward_pipe.reward_model.requires_grad_(False).eval()
+    with torch.no_grad():
+        reward_embeds, reward_pooled = reward_pipe.encode_prompt(prompts, device=device)
+
+    def dinalrm_reward(x0: torch.Tensor, batch_prompts: list[str], generator: torch.Generator) -> torch.Tensor:
+        rows = torch.tensor([row[p] for p in batch_prompts], device=device)
+        return reward_pipe.reward_fn(
+            x0.to(weight_dtype),
+            prompt_embeds=reward_embeds[rows],
+            pooled_prompt_embeds=reward_pooled[rows],
+            t=args.reward_t,
+            generator=generator,
+            noise_sharing=args.reward_noise_sharing,
+        )
+
+    return dinalrm_reward
+
+
 def pretraining_loss(pipe, transformer, batch: dict, args, generator, device) -> torch.Tensor:
     """Rectified-flow loss (velocity target noise - x0, logit-normal t on the shift-scheduler table) on real data."""
     with torch.no_grad():
@@ -292,8 +364,6 @@ def main(args: argparse.Namespace) -> list[dict]:
         module = getattr(pipe, name)
         if module is not None:
             module.requires_grad_(False).eval().to(device)
-    reward_pipe = DiNaLRMPipeline.from_sd3(pipe, load_reward_model(args.reward_model).to(device, weight_dtype))
-    reward_pipe.reward_model.requires_grad_(False).eval()
 
     transformer = pipe.transformer.to(device)
     transformer.requires_grad_(False)
@@ -317,28 +387,13 @@ def main(args: argparse.Namespace) -> list[dict]:
     validation_prompts = (read_prompts(args.validation_prompts_file) if args.validation_prompts_file else prompts)[
         : args.num_validation_prompts
     ]
-    # Reward-side prompt embeddings, computed once for every prompt (training and validation).
-    unique = list(dict.fromkeys(prompts + validation_prompts))
-    with torch.no_grad():
-        reward_embeds, reward_pooled = reward_pipe.encode_prompt(unique, device=device)
-    reward_row = {p: i for i, p in enumerate(unique)}
+    reward_of = build_reward(args, pipe, list(dict.fromkeys(prompts + validation_prompts)), device, weight_dtype)
     golden = load_golden_metric(args.golden_metric)
     pretrain_data = None
     if args.pretrain_loss_weight > 0:
         pretrain_data = datasets.load_dataset(args.pretrain_data_dir, split="train").shuffle(seed=args.seed)
     sampler = Sampler(pipe, args)
     rank_generator = torch.Generator().manual_seed(args.seed * 1000 + accelerator.process_index)
-
-    def reward_of(x0: torch.Tensor, batch_prompts: list[str], generator) -> torch.Tensor:
-        rows = torch.tensor([reward_row[p] for p in batch_prompts], device=device)
-        return reward_pipe.reward_fn(
-            x0.to(weight_dtype),
-            prompt_embeds=reward_embeds[rows],
-            pooled_prompt_embeds=reward_pooled[rows],
-            t=args.reward_t,
-            generator=generator,
-            noise_sharing=args.reward_noise_sharing,
-        )
 
     @torch.no_grad()
     def validate(step: int) -> dict:
@@ -352,10 +407,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             "proxy_reward": float(reward_of(x0, validation_prompts, torch.Generator().manual_seed(args.seed)).mean()),
         }
         if golden is not None:
-            images = pipe.vae.decode(
-                x0 / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0.0)
-            ).sample
-            images = pipe.image_processor.postprocess(images, output_type="pil")
+            images = pipe.image_processor.postprocess(decode(pipe, x0), output_type="pil")
             record["golden_metric"] = sum(golden(im, p) for im, p in zip(images, validation_prompts)) / len(images)
         unwrapped.train()
         return record

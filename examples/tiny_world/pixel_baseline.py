@@ -51,8 +51,8 @@ class PixelReward(nn.Module):
 
     def forward(self, pixels: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         b, _, h, w = pixels.shape
-        ys = torch.linspace(-1, 1, h).view(1, 1, h, 1).expand(b, 1, h, w)
-        xs = torch.linspace(-1, 1, w).view(1, 1, 1, w).expand(b, 1, h, w)
+        ys = torch.linspace(-1, 1, h, device=pixels.device, dtype=pixels.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        xs = torch.linspace(-1, 1, w, device=pixels.device, dtype=pixels.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
         features = self.trunk(torch.cat([pixels, xs, ys], dim=1))
         gamma, beta = self.text(prompt_embeds).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
         return self.head(features * (1 + gamma) + beta).squeeze(-1)
