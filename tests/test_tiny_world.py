@@ -100,7 +100,7 @@ def test_oracle_reads_every_render_correctly():
 # --------------------------------------------------------------------------------------------- stages end to end
 def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
     """regenerate.sh in QUICK mode: VAE, generator, pairs, train_dinalrm.py, Hub repo, evaluations, baseline, ReFL,
-    Flow-GRPO, the LPO / ReFL / Flow-GRPO comparison."""
+    Flow-GRPO, the LPO / ReFL / Flow-GRPO (DiNa-LRM) and ReFL (pixel CNN) comparison."""
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
         ["bash", str(WORLD / "regenerate.sh")], capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False
@@ -126,6 +126,7 @@ def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
         "results_optimisers.json",
         "optimiser_comparison.png",
         "optimisers/lpo-seed0/pytorch_lora_weights.safetensors",
+        "optimisers/refl-pixel/pytorch_lora_weights.safetensors",
     ):
         assert (tmp_path / path).exists(), path
     stages = [line.split()[0] for line in (tmp_path / "timings.txt").read_text().splitlines()]
@@ -154,6 +155,7 @@ def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
         "LPO + DiNa-LRM",
         "ReFL + DiNa-LRM",
         "Flow-GRPO + DiNa-LRM",
+        "ReFL + pixel CNN",
     }
     for run in optimisers["runs"].values():
         assert run["peak_rss_mib"] > 0 and run["reward_model_calls"] > 0 and len(run["curve"]) >= 2
@@ -290,3 +292,94 @@ def test_pixel_baseline_saves_a_reward_that_loads_with_the_same_scores(tmp_path)
     loaded = load_pixel_reward(str(tmp_path / "pixel.safetensors"))
     with torch.no_grad():
         assert torch.equal(loaded(pixels, text), model(pixels, text))
+
+
+def _refl_args(tmp_path: Path, *extra: str):
+    from train_refl import parse_args
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(split_prompts()[0][:4]) + "\n")
+    return parse_args(
+        ["--pretrained_model_name_or_path", str(GENERATOR), "--prompts_file", str(prompts), "--height", "64",
+         "--width", "64", "--max_sequence_length", "16", "--num_inference_steps", "2", "--guidance_scale", "4.0",
+         "--lora_rank", "8", "--train_batch_size", "2", "--output_dir", str(tmp_path / "refl"), *extra]
+    )  # fmt: skip
+
+
+def test_refl_pixel_reward_scores_the_decode_and_its_gradients_reach_the_lora(tmp_path):
+    from diffusers import StableDiffusion3Pipeline
+    from peft import LoraConfig
+    from pixel_baseline import PixelReward, encode, save_pixel_reward
+    from tiny_world_common import decode_latents
+    from train_refl import Sampler, build_reward, encode_generator_prompts
+
+    torch.manual_seed(0)
+    cnn = PixelReward(text_tokens=32, text_dim=64).eval()
+    save_pixel_reward(cnn, str(tmp_path / "pixel.safetensors"))
+    args = _refl_args(tmp_path, "--reward", "pixel", "--pixel_reward", str(tmp_path / "pixel.safetensors"))
+    pipe = StableDiffusion3Pipeline.from_pretrained(GENERATOR)
+    prompts = split_prompts()[0][:2]
+    reward = build_reward(args, pipe, prompts, "cpu", torch.float32)
+
+    x0 = torch.randn(2, 16, 16, 16)
+    with torch.no_grad():  # the tiny world's own decode and prompt encoding, as pixel_baseline.py trains on them
+        expected = cnn(decode_latents(pipe.vae, x0).clamp(-1, 1), encode(pipe, prompts))
+        torch.testing.assert_close(reward(x0, prompts, None), expected)
+
+    pipe.transformer.requires_grad_(False)
+    pipe.transformer.add_adapter(LoraConfig(r=8, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    embeds, pooled = encode_generator_prompts(pipe, prompts, args, "cpu")
+    x0 = Sampler(pipe, args).sample_x0(pipe.transformer, embeds, pooled, 1, torch.Generator().manual_seed(0))
+    reward(x0, prompts, None).sum().backward()
+    lora_b = {n: p.grad for n, p in pipe.transformer.named_parameters() if "lora_B" in n}
+    assert lora_b and all(g is not None and torch.isfinite(g).all() for g in lora_b.values())
+    assert sum(float(g.abs().sum()) for g in lora_b.values()) > 0  # the reward's gradient came back through the VAE
+    assert not any(p.grad is not None for p in pipe.vae.parameters())  # the VAE stays frozen
+
+
+def test_refl_pixel_reward_needs_its_cnn(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _refl_args(tmp_path, "--reward", "pixel")
+    assert "--reward pixel needs --pixel_reward" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _refl_args(tmp_path)
+    assert "--reward dinalrm needs --reward_model" in capsys.readouterr().err
+
+
+def test_refl_with_the_pixel_reward_runs_two_steps(tmp_path):
+    from pixel_baseline import PixelReward, save_pixel_reward
+
+    torch.manual_seed(0)
+    save_pixel_reward(PixelReward(text_tokens=32, text_dim=64), str(tmp_path / "pixel.safetensors"))
+    args = _refl_args(tmp_path, "--reward", "pixel", "--pixel_reward", str(tmp_path / "pixel.safetensors"))
+    command = [sys.executable, str(REFL_SCRIPT)]
+    for key in ("pretrained_model_name_or_path", "prompts_file", "output_dir", "reward", "pixel_reward"):
+        command += [f"--{key}", str(getattr(args, key))]
+    command += ["--height", "64", "--width", "64", "--max_sequence_length", "16", "--num_inference_steps", "2"]
+    command += ["--train_batch_size", "2", "--max_train_steps", "2", "--validation_steps", "1", "--report_to", ""]
+    command += ["--num_validation_prompts", "2", "--golden_metric", f"{WORLD / 'domain.py'}:oracle_score"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-6000:]
+    history = json.loads((tmp_path / "refl" / "refl_history.json").read_text())
+    assert [h["step"] for h in history] == [0, 1, 2]
+    assert all(np.isfinite(h["proxy_reward"]) and 0 <= h["golden_metric"] <= 1 for h in history)
+    assert (tmp_path / "refl" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_comparison_keeps_other_runs_only_from_a_matching_results_file(tmp_path):
+    from compare_optimisers import kept_runs, parse_args
+
+    def args(*extra: str):
+        return parse_args(["--generator", "g", "--reward_model", "r", "--output_dir", "o", "--plot", "p.png",
+                           "--results", str(tmp_path / "results.json"), "--pixel_reward", "cnn", *extra])  # fmt: skip
+
+    assert kept_runs(args()) == {}  # every method runs: nothing is kept
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        kept_runs(args("--methods", "refl"))
+    (tmp_path / "results.json").write_text(json.dumps({"held_out_prompts": 72, "runs": {}}))
+    with pytest.raises(ValueError, match="72 held-out prompts"):
+        kept_runs(args("--methods", "refl", "--num_validation_prompts", "32"))
+    assert kept_runs(args("--methods", "refl", "--num_validation_prompts", "72"))["held_out_prompts"] == 72
+    with pytest.raises(SystemExit):  # the pixel arm needs the CNN
+        parse_args(["--generator", "g", "--reward_model", "r", "--output_dir", "o", "--plot", "p", "--results", "r"])

@@ -1,12 +1,15 @@
 """Side-by-side comparison of generator alignment methods in the tiny world, on the held-out oracle golden metric.
 
     python examples/tiny_world/compare_optimisers.py --generator assets/tiny-sd3 --reward_model assets/dinalrm-tiny \\
-        --output_dir outputs/optimisers --results examples/tiny_world/results_optimisers.json \\
-        --plot examples/tiny_world/optimiser_comparison.png
+        --pixel_reward outputs/tiny-world/metrics/pixel_baseline.safetensors --output_dir outputs/optimisers \\
+        --results examples/tiny_world/results_optimisers.json --plot examples/tiny_world/optimiser_comparison.png
 
 Runs, one after the other, LPO with DiNa-LRM (`examples/lpo/train_lpo.py`, flow path, on `--lpo_seeds`), ReFL with
-DiNa-LRM (`examples/refl/train_refl.py`) and Flow-GRPO with DiNa-LRM (`flow_grpo.py`), each in its own process
-(wall time and peak RSS are that process's, from `os.wait4`). Every method is scored the same way, ReFL's and
+DiNa-LRM (`examples/refl/train_refl.py`), Flow-GRPO with DiNa-LRM (`flow_grpo.py`) and ReFL with the pixel CNN
+baseline (`train_refl.py --reward pixel`, the CNN of `pixel_baseline.py --save_model`; same settings as ReFL with
+DiNa-LRM), each in its own process (wall time and peak RSS are that process's, from `os.wait4`). `--methods` runs
+a subset; the other methods' runs are then kept from the existing `--results` file (whose pretrained generator
+must score the same), so one arm can be re-run without the others. Every method is scored the same way, ReFL's and
 Flow-GRPO's validation: ODE samples of the first `--num_validation_prompts` held-out prompts with the generator
 seed 12345, read by the pixel oracle (`domain.oracle_score`); ReFL and Flow-GRPO report it during training, LPO's
 checkpoints and the pretrained generator are scored here. Reward-model calls are the samples each method's training
@@ -16,6 +19,7 @@ scored (validation excluded), counted from its settings and, for LPO, its number
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -43,12 +47,19 @@ REFL_SCRIPT = REPO_ROOT / "examples" / "refl" / "train_refl.py"
 GRPO_SCRIPT = HERE / "flow_grpo.py"
 #: Settings shared by every method: the tiny generator's sampler, as ReFL and Flow-GRPO run it.
 STEPS, GUIDANCE = 12, 4.0
+METHODS = ("lpo", "refl", "flow_grpo", "refl_pixel")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--generator", required=True, help="the tiny SD3 pipeline folder")
     parser.add_argument("--reward_model", required=True, help="the tiny DiNa-LRM repo")
+    parser.add_argument(
+        "--pixel_reward", default=None, help="pixel CNN (pixel_baseline.py --save_model), for refl_pixel"
+    )
+    parser.add_argument(
+        "--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all)"
+    )
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--results", required=True, help="results JSON")
     parser.add_argument("--plot", required=True, help="comparison PNG")
@@ -63,7 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grpo_steps", type=int, default=20)
     parser.add_argument("--num_validation_prompts", type=int, default=32)
     parser.add_argument("--quick", action="store_true", help="toy settings: checks that everything runs")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if "refl_pixel" in args.methods and args.pixel_reward is None:
+        parser.error("refl_pixel (ReFL with the pixel CNN) needs --pixel_reward, or leave it out of --methods.")
+    return args
 
 
 def run(command: list[str], log: Path) -> dict:
@@ -126,12 +140,32 @@ def lpo_flags(args, out: Path, folder: Path, seed: int) -> list[str]:
     ]  # fmt: skip
 
 
+def refl_flags(args, out: Path, folder: Path, reward: list[str]) -> list[str]:
+    """`train_refl.py`'s command line of the comparison; `reward` selects the reward model."""
+    quick = args.quick
+    return [
+        "--pretrained_model_name_or_path", args.generator, *reward, "--prompts_file", str(out / "train_prompts.txt"),
+        "--validation_prompts_file", str(out / "held_out_prompts.txt"),
+        "--golden_metric", f"{HERE / 'domain.py'}:oracle_score", "--height", str(IMAGE_SIZE),
+        "--width", str(IMAGE_SIZE), "--max_sequence_length", str(TOKEN_LENGTH), "--guidance_scale", str(GUIDANCE),
+        "--lora_rank", "8", "--learning_rate", "2e-4", "--train_batch_size", "2" if quick else "8", "--seed", "0",
+        "--num_inference_steps", str(2 if quick else STEPS), "--max_train_steps", str(2 if quick else args.refl_steps),
+        "--validation_steps", str(1 if quick else 10), "--num_validation_prompts", str(args.num_validation_prompts),
+        "--report_to", "", "--output_dir", str(folder),
+    ]  # fmt: skip
+
+
+def sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
 def train_all(args: argparse.Namespace, out: Path) -> dict:
-    """Train every method; what each run measured, and where its LoRA and curves are."""
+    """Train the selected methods; what each run measured, and where its LoRA and curves are."""
     quick = args.quick
     steps = 2 if quick else STEPS
+    refl_steps = 2 if quick else args.refl_steps
     runs = {}
-    for seed in args.lpo_seeds:
+    for seed in args.lpo_seeds if "lpo" in args.methods else []:
         folder = out / f"lpo-seed{seed}"
         shutil.rmtree(folder, ignore_errors=True)
         measured = run([sys.executable, str(LPO_SCRIPT), *lpo_flags(args, out, folder, seed)], out / "lpo.log")
@@ -151,29 +185,34 @@ def train_all(args: argparse.Namespace, out: Path) -> dict:
             **measured,
         }
 
-    folder = out / "refl"
-    shutil.rmtree(folder, ignore_errors=True)
-    refl_steps = 2 if quick else args.refl_steps
-    flags = [
-        "--pretrained_model_name_or_path", args.generator, "--reward_model", args.reward_model,
-        "--prompts_file", str(out / "train_prompts.txt"),
-        "--validation_prompts_file", str(out / "held_out_prompts.txt"),
-        "--golden_metric", f"{HERE / 'domain.py'}:oracle_score", "--height", str(IMAGE_SIZE),
-        "--width", str(IMAGE_SIZE), "--max_sequence_length", str(TOKEN_LENGTH), "--guidance_scale", str(GUIDANCE),
-        "--lora_rank", "8", "--learning_rate", "2e-4", "--train_batch_size", "2" if quick else "8", "--seed", "0",
-        "--num_inference_steps", str(steps), "--max_train_steps", str(refl_steps),
-        "--validation_steps", str(1 if quick else 10), "--num_validation_prompts", str(args.num_validation_prompts),
-        "--report_to", "", "--output_dir", str(folder),
-    ]  # fmt: skip
-    runs["ReFL"] = {
-        "method": "ReFL + DiNa-LRM",
-        "seed": 0,
-        "folder": folder,
-        "optimizer_steps": refl_steps,
-        "reward_model_calls": refl_steps * (2 if quick else 8),
-        **run([sys.executable, str(REFL_SCRIPT), *flags], out / "refl.log"),
+    refl_arms = {
+        "refl": ("ReFL", "ReFL + DiNa-LRM", "refl", ["--reward_model", args.reward_model]),
+        "refl_pixel": (
+            "ReFL pixel CNN",
+            "ReFL + pixel CNN",
+            "refl-pixel",
+            ["--reward", "pixel", "--pixel_reward", str(args.pixel_reward)],
+        ),
     }
+    for method in ("refl", "refl_pixel"):
+        if method not in args.methods:
+            continue
+        name, label, folder_name, reward = refl_arms[method]
+        folder = out / folder_name
+        shutil.rmtree(folder, ignore_errors=True)
+        command = [sys.executable, str(REFL_SCRIPT), *refl_flags(args, out, folder, reward)]
+        runs[name] = {
+            "method": label,
+            "seed": 0,
+            "folder": folder,
+            "optimizer_steps": refl_steps,
+            "reward_model_calls": refl_steps * (2 if quick else 8),
+            **({"pixel_reward_sha256": sha256(args.pixel_reward)} if method == "refl_pixel" else {}),
+            **run(command, out / f"{folder_name}.log"),
+        }
 
+    if "flow_grpo" not in args.methods:
+        return runs
     folder = out / "flow-grpo"
     shutil.rmtree(folder, ignore_errors=True)
     grpo_steps = 1 if quick else args.grpo_steps
@@ -195,6 +234,24 @@ def train_all(args: argparse.Namespace, out: Path) -> dict:
         **run([sys.executable, str(GRPO_SCRIPT), *flags], out / "flow_grpo.log"),
     }
     return runs
+
+
+def kept_runs(args: argparse.Namespace) -> dict:
+    """The existing results whose runs a partial `--methods` keeps ({} when every method runs)."""
+    if set(args.methods) == set(METHODS):
+        return {}
+    if not Path(args.results).is_file():
+        raise FileNotFoundError(
+            f"--methods {' '.join(args.methods)} keeps the other runs from {args.results}, "
+            "which does not exist: run every method (omit --methods) first."
+        )
+    kept = json.loads(Path(args.results).read_text())
+    if kept["held_out_prompts"] != args.num_validation_prompts:
+        raise ValueError(
+            f"{args.results} was scored on {kept['held_out_prompts']} held-out prompts, not "
+            f"--num_validation_prompts {args.num_validation_prompts}: pass the same number or run every method."
+        )
+    return kept
 
 
 def curves(runs: dict, golden: GoldenMetric, pretrained: float) -> None:
@@ -227,7 +284,7 @@ def plot(runs: dict, pretrained: float, path: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    colours = {"LPO + DiNa-LRM": "C0", "ReFL + DiNa-LRM": "C1", "Flow-GRPO + DiNa-LRM": "C2"}
+    colours = {"LPO + DiNa-LRM": "C0", "ReFL + DiNa-LRM": "C1", "Flow-GRPO + DiNa-LRM": "C2", "ReFL + pixel CNN": "C3"}
     for name, record in runs.items():
         for axis, key in zip(axes, ("optimizer_steps", "wall_seconds")):
             axis.plot(
@@ -236,7 +293,7 @@ def plot(runs: dict, pretrained: float, path: str) -> None:
                 marker="o",
                 color=colours[record["method"]],
                 label=name,
-                alpha=0.9 if name in ("ReFL", "Flow-GRPO", "LPO seed 0") else 0.4,
+                alpha=0.9 if name in ("ReFL", "Flow-GRPO", "ReFL pixel CNN", "LPO seed 0") else 0.4,
             )
     for axis, label in zip(axes, ("optimizer steps", "wall seconds (run time, steps placed proportionally)")):
         axis.axhline(pretrained, color="gray", linestyle="--", label="pretrained")
@@ -244,7 +301,7 @@ def plot(runs: dict, pretrained: float, path: str) -> None:
         axis.set_ylabel("held-out oracle golden metric")
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.suptitle("Tiny world: aligning the generator with DiNa-LRM (one CPU thread)")
+    figure.suptitle("Tiny world: aligning the generator with DiNa-LRM or the pixel CNN (one CPU thread)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -257,18 +314,28 @@ def main(args: argparse.Namespace) -> dict:
     train_prompts, held_out = split_prompts()
     (out / "train_prompts.txt").write_text("\n".join(train_prompts))
     (out / "held_out_prompts.txt").write_text("\n".join(held_out))
+    kept = kept_runs(args)
     runs = train_all(args, out)
     golden = GoldenMetric(args.generator, held_out[: args.num_validation_prompts], seed=0)
     pretrained = golden(None)
     curves(runs, golden, pretrained)
+    if kept:
+        if abs(kept["pretrained_golden_metric"] - pretrained) > 1e-6:
+            raise ValueError(
+                f"{args.results} scores the pretrained generator {kept['pretrained_golden_metric']}, this run "
+                f"{pretrained}: its runs come from another generator or prompt set; run every method instead."
+            )
+        runs = {**{k: v for k, v in kept["runs"].items() if k not in runs}, **runs}
     lpo = [record["golden_metric"] for record in runs.values() if record["method"].startswith("LPO")]
-    mean = sum(lpo) / len(lpo)
+    mean = sum(lpo) / len(lpo) if lpo else None
     stderr = (sum((x - mean) ** 2 for x in lpo) / (len(lpo) - 1) / len(lpo)) ** 0.5 if len(lpo) > 1 else None
+    seeds = [record["seed"] for record in runs.values() if record["method"].startswith("LPO")]
+    settings = {k: v for k, v in vars(args).items() if k not in ("output_dir", "results", "plot", "methods")}
     result = {
         "held_out_prompts": args.num_validation_prompts,
         "pretrained_golden_metric": pretrained,
-        "lpo_golden_metric": {"mean": mean, "standard_error": stderr, "seeds": args.lpo_seeds},
-        "settings": {k: v for k, v in vars(args).items() if k not in ("output_dir", "results", "plot")},
+        "lpo_golden_metric": {"mean": mean, "standard_error": stderr, "seeds": seeds},
+        "settings": {**kept.get("settings", {}), **settings} if kept else settings,
         "runs": runs,
     }
     plot(runs, pretrained, args.plot)

@@ -3,7 +3,8 @@
 #   VAE -> SD3 generator -> oracle-labelled pairs -> DiNa-LRM (train_dinalrm.py) -> Hub repo
 #   -> evaluation (evaluate_reward.py, then eval/run_eval.py + eval/noise_sweep.py) -> pixel baseline
 #   -> ReFL (examples/refl/train_refl.py) -> Flow-GRPO (flow_grpo.py, DiNa-LRM and pixel-baseline rewards)
-#   -> LPO vs ReFL vs Flow-GRPO with DiNa-LRM side by side (compare_optimisers.py), then copy the shipped artefacts.
+#   -> LPO vs ReFL vs Flow-GRPO with DiNa-LRM and ReFL with the pixel CNN side by side (compare_optimisers.py),
+#   then copy the shipped artefacts.
 #
 #   bash examples/tiny_world/regenerate.sh                 # full run, writes examples/tiny_world/outputs and assets/
 #   QUICK=1 OUT=/tmp/tw bash examples/tiny_world/regenerate.sh   # toy step counts, assets untouched
@@ -36,7 +37,7 @@ else
   RM_STEPS=1500; BASELINE_STEPS=1500
   REFL_FLAGS=(--max_train_steps 60 --validation_steps 10 --num_inference_steps 12 --num_validation_prompts 32)
   GRPO_FLAGS=(--max_train_steps 40 --validation_steps 10)  # 8 prompts x 4 samples, SDE window 2 of the first 6 steps
-  OPTIMISER_FLAGS=(--num_validation_prompts 72)  # LPO on 3 seeds, ReFL 40 steps, Flow-GRPO 20 steps
+  OPTIMISER_FLAGS=(--num_validation_prompts 72)  # LPO on 3 seeds, ReFL 40 steps (both rewards), Flow-GRPO 20 steps
 fi
 
 mkdir -p "$OUT/metrics"
@@ -107,7 +108,8 @@ stage flow_grpo_pixel flow_grpo flow-grpo-pixel --pixel_reward "$OUT/metrics/pix
 "$PY" "$HERE/flow_grpo.py" summarize --run "DiNa-LRM=$OUT/flow-grpo" --run "pixel CNN=$OUT/flow-grpo-pixel" \
   --output "$OUT/results_flow_grpo.json" --plot "$OUT/flow_grpo_curves.png" > /dev/null
 stage optimisers "$PY" "$HERE/compare_optimisers.py" --generator "$OUT/tiny-sd3" --reward_model "$OUT/dinalrm-tiny" \
-  --output_dir "$OUT/optimisers" --results "$OUT/results_optimisers.json" --plot "$OUT/optimiser_comparison.png" \
+  --pixel_reward "$OUT/metrics/pixel_baseline.safetensors" --output_dir "$OUT/optimisers" \
+  --results "$OUT/results_optimisers.json" --plot "$OUT/optimiser_comparison.png" \
   "${OPTIMISER_FLAGS[@]}" > /dev/null
 
 "$PY" "$HERE/summarize.py" --out "$OUT" --output "$OUT/results.json" > /dev/null
