@@ -39,7 +39,7 @@ from diffusers import SD3Transformer2DModel  # noqa: E402
 from modeling_dinalrm import DiNaLRMConfig, DiNaLRMModel  # noqa: E402
 
 
-NOISE_LEVEL = 0.6  # the generator's step; the reward reads its prediction at DiNa-LRM's own t = 0.4
+NOISE_LEVEL = efficiency.GENERATOR_NOISE_LEVEL  # the generator's step; DiNa-LRM reads its prediction at t = 0.4
 
 TINY_TRANSFORMER = {
     **efficiency.SD35M_TRANSFORMER,
@@ -171,11 +171,9 @@ def refl_step(models: dict, reward, latent_shape, device: torch.device, text_tok
     x_t = torch.randn(latent_shape, device=device, dtype=efficiency.DTYPE)
     prompt = torch.randn(1, text_tokens, config.joint_attention_dim, device=device, dtype=efficiency.DTYPE)
     pooled = torch.randn(1, config.pooled_projection_dim, device=device, dtype=efficiency.DTYPE)
-    timestep = torch.full((1,), 1000 * NOISE_LEVEL, device=device)
 
     def whole():
-        velocity = generator(x_t, prompt, pooled, timestep, return_dict=False)[0]
-        (-reward(x_t - NOISE_LEVEL * velocity).float().sum()).backward()
+        efficiency.generator_refl_step(generator, reward, x_t, prompt, pooled, NOISE_LEVEL)
         generator.zero_grad(set_to_none=True)
 
     def reward_only():
