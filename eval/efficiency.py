@@ -6,7 +6,8 @@ the generator as `benchmarks/gpu_refl_step.py` runs it on a GPU: SD3.5-Medium's 
 trainable, predicts the clean latents from noisy ones at t = 0.6, and `-reward` is back-propagated into its weights.
 Every model is built from its published configuration on the `meta` device: shapes and dtypes are real, no weight
 is allocated, nothing is downloaded. The modelled figures are set beside the paper's and beside the H200 measurement
-in `eval/results/refl_step_h200.json`.
+in `eval/results/refl_step_h200.json`. DiNa-LRM's reward side is also modelled on FLUX.1-dev and Z-Image-Turbo
+(their feature extractors in `modeling_dinalrm`, real configs).
 
 - FLOPs come from `torch.utils.flop_counter.FlopCounterMode` (2 FLOPs per multiply-add of matmuls, convolutions
   and attention; element-wise ops and norms are not counted).
@@ -637,7 +638,6 @@ def run(resolution: int = 1024) -> dict:
         model = build_dinalrm(config, blocks, layers, backbone=family)
         name = f"DiNa-LRM {family} ({blocks} blocks, {text_tokens} text tokens)"
         rows.append(profile(name, dinalrm_reward(model, text_tokens), latent_shape, [model]))
-        del model
     ratios = {
         f"{ours} vs {theirs}": {
             "refl_flops": change(by_name[ours].flops_refl, by_name[theirs].flops_refl),
@@ -756,8 +756,8 @@ NOTES = {
         "weights in the reward-side peak, as the GPU run (generator resident) measures it.",
     ],
     "Other backbones": [
-        "DiNa-LRM on FLUX.1-dev (19 double-stream blocks of width {flux_width}) and Z-Image-Turbo (2 + 2 refiner "
-        "layers and 16 main layers of width {zimage_width}) reads the same 4096 image tokens as on SD3.5-M (12 blocks "
+        "DiNa-LRM on FLUX.1-dev (19 double-stream blocks of width {flux_width}) and Z-Image-Turbo (noise and "
+        "context refiners and 16 main layers of width {zimage_width}) reads the same 4096 image tokens as on SD3.5-M (12 blocks "
         "of width {sd3_width}); per-token cost grows with the square of the width, so its ReFL FLOPs are "
         "{flux_flops_change:+.1%} (FLUX) and {zimage_flops_change:+.1%} (Z-Image) against SD3.5-M's VAE + HPSv3 "
         "while its peak memory stays lower ({flux_peak_change:+.1%}, {zimage_peak_change:+.1%}): no decoder "

@@ -307,7 +307,7 @@ def test_script_prints_the_table_and_writes_json(tmp_path):
         [sys.executable, str(SCRIPT), "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT
     )
     assert done.returncode == 0, done.stderr
-    assert "GFLOPs" in done.stdout and "peak ReFL" in done.stdout and "Paper" in done.stdout
+    assert "GFLOPs" in done.stdout and "peak ReFL" in done.stdout and "whole-step FLOPs" in done.stdout
     result = json.loads(out.read_text())
     names = [row["name"] for row in result["rows"]]
     assert names[0] == "DiNa-LRM (154 text tokens)" and names[1] == "DiNa-LRM (205 text tokens)"
