@@ -19,6 +19,7 @@ machine. `--tiny` runs the same code on tiny configurations (CPU allowed; memory
 """
 
 import argparse
+import contextlib
 import json
 import platform
 import sys
@@ -38,7 +39,7 @@ from diffusers import SD3Transformer2DModel  # noqa: E402
 from modeling_dinalrm import DiNaLRMConfig, DiNaLRMModel  # noqa: E402
 
 
-NOISE_LEVEL = 0.6  # the generator's step; the reward reads its prediction at DiNa-LRM's own t = 0.4
+NOISE_LEVEL = efficiency.GENERATOR_NOISE_LEVEL  # the generator's step; DiNa-LRM reads its prediction at t = 0.4
 
 TINY_TRANSFORMER = {
     **efficiency.SD35M_TRANSFORMER,
@@ -130,32 +131,37 @@ def reward_fn(models: dict, tiny: bool, device: torch.device):
     return lambda latents: hps(decode(latents))
 
 
-class Meter:
-    """FLOPs (FlopCounterMode) and peak memory of a block: CUDA's max allocated, else efficiency.PeakMemoryMode."""
+def peak_memory(fn, device: torch.device) -> int:
+    """Peak memory of one call: CUDA's max allocated, else efficiency.PeakMemoryMode (measured without FLOP counting)."""
+    if device.type != "cuda":
+        with efficiency.PeakMemoryMode() as memory:
+            fn()
+        return memory.peak
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated()
 
-    def __init__(self, device: torch.device):
-        self.device = device
 
-    def __enter__(self):
-        self.flops = FlopCounterMode(display=False)
-        self.flops.__enter__()
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        else:
-            self.memory = efficiency.PeakMemoryMode()
-            self.memory.__enter__()
-        return self
+@contextlib.contextmanager
+def counting_attention(models: dict):
+    """HPSv3's language model on eager attention while FLOPs are counted.
 
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated()
-        else:
-            self.memory.__exit__(*exc)
-            self.peak = self.memory.peak
-        self.flops.__exit__(*exc)
-        self.total_flops = self.flops.get_total_flops()
+    PyTorch's FLOP counter rejects grouped-query SDPA (Qwen2-VL: 28 query heads, 4 key/value heads); eager attention
+    does the same attention matmuls with key/value heads repeated, so the count is the same. Memory is measured
+    outside this context, on SDPA.
+    """
+    qwen = models["hpsv3"].qwen if "hpsv3" in models else None
+    if qwen is None:
+        yield
+        return
+    previous = qwen.config._attn_implementation
+    qwen.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        qwen.set_attn_implementation(previous)
 
 
 def refl_step(models: dict, reward, latent_shape, device: torch.device, text_tokens: int) -> dict:
@@ -165,11 +171,9 @@ def refl_step(models: dict, reward, latent_shape, device: torch.device, text_tok
     x_t = torch.randn(latent_shape, device=device, dtype=efficiency.DTYPE)
     prompt = torch.randn(1, text_tokens, config.joint_attention_dim, device=device, dtype=efficiency.DTYPE)
     pooled = torch.randn(1, config.pooled_projection_dim, device=device, dtype=efficiency.DTYPE)
-    timestep = torch.full((1,), 1000 * NOISE_LEVEL, device=device)
 
     def whole():
-        velocity = generator(x_t, prompt, pooled, timestep, return_dict=False)[0]
-        (-reward(x_t - NOISE_LEVEL * velocity).float().sum()).backward()
+        efficiency.generator_refl_step(generator, reward, x_t, prompt, pooled, NOISE_LEVEL)
         generator.zero_grad(set_to_none=True)
 
     def reward_only():
@@ -179,9 +183,10 @@ def refl_step(models: dict, reward, latent_shape, device: torch.device, text_tok
     result = {}
     for name, fn in (("whole_step", whole), ("reward", reward_only)):
         fn()  # warm-up: kernels, workspaces, allocator
-        with Meter(device) as meter:
+        peak = peak_memory(fn, device)
+        with counting_attention(models), FlopCounterMode(display=False) as flops:
             fn()
-        result[name] = {"flops": meter.total_flops, "peak_memory_bytes": meter.peak}
+        result[name] = {"flops": flops.get_total_flops(), "peak_memory_bytes": peak}
     return result
 
 
