@@ -16,19 +16,20 @@ import huggingface_hub
 import PIL.Image
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, ZImageTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel, ZImagePipeline, ZImageTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from safetensors.torch import load_file, save_file
 
 from dinalrm.testing import (
     add_to_hub_cache,
     get_tiny_flux_components,
+    get_tiny_zimage_components,
     tiny_flux_transformer_config,
     tiny_zimage_transformer_config,
     write_tiny_benchmarks,
 )
 from modeling_dinalrm import FEATURE_EXTRACTORS, DiNaLRMConfig, DiNaLRMModel
-from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline
+from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline, DiNaLRMZImagePipeline
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -350,3 +351,96 @@ def test_run_eval_scores_a_flux_model_and_checks_its_family(flux_pipe, tmp_path,
     assert sorted(results) == [f"DiNa-LRM [flux-dinalrm] t=0.4 noise={mode}" for mode in ("none", "prompt")]
     for entries in results.values():
         assert entries["hpdv2"]["n_pairs"] == 9  # C(3,2) + C(4,2), as the SD3 runner test counts them
+
+
+def _tiny_reward_model(transformer, **kwargs) -> DiNaLRMModel:
+    """A reward model on the first two blocks of `transformer`, its head perturbed so that features matter."""
+    with tempfile.TemporaryDirectory() as folder, torch.random.fork_rng(devices=[]):
+        transformer.save_pretrained(folder)
+        torch.manual_seed(1)
+        reward_model = DiNaLRMModel.from_backbone(folder, **LAYERS, **kwargs).eval()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for param in reward_model.reward_head.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
+    return reward_model
+
+
+@pytest.fixture(scope="module")
+def zimage_pipe():
+    """A tiny `ZImagePipeline` (Qwen3 text encoder) and a Z-Image reward model on its transformer's first blocks."""
+    pipe = ZImagePipeline(**get_tiny_zimage_components(seed=0))
+    return pipe, _tiny_reward_model(pipe.transformer, max_sequence_length=64)
+
+
+def test_zimage_captions_of_different_lengths_match_the_full_model_and_their_own_batch(zimage_pipe):
+    """Caption features of different lengths (7 and 40 tokens: one and two blocks of 32) are padded and masked as
+    `ZImageTransformer2DModel.forward` does: the features equal the full model's, and rewards equal each alone."""
+    pipe, model = zimage_pipe
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 16, 6, 10, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    captions = [torch.randn(7, 32, generator=generator), torch.randn(40, 32, generator=generator)]
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: captured.append(out)) for layer in pipe.transformer.layers]
+    try:
+        with torch.no_grad():
+            pipe.transformer([x.unsqueeze(1) for x in latents], 1 - SIGMAS, captions)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    batch, prompt_mask = model._batch_prompts(captions)
+    with torch.no_grad():
+        _, visual, text = model.backbone(latents, batch, None, 1 - SIGMAS, prompt_mask)
+    for layer, (image_out, text_out) in enumerate(zip(visual[1:], text), start=1):
+        expected = captured[layer - 1]
+        torch.testing.assert_close(image_out, expected[:, :15], atol=1e-6, rtol=1e-6)  # 15 image tokens, pad to 32
+        for i, caption in enumerate(captions):
+            torch.testing.assert_close(text_out[i, : len(caption)], expected[i, 32 : 32 + len(caption)])
+    with torch.no_grad():
+        together = model.score_latents(latents, captions, t=[0.3, 0.7], noise=noise)
+        alone = [model.score_latents(latents[i : i + 1], [c], t=[0.3, 0.7], noise=noise[i : i + 1]) for i, c in
+                 enumerate(captions)]  # fmt: skip
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="Z-Image backbones only"):
+        DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))._batch_prompts(captions)
+
+
+def test_zimage_pipeline_scores_images_as_zimages_own_encoders_do(zimage_pipe):
+    pipe, reward_model = zimage_pipe
+    scorer = DiNaLRMZImagePipeline.from_zimage(pipe, reward_model)
+    assert scorer.vae is pipe.vae and scorer.text_encoder is pipe.text_encoder  # shared, not copied
+    images = [PIL.Image.effect_noise((64, 48), 40 + 20 * i).convert("RGB") for i in range(2)]
+    prompts = ["a red cat", "a blue dog running on the beach at sunset"]
+    rewards = scorer(prompts, images=images, generator=torch.Generator().manual_seed(0), noise_sharing="none").rewards
+
+    with torch.no_grad():
+        prompt_embeds, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False, max_sequence_length=64)
+        assert len({len(e) for e in prompt_embeds}) == 2  # the prompts really have different lengths
+        pixels = VaeImageProcessor(vae_scale_factor=4).preprocess(images, height=48, width=64)
+        latents = (pipe.vae.encode(pixels).latent_dist.mode() - 0.1159) * 0.3611
+        expected = reward_model.score_latents(latents, prompt_embeds, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
+    precomputed = scorer(
+        prompt_embeds=prompt_embeds, latents=latents, generator=torch.Generator().manual_seed(0), noise_sharing="none"
+    ).rewards
+    torch.testing.assert_close(precomputed, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_zimage_pipeline_round_trips_and_refuses_other_families(zimage_pipe, tmp_path):
+    pipe, reward_model = zimage_pipe
+    scorer = DiNaLRMZImagePipeline.from_zimage(pipe, reward_model)
+    latents = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red cat", "a blue dog running on the beach"]
+    before = scorer(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
+    scorer.save_pretrained(tmp_path)
+    reloaded = DiNaLRMPipeline.from_pretrained(tmp_path)  # the family's pipeline class, from the reward model
+    assert type(reloaded) is DiNaLRMZImagePipeline
+    after = reloaded(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="no pooled prompt embedding"):
+        scorer(prompt_embeds=[torch.zeros(3, 32)], pooled_prompt_embeds=torch.zeros(1, 32), latents=latents)
+    with torch.device("meta"):
+        sd3_model = DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))
+    with pytest.raises(ValueError, match="Z-Image backbone"):
+        DiNaLRMZImagePipeline.from_zimage(pipe, sd3_model)
