@@ -234,35 +234,47 @@ def test_save_and_load_keep_the_rewards_and_lora_merges(family, model, tmp_path)
     torch.testing.assert_close(from_merged, adapted, atol=1e-5, rtol=1e-5)
 
 
-def test_fresh_process_loads_with_automodel_and_remote_code(family, model, tmp_path):
-    folder = tmp_path / "reward_model"
-    model.save_pretrained(folder)
-    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "modeling_dinalrm.py"]
-    latents, prompt, pooled = _inputs(family)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
-    tensors = {"latents": latents, "prompt": prompt, "noise": noise}
-    save_file(tensors | ({"pooled": pooled} if pooled is not None else {}), tmp_path / "inputs.safetensors")
+def test_fresh_process_loads_both_families_with_automodel_and_remote_code(tmp_path):
+    """One fresh process (the slow part: importing torch, transformers and diffusers) loads a saved FLUX and a saved
+    Z-Image reward model with `AutoModel` and remote code, and scores as the models in this process do."""
+    expected = {}
+    for name in sorted(FAMILIES):
+        transformer_class, make_config, _ = FAMILIES[name]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _tiny_reward_model(transformer_class(**make_config()))
+        folder = tmp_path / name / "reward_model"
+        model.save_pretrained(folder)
+        assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "modeling_dinalrm.py"]
+        latents, prompt, pooled = _inputs(name)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+        tensors = {"latents": latents, "prompt": prompt, "noise": noise}
+        save_file(tensors | ({"pooled": pooled} if pooled is not None else {}), tmp_path / name / "inputs.safetensors")
+        with torch.no_grad():
+            expected[name] = model.score_latents(latents, prompt, pooled, noise=noise)
     script = textwrap.dedent(
         """
         import sys, torch
         from safetensors.torch import load_file, save_file
         from transformers import AutoModel
         assert not any("modeling_dinalrm" in name for name in sys.modules)
-        model = AutoModel.from_pretrained("reward_model", trust_remote_code=True).eval()
-        x = load_file("inputs.safetensors")
-        with torch.no_grad():
-            rewards = model.score_latents(x["latents"], x["prompt"], x.get("pooled"), noise=x["noise"])
-        save_file({"rewards": rewards.contiguous()}, "out.safetensors")
-        print(model.config.backbone)
+        for family in sys.argv[1:]:
+            model = AutoModel.from_pretrained(f"{family}/reward_model", trust_remote_code=True).eval()
+            x = load_file(f"{family}/inputs.safetensors")
+            with torch.no_grad():
+                rewards = model.score_latents(x["latents"], x["prompt"], x.get("pooled"), noise=x["noise"])
+            save_file({"rewards": rewards.contiguous()}, f"{family}/out.safetensors")
+            print(model.config.backbone)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-c", script, *sorted(FAMILIES)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == family
-    with torch.no_grad():
-        expected = model.score_latents(latents, prompt, pooled, noise=noise)
-    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["rewards"], expected, atol=1e-6, rtol=1e-6)
+    assert result.stdout.strip().splitlines()[-2:] == sorted(FAMILIES)
+    for name, rewards in expected.items():
+        out = load_file(tmp_path / name / "out.safetensors")["rewards"]
+        torch.testing.assert_close(out, rewards, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
