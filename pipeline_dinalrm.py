@@ -280,7 +280,7 @@ def load_base_components(
     """
     modeling = _installed_modeling()
     patterns = ["model_index.json"] + [
-        f"{name}/*.{ext}" for name in names for ext in ("json", "txt", "model", "safetensors")
+        f"{name}/*.{ext}" for name in names for ext in ("json", "txt", "model", "jinja", "safetensors")
     ]
     folder, _ = modeling.resolve_repo(base, patterns, role, revision, token, cache_dir)
     model_index_path = os.path.join(folder, "model_index.json")

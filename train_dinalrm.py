@@ -395,11 +395,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--constant_t must lie in [0, 1].")
     if args.pipeline_output_dir and os.path.isdir(args.pipeline_output_dir) and os.listdir(args.pipeline_output_dir):
         parser.error(f"--pipeline_output_dir {args.pipeline_output_dir} is not empty; choose another folder.")
-    if args.backbone != "sd3" and args.pipeline_output_dir:
-        parser.error(
-            f"--pipeline_output_dir assembles an SD3 pipeline repository; with --backbone {args.backbone} save the "
-            "reward model (--output_dir) and build the scorer with DiNaLRMFluxPipeline.from_flux."
-        )
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token would be logged by wandb; log in with `hf auth login` instead.")
     return args
@@ -762,7 +757,9 @@ def card_metadata(args, validation: dict | None) -> tuple[list[str], list]:
 def save_model_card(repo_id: str, args, output_dir: str, validation: dict | None, skipped: dict) -> None:
     """Write a README.md (huggingface_hub ModelCard) describing the trained reward model."""
     training_data, eval_results = card_metadata(args, validation)
-    metadata = card_data(args.pretrained_model_name_or_path, repo_id, "transformers", training_data, eval_results)
+    metadata = card_data(
+        args.pretrained_model_name_or_path, repo_id, "transformers", training_data, eval_results, args.backbone
+    )
     results = "\n".join(
         f"| {name.removeprefix('val/accuracy_')} | {value:.4f} |"
         for name, value in (validation or {}).items()

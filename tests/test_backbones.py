@@ -456,3 +456,36 @@ def test_zimage_pipeline_round_trips_and_refuses_other_families(zimage_pipe, tmp
         sd3_model = DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))
     with pytest.raises(ValueError, match="Z-Image backbone"):
         DiNaLRMZImagePipeline.from_zimage(pipe, sd3_model)
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_hub_repo_of_each_family_round_trips(family, flux_pipe, zimage_pipe, tmp_path):
+    """`build_hub_repo` assembles a FLUX or Z-Image reward model with its family's pipeline parts (read from the
+    generator's folder, transformer left out) and a card with that base model's licence; the folder loads back as the
+    family's pipeline and scores as the pipeline built in memory."""
+    from huggingface_hub import ModelCard
+
+    from dinalrm.hub import build_hub_repo
+
+    pipe, reward_model = flux_pipe if family == "flux" else zimage_pipe
+    pipe.save_pretrained(tmp_path / "base")
+    build_hub_repo(reward_model, str(tmp_path / "base"), str(tmp_path / "repo"))
+    assert not (tmp_path / "repo" / "transformer").exists()
+    loaded = DiNaLRMPipeline.from_pretrained(tmp_path / "repo")
+    expected_class, make = {
+        "flux": (DiNaLRMFluxPipeline, DiNaLRMFluxPipeline.from_flux),
+        "zimage": (DiNaLRMZImagePipeline, DiNaLRMZImagePipeline.from_zimage),
+    }[family]
+    assert type(loaded) is expected_class
+    latents = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red cat", "a blue dog running on the beach"]
+    before = make(pipe, reward_model)(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
+    after = loaded(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    license_name = {"flux": "flux-1-dev-non-commercial-license", "zimage": None}[family]
+    assert (card.data.license, card.data.license_name) == (
+        {"flux": "other", "zimage": "apache-2.0"}[family],
+        license_name,
+    )
+    assert {"flux": "FluxPipeline", "zimage": "ZImagePipeline"}[family] in card.text

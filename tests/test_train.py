@@ -561,8 +561,9 @@ def test_end_to_end_zimage_backbone(workspace):
     flags += ["--max_sequence_length", "64"]
     _ok(run_python(*flags, "--output_dir", str(workspace / "zimage-raw")))
     cache = workspace / "zimage-cache"
+    repo = workspace / "zimage-repo"
     _ok(run_python(*flags, "--output_dir", str(workspace / "zimage-cached"), "--precompute_features", "--cache_dir",
-                   str(cache)))  # fmt: skip
+                   str(cache), "--pipeline_output_dir", str(repo)))  # fmt: skip
     lengths = [load_file(path)["prompt_lengths"] for path in (cache / "train").glob("prompts-*.safetensors")]
     assert len(torch.cat(lengths).unique()) > 1, "the cached captions should keep their own lengths"
     raw, cached = (load_file(workspace / run / FINAL_WEIGHTS) for run in ("zimage-raw", "zimage-cached"))
@@ -575,6 +576,15 @@ def test_end_to_end_zimage_backbone(workspace):
     base = load_file(workspace / "zimage" / "transformer" / "diffusion_pytorch_model.safetensors")
     key = "layers.0.attention.to_q.weight"
     assert not torch.equal(model.backbone.state_dict()[key], base[key]), "LoRA was not trained or not merged"
+    scorer = DiNaLRMPipeline.from_pretrained(repo)  # the Hub repository: Z-Image's parts and the trained model
+    assert type(scorer).__name__ == "DiNaLRMZImagePipeline" and scorer.reward_model.config.backbone == "zimage"
+    latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embeds, _ = scorer.encode_prompt(["a red cat", "a blue dog on the beach"], max_sequence_length=64)
+        expected = model.score_latents(latents, embeds, t=0.4, generator=torch.Generator().manual_seed(0))
+    rewards = scorer(["a red cat", "a blue dog on the beach"], latents=latents, t=0.4,
+                     generator=torch.Generator().manual_seed(0), noise_sharing="none").rewards  # fmt: skip
+    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_run):
