@@ -1232,7 +1232,40 @@ class DiNaLRMPipeline(DiffusionPipeline):
         return DiNaLRMRankingOutput(indices=order.tolist(), rewards=ordered)
 
 
-class DiNaLRMFluxPipeline(DiNaLRMPipeline):
+class _GeneratorFamilyPipeline(DiNaLRMPipeline):
+    """What the pipelines of the other backbone families share: the family check, a latent-size default and bound
+    of their own (no SD3 position table), and building around a loaded generator pipeline's components."""
+
+    family: str
+    family_name: str
+    # A 1024-pixel default (128 latents) and a latent side of 2048 pixels for prompt-shared noise.
+    _default_latent_side = 128
+    _max_latent_side = 256
+
+    def _register(self, reward_model: PreTrainedModel, **components) -> None:
+        DiffusionPipeline.__init__(self)
+        if reward_model.config.backbone != self.family:
+            raise ValueError(
+                f"{type(self).__name__} needs a reward model on a {self.family_name} backbone, got backbone="
+                f"{reward_model.config.backbone!r}; use the pipeline of that family."
+            )
+        self.register_modules(reward_model=reward_model, **components)
+        self._set_up_scoring()
+
+    @property
+    def max_latent_side(self) -> int:
+        return self._max_latent_side
+
+    @property
+    def default_resolution(self) -> int:
+        return self._default_latent_side * self.vae_scale_factor
+
+    @classmethod
+    def _sharing(cls, generator: DiffusionPipeline, reward_model: PreTrainedModel) -> "_GeneratorFamilyPipeline":
+        return cls(reward_model=reward_model, **{name: getattr(generator, name) for name in cls._base_components})
+
+
+class DiNaLRMFluxPipeline(_GeneratorFamilyPipeline):
     r"""Scores images or FLUX latents against prompts with a DiNa-LRM reward model on a FLUX backbone.
 
     Everything but the encoders is [`DiNaLRMPipeline`]'s (`__call__`, `compare`, `rank`, `reward_fn`, the resize
@@ -1251,9 +1284,7 @@ class DiNaLRMFluxPipeline(DiNaLRMPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->vae->reward_model"
     _optional_components = []
     _base_components = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-    # FLUX.1-dev's default sample size (128 latents) and a latent side of 2048 pixels for prompt-shared noise.
-    _default_latent_side = 128
-    _max_latent_side = 256
+    family, family_name = "flux", "FLUX"
 
     def __init__(
         self,
@@ -1265,14 +1296,8 @@ class DiNaLRMFluxPipeline(DiNaLRMPipeline):
         tokenizer_2: PreTrainedTokenizerBase,
         scheduler: FlowMatchEulerDiscreteScheduler,
     ):
-        DiffusionPipeline.__init__(self)
-        if reward_model.config.backbone != "flux":
-            raise ValueError(
-                f"DiNaLRMFluxPipeline needs a reward model on a FLUX backbone, got backbone="
-                f"{reward_model.config.backbone!r}; use the pipeline of that family."
-            )
-        self.register_modules(
-            reward_model=reward_model,
+        self._register(
+            reward_model,
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -1280,21 +1305,12 @@ class DiNaLRMFluxPipeline(DiNaLRMPipeline):
             tokenizer_2=tokenizer_2,
             scheduler=scheduler,
         )
-        self._set_up_scoring()
-
-    @property
-    def max_latent_side(self) -> int:
-        return self._max_latent_side
-
-    @property
-    def default_resolution(self) -> int:
-        return self._default_latent_side * self.vae_scale_factor
 
     @classmethod
     def from_flux(cls, flux_pipeline: DiffusionPipeline, reward_model: PreTrainedModel) -> "DiNaLRMFluxPipeline":
         """Builds the pipeline around an already loaded `FluxPipeline`, sharing (not copying) its VAE, text
         encoders, tokenizers and scheduler, so an alignment loop holds one copy of each."""
-        return cls(reward_model=reward_model, **{name: getattr(flux_pipeline, name) for name in cls._base_components})
+        return cls._sharing(flux_pipeline, reward_model)
 
     def encode_prompt(
         self,
@@ -1319,7 +1335,7 @@ class DiNaLRMFluxPipeline(DiNaLRMPipeline):
         return prompt_embeds.to(self.text_encoder_2.dtype), pooled.to(self.text_encoder.dtype)
 
 
-class DiNaLRMZImagePipeline(DiNaLRMPipeline):
+class DiNaLRMZImagePipeline(_GeneratorFamilyPipeline):
     r"""Scores images or Z-Image latents against prompts with a DiNa-LRM reward model on a Z-Image backbone.
 
     Everything but the encoders is [`DiNaLRMPipeline`]'s (`__call__`, `compare`, `rank`, `reward_fn`, the resize
@@ -1340,9 +1356,7 @@ class DiNaLRMZImagePipeline(DiNaLRMPipeline):
     model_cpu_offload_seq = "text_encoder->vae->reward_model"
     _optional_components = []
     _base_components = ("vae", "text_encoder", "tokenizer", "scheduler")
-    # Z-Image-Turbo's 1024-pixel default (128 latents) and a latent side of 2048 pixels for prompt-shared noise.
-    _default_latent_side = 128
-    _max_latent_side = 256
+    family, family_name = "zimage", "Z-Image"
 
     def __init__(
         self,
@@ -1352,32 +1366,13 @@ class DiNaLRMZImagePipeline(DiNaLRMPipeline):
         tokenizer: PreTrainedTokenizerBase,
         scheduler: FlowMatchEulerDiscreteScheduler,
     ):
-        DiffusionPipeline.__init__(self)
-        if reward_model.config.backbone != "zimage":
-            raise ValueError(
-                f"DiNaLRMZImagePipeline needs a reward model on a Z-Image backbone, got backbone="
-                f"{reward_model.config.backbone!r}; use the pipeline of that family."
-            )
-        self.register_modules(
-            reward_model=reward_model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
-        )
-        self._set_up_scoring()
-
-    @property
-    def max_latent_side(self) -> int:
-        return self._max_latent_side
-
-    @property
-    def default_resolution(self) -> int:
-        return self._default_latent_side * self.vae_scale_factor
+        self._register(reward_model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
 
     @classmethod
     def from_zimage(cls, zimage_pipeline: DiffusionPipeline, reward_model: PreTrainedModel) -> "DiNaLRMZImagePipeline":
         """Builds the pipeline around an already loaded `ZImagePipeline`, sharing (not copying) its VAE, text
         encoder, tokenizer and scheduler, so an alignment loop holds one copy of each."""
-        return cls(
-            reward_model=reward_model, **{name: getattr(zimage_pipeline, name) for name in cls._base_components}
-        )
+        return cls._sharing(zimage_pipeline, reward_model)
 
     def encode_prompt(
         self,

@@ -297,20 +297,24 @@ def test_bad_inputs_get_clear_errors(family, model, flux_change, zimage_change, 
         model.score_latents(*change(*_inputs(family)))
 
 
-@pytest.fixture(scope="module")
-def flux_pipe():
-    """A tiny `FluxPipeline` and a FLUX reward model on the first two blocks of its transformer."""
-    components = get_tiny_flux_components(seed=0)
-    pipe = FluxPipeline(**components)
+def _tiny_reward_model(transformer, **kwargs) -> DiNaLRMModel:
+    """A reward model on the first two blocks of `transformer`, its head perturbed so that features matter."""
     with tempfile.TemporaryDirectory() as folder, torch.random.fork_rng(devices=[]):
-        components["transformer"].save_pretrained(folder)
+        transformer.save_pretrained(folder)
         torch.manual_seed(1)
-        reward_model = DiNaLRMModel.from_backbone(folder, **LAYERS, max_sequence_length=16).eval()
+        reward_model = DiNaLRMModel.from_backbone(folder, **LAYERS, **kwargs).eval()
     with torch.no_grad():
         generator = torch.Generator().manual_seed(2)
         for param in reward_model.reward_head.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    return pipe, reward_model
+    return reward_model
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    """A tiny `FluxPipeline` and a FLUX reward model on the first two blocks of its transformer."""
+    pipe = FluxPipeline(**get_tiny_flux_components(seed=0))
+    return pipe, _tiny_reward_model(pipe.transformer, max_sequence_length=16)
 
 
 def test_flux_pipeline_scores_images_as_fluxs_own_encoders_do(flux_pipe):
@@ -363,19 +367,6 @@ def test_run_eval_scores_a_flux_model_and_checks_its_family(flux_pipe, tmp_path,
     assert sorted(results) == [f"DiNa-LRM [flux-dinalrm] t=0.4 noise={mode}" for mode in ("none", "prompt")]
     for entries in results.values():
         assert entries["hpdv2"]["n_pairs"] == 9  # C(3,2) + C(4,2), as the SD3 runner test counts them
-
-
-def _tiny_reward_model(transformer, **kwargs) -> DiNaLRMModel:
-    """A reward model on the first two blocks of `transformer`, its head perturbed so that features matter."""
-    with tempfile.TemporaryDirectory() as folder, torch.random.fork_rng(devices=[]):
-        transformer.save_pretrained(folder)
-        torch.manual_seed(1)
-        reward_model = DiNaLRMModel.from_backbone(folder, **LAYERS, **kwargs).eval()
-    with torch.no_grad():
-        generator = torch.Generator().manual_seed(2)
-        for param in reward_model.reward_head.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    return reward_model
 
 
 @pytest.fixture(scope="module")
