@@ -351,20 +351,23 @@ def test_flux_pipeline_round_trips_and_refuses_other_families(flux_pipe, tmp_pat
         DiNaLRMFluxPipeline.from_flux(pipe, sd3_model)
 
 
-def test_run_eval_scores_a_flux_model_and_checks_its_family(flux_pipe, tmp_path, capsys):
-    """`eval/run_eval.py --backbone flux` on a saved FLUX DiNa-LRM repository; a wrong family is refused."""
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_run_eval_scores_a_model_of_the_family_and_checks_it(family, flux_pipe, zimage_pipe, tmp_path, capsys):
+    """`eval/run_eval.py --backbone flux|zimage` on a saved DiNa-LRM repository of that family; a wrong family is
+    refused."""
     import run_eval
 
-    pipe, reward_model = flux_pipe
-    DiNaLRMFluxPipeline.from_flux(pipe, reward_model).save_pretrained(tmp_path / "flux-dinalrm")
+    pipe, reward_model = flux_pipe if family == "flux" else zimage_pipe
+    pipeline_class = DiNaLRMFluxPipeline if family == "flux" else DiNaLRMZImagePipeline
+    pipeline_class._sharing(pipe, reward_model).save_pretrained(tmp_path / f"{family}-dinalrm")
     data = write_tiny_benchmarks(tmp_path / "data")
-    common = ["--model", str(tmp_path / "flux-dinalrm"), "--benchmarks", "hpdv2", "--data_dir", data]
+    common = ["--model", str(tmp_path / f"{family}-dinalrm"), "--benchmarks", "hpdv2", "--data_dir", data]
     common += ["--cache_dir", str(tmp_path / "cache")]
     assert run_eval.main([*common, "--backbone", "sd3", "--output_dir", str(tmp_path / "wrong")]) == 2
-    assert "on a flux backbone" in capsys.readouterr().err
-    assert run_eval.main([*common, "--backbone", "flux", "--output_dir", str(tmp_path / "out")]) == 0
+    assert f"on a {family} backbone" in capsys.readouterr().err
+    assert run_eval.main([*common, "--backbone", family, "--output_dir", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert sorted(results) == [f"DiNa-LRM [flux-dinalrm] t=0.4 noise={mode}" for mode in ("none", "prompt")]
+    assert sorted(results) == [f"DiNa-LRM [{family}-dinalrm] t=0.4 noise={mode}" for mode in ("none", "prompt")]
     for entries in results.values():
         assert entries["hpdv2"]["n_pairs"] == 9  # C(3,2) + C(4,2), as the SD3 runner test counts them
 
