@@ -20,8 +20,10 @@ def test_zimage_backbone_reaches_the_same_held_out_bar(photo_world):
     refiners run in front), the photo VAE and a tiny Qwen3 prompt encoder; 64 caption tokens, so the chat template
     and the prompt fit and captions keep their own lengths. 200 steps instead of 500 keep it near 90 CPU seconds.
     Measured (seed 0, pairs p = 0): held-out accuracy at t=0.4 by step 0.736, 0.824, 0.816, 0.828; with the
-    SD3 test's 500 steps the same model gave 0.84, 0.86, 0.848, 0.836, 0.816 (every 100 steps). Both sit inside the spread
-    of the SD3 runs recorded in `test_train_learning.py` (0.804-0.884); the bar is theirs, MIN_ACCURACY."""
+    SD3 test's 500 steps the same model gave 0.84, 0.86, 0.848, 0.836, 0.816 (every 100 steps). Training seed 1 (200 steps)
+    gave 0.728, 0.780, 0.824, 0.796. The SD3 runs recorded in `test_train_learning.py` spread over 0.804-0.884 (500
+    steps); the bar is theirs, MIN_ACCURACY (0.77), which the shorter run clears by 0.058 (seed 0) and 0.026 (seed 1).
+    """
     components = get_tiny_zimage_components(seed=0)
     components["vae"] = AutoencoderKL.from_pretrained(VAE_ASSET)
     ZImagePipeline(**components).save_pretrained(photo_world / "zimage")
