@@ -338,6 +338,8 @@ class DiNaLRMFeatureExtractor(nn.Module):
         lora_targets (`tuple[str]`): default LoRA target suffixes; text_only_lora_targets: those of them that only
             feed the text stream's output (left out on the last kept block when no text layer reads it).
         has_pooled_projection (`bool`): whether the family takes a pooled prompt embedding.
+        takes_caption_lists (`bool`): whether prompt embeddings may come as a list of per-prompt tensors of different
+            lengths (masked inside, as the family's own transformer does).
     """
 
     family: str
@@ -348,6 +350,7 @@ class DiNaLRMFeatureExtractor(nn.Module):
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     text_only_lora_targets: tuple[str, ...] = ()
     has_pooled_projection: bool = True
+    takes_caption_lists: bool = False
 
     def __init__(self, config: DiNaLRMConfig):
         super().__init__()
@@ -650,6 +653,7 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
     default_config = ZIMAGE_TURBO_TRANSFORMER_CONFIG
     blocks_attribute = "layers"
     has_pooled_projection = False
+    takes_caption_lists = True
 
     def __init__(self, config: DiNaLRMConfig):
         from diffusers.models.normalization import RMSNorm
@@ -736,41 +740,62 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         cap_feats: torch.Tensor,
         pooled_projections: None,
         timestep: torch.Tensor,
+        prompt_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Returns `(adaln_input, visual_features, text_features)` for `(B, C, H, W)` latents, `timestep = 1 - sigma`.
 
-        Tokens and position ids are laid out as `ZImageTransformer2DModel.patchify_and_embed` lays them out for a
-        batch of equal-sized images and equal-length captions (so no attention mask is needed).
+        Tokens, position ids and attention masks are laid out as `ZImageTransformer2DModel.forward` lays them out
+        for equal-sized images: each caption is padded to a multiple of 32 with the pad token, the image positions
+        start after its own caption, and captions of different lengths (`prompt_mask`, `(B, tokens)`, True on real
+        tokens) are padded to the batch's longest and masked, so a sample's features do not depend on its batch. The
+        text features span the longest caption; their padding is for the head to mask.
         """
         batch, channels, height, width = latents.shape
         patch, device = self.patch_size, latents.device
         rows, cols = height // patch, width // patch
-        image_len, cap_len = rows * cols, cap_feats.shape[1]
-        image_pad, cap_pad = -image_len % _ZIMAGE_SEQ_MULTIPLE, -cap_len % _ZIMAGE_SEQ_MULTIPLE
+        image_len = rows * cols
+        image_pad = -image_len % _ZIMAGE_SEQ_MULTIPLE
+        if prompt_mask is None:
+            cap_lens = [cap_feats.shape[1]] * batch
+        else:
+            cap_lens = prompt_mask.sum(dim=1).tolist()
+        cap_totals = [n + -n % _ZIMAGE_SEQ_MULTIPLE for n in cap_lens]
+        cap_width = max(cap_totals)
         adaln_input = self.t_embedder(timestep * self.t_scale).type_as(latents)
 
         x = latents.view(batch, channels, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)
         x = self.all_x_embedder[f"{patch}-1"](x.reshape(batch, image_len, patch * patch * channels))
         x = torch.cat([x, self.x_pad_token.expand(batch, image_pad, -1)], dim=1)
         cap = self.cap_embedder(cap_feats)
-        cap = torch.cat([cap, self.cap_pad_token.expand(batch, cap_pad, -1)], dim=1)
-        cap_positions = self._positions((cap_len + cap_pad, 1, 1), 1, 0, device)
-        image_positions = self._positions((1, rows, cols), cap_len + cap_pad + 1, image_pad, device)
-        x_freqs = self.rope_embedder(image_positions).expand(batch, -1, -1)
-        cap_freqs = self.rope_embedder(cap_positions).expand(batch, -1, -1)
+        columns = torch.arange(cap_width, device=device)
+        cap_lens_t = torch.tensor(cap_lens, device=device)[:, None]
+        inner_pad = ((columns >= cap_lens_t) & (columns < torch.tensor(cap_totals, device=device)[:, None]))[..., None]
+        cap = F.pad(cap, (0, 0, 0, cap_width - cap.shape[1]))
+        cap = torch.where(inner_pad, self.cap_pad_token, cap)
+        cap_freqs = self.rope_embedder(self._positions((cap_width, 1, 1), 1, 0, device)).expand(batch, -1, -1)
+        x_freqs = torch.stack(
+            [
+                self.rope_embedder(self._positions((1, rows, cols), total + 1, image_pad, device))
+                for total in cap_totals
+            ]
+        )
+        cap_mask = unified_mask = None
+        if len(set(cap_totals)) > 1:
+            cap_mask = columns < torch.tensor(cap_totals, device=device)[:, None]
+            unified_mask = torch.cat([cap_mask.new_ones(batch, image_len + image_pad), cap_mask], dim=1)
 
         for layer in self.noise_refiner:
             x = self._block(layer, x, None, x_freqs, adaln_input)
         for layer in self.context_refiner:
-            cap = self._block(layer, cap, None, cap_freqs)
+            cap = self._block(layer, cap, cap_mask, cap_freqs)
         unified = torch.cat([x, cap], dim=1)
         freqs = torch.cat([x_freqs, cap_freqs], dim=1)
         image_tokens = slice(0, image_len)
-        cap_tokens = slice(image_len + image_pad, image_len + image_pad + cap_len)
+        cap_tokens = slice(image_len + image_pad, image_len + image_pad + max(cap_lens))
         visual = [unified[:, image_tokens]] if 0 in self.visual_layers else []
         text = [unified[:, cap_tokens]] if 0 in self.text_layers else []
         for index, layer in enumerate(self.layers, start=1):
-            unified = self._block(layer, unified, None, freqs, adaln_input)
+            unified = self._block(layer, unified, unified_mask, freqs, adaln_input)
             if index in self.visual_layers:
                 visual.append(unified[:, image_tokens])
             if index in self.text_layers:
@@ -830,23 +855,35 @@ class GatedCrossAttention(nn.Module):
         gate[-1]._dinalrm_zero_init = True
         return gate
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         def heads(x: torch.Tensor) -> torch.Tensor:
             return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-        return F.scaled_dot_product_attention(heads(q), heads(k), heads(v)).transpose(1, 2).flatten(2)
+        mask = None if mask is None else mask[:, None, None, :]
+        return F.scaled_dot_product_attention(heads(q), heads(k), heads(v), attn_mask=mask).transpose(1, 2).flatten(2)
 
-    def _branch(self, q, context, to_k, to_v, gate) -> torch.Tensor:
+    def _branch(self, q, context, to_k, to_v, gate, mask: torch.Tensor | None = None) -> torch.Tensor:
         values = to_v(context)
         if gate is not None:
             values = values * torch.sigmoid(gate(context))
-        return self._attend(q, to_k(context), values)
+        return self._attend(q, to_k(context), values, mask)
 
-    def forward(self, queries: torch.Tensor, visual: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        visual: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`text_mask` (`(B, text tokens)`, True on real tokens) keeps padded caption tokens out of the attention."""
         q = self.to_q(self.norm_q(queries))
         attended = self._branch(q, self.norm_v(visual), self.to_k_vis, self.to_v_vis, self.gate_vis)
         if text is not None:
-            attended = attended + self._branch(q, self.norm_t(text), self.to_k_text, self.to_v_text, self.gate_text)
+            attended = attended + self._branch(
+                q, self.norm_t(text), self.to_k_text, self.to_v_text, self.gate_text, text_mask
+            )
         return queries + self.to_out(attended)
 
 
@@ -889,10 +926,13 @@ class DiNaLRMHead(nn.Module):
         fused_text = self.agg_text(torch.cat([a(f, temb) for a, f in zip(self.layer_adapters_text, text)], -1))
         return fused_visual, fused_text
 
-    def pool(self, visual: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-        """Pools fused tokens into one reward per sample through the learned queries."""
+    def pool(
+        self, visual: torch.Tensor, text: torch.Tensor | None, text_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pools fused tokens into one reward per sample through the learned queries (`text_mask`: True on the
+        text tokens to read, for captions padded to one length)."""
         queries = self.query_tokens.expand(visual.shape[0], -1, -1)
-        queries = self.attn1(queries, visual, text)
+        queries = self.attn1(queries, visual, text, text_mask)
         queries = self.attn2(queries, visual)
         queries = queries + self.ff(self.norm_ff(queries))
         return self.head(queries).mean(dim=1).squeeze(-1)
@@ -1208,8 +1248,37 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 "encoders in bfloat16 or float32.",
             )
 
+    def _batch_prompts(
+        self, prompt_embeds: torch.Tensor | Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(prompt_embeds, prompt_mask)`: a list of `(tokens_i, dim)` caption features (Z-Image, as
+        `ZImagePipeline.encode_prompt` returns them) zero-padded to the longest, with the mask of real tokens (`None`
+        when all have one length); a tensor passes through unmasked."""
+        if not isinstance(prompt_embeds, (list, tuple)):
+            return prompt_embeds, None
+        if not self.backbone.takes_caption_lists:
+            raise ValueError(
+                f"prompt_embeds as a list of per-prompt tensors is taken by Z-Image backbones only; the "
+                f"{self.config.backbone} backbone takes one (batch, tokens, dim) tensor."
+            )
+        if not prompt_embeds or any(
+            not isinstance(e, torch.Tensor) or e.ndim != 2 or not len(e) for e in prompt_embeds
+        ):
+            raise ValueError(
+                "prompt_embeds as a list must hold one non-empty (tokens, dim) tensor per sample, as "
+                f"ZImagePipeline.encode_prompt returns them; got {[_describe(e) for e in prompt_embeds]}."
+            )
+        lengths = [len(e) for e in prompt_embeds]
+        padded = torch.nn.utils.rnn.pad_sequence(list(prompt_embeds), batch_first=True)
+        if len(set(lengths)) == 1:
+            return padded, None
+        mask = (
+            torch.arange(padded.shape[1], device=padded.device) < torch.tensor(lengths, device=padded.device)[:, None]
+        )
+        return padded, mask
+
     # -------------------------------------------------------------------------------------- scoring
-    def _backbone_in_chunks(self, noisy, sigmas, timesteps, prompt_embeds, pooled):
+    def _backbone_in_chunks(self, noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask=None):
         dtype = self.dtype
         chunk = self.config.max_backbone_batch_size or noisy.shape[0]
         parts = [
@@ -1218,6 +1287,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 prompt_embeds[i : i + chunk].to(dtype),
                 None if pooled is None else pooled[i : i + chunk].to(dtype),
                 self.backbone.timestep(sigmas[i : i + chunk], timesteps[i : i + chunk]),
+                *(() if prompt_mask is None else (prompt_mask[i : i + chunk],)),
             )
             for i in range(0, noisy.shape[0], chunk)
         ]
@@ -1228,9 +1298,14 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         text = [torch.cat(layer) for layer in zip(*(p[2] for p in parts))]
         return temb, visual, text
 
-    def _reward_over_levels(self, noisy, sigmas, timesteps, prompt_embeds, pooled, num_levels: int) -> torch.Tensor:
-        """Rewards of `num_levels` stacked copies of a batch: one backbone pass, tokens joined per sample."""
-        temb, visual, text = self._backbone_in_chunks(noisy, sigmas, timesteps, prompt_embeds, pooled)
+    def _reward_over_levels(
+        self, noisy, sigmas, timesteps, prompt_embeds, pooled, num_levels: int, prompt_mask=None
+    ) -> torch.Tensor:
+        """Rewards of `num_levels` stacked copies of a batch: one backbone pass, tokens joined per sample.
+
+        `prompt_mask` (`(B * num_levels, tokens)`) marks the real caption tokens of prompts padded to one length.
+        """
+        temb, visual, text = self._backbone_in_chunks(noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask)
         visual_by_level = list(zip(*(layer.chunk(num_levels) for layer in visual)))
         text_by_level = list(zip(*(layer.chunk(num_levels) for layer in text))) or [()] * num_levels
         fused = [
@@ -1239,7 +1314,10 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         ]
         fused_visual = torch.cat([v for v, _ in fused], dim=1)
         fused_text = torch.cat([x for _, x in fused], dim=1) if fused[0][1] is not None else None
-        rewards = self.reward_head.pool(fused_visual, fused_text)
+        text_mask = None
+        if prompt_mask is not None and fused_text is not None:
+            text_mask = torch.cat(prompt_mask[:, : text[0].shape[1]].chunk(num_levels), dim=1)
+        rewards = self.reward_head.pool(fused_visual, fused_text, text_mask)
         if self.config.use_logistic:
             # The reference's `_logistic` with eta1 = 2, eta2 = -2, written as it writes it.
             scale = abs(self.config.logistic_eta4) + 1e-6
@@ -1261,7 +1339,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             noisy_latents (`torch.Tensor` of shape `(B, C, H, W)`): the family VAE's scaled latents at noise level
                 `t`.
             t (`float` or `torch.Tensor` of shape `(B,)`): noise fraction in [0, 1] (snapped, see `snap_noise_level`).
-            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`): the family's prompt embeddings.
+            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`, or `list[torch.Tensor]`): the family's prompt
+                embeddings; Z-Image also takes one `(tokens_i, dim)` tensor per sample, as `ZImagePipeline.encode_prompt`
+                returns them (padded and masked inside, so a prompt's reward does not depend on its batch).
             pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`, *optional*): pooled prompt
                 embeddings (SD3, FLUX); `None` for Z-Image.
             return_dict (`bool`, defaults to `True`): return a [`DiNaLRMOutput`] instead of a tuple.
@@ -1269,9 +1349,12 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 checks only tensors on the CPU (outside `torch.compile`), so that scoring on an accelerator never
                 waits for the device; see `check_inputs`.
         """
+        prompt_embeds, prompt_mask = self._batch_prompts(prompt_embeds)
         self.check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds, check_finite=check_finite)
         sigmas, timesteps = self.snap_noise_level(t, noisy_latents.shape[0], noisy_latents.device, check_finite)
-        rewards = self._reward_over_levels(noisy_latents, sigmas, timesteps, prompt_embeds, pooled_prompt_embeds, 1)
+        rewards = self._reward_over_levels(
+            noisy_latents, sigmas, timesteps, prompt_embeds, pooled_prompt_embeds, 1, prompt_mask
+        )
         timesteps = self.backbone.timestep(sigmas, timesteps)
         if not return_dict:
             return (rewards, sigmas, timesteps)
@@ -1292,7 +1375,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         Args:
             latents (`torch.Tensor` of shape `(B, C, H, W)`): the family VAE's clean scaled latents (FLUX's 2x2
                 packing happens inside).
-            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`): the family's prompt embeddings.
+            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`, or `list[torch.Tensor]`): the family's prompt
+                embeddings; Z-Image also takes one `(tokens_i, dim)` tensor per sample, as `ZImagePipeline.encode_prompt`
+                returns them (padded and masked inside, so a prompt's reward does not depend on its batch).
             pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`, *optional*): pooled prompt
                 embeddings (SD3, FLUX); `None` for Z-Image.
             t (`float` or `list[float]`, *optional*): one noise level, or a list of levels for the token-level
@@ -1305,6 +1390,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 (they would give NaN rewards). `None` checks only tensors on the CPU (outside `torch.compile`), so
                 that scoring on an accelerator never waits for the device; `True` always checks, `False` never.
         """
+        prompt_embeds, prompt_mask = self._batch_prompts(prompt_embeds)
         self.check_inputs(latents, prompt_embeds, pooled_prompt_embeds, check_finite=check_finite)
         if t is None:
             t = self.config.default_t
@@ -1345,6 +1431,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             prompt_embeds.repeat(repeat, 1, 1),
             None if pooled_prompt_embeds is None else pooled_prompt_embeds.repeat(repeat, 1),
             repeat,
+            None if prompt_mask is None else prompt_mask.repeat(repeat, 1),
         )
 
     # -------------------------------------------------------------------------------------- objective

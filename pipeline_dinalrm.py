@@ -280,7 +280,7 @@ def load_base_components(
     """
     modeling = _installed_modeling()
     patterns = ["model_index.json"] + [
-        f"{name}/*.{ext}" for name in names for ext in ("json", "txt", "model", "safetensors")
+        f"{name}/*.{ext}" for name in names for ext in ("json", "txt", "model", "jinja", "safetensors")
     ]
     folder, _ = modeling.resolve_repo(base, patterns, role, revision, token, cache_dir)
     model_index_path = os.path.join(folder, "model_index.json")
@@ -499,7 +499,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         if cls is not DiNaLRMPipeline:
             return cls
         family = getattr(reward_model.config, "backbone", "sd3")
-        classes = {"sd3": DiNaLRMPipeline, "flux": DiNaLRMFluxPipeline}
+        classes = {"sd3": DiNaLRMPipeline, "flux": DiNaLRMFluxPipeline, "zimage": DiNaLRMZImagePipeline}
         if family not in classes:
             raise ValueError(
                 f"there is no pipeline for {family} reward models yet: load the reward model with "
@@ -611,15 +611,23 @@ class DiNaLRMPipeline(DiffusionPipeline):
         rows = {key: self._prompt_cache[key] for key in dict.fromkeys(keys) if key in self._prompt_cache}
         if missing:
             embeds, pooled = self.encode_prompt([p for p, _ in missing], device, max_sequence_length)
-            rows.update({key: (embeds[i : i + 1].clone(), pooled[i : i + 1].clone()) for i, key in enumerate(missing)})
+            rows.update({key: self._select_rows(embeds, pooled, [i], device) for i, key in enumerate(missing)})
         for key, value in rows.items():
             self._prompt_cache[key] = value
             self._prompt_cache.move_to_end(key)
         while len(self._prompt_cache) > PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
-        embeds = torch.cat([rows[key][0] for key in keys]).to(device)
-        pooled = torch.cat([rows[key][1] for key in keys]).to(device)
-        return embeds, pooled
+        return self._join_rows([rows[key] for key in keys], device)
+
+    @staticmethod
+    def _select_rows(prompt_embeds, pooled_prompt_embeds, rows: list[int], device) -> tuple:
+        """The embeddings of the prompts at `rows` (copies, on `device`), in the family's format."""
+        return prompt_embeds[rows].to(device), pooled_prompt_embeds[rows].to(device)
+
+    @staticmethod
+    def _join_rows(parts: list[tuple], device) -> tuple:
+        """One batch of embeddings from `_select_rows` parts, on `device`."""
+        return torch.cat([part[0] for part in parts]).to(device), torch.cat([part[1] for part in parts]).to(device)
 
     def _prompt_embeds_for(
         self, prompt, prompt_embeds, pooled_prompt_embeds, indices: list[int], device, max_sequence_length
@@ -630,8 +638,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
             return self._cached_prompt_embeds(
                 [prompts[i % len(prompts)] for i in indices], device, max_sequence_length
             )
-        rows = [i % prompt_embeds.shape[0] for i in indices]
-        return prompt_embeds[rows].to(device), pooled_prompt_embeds[rows].to(device)
+        rows = [i % len(prompt_embeds) for i in indices]
+        return self._select_rows(prompt_embeds, pooled_prompt_embeds, rows, device)
 
     # ------------------------------------------------------------------------------------------ images
     @staticmethod
@@ -788,22 +796,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 )
             count = len(prompts)
         else:
-            if pooled_prompt_embeds is None:
-                raise ValueError("prompt_embeds needs pooled_prompt_embeds as well (both come from encode_prompt).")
-            for name, value in (("prompt_embeds", prompt_embeds), ("pooled_prompt_embeds", pooled_prompt_embeds)):
-                if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
-                    raise TypeError(
-                        f"{name} must be a floating-point torch tensor (from encode_prompt), got {_describe(value)}"
-                        + (f" of {value.dtype}." if isinstance(value, torch.Tensor) else ".")
-                    )
-            if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2:
-                raise ValueError(
-                    f"prompt_embeds must be (batch, tokens, dim) and pooled_prompt_embeds (batch, dim); got "
-                    f"{_describe(prompt_embeds)} and {_describe(pooled_prompt_embeds)}."
-                )
-            if prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0]:
-                raise ValueError("prompt_embeds and pooled_prompt_embeds must have the same batch size.")
-            count = prompt_embeds.shape[0]
+            count = self._check_prompt_embeds(prompt_embeds, pooled_prompt_embeds)
         if count not in (1, num_samples):
             raise ValueError(
                 f"{count} prompts for {num_samples} images: pass one prompt for all images or one per image."
@@ -813,6 +806,26 @@ class DiNaLRMPipeline(DiffusionPipeline):
             raise ValueError(f"num_noise_samples must be a positive integer, got {num_noise_samples!r}.")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+
+    @staticmethod
+    def _check_prompt_embeds(prompt_embeds, pooled_prompt_embeds) -> int:
+        """Checks precomputed embeddings in the family's format; returns how many prompts they hold."""
+        if pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds needs pooled_prompt_embeds as well (both come from encode_prompt).")
+        for name, value in (("prompt_embeds", prompt_embeds), ("pooled_prompt_embeds", pooled_prompt_embeds)):
+            if not (isinstance(value, torch.Tensor) and value.is_floating_point()):
+                raise TypeError(
+                    f"{name} must be a floating-point torch tensor (from encode_prompt), got {_describe(value)}"
+                    + (f" of {value.dtype}." if isinstance(value, torch.Tensor) else ".")
+                )
+        if prompt_embeds.ndim != 3 or pooled_prompt_embeds.ndim != 2:
+            raise ValueError(
+                f"prompt_embeds must be (batch, tokens, dim) and pooled_prompt_embeds (batch, dim); got "
+                f"{_describe(prompt_embeds)} and {_describe(pooled_prompt_embeds)}."
+            )
+        if prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0]:
+            raise ValueError("prompt_embeds and pooled_prompt_embeds must have the same batch size.")
+        return prompt_embeds.shape[0]
 
     # ------------------------------------------------------------------------------------------ scoring
     def _score(
@@ -873,13 +886,16 @@ class DiNaLRMPipeline(DiffusionPipeline):
         else:
             representatives: list[int] = []
             row_keys = []
-            for row in range(prompt_embeds.shape[0]):
+            for row in range(len(prompt_embeds)):
                 match = next(
                     (
                         key
                         for key, other in enumerate(representatives)
                         if torch.equal(prompt_embeds[row], prompt_embeds[other])
-                        and torch.equal(pooled_prompt_embeds[row], pooled_prompt_embeds[other])
+                        and (
+                            pooled_prompt_embeds is None
+                            or torch.equal(pooled_prompt_embeds[row], pooled_prompt_embeds[other])
+                        )
                     ),
                     None,
                 )
@@ -1225,7 +1241,40 @@ class DiNaLRMPipeline(DiffusionPipeline):
         return DiNaLRMRankingOutput(indices=order.tolist(), rewards=ordered)
 
 
-class DiNaLRMFluxPipeline(DiNaLRMPipeline):
+class _GeneratorFamilyPipeline(DiNaLRMPipeline):
+    """What the pipelines of the other backbone families share: the family check, a latent-size default and bound
+    of their own (no SD3 position table), and building around a loaded generator pipeline's components."""
+
+    family: str
+    family_name: str
+    # A 1024-pixel default (128 latents) and a latent side of 2048 pixels for prompt-shared noise.
+    _default_latent_side = 128
+    _max_latent_side = 256
+
+    def _register(self, reward_model: PreTrainedModel, **components) -> None:
+        DiffusionPipeline.__init__(self)
+        if reward_model.config.backbone != self.family:
+            raise ValueError(
+                f"{type(self).__name__} needs a reward model on a {self.family_name} backbone, got backbone="
+                f"{reward_model.config.backbone!r}; use the pipeline of that family."
+            )
+        self.register_modules(reward_model=reward_model, **components)
+        self._set_up_scoring()
+
+    @classmethod
+    def max_latent_side_for(cls, reward_model: PreTrainedModel) -> int:
+        return cls._max_latent_side
+
+    @property
+    def default_resolution(self) -> int:
+        return self._default_latent_side * self.vae_scale_factor
+
+    @classmethod
+    def _sharing(cls, generator: DiffusionPipeline, reward_model: PreTrainedModel) -> "_GeneratorFamilyPipeline":
+        return cls(reward_model=reward_model, **{name: getattr(generator, name) for name in cls._base_components})
+
+
+class DiNaLRMFluxPipeline(_GeneratorFamilyPipeline):
     r"""Scores images or FLUX latents against prompts with a DiNa-LRM reward model on a FLUX backbone.
 
     Everything but the encoders is [`DiNaLRMPipeline`]'s (`__call__`, `compare`, `rank`, `reward_fn`, the resize
@@ -1244,9 +1293,7 @@ class DiNaLRMFluxPipeline(DiNaLRMPipeline):
     model_cpu_offload_seq = "text_encoder->text_encoder_2->vae->reward_model"
     _optional_components = []
     _base_components = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-    # FLUX.1-dev's default sample size (128 latents) and a latent side of 2048 pixels for prompt-shared noise.
-    _default_latent_side = 128
-    _max_latent_side = 256
+    family, family_name = "flux", "FLUX"
 
     def __init__(
         self,
@@ -1258,14 +1305,8 @@ class DiNaLRMFluxPipeline(DiNaLRMPipeline):
         tokenizer_2: PreTrainedTokenizerBase,
         scheduler: FlowMatchEulerDiscreteScheduler,
     ):
-        DiffusionPipeline.__init__(self)
-        if reward_model.config.backbone != "flux":
-            raise ValueError(
-                f"DiNaLRMFluxPipeline needs a reward model on a FLUX backbone, got backbone="
-                f"{reward_model.config.backbone!r}; use the pipeline of that family."
-            )
-        self.register_modules(
-            reward_model=reward_model,
+        self._register(
+            reward_model,
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -1273,21 +1314,12 @@ class DiNaLRMFluxPipeline(DiNaLRMPipeline):
             tokenizer_2=tokenizer_2,
             scheduler=scheduler,
         )
-        self._set_up_scoring()
-
-    @classmethod
-    def max_latent_side_for(cls, reward_model: PreTrainedModel) -> int:
-        return cls._max_latent_side
-
-    @property
-    def default_resolution(self) -> int:
-        return self._default_latent_side * self.vae_scale_factor
 
     @classmethod
     def from_flux(cls, flux_pipeline: DiffusionPipeline, reward_model: PreTrainedModel) -> "DiNaLRMFluxPipeline":
         """Builds the pipeline around an already loaded `FluxPipeline`, sharing (not copying) its VAE, text
         encoders, tokenizers and scheduler, so an alignment loop holds one copy of each."""
-        return cls(reward_model=reward_model, **{name: getattr(flux_pipeline, name) for name in cls._base_components})
+        return cls._sharing(flux_pipeline, reward_model)
 
     def encode_prompt(
         self,
@@ -1310,3 +1342,99 @@ class DiNaLRMFluxPipeline(DiNaLRMPipeline):
         t5_ids = self._tokenize(self.tokenizer_2, prompts, max_sequence_length)
         prompt_embeds = self.text_encoder_2(t5_ids.to(device), output_hidden_states=False)[0]
         return prompt_embeds.to(self.text_encoder_2.dtype), pooled.to(self.text_encoder.dtype)
+
+
+class DiNaLRMZImagePipeline(_GeneratorFamilyPipeline):
+    r"""Scores images or Z-Image latents against prompts with a DiNa-LRM reward model on a Z-Image backbone.
+
+    Everything but the encoders is [`DiNaLRMPipeline`]'s (`__call__`, `compare`, `rank`, `reward_fn`, the resize
+    rule, the noise conventions). Prompts are encoded as `ZImagePipeline.encode_prompt` encodes them (the Qwen3 chat
+    template, the second-to-last hidden state of the prompt's own tokens), so prompt embeddings are a list of
+    `(tokens_i, dim)` tensors, one per prompt, and there is no pooled embedding; the reward model pads and masks them
+    as the Z-Image transformer does, so a prompt's reward does not depend on its batch. Images are encoded with the
+    Z-Image VAE, `(mode - shift_factor) * scaling_factor`.
+
+    Args:
+        reward_model ([`DiNaLRMModel`]): a reward model with `config.backbone == "zimage"`.
+        vae ([`AutoencoderKL`]): Z-Image's VAE.
+        text_encoder ([`PreTrainedModel`]): Z-Image's Qwen3 text encoder.
+        tokenizer ([`PreTrainedTokenizerBase`]): its tokenizer, with the chat template.
+        scheduler ([`FlowMatchEulerDiscreteScheduler`]): Z-Image's scheduler.
+    """
+
+    model_cpu_offload_seq = "text_encoder->vae->reward_model"
+    _optional_components = []
+    _base_components = ("vae", "text_encoder", "tokenizer", "scheduler")
+    family, family_name = "zimage", "Z-Image"
+
+    def __init__(
+        self,
+        reward_model: PreTrainedModel,
+        vae: AutoencoderKL,
+        text_encoder: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+    ):
+        self._register(reward_model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+
+    @classmethod
+    def from_zimage(cls, zimage_pipeline: DiffusionPipeline, reward_model: PreTrainedModel) -> "DiNaLRMZImagePipeline":
+        """Builds the pipeline around an already loaded `ZImagePipeline`, sharing (not copying) its VAE, text
+        encoder, tokenizer and scheduler, so an alignment loop holds one copy of each."""
+        return cls._sharing(zimage_pipeline, reward_model)
+
+    def encode_prompt(
+        self,
+        prompt: str | list[str],
+        device: torch.device | None = None,
+        max_sequence_length: int | None = None,
+    ) -> tuple[list[torch.Tensor], None]:
+        r"""Z-Image prompt embeddings, as `ZImagePipeline.encode_prompt` makes them.
+
+        Each prompt is wrapped in the tokenizer's chat template (a user turn, generation prompt, thinking enabled),
+        cut to `max_sequence_length` tokens (default `reward_model.config.max_sequence_length`) and encoded; the
+        text encoder's second-to-last hidden state is kept at the prompt's real tokens.
+
+        Returns:
+            `(prompt_embeds, None)`: a list of `(tokens_i, cap_feat_dim)` tensors, one per prompt; Z-Image has no
+            pooled embedding.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        device = device or self._execution_device
+        max_sequence_length = max_sequence_length or self.reward_model.config.max_sequence_length
+        templated = [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True, enable_thinking=True
+            )
+            for text in prompts
+        ]
+        inputs = self.tokenizer(
+            templated, padding="max_length", max_length=max_sequence_length, truncation=True, return_tensors="pt"
+        )
+        mask = inputs.attention_mask.to(device).bool()
+        hidden = self.text_encoder(
+            input_ids=inputs.input_ids.to(device), attention_mask=mask, output_hidden_states=True
+        ).hidden_states[-2]
+        return [hidden[i][mask[i]] for i in range(len(prompts))], None
+
+    @staticmethod
+    def _select_rows(prompt_embeds, pooled_prompt_embeds, rows: list[int], device) -> tuple:
+        return [prompt_embeds[row].to(device) for row in rows], None
+
+    @staticmethod
+    def _join_rows(parts: list[tuple], device) -> tuple:
+        return [embeds.to(device) for part in parts for embeds in part[0]], None
+
+    @staticmethod
+    def _check_prompt_embeds(prompt_embeds, pooled_prompt_embeds) -> int:
+        if pooled_prompt_embeds is not None:
+            raise ValueError("Z-Image has no pooled prompt embedding: pass pooled_prompt_embeds=None.")
+        rows = list(prompt_embeds) if isinstance(prompt_embeds, (list, tuple, torch.Tensor)) else None
+        if not rows or any(
+            not (isinstance(row, torch.Tensor) and row.is_floating_point() and row.ndim == 2) for row in rows
+        ):
+            raise ValueError(
+                "prompt_embeds must be a list of floating-point (tokens, dim) tensors, one per prompt, as "
+                f"encode_prompt returns them (or a (batch, tokens, dim) tensor); got {_describe(prompt_embeds)}."
+            )
+        return len(rows)

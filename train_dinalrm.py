@@ -45,7 +45,7 @@ from accelerate.utils import (
     gather_object,
     set_seed,
 )
-from diffusers import FluxPipeline, StableDiffusion3Pipeline
+from diffusers import FluxPipeline, StableDiffusion3Pipeline, ZImagePipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from diffusers.utils.torch_utils import randn_tensor
@@ -99,10 +99,11 @@ from dinalrm.training_utils import (
     WEIGHTING_SCHEMES,
     parameter_digest,
     preference_step,
+    repeat_prompts,
     seeded_generator,
 )
 from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel
-from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline
+from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline, DiNaLRMZImagePipeline
 
 
 logger = get_logger(__name__)
@@ -134,7 +135,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="SD3 or FLUX pipeline (Hub id or folder): the backbone is its `transformer`, and its VAE and text "
+        help="SD3, FLUX or Z-Image pipeline (Hub id or folder): the backbone is its `transformer`, and its VAE and text "
         "encoders encode the data.",
     )
     model.add_argument(
@@ -142,8 +143,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         choices=("sd3", "flux", "zimage"),
         default="sd3",
         help="Backbone family of --pretrained_model_name_or_path (checked against its transformer's class): sd3 "
-        "(SD3.5, the paper's main setting), flux (FLUX.1-dev: first double-stream blocks) or zimage (Z-Image; no "
-        "encoding pipeline yet, so it cannot be trained here).",
+        "(SD3.5, the paper's main setting), flux (FLUX.1-dev: first double-stream blocks) or zimage (Z-Image-Turbo: "
+        "first main layers; its refiners always run and do not count).",
     )
     model.add_argument("--revision", type=str, default=None, help="Revision of the pretrained model on the Hub.")
     model.add_argument("--variant", type=str, default=None, help="Weights variant of the pretrained model, e.g. fp16.")
@@ -394,16 +395,6 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--constant_t must lie in [0, 1].")
     if args.pipeline_output_dir and os.path.isdir(args.pipeline_output_dir) and os.listdir(args.pipeline_output_dir):
         parser.error(f"--pipeline_output_dir {args.pipeline_output_dir} is not empty; choose another folder.")
-    if args.backbone == "zimage":
-        parser.error(
-            "--backbone zimage: Z-Image models build (DiNaLRMModel.from_backbone) but have no encoding pipeline yet "
-            "for prompts and images; train on sd3 or flux."
-        )
-    if args.backbone != "sd3" and args.pipeline_output_dir:
-        parser.error(
-            f"--pipeline_output_dir assembles an SD3 pipeline repository; with --backbone {args.backbone} save the "
-            "reward model (--output_dir) and build the scorer with DiNaLRMFluxPipeline.from_flux."
-        )
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token would be logged by wandb; log in with `hf auth login` instead.")
     return args
@@ -516,6 +507,7 @@ def load_encoding_pipeline(
     generator_class, from_generator = {
         "sd3": (StableDiffusion3Pipeline, DiNaLRMPipeline.from_sd3),
         "flux": (FluxPipeline, DiNaLRMFluxPipeline.from_flux),
+        "zimage": (ZImagePipeline, DiNaLRMZImagePipeline.from_zimage),
     }[args.backbone]
     generator = generator_class.from_pretrained(
         args.pretrained_model_name_or_path,
@@ -714,8 +706,9 @@ def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_f
             device=accelerator.device,
             dtype=chosen.dtype,
         )
-        prompt_embeds = batch["prompt_embeds"].to(accelerator.device).repeat(2, 1, 1)
-        pooled = batch["pooled_prompt_embeds"].to(accelerator.device).repeat(2, 1)
+        prompt_embeds, pooled = repeat_prompts(
+            batch["prompt_embeds"], batch["pooled_prompt_embeds"], 2, accelerator.device
+        )
         with accelerator.autocast():
             for j, level in enumerate(levels):
                 rewards = reward_model.score_latents(
@@ -764,7 +757,9 @@ def card_metadata(args, validation: dict | None) -> tuple[list[str], list]:
 def save_model_card(repo_id: str, args, output_dir: str, validation: dict | None, skipped: dict) -> None:
     """Write a README.md (huggingface_hub ModelCard) describing the trained reward model."""
     training_data, eval_results = card_metadata(args, validation)
-    metadata = card_data(args.pretrained_model_name_or_path, repo_id, "transformers", training_data, eval_results)
+    metadata = card_data(
+        args.pretrained_model_name_or_path, repo_id, "transformers", training_data, eval_results, args.backbone
+    )
     results = "\n".join(
         f"| {name.removeprefix('val/accuracy_')} | {value:.4f} |"
         for name, value in (validation or {}).items()

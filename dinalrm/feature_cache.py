@@ -100,6 +100,21 @@ def _chunks(count: int, size: int) -> list[range]:
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 
+def _prompt_shard(embeds: list[torch.Tensor], pooled: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of a prompts shard, one row per prompt: `prompt_embeds` and `pooled_prompt_embeds`, or for
+    per-prompt captions without a pooled embedding (Z-Image) `prompt_embeds` zero-padded to the longest and
+    `prompt_lengths`."""
+    if pooled:
+        return {
+            "prompt_embeds": torch.cat(embeds).contiguous(),
+            "pooled_prompt_embeds": torch.cat(pooled).contiguous(),
+        }
+    return {
+        "prompt_embeds": torch.nn.utils.rnn.pad_sequence(embeds, batch_first=True).contiguous(),
+        "prompt_lengths": torch.tensor([len(e) for e in embeds]),
+    }
+
+
 def write_feature_cache(
     cache_dir: str | os.PathLike,
     split: str,
@@ -132,12 +147,12 @@ def write_feature_cache(
         for start in range(chunk.start, chunk.stop, batch_size):
             prompts = unique_prompts[start : min(start + batch_size, chunk.stop)]
             prompt_embeds, pooled_prompt_embeds = encode_prompts(prompts)
-            embeds.append(prompt_embeds.cpu())
-            pooled.append(pooled_prompt_embeds.cpu())
-        save_file(
-            {"prompt_embeds": torch.cat(embeds).contiguous(), "pooled_prompt_embeds": torch.cat(pooled).contiguous()},
-            os.path.join(root, f"prompts-{number:06d}.safetensors"),
-        )
+            if isinstance(prompt_embeds, (list, tuple)):  # one tensor per prompt, at its own length (Z-Image)
+                embeds.extend(e.cpu() for e in prompt_embeds)
+            else:
+                embeds.append(prompt_embeds.cpu())
+                pooled.append(pooled_prompt_embeds.cpu())
+        save_file(_prompt_shard(embeds, pooled), os.path.join(root, f"prompts-{number:06d}.safetensors"))
 
     images = ImagePairDataset(pairs)
     buckets = images.buckets
@@ -213,7 +228,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
                 with safe_open(path, framework="pt") as handle:
                     if name.startswith("prompts-"):
                         self._prompt_files.append(path)
-                        prompt_rows.append(handle.get_slice("pooled_prompt_embeds").get_shape()[0])
+                        prompt_rows.append(handle.get_slice("prompt_embeds").get_shape()[0])
                     elif name.startswith("pairs-"):
                         width, height = (
                             int(v) for v in name.removesuffix(".safetensors").rsplit("-", 1)[1].split("x")
@@ -249,13 +264,17 @@ class CachedPairDataset(torch.utils.data.Dataset):
             self._handles[path] = safe_open(path, framework="pt")
         return self._handles[path]
 
-    def _prompt(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _prompt(self, index: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`(prompt_embeds, pooled_prompt_embeds)` of one prompt; per-prompt captions come at their own length,
+        without a pooled embedding."""
         if self._prompt_rows is None:
-            self._prompt_rows = self._open(self._prompt_files[0]).get_slice("pooled_prompt_embeds").get_shape()[0]
+            self._prompt_rows = self._open(self._prompt_files[0]).get_slice("prompt_embeds").get_shape()[0]
         handle = self._open(self._prompt_files[index // self._prompt_rows])
         row = index % self._prompt_rows
-        embeds, pooled = (handle.get_slice(name) for name in ("prompt_embeds", "pooled_prompt_embeds"))
-        return embeds[row : row + 1][0], pooled[row : row + 1][0]
+        embeds = handle.get_slice("prompt_embeds")[row : row + 1][0]
+        if "prompt_lengths" in handle.keys():
+            return embeds[: int(handle.get_slice("prompt_lengths")[row : row + 1][0])], None
+        return embeds, handle.get_slice("pooled_prompt_embeds")[row : row + 1][0]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         path, row = self._rows[index]
@@ -267,11 +286,14 @@ class CachedPairDataset(torch.utils.data.Dataset):
 
 
 def collate_cached_pairs(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack cached pairs of one bucket into the tensors `preference_step` takes."""
-    batch = {
-        name: torch.stack([item[name] for item in items])
-        for name in ("chosen", "rejected", "prompt_embeds", "pooled_prompt_embeds")
-    }
+    """Stack cached pairs of one bucket into the tensors `preference_step` takes (per-prompt captions stay a list)."""
+    batch = {name: torch.stack([item[name] for item in items]) for name in ("chosen", "rejected")}
+    embeds = [item["prompt_embeds"] for item in items]
+    if items[0]["pooled_prompt_embeds"] is None:
+        batch["prompt_embeds"], batch["pooled_prompt_embeds"] = embeds, None
+    else:
+        batch["prompt_embeds"] = torch.stack(embeds)
+        batch["pooled_prompt_embeds"] = torch.stack([item["pooled_prompt_embeds"] for item in items])
     batch["weights"] = torch.stack([item["weight"] for item in items]).float()
     return batch
 

@@ -1,4 +1,5 @@
-"""Assembling the DiNa-LRM Hub repository (a DiffusionPipeline folder): the reward model plus SD3's other parts.
+"""Assembling the DiNa-LRM Hub repository (a DiffusionPipeline folder): the reward model plus the other parts of its
+backbone family's pipeline (SD3, FLUX or Z-Image).
 
 Used by `scripts/build_hub_repo.py` (from a saved reward model) and by `train_dinalrm.py --pipeline_output_dir`
 (at the end of training). The base pipeline's components are loaded one by one, so its transformer is never read.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -16,7 +18,35 @@ from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline, load_base_components
 
 
+@dataclass(frozen=True)
+class FamilyCard:
+    """What a model card says about one backbone family: its latent space, generator pipeline, Hub tag and the
+    licence of the base model whose blocks, VAE and text encoders the repository holds."""
+
+    name: str
+    generator: str
+    tag: str
+    license: str
+    license_name: str | None
+    license_link: str
+    license_title: str
+
+
 SD3_LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"
+FAMILY_CARDS = {
+    "sd3": FamilyCard(
+        "SD3", "StableDiffusion3Pipeline", "stable-diffusion-3", "other", "stabilityai-ai-community",
+        SD3_LICENSE_LINK, "Stability AI Community License",
+    ),
+    "flux": FamilyCard(
+        "FLUX", "FluxPipeline", "flux", "other", "flux-1-dev-non-commercial-license",
+        "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md", "FLUX.1 [dev] Non-Commercial License",
+    ),
+    "zimage": FamilyCard(
+        "Z-Image", "ZImagePipeline", "z-image", "apache-2.0", None,
+        "https://huggingface.co/Tongyi-MAI/Z-Image-Turbo", "Apache-2.0 licence",
+    ),
+}  # fmt: skip
 CITATION = """\
 @article{dinalrm2026,
   title   = {Beyond VLM-Based Rewards: Diffusion-Native Latent Reward Modeling},
@@ -28,9 +58,9 @@ CITATION = """\
 CARD_BODY = """\
 # DiNa-LRM: a diffusion-native latent reward model
 
-DiNa-LRM ([arXiv 2602.11146](https://arxiv.org/abs/2602.11146)) scores text-to-image samples in SD3 latent space:
-a clean VAE latent is noised to a level `t`, the first {num_layers} blocks of {base}'s MMDiT read it with the
-prompt, and a small timestep-aware query head returns one reward (higher = preferred). It is cheap (no pixel
+DiNa-LRM ([arXiv 2602.11146](https://arxiv.org/abs/2602.11146)) scores text-to-image samples in {family} latent
+space: a clean VAE latent is noised to a level `t`, the first {num_layers} blocks of {base}'s transformer read it
+with the prompt, and a small timestep-aware query head returns one reward (higher = preferred). It is cheap (no pixel
 decoding, part of one backbone pass) and differentiable with respect to the latents.
 
 ## Usage
@@ -49,7 +79,7 @@ comparison = pipe.compare("a photo of a cat", images[0], images[1], generator=ge
 print(comparison.probability, comparison.winner)
 ```
 
-Score latents from `StableDiffusion3Pipeline(..., output_type="latent")` with `pipe(prompt, latents=latents)`,
+Score latents from `{generator}(..., output_type="latent")` with `pipe(prompt, latents=latents)`,
 or keep the autograd graph for reward fine-tuning with `pipe.reward_fn(latents, prompt_embeds=...,
 pooled_prompt_embeds=...)`. From the shell (with the `dinalrm` package installed from its repository,
 `pip install -e .`; it is not on PyPI yet):
@@ -60,7 +90,7 @@ dinalrm-score --model {repo_id} --prompt "a photo of a cat" a.png b.png
 
 ## Noise level and score scale
 
-- Default noise level `t = {default_t}` (snapped to the SD3.5 scheduler's sigma table, shift {shift}); the multi-level
+- Default noise level `t = {default_t}` (snapped to the reward model's sigma table, shift {shift}); the multi-level
   ensemble uses `t = {ensemble_t}` with one noise shared by all levels and one pooled score. For photos read
   from disk the official README uses `t = 0.1`.
 - Rewards are raw by default; `normalize=True` gives the official display score `(raw + 10) / 10`. Only
@@ -75,7 +105,7 @@ dinalrm-score --model {repo_id} --prompt "a photo of a cat" a.png b.png
 The DiNa-LRM code (`pipeline_dinalrm.py`, `reward_model/modeling_dinalrm.py`) is Apache-2.0. The backbone blocks
 inside `reward_model/` and the VAE, text encoders, tokenizers and scheduler in this repository come from
 [{base}](https://huggingface.co/{base}) and are distributed under the
-[Stability AI Community License]({license_link}); using this repository means accepting that licence.
+[{license_title}]({license_link}); using this repository means accepting that licence.
 
 ## Citation
 
@@ -85,7 +115,7 @@ inside `reward_model/` and the VAE, text encoders, tokenizers and scheduler in t
 """
 
 
-TAGS = ["dinalrm", "reward-model", "text-to-image", "stable-diffusion-3", "preference-model"]
+TAGS = ["dinalrm", "reward-model", "text-to-image", "preference-model"]
 TASK = {"task_type": "text-to-image", "task_name": "Text-to-image preference prediction"}
 
 
@@ -95,20 +125,23 @@ def card_data(
     library_name: str,
     datasets: Sequence[str] | None = None,
     eval_results: Sequence[EvalResult] | None = None,
+    family: str = "sd3",
 ) -> ModelCardData:
     """The Hub metadata of every DiNa-LRM card: the licence of the base model whose blocks the weights hold (the
-    Stability AI Community License for SD3.5), `base_model` (a Hub id; a local folder is not named), the training
-    `datasets` (Hub ids) and evaluation results in the Hub's model-index format."""
+    Stability AI Community License for SD3.5, see [`FAMILY_CARDS`] for the other backbone families), `base_model` (a
+    Hub id; a local folder is not named), the training `datasets` (Hub ids) and evaluation results in the Hub's
+    model-index format."""
+    facts = FAMILY_CARDS[family]
     return ModelCardData(
         library_name=library_name,
-        license="other",
-        license_name="stabilityai-ai-community",
-        license_link=SD3_LICENSE_LINK,
+        license=facts.license,
+        license_name=facts.license_name,
+        license_link=facts.license_link,
         base_model=None if os.path.isdir(base) else base,
         datasets=[name for name in datasets or () if not os.path.isdir(name)] or None,
         model_name=model_name,
         eval_results=list(eval_results) if eval_results else None,
-        tags=TAGS,
+        tags=[*TAGS, facts.tag],
     )
 
 
@@ -149,8 +182,12 @@ def write_model_card(
 ) -> None:
     """The repository's README.md: Hub metadata (see [`card_data`]) and a usage card."""
     config = pipe.reward_model.config
-    metadata = card_data(base, repo_id, "diffusers", datasets, eval_results)
+    facts = FAMILY_CARDS[config.backbone]
+    metadata = card_data(base, repo_id, "diffusers", datasets, eval_results, config.backbone)
     body = CARD_BODY.format(
+        family=facts.name,
+        generator=facts.generator,
+        license_title=facts.license_title,
         repo_id=repo_id,
         base=base,
         num_layers=config.num_backbone_layers,
@@ -159,7 +196,7 @@ def write_model_card(
         shift=config.scheduler_shift,
         k=config.thurstone_k,
         v0=config.thurstone_v0,
-        license_link=SD3_LICENSE_LINK,
+        license_link=facts.license_link,
         citation=CITATION,
     )
     ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
@@ -175,13 +212,21 @@ def build_hub_repo(
     eval_results: Sequence[EvalResult] | None = None,
 ) -> DiNaLRMPipeline:
     """Save `reward_model` with `base`'s components as a pipeline repository in `output_dir`, with a model card
-    naming the training `datasets` and carrying `eval_results`.
+    naming the training `datasets` and carrying `eval_results`. `base` is a pipeline of the reward model's backbone
+    family (SD3, FLUX or Z-Image); the repository's pipeline class follows that family.
 
     `output_dir` must be empty or missing: the caller decides whether to replace what is there.
     """
     if os.path.isdir(output_dir) and os.listdir(output_dir):
         raise ValueError(f"{output_dir} is not empty; refusing to write the Hub repository over it.")
-    pipe = DiNaLRMPipeline(reward_model=reward_model, **load_base_components(base, revision=revision))
+    pipeline_class = DiNaLRMPipeline._class_for(reward_model)
+    components = load_base_components(
+        base,
+        revision=revision,
+        names=pipeline_class._base_components,
+        optional=pipeline_class._optional_components,
+    )
+    pipe = pipeline_class(reward_model=reward_model, **components)
     pipe.save_pretrained(output_dir)
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     write_model_card(pipe, base, name, output_dir, datasets, eval_results)

@@ -78,7 +78,8 @@ def collate_image_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-EncodePrompts = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
+# `(prompt_embeds, pooled_prompt_embeds)`; for Z-Image a list of per-prompt `(tokens_i, dim)` tensors and `None`.
+EncodePrompts = Callable[[list[str]], tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]]
 EncodeImages = Callable[[list[Image.Image]], torch.Tensor]
 
 

@@ -27,6 +27,7 @@ __all__ = [
     "StepOutput",
     "parameter_digest",
     "preference_step",
+    "repeat_prompts",
     "sample_noise_levels",
     "seeded_generator",
 ]
@@ -82,6 +83,19 @@ class StepOutput:
     mean_t: torch.Tensor
 
 
+def repeat_prompts(
+    prompt_embeds: torch.Tensor | list[torch.Tensor],
+    pooled_prompt_embeds: torch.Tensor | None,
+    times: int,
+    device: torch.device | None = None,
+) -> tuple[torch.Tensor | list[torch.Tensor], torch.Tensor | None]:
+    """Prompt embeddings for `times` stacked copies of a batch (e.g. `[chosen; rejected]`), on `device`: tensors are
+    repeated, per-prompt caption lists (Z-Image, no pooled embedding) are chained."""
+    if isinstance(prompt_embeds, (list, tuple)):
+        return [e.to(device) for e in prompt_embeds] * times, None
+    return prompt_embeds.to(device).repeat(times, 1, 1), pooled_prompt_embeds.to(device).repeat(times, 1)
+
+
 def preference_step(
     model: torch.nn.Module,
     reward_model: torch.nn.Module,
@@ -110,8 +124,7 @@ def preference_step(
     rewards = model(
         noisy,
         torch.cat([sigmas, sigmas]),
-        batch["prompt_embeds"].repeat(2, 1, 1),
-        batch["pooled_prompt_embeds"].repeat(2, 1),
+        *repeat_prompts(batch["prompt_embeds"], batch["pooled_prompt_embeds"], 2),
         check_finite=False,  # the training loop checks the loss and the gradients instead (no sync per forward)
     ).rewards.float()
     rewards_chosen, rewards_rejected = rewards.chunk(2)

@@ -16,19 +16,20 @@ import huggingface_hub
 import PIL.Image
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel, ZImageTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel, ZImagePipeline, ZImageTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from safetensors.torch import load_file, save_file
 
 from dinalrm.testing import (
     add_to_hub_cache,
     get_tiny_flux_components,
+    get_tiny_zimage_components,
     tiny_flux_transformer_config,
     tiny_zimage_transformer_config,
     write_tiny_benchmarks,
 )
 from modeling_dinalrm import FEATURE_EXTRACTORS, DiNaLRMConfig, DiNaLRMModel
-from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline
+from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline, DiNaLRMZImagePipeline
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -233,35 +234,47 @@ def test_save_and_load_keep_the_rewards_and_lora_merges(family, model, tmp_path)
     torch.testing.assert_close(from_merged, adapted, atol=1e-5, rtol=1e-5)
 
 
-def test_fresh_process_loads_with_automodel_and_remote_code(family, model, tmp_path):
-    folder = tmp_path / "reward_model"
-    model.save_pretrained(folder)
-    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "modeling_dinalrm.py"]
-    latents, prompt, pooled = _inputs(family)
-    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
-    tensors = {"latents": latents, "prompt": prompt, "noise": noise}
-    save_file(tensors | ({"pooled": pooled} if pooled is not None else {}), tmp_path / "inputs.safetensors")
+def test_fresh_process_loads_both_families_with_automodel_and_remote_code(tmp_path):
+    """One fresh process (the slow part: importing torch, transformers and diffusers) loads a saved FLUX and a saved
+    Z-Image reward model with `AutoModel` and remote code, and scores as the models in this process do."""
+    expected = {}
+    for name in sorted(FAMILIES):
+        transformer_class, make_config, _ = FAMILIES[name]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = _tiny_reward_model(transformer_class(**make_config()))
+        folder = tmp_path / name / "reward_model"
+        model.save_pretrained(folder)
+        assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "modeling_dinalrm.py"]
+        latents, prompt, pooled = _inputs(name)
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
+        tensors = {"latents": latents, "prompt": prompt, "noise": noise}
+        save_file(tensors | ({"pooled": pooled} if pooled is not None else {}), tmp_path / name / "inputs.safetensors")
+        with torch.no_grad():
+            expected[name] = model.score_latents(latents, prompt, pooled, noise=noise)
     script = textwrap.dedent(
         """
         import sys, torch
         from safetensors.torch import load_file, save_file
         from transformers import AutoModel
         assert not any("modeling_dinalrm" in name for name in sys.modules)
-        model = AutoModel.from_pretrained("reward_model", trust_remote_code=True).eval()
-        x = load_file("inputs.safetensors")
-        with torch.no_grad():
-            rewards = model.score_latents(x["latents"], x["prompt"], x.get("pooled"), noise=x["noise"])
-        save_file({"rewards": rewards.contiguous()}, "out.safetensors")
-        print(model.config.backbone)
+        for family in sys.argv[1:]:
+            model = AutoModel.from_pretrained(f"{family}/reward_model", trust_remote_code=True).eval()
+            x = load_file(f"{family}/inputs.safetensors")
+            with torch.no_grad():
+                rewards = model.score_latents(x["latents"], x["prompt"], x.get("pooled"), noise=x["noise"])
+            save_file({"rewards": rewards.contiguous()}, f"{family}/out.safetensors")
+            print(model.config.backbone)
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True)
+    command = [sys.executable, "-c", script, *sorted(FAMILIES)]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == family
-    with torch.no_grad():
-        expected = model.score_latents(latents, prompt, pooled, noise=noise)
-    torch.testing.assert_close(load_file(tmp_path / "out.safetensors")["rewards"], expected, atol=1e-6, rtol=1e-6)
+    assert result.stdout.strip().splitlines()[-2:] == sorted(FAMILIES)
+    for name, rewards in expected.items():
+        out = load_file(tmp_path / name / "out.safetensors")["rewards"]
+        torch.testing.assert_close(out, rewards, atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -284,20 +297,24 @@ def test_bad_inputs_get_clear_errors(family, model, flux_change, zimage_change, 
         model.score_latents(*change(*_inputs(family)))
 
 
-@pytest.fixture(scope="module")
-def flux_pipe():
-    """A tiny `FluxPipeline` and a FLUX reward model on the first two blocks of its transformer."""
-    components = get_tiny_flux_components(seed=0)
-    pipe = FluxPipeline(**components)
+def _tiny_reward_model(transformer, **kwargs) -> DiNaLRMModel:
+    """A reward model on the first two blocks of `transformer`, its head perturbed so that features matter."""
     with tempfile.TemporaryDirectory() as folder, torch.random.fork_rng(devices=[]):
-        components["transformer"].save_pretrained(folder)
+        transformer.save_pretrained(folder)
         torch.manual_seed(1)
-        reward_model = DiNaLRMModel.from_backbone(folder, **LAYERS, max_sequence_length=16).eval()
+        reward_model = DiNaLRMModel.from_backbone(folder, **LAYERS, **kwargs).eval()
     with torch.no_grad():
         generator = torch.Generator().manual_seed(2)
         for param in reward_model.reward_head.parameters():
             param.add_(torch.randn(param.shape, generator=generator) * 0.1)
-    return pipe, reward_model
+    return reward_model
+
+
+@pytest.fixture(scope="module")
+def flux_pipe():
+    """A tiny `FluxPipeline` and a FLUX reward model on the first two blocks of its transformer."""
+    pipe = FluxPipeline(**get_tiny_flux_components(seed=0))
+    return pipe, _tiny_reward_model(pipe.transformer, max_sequence_length=16)
 
 
 def test_flux_pipeline_scores_images_as_fluxs_own_encoders_do(flux_pipe):
@@ -334,19 +351,135 @@ def test_flux_pipeline_round_trips_and_refuses_other_families(flux_pipe, tmp_pat
         DiNaLRMFluxPipeline.from_flux(pipe, sd3_model)
 
 
-def test_run_eval_scores_a_flux_model_and_checks_its_family(flux_pipe, tmp_path, capsys):
-    """`eval/run_eval.py --backbone flux` on a saved FLUX DiNa-LRM repository; a wrong family is refused."""
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_run_eval_scores_a_model_of_the_family_and_checks_it(family, flux_pipe, zimage_pipe, tmp_path, capsys):
+    """`eval/run_eval.py --backbone flux|zimage` on a saved DiNa-LRM repository of that family; a wrong family is
+    refused."""
     import run_eval
 
-    pipe, reward_model = flux_pipe
-    DiNaLRMFluxPipeline.from_flux(pipe, reward_model).save_pretrained(tmp_path / "flux-dinalrm")
+    pipe, reward_model = flux_pipe if family == "flux" else zimage_pipe
+    pipeline_class = DiNaLRMFluxPipeline if family == "flux" else DiNaLRMZImagePipeline
+    pipeline_class._sharing(pipe, reward_model).save_pretrained(tmp_path / f"{family}-dinalrm")
     data = write_tiny_benchmarks(tmp_path / "data")
-    common = ["--model", str(tmp_path / "flux-dinalrm"), "--benchmarks", "hpdv2", "--data_dir", data]
+    common = ["--model", str(tmp_path / f"{family}-dinalrm"), "--benchmarks", "hpdv2", "--data_dir", data]
     common += ["--cache_dir", str(tmp_path / "cache")]
     assert run_eval.main([*common, "--backbone", "sd3", "--output_dir", str(tmp_path / "wrong")]) == 2
-    assert "on a flux backbone" in capsys.readouterr().err
-    assert run_eval.main([*common, "--backbone", "flux", "--output_dir", str(tmp_path / "out")]) == 0
+    assert f"on a {family} backbone" in capsys.readouterr().err
+    assert run_eval.main([*common, "--backbone", family, "--output_dir", str(tmp_path / "out")]) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert sorted(results) == [f"DiNa-LRM [flux-dinalrm] t=0.4 noise={mode}" for mode in ("none", "prompt")]
+    assert sorted(results) == [f"DiNa-LRM [{family}-dinalrm] t=0.4 noise={mode}" for mode in ("none", "prompt")]
     for entries in results.values():
         assert entries["hpdv2"]["n_pairs"] == 9  # C(3,2) + C(4,2), as the SD3 runner test counts them
+
+
+@pytest.fixture(scope="module")
+def zimage_pipe():
+    """A tiny `ZImagePipeline` (Qwen3 text encoder) and a Z-Image reward model on its transformer's first blocks."""
+    pipe = ZImagePipeline(**get_tiny_zimage_components(seed=0))
+    return pipe, _tiny_reward_model(pipe.transformer, max_sequence_length=64)
+
+
+def test_zimage_captions_of_different_lengths_match_the_full_model_and_their_own_batch(zimage_pipe):
+    """Caption features of different lengths (7 and 40 tokens: one and two blocks of 32) are padded and masked as
+    `ZImageTransformer2DModel.forward` does: the features equal the full model's, and rewards equal each alone."""
+    pipe, model = zimage_pipe
+    generator = torch.Generator().manual_seed(3)
+    latents = torch.randn(2, 16, 6, 10, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    captions = [torch.randn(7, 32, generator=generator), torch.randn(40, 32, generator=generator)]
+    captured = []
+    hooks = [layer.register_forward_hook(lambda m, a, out: captured.append(out)) for layer in pipe.transformer.layers]
+    try:
+        with torch.no_grad():
+            pipe.transformer([x.unsqueeze(1) for x in latents], 1 - SIGMAS, captions)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    batch, prompt_mask = model._batch_prompts(captions)
+    with torch.no_grad():
+        _, visual, text = model.backbone(latents, batch, None, 1 - SIGMAS, prompt_mask)
+    for layer, (image_out, text_out) in enumerate(zip(visual[1:], text), start=1):
+        expected = captured[layer - 1]
+        torch.testing.assert_close(image_out, expected[:, :15], atol=1e-6, rtol=1e-6)  # 15 image tokens, pad to 32
+        for i, caption in enumerate(captions):
+            torch.testing.assert_close(text_out[i, : len(caption)], expected[i, 32 : 32 + len(caption)])
+    with torch.no_grad():
+        together = model.score_latents(latents, captions, t=[0.3, 0.7], noise=noise)
+        alone = [model.score_latents(latents[i : i + 1], [c], t=[0.3, 0.7], noise=noise[i : i + 1]) for i, c in
+                 enumerate(captions)]  # fmt: skip
+    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="Z-Image backbones only"):
+        DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))._batch_prompts(captions)
+
+
+def test_zimage_pipeline_scores_images_as_zimages_own_encoders_do(zimage_pipe):
+    pipe, reward_model = zimage_pipe
+    scorer = DiNaLRMZImagePipeline.from_zimage(pipe, reward_model)
+    assert scorer.vae is pipe.vae and scorer.text_encoder is pipe.text_encoder  # shared, not copied
+    images = [PIL.Image.effect_noise((64, 48), 40 + 20 * i).convert("RGB") for i in range(2)]
+    prompts = ["a red cat", "a blue dog running on the beach at sunset"]
+    rewards = scorer(prompts, images=images, generator=torch.Generator().manual_seed(0), noise_sharing="none").rewards
+
+    with torch.no_grad():
+        prompt_embeds, _ = pipe.encode_prompt(list(prompts), do_classifier_free_guidance=False, max_sequence_length=64)
+        assert len({len(e) for e in prompt_embeds}) == 2  # the prompts really have different lengths
+        pixels = VaeImageProcessor(vae_scale_factor=4).preprocess(images, height=48, width=64)
+        latents = (pipe.vae.encode(pixels).latent_dist.mode() - 0.1159) * 0.3611
+        expected = reward_model.score_latents(latents, prompt_embeds, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
+    precomputed = scorer(
+        prompt_embeds=prompt_embeds, latents=latents, generator=torch.Generator().manual_seed(0), noise_sharing="none"
+    ).rewards
+    torch.testing.assert_close(precomputed, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_zimage_pipeline_round_trips_and_refuses_other_families(zimage_pipe, tmp_path):
+    pipe, reward_model = zimage_pipe
+    scorer = DiNaLRMZImagePipeline.from_zimage(pipe, reward_model)
+    latents = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red cat", "a blue dog running on the beach"]
+    before = scorer(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
+    scorer.save_pretrained(tmp_path)
+    reloaded = DiNaLRMPipeline.from_pretrained(tmp_path)  # the family's pipeline class, from the reward model
+    assert type(reloaded) is DiNaLRMZImagePipeline
+    after = reloaded(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="no pooled prompt embedding"):
+        scorer(prompt_embeds=[torch.zeros(3, 32)], pooled_prompt_embeds=torch.zeros(1, 32), latents=latents)
+    with torch.device("meta"):
+        sd3_model = DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))
+    with pytest.raises(ValueError, match="Z-Image backbone"):
+        DiNaLRMZImagePipeline.from_zimage(pipe, sd3_model)
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_hub_repo_of_each_family_round_trips(family, flux_pipe, zimage_pipe, tmp_path):
+    """`build_hub_repo` assembles a FLUX or Z-Image reward model with its family's pipeline parts (read from the
+    generator's folder, transformer left out) and a card with that base model's licence; the folder loads back as the
+    family's pipeline and scores as the pipeline built in memory."""
+    from huggingface_hub import ModelCard
+
+    from dinalrm.hub import build_hub_repo
+
+    pipe, reward_model = flux_pipe if family == "flux" else zimage_pipe
+    pipe.save_pretrained(tmp_path / "base")
+    build_hub_repo(reward_model, str(tmp_path / "base"), str(tmp_path / "repo"))
+    assert not (tmp_path / "repo" / "transformer").exists()
+    loaded = DiNaLRMPipeline.from_pretrained(tmp_path / "repo")
+    expected_class, make = {
+        "flux": (DiNaLRMFluxPipeline, DiNaLRMFluxPipeline.from_flux),
+        "zimage": (DiNaLRMZImagePipeline, DiNaLRMZImagePipeline.from_zimage),
+    }[family]
+    assert type(loaded) is expected_class
+    latents = torch.randn(2, 16, 6, 10, generator=torch.Generator().manual_seed(1))
+    prompts = ["a red cat", "a blue dog running on the beach"]
+    before = make(pipe, reward_model)(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
+    after = loaded(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
+    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    card = ModelCard.load(tmp_path / "repo" / "README.md")
+    license_name = {"flux": "flux-1-dev-non-commercial-license", "zimage": None}[family]
+    assert (card.data.license, card.data.license_name) == (
+        {"flux": "other", "zimage": "apache-2.0"}[family],
+        license_name,
+    )
+    assert {"flux": "FluxPipeline", "zimage": "ZImagePipeline"}[family] in card.text

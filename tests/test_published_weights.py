@@ -17,7 +17,7 @@ import PIL.Image
 import pytest
 import torch
 from conftest import OFFICIAL_TINY, REPO_ROOT
-from diffusers import FluxPipeline, ZImageTransformer2DModel
+from diffusers import FluxPipeline, ZImagePipeline
 from huggingface_hub.errors import GatedRepoError
 from test_lrm_parity import FIXTURE as LRM_FIXTURE
 from test_lrm_parity import lrm_settings, run_lrm_converter
@@ -26,6 +26,7 @@ import modeling_dinalrm
 from dinalrm.testing import (
     add_to_hub_cache,
     get_tiny_flux_components,
+    get_tiny_zimage_components,
     save_tiny_sd3_base,
     tiny_flux_transformer_config,
     tiny_zimage_transformer_config,
@@ -50,8 +51,9 @@ def hub(tmp_path_factory):
         **get_tiny_flux_components(transformer_config=tiny_flux_transformer_config(num_layers=19))
     ).save_pretrained(root / "flux")
     add_to_hub_cache(root / "cache", "black-forest-labs/FLUX.1-dev", root / "flux")
-    zimage = ZImageTransformer2DModel(**tiny_zimage_transformer_config(n_layers=30))
-    zimage.save_pretrained(root / "zimage" / "transformer")
+    ZImagePipeline(
+        **get_tiny_zimage_components(transformer_config=tiny_zimage_transformer_config(n_layers=30))
+    ).save_pretrained(root / "zimage")
     add_to_hub_cache(root / "cache", "Tongyi-MAI/Z-Image-Turbo", root / "zimage")
     images = []
     for name, colour in (("a.png", "red"), ("b.png", "blue")):

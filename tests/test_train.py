@@ -21,7 +21,7 @@ import pytest
 import torch
 from accelerate.utils import load as accelerate_load
 from conftest import REPO_ROOT
-from diffusers import FluxPipeline
+from diffusers import FluxPipeline, ZImagePipeline
 from diffusers.training_utils import EMAModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -46,6 +46,7 @@ from dinalrm.pair_datasets import ImagePairDataset, collate_image_pairs
 from dinalrm.testing import (
     get_tiny_flux_components,
     get_tiny_sd3_components,
+    get_tiny_zimage_components,
     make_tiny_image_pair,
     save_tiny_sd3_pipeline,
     write_tiny_preference_dataset,
@@ -548,6 +549,42 @@ def test_end_to_end_flux_backbone(workspace):
     summary = _summary(output)
     assert summary["global_step"] == 6 and summary["validation"][-1]["val/pairs"] == 4
     assert DiNaLRMModel.from_pretrained(output).config.backbone == "flux"
+
+
+def test_end_to_end_zimage_backbone(workspace):
+    """`--backbone zimage`: a tiny Z-Image pipeline's VAE and Qwen3 encoder encode the data, captions at their own
+    lengths (64 tokens leave room for the chat template, so the prompts differ in length) through the feature cache
+    and the training step; the cached run trains the same weights as the run on raw images."""
+    ZImagePipeline(**get_tiny_zimage_components(seed=0)).save_pretrained(workspace / "zimage")
+    flags = ["--backbone", "zimage", "--pretrained_model_name_or_path", str(workspace / "zimage")]
+    flags += ["--train_data_dir", str(workspace / "canonical"), "--validation_split", "test", *COMMON_FLAGS]
+    flags += ["--max_sequence_length", "64"]
+    _ok(run_python(*flags, "--output_dir", str(workspace / "zimage-raw")))
+    cache = workspace / "zimage-cache"
+    repo = workspace / "zimage-repo"
+    _ok(run_python(*flags, "--output_dir", str(workspace / "zimage-cached"), "--precompute_features", "--cache_dir",
+                   str(cache), "--pipeline_output_dir", str(repo)))  # fmt: skip
+    lengths = [load_file(path)["prompt_lengths"] for path in (cache / "train").glob("prompts-*.safetensors")]
+    assert len(torch.cat(lengths).unique()) > 1, "the cached captions should keep their own lengths"
+    raw, cached = (load_file(workspace / run / FINAL_WEIGHTS) for run in ("zimage-raw", "zimage-cached"))
+    for key in raw:
+        torch.testing.assert_close(cached[key], raw[key], rtol=1e-4, atol=1e-5, msg=key)
+    summary = _summary(workspace / "zimage-cached")
+    assert summary["global_step"] == 6 and summary["validation"][-1]["val/pairs"] == 4
+    model = DiNaLRMModel.from_pretrained(workspace / "zimage-cached").eval()
+    assert model.config.backbone == "zimage"
+    base = load_file(workspace / "zimage" / "transformer" / "diffusion_pytorch_model.safetensors")
+    key = "layers.0.attention.to_q.weight"
+    assert not torch.equal(model.backbone.state_dict()[key], base[key]), "LoRA was not trained or not merged"
+    scorer = DiNaLRMPipeline.from_pretrained(repo)  # the Hub repository: Z-Image's parts and the trained model
+    assert type(scorer).__name__ == "DiNaLRMZImagePipeline" and scorer.reward_model.config.backbone == "zimage"
+    latents = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        embeds, _ = scorer.encode_prompt(["a red cat", "a blue dog on the beach"], max_sequence_length=64)
+        expected = model.score_latents(latents, embeds, t=0.4, generator=torch.Generator().manual_seed(0))
+    rewards = scorer(["a red cat", "a blue dog on the beach"], latents=latents, t=0.4,
+                     generator=torch.Generator().manual_seed(0), noise_sharing="none").rewards  # fmt: skip
+    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
 
 
 def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_run):

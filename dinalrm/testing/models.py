@@ -23,16 +23,21 @@ from diffusers import (
     FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
+    ZImageTransformer2DModel,
 )
 from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
+    Qwen2Tokenizer,
+    Qwen3Config,
+    Qwen3Model,
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
 )
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline
@@ -353,6 +358,24 @@ def build_tiny_tokenizers(
     return clip_1, clip_2, t5_tokenizer
 
 
+# Qwen3's chat template, cut to what `ZImagePipeline.encode_prompt` renders: user turns and the generation prompt
+# (with thinking enabled, the generation prompt has no empty think block).
+_QWEN3_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_tiny_qwen_tokenizer() -> Qwen2Tokenizer:
+    """A byte-level `Qwen2Tokenizer` (Qwen3's class) built in memory: one token per byte, Qwen's special tokens
+    (`<|endoftext|>` pads) and the chat template Z-Image's prompt encoding applies."""
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], chat_template=_QWEN3_CHAT_TEMPLATE)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
 def _module_seed(seed: int, name: str) -> int:
     """A seed per component, so adding or resizing one component leaves the weights of the others unchanged."""
     return int.from_bytes(hashlib.sha256(f"{name}/{seed}".encode()).digest()[:8], "little")
@@ -473,6 +496,27 @@ def get_tiny_flux_components(seed: int = 0, transformer_config: dict[str, Any] |
         "text_encoder_2": _seeded(seed, "flux_text_encoder_2", lambda: T5EncoderModel(t5_config)),
         "tokenizer": tokenizer,
         "tokenizer_2": tokenizer_2,
+        "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+    }
+
+
+def get_tiny_zimage_components(seed: int = 0, transformer_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The five components of a `ZImagePipeline`, small, random, float32, in eval mode: a tiny Z-Image transformer
+    (`tiny_zimage_transformer_config`), a 16-channel VAE, a two-layer Qwen3 text encoder whose hidden states have the
+    transformer's `cap_feat_dim`, and its byte-level tokenizer (`build_tiny_qwen_tokenizer`)."""
+    transformer_config = transformer_config or tiny_zimage_transformer_config()
+    tokenizer = build_tiny_qwen_tokenizer()
+    qwen_config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=transformer_config["cap_feat_dim"], intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    vae_config = {**_VAE_CONFIG, "shift_factor": 0.1159, "scaling_factor": 0.3611}
+    return {
+        "transformer": _seeded(seed, "zimage_transformer", lambda: ZImageTransformer2DModel(**transformer_config)),
+        "vae": _seeded(seed, "zimage_vae", lambda: AutoencoderKL(**vae_config)),
+        "text_encoder": _seeded(seed, "zimage_text_encoder", lambda: Qwen3Model(qwen_config)),
+        "tokenizer": tokenizer,
         "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
     }
 
