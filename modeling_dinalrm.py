@@ -1501,17 +1501,22 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             )
         config_kwargs.setdefault("base_model_name_or_path", str(pretrained_model_name_or_path))
         config = DiNaLRMConfig(backbone_config=backbone_config, num_backbone_layers=num_layers, **config_kwargs)
+        # Built on the meta device and filled by `assign=True` with one copy of each memory-mapped tensor, cast
+        # straight to `torch_dtype`: one backbone-sized allocation, nothing randomly initialised then overwritten.
+        # The copy is aligned memory (the file's offsets are not; unaligned weights change matmul results) and
+        # leaves no mapping of the user's file behind.
         with torch.device("meta"):
             model = cls(config)
-        model.to_empty(device="cpu")
-        wanted = {f"backbone.{k}" for k in model.backbone.state_dict()}
-        state = {f"backbone.{k}": v for k, v in files.read(lambda key: f"backbone.{key}" in wanted).items()}
+        wanted = set(model.backbone.state_dict())
+        state = files.read(lambda key: key in wanted)
         missing = sorted(wanted - state.keys())
         if missing:
             raise ValueError(
                 f"{files.describe()} lacks backbone weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
             )
-        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()}, strict=True)
+        state = {k: v.to(torch_dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
+        model.backbone.load_state_dict(state, strict=True, assign=True)
+        model.reward_head.to_empty(device="cpu")
         model.reward_head.apply(model._init_weights)
         model.to(torch_dtype)
         if lora_rank:
