@@ -116,6 +116,14 @@ def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) 
     return (1.0 - sigmas) * latents + sigmas * noise
 
 
+def _join_levels(tokens: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """`(levels x B, N, W)` tokens of level-stacked samples as `(B, levels x N, W)`: each sample's levels joined along
+    the token axis, in level order (the ensemble's token-level fusion)."""
+    if num_levels == 1:
+        return tokens
+    return tokens.unflatten(0, (num_levels, -1)).transpose(0, 1).flatten(1, 2)
+
+
 def _checks_values(check_finite: bool | None, tensor: torch.Tensor) -> bool:
     """Whether to look at `tensor`'s values: `check_finite` if given, else only for a CPU tensor outside compilation.
 
@@ -407,6 +415,12 @@ class DiNaLRMFeatureExtractor(nn.Module):
         if pooled.shape[-1] != dim:
             raise ValueError(f"pooled_prompt_embeds have dim {pooled.shape[-1]}, the backbone expects {dim}.")
 
+    @staticmethod
+    def _per_latent(context: torch.Tensor, batch: int) -> torch.Tensor:
+        """`context` for each of `batch` latents: a prompt batch that divides `batch` is tiled (the ensemble's
+        levels share their prompts, so their text is embedded once and repeated after the embedding)."""
+        return context if context.shape[0] == batch else context.repeat(batch // context.shape[0], 1, 1)
+
     def _block(self, block: nn.Module, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Runs one block, through gradient checkpointing when it is enabled and gradients are on."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -519,7 +533,7 @@ class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
         """Returns `(temb, visual_features, text_features)`; features are listed in layer order."""
         hidden_states = self.pos_embed(hidden_states)
         temb = self.time_text_embed(timestep, pooled_projections)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        encoder_hidden_states = self._per_latent(self.context_embedder(encoder_hidden_states), hidden_states.shape[0])
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb)
 
 
@@ -622,7 +636,7 @@ class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
         else:
             guidance = torch.full_like(timestep, self.guidance_scale) * 1000
             temb = self.time_text_embed(timestep, guidance, pooled_projections)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        encoder_hidden_states = self._per_latent(self.context_embedder(encoder_hidden_states), batch)
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
 
 
@@ -748,6 +762,7 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         image_len, cap_len = rows * cols, cap_feats.shape[1]
         image_pad, cap_pad = -image_len % _ZIMAGE_SEQ_MULTIPLE, -cap_len % _ZIMAGE_SEQ_MULTIPLE
         adaln_input = self.t_embedder(timestep * self.t_scale).type_as(latents)
+        cap_feats = self._per_latent(cap_feats, batch)
 
         x = latents.view(batch, channels, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)
         x = self.all_x_embedder[f"{patch}-1"](x.reshape(batch, image_len, patch * patch * channels))
@@ -1210,8 +1225,12 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
 
     # -------------------------------------------------------------------------------------- scoring
     def _backbone_in_chunks(self, noisy, sigmas, timesteps, prompt_embeds, pooled):
+        """Backbone features of `noisy`; `prompt_embeds` may hold one prompt per sample of a level, tiled over the
+        levels after the text embedding (before it when the batch is split into chunks)."""
         dtype = self.dtype
         chunk = self.config.max_backbone_batch_size or noisy.shape[0]
+        if chunk < noisy.shape[0]:
+            prompt_embeds = self.backbone._per_latent(prompt_embeds, noisy.shape[0])
         parts = [
             self.backbone(
                 noisy[i : i + chunk].to(dtype),
@@ -1231,14 +1250,9 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
     def _reward_over_levels(self, noisy, sigmas, timesteps, prompt_embeds, pooled, num_levels: int) -> torch.Tensor:
         """Rewards of `num_levels` stacked copies of a batch: one backbone pass, tokens joined per sample."""
         temb, visual, text = self._backbone_in_chunks(noisy, sigmas, timesteps, prompt_embeds, pooled)
-        visual_by_level = list(zip(*(layer.chunk(num_levels) for layer in visual)))
-        text_by_level = list(zip(*(layer.chunk(num_levels) for layer in text))) or [()] * num_levels
-        fused = [
-            self.reward_head.fuse(list(visual_by_level[j]), list(text_by_level[j]), temb.chunk(num_levels)[j])
-            for j in range(num_levels)
-        ]
-        fused_visual = torch.cat([v for v, _ in fused], dim=1)
-        fused_text = torch.cat([x for _, x in fused], dim=1) if fused[0][1] is not None else None
+        fused_visual, fused_text = self.reward_head.fuse(visual, text, temb)
+        fused_visual = _join_levels(fused_visual, num_levels)
+        fused_text = None if fused_text is None else _join_levels(fused_text, num_levels)
         rewards = self.reward_head.pool(fused_visual, fused_text)
         if self.config.use_logistic:
             # The reference's `_logistic` with eta1 = 2, eta2 = -2, written as it writes it.
@@ -1342,7 +1356,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             torch.cat(noisy),
             torch.cat(all_sigmas),
             torch.cat(all_timesteps),
-            prompt_embeds.repeat(repeat, 1, 1),
+            prompt_embeds,
             None if pooled_prompt_embeds is None else pooled_prompt_embeds.repeat(repeat, 1),
             repeat,
         )
