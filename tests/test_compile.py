@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from dinalrm.testing import get_tiny_dinalrm_reward_model, get_tiny_sd3_components
+from dinalrm.testing import get_tiny_dinalrm_reward_model, get_tiny_sd3_components, save_tiny_sd3_pipeline
 from pipeline_dinalrm import DiNaLRMPipeline
+from train_dinalrm import build_reward_model, parse_args
 
 
 @pytest.fixture
@@ -42,3 +43,12 @@ def test_pipeline_compile_option_compiles_the_reward_blocks(fresh_dynamo):
     assert not any(module._compiled_call_impl for module in reward_model.modules())
     DiNaLRMPipeline(reward_model=reward_model, compile=True, **components)
     assert all(block._compiled_call_impl is not None for block in reward_model.backbone.transformer_blocks)
+
+
+def test_train_compile_flag_compiles_the_backbone_blocks(tmp_path, fresh_dynamo):
+    save_tiny_sd3_pipeline(tmp_path / "sd3")
+    flags = ["--pretrained_model_name_or_path", str(tmp_path / "sd3"), "--train_data_dir", "unused"]
+    flags += ["--num_backbone_layers", "2", "--visual_layers", "1,2", "--text_layers", "1,2", "--head_num_heads", "2"]
+    for extra, compiled in (([], False), (["--compile"], True)):
+        model = build_reward_model(parse_args([*flags, *extra]))
+        assert all((block._compiled_call_impl is not None) == compiled for block in model.backbone.transformer_blocks)
