@@ -116,6 +116,14 @@ def add_noise(latents: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) 
     return (1.0 - sigmas) * latents + sigmas * noise
 
 
+def _join_levels(tokens: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """`(levels x B, N, W)` tokens of level-stacked samples as `(B, levels x N, W)`: each sample's levels joined along
+    the token axis, in level order (the ensemble's token-level fusion)."""
+    if num_levels == 1:
+        return tokens
+    return tokens.unflatten(0, (num_levels, -1)).transpose(0, 1).flatten(1, 2)
+
+
 def _checks_values(check_finite: bool | None, tensor: torch.Tensor) -> bool:
     """Whether to look at `tensor`'s values: `check_finite` if given, else only for a CPU tensor outside compilation.
 
@@ -410,6 +418,12 @@ class DiNaLRMFeatureExtractor(nn.Module):
         if pooled.shape[-1] != dim:
             raise ValueError(f"pooled_prompt_embeds have dim {pooled.shape[-1]}, the backbone expects {dim}.")
 
+    @staticmethod
+    def _per_latent(context: torch.Tensor, batch: int) -> torch.Tensor:
+        """`context` for each of `batch` latents: a prompt batch that divides `batch` is tiled (the ensemble's
+        levels share their prompts, so their text is embedded once and repeated after the embedding)."""
+        return context if context.shape[0] == batch else context.repeat(batch // context.shape[0], 1, 1)
+
     def _block(self, block: nn.Module, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Runs one block, through gradient checkpointing when it is enabled and gradients are on."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -522,7 +536,7 @@ class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
         """Returns `(temb, visual_features, text_features)`; features are listed in layer order."""
         hidden_states = self.pos_embed(hidden_states)
         temb = self.time_text_embed(timestep, pooled_projections)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        encoder_hidden_states = self._per_latent(self.context_embedder(encoder_hidden_states), hidden_states.shape[0])
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb)
 
 
@@ -625,7 +639,7 @@ class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
         else:
             guidance = torch.full_like(timestep, self.guidance_scale) * 1000
             temb = self.time_text_embed(timestep, guidance, pooled_projections)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        encoder_hidden_states = self._per_latent(self.context_embedder(encoder_hidden_states), batch)
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
 
 
@@ -762,6 +776,7 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         cap_totals = [n + -n % _ZIMAGE_SEQ_MULTIPLE for n in cap_lens]
         cap_width = max(cap_totals)
         adaln_input = self.t_embedder(timestep * self.t_scale).type_as(latents)
+        cap_feats = self._per_latent(cap_feats, batch)
 
         x = latents.view(batch, channels, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)
         x = self.all_x_embedder[f"{patch}-1"](x.reshape(batch, image_len, patch * patch * channels))
@@ -1277,10 +1292,23 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         )
         return padded, mask
 
+    def compile_repeated_blocks(self, **compile_kwargs) -> None:
+        """Compiles each kept backbone block in place with `torch.compile` (regional compilation, as diffusers'
+        `ModelMixin.compile_repeated_blocks`): blocks of one class reuse one compiled graph, so compiling takes a
+        fraction of whole-model compilation; state-dict keys and rewards are unchanged. `compile_kwargs` go to
+        `torch.compile`."""
+        for block in getattr(self.backbone, self.backbone.blocks_attribute):
+            block.compile(**compile_kwargs)
+
     # -------------------------------------------------------------------------------------- scoring
     def _backbone_in_chunks(self, noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask=None):
+        """Backbone features of `noisy`; `prompt_embeds` may hold one prompt per sample of a level, tiled over the
+        levels after the text embedding (before it when the batch is split into chunks). `prompt_mask` (Z-Image:
+        real caption tokens of padded prompts) has one row per latent."""
         dtype = self.dtype
         chunk = self.config.max_backbone_batch_size or noisy.shape[0]
+        if chunk < noisy.shape[0]:
+            prompt_embeds = self.backbone._per_latent(prompt_embeds, noisy.shape[0])
         parts = [
             self.backbone(
                 noisy[i : i + chunk].to(dtype),
@@ -1306,17 +1334,12 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         `prompt_mask` (`(B * num_levels, tokens)`) marks the real caption tokens of prompts padded to one length.
         """
         temb, visual, text = self._backbone_in_chunks(noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask)
-        visual_by_level = list(zip(*(layer.chunk(num_levels) for layer in visual)))
-        text_by_level = list(zip(*(layer.chunk(num_levels) for layer in text))) or [()] * num_levels
-        fused = [
-            self.reward_head.fuse(list(visual_by_level[j]), list(text_by_level[j]), temb.chunk(num_levels)[j])
-            for j in range(num_levels)
-        ]
-        fused_visual = torch.cat([v for v, _ in fused], dim=1)
-        fused_text = torch.cat([x for _, x in fused], dim=1) if fused[0][1] is not None else None
+        fused_visual, fused_text = self.reward_head.fuse(visual, text, temb)
+        fused_visual = _join_levels(fused_visual, num_levels)
+        fused_text = None if fused_text is None else _join_levels(fused_text, num_levels)
         text_mask = None
         if prompt_mask is not None and fused_text is not None:
-            text_mask = torch.cat(prompt_mask[:, : text[0].shape[1]].chunk(num_levels), dim=1)
+            text_mask = _join_levels(prompt_mask[:, : text[0].shape[1]], num_levels)
         rewards = self.reward_head.pool(fused_visual, fused_text, text_mask)
         if self.config.use_logistic:
             # The reference's `_logistic` with eta1 = 2, eta2 = -2, written as it writes it.
@@ -1428,7 +1451,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             torch.cat(noisy),
             torch.cat(all_sigmas),
             torch.cat(all_timesteps),
-            prompt_embeds.repeat(repeat, 1, 1),
+            prompt_embeds,
             None if pooled_prompt_embeds is None else pooled_prompt_embeds.repeat(repeat, 1),
             repeat,
             None if prompt_mask is None else prompt_mask.repeat(repeat, 1),
@@ -1588,17 +1611,22 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             )
         config_kwargs.setdefault("base_model_name_or_path", str(pretrained_model_name_or_path))
         config = DiNaLRMConfig(backbone_config=backbone_config, num_backbone_layers=num_layers, **config_kwargs)
+        # Built on the meta device and filled by `assign=True` with one copy of each memory-mapped tensor, cast
+        # straight to `torch_dtype`: one backbone-sized allocation, nothing randomly initialised then overwritten.
+        # The copy is aligned memory (the file's offsets are not; unaligned weights change matmul results) and
+        # leaves no mapping of the user's file behind.
         with torch.device("meta"):
             model = cls(config)
-        model.to_empty(device="cpu")
-        wanted = {f"backbone.{k}" for k in model.backbone.state_dict()}
-        state = {f"backbone.{k}": v for k, v in files.read(lambda key: f"backbone.{key}" in wanted).items()}
+        wanted = set(model.backbone.state_dict())
+        state = files.read(lambda key: key in wanted)
         missing = sorted(wanted - state.keys())
         if missing:
             raise ValueError(
                 f"{files.describe()} lacks backbone weights: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
             )
-        model.backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in state.items()}, strict=True)
+        state = {k: v.to(torch_dtype if v.is_floating_point() else v.dtype, copy=True) for k, v in state.items()}
+        model.backbone.load_state_dict(state, strict=True, assign=True)
+        model.reward_head.to_empty(device="cpu")
         model.reward_head.apply(model._init_weights)
         model.to(torch_dtype)
         if lora_rank:

@@ -320,6 +320,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
             in SD3.
         tokenizer / tokenizer_2 ([`CLIPTokenizer`]), tokenizer_3 ([`T5Tokenizer`], *optional*): their tokenizers.
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): SD3's scheduler (shift 3 for SD3.5).
+        compile (`bool`, defaults to `False`): compile the reward model's backbone blocks with `torch.compile`
+            ([`DiNaLRMModel.compile_repeated_blocks`]); off by default (see `benchmarks/bench_compile.py`).
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->text_encoder_3->vae->reward_model"
@@ -338,6 +340,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         text_encoder_3: T5EncoderModel | None,
         tokenizer_3: T5Tokenizer | None,
         scheduler: FlowMatchEulerDiscreteScheduler,
+        compile: bool = False,
     ):
         super().__init__()
         self.register_modules(
@@ -351,10 +354,13 @@ class DiNaLRMPipeline(DiffusionPipeline):
             tokenizer_3=tokenizer_3,
             scheduler=scheduler,
         )
-        self._set_up_scoring()
+        self._set_up_scoring(compile)
 
-    def _set_up_scoring(self) -> None:
-        """The image processor, the prompt cache and the noise-table check every family's pipeline needs."""
+    def _set_up_scoring(self, compile: bool = False) -> None:
+        """The image processor, the prompt cache and the noise-table check every family's pipeline needs; with
+        `compile`, the reward model's backbone blocks are compiled (see `DiNaLRMModel.compile_repeated_blocks`)."""
+        if compile:
+            self.reward_model.compile_repeated_blocks()
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self._prompt_cache: OrderedDict = OrderedDict()
@@ -418,6 +424,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         pretrained_model_name_or_path: str | os.PathLike,
         base_model: str | os.PathLike | None = None,
         torch_dtype: torch.dtype | None = None,
+        compile: bool = False,
         **kwargs,
     ) -> "DiNaLRMPipeline":
         r"""Loads a DiNa-LRM pipeline repository, or an official checkpoint, with the installed classes.
@@ -439,11 +446,17 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 for the kept blocks and is never loaded as a whole.
             torch_dtype (`torch.dtype`, *optional*): the dtype of every component, whatever the repository was
                 saved in; defaults to `torch.float32`.
+            compile (`bool`, defaults to `False`): compile the reward model's backbone blocks with `torch.compile`
+                (regional compilation: the first call compiles, later calls run faster; see
+                `benchmarks/bench_compile.py`).
             kwargs: `revision`, `token`, `cache_dir` and the other options of `DiffusionPipeline.from_pretrained`.
         """
         torch_dtype = torch_dtype or kwargs.pop("dtype", None) or torch.float32
         if kwargs.get("trust_remote_code"):
-            return super().from_pretrained(pretrained_model_name_or_path, dtype=torch_dtype, **kwargs)
+            pipeline = super().from_pretrained(pretrained_model_name_or_path, dtype=torch_dtype, **kwargs)
+            if compile:
+                pipeline.reward_model.compile_repeated_blocks()
+            return pipeline
         modeling = _installed_modeling()
         hub = {key: kwargs[key] for key in ("revision", "token", "cache_dir") if key in kwargs}
         folder, _ = modeling.resolve_repo(
@@ -460,7 +473,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 pretrained_model_name_or_path, base_model, torch_dtype=torch_dtype, **hub
             )
             components = load_base_components(base_model, torch_dtype=torch_dtype, token=hub.get("token"))
-            return cls(reward_model=reward_model, **components)
+            return cls(reward_model=reward_model, compile=compile, **components)
         if not os.path.isfile(os.path.join(folder, "model_index.json")):
             raise ValueError(
                 f"{pretrained_model_name_or_path} is neither a DiNa-LRM pipeline (model_index.json) nor an official "
@@ -490,7 +503,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
             optional=pipeline_class._optional_components,
             **hub,
         )
-        return pipeline_class(reward_model=reward_model, **components)
+        return pipeline_class(reward_model=reward_model, compile=compile, **components)
 
     @classmethod
     def _class_for(cls, reward_model: PreTrainedModel) -> type["DiNaLRMPipeline"]:
@@ -1251,7 +1264,7 @@ class _GeneratorFamilyPipeline(DiNaLRMPipeline):
     _default_latent_side = 128
     _max_latent_side = 256
 
-    def _register(self, reward_model: PreTrainedModel, **components) -> None:
+    def _register(self, reward_model: PreTrainedModel, compile: bool = False, **components) -> None:
         DiffusionPipeline.__init__(self)
         if reward_model.config.backbone != self.family:
             raise ValueError(
@@ -1259,7 +1272,7 @@ class _GeneratorFamilyPipeline(DiNaLRMPipeline):
                 f"{reward_model.config.backbone!r}; use the pipeline of that family."
             )
         self.register_modules(reward_model=reward_model, **components)
-        self._set_up_scoring()
+        self._set_up_scoring(compile)
 
     @classmethod
     def max_latent_side_for(cls, reward_model: PreTrainedModel) -> int:
@@ -1304,9 +1317,11 @@ class DiNaLRMFluxPipeline(_GeneratorFamilyPipeline):
         text_encoder_2: T5EncoderModel,
         tokenizer_2: PreTrainedTokenizerBase,
         scheduler: FlowMatchEulerDiscreteScheduler,
+        compile: bool = False,
     ):
         self._register(
             reward_model,
+            compile,
             vae=vae,
             text_encoder=text_encoder,
             tokenizer=tokenizer,
@@ -1375,7 +1390,9 @@ class DiNaLRMZImagePipeline(_GeneratorFamilyPipeline):
         tokenizer: PreTrainedTokenizerBase,
         scheduler: FlowMatchEulerDiscreteScheduler,
     ):
-        self._register(reward_model, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self._register(
+            reward_model, compile, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
+        )
 
     @classmethod
     def from_zimage(cls, zimage_pipeline: DiffusionPipeline, reward_model: PreTrainedModel) -> "DiNaLRMZImagePipeline":

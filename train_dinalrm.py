@@ -189,6 +189,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="Recompute backbone activations in the backward pass to save memory.",
     )
+    model.add_argument(
+        "--compile",
+        action="store_true",
+        help="Compile the backbone blocks with torch.compile (regional; the first steps compile, see "
+        "benchmarks/bench_compile.py for whether it pays on your machine).",
+    )
 
     data = parser.add_argument_group("data")
     data.add_argument(
@@ -430,6 +436,8 @@ def build_reward_model(args: argparse.Namespace) -> DiNaLRMModel:
         model.backbone.requires_grad_(False)
     if args.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if args.compile:
+        model.compile_repeated_blocks()
     return model
 
 

@@ -2,10 +2,12 @@
 """Speed-up of `torch.compile` on the reward model's backbone, for scoring and for a training step, on CPU.
 
 Two copies of the medium model of `bench_model.py` (same weights, LoRA rank 16 for training), one eager and one
-whose backbone is compiled in place with `nn.Module.compile()` (state-dict keys unchanged), timed interleaved in one process after warm-up. Prints the
-one-off compile time and the eager / compiled ratio (> 1: compiling wins).
+compiled as `compile=True` / `--compile` compile it (`DiNaLRMModel.compile_repeated_blocks`: each backbone block in
+place, regional compilation), timed interleaved in one process after warm-up. Prints the first compiled call's time
+(compilation included) and the eager / compiled ratio of later calls (> 1: compiling wins). Timed rounds stop early
+once `--time_limit` seconds are spent; `--quick` is a small smoke run.
 
-    python benchmarks/bench_compile.py [--batch_size 4] [--latent_size 32] [--repeats 5]
+    python benchmarks/bench_compile.py [--batch_size 4] [--latent_size 32] [--repeats 5] [--quick]
 """
 
 import argparse
@@ -25,13 +27,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=154)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--time_limit", type=float, default=900, help="seconds; later timed rounds are skipped")
+    parser.add_argument("--quick", action="store_true", help="batch 1, 16x16 latents, 16 tokens, 2 repeats")
     args = parser.parse_args()
+    if args.quick:
+        args.batch_size, args.latent_size, args.tokens, args.repeats = 1, 16, 16, 2
+    deadline = time.perf_counter() + args.time_limit
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         eager, config = build_model(folder)
     eager.add_lora(rank=16, alpha=32)
     compiled = copy.deepcopy(eager)
-    compiled.backbone.compile()
+    compiled.compile_repeated_blocks()
 
     generator = torch.Generator().manual_seed(0)
     b, size = args.batch_size, args.latent_size
@@ -62,6 +69,9 @@ def main() -> None:
         fn(eager)
         times = {"eager": [], "compiled": []}
         for round_ in range(args.repeats):
+            if round_ and time.perf_counter() > deadline:
+                print(f"  (time limit: {round_} rounds of {args.repeats})")
+                break
             order = (("eager", eager), ("compiled", compiled))
             for label, model in order if round_ % 2 == 0 else order[::-1]:
                 start = time.perf_counter()

@@ -132,7 +132,10 @@ def main() -> None:
     parser.add_argument("--workloads", default="scoring,3-level ensemble,training step")
     parser.add_argument("--profile", action="store_true", help="profile both sides at the first setting")
     parser.add_argument("--profile_rows", type=int, default=15)
+    parser.add_argument("--quick", action="store_true", help="batch 1, 16x16 latents, 16 tokens, 1 repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.batch_sizes, args.latent_sizes, args.tokens, args.repeats = "1", "16", 16, 1
     torch.set_num_threads(args.threads)
     wanted = args.workloads.split(",")
 

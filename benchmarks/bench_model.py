@@ -87,7 +87,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=154, help="prompt tokens (77 CLIP + 77 T5)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="batch 1, 16x16 latents, 16 tokens, 1 repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.batch_size, args.latent_size, args.tokens, args.repeats = 1, 16, 16, 1
 
     context = multiprocessing.get_context("spawn")
     results = {}

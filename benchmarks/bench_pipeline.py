@@ -97,7 +97,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="2 images of 64x64, batch 2, 1 repeat")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.num_images, args.image_size, args.batch_size, args.repeats = 2, 64, 2, 1
     device = torch.device(args.device)
 
     pipe = get_tiny_dinalrm_pipeline(

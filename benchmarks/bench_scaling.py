@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", default="eval/results/scaling.png")
+    parser.add_argument("--quick", action="store_true", help="batches 1, 2, 4; latent sides 16, 24, 32; 1 repeat")
     args = parser.parse_args()
+    if args.quick:
+        args.batch_sizes, args.latent_sizes, args.repeats = "1,2,4", "16,24,32", 1
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
         model, config = build_model(folder)

@@ -59,7 +59,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; batched and unbatched alternate in each")
+    parser.add_argument("--quick", action="store_true", help="1 and 4 clients, 8 requests, 16x16 latents, 1 round")
     args = parser.parse_args()
+    if args.quick:
+        args.clients, args.requests, args.latent_size, args.repeats = [1, 4], 8, 16, 1
 
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:

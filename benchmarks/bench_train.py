@@ -196,7 +196,10 @@ def main() -> None:
     parser.add_argument("--max_sequence_length", type=int, default=64, help="T5 tokens (CLIP adds 77).")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process.")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--quick", action="store_true", help="1 process per scenario, 1 timed step, 64x64 images")
     options = parser.parse_args()
+    if options.quick:
+        options.repeats, options.steps, options.image_size = 1, 1, 64
 
     context = multiprocessing.get_context("spawn")
     results: dict[str, list[dict]] = {name: [] for name in SCENARIOS}

@@ -275,7 +275,10 @@ def main() -> None:
     parser.add_argument("--latent_size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument("--quick", action="store_true", help="1 process per side, 1 timed call, batch 1, 16x16")
     options = parser.parse_args()
+    if options.quick:
+        options.repeats, options.steps, options.batch_size, options.latent_size = 1, 1, 1, 16
     import_reference(options.reference_dir)  # fail early on a wrong folder
 
     context = multiprocessing.get_context("spawn")
