@@ -338,6 +338,7 @@ class DiNaLRMFeatureExtractor(nn.Module):
         lora_targets (`tuple[str]`): default LoRA target suffixes; text_only_lora_targets: those of them that only
             feed the text stream's output (left out on the last kept block when no text layer reads it).
         has_pooled_projection (`bool`): whether the family takes a pooled prompt embedding.
+        context_embedder_attribute (`str`): the module that embeds the prompt tokens into the text stream.
     """
 
     family: str
@@ -348,9 +349,11 @@ class DiNaLRMFeatureExtractor(nn.Module):
     lora_targets: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     text_only_lora_targets: tuple[str, ...] = ()
     has_pooled_projection: bool = True
+    context_embedder_attribute: str = "context_embedder"
 
     def __init__(self, config: DiNaLRMConfig):
         super().__init__()
+        self.context_width = config.backbone_width
         self.visual_layers = config.visual_layers
         self.text_layers = config.text_layers
         self.gradient_checkpointing = False
@@ -382,9 +385,20 @@ class DiNaLRMFeatureExtractor(nn.Module):
         sigma`, read from the scheduler table when snapping)."""
         raise NotImplementedError
 
-    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        context_embedded: bool = False,
+    ) -> None:
         """Raises a clear error for latent or prompt shapes this backbone cannot take."""
         raise NotImplementedError
+
+    def embed_context(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The text stream's input: the context embedder's output for `prompt_embeds` (backbone width). It depends
+        on neither the latents nor the noise level, so a frozen context embedder's output can be computed once."""
+        return getattr(self, self.context_embedder_attribute)(prompt_embeds)
 
     def _check_latent_channels(self, latents: torch.Tensor, channels: int, what: str) -> None:
         if latents.shape[1] != channels:
@@ -393,12 +407,18 @@ class DiNaLRMFeatureExtractor(nn.Module):
                 f"(scaled as {what} pipelines do), not images."
             )
 
-    def _check_prompt(self, prompt_embeds: torch.Tensor, dim: int) -> None:
+    def _check_prompt(self, prompt_embeds: torch.Tensor, dim: int, context_embedded: bool = False) -> None:
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
             raise ValueError(
                 f"prompt_embeds must be a 3D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}."
             )
-        if prompt_embeds.shape[-1] != dim:
+        if context_embedded and prompt_embeds.shape[-1] != self.context_width:
+            raise ValueError(
+                f"prompt_embeds have dim {prompt_embeds.shape[-1]}, but context_embedded=True expects the context "
+                f"embedder's output (dim {self.context_width}): pass `embed_context(prompt_embeds)`, or the text "
+                "encoders' embeddings with context_embedded=False."
+            )
+        if not context_embedded and prompt_embeds.shape[-1] != dim:
             raise ValueError(f"prompt_embeds have dim {prompt_embeds.shape[-1]}, the backbone expects {dim}.")
 
     def _check_pooled(self, pooled: torch.Tensor | None, dim: int) -> None:
@@ -496,7 +516,13 @@ class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
     def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return timesteps
 
-    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        context_embedded: bool = False,
+    ) -> None:
         self._check_latent_channels(latents, self.in_channels, "SD3")
         height, width = latents.shape[-2:]
         patch = self.patch_size
@@ -506,7 +532,7 @@ class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
             raise ValueError(
                 f"latent size {height}x{width} exceeds the backbone's maximum of {self.max_size}x{self.max_size}."
             )
-        self._check_prompt(prompt_embeds, self.joint_attention_dim)
+        self._check_prompt(prompt_embeds, self.joint_attention_dim, context_embedded)
         self._check_pooled(pooled, self.pooled_projection_dim)
 
     def forward(
@@ -515,11 +541,14 @@ class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
         timestep: torch.Tensor,
+        context_embedded: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Returns `(temb, visual_features, text_features)`; features are listed in layer order."""
+        """Returns `(temb, visual_features, text_features)`; features are listed in layer order. With
+        `context_embedded`, `encoder_hidden_states` is already `embed_context`'s output."""
         hidden_states = self.pos_embed(hidden_states)
         temb = self.time_text_embed(timestep, pooled_projections)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        if not context_embedded:
+            encoder_hidden_states = self.context_embedder(encoder_hidden_states)
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb)
 
 
@@ -587,14 +616,20 @@ class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
     def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return sigmas
 
-    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        context_embedded: bool = False,
+    ) -> None:
         self._check_latent_channels(latents, self.in_channels, "FLUX")
         height, width = latents.shape[-2:]
         if height % 2 or width % 2:
             raise ValueError(
                 f"latent size {height}x{width} must be even: FLUX packs 2x2 latent patches into one token."
             )
-        self._check_prompt(prompt_embeds, self.joint_attention_dim)
+        self._check_prompt(prompt_embeds, self.joint_attention_dim, context_embedded)
         self._check_pooled(pooled, self.pooled_projection_dim)
 
     def forward(
@@ -603,8 +638,10 @@ class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
         timestep: torch.Tensor,
+        context_embedded: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Returns `(temb, visual_features, text_features)` for `(B, C, H, W)` latents and `timestep = sigma`."""
+        """Returns `(temb, visual_features, text_features)` for `(B, C, H, W)` latents and `timestep = sigma`; with
+        `context_embedded`, `encoder_hidden_states` is already `embed_context`'s output."""
         batch, channels, height, width = latents.shape
         hidden_states = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
         hidden_states = hidden_states.reshape(batch, (height // 2) * (width // 2), channels * 4)
@@ -622,7 +659,8 @@ class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
         else:
             guidance = torch.full_like(timestep, self.guidance_scale) * 1000
             temb = self.time_text_embed(timestep, guidance, pooled_projections)
-        encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        if not context_embedded:
+            encoder_hidden_states = self.context_embedder(encoder_hidden_states)
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
 
 
@@ -650,6 +688,7 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
     default_config = ZIMAGE_TURBO_TRANSFORMER_CONFIG
     blocks_attribute = "layers"
     has_pooled_projection = False
+    context_embedder_attribute = "cap_embedder"
 
     def __init__(self, config: DiNaLRMConfig):
         from diffusers.models.normalization import RMSNorm
@@ -715,12 +754,18 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
     def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return 1.0 - sigmas
 
-    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        context_embedded: bool = False,
+    ) -> None:
         self._check_latent_channels(latents, self.in_channels, "Z-Image")
         height, width = latents.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {self.patch_size}.")
-        self._check_prompt(prompt_embeds, self.cap_feat_dim)
+        self._check_prompt(prompt_embeds, self.cap_feat_dim, context_embedded)
         if pooled is not None:
             raise ValueError("Z-Image has no pooled prompt embedding: pass pooled_prompt_embeds=None.")
 
@@ -736,8 +781,10 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         cap_feats: torch.Tensor,
         pooled_projections: None,
         timestep: torch.Tensor,
+        context_embedded: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Returns `(adaln_input, visual_features, text_features)` for `(B, C, H, W)` latents, `timestep = 1 - sigma`.
+        """Returns `(adaln_input, visual_features, text_features)` for `(B, C, H, W)` latents, `timestep = 1 - sigma`;
+        with `context_embedded`, `cap_feats` is already `embed_context`'s output.
 
         Tokens and position ids are laid out as `ZImageTransformer2DModel.patchify_and_embed` lays them out for a
         batch of equal-sized images and equal-length captions (so no attention mask is needed).
@@ -752,7 +799,7 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         x = latents.view(batch, channels, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)
         x = self.all_x_embedder[f"{patch}-1"](x.reshape(batch, image_len, patch * patch * channels))
         x = torch.cat([x, self.x_pad_token.expand(batch, image_pad, -1)], dim=1)
-        cap = self.cap_embedder(cap_feats)
+        cap = cap_feats if context_embedded else self.cap_embedder(cap_feats)
         cap = torch.cat([cap, self.cap_pad_token.expand(batch, cap_pad, -1)], dim=1)
         cap_positions = self._positions((cap_len + cap_pad, 1, 1), 1, 0, device)
         image_positions = self._positions((1, rows, cols), cap_len + cap_pad + 1, image_pad, device)
@@ -1154,6 +1201,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         prompt_embeds: torch.Tensor,
         pooled_prompt_embeds: torch.Tensor | None,
         check_finite: bool | None = None,
+        context_embedded: bool = False,
     ) -> None:
         r"""Raises a clear error for latents or prompt embeddings the backbone cannot take.
 
@@ -1165,6 +1213,8 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             check_finite (`bool`, *optional*): whether to refuse NaN or infinite values (which give NaN rewards).
                 `None` checks the tensors that are on the CPU (outside `torch.compile`), where it costs nothing;
                 `True` checks always, which waits for an accelerator; `False` never checks.
+            context_embedded (`bool`, defaults to `False`): whether `prompt_embeds` is already [`~DiNaLRMModel.embed_context`]'s
+                output.
         """
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise ValueError(
@@ -1179,7 +1229,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 raise TypeError(
                     f"{name} must be floating-point, got {value.dtype}: pass float32, bfloat16 or float16."
                 )
-        self.backbone.check_inputs(latents, prompt_embeds, pooled_prompt_embeds)
+        self.backbone.check_inputs(latents, prompt_embeds, pooled_prompt_embeds, context_embedded)
         batch = latents.shape[0]
         if prompt_embeds.shape[0] != batch or (
             pooled_prompt_embeds is not None and len(pooled_prompt_embeds) != batch
@@ -1209,7 +1259,19 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             )
 
     # -------------------------------------------------------------------------------------- scoring
-    def _backbone_in_chunks(self, noisy, sigmas, timesteps, prompt_embeds, pooled):
+    def embed_context(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        r"""The backbone's context embedder applied to prompt embeddings: the text stream's input, of backbone width.
+
+        It depends on neither the latents nor the noise level, so when the context embedder is frozen its output can
+        be computed once (e.g. stored in a feature cache: 1536 instead of 4096 values per token for SD3.5-Medium) and
+        passed to [`~DiNaLRMModel.forward`] with `context_embedded=True`.
+
+        Args:
+            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`): the family's prompt embeddings.
+        """
+        return self.backbone.embed_context(prompt_embeds.to(self.dtype))
+
+    def _backbone_in_chunks(self, noisy, sigmas, timesteps, prompt_embeds, pooled, context_embedded=False):
         dtype = self.dtype
         chunk = self.config.max_backbone_batch_size or noisy.shape[0]
         parts = [
@@ -1218,6 +1280,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 prompt_embeds[i : i + chunk].to(dtype),
                 None if pooled is None else pooled[i : i + chunk].to(dtype),
                 self.backbone.timestep(sigmas[i : i + chunk], timesteps[i : i + chunk]),
+                context_embedded,
             )
             for i in range(0, noisy.shape[0], chunk)
         ]
@@ -1228,9 +1291,13 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         text = [torch.cat(layer) for layer in zip(*(p[2] for p in parts))]
         return temb, visual, text
 
-    def _reward_over_levels(self, noisy, sigmas, timesteps, prompt_embeds, pooled, num_levels: int) -> torch.Tensor:
+    def _reward_over_levels(
+        self, noisy, sigmas, timesteps, prompt_embeds, pooled, num_levels: int, context_embedded: bool = False
+    ) -> torch.Tensor:
         """Rewards of `num_levels` stacked copies of a batch: one backbone pass, tokens joined per sample."""
-        temb, visual, text = self._backbone_in_chunks(noisy, sigmas, timesteps, prompt_embeds, pooled)
+        temb, visual, text = self._backbone_in_chunks(
+            noisy, sigmas, timesteps, prompt_embeds, pooled, context_embedded
+        )
         visual_by_level = list(zip(*(layer.chunk(num_levels) for layer in visual)))
         text_by_level = list(zip(*(layer.chunk(num_levels) for layer in text))) or [()] * num_levels
         fused = [
@@ -1254,6 +1321,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         pooled_prompt_embeds: torch.Tensor | None = None,
         return_dict: bool = True,
         check_finite: bool | None = None,
+        context_embedded: bool = False,
     ) -> DiNaLRMOutput | tuple:
         r"""Rewards of latents that are ALREADY noised to level `t`.
 
@@ -1268,10 +1336,14 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             check_finite (`bool`, *optional*): refuse NaN / infinite inputs and a tensor `t` outside [0, 1]. `None`
                 checks only tensors on the CPU (outside `torch.compile`), so that scoring on an accelerator never
                 waits for the device; see `check_inputs`.
+            context_embedded (`bool`, defaults to `False`): `prompt_embeds` is already [`~DiNaLRMModel.embed_context`]'s
+                output (backbone width), so the context embedder is skipped.
         """
-        self.check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds, check_finite=check_finite)
+        self.check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds, check_finite, context_embedded)
         sigmas, timesteps = self.snap_noise_level(t, noisy_latents.shape[0], noisy_latents.device, check_finite)
-        rewards = self._reward_over_levels(noisy_latents, sigmas, timesteps, prompt_embeds, pooled_prompt_embeds, 1)
+        rewards = self._reward_over_levels(
+            noisy_latents, sigmas, timesteps, prompt_embeds, pooled_prompt_embeds, 1, context_embedded
+        )
         timesteps = self.backbone.timestep(sigmas, timesteps)
         if not return_dict:
             return (rewards, sigmas, timesteps)
@@ -1286,6 +1358,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         check_finite: bool | None = None,
+        context_embedded: bool = False,
     ) -> torch.Tensor:
         r"""Rewards of CLEAN latents, shape `(B,)`; differentiable w.r.t. `latents` when grad is enabled.
 
@@ -1304,8 +1377,10 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             check_finite (`bool`, *optional*): refuse NaN / infinite `latents`, prompt embeddings or explicit `noise`
                 (they would give NaN rewards). `None` checks only tensors on the CPU (outside `torch.compile`), so
                 that scoring on an accelerator never waits for the device; `True` always checks, `False` never.
+            context_embedded (`bool`, defaults to `False`): `prompt_embeds` is already [`~DiNaLRMModel.embed_context`]'s
+                output (backbone width), so the context embedder is skipped.
         """
-        self.check_inputs(latents, prompt_embeds, pooled_prompt_embeds, check_finite=check_finite)
+        self.check_inputs(latents, prompt_embeds, pooled_prompt_embeds, check_finite, context_embedded)
         if t is None:
             t = self.config.default_t
         levels = [t] if isinstance(t, (int, float, torch.Tensor)) else list(t)
@@ -1345,6 +1420,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             prompt_embeds.repeat(repeat, 1, 1),
             None if pooled_prompt_embeds is None else pooled_prompt_embeds.repeat(repeat, 1),
             repeat,
+            context_embedded,
         )
 
     # -------------------------------------------------------------------------------------- objective
