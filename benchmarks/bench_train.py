@@ -103,9 +103,9 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
             super().__init__()
             self.model = model
 
-        def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds):
+        def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds, **kwargs):
             halves = zip(*(x.chunk(2) for x in (noisy, t, prompt_embeds, pooled_prompt_embeds)))
-            return DiNaLRMOutput(rewards=torch.cat([self.model(*half).rewards for half in halves]))
+            return DiNaLRMOutput(rewards=torch.cat([self.model(*half, **kwargs).rewards for half in halves]))
 
     torch.set_num_threads(options.threads)
     data, forward = SCENARIOS[name]
@@ -114,6 +114,7 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
     set_up_model = build_reward_model(args).to(accelerator.device)
     train, _, collate_fn, encode, _ = data_sources(args, accelerator, set_up_model, torch.float32)
     model = TwoForwards(set_up_model) if forward == "two" else set_up_model
+    context_embedded = getattr(train, "context_embedded", False)
     trainable = [p for p in set_up_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate)
     batches = BucketBatchSampler(train.buckets, args.train_batch_size, seed=0).batches()
@@ -128,7 +129,9 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
             key: value.to(accelerator.device) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()
         }
-        output = preference_step(model, set_up_model, batch, seeded_generator(0, number))
+        output = preference_step(
+            model, set_up_model, batch, seeded_generator(0, number), context_embedded=context_embedded
+        )
         output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
