@@ -13,7 +13,8 @@ Workloads, each in a fresh process per side, sides alternating, `--repeats` roun
 - single / ensemble: scoring `--batch_size` latents at t = 0.4 / at t = 0.2, 0.5, 0.7 (reference: `forward` /
   `forward_ensemble`);
 - train: one optimiser step of a Thurstone preference batch with LoRA + head trainable (reference: its engine's
-  two forwards, chosen then rejected; ours: `preference_step`'s one batched forward).
+  two forwards, chosen then rejected; ours: `preference_step`'s one batched forward; with
+  `--gradient_checkpointing`, ours recomputes the blocks' activations in the backward instead of keeping them).
 
 No reference file is edited; its package `__init__` (which imports scikit-learn for inference utilities) is
 bypassed by importing `diffusion_rm.models.sd3_rm` directly. Prints median seconds and peak resident set size per
@@ -216,6 +217,8 @@ def run_ours(workload: str, root: Path, options) -> dict:
         )
         model.add_lora(16, 32)
         model.train()
+        if options.gradient_checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model = DiNaLRMModel.from_pretrained(root / "ours").eval()
     load_s = time.perf_counter() - start
@@ -275,6 +278,9 @@ def main() -> None:
     parser.add_argument("--latent_size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="our train step with gradient checkpointing"
+    )
     options = parser.parse_args()
     import_reference(options.reference_dir)  # fail early on a wrong folder
 
@@ -299,7 +305,8 @@ def main() -> None:
 
     print(
         f"medium SD3 (7 of 8 blocks, width 256), LoRA rank 16, batch {options.batch_size}, latents "
-        f"{options.latent_size}x{options.latent_size}, {options.threads} threads; median of {options.repeats} fresh "
+        f"{options.latent_size}x{options.latent_size}, {options.threads} threads"
+        f"{', ours with gradient checkpointing' if options.gradient_checkpointing else ''}; median of {options.repeats} fresh "
         f"processes per side (x {options.steps} calls)"
     )
     print(
