@@ -44,39 +44,30 @@ def main() -> None:
     options = parser.parse_args()
 
     import torch
+    from bench_vs_reference import batch_inputs, our_training_model
 
     from dinalrm.testing import medium_transformer_config, save_tiny_sd3_pipeline
     from dinalrm.training_utils import preference_step, seeded_generator
-    from modeling_dinalrm import DiNaLRMModel
 
     def nbytes(tensors) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     config = medium_transformer_config()
-    generator = torch.Generator().manual_seed(0)
-    batch = {
-        "chosen": torch.randn(options.pairs, config["in_channels"], 32, 32, generator=generator),
-        "rejected": torch.randn(options.pairs, config["in_channels"], 32, 32, generator=generator),
-        "prompt_embeds": torch.randn(options.pairs, 154, config["joint_attention_dim"], generator=generator),
-        "pooled_prompt_embeds": torch.randn(options.pairs, config["pooled_projection_dim"], generator=generator),
-        "weights": torch.ones(options.pairs),
-    }
     figures = {}
     with tempfile.TemporaryDirectory() as folder:
-        save_tiny_sd3_pipeline(Path(folder) / "sd3", size="medium")
+        root = Path(folder)
+        save_tiny_sd3_pipeline(root / "sd3", size="medium")
+        latents, prompt, pooled = batch_inputs(root, options.pairs, 32)
+        chosen, rejected = latents.chunk(2)
+        batch = {
+            "chosen": chosen,
+            "rejected": rejected,
+            "prompt_embeds": prompt,
+            "pooled_prompt_embeds": pooled,
+            "weights": torch.ones(options.pairs),
+        }
         for checkpointing in (False, True):
-            model = DiNaLRMModel.from_backbone(
-                str(Path(folder) / "sd3"),
-                subfolder="transformer",
-                num_layers=7,
-                visual_layers=[2, 4, 7],
-                text_layers=[2, 4, 7],
-                head_num_heads=4,
-            )
-            model.add_lora(16, 32)
-            model.train()
-            if checkpointing:
-                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            model = our_training_model(root, checkpointing)
             trainable = [p for p in model.parameters() if p.requires_grad]
             optimizer = torch.optim.AdamW(trainable, lr=1e-4)
             figures[checkpointing] = saved_bytes(

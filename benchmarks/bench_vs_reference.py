@@ -121,6 +121,25 @@ def batch_inputs(root: Path, batch: int, size: int):
     return latents, prompt, pooled
 
 
+def our_training_model(root: Path, gradient_checkpointing: bool = False):
+    """Our reward model as `train_dinalrm.py` builds it for this setup: from the base transformer, LoRA + head."""
+    from modeling_dinalrm import DiNaLRMModel
+
+    model = DiNaLRMModel.from_backbone(
+        str(root / "sd3"),
+        subfolder="transformer",
+        num_layers=7,
+        visual_layers=[2, 4, 7],
+        text_layers=[2, 4, 7],
+        head_num_heads=4,
+    )
+    model.add_lora(16, 32)
+    model.train()
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def run_side(side: str, workload: str, root: Path, options, queue) -> None:
     """Runs one side's workload in this (fresh) process; an error is passed to the parent instead of a result."""
     from bench_train import ResidentMemorySampler
@@ -207,18 +226,7 @@ def run_ours(workload: str, root: Path, options) -> dict:
     torch.set_num_threads(options.threads)
     start = time.perf_counter()
     if workload == "train":  # training starts from the base transformer, as train_dinalrm.py does
-        model = DiNaLRMModel.from_backbone(
-            str(root / "sd3"),
-            subfolder="transformer",
-            num_layers=7,
-            visual_layers=[2, 4, 7],
-            text_layers=[2, 4, 7],
-            head_num_heads=4,
-        )
-        model.add_lora(16, 32)
-        model.train()
-        if options.gradient_checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model = our_training_model(root, options.gradient_checkpointing)
     else:
         model = DiNaLRMModel.from_pretrained(root / "ours").eval()
     load_s = time.perf_counter() - start
