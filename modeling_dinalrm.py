@@ -348,6 +348,7 @@ class DiNaLRMFeatureExtractor(nn.Module):
         has_pooled_projection (`bool`): whether the family takes a pooled prompt embedding.
         takes_caption_lists (`bool`): whether prompt embeddings may come as a list of per-prompt tensors of different
             lengths (masked inside, as the family's own transformer does).
+        context_embedder_attribute (`str`): the module that embeds the prompt tokens into the text stream.
     """
 
     family: str
@@ -359,9 +360,11 @@ class DiNaLRMFeatureExtractor(nn.Module):
     text_only_lora_targets: tuple[str, ...] = ()
     has_pooled_projection: bool = True
     takes_caption_lists: bool = False
+    context_embedder_attribute: str = "context_embedder"
 
     def __init__(self, config: DiNaLRMConfig):
         super().__init__()
+        self.context_width = config.backbone_width
         self.visual_layers = config.visual_layers
         self.text_layers = config.text_layers
         self.gradient_checkpointing = False
@@ -393,9 +396,20 @@ class DiNaLRMFeatureExtractor(nn.Module):
         sigma`, read from the scheduler table when snapping)."""
         raise NotImplementedError
 
-    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        context_embedded: bool = False,
+    ) -> None:
         """Raises a clear error for latent or prompt shapes this backbone cannot take."""
         raise NotImplementedError
+
+    def embed_context(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        """The text stream's input: the context embedder's output for `prompt_embeds` (backbone width). It depends
+        on neither the latents nor the noise level, so a frozen context embedder's output can be computed once."""
+        return getattr(self, self.context_embedder_attribute)(prompt_embeds)
 
     def _check_latent_channels(self, latents: torch.Tensor, channels: int, what: str) -> None:
         if latents.shape[1] != channels:
@@ -404,12 +418,18 @@ class DiNaLRMFeatureExtractor(nn.Module):
                 f"(scaled as {what} pipelines do), not images."
             )
 
-    def _check_prompt(self, prompt_embeds: torch.Tensor, dim: int) -> None:
+    def _check_prompt(self, prompt_embeds: torch.Tensor, dim: int, context_embedded: bool = False) -> None:
         if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
             raise ValueError(
                 f"prompt_embeds must be a 3D tensor (batch, tokens, dim), got {_describe(prompt_embeds)}."
             )
-        if prompt_embeds.shape[-1] != dim:
+        if context_embedded and prompt_embeds.shape[-1] != self.context_width:
+            raise ValueError(
+                f"prompt_embeds have dim {prompt_embeds.shape[-1]}, but context_embedded=True expects the context "
+                f"embedder's output (dim {self.context_width}): pass `embed_context(prompt_embeds)`, or the text "
+                "encoders' embeddings with context_embedded=False."
+            )
+        if not context_embedded and prompt_embeds.shape[-1] != dim:
             raise ValueError(f"prompt_embeds have dim {prompt_embeds.shape[-1]}, the backbone expects {dim}.")
 
     def _check_pooled(self, pooled: torch.Tensor | None, dim: int) -> None:
@@ -513,7 +533,13 @@ class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
     def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return timesteps
 
-    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        context_embedded: bool = False,
+    ) -> None:
         self._check_latent_channels(latents, self.in_channels, "SD3")
         height, width = latents.shape[-2:]
         patch = self.patch_size
@@ -523,7 +549,7 @@ class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
             raise ValueError(
                 f"latent size {height}x{width} exceeds the backbone's maximum of {self.max_size}x{self.max_size}."
             )
-        self._check_prompt(prompt_embeds, self.joint_attention_dim)
+        self._check_prompt(prompt_embeds, self.joint_attention_dim, context_embedded)
         self._check_pooled(pooled, self.pooled_projection_dim)
 
     def forward(
@@ -532,11 +558,15 @@ class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
         timestep: torch.Tensor,
+        context_embedded: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Returns `(temb, visual_features, text_features)`; features are listed in layer order."""
+        """Returns `(temb, visual_features, text_features)`; features are listed in layer order. With
+        `context_embedded`, `encoder_hidden_states` is already `embed_context`'s output."""
         hidden_states = self.pos_embed(hidden_states)
         temb = self.time_text_embed(timestep, pooled_projections)
-        encoder_hidden_states = self._per_latent(self.context_embedder(encoder_hidden_states), hidden_states.shape[0])
+        if not context_embedded:
+            encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        encoder_hidden_states = self._per_latent(encoder_hidden_states, hidden_states.shape[0])
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb)
 
 
@@ -604,14 +634,20 @@ class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
     def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return sigmas
 
-    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        context_embedded: bool = False,
+    ) -> None:
         self._check_latent_channels(latents, self.in_channels, "FLUX")
         height, width = latents.shape[-2:]
         if height % 2 or width % 2:
             raise ValueError(
                 f"latent size {height}x{width} must be even: FLUX packs 2x2 latent patches into one token."
             )
-        self._check_prompt(prompt_embeds, self.joint_attention_dim)
+        self._check_prompt(prompt_embeds, self.joint_attention_dim, context_embedded)
         self._check_pooled(pooled, self.pooled_projection_dim)
 
     def forward(
@@ -620,8 +656,10 @@ class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
         encoder_hidden_states: torch.Tensor,
         pooled_projections: torch.Tensor,
         timestep: torch.Tensor,
+        context_embedded: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Returns `(temb, visual_features, text_features)` for `(B, C, H, W)` latents and `timestep = sigma`."""
+        """Returns `(temb, visual_features, text_features)` for `(B, C, H, W)` latents and `timestep = sigma`; with
+        `context_embedded`, `encoder_hidden_states` is already `embed_context`'s output."""
         batch, channels, height, width = latents.shape
         hidden_states = latents.view(batch, channels, height // 2, 2, width // 2, 2).permute(0, 2, 4, 1, 3, 5)
         hidden_states = hidden_states.reshape(batch, (height // 2) * (width // 2), channels * 4)
@@ -639,7 +677,9 @@ class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
         else:
             guidance = torch.full_like(timestep, self.guidance_scale) * 1000
             temb = self.time_text_embed(timestep, guidance, pooled_projections)
-        encoder_hidden_states = self._per_latent(self.context_embedder(encoder_hidden_states), batch)
+        if not context_embedded:
+            encoder_hidden_states = self.context_embedder(encoder_hidden_states)
+        encoder_hidden_states = self._per_latent(encoder_hidden_states, batch)
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
 
 
@@ -668,6 +708,7 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
     blocks_attribute = "layers"
     has_pooled_projection = False
     takes_caption_lists = True
+    context_embedder_attribute = "cap_embedder"
 
     def __init__(self, config: DiNaLRMConfig):
         from diffusers.models.normalization import RMSNorm
@@ -733,12 +774,18 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
     def timestep(self, sigmas: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return 1.0 - sigmas
 
-    def check_inputs(self, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor | None) -> None:
+    def check_inputs(
+        self,
+        latents: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        pooled: torch.Tensor | None,
+        context_embedded: bool = False,
+    ) -> None:
         self._check_latent_channels(latents, self.in_channels, "Z-Image")
         height, width = latents.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {self.patch_size}.")
-        self._check_prompt(prompt_embeds, self.cap_feat_dim)
+        self._check_prompt(prompt_embeds, self.cap_feat_dim, context_embedded)
         if pooled is not None:
             raise ValueError("Z-Image has no pooled prompt embedding: pass pooled_prompt_embeds=None.")
 
@@ -755,8 +802,10 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         pooled_projections: None,
         timestep: torch.Tensor,
         prompt_mask: torch.Tensor | None = None,
+        context_embedded: bool = False,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Returns `(adaln_input, visual_features, text_features)` for `(B, C, H, W)` latents, `timestep = 1 - sigma`.
+        """Returns `(adaln_input, visual_features, text_features)` for `(B, C, H, W)` latents, `timestep = 1 - sigma`;
+        with `context_embedded`, `cap_feats` is already `embed_context`'s output.
 
         Tokens, position ids and attention masks are laid out as `ZImageTransformer2DModel.forward` lays them out
         for equal-sized images: each caption is padded to a multiple of 32 with the pad token, the image positions
@@ -781,7 +830,7 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         x = latents.view(batch, channels, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)
         x = self.all_x_embedder[f"{patch}-1"](x.reshape(batch, image_len, patch * patch * channels))
         x = torch.cat([x, self.x_pad_token.expand(batch, image_pad, -1)], dim=1)
-        cap = self.cap_embedder(cap_feats)
+        cap = cap_feats if context_embedded else self.cap_embedder(cap_feats)
         columns = torch.arange(cap_width, device=device)
         cap_lens_t = torch.tensor(cap_lens, device=device)[:, None]
         inner_pad = ((columns >= cap_lens_t) & (columns < torch.tensor(cap_totals, device=device)[:, None]))[..., None]
@@ -1209,6 +1258,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         prompt_embeds: torch.Tensor,
         pooled_prompt_embeds: torch.Tensor | None,
         check_finite: bool | None = None,
+        context_embedded: bool = False,
     ) -> None:
         r"""Raises a clear error for latents or prompt embeddings the backbone cannot take.
 
@@ -1220,6 +1270,8 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             check_finite (`bool`, *optional*): whether to refuse NaN or infinite values (which give NaN rewards).
                 `None` checks the tensors that are on the CPU (outside `torch.compile`), where it costs nothing;
                 `True` checks always, which waits for an accelerator; `False` never checks.
+            context_embedded (`bool`, defaults to `False`): whether `prompt_embeds` is already [`~DiNaLRMModel.embed_context`]'s
+                output.
         """
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise ValueError(
@@ -1234,7 +1286,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 raise TypeError(
                     f"{name} must be floating-point, got {value.dtype}: pass float32, bfloat16 or float16."
                 )
-        self.backbone.check_inputs(latents, prompt_embeds, pooled_prompt_embeds)
+        self.backbone.check_inputs(latents, prompt_embeds, pooled_prompt_embeds, context_embedded)
         batch = latents.shape[0]
         if prompt_embeds.shape[0] != batch or (
             pooled_prompt_embeds is not None and len(pooled_prompt_embeds) != batch
@@ -1301,10 +1353,24 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             block.compile(**compile_kwargs)
 
     # -------------------------------------------------------------------------------------- scoring
-    def _backbone_in_chunks(self, noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask=None):
+    def embed_context(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
+        r"""The backbone's context embedder applied to prompt embeddings: the text stream's input, of backbone width.
+
+        It depends on neither the latents nor the noise level, so when the context embedder is frozen its output can
+        be computed once (e.g. stored in a feature cache: 1536 instead of 4096 values per token for SD3.5-Medium) and
+        passed to [`~DiNaLRMModel.forward`] with `context_embedded=True`.
+
+        Args:
+            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`): the family's prompt embeddings.
+        """
+        return self.backbone.embed_context(prompt_embeds.to(self.dtype))
+
+    def _backbone_in_chunks(
+        self, noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask=None, context_embedded: bool = False
+    ):
         """Backbone features of `noisy`; `prompt_embeds` may hold one prompt per sample of a level, tiled over the
         levels after the text embedding (before it when the batch is split into chunks). `prompt_mask` (Z-Image:
-        real caption tokens of padded prompts) has one row per latent."""
+        real caption tokens of padded prompts) has one row per latent; `context_embedded` as in `forward`."""
         dtype = self.dtype
         chunk = self.config.max_backbone_batch_size or noisy.shape[0]
         if chunk < noisy.shape[0]:
@@ -1316,6 +1382,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 None if pooled is None else pooled[i : i + chunk].to(dtype),
                 self.backbone.timestep(sigmas[i : i + chunk], timesteps[i : i + chunk]),
                 *(() if prompt_mask is None else (prompt_mask[i : i + chunk],)),
+                context_embedded=context_embedded,
             )
             for i in range(0, noisy.shape[0], chunk)
         ]
@@ -1327,13 +1394,23 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         return temb, visual, text
 
     def _reward_over_levels(
-        self, noisy, sigmas, timesteps, prompt_embeds, pooled, num_levels: int, prompt_mask=None
+        self,
+        noisy,
+        sigmas,
+        timesteps,
+        prompt_embeds,
+        pooled,
+        num_levels: int,
+        prompt_mask=None,
+        context_embedded: bool = False,
     ) -> torch.Tensor:
         """Rewards of `num_levels` stacked copies of a batch: one backbone pass, tokens joined per sample.
 
         `prompt_mask` (`(B * num_levels, tokens)`) marks the real caption tokens of prompts padded to one length.
         """
-        temb, visual, text = self._backbone_in_chunks(noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask)
+        temb, visual, text = self._backbone_in_chunks(
+            noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask, context_embedded
+        )
         fused_visual, fused_text = self.reward_head.fuse(visual, text, temb)
         fused_visual = _join_levels(fused_visual, num_levels)
         fused_text = None if fused_text is None else _join_levels(fused_text, num_levels)
@@ -1355,6 +1432,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         pooled_prompt_embeds: torch.Tensor | None = None,
         return_dict: bool = True,
         check_finite: bool | None = None,
+        context_embedded: bool = False,
     ) -> DiNaLRMOutput | tuple:
         r"""Rewards of latents that are ALREADY noised to level `t`.
 
@@ -1371,12 +1449,14 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             check_finite (`bool`, *optional*): refuse NaN / infinite inputs and a tensor `t` outside [0, 1]. `None`
                 checks only tensors on the CPU (outside `torch.compile`), so that scoring on an accelerator never
                 waits for the device; see `check_inputs`.
+            context_embedded (`bool`, defaults to `False`): `prompt_embeds` is already [`~DiNaLRMModel.embed_context`]'s
+                output (backbone width), so the context embedder is skipped.
         """
         prompt_embeds, prompt_mask = self._batch_prompts(prompt_embeds)
-        self.check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds, check_finite=check_finite)
+        self.check_inputs(noisy_latents, prompt_embeds, pooled_prompt_embeds, check_finite, context_embedded)
         sigmas, timesteps = self.snap_noise_level(t, noisy_latents.shape[0], noisy_latents.device, check_finite)
         rewards = self._reward_over_levels(
-            noisy_latents, sigmas, timesteps, prompt_embeds, pooled_prompt_embeds, 1, prompt_mask
+            noisy_latents, sigmas, timesteps, prompt_embeds, pooled_prompt_embeds, 1, prompt_mask, context_embedded
         )
         timesteps = self.backbone.timestep(sigmas, timesteps)
         if not return_dict:
@@ -1392,6 +1472,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         check_finite: bool | None = None,
+        context_embedded: bool = False,
     ) -> torch.Tensor:
         r"""Rewards of CLEAN latents, shape `(B,)`; differentiable w.r.t. `latents` when grad is enabled.
 
@@ -1412,9 +1493,11 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             check_finite (`bool`, *optional*): refuse NaN / infinite `latents`, prompt embeddings or explicit `noise`
                 (they would give NaN rewards). `None` checks only tensors on the CPU (outside `torch.compile`), so
                 that scoring on an accelerator never waits for the device; `True` always checks, `False` never.
+            context_embedded (`bool`, defaults to `False`): `prompt_embeds` is already [`~DiNaLRMModel.embed_context`]'s
+                output (backbone width), so the context embedder is skipped.
         """
         prompt_embeds, prompt_mask = self._batch_prompts(prompt_embeds)
-        self.check_inputs(latents, prompt_embeds, pooled_prompt_embeds, check_finite=check_finite)
+        self.check_inputs(latents, prompt_embeds, pooled_prompt_embeds, check_finite, context_embedded)
         if t is None:
             t = self.config.default_t
         levels = [t] if isinstance(t, (int, float, torch.Tensor)) else list(t)
@@ -1455,6 +1538,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             None if pooled_prompt_embeds is None else pooled_prompt_embeds.repeat(repeat, 1),
             repeat,
             None if prompt_mask is None else prompt_mask.repeat(repeat, 1),
+            context_embedded,
         )
 
     # -------------------------------------------------------------------------------------- objective

@@ -25,6 +25,7 @@ RNG states) is converted to safetensors before the rename, and handed back to ac
 
 import argparse
 import atexit
+import gc
 import json
 import logging
 import math
@@ -532,12 +533,18 @@ def load_encoding_pipeline(
     return pipeline
 
 
-def encoders(pipeline: DiNaLRMPipeline, args, device: torch.device):
-    """`(encode_prompts, encode_images)` callables for `dinalrm.pair_datasets` and the feature cache (no gradients)."""
+def encoders(pipeline: DiNaLRMPipeline, args, device: torch.device, embed_context=None):
+    """`(encode_prompts, encode_images)` callables for `dinalrm.pair_datasets` and the feature cache (no gradients).
+
+    `embed_context` (optional) is applied to the prompt tokens: the frozen context embedder, for a compact cache.
+    """
 
     @torch.no_grad()
     def encode_prompts(prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pipeline.encode_prompt(prompts, device=device, max_sequence_length=args.max_sequence_length)
+        prompt_embeds, pooled = pipeline.encode_prompt(
+            prompts, device=device, max_sequence_length=args.max_sequence_length
+        )
+        return (prompt_embeds if embed_context is None else embed_context(prompt_embeds)), pooled
 
     def encode_images(images: list) -> torch.Tensor:
         return pipeline.encode_images(images, resolution=(images[0].height, images[0].width))
@@ -545,16 +552,33 @@ def encoders(pipeline: DiNaLRMPipeline, args, device: torch.device):
     return encode_prompts, encode_images
 
 
-def fingerprint(args: argparse.Namespace, buckets: BucketSet, dtype: torch.dtype) -> dict:
+def fingerprint(args: argparse.Namespace, buckets: BucketSet, dtype: torch.dtype, context_embedded: bool) -> dict:
     """The fingerprint of the feature cache these flags need (see `dinalrm.feature_cache.cache_fingerprint`)."""
-    return cache_fingerprint({key: getattr(args, key) for key in FINGERPRINT_SETTINGS}, buckets, dtype)
+    settings = {key: getattr(args, key) for key in FINGERPRINT_SETTINGS}
+    return cache_fingerprint(settings, buckets, dtype, context_embedded)
 
 
-def precompute_features(args, accelerator, reward_model, cache_dir: str, buckets: BucketSet, dtype) -> dict:
+def context_embedder_is_frozen(reward_model: DiNaLRMModel) -> bool:
+    """Whether no weight of the context embedder (LoRA included) trains: then the feature cache stores its output
+    (backbone width, 1536 values per token for SD3.5-Medium) instead of the text encoders' (4096)."""
+    embedder = getattr(reward_model.backbone, reward_model.backbone.context_embedder_attribute)
+    return not any(param.requires_grad for param in embedder.parameters())
+
+
+def precompute_features(
+    args, accelerator, reward_model, cache_dir: str, buckets: BucketSet, dtype, context_embedded: bool
+) -> dict:
     """Encode the data once into `cache_dir` (all processes share the work), then free the encoders."""
     train, validation, skipped = load_pairs(args, accelerator, buckets)
     pipeline = load_encoding_pipeline(args, reward_model, accelerator.device, dtype)
-    encode_prompts, encode_images = encoders(pipeline, args, accelerator.device)
+
+    def embed_context(prompt_embeds: torch.Tensor) -> torch.Tensor:
+        with accelerator.autocast():  # as the training forward computes it
+            return reward_model.embed_context(prompt_embeds)
+
+    encode_prompts, encode_images = encoders(
+        pipeline, args, accelerator.device, embed_context if context_embedded else None
+    )
     splits = {"train": train, **({"validation": validation} if validation is not None else {})}
     info = build_feature_cache(
         accelerator,
@@ -563,11 +587,12 @@ def precompute_features(args, accelerator, reward_model, cache_dir: str, buckets
         skipped,
         encode_prompts,
         encode_images,
-        fingerprint(args, buckets, dtype),
+        fingerprint(args, buckets, dtype, context_embedded),
         batch_size=args.train_batch_size,
         num_workers=args.dataloader_num_workers,
     )
     del pipeline, encode_prompts, encode_images
+    gc.collect()  # no reference keeps the encoders alive (tests/test_train.py checks it); free any cycles now
     return info
 
 
@@ -598,11 +623,12 @@ def data_sources(args, accelerator, reward_model, dtype):
             encoders(pipeline, args, accelerator.device),
             skipped,
         )
-    info = read_valid_cache_info(cache_dir, fingerprint(args, buckets, dtype))
+    context_embedded = context_embedder_is_frozen(reward_model)
+    info = read_valid_cache_info(cache_dir, fingerprint(args, buckets, dtype, context_embedded))
     if info is None:
         if not args.precompute_features:
             raise FileNotFoundError(f"No feature cache in {cache_dir}: pass --precompute_features to build it.")
-        info = precompute_features(args, accelerator, reward_model, cache_dir, buckets, dtype)
+        info = precompute_features(args, accelerator, reward_model, cache_dir, buckets, dtype, context_embedded)
     else:
         logger.info(f"Training from the feature cache in {cache_dir}")
     validation = CachedPairDataset(cache_dir, "validation") if "validation" in info["splits"] else None
@@ -688,6 +714,7 @@ def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_f
         logger.info(f"Validation at step {global_step} ({'EMA' if ema else 'live'} weights): {metrics}")
         return metrics
     reward_model.eval()
+    context_embedded = isinstance(dataset, CachedPairDataset) and dataset.context_embedded
     levels = [*([t] for t in args.validation_t), list(args.validation_t)]
     correct = torch.zeros(len(levels), dtype=torch.float64, device=accelerator.device)
     total = torch.zeros((), dtype=torch.float64, device=accelerator.device)
@@ -725,6 +752,7 @@ def log_validation(accelerator, reward_model, ema, trainable, dataset, collate_f
                     pooled,
                     t=level if len(level) > 1 else level[0],
                     noise=torch.cat([noise, noise]),
+                    context_embedded=context_embedded,
                 ).float()
                 rewards_chosen, rewards_rejected = rewards.chunk(2)
                 correct[j] += (rewards_chosen > rewards_rejected).sum()
@@ -860,6 +888,7 @@ def main(args: argparse.Namespace) -> None:
     train_dataset, validation_dataset, collate_fn, encode, skipped = data_sources(
         args, accelerator, reward_model, weight_dtype
     )
+    context_embedded = isinstance(train_dataset, CachedPairDataset) and train_dataset.context_embedded
     batch_sampler = BucketBatchSampler(train_dataset.buckets, args.train_batch_size, seed=args.seed)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset, batch_sampler=batch_sampler, collate_fn=collate_fn, num_workers=args.dataloader_num_workers
@@ -984,6 +1013,7 @@ def main(args: argparse.Namespace) -> None:
                         args.logit_mean,
                         args.logit_std,
                         args.constant_t,
+                        context_embedded,
                     )
                 accelerator.backward(output.loss)
                 loss_finite &= torch.isfinite(output.loss.detach())

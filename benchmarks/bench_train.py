@@ -3,13 +3,14 @@
 
 Compares, side by side in one run:
 - cached features vs raw images (VAE + three text encoders every step), both with one batched pair forward;
-- one batched chosen+rejected forward vs two forwards (chosen, then rejected), both from cached features.
+- one batched chosen+rejected forward vs two forwards (chosen, then rejected), both from cached features;
+- gradient checkpointing (`--gradient_checkpointing`) vs none, both from cached features.
 
 Each (scenario, repeat) runs in a fresh process, so that peak memory is its own; scenarios are interleaved across
 repeats so that load from other processes hits them alike. Reported: the median over repeats of the median step
 time, and of the memory a step adds on top of what is held before it (model, optimizer state, data): on CPU the
 highest resident set size seen while stepping minus the one before, on CUDA the peak allocated minus the
-allocated before.
+allocated before; "peak" is that highest resident set (CUDA: peak allocated) itself.
 
     python benchmarks/bench_train.py [--repeats 3] [--steps 5] [--pairs_per_batch 4] [--image_size 128]
 """
@@ -27,10 +28,13 @@ SCENARIOS = {
     "cached, one batched forward": ("cached", "batched"),
     "cached, two forwards": ("cached", "two"),
     "raw images, one batched forward": ("raw", "batched"),
+    "cached, gradient checkpointing": ("cached", "checkpointed"),
 }
 
 
-def training_args(root: Path, options: argparse.Namespace, cached: bool) -> argparse.Namespace:
+def training_args(
+    root: Path, options: argparse.Namespace, cached: bool, gradient_checkpointing: bool = False
+) -> argparse.Namespace:
     from train_dinalrm import parse_args
 
     flags = [
@@ -61,7 +65,8 @@ def training_args(root: Path, options: argparse.Namespace, cached: bool) -> argp
         "--learning_rate",
         "1e-4",
     ]
-    return parse_args(flags + (["--cache_dir", str(root / "cache")] if cached else []))
+    flags += ["--cache_dir", str(root / "cache")] if cached else []
+    return parse_args(flags + (["--gradient_checkpointing"] if gradient_checkpointing else []))
 
 
 def prepare(root: Path, options: argparse.Namespace) -> None:
@@ -103,17 +108,20 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
             super().__init__()
             self.model = model
 
-        def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds):
+        def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds, **kwargs):
             halves = zip(*(x.chunk(2) for x in (noisy, t, prompt_embeds, pooled_prompt_embeds)))
-            return DiNaLRMOutput(rewards=torch.cat([self.model(*half).rewards for half in halves]))
+            return DiNaLRMOutput(rewards=torch.cat([self.model(*half, **kwargs).rewards for half in halves]))
 
     torch.set_num_threads(options.threads)
     data, forward = SCENARIOS[name]
     accelerator = Accelerator(cpu=options.device == "cpu")
-    args = training_args(Path(root), options, cached=data == "cached")
+    args = training_args(
+        Path(root), options, cached=data == "cached", gradient_checkpointing=forward == "checkpointed"
+    )
     set_up_model = build_reward_model(args).to(accelerator.device)
     train, _, collate_fn, encode, _ = data_sources(args, accelerator, set_up_model, torch.float32)
     model = TwoForwards(set_up_model) if forward == "two" else set_up_model
+    context_embedded = getattr(train, "context_embedded", False)
     trainable = [p for p in set_up_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate)
     batches = BucketBatchSampler(train.buckets, args.train_batch_size, seed=0).batches()
@@ -128,7 +136,9 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
             key: value.to(accelerator.device) if isinstance(value, torch.Tensor) else value
             for key, value in batch.items()
         }
-        output = preference_step(model, set_up_model, batch, seeded_generator(0, number))
+        output = preference_step(
+            model, set_up_model, batch, seeded_generator(0, number), context_embedded=context_embedded
+        )
         output.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -156,6 +166,7 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
         {
             "seconds_per_step": statistics.median(seconds),
             "step_memory_mb": (peak - baseline) / 2**20,
+            "peak_memory_mb": peak / 2**20,
             "trainable": sum(p.numel() for p in trainable),
         }
     )
@@ -220,17 +231,22 @@ def main() -> None:
         f"trainable parameters; {options.pairs_per_batch} pairs of {options.image_size}x{options.image_size} images per "
         f"step; {options.device}, {options.threads} thread(s); median of {options.repeats} processes x {options.steps} steps"
     )
-    print(f"{'scenario':<34}{'s/step':>10}{'step memory (MB)':>20}")
+    print(f"{'scenario':<34}{'s/step':>10}{'step memory (MB)':>20}{'peak (MB)':>12}")
     medians = {}
     for name, runs in results.items():
         seconds = statistics.median(r["seconds_per_step"] for r in runs)
         memory = statistics.median(r["step_memory_mb"] for r in runs)
+        peak = statistics.median(r["peak_memory_mb"] for r in runs)
         medians[name] = (seconds, memory)
-        print(f"{name:<34}{seconds:>10.3f}{memory:>20.1f}")
-    cached, two, raw = (medians[name] for name in SCENARIOS)
+        print(f"{name:<34}{seconds:>10.3f}{memory:>20.1f}{peak:>12.1f}")
+    cached, two, raw, checkpointed = (medians[name] for name in SCENARIOS)
     print(f"raw images / cached features: {raw[0] / cached[0]:.2f}x time, {raw[1] / max(cached[1], 1e-9):.2f}x memory")
     print(
         f"two forwards / one batched forward: {two[0] / cached[0]:.2f}x time, {two[1] / max(cached[1], 1e-9):.2f}x memory"
+    )
+    print(
+        f"gradient checkpointing / none: {checkpointed[0] / cached[0]:.2f}x time, "
+        f"{checkpointed[1] / max(cached[1], 1e-9):.2f}x memory"
     )
 
 

@@ -13,7 +13,8 @@ Workloads, each in a fresh process per side, sides alternating, `--repeats` roun
 - single / ensemble: scoring `--batch_size` latents at t = 0.4 / at t = 0.2, 0.5, 0.7 (reference: `forward` /
   `forward_ensemble`);
 - train: one optimiser step of a Thurstone preference batch with LoRA + head trainable (reference: its engine's
-  two forwards, chosen then rejected; ours: `preference_step`'s one batched forward).
+  two forwards, chosen then rejected; ours: `preference_step`'s one batched forward; with
+  `--gradient_checkpointing`, ours recomputes the blocks' activations in the backward instead of keeping them).
 
 No reference file is edited; its package `__init__` (which imports scikit-learn for inference utilities) is
 bypassed by importing `diffusion_rm.models.sd3_rm` directly. Prints median seconds and peak resident set size per
@@ -120,6 +121,25 @@ def batch_inputs(root: Path, batch: int, size: int):
     return latents, prompt, pooled
 
 
+def our_training_model(root: Path, gradient_checkpointing: bool = False):
+    """Our reward model as `train_dinalrm.py` builds it for this setup: from the base transformer, LoRA + head."""
+    from modeling_dinalrm import DiNaLRMModel
+
+    model = DiNaLRMModel.from_backbone(
+        str(root / "sd3"),
+        subfolder="transformer",
+        num_layers=7,
+        visual_layers=[2, 4, 7],
+        text_layers=[2, 4, 7],
+        head_num_heads=4,
+    )
+    model.add_lora(16, 32)
+    model.train()
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
 def run_side(side: str, workload: str, root: Path, options, queue) -> None:
     """Runs one side's workload in this (fresh) process; an error is passed to the parent instead of a result."""
     from bench_train import ResidentMemorySampler
@@ -206,16 +226,7 @@ def run_ours(workload: str, root: Path, options) -> dict:
     torch.set_num_threads(options.threads)
     start = time.perf_counter()
     if workload == "train":  # training starts from the base transformer, as train_dinalrm.py does
-        model = DiNaLRMModel.from_backbone(
-            str(root / "sd3"),
-            subfolder="transformer",
-            num_layers=7,
-            visual_layers=[2, 4, 7],
-            text_layers=[2, 4, 7],
-            head_num_heads=4,
-        )
-        model.add_lora(16, 32)
-        model.train()
+        model = our_training_model(root, options.gradient_checkpointing)
     else:
         model = DiNaLRMModel.from_pretrained(root / "ours").eval()
     load_s = time.perf_counter() - start
@@ -276,6 +287,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--quick", action="store_true", help="1 process per side, 1 timed call, batch 1, 16x16")
+    parser.add_argument(
+        "--gradient_checkpointing", action="store_true", help="our train step with gradient checkpointing"
+    )
     options = parser.parse_args()
     if options.quick:
         options.repeats, options.steps, options.batch_size, options.latent_size = 1, 1, 1, 16
@@ -302,7 +316,8 @@ def main() -> None:
 
     print(
         f"medium SD3 (7 of 8 blocks, width 256), LoRA rank 16, batch {options.batch_size}, latents "
-        f"{options.latent_size}x{options.latent_size}, {options.threads} threads; median of {options.repeats} fresh "
+        f"{options.latent_size}x{options.latent_size}, {options.threads} threads"
+        f"{', ours with gradient checkpointing' if options.gradient_checkpointing else ''}; median of {options.repeats} fresh "
         f"processes per side (x {options.steps} calls)"
     )
     print(

@@ -60,14 +60,22 @@ FINGERPRINT_SETTINGS = (
 )  # fmt: skip
 
 
-def cache_fingerprint(settings: Mapping[str, Any], buckets: BucketSet, dtype: torch.dtype) -> dict:
-    """Everything the cached features depend on: `settings` holds the values of `FINGERPRINT_SETTINGS`."""
+def cache_fingerprint(
+    settings: Mapping[str, Any], buckets: BucketSet, dtype: torch.dtype, context_embedded: bool = False
+) -> dict:
+    """Everything the cached features depend on: `settings` holds the values of `FINGERPRINT_SETTINGS`.
+
+    `context_embedded`: the prompt tokens are stored after the (frozen) context embedder, at backbone width, rather
+    than as the text encoders' output. Only such a cache carries the `prompt_embeds` key, so a cache of raw tokens
+    written before compact caches existed is still read as what it is.
+    """
     return {
         "format": CACHE_FORMAT_VERSION,
         **{key: settings[key] for key in FINGERPRINT_SETTINGS},
         "resolution": buckets.resolution,
         "bucket_multiple": buckets.multiple,
         "dtype": str(dtype),
+        **({"prompt_embeds": "context_embedder"} if context_embedded else {}),
     }
 
 
@@ -213,6 +221,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
     Tensors are read row by row from memory-mapped safetensors shards, so the cache never has to fit in memory.
     Opening checks the cache against its `cache_info.json`: a shard that cannot be read (truncated) or that is
     missing (fewer pairs, or fewer prompts, than were cached) is refused with a `ValueError` naming it.
+    `context_embedded` says whether its `prompt_embeds` are the context embedder's output (see `cache_fingerprint`).
     """
 
     def __init__(self, cache_dir: str | os.PathLike, split: str):
@@ -239,6 +248,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
             except (SafetensorError, OSError) as err:
                 raise _damaged(cache_dir, f"{split}/{name} cannot be read ({err}); it may be truncated") from err
         info = read_cache_info(cache_dir)
+        self.context_embedded = info is not None and info["fingerprint"].get("prompt_embeds") == "context_embedder"
         expected = info["skipped"].get(split, {}).get("kept") if info is not None else None
         if expected is not None and len(rows) != expected:
             raise _damaged(cache_dir, f"its {split!r} split holds {len(rows)} pairs where {expected} were cached")
@@ -304,9 +314,9 @@ def read_valid_cache_info(cache_dir: str | os.PathLike, fingerprint: dict) -> di
     if info is None:
         return None
     changed = {
-        key: (info["fingerprint"].get(key), value)
-        for key, value in fingerprint.items()
-        if info["fingerprint"].get(key) != value
+        key: (info["fingerprint"].get(key), fingerprint.get(key))
+        for key in {**info["fingerprint"], **fingerprint}
+        if info["fingerprint"].get(key) != fingerprint.get(key)
     }
     if changed:
         raise ValueError(

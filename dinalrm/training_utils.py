@@ -105,6 +105,7 @@ def preference_step(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     constant_t: float = 0.4,
+    context_embedded: bool = False,
 ) -> StepOutput:
     """The DiNa-LRM objective on one batch of pairs of clean latents.
 
@@ -113,7 +114,8 @@ def preference_step(
     `[chosen; rejected]` through `model` (the possibly DDP-wrapped `reward_model`), then the model's
     chosen-first `preference_loss` over all pairs at once, weighted by `batch["weights"]`. The pairs are not
     presented in a random order: the loss is symmetric, so a left/right swap would change nothing. Draws from
-    `generator` in a fixed order: t, then noise.
+    `generator` in a fixed order: t, then noise. `context_embedded`: `batch["prompt_embeds"]` is already the
+    context embedder's output (a compact feature cache).
     """
     chosen, rejected = batch["chosen"], batch["rejected"]
     device, pairs = chosen.device, chosen.shape[0]
@@ -126,6 +128,7 @@ def preference_step(
         torch.cat([sigmas, sigmas]),
         *repeat_prompts(batch["prompt_embeds"], batch["pooled_prompt_embeds"], 2),
         check_finite=False,  # the training loop checks the loss and the gradients instead (no sync per forward)
+        context_embedded=context_embedded,
     ).rewards.float()
     rewards_chosen, rewards_rejected = rewards.chunk(2)
     loss = reward_model.preference_loss(rewards_chosen, rewards_rejected, sigmas, weights=batch["weights"])

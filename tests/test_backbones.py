@@ -372,6 +372,18 @@ def test_run_eval_scores_a_model_of_the_family_and_checks_it(family, flux_pipe, 
         assert entries["hpdv2"]["n_pairs"] == 9  # C(3,2) + C(4,2), as the SD3 runner test counts them
 
 
+def test_pre_embedded_context_gives_the_same_rewards(family, model):
+    latents, prompt, pooled = _inputs(family)
+    embedded = model.embed_context(prompt)
+    assert embedded.shape == (*prompt.shape[:2], model.config.backbone_width)
+    with torch.no_grad():
+        expected = model(latents, 0.6, prompt, pooled).rewards
+        rewards = model(latents, 0.6, embedded, pooled, context_embedded=True).rewards
+    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="context_embedded=True"):
+        model(latents, 0.6, embedded[..., :16], pooled, context_embedded=True)
+
+
 @pytest.fixture(scope="module")
 def zimage_pipe():
     """A tiny `ZImagePipeline` (Qwen3 text encoder) and a Z-Image reward model on its transformer's first blocks."""

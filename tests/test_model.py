@@ -380,3 +380,23 @@ def test_score_latents_compiles_without_graph_breaks(tiny, tiny_batch, t):
         torch._dynamo.reset()
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+def test_pre_embedded_context_gives_the_same_rewards(tiny, tiny_batch):
+    latents, prompt, pooled, noise = tiny_batch
+    embedded = tiny.embed_context(prompt)
+    width = tiny.config.backbone_config["caption_projection_dim"]
+    assert embedded.shape == (*prompt.shape[:2], width)
+    linear = tiny.backbone.context_embedder
+    torch.testing.assert_close(embedded, prompt @ linear.weight.T + linear.bias)
+    with torch.no_grad():
+        expected = tiny(latents, 0.6, prompt, pooled).rewards
+        rewards = tiny(latents, 0.6, embedded, pooled, context_embedded=True).rewards
+        ensemble = tiny.score_latents(latents, prompt, pooled, t=[0.3, 0.7], noise=noise)
+        ensemble_embedded = tiny.score_latents(
+            latents, embedded, pooled, t=[0.3, 0.7], noise=noise, context_embedded=True
+        )
+    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(ensemble_embedded, ensemble, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="context_embedded=True expects the context embedder's output"):
+        tiny(latents, 0.6, embedded[..., :16], pooled, context_embedded=True)

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import datasets
@@ -26,6 +27,7 @@ from diffusers.training_utils import EMAModel
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import train_dinalrm
 from dinalrm.buckets import BucketBatchSampler, BucketSet
 from dinalrm.checkpointing import (
     PARTIAL_PREFIX,
@@ -39,7 +41,9 @@ from dinalrm.checkpointing import (
 from dinalrm.data import load_preference_dataset, write_canonical_pairs
 from dinalrm.feature_cache import (
     CachedPairDataset,
+    cache_fingerprint,
     collate_cached_pairs,
+    read_valid_cache_info,
     write_feature_cache,
 )
 from dinalrm.pair_datasets import ImagePairDataset, collate_image_pairs
@@ -189,7 +193,7 @@ class _MeanReward(torch.nn.Module):
         self.scale = torch.nn.Parameter(torch.ones(()))
         self.batch_sizes: list[int] = []
 
-    def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds, check_finite=None):
+    def forward(self, noisy, t, prompt_embeds, pooled_prompt_embeds, check_finite=None, context_embedded=False):
         self.batch_sizes.append(noisy.shape[0])
         self.inputs = noisy
         return type("Out", (), {"rewards": self.scale * noisy.mean(dim=(1, 2, 3))})()
@@ -366,6 +370,72 @@ def test_feature_cache_round_trip_in_dataset_order_and_runtime_skips(tmp_path):
     gone.unlink()
     collated = collate_image_pairs([ImagePairDataset(broken)[0], raw[1]])
     assert collated["skipped"] == ["runtime_missing_image"] and collated["prompts"] == [rows[1]["prompt"]]
+
+
+def test_compact_feature_cache_trains_as_the_raw_one_and_frees_the_encoders(workspace, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    args = parse_args(
+        [
+            "--pretrained_model_name_or_path",
+            str(workspace / "sd3"),
+            "--train_data_dir",
+            str(workspace / "canonical"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--precompute_features",
+            *COMMON_FLAGS,
+        ]
+    )
+    torch.manual_seed(0)
+    model = build_reward_model(args)
+    with torch.no_grad():  # a trained adapter, so that the LoRA on the text stream matters
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(generator=torch.Generator().manual_seed(1))
+    assert train_dinalrm.context_embedder_is_frozen(model)  # under the default LoRA targets
+    encoders = []
+    load = train_dinalrm.load_encoding_pipeline
+
+    def recording_load(*load_args, **kwargs):
+        pipeline = load(*load_args, **kwargs)
+        encoders.extend(weakref.ref(pipeline.components[name]) for name in ("vae", "text_encoder", "text_encoder_3"))
+        return pipeline
+
+    monkeypatch.setattr(train_dinalrm, "load_encoding_pipeline", recording_load)
+    datasets_by_kind = {}
+    for kind, frozen in (("raw", False), ("compact", True)):
+        monkeypatch.setattr(train_dinalrm, "context_embedder_is_frozen", lambda _, frozen=frozen: frozen)
+        args.cache_dir = str(tmp_path / kind)
+        datasets_by_kind[kind] = train_dinalrm.data_sources(args, Accelerator(cpu=True), model, torch.float32)[0]
+    assert len(encoders) == 6 and all(ref() is None for ref in encoders), "the VAE or a text encoder is still alive"
+    raw, compact = datasets_by_kind["raw"], datasets_by_kind["compact"]
+    assert not raw.context_embedded and compact.context_embedded
+    width = model.config.backbone_config["caption_projection_dim"]
+    assert compact[0]["prompt_embeds"].shape == (*raw[0]["prompt_embeds"].shape[:1], width)
+
+    results = []
+    for dataset in (raw, compact):
+        model.zero_grad(set_to_none=True)
+        batch = collate_cached_pairs([dataset[i] for i in range(4)])
+        output = preference_step(model, model, batch, seeded_generator(0), context_embedded=dataset.context_embedded)
+        output.loss.backward()
+        results.append((output.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+    (raw_loss, raw_grads), (compact_loss, compact_grads) = results
+    torch.testing.assert_close(compact_loss, raw_loss, atol=1e-6, rtol=1e-6)
+    assert raw_grads.keys() == compact_grads.keys() and any("add_q_proj.lora_A" in n for n in raw_grads)
+    for name, gradient in raw_grads.items():
+        torch.testing.assert_close(compact_grads[name], gradient, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_cache_of_raw_tokens_and_compact_cache_are_never_mistaken_for_each_other(tmp_path):
+    settings = dict.fromkeys(train_dinalrm.FINGERPRINT_SETTINGS)
+    raw, compact = (cache_fingerprint(settings, BucketSet(32, 8), torch.float32, c) for c in (False, True))
+    for written, wanted in ((raw, compact), (compact, raw)):
+        (tmp_path / "cache_info.json").write_text(json.dumps({"fingerprint": written, "splits": [], "skipped": {}}))
+        with pytest.raises(ValueError, match="built with other settings .*prompt_embeds"):
+            read_valid_cache_info(tmp_path, wanted)
+        assert read_valid_cache_info(tmp_path, written)["fingerprint"] == written
 
 
 def test_accelerate_state_files_become_safetensors_and_come_back_unchanged(tmp_path):
