@@ -1361,8 +1361,11 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         passed to [`~DiNaLRMModel.forward`] with `context_embedded=True`.
 
         Args:
-            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`): the family's prompt embeddings.
+            prompt_embeds (`torch.Tensor` of shape `(B, tokens, dim)`, or `list[torch.Tensor]`): the family's prompt
+                embeddings (Z-Image: one `(tokens_i, dim)` tensor per prompt, embedded one by one).
         """
+        if isinstance(prompt_embeds, (list, tuple)):  # Z-Image captions of their own lengths stay a list
+            return [self.backbone.embed_context(embeds[None].to(self.dtype))[0] for embeds in prompt_embeds]
         return self.backbone.embed_context(prompt_embeds.to(self.dtype))
 
     def _backbone_in_chunks(

@@ -1301,6 +1301,7 @@ class DiNaLRMFluxPipeline(_GeneratorFamilyPipeline):
         text_encoder ([`CLIPTextModel`]) / tokenizer ([`CLIPTokenizer`]): CLIP-L, for the pooled embedding.
         text_encoder_2 ([`T5EncoderModel`]) / tokenizer_2 ([`T5TokenizerFast`]): T5-XXL, for the token embeddings.
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): FLUX's scheduler.
+        compile (`bool`, defaults to `False`): compile the reward model's backbone blocks, as [`DiNaLRMPipeline`].
     """
 
     model_cpu_offload_seq = "text_encoder->text_encoder_2->vae->reward_model"
@@ -1375,6 +1376,7 @@ class DiNaLRMZImagePipeline(_GeneratorFamilyPipeline):
         text_encoder ([`PreTrainedModel`]): Z-Image's Qwen3 text encoder.
         tokenizer ([`PreTrainedTokenizerBase`]): its tokenizer, with the chat template.
         scheduler ([`FlowMatchEulerDiscreteScheduler`]): Z-Image's scheduler.
+        compile (`bool`, defaults to `False`): compile the reward model's backbone blocks, as [`DiNaLRMPipeline`].
     """
 
     model_cpu_offload_seq = "text_encoder->vae->reward_model"
@@ -1389,6 +1391,7 @@ class DiNaLRMZImagePipeline(_GeneratorFamilyPipeline):
         text_encoder: PreTrainedModel,
         tokenizer: PreTrainedTokenizerBase,
         scheduler: FlowMatchEulerDiscreteScheduler,
+        compile: bool = False,
     ):
         self._register(
             reward_model, compile, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler
