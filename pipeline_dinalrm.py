@@ -213,6 +213,42 @@ def resize_and_center_crop(image: PIL.Image.Image, size: tuple[int, int]) -> PIL
     return image.crop((left, top, left + target_w, top + target_h))
 
 
+def prompt_shared_noises(
+    draws: dict,
+    groups: list[int],
+    parts: list[tuple[list[int], torch.Tensor]],
+    num_noise_samples: int,
+    generator: torch.Generator | None,
+    max_latent_side: int,
+) -> list[list[torch.Tensor]]:
+    """Per part `(indices, latents)`, its `num_noise_samples` noise tensors under prompt sharing.
+
+    A prompt group not in `draws` yet gets `num_noise_samples` draws from `generator` (groups taken in the order of
+    their first sample), each at `max_latent_side`, the largest latent side the backbone takes
+    ([`DiNaLRMPipeline.max_latent_side_for`]); every latent gets the centre crop of its size. Latents of one size thus
+    share the noise exactly, and latents of other sizes share it where their centres align. As the parts hold
+    consecutive samples, the draws (and so every score) do not depend on how the inputs are batched. The reward
+    server draws one latent's noise with it too, so a sample scored there equals the pipeline's score.
+    """
+    latents = parts[0][1]
+    shape = (1, latents.shape[1], max_latent_side, max_latent_side)
+    for group in sorted({groups[index] for indices, _ in parts for index in indices}):
+        if group not in draws:
+            draws[group] = [
+                randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
+                for _ in range(num_noise_samples)
+            ]
+
+    def crop(noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        top, left = (noise.shape[-2] - height) // 2, (noise.shape[-1] - width) // 2
+        return noise[..., top : top + height, left : left + width]
+
+    return [
+        [torch.cat([crop(draws[groups[i]][k], *part.shape[-2:]) for i in indices]) for k in range(num_noise_samples)]
+        for indices, part in parts
+    ]
+
+
 def _require_rankable(rewards: torch.Tensor) -> None:
     """Refuses NaN rewards, which have no place in an order (a sort would silently put them first)."""
     if torch.isnan(rewards).any():
@@ -947,44 +983,6 @@ class DiNaLRMPipeline(DiffusionPipeline):
         kept = [indices[row] for row in rows]
         return kept, latents[rows], [noise[rows] for noise in noises], (indices, source)
 
-    def _shared_noises(
-        self,
-        draws: dict,
-        groups: list[int],
-        parts: list[tuple[list[int], torch.Tensor]],
-        num_noise_samples: int,
-        generator: torch.Generator | None,
-    ) -> list[list[torch.Tensor]]:
-        """Per part `(indices, latents)`, its `num_noise_samples` noise tensors under prompt sharing.
-
-        A prompt group not in `draws` yet gets `num_noise_samples` draws from `generator` (groups taken in the order of
-        their first sample), each at the largest latent size the backbone takes; every latent gets the centre crop of
-        its size. Latents of one size thus share the noise exactly, and latents of other sizes share it where their
-        centres align. As the parts hold consecutive samples, the draws (and so every score) do not depend on how
-        the inputs are batched.
-        """
-        latents = parts[0][1]
-        side = self.max_latent_side
-        shape = (1, latents.shape[1], side, side)
-        for group in sorted({groups[index] for indices, _ in parts for index in indices}):
-            if group not in draws:
-                draws[group] = [
-                    randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
-                    for _ in range(num_noise_samples)
-                ]
-
-        def crop(noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
-            top, left = (noise.shape[-2] - height) // 2, (noise.shape[-1] - width) // 2
-            return noise[..., top : top + height, left : left + width]
-
-        return [
-            [
-                torch.cat([crop(draws[groups[i]][k], *part.shape[-2:]) for i in indices])
-                for k in range(num_noise_samples)
-            ]
-            for indices, part in parts
-        ]
-
     def normalize_rewards(
         self, rewards: torch.Tensor, normalize: bool | str, t: float | list[float] | None = None
     ) -> torch.Tensor:
@@ -1042,7 +1040,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
         noises = None
         if noise_sharing == "prompt":
             groups = self._prompt_groups(prompt, prompt_embeds, pooled_prompt_embeds, len(indices))
-            noises = self._shared_noises({}, groups, [(indices, latents.detach())], num_noise_samples, generator)[0]
+            noises = prompt_shared_noises(
+                {}, groups, [(indices, latents.detach())], num_noise_samples, generator, self.max_latent_side
+            )[0]
         levels = self._noise_levels(t)
         rewards = self._score(latents, embeds, pooled, levels, num_noise_samples, generator, False, noises)
         return self.normalize_rewards(rewards, normalize, levels)
@@ -1138,7 +1138,9 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 parts = list(self._latent_groups(batch, images, latents, resolution, sample_posterior, generator))
                 noises = [None] * len(parts)
                 if groups is not None:
-                    noises = self._shared_noises(shared_draws, groups, parts, num_noise_samples, generator)
+                    noises = prompt_shared_noises(
+                        shared_draws, groups, parts, num_noise_samples, generator, self.max_latent_side
+                    )
                 for (indices, batch_latents), part_noises in zip(parts, noises):
                     inverse = None
                     if groups is not None:  # equal latents of one prompt share their noise: score them once

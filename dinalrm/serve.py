@@ -160,25 +160,11 @@ def parse_latent_request(body: bytes, version: str | None, channels: int) -> dic
 def seeded_noise(reward_model, latent: torch.Tensor, seed: int) -> torch.Tensor:
     """The noise `DiNaLRMPipeline.__call__` gives one latent `[1, C, h, w]` scored alone with
     `generator=torch.Generator().manual_seed(seed)` (its prompt-shared draw, cropped to the latent's size)."""
-    from pipeline_dinalrm import DiNaLRMPipeline
+    from pipeline_dinalrm import DiNaLRMPipeline, prompt_shared_noises
 
-    owner = _NoiseOwner(
-        reward_model,
-        reward_model.config.backbone_config["patch_size"],
-        DiNaLRMPipeline.max_latent_side_for(reward_model),
-    )
+    side = DiNaLRMPipeline.max_latent_side_for(reward_model)
     generator = torch.Generator().manual_seed(seed)
-    return DiNaLRMPipeline._shared_noises(owner, {}, [0], [([0], latent)], 1, generator)[0][0]
-
-
-@dataclass
-class _NoiseOwner:
-    """The attributes `DiNaLRMPipeline._shared_noises` reads, so that its one noise rule serves a reward model
-    loaded alone."""
-
-    reward_model: torch.nn.Module
-    patch_size: int
-    max_latent_side: int
+    return prompt_shared_noises({}, [0], [([0], latent)], 1, generator, side)[0][0]
 
 
 def score_latent_batch(reward_model, requests: list[dict[str, torch.Tensor]]) -> list[list[float]]:
