@@ -124,6 +124,13 @@ def _join_levels(tokens: torch.Tensor, num_levels: int) -> torch.Tensor:
     return tokens.unflatten(0, (num_levels, -1)).transpose(0, 1).flatten(1, 2)
 
 
+def _cat_padded_tokens(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`(B_i, N_i, W)` token batches concatenated along the batch, zero-padded to the longest `N_i` (Z-Image passes of
+    captions of different lengths: the head masks the padding)."""
+    length = max(t.shape[1] for t in tensors)
+    return torch.cat([t if t.shape[1] == length else F.pad(t, (0, 0, 0, length - t.shape[1])) for t in tensors])
+
+
 def _checks_values(check_finite: bool | None, tensor: torch.Tensor) -> bool:
     """Whether to look at `tensor`'s values: `check_finite` if given, else only for a CPU tensor outside compilation.
 
@@ -438,12 +445,6 @@ class DiNaLRMFeatureExtractor(nn.Module):
         if pooled.shape[-1] != dim:
             raise ValueError(f"pooled_prompt_embeds have dim {pooled.shape[-1]}, the backbone expects {dim}.")
 
-    @staticmethod
-    def _per_latent(context: torch.Tensor, batch: int) -> torch.Tensor:
-        """`context` for each of `batch` latents: a prompt batch that divides `batch` is tiled (the ensemble's
-        levels share their prompts, so their text is embedded once and repeated after the embedding)."""
-        return context if context.shape[0] == batch else context.repeat(batch // context.shape[0], 1, 1)
-
     def _block(self, block: nn.Module, *args) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """Runs one block, through gradient checkpointing when it is enabled and gradients are on."""
         if self.gradient_checkpointing and torch.is_grad_enabled():
@@ -566,7 +567,6 @@ class SD3FeatureExtractor(DiNaLRMFeatureExtractor):
         temb = self.time_text_embed(timestep, pooled_projections)
         if not context_embedded:
             encoder_hidden_states = self.context_embedder(encoder_hidden_states)
-        encoder_hidden_states = self._per_latent(encoder_hidden_states, hidden_states.shape[0])
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb)
 
 
@@ -679,7 +679,6 @@ class FluxFeatureExtractor(DiNaLRMFeatureExtractor):
             temb = self.time_text_embed(timestep, guidance, pooled_projections)
         if not context_embedded:
             encoder_hidden_states = self.context_embedder(encoder_hidden_states)
-        encoder_hidden_states = self._per_latent(encoder_hidden_states, batch)
         return temb, *self._dual_stream_features(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
 
 
@@ -825,7 +824,6 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         cap_totals = [n + -n % _ZIMAGE_SEQ_MULTIPLE for n in cap_lens]
         cap_width = max(cap_totals)
         adaln_input = self.t_embedder(timestep * self.t_scale).type_as(latents)
-        cap_feats = self._per_latent(cap_feats, batch)
 
         x = latents.view(batch, channels, rows, patch, cols, patch).permute(0, 2, 4, 3, 5, 1)
         x = self.all_x_embedder[f"{patch}-1"](x.reshape(batch, image_len, patch * patch * channels))
@@ -1368,32 +1366,43 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             return [self.backbone.embed_context(embeds[None].to(self.dtype))[0] for embeds in prompt_embeds]
         return self.backbone.embed_context(prompt_embeds.to(self.dtype))
 
-    def _backbone_in_chunks(
+    def _backbone_passes(
         self, noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask=None, context_embedded: bool = False
     ):
-        """Backbone features of `noisy`; `prompt_embeds` may hold one prompt per sample of a level, tiled over the
-        levels after the text embedding (before it when the batch is split into chunks). `prompt_mask` (Z-Image:
-        real caption tokens of padded prompts) has one row per latent; `context_embedded` as in `forward`."""
+        """Backbone features of `noisy`, which stacks the ensemble's levels of one batch (`prompt_embeds` has one row
+        per sample of a level; `pooled`, `prompt_mask` and the noise levels one row per latent).
+
+        The text is embedded once, before any pass (it does not depend on `t` until the first block), then the
+        backbone runs one pass per level, split further into chunks of `config.max_backbone_batch_size`. Stacking
+        the levels into one pass is not cheaper once a level's batch fills the hardware, and on the CPU it is slower
+        (larger activations fall out of cache): `benchmarks/bench_floor.py` measures the ensemble against three
+        single-level passes.
+        """
         dtype = self.dtype
-        chunk = self.config.max_backbone_batch_size or noisy.shape[0]
-        if chunk < noisy.shape[0]:
-            prompt_embeds = self.backbone._per_latent(prompt_embeds, noisy.shape[0])
-        parts = [
-            self.backbone(
-                noisy[i : i + chunk].to(dtype),
-                prompt_embeds[i : i + chunk].to(dtype),
-                None if pooled is None else pooled[i : i + chunk].to(dtype),
-                self.backbone.timestep(sigmas[i : i + chunk], timesteps[i : i + chunk]),
-                *(() if prompt_mask is None else (prompt_mask[i : i + chunk],)),
-                context_embedded=context_embedded,
-            )
-            for i in range(0, noisy.shape[0], chunk)
-        ]
+        batch = prompt_embeds.shape[0]
+        context = prompt_embeds.to(dtype)
+        if not context_embedded:
+            context = self.backbone.embed_context(context)
+        chunk = min(self.config.max_backbone_batch_size or batch, batch)
+        parts = []
+        for level_start in range(0, noisy.shape[0], batch):
+            for offset in range(0, batch, chunk):
+                rows = slice(level_start + offset, level_start + min(offset + chunk, batch))
+                parts.append(
+                    self.backbone(
+                        noisy[rows].to(dtype),
+                        context[offset : offset + chunk],
+                        None if pooled is None else pooled[rows].to(dtype),
+                        self.backbone.timestep(sigmas[rows], timesteps[rows]),
+                        *(() if prompt_mask is None else (prompt_mask[rows],)),
+                        context_embedded=True,
+                    )
+                )
         if len(parts) == 1:
             return parts[0]
         temb = torch.cat([p[0] for p in parts])
         visual = [torch.cat(layer) for layer in zip(*(p[1] for p in parts))]
-        text = [torch.cat(layer) for layer in zip(*(p[2] for p in parts))]
+        text = [_cat_padded_tokens(layer) for layer in zip(*(p[2] for p in parts))]
         return temb, visual, text
 
     def _reward_over_levels(
@@ -1407,11 +1416,12 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         prompt_mask=None,
         context_embedded: bool = False,
     ) -> torch.Tensor:
-        """Rewards of `num_levels` stacked copies of a batch: one backbone pass, tokens joined per sample.
+        """Rewards of `num_levels` stacked copies of a batch: the levels' features fused together, their tokens
+        joined per sample.
 
         `prompt_mask` (`(B * num_levels, tokens)`) marks the real caption tokens of prompts padded to one length.
         """
-        temb, visual, text = self._backbone_in_chunks(
+        temb, visual, text = self._backbone_passes(
             noisy, sigmas, timesteps, prompt_embeds, pooled, prompt_mask, context_embedded
         )
         fused_visual, fused_text = self.reward_head.fuse(visual, text, temb)
@@ -1488,7 +1498,8 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
             pooled_prompt_embeds (`torch.Tensor` of shape `(B, pooled_projection_dim)`, *optional*): pooled prompt
                 embeddings (SD3, FLUX); `None` for Z-Image.
             t (`float` or `list[float]`, *optional*): one noise level, or a list of levels for the token-level
-                ensemble (all levels in one backbone pass, their tokens joined before the query head). Defaults to
+                ensemble (the text embedded once, one backbone pass per level, their tokens joined before the query
+                head). Defaults to
                 `config.default_t`.
             noise (`torch.Tensor` or `list[torch.Tensor]`, *optional*): a tensor shaped like `latents` shared by all
                 levels (the default convention), or one tensor per level. Drawn from `generator` when omitted.

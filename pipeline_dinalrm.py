@@ -1084,7 +1084,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
             prompt_embeds / pooled_prompt_embeds (`torch.Tensor`): precomputed embeddings instead of `prompt`
                 (see `encode_prompt`); one row for all samples or one per sample.
             t (`float` or `list[float]`, *optional*): noise level in [0, 1] (snapped to the scheduler's table), or a
-                list of levels for the token-level ensemble (one batched backbone pass, one noise shared by all
+                list of levels for the token-level ensemble (one backbone pass per level, one noise shared by all
                 levels). Defaults to `reward_model.config.default_t` (0.4); the paper's ensemble is
                 `reward_model.config.ensemble_t` (0.2, 0.5, 0.7).
             num_noise_samples (`int`): average the reward over this many noise draws (lower variance); with

@@ -420,6 +420,13 @@ def test_zimage_captions_of_different_lengths_match_the_full_model_and_their_own
         alone = [model.score_latents(latents[i : i + 1], [c], t=[0.3, 0.7], noise=noise[i : i + 1]) for i, c in
                  enumerate(captions)]  # fmt: skip
     torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=0)
+    model.config.max_backbone_batch_size = 1  # one caption per pass: passes of different text lengths
+    try:
+        with torch.no_grad():
+            chunked = model.score_latents(latents, captions, t=[0.3, 0.7], noise=noise)
+    finally:
+        model.config.max_backbone_batch_size = None
+    torch.testing.assert_close(chunked, together, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="Z-Image backbones only"):
         DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))._batch_prompts(captions)
 

@@ -1,4 +1,5 @@
-"""The ensemble does each level-independent piece of work once: the text embedding, and one batched layer fusion."""
+"""The ensemble does each level-independent piece of work once: the text embedding, and one batched layer fusion;
+the backbone runs one pass per level (never a pass that stacks levels), split by `max_backbone_batch_size`."""
 
 import pytest
 import torch
@@ -29,12 +30,13 @@ def record_batches(module: torch.nn.Module, seen: list[int]):
     return module.register_forward_hook(lambda _module, args, _output: seen.append(args[0].shape[0]))
 
 
-@pytest.mark.parametrize("chunk", [None, 4], ids=["one_pass", "chunked"])
+@pytest.mark.parametrize("chunk", [None, 2], ids=["one_pass_per_level", "chunked"])
 def test_text_is_embedded_once_across_levels(model, inputs, chunk, monkeypatch):
     latents, prompt, pooled, noise = inputs
     monkeypatch.setattr(model.config, "max_backbone_batch_size", chunk)
-    embedded, adapted = [], []
+    embedded, passes, adapted = [], [], []
     hooks = [record_batches(model.backbone.context_embedder, embedded)]
+    hooks.append(record_batches(model.backbone.transformer_blocks[0], passes))
     hooks += [record_batches(a, adapted) for a in model.reward_head.layer_adapters_visual]
     try:
         with torch.no_grad():
@@ -42,10 +44,11 @@ def test_text_is_embedded_once_across_levels(model, inputs, chunk, monkeypatch):
     finally:
         for hook in hooks:
             hook.remove()
+    assert embedded == [3]  # the 3 prompts, not 3 levels x 3 prompts, whatever the chunking
     if chunk is None:
-        assert embedded == [3]  # the 3 prompts, not 3 levels x 3 prompts
-    else:  # split batches take the tiled prompts, chunk by chunk
-        assert embedded == [4, 4, 1]
+        assert passes == [3, 3, 3]  # one pass per level
+    else:  # each level's 3 samples in chunks of at most 2
+        assert passes == [2, 1, 2, 1, 2, 1]
     # One fusion over all levels: each layer adapter runs once on the 9 level-stacked samples.
     assert adapted == [9, 9, 9]
 
