@@ -104,7 +104,7 @@ dinalrm-score --model {repo_id} --prompt "a photo of a cat" a.png b.png
 
 The DiNa-LRM code (`pipeline_dinalrm.py`, `reward_model/modeling_dinalrm.py`) is Apache-2.0. The backbone blocks
 inside `reward_model/` and the VAE, text encoders, tokenizers and scheduler in this repository come from
-[{base}](https://huggingface.co/{base}) and are distributed under the
+{base_link} and are distributed under the
 [{license_title}]({license_link}); using this repository means accepting that licence.
 
 ## Citation
@@ -183,13 +183,16 @@ def write_model_card(
     """The repository's README.md: Hub metadata (see [`card_data`]) and a usage card."""
     config = pipe.reward_model.config
     facts = FAMILY_CARDS[config.backbone]
+    # A local base is named by its folder: the card must not publish a path of the machine that built it.
+    base_name = f"the local pipeline `{os.path.basename(os.path.normpath(base))}`" if os.path.isdir(base) else base
     metadata = card_data(base, repo_id, "diffusers", datasets, eval_results, config.backbone)
     body = CARD_BODY.format(
         family=facts.name,
         generator=facts.generator,
         license_title=facts.license_title,
         repo_id=repo_id,
-        base=base,
+        base=base_name,
+        base_link=base_name if os.path.isdir(base) else f"[{base}](https://huggingface.co/{base})",
         num_layers=config.num_backbone_layers,
         default_t=config.default_t,
         ensemble_t=list(config.ensemble_t),

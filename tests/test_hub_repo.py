@@ -178,6 +178,9 @@ def test_model_card(hub_repo):
         "dinalrm-score --model hub",
     ):
         assert expected in card, expected
+    # The base was a local folder: the card names it without the build machine's path or a broken Hub link.
+    assert str(hub_repo.parent) not in card and "huggingface.co//" not in card
+    assert "the local pipeline `base`" in card
 
 
 def test_fresh_process_loads_give_the_in_memory_rewards(hub_repo, tmp_path):
