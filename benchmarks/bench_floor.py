@@ -38,17 +38,24 @@ def floor_forward(transformer, num_layers: int, latents, prompt_embeds, pooled, 
     return hidden
 
 
-def build_floor(folder: str, model, lora: bool):
-    """The saved transformer (random medium weights, same as the model's), optionally with the model's LoRA."""
+def build_floor(
+    folder: str,
+    num_layers: int,
+    lora_targets: list[str] | None = None,
+    rank: int = 16,
+    alpha: int = 32,
+    subfolder: str | None = None,
+):
+    """The saved transformer (random medium weights, same as the model's) cut to its first `num_layers` blocks,
+    with LoRA of `rank` / `alpha` on `lora_targets` (module names inside the transformer) when given."""
     from diffusers import SD3Transformer2DModel
     from peft import LoraConfig, inject_adapter_in_model
 
-    transformer = SD3Transformer2DModel.from_pretrained(folder).eval()
+    transformer = SD3Transformer2DModel.from_pretrained(folder, subfolder=subfolder).eval()
+    del transformer.transformer_blocks[num_layers:]
     transformer.requires_grad_(False)
-    if lora:
-        targets = [f"transformer_blocks.{name.split('transformer_blocks.', 1)[1]}" for name in model.lora_layers()]
-        config = LoraConfig(r=model.config.lora_rank, lora_alpha=model.config.lora_alpha, target_modules=targets)
-        inject_adapter_in_model(config, transformer)
+    if lora_targets:
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha, target_modules=lora_targets), transformer)
         for name, param in transformer.named_parameters():
             param.requires_grad_(".lora_" in name)
     return transformer
@@ -142,7 +149,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         model, config = build_model(folder)
         model.add_lora(rank=16, alpha=32)
-        floor = build_floor(folder, model, lora=True)
+        targets = [f"transformer_blocks.{name.split('transformer_blocks.', 1)[1]}" for name in model.lora_layers()]
+        floor = build_floor(
+            folder, model.config.num_backbone_layers, targets, model.config.lora_rank, model.config.lora_alpha
+        )
     model.train()  # dropout is 0: train mode changes nothing but the autograd graph
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(

@@ -16,9 +16,14 @@ Workloads, each in a fresh process per side, sides alternating, `--repeats` roun
   two forwards, chosen then rejected; ours: `preference_step`'s one batched forward; with
   `--gradient_checkpointing`, ours recomputes the blocks' activations in the backward instead of keeping them).
 
+A third side, the floor, runs each workload as `bench_floor.py` defines it: the saved transformer cut to its first
+7 blocks with the same LoRA, called directly (no head, no checks; training: forward + backward of the pairs' samples
+and the optimiser step). No implementation of the method can do less, so reference / floor bounds what any rewrite
+could gain over the reference on that workload.
+
 No reference file is edited; its package `__init__` (which imports scikit-learn for inference utilities) is
 bypassed by importing `diffusion_rm.models.sd3_rm` directly. Prints median seconds and peak resident set size per
-side and the reference / ours ratios (> 1 means we are faster or smaller).
+side, the reference / ours ratios (> 1 means we are faster or smaller) and the reference / floor bounds.
 
     git clone https://github.com/HKUST-C4G/diffusion-rm CHECKOUT  # needs omegaconf besides our dependencies
     python benchmarks/bench_vs_reference.py --reference_dir CHECKOUT [--repeats 3] [--batch_size 4]
@@ -36,6 +41,9 @@ from pathlib import Path
 
 
 WORKLOADS = ("load", "single", "ensemble", "train")
+SIDES = ("reference", "ours", "floor")
+# The reference's LoRA targets (`SD3RewardModel.__init__`), on every kept block.
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 LEVELS = [0.2, 0.5, 0.7]
 MODEL_CONFIG = {
     "model_type": "thurstone",
@@ -146,7 +154,7 @@ def run_side(side: str, workload: str, root: Path, options, queue) -> None:
 
     sampler = ResidentMemorySampler()  # polls /proc: ru_maxrss would include the parent's peak (fork + exec)
     try:
-        result = (run_reference if side == "reference" else run_ours)(workload, root, options)
+        result = {"reference": run_reference, "ours": run_ours, "floor": run_floor}[side](workload, root, options)
         queue.put({**result, "peak_rss_mb": sampler.stop() / 2**20})
     except BaseException as error:
         queue.put({"error": f"{type(error).__name__}: {error}"})
@@ -261,6 +269,43 @@ def run_ours(workload: str, root: Path, options) -> dict:
     return measure(workload, load_s, {"single": single, "ensemble": ensemble, "train": train}, options)
 
 
+def run_floor(workload: str, root: Path, options) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from bench_floor import build_floor, floor_forward
+
+    torch.set_num_threads(options.threads)
+    layers, lora = MODEL_CONFIG["num_transformer_layers"], MODEL_CONFIG["lora_config"]
+    targets = [f"transformer_blocks.{i}.attn.{name}" for i in range(layers) for name in LORA_TARGETS]
+    start = time.perf_counter()
+    transformer = build_floor(str(root / "sd3"), layers, targets, lora["r"], lora["lora_alpha"], "transformer")
+    load_s = time.perf_counter() - start
+    latents, prompt, pooled = batch_inputs(root, options.batch_size, options.latent_size)
+    chosen = latents[: options.batch_size]
+    timestep = torch.full((len(latents),), 400.0)
+
+    @torch.no_grad()
+    def single():
+        floor_forward(transformer, layers, chosen, prompt, pooled, timestep[: len(chosen)])
+
+    @torch.no_grad()
+    def ensemble():
+        for _ in LEVELS:
+            floor_forward(transformer, layers, chosen, prompt, pooled, timestep[: len(chosen)])
+
+    if workload == "train":
+        transformer.train()
+        optimizer = torch.optim.AdamW([p for p in transformer.parameters() if p.requires_grad], lr=1e-4)
+
+    def train():
+        hidden = floor_forward(transformer, layers, latents, prompt.repeat(2, 1, 1), pooled.repeat(2, 1), timestep)
+        F.logsigmoid(hidden.mean()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return measure(workload, load_s, {"single": single, "ensemble": ensemble, "train": train}, options)
+
+
 def measure(workload: str, load_s: float, functions: dict, options) -> dict:
     """Seconds of the workload (load: the load itself; others: median of `--steps` after a warm-up)."""
     if workload == "load":
@@ -296,15 +341,16 @@ def main() -> None:
     import_reference(options.reference_dir)  # fail early on a wrong folder
 
     context = multiprocessing.get_context("spawn")
-    results = {(side, w): [] for side in ("reference", "ours") for w in WORKLOADS}
+    results = {(side, w): [] for side in SIDES for w in WORKLOADS}
     workloads = options.workloads.split(",")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
         prepare(root, options.reference_dir)
         for round_ in range(options.repeats):
             for workload in workloads:
-                sides = ("reference", "ours") if round_ % 2 == 0 else ("ours", "reference")
-                for side in sides:
+                for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
+                    if side == "floor" and workload == "load":  # the floor is defined for the computation only
+                        continue
                     queue = context.Queue()
                     process = context.Process(target=run_side, args=(side, workload, root, options, queue))
                     process.start()
@@ -320,17 +366,28 @@ def main() -> None:
         f"{', ours with gradient checkpointing' if options.gradient_checkpointing else ''}; median of {options.repeats} fresh "
         f"processes per side (x {options.steps} calls)"
     )
+    medians = {
+        key: {field: statistics.median(r[field] for r in runs) for field in ("seconds", "peak_rss_mb")}
+        for key, runs in results.items()
+        if runs
+    }
+    print("time: seconds per side; reference / ours, and reference / floor (the most any implementation could gain)")
+    print_table(workloads, medians, "seconds", "s", ".3f")
+    print("peak resident set: MB per side; reference / ours, and reference / floor")
+    print_table(workloads, medians, "peak_rss_mb", "MB", ".0f")
+
+
+def print_table(workloads: list[str], medians: dict, field: str, unit: str, number: str) -> None:
+    """One row per workload: each side's median `field`, reference / ours and reference / floor ("-" without a
+    floor: load)."""
     print(
-        f"{'workload':<10}{'ref s':>10}{'ours s':>10}{'ref/ours':>10}{'ref RSS MB':>12}{'ours RSS MB':>13}{'ref/ours':>10}"
+        f"{'workload':<10}{'ref ' + unit:>10}{'ours ' + unit:>10}{'floor ' + unit:>10}{'ref/ours':>10}{'ref/floor':>11}"
     )
     for workload in workloads:
-        ref, ours = results["reference", workload], results["ours", workload]
-        ref_s, ours_s = (statistics.median(r["seconds"] for r in runs) for runs in (ref, ours))
-        ref_m, ours_m = (statistics.median(r["peak_rss_mb"] for r in runs) for runs in (ref, ours))
-        print(
-            f"{workload:<10}{ref_s:>10.3f}{ours_s:>10.3f}{ref_s / ours_s:>9.2f}x{ref_m:>12.0f}{ours_m:>13.0f}"
-            f"{ref_m / ours_m:>9.2f}x"
-        )
+        ref, ours = medians["reference", workload][field], medians["ours", workload][field]
+        floor = medians.get(("floor", workload), {}).get(field)
+        floor_value, bound = ("-", "-") if floor is None else (f"{floor:{number}}", f"{ref / floor:.2f}x")
+        print(f"{workload:<10}{ref:>10{number}}{ours:>10{number}}{floor_value:>10}{ref / ours:>9.2f}x{bound:>11}")
 
 
 if __name__ == "__main__":
