@@ -12,9 +12,14 @@ Workloads, each in a fresh process per side, sides alternating, `--repeats` roun
   `DiNaLRMModel.from_pretrained` of the converted checkpoint);
 - single / ensemble: scoring `--batch_size` latents at t = 0.4 / at t = 0.2, 0.5, 0.7 (reference: `forward` /
   `forward_ensemble`);
-- train: one optimiser step of a Thurstone preference batch with LoRA + head trainable (reference: its engine's
-  two forwards, chosen then rejected; ours: `preference_step`'s one batched forward; with
-  `--gradient_checkpointing`, ours recomputes the blocks' activations in the backward instead of keeping them).
+- train: one optimiser step of a Thurstone preference batch with LoRA + head trainable, as each trainer runs it
+  (reference: its engine's `encode_prompt` of the batch's prompts with the resident text encoders, then two
+  forwards, chosen then rejected; ours: `preference_step`'s one batched forward on the prompts' compact cached
+  features (the frozen context embedder's output, as `train_dinalrm.py` caches them), with no text encoder loaded; with `--gradient_checkpointing`, ours recomputes the blocks' activations in the
+  backward instead of keeping them).
+
+Every side reads the same prompt embeddings (205 tokens: 77 CLIP + 128 T5, as the reference's `encode_prompt`
+makes them; computed once in `prepare`, which is what our feature cache holds).
 
 A third side, the floor, runs each workload as `bench_floor.py` defines it: the saved transformer cut to its first
 7 blocks with the same LoRA, called directly (no head, no checks; training: forward + backward of the pairs' samples
@@ -45,6 +50,12 @@ SIDES = ("reference", "ours", "floor")
 # The reference's LoRA targets (`SD3RewardModel.__init__`), on every kept block.
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 LEVELS = [0.2, 0.5, 0.7]
+PROMPTS = (
+    "a red cube on a blue sphere",
+    "a watercolor fox in the snow",
+    "two cups of coffee on a wooden table",
+    "a lighthouse at night, long exposure",
+)
 MODEL_CONFIG = {
     "model_type": "thurstone",
     "num_transformer_layers": 7,
@@ -93,8 +104,13 @@ def reference_sigmas(scheduler, u, n_dim: int = 4):
     return sigma.reshape(-1, *([1] * (n_dim - 1))), timesteps
 
 
-def prepare(root: Path, reference_dir: str) -> None:
-    """Medium SD3 folder, a reference checkpoint written by the reference, and our conversion of it."""
+def batch_prompts(batch: int) -> list[str]:
+    return [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+
+
+def prepare(root: Path, reference_dir: str, batch: int) -> None:
+    """Medium SD3 folder, a reference checkpoint written by the reference, our conversion of it, and the embeddings
+    of `batch` prompts by the reference's `encode_prompt`."""
     import torch
 
     from dinalrm.testing import save_tiny_sd3_pipeline
@@ -114,19 +130,20 @@ def prepare(root: Path, reference_dir: str) -> None:
         json.dumps({"model": MODEL_CONFIG, "training": {"add_noise": True}})
     )
     convert_official_checkpoint(root / "official", root / "sd3").save_pretrained(root / "ours")
+    embeds = model.encode_prompt(batch_prompts(batch))
+    torch.save((embeds["encoder_hidden_states"], embeds["pooled_projections"]), root / "prompt_embeds.pt")
 
 
 def batch_inputs(root: Path, batch: int, size: int):
+    """Random clean latents of `batch` pairs (chosen first), and the embeddings `prepare` made of their prompts."""
     import torch
 
     from dinalrm.testing import medium_transformer_config
 
-    config = medium_transformer_config()
     generator = torch.Generator().manual_seed(0)
-    latents = torch.randn(2 * batch, config["in_channels"], size, size, generator=generator)
-    prompt = torch.randn(batch, 154, config["joint_attention_dim"], generator=generator)
-    pooled = torch.randn(batch, config["pooled_projection_dim"], generator=generator)
-    return latents, prompt, pooled
+    latents = torch.randn(2 * batch, medium_transformer_config()["in_channels"], size, size, generator=generator)
+    prompt, pooled = torch.load(root / "prompt_embeds.pt", weights_only=True)
+    return latents, prompt[:batch], pooled[:batch]
 
 
 def our_training_model(root: Path, gradient_checkpointing: bool = False):
@@ -204,14 +221,10 @@ def run_reference(workload: str, root: Path, options) -> dict:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
     def train():
+        text_conds = model.encode_prompt(batch_prompts(len(chosen)))  # the engine's every step
         sigmas, timesteps = reference_sigmas(scheduler, torch.rand(len(chosen)))
         scores = [
-            model(
-                latents=(1 - sigmas) * x + sigmas * noise,
-                timesteps=timesteps,
-                encoder_hidden_states=prompt,
-                pooled_projections=pooled,
-            )
+            model(latents=(1 - sigmas) * x + sigmas * noise, timesteps=timesteps, **text_conds)
             for x in (chosen, rejected)
         ]
         # The reference engine's Thurstone fidelity loss (`compute_loss`, model_type "thurstone").
@@ -252,6 +265,10 @@ def run_ours(workload: str, root: Path, options) -> dict:
 
     if workload == "train":
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        with (
+            torch.no_grad()
+        ):  # the compact feature cache train_dinalrm.py writes: the frozen context embedder's output
+            prompt = model.embed_context(prompt)
     batch = {
         "chosen": chosen,
         "rejected": rejected,
@@ -262,7 +279,8 @@ def run_ours(workload: str, root: Path, options) -> dict:
     steps = iter(range(10**6))
 
     def train():
-        preference_step(model, model, batch, seeded_generator(0, next(steps))).loss.backward()
+        step = preference_step(model, model, batch, seeded_generator(0, next(steps)), context_embedded=True)
+        step.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -345,7 +363,7 @@ def main() -> None:
     workloads = options.workloads.split(",")
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        prepare(root, options.reference_dir)
+        prepare(root, options.reference_dir, options.batch_size)
         for round_ in range(options.repeats):
             for workload in workloads:
                 for side in SIDES if round_ % 2 == 0 else SIDES[::-1]:
