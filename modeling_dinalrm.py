@@ -1499,8 +1499,7 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
                 embeddings (SD3, FLUX); `None` for Z-Image.
             t (`float` or `list[float]`, *optional*): one noise level, or a list of levels for the token-level
                 ensemble (the text embedded once, one backbone pass per level, their tokens joined before the query
-                head). Defaults to
-                `config.default_t`.
+                head). Defaults to `config.default_t`.
             noise (`torch.Tensor` or `list[torch.Tensor]`, *optional*): a tensor shaped like `latents` shared by all
                 levels (the default convention), or one tensor per level. Drawn from `generator` when omitted.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*): source of the noise.

@@ -12,10 +12,12 @@ that load from other processes hits both sides alike:
   backward of the same `2 x batch` samples (batch = pairs) through the blocks carrying the same LoRA.
 
 Prints the medians and the ours / floor ratio for every batch size and latent size (targets: scoring and ensemble
-<= 1.10x, training <= 1.20x). `--profile` adds a `torch.profiler` table of the top operators of each side at the
-first setting, which shows where the difference goes.
+<= 1.10x, training <= 1.20x). `--flops` adds the ours / floor ratio of FLOPs (`FlopCounterMode`, one more call per
+side): the part of the time ratio that is the reward head's own arithmetic, which the floor leaves out. `--profile`
+adds a `torch.profiler` table of the top operators of each side at the first setting, which shows where the
+difference goes.
 
-    python benchmarks/bench_floor.py [--batch_sizes 1,8,32] [--latent_sizes 32,64] [--repeats 3] [--profile]
+    python benchmarks/bench_floor.py [--batch_sizes 1,8,32] [--latent_sizes 32,64] [--repeats 3] [--flops] [--profile]
 """
 
 import argparse
@@ -118,6 +120,24 @@ def interleaved(ours, floor, repeats: int) -> tuple[float, float]:
     return statistics.median(times[ours]), statistics.median(times[floor])
 
 
+def flops(fn, modules: list[torch.nn.Module], with_grad: bool) -> int:
+    """FLOPs of one call of `fn`. A workload without gradients is counted with `modules` frozen: the counter's module
+    tracker rejects the grad-less views that no-grad mode makes of trainable parameters."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    trainable = [p for module in modules for p in module.parameters() if p.requires_grad]
+    if not with_grad:
+        for param in trainable:
+            param.requires_grad_(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+    return counter.get_total_flops()
+
+
 def profile(fn, label: str, rows: int) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -137,6 +157,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workloads", default="scoring,3-level ensemble,training step")
+    parser.add_argument("--flops", action="store_true", help="also print the ours / floor ratio of FLOPs")
     parser.add_argument("--profile", action="store_true", help="profile both sides at the first setting")
     parser.add_argument("--profile_rows", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="batch 1, 16x16 latents, 16 tokens, 1 repeat")
@@ -160,7 +181,10 @@ def main() -> None:
         f"({trainable / 1e6:.2f}M trainable with the head), {args.tokens} prompt tokens, {args.threads} threads, "
         f"median of {args.repeats}, interleaved"
     )
-    print(f"{'workload':<18}{'batch':>6}{'latent':>8}{'ours s':>10}{'floor s':>10}{'ours/floor':>12}")
+    print(
+        f"{'workload':<18}{'batch':>6}{'latent':>8}{'ours s':>10}{'floor s':>10}{'ours/floor':>12}"
+        + (f"{'FLOPs ours/floor':>18}" if args.flops else "")
+    )
     for size in map(int, args.latent_sizes.split(",")):
         for batch in map(int, args.batch_sizes.split(",")):
             for name, (ours, floor_fn) in workloads(model, floor, config, batch, size, args.tokens).items():
@@ -170,8 +194,14 @@ def main() -> None:
                     profile(ours, f"ours, {name}, batch {batch}, latent {size}", args.profile_rows)
                     profile(floor_fn, f"floor, {name}, batch {batch}, latent {size}", args.profile_rows)
                 ours_s, floor_s = interleaved(ours, floor_fn, args.repeats)
+                flop_ratio = ""
+                if args.flops:
+                    with_grad = name == "training step"
+                    ratio = flops(ours, [model, floor], with_grad) / flops(floor_fn, [model, floor], with_grad)
+                    flop_ratio = f"{ratio:>17.3f}x"
                 print(
-                    f"{name:<18}{batch:>6}{size:>8}{ours_s:>10.4f}{floor_s:>10.4f}{ours_s / floor_s:>11.2f}x",
+                    f"{name:<18}{batch:>6}{size:>8}{ours_s:>10.4f}{floor_s:>10.4f}{ours_s / floor_s:>11.2f}x"
+                    + flop_ratio,
                     flush=True,
                 )
             if args.profile:
