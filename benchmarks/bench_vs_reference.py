@@ -15,8 +15,9 @@ Workloads, each in a fresh process per side, sides alternating, `--repeats` roun
 - train: one optimiser step of a Thurstone preference batch with LoRA + head trainable, as each trainer runs it
   (reference: its engine's `encode_prompt` of the batch's prompts with the resident text encoders, then two
   forwards, chosen then rejected; ours: `preference_step`'s one batched forward on the prompts' compact cached
-  features (the frozen context embedder's output, as `train_dinalrm.py` caches them), with no text encoder loaded; with `--gradient_checkpointing`, ours recomputes the blocks' activations in the
-  backward instead of keeping them).
+  features (the frozen context embedder's output, as `train_dinalrm.py` caches them), with no text encoder
+  loaded; with `--gradient_checkpointing`, ours recomputes the blocks' activations in the backward instead of
+  keeping them).
 
 Every side reads the same prompt embeddings (205 tokens: 77 CLIP + 128 T5, as the reference's `encode_prompt`
 makes them; computed once in `prepare`, which is what our feature cache holds).
@@ -265,9 +266,8 @@ def run_ours(workload: str, root: Path, options) -> dict:
 
     if workload == "train":
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        with (
-            torch.no_grad()
-        ):  # the compact feature cache train_dinalrm.py writes: the frozen context embedder's output
+        # The compact feature cache train_dinalrm.py writes: the frozen context embedder's output.
+        with torch.no_grad():
             prompt = model.embed_context(prompt)
     batch = {
         "chosen": chosen,
