@@ -48,8 +48,6 @@ from pathlib import Path
 
 WORKLOADS = ("load", "single", "ensemble", "train")
 SIDES = ("reference", "ours", "floor")
-# The reference's LoRA targets (`SD3RewardModel.__init__`), on every kept block.
-LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 LEVELS = [0.2, 0.5, 0.7]
 PROMPTS = (
     "a red cube on a blue sphere",
@@ -292,9 +290,12 @@ def run_floor(workload: str, root: Path, options) -> dict:
     import torch.nn.functional as F
     from bench_floor import build_floor, floor_forward
 
+    from modeling_dinalrm import DEFAULT_LORA_TARGET_MODULES
+
     torch.set_num_threads(options.threads)
     layers, lora = MODEL_CONFIG["num_transformer_layers"], MODEL_CONFIG["lora_config"]
-    targets = [f"transformer_blocks.{i}.attn.{name}" for i in range(layers) for name in LORA_TARGETS]
+    # Our default targets are the reference's (`SD3RewardModel.__init__`), on every kept block.
+    targets = [f"transformer_blocks.{i}.attn.{name}" for i in range(layers) for name in DEFAULT_LORA_TARGET_MODULES]
     start = time.perf_counter()
     transformer = build_floor(str(root / "sd3"), layers, targets, lora["r"], lora["lora_alpha"], "transformer")
     load_s = time.perf_counter() - start
