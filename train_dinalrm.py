@@ -18,7 +18,7 @@ when complete, so `--resume_from_checkpoint latest` never picks a half-written o
 optimizer, LR scheduler, EMA weights, RNG states and the position in the data, and continues exactly as an
 uninterrupted run would. Checkpoints hold no pickles: what accelerate writes with `torch.save` (optimizer, scheduler,
 RNG states) is converted to safetensors before the rename, and handed back to accelerate on resume (all in
-`dinalrm.checkpointing`). The final folder `--output_dir` holds the EMA weights (with `--use_ema`) in
+`dinalrm.training.checkpointing`). The final folder `--output_dir` holds the EMA weights (with `--use_ema`) in
 `DiNaLRMModel.save_pretrained` form (LoRA merged); `--pipeline_output_dir` adds the whole Hub repository that
 `DiNaLRMPipeline.from_pretrained` loads.
 """
@@ -53,8 +53,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from huggingface_hub import ModelCard, create_repo, upload_folder
 from tqdm.auto import tqdm
 
-from dinalrm.buckets import BucketBatchSampler, BucketSet, buckets_for_model
-from dinalrm.checkpointing import (
+from dinalrm.data import DATA_FORMATS, ColumnNames, load_preference_dataset
+from dinalrm.hub import build_hub_repo, card_data, pairwise_accuracy_result
+from dinalrm.training.buckets import BucketBatchSampler, BucketSet, buckets_for_model
+from dinalrm.training.checkpointing import (
     CHECKPOINT_PREFIX,
     LOCK_FILE,
     PARTIAL_PREFIX,
@@ -66,8 +68,7 @@ from dinalrm.checkpointing import (
     resume_from,
     save_checkpoint,
 )
-from dinalrm.data import DATA_FORMATS, ColumnNames, load_preference_dataset
-from dinalrm.feature_cache import (
+from dinalrm.training.feature_cache import (
     FINGERPRINT_SETTINGS,
     CachedPairDataset,
     build_feature_cache,
@@ -75,8 +76,7 @@ from dinalrm.feature_cache import (
     collate_cached_pairs,
     read_valid_cache_info,
 )
-from dinalrm.hub import build_hub_repo, card_data, pairwise_accuracy_result
-from dinalrm.lrm_training import (
+from dinalrm.training.lrm import (
     LRMPairDataset,
     add_lrm_args,
     apply_official_recipe,
@@ -90,13 +90,13 @@ from dinalrm.lrm_training import (
     read_mpcf_scores,
     timestep_grid,
 )
-from dinalrm.lrm_training import load_encoding_pipeline as load_lrm_encoding_pipeline
-from dinalrm.pair_datasets import (
+from dinalrm.training.lrm import load_encoding_pipeline as load_lrm_encoding_pipeline
+from dinalrm.training.pair_datasets import (
     ImagePairDataset,
     collate_image_pairs,
     encode_image_pairs,
 )
-from dinalrm.training_utils import (
+from dinalrm.training.utils import (
     WEIGHTING_SCHEMES,
     parameter_digest,
     preference_step,
@@ -534,7 +534,7 @@ def load_encoding_pipeline(
 
 
 def encoders(pipeline: DiNaLRMPipeline, args, device: torch.device, embed_context=None):
-    """`(encode_prompts, encode_images)` callables for `dinalrm.pair_datasets` and the feature cache (no gradients).
+    """`(encode_prompts, encode_images)` callables for `dinalrm.training.pair_datasets` and the feature cache (no gradients).
 
     `embed_context` (optional) is applied to the prompt tokens: the frozen context embedder, for a compact cache.
     """
@@ -553,7 +553,7 @@ def encoders(pipeline: DiNaLRMPipeline, args, device: torch.device, embed_contex
 
 
 def fingerprint(args: argparse.Namespace, buckets: BucketSet, dtype: torch.dtype, context_embedded: bool) -> dict:
-    """The fingerprint of the feature cache these flags need (see `dinalrm.feature_cache.cache_fingerprint`)."""
+    """The fingerprint of the feature cache these flags need (see `dinalrm.training.feature_cache.cache_fingerprint`)."""
     settings = {key: getattr(args, key) for key in FINGERPRINT_SETTINGS}
     return cache_fingerprint(settings, buckets, dtype, context_embedded)
 

@@ -21,7 +21,7 @@ import torch
 from bench_model import build_model
 from safetensors.torch import save
 
-from dinalrm.serve import PROTOCOL_HEADER, ServeOptions, create_app
+from dinalrm.serving.server import PROTOCOL_HEADER, ServeOptions, create_app
 
 
 async def run_clients(app, bodies: list[bytes], clients: int) -> tuple[float, list[float]]:

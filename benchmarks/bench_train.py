@@ -95,9 +95,9 @@ def run_scenario(name: str, root: str, options: argparse.Namespace, queue) -> No
     import torch
     from accelerate import Accelerator
 
-    from dinalrm.buckets import BucketBatchSampler
-    from dinalrm.pair_datasets import encode_image_pairs
-    from dinalrm.training_utils import preference_step, seeded_generator
+    from dinalrm.training.buckets import BucketBatchSampler
+    from dinalrm.training.pair_datasets import encode_image_pairs
+    from dinalrm.training.utils import preference_step, seeded_generator
     from modeling_dinalrm import DiNaLRMOutput
     from train_dinalrm import build_reward_model, data_sources
 

@@ -100,7 +100,7 @@ def main() -> None:
     from bench_vs_reference import our_training_model
 
     from dinalrm.testing import medium_transformer_config, save_tiny_sd3_pipeline
-    from dinalrm.training_utils import preference_step, seeded_generator
+    from dinalrm.training.utils import preference_step, seeded_generator
 
     def nbytes(tensors) -> int:
         return sum(t.numel() * t.element_size() for t in tensors)

@@ -240,7 +240,7 @@ def run_reference(workload: str, root: Path, options) -> dict:
 def run_ours(workload: str, root: Path, options) -> dict:
     import torch
 
-    from dinalrm.training_utils import preference_step, seeded_generator
+    from dinalrm.training.utils import preference_step, seeded_generator
     from modeling_dinalrm import DiNaLRMModel
 
     torch.set_num_threads(options.threads)

@@ -4,7 +4,7 @@
 Builds random-initialised, real-size models (no download, no network): the SD3.5-Medium transformer as the
 generator (all weights trainable), DiNa-LRM on its first 12 blocks (features of blocks 4, 8, 12), and the
 pixel reward of the paper's comparison, SD3.5-M's VAE decoder + HPSv3 (Qwen2-VL-7B at HPSv3's 448x448 input).
-Models are built on the `meta` device from the configurations in `eval/efficiency.py`, then materialised on the
+Models are built on the `meta` device from the configurations in `dinalrm.evaluation.efficiency`, then materialised on the
 GPU (`to_empty`) and filled with N(0, 0.02) weights there, so no time goes into a CPU random init; rewards are
 meaningless, costs are real. The reward models are frozen; the gradient of the reward flows into the generator.
 
@@ -22,21 +22,15 @@ import argparse
 import contextlib
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
+from diffusers import SD3Transformer2DModel
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "eval")]
-
-import efficiency  # noqa: E402
-from diffusers import SD3Transformer2DModel  # noqa: E402
-
-from modeling_dinalrm import DiNaLRMConfig, DiNaLRMModel  # noqa: E402
+from dinalrm.evaluation import efficiency
+from modeling_dinalrm import DiNaLRMConfig, DiNaLRMModel
 
 
 NOISE_LEVEL = efficiency.GENERATOR_NOISE_LEVEL  # the generator's step; DiNa-LRM reads its prediction at t = 0.4

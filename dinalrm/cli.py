@@ -6,7 +6,7 @@
 
 Prints one raw reward and the per-prompt rank per image (higher = preferred) and, for two images, the probability
 that the first one is preferred; with `--output`, writes the rows to a CSV or JSON Lines file that a second run
-resumes (see `dinalrm.batch_scoring`). Bad rows are counted skips. Exit codes: 0 success, 1 the model could not be
+resumes (see `dinalrm.serving.scoring`). Bad rows are counted skips. Exit codes: 0 success, 1 the model could not be
 loaded, 2 bad arguments or no image that could be scored. Heavy imports (torch, diffusers) wait until the arguments
 are parsed, so `--help` is instant.
 """
@@ -20,9 +20,10 @@ import os
 import sys
 from pathlib import Path
 
+from dinalrm import DEFAULT_MODEL
 
-# The published checkpoint (official layout; converted on first use and cached) and the base it needs.
-DEFAULT_MODEL = "liuhuohuo/DiNa-LRM-SD35M-12layers"
+
+# The base the published checkpoint (`DEFAULT_MODEL`, official layout) needs.
 DEFAULT_BASE = "stabilityai/stable-diffusion-3.5-medium"
 # The tiny-world demo model shipped with the repository (examples/tiny_world); used when the default is unreachable.
 BUNDLED_TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "dinalrm-tiny"
@@ -193,7 +194,7 @@ def _quiet_progress_bars() -> None:
 
 def _rows_to_score(args: argparse.Namespace, skips) -> list:
     """The rows of the command line (files, folders, globs) or of the --pairs file, bad ones counted in `skips`."""
-    from dinalrm.batch_scoring import expand_images, rows_from_file, rows_from_images
+    from dinalrm.serving.scoring import expand_images, rows_from_file, rows_from_images
 
     rows = rows_from_file(args.rows_file, args.prompt, skips) if args.rows_file is not None else []
     if args.images:
@@ -204,7 +205,7 @@ def _rows_to_score(args: argparse.Namespace, skips) -> list:
 def _load_row_image(row, skips, header_only: bool = False):
     """The image of `row`, decoded as training and evaluation decode them (or only its header, a quick check before
     the model loads); None, counted in `skips`, if that fails."""
-    from dinalrm.images import OVERSIZED, ImageLoadError, load_image, read_image_size
+    from dinalrm.data import OVERSIZED, ImageLoadError, load_image, read_image_size
 
     try:
         return (read_image_size if header_only else load_image)(row.path)
@@ -253,7 +254,7 @@ def _score_rows(pipe, rows: list, keys: list, done: set, output, options: dict, 
     import torch
     from tqdm.auto import tqdm
 
-    from dinalrm.batch_scoring import output_row
+    from dinalrm.serving.scoring import output_row
 
     batches = [batch for batch in _batches(rows, options["batch_size"]) if any(keys[i] not in done for i in batch)]
     scored = {}
@@ -294,7 +295,7 @@ def score_main(argv: list[str] | None = None) -> int:
     if args.prompt is not None and not args.prompt.strip():
         print("error: --prompt is empty: pass the prompt the images were generated from.", file=sys.stderr)
         return 2
-    from dinalrm.batch_scoring import Skips, finish_rows, row_keys
+    from dinalrm.serving.scoring import Skips, finish_rows, row_keys
 
     skips = Skips()
     try:
@@ -334,7 +335,7 @@ def score_main(argv: list[str] | None = None) -> int:
     keys = row_keys(rows)
     output = None
     if args.output is not None:
-        from dinalrm.batch_scoring import OutputFile
+        from dinalrm.serving.scoring import OutputFile
 
         model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
         settings = {"model": model, "base": args.base, "dtype": dtype_name, "t": t, "normalize": normalize_name}

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from dinalrm.eval_datasets import BENCHMARKS
+from dinalrm.data import BENCHMARKS
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline, load_base_components
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 
-from dinalrm.photo_pairs import load_photos, make_pairs, split_photos
+from dinalrm.data.photo_pairs import load_photos, make_pairs, split_photos
 from dinalrm.testing import get_tiny_sd3_components, write_canonical_pairs
 
 root = Path(sys.argv[1])

@@ -3,7 +3,7 @@
 A randomly initialised VAE reconstructs nothing (~10 dB PSNR) and loses part of the evidence that tells a
 clean crop from a degraded one (JPEG artefacts most of all). This script trains a tiny diffusers
 `AutoencoderKL` (16 latent channels, downsampling factor 4, no quant convs, as in SD3) on random crops
-of the training photos of `dinalrm.photo_pairs` -- clean and, with probability `--degrade_prob`,
+of the training photos of `dinalrm.data.photo_pairs` -- clean and, with probability `--degrade_prob`,
 degraded, so that degraded images are reconstructed faithfully rather than cleaned up.
 
 An L1-only tiny VAE still cleans them up: it cannot reproduce pixel noise exactly, so the loss-optimal
@@ -38,7 +38,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from dinalrm.photo_pairs import (
+from dinalrm.data.photo_pairs import (
     DEGRADATIONS,
     TINY_VAE_CONFIG,
     images_to_tensor,

@@ -23,8 +23,8 @@ OFFICIAL_TINY = REPO_ROOT / "tests" / "fixtures" / "official-tiny"
 OFFICIAL_LRM_TINY = REPO_ROOT / "tests" / "fixtures" / "official-lrm-tiny"
 PARITY_RELATIVE_TOLERANCE = 1e-5
 # The only sys.path edit of the repository: the package is installed (`pip install -e .`), but tests also import the
-# script folders' modules (eval/common.py, examples/tiny_world/domain.py, ...) as a script run there would see them.
-for folder in (REPO_ROOT, REPO_ROOT / "eval", REPO_ROOT / "examples" / "tiny_world", REPO_ROOT / "examples" / "refl"):
+# example folders' modules (examples/tiny_world/domain.py, ...) as a script run there would see them.
+for folder in (REPO_ROOT, REPO_ROOT / "examples" / "tiny_world", REPO_ROOT / "examples" / "refl"):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
 

@@ -355,7 +355,7 @@ def test_flux_pipeline_round_trips_and_refuses_other_families(flux_pipe, tmp_pat
 def test_run_eval_scores_a_model_of_the_family_and_checks_it(family, flux_pipe, zimage_pipe, tmp_path, capsys):
     """`eval/run_eval.py --backbone flux|zimage` on a saved DiNa-LRM repository of that family; a wrong family is
     refused."""
-    import run_eval
+    from dinalrm.evaluation import runner as run_eval
 
     pipe, reward_model = flux_pipe if family == "flux" else zimage_pipe
     pipeline_class = DiNaLRMFluxPipeline if family == "flux" else DiNaLRMZImagePipeline

@@ -17,7 +17,7 @@ import torch
 from conftest import REPO_ROOT
 
 from dinalrm import cli
-from dinalrm.batch_scoring import OutputFile
+from dinalrm.serving.scoring import OutputFile
 from dinalrm.testing import get_tiny_dinalrm_pipeline
 from pipeline_dinalrm import DiNaLRMPipeline
 

@@ -8,11 +8,11 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from calibrate import calibration_errors, fit_slope
-from calibrate import main as calibrate_main
 from conftest import REPO_ROOT
 
 from dinalrm import cli
+from dinalrm.evaluation.calibration import calibration_errors, fit_slope
+from dinalrm.evaluation.calibration import main as calibrate_main
 from dinalrm.testing import get_tiny_dinalrm_pipeline, write_tiny_preference_dataset
 from pipeline_dinalrm import DiNaLRMPipeline
 

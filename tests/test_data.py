@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dinalrm.buckets import ASPECT_RATIO_BUCKETS, BucketSet
 from dinalrm.data import (
     ColumnNames,
     detect_format,
@@ -21,7 +20,8 @@ from dinalrm.data import (
     resize_and_center_crop,
     write_canonical_pairs,
 )
-from dinalrm.images import CORRUPT, MISSING, ImageLoadError, load_image, read_image_size
+from dinalrm.data.images import CORRUPT, MISSING, ImageLoadError, load_image, read_image_size
+from dinalrm.training.buckets import ASPECT_RATIO_BUCKETS, BucketSet
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:

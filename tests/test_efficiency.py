@@ -1,6 +1,5 @@
 """Tests of eval/efficiency.py: hand-checkable FLOP counts, the memory tracker, tiny models, and the full script."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -13,16 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dinalrm.evaluation import efficiency
 from dinalrm.testing import tiny_flux_transformer_config, tiny_zimage_transformer_config
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "eval" / "efficiency.py"
 
-spec = importlib.util.spec_from_file_location("eval_efficiency", SCRIPT)
-efficiency = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = efficiency
-spec.loader.exec_module(efficiency)
 
 TINY_TRANSFORMER = {
     "sample_size": 8,

@@ -4,18 +4,15 @@ against hand counts."""
 import csv
 import json
 
-import noise_sharing
-import noise_sweep
 import numpy as np
 import pytest
-import run_eval
-import scorers
-import uncertainty
 from accelerate import Accelerator
 from PIL import Image
 
 from dinalrm.data import FIRST, SECOND, write_canonical_pairs
-from dinalrm.eval_datasets import Benchmark, BenchmarkImage, BenchmarkPair
+from dinalrm.data.benchmarks import Benchmark, BenchmarkImage, BenchmarkPair
+from dinalrm.evaluation import noise_sharing, noise_sweep, scorers, uncertainty
+from dinalrm.evaluation import runner as run_eval
 from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
 
 

@@ -12,11 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets
 import huggingface_hub
 import pytest
-from common import benchmark_accuracy, compute_accuracy  # eval/common.py, on sys.path through conftest
 from PIL import Image
 
 from dinalrm.data import FIRST, SECOND, TIE
-from dinalrm.eval_datasets import BenchmarkPair, collect_scores, load_benchmark
+from dinalrm.data.benchmarks import BenchmarkPair, collect_scores, load_benchmark
+from dinalrm.evaluation.common import benchmark_accuracy, compute_accuracy
 
 
 def save(path, color=(0, 0, 0)):
@@ -270,7 +270,7 @@ def test_pickapic_splits_ties_and_corrupt_images(tmp_path, caplog):
     bench = load_benchmark("pickapic_v2", str(tmp_path), cache_dir=str(tmp_path / "cache"))
     assert bench.split == "test_unique" and [p.label for p in bench.pairs] == [FIRST, SECOND, FIRST]
     assert bench.n_gt_ties_dropped == 1
-    with caplog.at_level(logging.WARNING, logger="dinalrm.eval_datasets"):
+    with caplog.at_level(logging.WARNING, logger="dinalrm.data.benchmarks"):
         scores, stats = collect_scores(bench, red_score)
     assert stats["corrupt_image"] == 1 and stats.kept == 5
     assert "images scored: kept 5, skipped 1 (corrupt_image=1)" in caplog.text

@@ -10,17 +10,15 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-import common
-import noise_sweep
 import numpy as np
 import pytest
-import run_eval
-import scorers
 import torch
 from PIL import Image
 
 from dinalrm.data import write_canonical_pairs
-from dinalrm.eval_datasets import load_benchmark
+from dinalrm.data.benchmarks import load_benchmark
+from dinalrm.evaluation import common, noise_sweep, scorers
+from dinalrm.evaluation import runner as run_eval
 from dinalrm.testing import (
     make_tiny_image_pair,
     save_tiny_clip,

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dinalrm.flow_sde import sde_step
+from dinalrm.alignment.flow_sde import sde_step
 
 
 def _inputs(batch=3, seed=0):

@@ -1,10 +1,10 @@
-"""`dinalrm.lpo` beyond the official fixture: the reward adapters and the generic step loop's contract."""
+"""`dinalrm.alignment.lpo` beyond the official fixture: the reward adapters and the generic step loop's contract."""
 
 import pytest
 import torch
 
-from dinalrm.flow_sde import sde_step
-from dinalrm.lpo import (
+from dinalrm.alignment.flow_sde import sde_step
+from dinalrm.alignment.lpo import (
     CallableReward,
     DiNaLRMReward,
     LatentReward,

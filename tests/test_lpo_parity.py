@@ -1,6 +1,6 @@
 """LPO parity with the official code (Kwai-Kolors/LPO `lpo/`) on `tests/fixtures/official-lrm-tiny`.
 
-`dinalrm.lpo` recomputes the fixture's thresholds, candidate comparison, the seeded multi-candidate DDIM run
+`dinalrm.alignment.lpo` recomputes the fixture's thresholds, candidate comparison, the seeded multi-candidate DDIM run
 (trajectory, candidates, scores, kept pairs), the DDIM log-probabilities of policy (base UNet + the fixture's policy
 LoRA) and reference (the base UNet), the loss and its LoRA gradients. Every size, seed and setting is read from the
 fixture's config.json and tensors, so the tests pass unchanged on any fixture made the same way.
@@ -14,7 +14,7 @@ from conftest import OFFICIAL_LRM_TINY, REPO_ROOT, assert_close
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from diffusers.utils.torch_utils import randn_tensor
 
-from dinalrm.lpo import (
+from dinalrm.alignment.lpo import (
     THRESHOLD_SCHEDULES,
     LRMReward,
     compare_candidates,

@@ -293,9 +293,9 @@ def test_run_eval_scores_lrm_rows_under_the_table1_protocol(tmp_path):
     import json
 
     import numpy as np
-    import run_eval
 
     from dinalrm.data import write_canonical_pairs
+    from dinalrm.evaluation import runner as run_eval
     from dinalrm.testing import make_tiny_image_pair
 
     import_converter = REPO_ROOT / "scripts" / "convert_official_lrm_checkpoint.py"
@@ -340,7 +340,7 @@ def test_run_eval_scores_lrm_rows_under_the_table1_protocol(tmp_path):
 
 # ------------------------------------------------------------------------------------------------- training
 def test_mpcf_official_thresholds_per_strategy():
-    from dinalrm.lrm_training import mpcf_filter
+    from dinalrm.training.lrm import mpcf_filter
 
     scores = {  # different_flag, aesthetic_gap, clipscore_gap, vqascore_gap per row
         "different_flag": [1, 1, 1, 1, 0, 0, 1],

@@ -9,9 +9,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import evaluate
 import numpy as np
 import pytest
-from common import compute_accuracy  # eval/common.py, on sys.path through conftest
 
 from dinalrm.data import FIRST, SECOND, TIE
+from dinalrm.evaluation.common import compute_accuracy
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

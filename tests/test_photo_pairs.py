@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from dinalrm.photo_pairs import (
+from dinalrm.data.photo_pairs import (
     DEGRADATIONS,
     HELD_OUT,
     PHOTO_CAPTIONS,

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinalrm.rewards import flow_grpo_latent_reward, flow_grpo_reward
+from dinalrm.alignment.rewards import flow_grpo_latent_reward, flow_grpo_reward
 from dinalrm.testing import get_tiny_dinalrm_pipeline, save_tiny_dinalrm_repo
 
 

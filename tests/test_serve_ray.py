@@ -8,8 +8,8 @@ from conftest import REPO_ROOT, free_port
 from ray import serve
 from safetensors.torch import save
 
-from dinalrm.serve import PROTOCOL_HEADER, ServeOptions
-from dinalrm.serve_ray import build_deployment
+from dinalrm.serving.ray_serve import build_deployment
+from dinalrm.serving.server import PROTOCOL_HEADER, ServeOptions
 from pipeline_dinalrm import DiNaLRMPipeline
 
 

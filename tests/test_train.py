@@ -28,25 +28,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import train_dinalrm
-from dinalrm.buckets import BucketBatchSampler, BucketSet
-from dinalrm.checkpointing import (
-    PARTIAL_PREFIX,
-    convert_accelerate_pickles,
-    list_checkpoints,
-    load_ema,
-    resolve_checkpoint,
-    restore_accelerate_pickles,
-    save_ema,
-)
 from dinalrm.data import load_preference_dataset, write_canonical_pairs
-from dinalrm.feature_cache import (
-    CachedPairDataset,
-    cache_fingerprint,
-    collate_cached_pairs,
-    read_valid_cache_info,
-    write_feature_cache,
-)
-from dinalrm.pair_datasets import ImagePairDataset, collate_image_pairs
 from dinalrm.testing import (
     get_tiny_flux_components,
     get_tiny_sd3_components,
@@ -55,7 +37,25 @@ from dinalrm.testing import (
     save_tiny_sd3_pipeline,
     write_tiny_preference_dataset,
 )
-from dinalrm.training_utils import (
+from dinalrm.training.buckets import BucketBatchSampler, BucketSet
+from dinalrm.training.checkpointing import (
+    PARTIAL_PREFIX,
+    convert_accelerate_pickles,
+    list_checkpoints,
+    load_ema,
+    resolve_checkpoint,
+    restore_accelerate_pickles,
+    save_ema,
+)
+from dinalrm.training.feature_cache import (
+    CachedPairDataset,
+    cache_fingerprint,
+    collate_cached_pairs,
+    read_valid_cache_info,
+    write_feature_cache,
+)
+from dinalrm.training.pair_datasets import ImagePairDataset, collate_image_pairs
+from dinalrm.training.utils import (
     preference_step,
     sample_noise_levels,
     seeded_generator,

@@ -1,6 +1,6 @@
 """The trainer learns for real: preferences between real photos and their degraded copies.
 
-Pairs come from scikit-image's bundled photographs (`dinalrm.photo_pairs`): the chosen image is a clean random crop,
+Pairs come from scikit-image's bundled photographs (`dinalrm.data.photo_pairs`): the chosen image is a clean random crop,
 the rejected one the same crop blurred, noised, JPEG-compressed, down-up scaled or colour-shifted. The held-out
 photos are never seen in training (neither by the VAE nor by the reward model). The latent space is the tiny
 16-channel VAE trained on the same kind of crops (`tests/fixtures/tiny-photo-vae`, made by
@@ -24,7 +24,7 @@ from conftest import REPO_ROOT
 from diffusers import AutoencoderKL, StableDiffusion3Pipeline
 
 from dinalrm.data import write_canonical_pairs
-from dinalrm.photo_pairs import DEGRADATIONS, load_photos, make_pairs, split_photos
+from dinalrm.data.photo_pairs import DEGRADATIONS, load_photos, make_pairs, split_photos
 from dinalrm.testing import get_tiny_sd3_components
 from modeling_dinalrm import DiNaLRMModel
 from pipeline_dinalrm import DiNaLRMPipeline

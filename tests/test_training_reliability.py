@@ -16,8 +16,10 @@ from conftest import REPO_ROOT
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from dinalrm.buckets import BucketSet
-from dinalrm.checkpointing import (
+from dinalrm.data import load_preference_dataset, write_canonical_pairs
+from dinalrm.testing import get_tiny_dinalrm_reward_model
+from dinalrm.training.buckets import BucketSet
+from dinalrm.training.checkpointing import (
     LOCK_FILE,
     PARTIAL_PREFIX,
     CheckpointError,
@@ -27,9 +29,7 @@ from dinalrm.checkpointing import (
     restore_accelerate_pickles,
     save_checkpoint,
 )
-from dinalrm.data import load_preference_dataset, write_canonical_pairs
-from dinalrm.feature_cache import CachedPairDataset, read_cache_info, write_feature_cache
-from dinalrm.testing import get_tiny_dinalrm_reward_model
+from dinalrm.training.feature_cache import CachedPairDataset, read_cache_info, write_feature_cache
 from train_dinalrm import check_update, load_checkpoint_model
 
 
@@ -120,7 +120,7 @@ def test_a_checkpoint_of_another_lora_rank_or_without_config_is_refused(tmp_path
 
 _HOLD_LOCK = """
 import sys, time
-from dinalrm.checkpointing import OutputDirLock
+from dinalrm.training.checkpointing import OutputDirLock
 lock = OutputDirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)

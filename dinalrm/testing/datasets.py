@@ -62,7 +62,7 @@ def write_tiny_preference_dataset(
     """
     import datasets  # optional dependency (the train / eval extras); only these builders need it
 
-    from ..data import write_canonical_pairs
+    from dinalrm.data import write_canonical_pairs
 
     if data_format not in PREFERENCE_FORMATS:
         raise ValueError(f"data_format must be one of {PREFERENCE_FORMATS}, got {data_format!r}.")
@@ -133,7 +133,7 @@ TINY_BENCHMARKS: tuple[str, ...] = ("imagereward", "hpdv2", "hpdv3", "genai_benc
 def write_tiny_benchmarks(data_dir: str | PathLike[str], size: tuple[int, int] = (32, 32), seed: int = 0) -> str:
     """Tiny copies of the five evaluation benchmarks, in their published layouts, under `data_dir/<name>/`.
 
-    Each holds a case its protocol must handle (`dinalrm.eval_datasets` documents the protocols):
+    Each holds a case its protocol must handle (`dinalrm.data.benchmarks` documents the protocols):
     `imagereward` (`test.json`: `id, prompt, generations, ranking`) ranks [1, 2, 2, 3] (a human tie) and
     [3, 1, 2, 4] with the last file missing, and one image is wider than `size`; `hpdv2` (`test.json`:
     `prompt, image_path, rank, raw_annotations`) ranks [1, 2, 2] (a credited tie) and [2, 1, 4, 3]; `hpdv3`

@@ -12,7 +12,7 @@ DiNa-LRM, with 🤗 accelerate and peft.
         --guidance_scale 4.5 --num_inference_steps 20 --min_confidence 0.9
 
 The official algorithm (Kwai-Kolors/LPO `lpo/train_scripts/train_lpo.py`, arXiv 2502.01051), built on
-`dinalrm.lpo`: every round samples `--sample_batch_size` prompts with DDIM (eta 1) and classifier-free guidance;
+`dinalrm.alignment.lpo`: every round samples `--sample_batch_size` prompts with DDIM (eta 1) and classifier-free guidance;
 at each step `--num_candidates` next latents are drawn around one mean, the LRM scores them, and the best and worst
 form a pair when their softmax gap exceeds the noise-dependent threshold (`--threshold_schedule`, min / max per
 model); the trajectory continues from a random candidate. The round's pairs, shuffled, train a LoRA on the UNet in
@@ -30,11 +30,11 @@ dataset tokenises them with CLIP-ViT-H-14's). A round's pairs are always trained
 after the step. The LoRA is saved with `StableDiffusionPipeline.save_lora_weights` (`pipe.load_lora_weights`).
 
 Flow-matching path (`--generator_family sd3`, detected from the pipeline's `model_index.json`): the same loop on
-the SDE version of the SD3 sampler (`dinalrm.lpo.flow_step_distribution`, Flow-GRPO's ODE-to-SDE step with noise
+the SDE version of the SD3 sampler (`dinalrm.alignment.lpo.flow_step_distribution`, Flow-GRPO's ODE-to-SDE step with noise
 level `--noise_level`), guidance as `examples/refl/train_refl.py`'s sampler. DiNa-LRM scores every candidate at its
 own noise level (the sigma of x_{t-1}; the candidates are already noisy, so no noise is added), and a pair is kept
 when DiNa-LRM's own comparison probability that the best beats the worst, `Phi((r_b - r_w) / sqrt(2 var(sigma)))`,
-exceeds `--min_confidence` (`dinalrm.lpo.confidence_compare_fn`) instead of the DDPM threshold table. The LoRA
+exceeds `--min_confidence` (`dinalrm.alignment.lpo.confidence_compare_fn`) instead of the DDPM threshold table. The LoRA
 (modeling_dinalrm's SD3 attention targets) is saved with `StableDiffusion3Pipeline.save_lora_weights`.
 """
 
@@ -61,14 +61,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
-from dinalrm.checkpointing import (
-    OutputDirLock,
-    register_checkpoint_hooks,
-    remove_partial_checkpoints,
-    resume_from,
-    save_checkpoint,
-)
-from dinalrm.lpo import (
+from dinalrm.alignment.lpo import (
     OFFICIAL_THRESHOLD_RANGES,
     THRESHOLD_SCHEDULES,
     DiNaLRMReward,
@@ -83,7 +76,14 @@ from dinalrm.lpo import (
     parameters_to_clip,
     sample_with_candidates,
 )
-from dinalrm.training_utils import seeded_generator
+from dinalrm.training.checkpointing import (
+    OutputDirLock,
+    register_checkpoint_hooks,
+    remove_partial_checkpoints,
+    resume_from,
+    save_checkpoint,
+)
+from dinalrm.training.utils import seeded_generator
 from modeling_dinalrm import (
     DEFAULT_LORA_TARGET_MODULES,
     is_official_checkpoint,

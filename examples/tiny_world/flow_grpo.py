@@ -9,8 +9,8 @@
 
 Every step draws `--prompts_per_step` training prompts and `--group_size` samples of each. Sampling follows the
 ODE except on a window of `--sde_window_size` consecutive steps (its start drawn in `[0, --sde_window_range -
-size]`, Flow-GRPO-Fast), where `dinalrm.flow_sde.sde_step` draws the next state and records its log-probability.
-The final latents are scored (DiNa-LRM through `dinalrm.rewards.flow_grpo_latent_reward`, one reward noise per
+size]`, Flow-GRPO-Fast), where `dinalrm.alignment.flow_sde.sde_step` draws the next state and records its log-probability.
+The final latents are scored (DiNa-LRM through `dinalrm.alignment.rewards.flow_grpo_latent_reward`, one reward noise per
 prompt group; or the pixel CNN on decoded images), advantages are normalised within each prompt group, and each
 window step gets one PPO-style update: clipped ratio of new to old log-probabilities, plus `--beta` times the KL
 to the reference policy (the same transformer with its LoRA disabled). Validation (ODE samples of held-out prompts
@@ -35,8 +35,8 @@ from pixel_baseline import encode as encode_pixel_prompts
 from pixel_baseline import load_pixel_reward
 from tiny_world_common import REPO_ROOT, TOKEN_LENGTH, decode_latents, report, set_threads, tensor_to_images
 
-from dinalrm.flow_sde import sde_step
-from dinalrm.rewards import flow_grpo_latent_reward
+from dinalrm.alignment.flow_sde import sde_step
+from dinalrm.alignment.rewards import flow_grpo_latent_reward
 from modeling_dinalrm import DEFAULT_LORA_TARGET_MODULES
 from pipeline_dinalrm import DiNaLRMPipeline
 

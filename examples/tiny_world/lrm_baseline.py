@@ -113,7 +113,7 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.T
 @torch.no_grad()
 def encode_images(vae: AutoencoderKL, images, generator: torch.Generator | None = None) -> torch.Tensor:
     """`latent_dist.sample() * scaling_factor` (the SD1.5 convention the LRM reads), 64 images at a time."""
-    from dinalrm.photo_pairs import images_to_tensor
+    from dinalrm.data.photo_pairs import images_to_tensor
 
     out = []
     for i in range(0, len(images), 64):

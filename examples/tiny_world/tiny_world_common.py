@@ -10,7 +10,7 @@ import torch
 from domain import IMAGE_SIZE, VOCABULARY, render
 from PIL import Image
 
-from dinalrm.photo_pairs import TINY_VAE_CONFIG, images_to_tensor  # noqa: F401 (re-exported to the scripts)
+from dinalrm.data.photo_pairs import TINY_VAE_CONFIG, images_to_tensor  # noqa: F401 (re-exported to the scripts)
 
 
 # Run as `python examples/tiny_world/<script>.py`, a script has this folder on sys.path (so `domain` imports) and

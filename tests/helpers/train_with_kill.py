@@ -6,7 +6,7 @@
 `<step>` kills the process right after `checkpoint-<step>` is renamed into place (a complete checkpoint);
 `<step>:partial` kills it after that checkpoint's files are written but before the rename, leaving only its
 `.partial-checkpoint-<step>` folder. The hook lives here, in the tests, by wrapping the one function of
-`dinalrm.checkpointing` that makes a checkpoint visible, so the shipped trainer carries no test code.
+`dinalrm.training.checkpointing` that makes a checkpoint visible, so the shipped trainer carries no test code.
 """
 
 import os
@@ -14,7 +14,7 @@ import signal
 import sys
 
 import train_dinalrm  # the tests run this file with PYTHONPATH set to the repository root
-from dinalrm import checkpointing
+from dinalrm.training import checkpointing
 
 
 def install_kill(spec: str) -> None:

@@ -20,12 +20,12 @@ from typing import Any
 
 from accelerate import Accelerator
 from accelerate.utils import gather_object
-from pairwise_accuracy.pairwise_accuracy import pairwise_accuracy  # eval/pairwise_accuracy: the one implementation
-from scorers import parse_noise_sharing
 
-from dinalrm.data import SkipStats
-from dinalrm.eval_datasets import BENCHMARKS, Benchmark, BenchmarkPair, load_benchmark, pair_margins
-from dinalrm.images import ImageLoadError
+from dinalrm.data import BENCHMARKS, Benchmark, BenchmarkPair, ImageLoadError, SkipStats, load_benchmark, pair_margins
+
+# A link to the `evaluate` metric eval/pairwise_accuracy/pairwise_accuracy.py: one implementation, two homes.
+from .pairwise_accuracy import pairwise_accuracy
+from .scorers import parse_noise_sharing
 
 
 logger = logging.getLogger(__name__)

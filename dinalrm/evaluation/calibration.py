@@ -36,7 +36,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import (
+
+from dinalrm.data import Benchmark, pair_margins
+
+from .common import (
     add_benchmark_args,
     distributed_scores,
     load_benchmarks,
@@ -45,9 +48,7 @@ from common import (
     start_run,
     write_json,
 )
-from scorers import DiNaLRMScorer, setting_label
-
-from dinalrm.eval_datasets import Benchmark, pair_margins
+from .scorers import DiNaLRMScorer, setting_label
 
 
 NUM_BINS = 10

@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from diffusers import AutoencoderKL
 
-from .training_utils import seeded_generator
+from .utils import seeded_generator
 
 
 __all__ = ["ASPECT_RATIO_BUCKETS", "BucketBatchSampler", "BucketSet", "buckets_for_model"]

@@ -594,7 +594,7 @@ def serve_main(argv: list[str] | None = None) -> None:
     diffusers_logging.set_verbosity_info()
     logging.basicConfig(level=logging.INFO)
     if args.ray:
-        from dinalrm.serve_ray import run_ray
+        from .ray_serve import run_ray
 
         run_ray(options, args.host, args.port, args.num_replicas, args.num_gpus_per_replica)
         return

@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from dinalrm.data import TIE_COLUMN
 from modeling_lrm import OFFICIAL_VALIDATION_TIMESTEP, LRMModel
 
-from .data import TIE_COLUMN
 from .pair_datasets import ImagePairDataset, collate_image_pairs
-from .training_utils import StepOutput
+from .utils import StepOutput
 
 
 __all__ = [

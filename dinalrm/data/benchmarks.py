@@ -40,8 +40,8 @@ from typing import Any, NamedTuple
 import datasets
 from PIL import Image
 
-from .data import FIRST, GT_TIE, INVALID_LABEL, SECOND, TIE, SkipStats, pickapic_preference
 from .images import MISSING, ImageLoadError, ImageSource, is_within, load_image
+from .preference import FIRST, GT_TIE, INVALID_LABEL, SECOND, TIE, SkipStats, pickapic_preference
 
 
 logger = logging.getLogger(__name__)

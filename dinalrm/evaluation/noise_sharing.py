@@ -29,8 +29,9 @@ from pathlib import Path
 
 import datasets
 import torch
-from common import parse_floats
-from scorers import DiNaLRMScorer, parse_noise_sharing
+
+from .common import parse_floats
+from .scorers import DiNaLRMScorer, parse_noise_sharing
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

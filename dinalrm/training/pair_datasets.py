@@ -2,8 +2,8 @@
 
 [`ImagePairDataset`] decodes the two images of a pair to their bucket's size, `collate_image_pairs`
 batches them (dropping pairs whose images stopped decoding) and `encode_image_pairs` turns a batch into the
-latents and prompt embeddings `dinalrm.training_utils.preference_step` takes. The feature cache
-(`dinalrm.feature_cache`) runs the same encoders once, up front.
+latents and prompt embeddings `dinalrm.training.utils.preference_step` takes. The feature cache
+(`dinalrm.training.feature_cache`) runs the same encoders once, up front.
 """
 
 from __future__ import annotations
@@ -15,8 +15,7 @@ import datasets
 import torch
 from PIL import Image
 
-from .data import resize_and_center_crop
-from .images import ImageLoadError, load_image
+from dinalrm.data import ImageLoadError, load_image, resize_and_center_crop
 
 
 __all__ = [

@@ -34,7 +34,10 @@ from typing import Any
 
 import numpy as np
 from accelerate import Accelerator
-from common import (
+
+from dinalrm.data import Benchmark, BenchmarkPair
+
+from .common import (
     accuracy_entry,
     add_benchmark_args,
     distributed_scores,
@@ -44,9 +47,7 @@ from common import (
     write_csv,
     write_json,
 )
-from scorers import DiNaLRMScorer, model_label, setting_label
-
-from dinalrm.eval_datasets import Benchmark, BenchmarkPair
+from .scorers import DiNaLRMScorer, model_label, setting_label
 
 
 STATS = ("variation_ratio", "frac_pairs_flipping", "mean_margin", "mean_reward_variance", "mean_accuracy")

@@ -5,8 +5,8 @@
 * Randomness is counter-based (`seeded_generator`): every draw of a step depends only on the seed, the process
   and the data position, so a resumed run repeats the draws of an uninterrupted one without saving RNG states.
 
-Data (`dinalrm.buckets`, `dinalrm.pair_datasets`, `dinalrm.feature_cache`) and checkpoints
-(`dinalrm.checkpointing`) have their own modules.
+Data (`dinalrm.training.buckets`, `dinalrm.training.pair_datasets`, `dinalrm.training.feature_cache`) and checkpoints
+(`dinalrm.training.checkpointing`) have their own modules.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .images import MISSING, ImageLoadError
+from dinalrm.data import MISSING, ImageLoadError
 
 
 logger = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def rows_from_images(paths: list[str], prompt: str) -> list[Row]:
 def rows_from_file(rows_file: str, prompt: str | None, skips: Skips) -> list[Row]:
     """Rows of a `--pairs` table: `prompt,image` rows or preference pairs (canonical or HPDv3 schema)."""
     try:  # the training data's readers, which need the `datasets` library
-        from .data import EMPTY_PROMPT, detect_format, image_record, load_table_file
+        from dinalrm.data import EMPTY_PROMPT, detect_format, image_record, load_table_file
     except ImportError as err:
         raise ValueError(f"--pairs/--prompts files are read with `datasets`: pip install datasets ({err}).") from None
     table = load_table_file(rows_file)

@@ -1,6 +1,6 @@
 """`dinalrm-serve --ray`: the same FastAPI app deployed with Ray Serve, one replica per GPU.
 
-Each replica builds the app of `dinalrm.serve.create_app` (model loading and micro-batching included) when it
+Each replica builds the app of `dinalrm.serving.server.create_app` (model loading and micro-batching included) when it
 starts, so a verl / verl-omni cluster, itself on Ray, can host the reward model on its own GPUs or nodes; Ray Serve
 spreads the requests over the replicas. Needs the `serve` extra: `pip install "dinalrm[serve]"`.
 """
@@ -12,7 +12,7 @@ import time
 
 import torch
 
-from dinalrm.serve import ServeOptions, create_app
+from .server import ServeOptions, create_app
 
 
 def build_deployment(options: ServeOptions, num_replicas: int = 1, num_gpus_per_replica: float | None = None):

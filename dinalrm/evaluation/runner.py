@@ -28,7 +28,7 @@ import os
 import sys
 from typing import Any
 
-from common import (
+from .common import (
     BENCHMARKS,
     BOOTSTRAP_SAMPLES,
     CONFIDENCE_LEVEL,
@@ -41,7 +41,7 @@ from common import (
     start_run,
     write_json,
 )
-from scorers import SCORERS, build_scorer
+from .scorers import SCORERS, build_scorer
 
 
 # The paper's Table 1 (pairwise accuracy, %), for comparison in results.md.

@@ -24,7 +24,7 @@ from diffusers import DDIMScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from dinalrm.flow_sde import sde_step
+from .flow_sde import sde_step
 
 
 # The official dynamic-threshold tables (compare_funcs.py:5-17): the DDIM eta=1 standard deviations of the 20-step
@@ -310,7 +310,7 @@ def flow_step_distribution(
 ) -> StepDistribution:
     r"""The Gaussian transition of the SDE version of a rectified-flow sampler from `sigma` to `sigma_next`.
 
-    The mean and standard deviation of `dinalrm.flow_sde.sde_step` (Flow-GRPO's ODE-to-SDE step, float32), so that
+    The mean and standard deviation of `dinalrm.alignment.flow_sde.sde_step` (Flow-GRPO's ODE-to-SDE step, float32), so that
     LPO's candidates, log-probabilities ([`gaussian_log_prob`], the same Gaussian) and loss run on flow models;
     `prev_timestep` is `sigma_next`, the candidates' own noise level.
 

@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from common import (
+from .common import (
     DISPLAY_NAMES,
     add_benchmark_args,
     load_benchmarks,
@@ -28,7 +28,7 @@ from common import (
     start_run,
     write_csv,
 )
-from scorers import DiNaLRMScorer, model_label
+from .scorers import DiNaLRMScorer, model_label
 
 
 DEFAULT_T_VALUES = "0.0,0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from dinalrm.cli import DEFAULT_MODEL
+from dinalrm import DEFAULT_MODEL
 from pipeline_dinalrm import DiNaLRMPipeline
 
 

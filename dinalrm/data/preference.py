@@ -2,9 +2,9 @@
 
 Canonical pair (the one format the trainer reads, whatever the source schema): ``prompt: str``, ``chosen`` /
 ``rejected`` images, ``weight: float32``, plus the aspect-ratio bucket ``bucket_width`` / ``bucket_height`` both
-images are resized to (see :mod:`dinalrm.buckets`). Images are stored as ``datasets.Image(decode=False)`` records
+images are resized to (see :mod:`dinalrm.training.buckets`). Images are stored as ``datasets.Image(decode=False)`` records
 ``{"bytes": ..., "path": ...}``: a path for files on disk (HPDv3, canonical path columns), the encoded bytes for
-embedded images (Pick-a-Pic, canonical ``Image`` columns). Decode them with :func:`dinalrm.images.load_image`,
+embedded images (Pick-a-Pic, canonical ``Image`` columns). Decode them with :func:`dinalrm.data.images.load_image`,
 which also fixes the colour mode; keeping records instead of PIL images keeps the table small and defers decoding
 to the data loader workers.
 
@@ -26,7 +26,8 @@ from typing import Any
 import datasets
 from PIL import Image
 
-from .buckets import BucketSet
+from dinalrm.training import BucketSet
+
 from .images import MISSING, OUTSIDE_ROOT, ImageLoadError, is_within, load_image, read_image_size
 
 
@@ -52,7 +53,7 @@ FIRST = 1
 SECOND = -1
 TIE = 0
 
-# Skip reasons (image reasons come from dinalrm.images: missing_image, corrupt_image, oversized_image).
+# Skip reasons (image reasons come from dinalrm.data.images: missing_image, corrupt_image, oversized_image).
 GT_TIE = "gt_tie"
 INVALID_LABEL = "invalid_label"
 INVALID_WEIGHT = "invalid_weight"
@@ -212,7 +213,7 @@ def resize_and_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.I
     of ``--resolution`` per side) is upscaled to it however small it is: filter such images out of the data if
     their blur matters.
     """
-    # The Hub file (imported by dinalrm.images already, so this costs nothing).
+    # The Hub file (imported by dinalrm.data.images already, so this costs nothing).
     from pipeline_dinalrm import resize_and_center_crop as one_rule
 
     return one_rule(image, size)

@@ -1,0 +1,1 @@
+../../eval/pairwise_accuracy/pairwise_accuracy.py
