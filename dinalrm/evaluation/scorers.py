@@ -435,8 +435,8 @@ class NotBundledScorer(Scorer):
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> Scorer:
         raise NotImplementedError(
             f"The {cls.display_name} scorer is not bundled with dinalrm. {cls.how_to} Then subclass "
-            f"eval/scorers.py's Scorer, decorate it with @register_scorer({cls.name!r}) (replacing this stub) and "
-            "rerun; see the module docstring of eval/scorers.py."
+            f"dinalrm.evaluation.scorers' Scorer, decorate it with @register_scorer({cls.name!r}) (replacing this stub) and "
+            "rerun; see the module docstring of dinalrm.evaluation.scorers."
         )
 
 

@@ -79,7 +79,7 @@ def pairwise_accuracy(
 ):
     """The metric's computation as a plain function (see `_KWARGS_DESCRIPTION`); the evaluation scripts call it.
 
-    This is the repository's one pairwise-accuracy implementation: `eval/common.py` imports it directly (no
+    This is the repository's one pairwise-accuracy implementation: `dinalrm.evaluation.common` imports it directly (no
     `evaluate` cache or Arrow writer per call) and the [`PairwiseAccuracy`] metric wraps it.
     """
     diffs = np.asarray(predictions, dtype=np.float64)
