@@ -417,3 +417,24 @@ def _print_table(args: argparse.Namespace, table: list[dict], t, fell_back_from:
 
 if __name__ == "__main__":
     sys.exit(score_main())
+
+
+def serve_main(argv: list[str] | None = None) -> None:
+    """Entry point of `dinalrm-serve`: the HTTP server of `dinalrm.serving.server`, or with `--ray` its Ray Serve
+    deployment (`dinalrm.serving.ray_serve`). The choice lives here so neither serving module imports the other."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from dinalrm.serving.server import build_parser, create_app, options_from_args
+
+    args = build_parser().parse_args(argv)
+    options = options_from_args(args)
+    diffusers_logging.set_verbosity_info()
+    logging.basicConfig(level=logging.INFO)
+    if args.ray:
+        from dinalrm.serving.ray_serve import run_ray
+
+        run_ray(options, args.host, args.port, args.num_replicas, args.num_gpus_per_replica)
+        return
+    import uvicorn
+
+    uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="info")

@@ -144,7 +144,6 @@ def test_gradients_per_parameter_group_match(recomputed, lrm_tiny_expected):
 
 def test_pair_loss_formula_on_the_official_scores(lrm_tiny_expected, lrm_tiny_inputs, lrm_tiny_config):
     """The loss of the official scores themselves, without any model: the objective alone is the official one."""
-    sys.path.insert(0, str(REPO_ROOT))
     from modeling_lrm import LRMModel
 
     pairs = lrm_tiny_inputs["lrm/timestep_collated"].reshape(-1, 2)

@@ -348,7 +348,7 @@ def test_recipe_option_spellings():
         8000,
     )
     assert build_parser().parse_args(["--model", "a", "--base-model", "b"]).base_model == "b"
-    assert 'dinalrm-serve = "dinalrm.serving.server:serve_main"' in (REPO_ROOT / "pyproject.toml").read_text()
+    assert 'dinalrm-serve = "dinalrm.cli:serve_main"' in (REPO_ROOT / "pyproject.toml").read_text()
 
 
 # ------------------------------------------------------------------------------------------ over real HTTP
@@ -356,7 +356,7 @@ def test_recipe_option_spellings():
 def server_url():
     """The real `dinalrm-serve` entry point in a subprocess on a free port (the recipe's option spellings)."""
     port = free_port()
-    command = [sys.executable, "-c", "from dinalrm.serving.server import serve_main; serve_main()"]
+    command = [sys.executable, "-c", "from dinalrm.cli import serve_main; serve_main()"]
     command += ["--model-path", TINY, "--dtype", "float32", "--max-batch-size", "8", "--max-wait-ms", "10"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(

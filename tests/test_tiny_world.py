@@ -274,26 +274,6 @@ def test_refl_for_a_few_steps_raises_the_mean_reward(tmp_path):
     assert history[-1]["proxy_reward"] > history[0]["proxy_reward"], history
 
 
-def test_flow_grpo_advantages_are_standardised_within_each_prompt_group():
-    from flow_grpo import group_advantages
-
-    advantages = group_advantages(torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0]), group_size=3)
-    torch.testing.assert_close(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-3, rtol=0)
-    assert torch.equal(advantages[3:], torch.zeros(3))  # a group of equal rewards teaches nothing
-
-
-def test_pixel_baseline_saves_a_reward_that_loads_with_the_same_scores(tmp_path):
-    from pixel_baseline import PixelReward, load_pixel_reward, save_pixel_reward
-
-    torch.manual_seed(0)
-    model = PixelReward(text_tokens=5, text_dim=8).eval()
-    pixels, text = torch.rand(3, 3, 64, 64) * 2 - 1, torch.randn(3, 5, 8)
-    save_pixel_reward(model, str(tmp_path / "pixel.safetensors"))
-    loaded = load_pixel_reward(str(tmp_path / "pixel.safetensors"))
-    with torch.no_grad():
-        assert torch.equal(loaded(pixels, text), model(pixels, text))
-
-
 def _refl_args(tmp_path: Path, *extra: str):
     from train_refl import parse_args
 
@@ -309,9 +289,11 @@ def _refl_args(tmp_path: Path, *extra: str):
 def test_refl_pixel_reward_scores_the_decode_and_its_gradients_reach_the_lora(tmp_path):
     from diffusers import StableDiffusion3Pipeline
     from peft import LoraConfig
-    from pixel_baseline import PixelReward, encode, save_pixel_reward
+    from pixel_baseline import encode
     from tiny_world_common import decode_latents
-    from train_refl import Sampler, build_reward, encode_generator_prompts
+    from train_refl import build_reward
+
+    from dinalrm.alignment import PixelReward, Sampler, encode_generator_prompts, save_pixel_reward
 
     torch.manual_seed(0)
     cnn = PixelReward(text_tokens=32, text_dim=64).eval()
@@ -347,7 +329,7 @@ def test_refl_pixel_reward_needs_its_cnn(tmp_path, capsys):
 
 
 def test_refl_with_the_pixel_reward_runs_two_steps(tmp_path):
-    from pixel_baseline import PixelReward, save_pixel_reward
+    from dinalrm.alignment import PixelReward, save_pixel_reward
 
     torch.manual_seed(0)
     save_pixel_reward(PixelReward(text_tokens=32, text_dim=64), str(tmp_path / "pixel.safetensors"))

@@ -12,6 +12,13 @@ __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
         "flow_sde": ("sde_step",),
+        "grpo": (
+            "ADVANTAGE_EPS",
+            "group_advantages",
+            "GRPOLossOutput",
+            "grpo_loss",
+            "gaussian_kl",
+        ),
         "lpo": (
             "OFFICIAL_SIGMA_TABLE",
             "OFFICIAL_VARIANCE_TABLE",
@@ -40,9 +47,26 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "LPOLossOutput",
             "lpo_loss",
         ),
+        "pixel_reward": (
+            "PixelReward",
+            "save_pixel_reward",
+            "load_pixel_reward",
+        ),
+        "plotting": ("plot_curves",),
+        "refl": (
+            "load_reward_model",
+            "ReFLStepOutput",
+            "refl_step",
+        ),
         "rewards": (
             "flow_grpo_reward",
             "flow_grpo_latent_reward",
+        ),
+        "sampling": (
+            "SamplingSettings",
+            "Sampler",
+            "encode_generator_prompts",
+            "decode_latents",
         ),
     },
 )

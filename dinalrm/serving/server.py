@@ -15,7 +15,6 @@ import base64
 import binascii
 import io
 import json
-import logging
 import os
 import secrets
 import time
@@ -585,19 +584,3 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         request_timeout_s=args.request_timeout_s,
         latents_only=args.latents_only,
     )
-
-
-def serve_main(argv: list[str] | None = None) -> None:
-    """Entry point of `dinalrm-serve`."""
-    args = build_parser().parse_args(argv)
-    options = options_from_args(args)
-    diffusers_logging.set_verbosity_info()
-    logging.basicConfig(level=logging.INFO)
-    if args.ray:
-        from .ray_serve import run_ray
-
-        run_ray(options, args.host, args.port, args.num_replicas, args.num_gpus_per_replica)
-        return
-    import uvicorn
-
-    uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="info")

@@ -44,7 +44,6 @@ import json
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 
 import diffusers
@@ -61,6 +60,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from tqdm.auto import tqdm
 
+from dinalrm.alignment import Sampler, encode_generator_prompts, load_reward_model
 from dinalrm.alignment.lpo import (
     OFFICIAL_THRESHOLD_RANGES,
     THRESHOLD_SCHEDULES,
@@ -92,10 +92,6 @@ from modeling_dinalrm import (
 )
 from pipeline_dinalrm import DiNaLRMPipeline
 from pipeline_lrm import LRMPipeline
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "refl"))
-from train_refl import Sampler, encode_generator_prompts, load_reward_model  # noqa: E402
 
 
 logger = get_logger(__name__)
@@ -328,7 +324,7 @@ def sample_round_sd3(pipe, transformer, reward_pipe, prompts, args, generators, 
 
 
 def sampler_settings(pipe, transformer, args, guidance_scale: float) -> argparse.Namespace:
-    """The settings `train_refl.Sampler` reads, with the side of `--resolution` (default: the native size)."""
+    """The settings `dinalrm.alignment.Sampler` reads, with the side of `--resolution` (default: the native size)."""
     side = args.resolution or transformer.config.sample_size * pipe.vae_scale_factor
     return argparse.Namespace(
         height=side,

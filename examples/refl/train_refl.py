@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -40,17 +39,24 @@ from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, set_seed
 from diffusers import StableDiffusion3Pipeline
 from diffusers.training_utils import compute_density_for_timestep_sampling
-from diffusers.utils.torch_utils import randn_tensor
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 
-from modeling_dinalrm import DiNaLRMModel
+from dinalrm.alignment import (
+    RewardFn,
+    Sampler,
+    decode_latents,
+    encode_generator_prompts,
+    load_pixel_reward,
+    load_reward_model,
+    plot_curves,
+    refl_step,
+)
 from pipeline_dinalrm import DiNaLRMPipeline
 
 
 logger = get_logger(__name__)
 
-TINY_WORLD = Path(__file__).resolve().parents[1] / "tiny_world"
 HISTORY_FILE = "refl_history.json"
 CURVES_FILE = "refl_curves.png"
 
@@ -166,85 +172,6 @@ def load_golden_metric(spec: str | None):
     return getattr(module, name)
 
 
-def load_reward_model(path: str) -> DiNaLRMModel:
-    """The reward model of a Hub-layout repo (`reward_model/` subfolder) or of a bare model folder."""
-    subfolder = (
-        "reward_model" if (not os.path.isdir(path) or os.path.isdir(os.path.join(path, "reward_model"))) else None
-    )
-    return DiNaLRMModel.from_pretrained(path, subfolder=subfolder)
-
-
-class Sampler:
-    """SD3 flow sampling with classifier-free guidance, split into a no-grad prefix and a differentiable tail."""
-
-    def __init__(self, pipe: StableDiffusion3Pipeline, args: argparse.Namespace):
-        self.pipe, self.args = pipe, args
-        self.scheduler = pipe.scheduler
-        self.latent_shape = (
-            pipe.transformer.config.in_channels,
-            args.height // pipe.vae_scale_factor,
-            args.width // pipe.vae_scale_factor,
-        )
-
-    def sigmas(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sampling schedule (sigmas, timesteps) of the pipeline's scheduler."""
-        self.scheduler.set_timesteps(self.args.num_inference_steps, device=device)
-        return self.scheduler.sigmas.to(device), self.scheduler.timesteps.to(device)
-
-    def velocity(self, transformer, latents, timestep, embeds, pooled):
-        """Guided velocity at `timestep` (one for all samples, or one per sample); `embeds`/`pooled` hold the
-        unconditional half first."""
-        model_input = torch.cat([latents, latents])
-        v = transformer(
-            hidden_states=model_input,
-            timestep=timestep.expand(latents.shape[0]).repeat(2),  # one per sample, or one for all
-            encoder_hidden_states=embeds,
-            pooled_projections=pooled,
-            return_dict=False,
-        )[0]
-        v_uncond, v_cond = v.chunk(2)
-        return v_uncond + self.args.guidance_scale * (v_cond - v_uncond)
-
-    def sample_x0(self, transformer, embeds, pooled, stop: int, generator, grad: bool = True) -> torch.Tensor:
-        """Run steps `0..stop` and return the one-step clean prediction at `stop` (differentiable tail)."""
-        sigmas, timesteps = self.sigmas(embeds.device)
-        batch = embeds.shape[0] // 2
-        latents = randn_tensor(
-            (batch, *self.latent_shape), generator=generator, device=embeds.device, dtype=embeds.dtype
-        )
-        first_grad = stop - self.args.grad_steps + 1 if grad else stop + 1
-        for i in range(stop + 1):
-            with torch.set_grad_enabled(grad and i >= first_grad):
-                v = self.velocity(transformer, latents, timesteps[i], embeds, pooled)
-                if i == stop:
-                    return latents - sigmas[i] * v
-                latents = latents + (sigmas[i + 1] - sigmas[i]) * v
-        raise AssertionError("unreachable")
-
-
-def encode_generator_prompts(pipe: StableDiffusion3Pipeline, prompts: list[str], args, device):
-    """Generator prompt embeddings with the unconditional (empty prompt) half first, as the SD3 pipeline does."""
-    with torch.no_grad():
-        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompts,
-            prompt_2=None,
-            prompt_3=None,
-            device=device,
-            do_classifier_free_guidance=True,
-            max_sequence_length=args.max_sequence_length,
-        )
-    return torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
-
-
-def decode(pipe: StableDiffusion3Pipeline, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled SD3 latents -> images in [-1, 1] with the generator's VAE (differentiable when gradients are on)."""
-    vae = pipe.vae
-    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)).sample
-
-
-RewardFn = Callable[[torch.Tensor, list[str], torch.Generator], torch.Tensor]
-
-
 def build_reward(
     args: argparse.Namespace, pipe: StableDiffusion3Pipeline, prompts: list[str], device, weight_dtype: torch.dtype
 ) -> RewardFn:
@@ -254,9 +181,6 @@ def build_reward(
     CNN, the VAE) is frozen."""
     row = {p: i for i, p in enumerate(prompts)}
     if args.reward == "pixel":
-        sys.path.insert(0, str(TINY_WORLD))  # the pixel CNN is the tiny world's baseline
-        from pixel_baseline import load_pixel_reward
-
         model = load_pixel_reward(args.pixel_reward).to(device).requires_grad_(False)
         embeds = encode_generator_prompts(pipe, prompts, args, device)[0].chunk(2)[1].float()
         if embeds[0].numel() != model.text[1].in_features:
@@ -270,7 +194,7 @@ def build_reward(
 
         def pixel_reward(x0: torch.Tensor, batch_prompts: list[str], generator: torch.Generator) -> torch.Tensor:
             rows = torch.tensor([row[p] for p in batch_prompts], device=device)
-            return model(decode(pipe, x0).float().clamp(-1, 1), embeds[rows])
+            return model(decode_latents(pipe.vae, x0).float().clamp(-1, 1), embeds[rows])
 
         return pixel_reward
 
@@ -320,26 +244,6 @@ def pretraining_loss(pipe, transformer, batch: dict, args, generator, device) ->
         return_dict=False,
     )[0]
     return F.mse_loss(prediction.float(), (noise - x0).float())
-
-
-def plot_curves(history: list[dict], path: str, xlabel: str = "ReFL step") -> None:
-    """Proxy reward and golden metric (validation) against the step, one panel each."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [h["step"] for h in history]
-    keys = [k for k in ("proxy_reward", "golden_metric") if k in history[0]]
-    figure, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5), squeeze=False)
-    for axis, key in zip(axes[0], keys):
-        axis.plot(steps, [h[key] for h in history], marker="o")
-        axis.set_xlabel(xlabel)
-        axis.set_title(key.replace("_", " "))
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
 
 
 def main(args: argparse.Namespace) -> list[dict]:
@@ -407,7 +311,7 @@ def main(args: argparse.Namespace) -> list[dict]:
             "proxy_reward": float(reward_of(x0, validation_prompts, torch.Generator().manual_seed(args.seed)).mean()),
         }
         if golden is not None:
-            images = pipe.image_processor.postprocess(decode(pipe, x0), output_type="pil")
+            images = pipe.image_processor.postprocess(decode_latents(pipe.vae, x0), output_type="pil")
             record["golden_metric"] = sum(golden(im, p) for im, p in zip(images, validation_prompts)) / len(images)
         unwrapped.train()
         return record
@@ -429,9 +333,18 @@ def main(args: argparse.Namespace) -> list[dict]:
             batch_prompts = [prompts[i] for i in index.repeat_interleave(args.samples_per_prompt).tolist()]
             embeds, pooled = encode_generator_prompts(pipe, batch_prompts, args, device)
             stop = int(torch.randint(stop_low, stop_high + 1, (1,), generator=rank_generator))
-            x0 = sampler.sample_x0(transformer, embeds, pooled, stop, rank_generator)
-            reward = reward_of(x0, batch_prompts, rank_generator)
-            loss = -args.reward_weight * reward.mean()
+            step_output = refl_step(
+                sampler,
+                transformer,
+                embeds,
+                pooled,
+                batch_prompts,
+                reward_of,
+                stop,
+                rank_generator,
+                args.reward_weight,
+            )
+            loss, reward = step_output.loss, step_output.reward
             logs = {"train/proxy_reward": float(reward.detach().mean()), "train/stop_step": stop}
             if pretrain_data is not None:
                 rows = torch.randint(

@@ -34,9 +34,7 @@ from diffusers import StableDiffusion3Pipeline
 from domain import IMAGE_SIZE, oracle_score, split_prompts
 from tiny_world_common import REPO_ROOT, TOKEN_LENGTH, decode_latents, report, set_threads, tensor_to_images
 
-
-sys.path.insert(0, str(REPO_ROOT / "examples" / "refl"))
-from train_refl import Sampler, encode_generator_prompts  # noqa: E402
+from dinalrm.alignment import Sampler, SamplingSettings, encode_generator_prompts
 
 
 logger = logging.getLogger(__name__)
@@ -99,13 +97,12 @@ class GoldenMetric:
     def __init__(self, generator: str, prompts: list[str], seed: int):
         self.pipe = StableDiffusion3Pipeline.from_pretrained(generator)
         self.pipe.set_progress_bar_config(disable=True)
-        settings = argparse.Namespace(
+        settings = SamplingSettings(
             height=IMAGE_SIZE,
             width=IMAGE_SIZE,
             num_inference_steps=STEPS,
             guidance_scale=GUIDANCE,
             max_sequence_length=TOKEN_LENGTH,
-            grad_steps=1,
         )
         self.sampler = Sampler(self.pipe, settings)
         self.embeds, self.pooled = encode_generator_prompts(self.pipe, prompts, settings, "cpu")

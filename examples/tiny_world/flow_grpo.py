@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -32,17 +31,23 @@ from domain import IMAGE_SIZE, oracle_score, split_prompts
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from pixel_baseline import encode as encode_pixel_prompts
-from pixel_baseline import load_pixel_reward
-from tiny_world_common import REPO_ROOT, TOKEN_LENGTH, decode_latents, report, set_threads, tensor_to_images
+from tiny_world_common import TOKEN_LENGTH, decode_latents, report, set_threads, tensor_to_images
 
-from dinalrm.alignment.flow_sde import sde_step
+from dinalrm.alignment import (
+    Sampler,
+    SamplingSettings,
+    encode_generator_prompts,
+    gaussian_kl,
+    group_advantages,
+    grpo_loss,
+    load_pixel_reward,
+    load_reward_model,
+    plot_curves,
+    sde_step,
+)
 from dinalrm.alignment.rewards import flow_grpo_latent_reward
 from modeling_dinalrm import DEFAULT_LORA_TARGET_MODULES
 from pipeline_dinalrm import DiNaLRMPipeline
-
-
-sys.path.insert(0, str(REPO_ROOT / "examples" / "refl"))
-from train_refl import Sampler, encode_generator_prompts, load_reward_model, plot_curves  # noqa: E402
 
 
 logger = logging.getLogger(__name__)
@@ -136,12 +141,6 @@ def rollout(sampler: Sampler, transformer, embeds, pooled, window: range, args, 
     return latents, transitions
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Rewards standardised within each prompt group (consecutive `group_size` samples)."""
-    grouped = rewards.view(-1, group_size)
-    return ((grouped - grouped.mean(1, keepdim=True)) / (grouped.std(1, keepdim=True) + 1e-4)).flatten()
-
-
 def train(args: argparse.Namespace) -> list[dict]:
     set_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -166,13 +165,12 @@ def train(args: argparse.Namespace) -> list[dict]:
     )
     lora_parameters = [p for p in transformer.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate, weight_decay=1e-4)
-    sampler_args = argparse.Namespace(
+    sampler_args = SamplingSettings(
         height=IMAGE_SIZE,
         width=IMAGE_SIZE,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
         max_sequence_length=TOKEN_LENGTH,
-        grad_steps=1,
     )
     sampler = Sampler(pipe, sampler_args)
     generator = torch.Generator().manual_seed(args.seed)
@@ -210,9 +208,7 @@ def train(args: argparse.Namespace) -> list[dict]:
             _, log_prob, mean, std = sde_step(
                 v, sigmas[i], sigmas[i + 1], latents, args.noise_level, prev_sample=following
             )
-            ratio = torch.exp(log_prob - old_log_prob)
-            bounded = ratio.clamp(1 - args.clip_range, 1 + args.clip_range)
-            loss = torch.maximum(-advantages * ratio, -advantages * bounded).mean()
+            kl = None
             if args.beta > 0:
                 with torch.no_grad():
                     transformer.disable_adapters()
@@ -225,13 +221,13 @@ def train(args: argparse.Namespace) -> list[dict]:
                         prev_sample=following,
                     )[2]
                     transformer.enable_adapters()
-                kl = ((mean - reference) ** 2).mean(dim=(1, 2, 3)) / (2 * std.flatten() ** 2)
-                loss = loss + args.beta * kl.mean()
+                kl = gaussian_kl(mean, reference, std)
+            update = grpo_loss(log_prob, old_log_prob, advantages, args.clip_range, kl, args.beta)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            update.loss.backward()
             torch.nn.utils.clip_grad_norm_(lora_parameters, args.max_grad_norm)
             optimizer.step()
-            clipped += float(((ratio - 1).abs() > args.clip_range).float().mean()) / len(transitions)
+            clipped += update.clip_fraction / len(transitions)
         train_log.append({"step": step, "reward": float(reward.mean()), "clip_fraction": clipped})
         logger.info("step %d reward %.4f clip fraction %.3f", step, reward.mean(), clipped)
         if step % args.validation_steps == 0 or step == args.max_train_steps:

@@ -6,7 +6,8 @@ and returns one score; it is trained with the Bradley-Terry loss (there is no no
 
     python examples/tiny_world/pixel_baseline.py --generator assets/tiny-sd3 --pairs outputs/tiny-world/pairs
 
-`--save_model` keeps the trained CNN (safetensors) for use as a reward (`load_pixel_reward`, Flow-GRPO's baseline).
+`--save_model` keeps the trained CNN (safetensors) for use as a reward (`dinalrm.alignment.load_pixel_reward`, the
+baseline of ReFL and Flow-GRPO).
 """
 
 from __future__ import annotations
@@ -18,44 +19,9 @@ import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusion3Pipeline
 from evaluate_reward import load_pairs
-from safetensors.torch import load_file, save_file
 from tiny_world_common import TOKEN_LENGTH, images_to_tensor, report, set_threads
-from torch import nn
 
-
-class PixelReward(nn.Module):
-    """CNN over RGB + coordinates, FiLM-conditioned on the prompt embeddings, one score per image."""
-
-    def __init__(self, text_tokens: int, text_dim: int, width: int = 64):
-        super().__init__()
-        self.text_dim = text_dim
-        self.text = nn.Sequential(
-            nn.Flatten(1), nn.Linear(text_tokens * text_dim, width), nn.GELU(), nn.Linear(width, 2 * width)
-        )
-        self.trunk = nn.Sequential(
-            nn.Conv2d(5, 32, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(32, width, 3, stride=2, padding=1),
-            nn.GELU(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1),
-        )
-        self.head = nn.Sequential(
-            nn.GELU(),
-            nn.Conv2d(width, 16, 1),
-            nn.GELU(),
-            nn.Flatten(1),
-            nn.Linear(16 * 8 * 8, width),
-            nn.GELU(),
-            nn.Linear(width, 1),
-        )
-
-    def forward(self, pixels: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = pixels.shape
-        ys = torch.linspace(-1, 1, h, device=pixels.device, dtype=pixels.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
-        xs = torch.linspace(-1, 1, w, device=pixels.device, dtype=pixels.dtype).view(1, 1, 1, w).expand(b, 1, h, w)
-        features = self.trunk(torch.cat([pixels, xs, ys], dim=1))
-        gamma, beta = self.text(prompt_embeds).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
-        return self.head(features * (1 + gamma) + beta).squeeze(-1)
+from dinalrm.alignment.pixel_reward import PixelReward, save_pixel_reward
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,23 +36,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
-
-
-def save_pixel_reward(model: PixelReward, path: str) -> None:
-    """The CNN's weights with its text shape in the metadata, so `load_pixel_reward` can rebuild it."""
-    tokens, dim = model.text[1].in_features // model.text_dim, model.text_dim
-    save_file(model.state_dict(), path, metadata={"text_tokens": str(tokens), "text_dim": str(dim)})
-
-
-def load_pixel_reward(path: str) -> PixelReward:
-    """A CNN written by `--save_model`, in eval mode."""
-    from safetensors import safe_open
-
-    with safe_open(path, "pt") as handle:
-        metadata = handle.metadata()
-    model = PixelReward(int(metadata["text_tokens"]), int(metadata["text_dim"]))
-    model.load_state_dict(load_file(path))
-    return model.eval()
 
 
 @torch.no_grad()

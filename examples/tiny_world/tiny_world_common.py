@@ -10,6 +10,7 @@ import torch
 from domain import IMAGE_SIZE, VOCABULARY, render
 from PIL import Image
 
+from dinalrm.alignment import decode_latents  # noqa: F401 (re-exported to the scripts)
 from dinalrm.data.photo_pairs import TINY_VAE_CONFIG, images_to_tensor  # noqa: F401 (re-exported to the scripts)
 
 
@@ -73,12 +74,6 @@ def encode_latents(vae, images: list[Image.Image], batch_size: int = 64) -> torc
         posterior = vae.encode(images_to_tensor(images[i : i + batch_size])).latent_dist
         out.append((posterior.mode() - vae.config.shift_factor) * vae.config.scaling_factor)
     return torch.cat(out)
-
-
-@torch.no_grad()
-def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """Scaled SD3 latents -> images in [-1, 1]."""
-    return vae.decode(latents / vae.config.scaling_factor + vae.config.shift_factor).sample
 
 
 def sd3_components(vae=None, seed: int = 0) -> dict:
