@@ -52,7 +52,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "RewardServer",
             "create_app",
             "options_from_args",
-            "serve_main",
         ),
     },
 )
