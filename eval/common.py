@@ -25,6 +25,7 @@ from scorers import parse_noise_sharing
 
 from dinalrm.data import SkipStats
 from dinalrm.eval_datasets import BENCHMARKS, Benchmark, BenchmarkPair, load_benchmark, pair_margins
+from dinalrm.evaluation.manifests import apply_manifests, check_entry
 from dinalrm.images import ImageLoadError
 
 
@@ -138,6 +139,11 @@ def add_benchmark_args(parser: argparse.ArgumentParser, default_benchmarks: str)
     )
     parser.add_argument("--cache_dir", default=None, help="datasets / huggingface_hub cache folder.")
     parser.add_argument(
+        "--manifests", default=None, metavar="DIR",
+        help="Check each benchmark against DIR/<benchmark>-<split>.jsonl (a split manifest): score exactly its "
+             "pairs, leave missing or altered files out and list them; results.json records the manifest's sha256.",
+    )  # fmt: skip
+    parser.add_argument(
         "--limit", type=int, default=None,
         help="Keep only the first N pairs of each benchmark (quick checks; not the benchmark's protocol).",
     )  # fmt: skip
@@ -203,7 +209,11 @@ def load_benchmarks(args: argparse.Namespace) -> dict[str, Benchmark]:
         hub_ids[PAIRS_BENCHMARK] = args.pairs
     loaded = {}
     for name in requested_benchmarks(args):
-        benchmark = limit_pairs(_load_one(name, args, splits.get(name), hub_ids.get(name)), args.limit)
+        benchmark = _load_one(name, args, splits.get(name), hub_ids.get(name))
+        if getattr(args, "manifests", None):
+            benchmark, check = apply_manifests(benchmark, args.manifests)
+            benchmark.manifest = check_entry(check)
+        benchmark = limit_pairs(benchmark, args.limit)
         loaded[result_key(name, benchmark.split)] = benchmark
     return loaded
 
