@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             scorer.close()
         results.update(scored)
         print(
-            f"process {accelerator.process_index}/{accelerator.num_processes}: {name} scored {n_local} images",
+            f"process {accelerator.process_index}/{accelerator.num_processes}: scored {n_local} images ({name})",
             flush=True,
         )
     if accelerator.is_main_process:
