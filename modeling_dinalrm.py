@@ -191,6 +191,9 @@ class DiNaLRMConfig(PretrainedConfig):
             by `eval/calibrate.py`: `P(a preferred) = sigmoid(slope * (r_a - r_b))` at the noise level(s) `t` it
             was fitted at, and `reference_reward` (the median reward of the fitting images) for calibrated scores
             `sigmoid(slope * (r - reference_reward))`; also what it was fitted on and its calibration errors.
+        reward_statistics (`list[dict]`, *optional*): the reward distribution on a reference prompt/image set, one
+            entry per noise setting (`t`: its level(s); `mean`, `std`, `quantiles`, `n`, what it was measured on),
+            written by `eval/reward_stats.py`; `normalize="zscore"` returns `(r - mean) / std` from it.
     """
 
     model_type = "dinalrm"
@@ -230,6 +233,7 @@ class DiNaLRMConfig(PretrainedConfig):
         max_sequence_length: int = 128,
         base_model_name_or_path: str | None = None,
         calibration: dict | None = None,
+        reward_statistics: list[dict] | None = None,
         **kwargs,
     ):
         if backbone not in FEATURE_EXTRACTORS:
@@ -270,6 +274,7 @@ class DiNaLRMConfig(PretrainedConfig):
         self.max_sequence_length = max_sequence_length
         self.base_model_name_or_path = base_model_name_or_path or extractor.default_model_id
         self.calibration = dict(calibration) if calibration else None
+        self.reward_statistics = [dict(entry) for entry in reward_statistics] if reward_statistics else None
         super().__init__(**kwargs)
         self.validate_layers()
 
@@ -1619,6 +1624,30 @@ class DiNaLRMModel(DiNaLRMPreTrainedModel):
         if weights.shape != losses.shape:
             raise ValueError(f"weights must hold one value per pair ({losses.shape[0]}), got {weights.shape[0]}.")
         return (weights * losses).sum() / weights.sum().clamp_min(torch.finfo(losses.dtype).tiny)
+
+    def reward_statistics_for(self, t: float | Sequence[float]) -> dict:
+        """The `config.reward_statistics` entry measured at the noise level(s) `t` (compared after snapping).
+
+        Raises `ValueError` when the model has no statistics, or none for these levels, naming how to compute them.
+        """
+        entries = self.config.reward_statistics
+        fix = "compute them with `python eval/reward_stats.py --model <folder> --pairs <reference pairs> --t <t> --write_to_model`"
+        if not entries:
+            raise ValueError(
+                f"normalize='zscore' needs reward statistics in the model config, and it has none: {fix}."
+            )
+        levels = [t] if isinstance(t, (int, float)) else list(t)
+        snapped = [float(self.snap_noise_level(float(level), 1)[0][0]) for level in levels]
+        for entry in entries:
+            if [float(self.snap_noise_level(float(level), 1)[0][0]) for level in entry["t"]] == snapped:
+                return entry
+        measured = ", ".join(str(entry["t"]) for entry in entries)
+        raise ValueError(f"The model's reward statistics were measured at t={measured}, not at t={levels}: {fix}.")
+
+    def zscore(self, rewards: torch.Tensor, t: float | Sequence[float]) -> torch.Tensor:
+        """`(rewards - mean) / std` from the reward statistics measured at noise level(s) `t`."""
+        stats = self.reward_statistics_for(t)
+        return (rewards - stats["mean"]) / stats["std"]
 
     def calibration_for(self, t: float | Sequence[float]) -> dict | None:
         """`config.calibration` if it was fitted at the noise level(s) `t` (compared after snapping), else None."""

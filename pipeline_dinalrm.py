@@ -986,12 +986,15 @@ class DiNaLRMPipeline(DiffusionPipeline):
     def normalize_rewards(
         self, rewards: torch.Tensor, normalize: bool | str, t: float | list[float] | None = None
     ) -> torch.Tensor:
-        """Raw rewards (`normalize=False`), the official display score `(raw + 10) / 10` (`True`) or calibrated
-        scores (`"logistic"`, see [`DiNaLRMModel.calibrated_score`]) of rewards read at noise level(s) `t`."""
+        """Raw rewards (`normalize=False`), the official display score `(raw + 10) / 10` (`True`), calibrated
+        scores (`"logistic"`, see [`DiNaLRMModel.calibrated_score`]) or z-scores (`"zscore"`: `(raw - mean) / std`
+        from the model's reward statistics, see [`DiNaLRMModel.zscore`]) of rewards read at noise level(s) `t`."""
         if normalize == "logistic":
             return self.reward_model.calibrated_score(rewards, self._noise_levels(t))
+        if normalize == "zscore":
+            return self.reward_model.zscore(rewards, self._noise_levels(t))
         if normalize not in (True, False):
-            raise ValueError(f"normalize must be False, True or 'logistic', got {normalize!r}.")
+            raise ValueError(f"normalize must be False, True, 'logistic' or 'zscore', got {normalize!r}.")
         return (rewards + DISPLAY_OFFSET) / DISPLAY_SCALE if normalize else rewards
 
     def _preference_probability(
@@ -1093,7 +1096,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 scoring noise, batch by batch); the same generator state gives the same rewards.
             batch_size (`int`): samples per VAE/backbone pass; more samples show a progress bar.
             normalize (`bool` or `str`): `True` returns the display score `(raw + 10) / 10` instead of the raw
-                reward; `"logistic"` returns calibrated scores in (0, 1) from the model's fitted calibration
+                reward; `"zscore"` returns `(raw - mean) / std` from the model's reward statistics (`eval/reward_stats.py`);
+                `"logistic"` returns calibrated scores in (0, 1) from the model's fitted calibration
                 (`eval/calibrate.py`): the probability that the sample is preferred over a median one.
             resolution (`int` or `(height, width)`, *optional*): the resize rule. An `int` caps the image area at
                 `resolution**2` pixels (default: the backbone's native side, 1024 for SD3.5-Medium): larger images

@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="Default: bfloat16 on CUDA, float32 on the CPU.")
     parser.add_argument(
         "--normalize",
-        choices=("display", "logistic"),
+        choices=("display", "logistic", "zscore"),
         default=None,
         help="Print the official display score (raw + 10) / 10, or calibrated scores in (0, 1) from the model's "
         "fitted calibration (eval/calibrate.py), instead of raw rewards; in --output files the `normalized` column "
@@ -329,7 +329,7 @@ def score_main(argv: list[str] | None = None) -> int:
     else:
         t = args.t if args.t is not None else pipe.reward_model.config.default_t
     normalize_name = args.normalize or ("display" if args.output else None)
-    normalize = {None: False, "display": True, "logistic": "logistic"}[normalize_name]
+    normalize = {None: False, "display": True, "logistic": "logistic", "zscore": "zscore"}[normalize_name]
     options = {"seed": args.seed, "batch_size": args.batch_size, "normalize": normalize}
     options["pipe"] = {"t": t, "noise_sharing": args.noise_sharing}
     keys = row_keys(rows)

@@ -1,4 +1,4 @@
-"""eval/run_eval.py and eval/scorers.py end to end: tiny offline models on tiny copies of the five benchmarks."""
+"""dinalrm.evaluation (eval/run_eval.py) and its scorers end to end: tiny offline models on tiny copies of the five benchmarks."""
 
 import argparse
 import csv
@@ -227,18 +227,71 @@ def test_clip_scorer_formula_and_run_eval(assets, tmp_path):
     assert results["CLIP [tiny-clip]"]["pickapic_v2"]["n_pairs"] == 2
 
 
-def test_not_bundled_scorers_explain_how_to_plug_in(assets, tmp_path, capsys):
-    argv = ["--scorer", "hpsv2", *base_args(assets, tmp_path, "hpdv2")]
-    assert run_eval.main(argv) == 2
-    error = capsys.readouterr().err
-    assert "not bundled" in error and "pip install hpsv2" in error and "@register_scorer('hpsv2')" in error
-    args = argparse.Namespace()
-    for name in ("hpsv3", "imagereward"):
-        with pytest.raises(NotImplementedError, match="not bundled"):
-            scorers.build_scorer(name, args, torch.device("cpu"))
-    with pytest.raises(ValueError, match="Unknown scorer"):
-        scorers.build_scorer("aesthetic", args, torch.device("cpu"))
-    assert {"dinalrm", "pickscore", "clip", "hpsv2", "hpsv3", "imagereward"} <= set(scorers.SCORERS)
+def test_table1_runs_every_scorer_in_one_invocation(assets, tmp_path, monkeypatch):
+    """`--scorer table1`: DiNa-LRM, LRM, PickScore, CLIP, HPSv2, HPSv3 and ImageReward on the same benchmarks into
+    one table with bootstrap intervals. The three published packages are stand-in wheels (tests/
+    test_isolated_scorers.py) installed through the same environment code path; LRM is the converter's output
+    for the official tiny checkpoint."""
+    from test_isolated_scorers import HPSV2, HPSV3, IMAGEREWARD
+
+    from dinalrm.testing.wheels import build_wheel
+
+    wheels = tmp_path / "wheels"
+    pins = {}
+    for name, (distribution, version, module, source) in {
+        "hpsv2": ("hpsv2", "1.2.0", "hpsv2", HPSV2), "hpsv3": ("hpsv3", "1.0.0", "hpsv3", HPSV3),
+        "imagereward": ("image-reward", "1.5", "ImageReward", IMAGEREWARD),
+    }.items():  # fmt: skip
+        build_wheel(wheels, distribution, version, {f"{module}/__init__.py": source})
+        pins[name] = tmp_path / f"{name}.txt"
+        pins[name].write_text(f"{distribution}=={version}\n")
+    lrm = convert_tiny_lrm(tmp_path / "lrm")
+    output_dir = tmp_path / "out"
+    argv = ["--scorer", "table1", "--model", assets["model"], "--model", f"lrm={lrm}",
+            "--model", f"pickscore={assets['clip']}", "--model", f"clip={assets['clip']}",
+            "--processor", assets["clip"], "--noise_sharing", "none", "--bootstrap_samples", "50",
+            "--scorer_find_links", str(wheels), *base_args(assets, output_dir, "hpdv2,genai_bench")]  # fmt: skip
+    for name, path in pins.items():
+        argv += ["--scorer_requirements", f"{name}={path}"]
+    monkeypatch.setenv("DINALRM_CACHE", str(tmp_path / "cache"))
+    assert run_eval.main(argv) == 0
+    results = read_results(output_dir)
+    expected_rows = [
+        "DiNa-LRM [tiny-dinalrm] t=0.4 noise=none", "LRM [lrm] timestep=1", "PickScore [tiny-clip]",
+        "CLIP [tiny-clip]", "HPSv2.1 [hpsv2==1.2.0]", "HPSv3 [hpsv3==1.0.0]", "ImageReward [image-reward==1.5]",
+    ]  # fmt: skip
+    assert sorted(results) == sorted(expected_rows)
+    for row in expected_rows:
+        for benchmark in ("hpdv2", "genai_bench"):
+            entry = results[row][benchmark]
+            assert entry["n_pairs"] == EXPECTED[benchmark][0], (row, benchmark)
+            assert entry["accuracy_ci_low"] <= entry["accuracy"] <= entry["accuracy_ci_high"], (row, benchmark)
+    table = (output_dir / "results.md").read_text()
+    assert all(f"| {row} |" in table for row in expected_rows)
+    with pytest.raises(SystemExit):
+        run_eval.parse_args(["--scorer", "aesthetic"])
+
+
+def convert_tiny_lrm(output_dir) -> str:
+    """The official tiny LRM checkpoint through the public converter script (an LRMPipeline folder)."""
+    import importlib.util
+
+    fixture = REPO_ROOT / "tests" / "fixtures" / "official-lrm-tiny"
+    spec = importlib.util.spec_from_file_location(
+        "convert_lrm", REPO_ROOT / "scripts" / "convert_official_lrm_checkpoint.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = [
+        "--official_dir",
+        str(fixture / "checkpoint"),
+        "--base",
+        str(fixture / "base"),
+        "--output_dir",
+        str(output_dir),
+    ]
+    module.main(argv)
+    return str(output_dir)
 
 
 def test_benchmark_names_limit_and_merged_results(assets, tmp_path):

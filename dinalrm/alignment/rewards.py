@@ -63,7 +63,8 @@ def flow_grpo_reward(
         dtype (`torch.dtype`): the loaded pipeline's dtype.
         t (`float` or `list[float]`, *optional*): noise level(s), see [`DiNaLRMPipeline.__call__`].
         normalize (`bool` or `str`): `True` (default) gives the display score `(raw + 10) / 10`, `False` the raw
-            reward, `"logistic"` calibrated scores.
+            reward, `"logistic"` calibrated scores, `"zscore"` `(raw - mean) / std` from the model's reward
+            statistics (`eval/reward_stats.py`), for mixing with other rewards by weights.
         num_noise_samples (`int`): noise draws averaged per prompt group.
         seed (`int`, *optional*): seeds one generator used by every call (reproducible runs); `None` draws from
             the global RNG.

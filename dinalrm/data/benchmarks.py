@@ -129,6 +129,7 @@ class Benchmark:
     images: dict[str, BenchmarkImage]
     pairs: list[BenchmarkPair]
     stats: SkipStats = field(default_factory=SkipStats)
+    manifest: dict[str, Any] | None = None  # how the copy compared with a split manifest, when one was checked
 
     @property
     def n_gt_ties_dropped(self) -> int:

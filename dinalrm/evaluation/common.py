@@ -23,6 +23,8 @@ from accelerate.utils import gather_object
 
 from dinalrm.data import BENCHMARKS, Benchmark, BenchmarkPair, ImageLoadError, SkipStats, load_benchmark, pair_margins
 
+from .manifests import apply_manifests, check_entry
+
 # A link to the `evaluate` metric eval/pairwise_accuracy/pairwise_accuracy.py: one implementation, two homes.
 from .pairwise_accuracy import pairwise_accuracy
 from .scorers import parse_noise_sharing
@@ -138,6 +140,11 @@ def add_benchmark_args(parser: argparse.ArgumentParser, default_benchmarks: str)
     )
     parser.add_argument("--cache_dir", default=None, help="datasets / huggingface_hub cache folder.")
     parser.add_argument(
+        "--manifests", default=None, metavar="DIR",
+        help="Check each benchmark against DIR/<benchmark>-<split>.jsonl (a split manifest): score exactly its "
+             "pairs, leave missing or altered files out and list them; results.json records the manifest's sha256.",
+    )  # fmt: skip
+    parser.add_argument(
         "--limit", type=int, default=None,
         help="Keep only the first N pairs of each benchmark (quick checks; not the benchmark's protocol).",
     )  # fmt: skip
@@ -203,7 +210,11 @@ def load_benchmarks(args: argparse.Namespace) -> dict[str, Benchmark]:
         hub_ids[PAIRS_BENCHMARK] = args.pairs
     loaded = {}
     for name in requested_benchmarks(args):
-        benchmark = limit_pairs(_load_one(name, args, splits.get(name), hub_ids.get(name)), args.limit)
+        benchmark = _load_one(name, args, splits.get(name), hub_ids.get(name))
+        if getattr(args, "manifests", None):
+            benchmark, check = apply_manifests(benchmark, args.manifests)
+            benchmark.manifest = check_entry(check)
+        benchmark = limit_pairs(benchmark, args.limit)
         loaded[result_key(name, benchmark.split)] = benchmark
     return loaded
 

@@ -2,20 +2,23 @@
 
     python eval/run_eval.py --model org/dinalrm-sd35m --benchmarks imagereward,hpdv2,hpdv3,genai_bench \
         [--data_dir DIR] [--t 0.4] [--ensemble 0.2,0.5,0.7] [--num_noise_samples N] \
-        [--scorer dinalrm|lrm|pickscore|clip|hpsv2|hpsv3|imagereward] [--lrm_timesteps 1,451] [--batch_size 8] [--limit N] [--seed 0] \
-        [--output_dir eval_results]
+        [--scorer dinalrm|lrm|pickscore|clip|hpsv2|hpsv3|imagereward|table1[,...]] [--lrm_timesteps 1,451] \
+        [--manifests manifests] [--batch_size 8] [--limit N] [--seed 0] [--output_dir eval_results]
+    python eval/run_eval.py --scorer table1 --model dinalrm=liuhuohuo/DiNa-LRM-SD35M-12layers --model lrm=LRM_DIR \
+        --t 0.4 --ensemble --data_dir DATA --manifests manifests    # Table 1: every model, one table
     python eval/run_eval.py --model assets/dinalrm-tiny --pairs examples/tiny_world/outputs/pairs --t 0.4 --ensemble
 
 Each distinct image is scored once; each setting (`--t`, `--ensemble`: one results row each) reuses that
 pass. Under `accelerate launch` the images are split over the processes and the main process writes the
 same files a single process would. Writes `results.json`
 (`{setting: {benchmark: {accuracy, accuracy_ci_low, accuracy_ci_high, n_pairs, n_correct, n_score_ties,
-n_gt_ties_dropped, n_missing_images, averaging}}}`) and `results.md` (Table 1 layout, then counts and intervals).
+n_gt_ties_dropped, n_missing_images, averaging[, manifest]}}}`; `manifest`, with `--manifests`: the manifest's
+sha256, its pair count and the missing and altered files by name) and `results.md` (Table 1 layout, then counts and intervals).
 The interval is a 95% percentile bootstrap (`--bootstrap_samples`, `--bootstrap_seed`) that resamples pairs for
 micro averages and whole prompts for HPDv2's macro average (prompts are its averaging unit). Entries already in
 `--output_dir/results.json` from other runs are kept (same setting and benchmark: replaced), so successive runs
 for several models build one table; `--fresh` starts over. Protocols per benchmark are documented in
-`dinalrm/eval_datasets.py`. `--pairs PATH_OR_ID` evaluates a dataset in our canonical pair schema (e.g. the
+`dinalrm/data/benchmarks.py`. `--pairs PATH_OR_ID` evaluates a dataset in our canonical pair schema (e.g. the
 tiny world's held-out pairs) as benchmark `canonical`.
 """
 
@@ -53,15 +56,70 @@ PAPER_TABLE1: dict[str, tuple[float, float, float, float, float]] = {
 }
 
 
+# The scorers of Table 1, in its row order: `--scorer table1`.
+TABLE1_SCORERS = ("dinalrm", "lrm", "pickscore", "clip", "hpsv2", "hpsv3", "imagereward")
+
+
+def parse_scorers(text: str) -> list[str]:
+    """`"dinalrm,hpsv2"` -> `["dinalrm", "hpsv2"]`; `table1` expands to `TABLE1_SCORERS` (an argparse type)."""
+    names: list[str] = []
+    for name in filter(None, (part.strip().lower() for part in text.split(","))):
+        if name != "table1" and name not in SCORERS:
+            raise argparse.ArgumentTypeError(
+                f"unknown scorer {name!r}; choose from {', '.join(sorted(SCORERS))}, table1."
+            )
+        names += TABLE1_SCORERS if name == "table1" else [name]
+    return list(dict.fromkeys(names))
+
+
+def scorer_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
+    """`args` with `model` set for scorer `name` from `--model [SCORER=]ID` (None: the scorer's default)."""
+    models, bare = {}, []
+    for item in args.model:
+        scorer, sep, model = item.partition("=")
+        if sep and scorer in SCORERS:
+            models[scorer] = model
+        else:
+            bare.append(item)
+    if len(bare) > 1:
+        raise ValueError(f"--model given {len(bare)} times without SCORER=: write --model SCORER=ID for each.")
+    if bare and (len(args.scorer) == 1 or name == "dinalrm"):
+        models.setdefault(name, bare[0])
+    return argparse.Namespace(**{**vars(args), "model": models.get(name)})
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
-        default=None,
-        help="Hub id or local folder (DiNa-LRM: the pipeline repo; CLIP scorers: a CLIPModel; "
-        "default for pickscore/clip: their published model).",
+        action="append",
+        default=[],
+        metavar="[SCORER=]ID",
+        help="Hub id or local folder (DiNa-LRM: the pipeline repo; LRM: the converter's output; CLIP scorers: a "
+        "CLIPModel; default for pickscore/clip: their published model). Repeatable as SCORER=ID when several "
+        "scorers run; a bare ID goes to the only scorer, or to dinalrm.",
     )
-    parser.add_argument("--scorer", default="dinalrm", choices=sorted(SCORERS))
+    parser.add_argument(
+        "--scorer",
+        type=parse_scorers,
+        default=["dinalrm"],
+        help=f"Comma-separated scorers, run one after the other on the same benchmarks into one table: "
+        f"{', '.join(sorted(SCORERS))}, or table1 (all of {', '.join(TABLE1_SCORERS)}).",
+    )
+    parser.add_argument(
+        "--scorer_requirements",
+        action="append",
+        default=[],
+        metavar="SCORER=FILE",
+        help="hpsv2/hpsv3/imagereward: install FILE instead of the pinned requirements (a new environment).",
+    )
+    parser.add_argument(
+        "--scorer_find_links",
+        action="append",
+        default=[],
+        metavar="DIR_OR_URL",
+        help="hpsv2/hpsv3/imagereward: extra wheel locations for uv (offline mirrors).",
+    )
     parser.add_argument(
         "--backbone",
         default=None,
@@ -114,7 +172,7 @@ def evaluate(
         )
         n_local += n_images
         for setting, entry in zip(scorer.setting_names, entries, strict=True):
-            results[setting][key] = entry
+            results[setting][key] = entry if benchmark.manifest is None else {**entry, "manifest": benchmark.manifest}
     return results, n_local
 
 
@@ -128,6 +186,36 @@ def _interval(entry: dict[str, Any]) -> str:
     if low is None or high is None or math.isnan(low) or math.isnan(high):
         return "–"
     return f"[{_percent(low)}, {_percent(high)}]"
+
+
+def _pairs(entry: dict[str, Any]) -> str:
+    """Pairs scored, `of N` the manifest's pairs when a manifest was checked."""
+    manifest = entry.get("manifest")
+    return f"{entry['n_pairs']}" + (f" of {manifest['n_pairs']}" if manifest else "")
+
+
+def manifest_lines(results: dict[str, dict[str, dict[str, Any]]], header) -> list[str]:
+    """The `## Split manifests` section of results.md: per benchmark its manifest and what the copy lacked."""
+    checks = {}
+    for entries in results.values():
+        for key, entry in entries.items():
+            if entry.get("manifest"):
+                checks.setdefault(key, entry["manifest"])
+    if not checks:
+        return []
+    lines = ["", "## Split manifests", "", "| Benchmark | Manifest | sha256 | Pairs | Missing files | Altered files |",
+             "|---|---|---|---:|---|---|"]  # fmt: skip
+    for key in sorted(checks, key=_column_order):
+        check = checks[key]
+
+        def names(files: list[str]) -> str:
+            return f"{len(files)}" + (": " + ", ".join(files) if files else "")
+
+        lines.append(
+            f"| {header(key)} | {check['path']} | `{check['sha256']}` | {check['n_pairs']} | "
+            f"{names(check['missing_files'])} | {names(check['altered_files'])} |"
+        )
+    return lines
 
 
 def _column_order(key: str) -> tuple[int, str]:
@@ -177,9 +265,10 @@ def markdown_table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
             e = entries[key]
             lines.append(
                 f"| {setting} | {header(key)} | {e['averaging']} | {_percent(e['accuracy'])} | {_interval(e)} | "
-                f"{e['n_pairs']} | {e['n_correct']} | "
+                f"{_pairs(e)} | {e['n_correct']} | "
                 f"{e['n_score_ties']} | {e['n_gt_ties_dropped']} | {e['n_missing_images']} |"
             )
+    lines += manifest_lines(results, header)
     lines += [
         "",
         "## The paper's Table 1 (arXiv 2602.11146), for comparison",
@@ -213,14 +302,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with accelerator.main_process_first():
             benchmarks = load_benchmarks(args)
-            scorer = build_scorer(args.scorer, args, accelerator.device)
-    except (NotImplementedError, ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results, n_local = evaluate(
-        scorer, benchmarks, accelerator, args.batch_size, args.bootstrap_samples, args.bootstrap_seed
-    )
-    print(f"process {accelerator.process_index}/{accelerator.num_processes}: scored {n_local} images", flush=True)
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in args.scorer:
+        # One scorer at a time (each may hold a large model), all on the same loaded benchmarks.
+        try:
+            with accelerator.main_process_first():
+                scorer = build_scorer(name, scorer_args(args, name), accelerator.device)
+        except (ValueError, FileNotFoundError, RuntimeError) as err:
+            print(f"error: --scorer {name}: {err}", file=sys.stderr)
+            return 2
+        try:
+            scored, n_local = evaluate(
+                scorer, benchmarks, accelerator, args.batch_size, args.bootstrap_samples, args.bootstrap_seed
+            )
+        finally:
+            scorer.close()
+        results.update(scored)
+        print(
+            f"process {accelerator.process_index}/{accelerator.num_processes}: scored {n_local} images ({name})",
+            flush=True,
+        )
     if accelerator.is_main_process:
         merged = write_results(args.output_dir, results, args.fresh)
         print(markdown_table({setting: merged[setting] for setting in results}), end="")

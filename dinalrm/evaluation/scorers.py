@@ -18,10 +18,14 @@ Registry (`SCORERS`, names as in `run_eval.py --scorer`):
 * `pickscore` — `yuvalkirstain/PickScore_v1` with the processor of `laion/CLIP-ViT-H-14-laion2B-s32B-b79K`;
   score = `logit_scale.exp() * cos(image, text)` (PickScore's own formula).
 * `clip` — plain CLIP (`openai/clip-vit-large-patch14`), same formula (its logit scale is 100).
-* `hpsv2`, `hpsv3`, `imagereward` — not bundled: these raise an error saying what to install. To plug one
-  in, subclass [`Scorer`] and decorate it with `@register_scorer("name")`; `run_eval.py --scorer name`
-  then uses it. A scorer needs `from_args(args, device)` (build it from the parsed command line),
-  `setting_names` and `score_columns`.
+* `hpsv2`, `hpsv3`, `imagereward` — the published packages (`hpsv2`, `hpsv3`, `image-reward` from PyPI), each
+  in its own virtual environment made on first use from the pinned requirements in
+  `dinalrm/evaluation/requirements/`, scoring through a JSON-lines worker process
+  (`dinalrm/evaluation/isolated.py`): their pins cannot share our environment.
+
+To plug in another scorer, subclass [`Scorer`] and decorate it with `@register_scorer("name")`;
+`run_eval.py --scorer name` then uses it. A scorer needs `from_args(args, device)` (build it from the parsed
+command line), `setting_names` and `score_columns`; `close()` frees what it holds.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ from typing import ClassVar
 
 import torch
 from PIL import Image
+
+from dinalrm.evaluation.isolated import BACKENDS as ISOLATED_BACKENDS
+from dinalrm.evaluation.isolated import IsolatedWorker, start_scorer
 
 
 logger = logging.getLogger(__name__)
@@ -83,6 +90,9 @@ class Scorer(ABC):
     @abstractmethod
     def from_args(cls, args: argparse.Namespace, device: torch.device) -> Scorer:
         """Build the scorer from `run_eval.py`'s parsed arguments, on `device`."""
+
+    def close(self) -> None:  # noqa: B027 - most scorers hold nothing to free
+        """Free what the scorer holds beyond memory (worker processes); a no-op unless overridden."""
 
 
 SCORERS: dict[str, type[Scorer]] = {}
@@ -425,37 +435,53 @@ class PlainCLIPScorer(CLIPScorer):
     """OpenAI CLIP ViT-L/14 (or any `CLIPModel` given by `--model`)."""
 
 
-class NotBundledScorer(Scorer):
-    """A registry entry for a peer whose code is not shipped here; building it explains how to plug it in."""
+class IsolatedScorer(Scorer):
+    """A published scorer package run in its own virtual environment (`dinalrm/evaluation/isolated.py`)."""
 
-    display_name: ClassVar[str]
-    how_to: ClassVar[str]
+    def __init__(self, worker: IsolatedWorker, label: str) -> None:
+        self.worker = worker
+        self.label = label
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace, device: torch.device) -> Scorer:
-        raise NotImplementedError(
-            f"The {cls.display_name} scorer is not bundled with dinalrm. {cls.how_to} Then subclass "
-            f"dinalrm.evaluation.scorers' Scorer, decorate it with @register_scorer({cls.name!r}) (replacing this stub) and "
-            "rerun; see the module docstring of dinalrm.evaluation.scorers."
+    def from_args(cls, args: argparse.Namespace, device: torch.device) -> IsolatedScorer:
+        """`--scorer_requirements NAME=FILE` replaces the pinned requirements, `--scorer_find_links` adds wheels."""
+        if args.t is not None or args.ensemble is not None or args.num_noise_samples != 1:
+            logger.warning(
+                "--t, --ensemble and --num_noise_samples apply to DiNa-LRM only; %s ignores them.", cls.name
+            )
+        overrides = dict(item.split("=", 1) for item in getattr(args, "scorer_requirements", None) or [])
+        worker = start_scorer(
+            cls.name,
+            str(device),
+            find_links=getattr(args, "scorer_find_links", None) or (),
+            requirements=overrides.get(cls.name),
         )
+        return cls(worker, f"{ISOLATED_BACKENDS[cls.name].display_name} [{worker.package}=={worker.version}]")
+
+    @property
+    def setting_names(self) -> list[str]:
+        return [self.label]
+
+    def score_columns(
+        self, prompts: list[str], images: list[Image.Image], image_ids: list[str] | None = None
+    ) -> list[list[float]]:
+        return [[score] for score in self.worker.score_images(prompts, images)]
+
+    def close(self) -> None:
+        """Stop the package's worker process."""
+        self.worker.close()
 
 
 @register_scorer("hpsv2")
-class HPSv2Scorer(NotBundledScorer):
-    display_name = "HPSv2"
-    how_to = "Install it with `pip install hpsv2` (weights `xswu/HPSv2`, OpenCLIP ViT-H/14) and wrap `hpsv2.score`."
+class HPSv2Scorer(IsolatedScorer):
+    """HPSv2.1 through `hpsv2.score` (the `hpsv2` package, OpenCLIP ViT-H/14, weights `xswu/HPSv2`)."""
 
 
 @register_scorer("hpsv3")
-class HPSv3Scorer(NotBundledScorer):
-    display_name = "HPSv3"
-    how_to = (
-        "Install it from https://github.com/MizzenAI/HPSv3 (Qwen2-VL-7B, weights `MizzenAI/HPSv3`) and wrap its "
-        "`HPSv3RewardInferencer.reward`."
-    )
+class HPSv3Scorer(IsolatedScorer):
+    """HPSv3 through `hpsv3.HPSv3RewardInferencer.reward` (Qwen2-VL-7B, weights `MizzenAI/HPSv3`): the mean mu."""
 
 
 @register_scorer("imagereward")
-class ImageRewardScorer(NotBundledScorer):
-    display_name = "ImageReward"
-    how_to = "Install it with `pip install image-reward` and wrap `ImageReward.load('ImageReward-v1.0').score`."
+class ImageRewardScorer(IsolatedScorer):
+    """ImageReward v1.0 through `ImageReward.load('ImageReward-v1.0').score` (the `image-reward` package)."""

@@ -65,6 +65,8 @@ class ServeOptions:
         request_timeout_s (`float`): per-request deadline; a request past it gets 503.
         latents_only (`bool`): load only the reward model (no VAE, text encoders); `/v1/score_images` then answers
             400.
+        normalize (`str`, *optional*): `"zscore"` returns `(raw - mean) / std` from the model's reward statistics
+            at each sample's noise level (`eval/reward_stats.py`); default: raw rewards.
     """
 
     model: str
@@ -77,6 +79,7 @@ class ServeOptions:
     max_body_mb: float = 256.0
     request_timeout_s: float = 120.0
     latents_only: bool = False
+    normalize: str | None = None
 
 
 def load_pipeline(options: ServeOptions):
@@ -395,8 +398,16 @@ class RewardServer:
             self.load_error = error
             logger.exception(f"loading {self.options.model} failed")
             return
-        self.pipe = loaded if hasattr(loaded, "reward_model") else None
-        self.reward_model = loaded.reward_model if self.pipe is not None else loaded
+        pipe = loaded if hasattr(loaded, "reward_model") else None
+        reward_model = loaded.reward_model if pipe is not None else loaded
+        if self.options.normalize == "zscore" and not reward_model.config.reward_statistics:
+            self.load_error = ValueError(
+                "--normalize zscore needs reward statistics in the model config: compute them with "
+                "`python eval/reward_stats.py --model <folder> --pairs <reference pairs> --write_to_model`."
+            )
+            logger.error(str(self.load_error))
+            return
+        self.pipe, self.reward_model = pipe, reward_model
         logger.info(f"{self.options.model} loaded; serving")
 
     def ready(self) -> None:
@@ -409,8 +420,20 @@ class RewardServer:
     def _run_group(self, key: tuple, payloads: list):
         if key[0] == "images":
             images, prompts, options = payloads[0]
-            return [score_image_request(self.pipe, images, prompts, options)]
-        return score_latent_batch(self.reward_model, payloads)
+            rewards = score_image_request(self.pipe, images, prompts, options)
+            levels = options.get("t") or self.reward_model.config.default_t
+            return [self._normalize(rewards, [levels] * len(rewards))]
+        results = score_latent_batch(self.reward_model, payloads)
+        return [self._normalize(rewards, request["u"].tolist()) for rewards, request in zip(results, payloads)]
+
+    def _normalize(self, rewards: list[float], levels: list) -> list[float]:
+        """Raw rewards, or z-scores from the reward statistics at each sample's noise level(s)."""
+        if self.options.normalize != "zscore":
+            return rewards
+        try:
+            return [float(self.reward_model.zscore(torch.tensor(r), t)) for r, t in zip(rewards, levels)]
+        except ValueError as error:
+            raise RequestError(str(error)) from error
 
     async def score_latents(self, body: bytes, version: str | None) -> list[float]:
         self.ready()
@@ -555,6 +578,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="load only the reward model (no VAE, text encoders): serves /v1/score, not /v1/score_images.",
     )
+    parser.add_argument(
+        "--normalize",
+        choices=("zscore",),
+        default=None,
+        help="return z-scores (raw - mean) / std from the model's reward statistics instead of raw rewards.",
+    )
     parser.add_argument("--ray", action="store_true", help="deploy with Ray Serve (pip install 'dinalrm[serve]').")
     parser.add_argument("--num-replicas", type=int, default=1, help="Ray Serve replicas (with --ray).")
     parser.add_argument(
@@ -583,4 +612,5 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         max_body_mb=args.max_body_mb,
         request_timeout_s=args.request_timeout_s,
         latents_only=args.latents_only,
+        normalize=args.normalize,
     )
