@@ -20,12 +20,14 @@ import os
 import sys
 from pathlib import Path
 
+from dinalrm import bundled_asset
+
 
 # The published checkpoint (official layout; converted on first use and cached) and the base it needs.
 DEFAULT_MODEL = "liuhuohuo/DiNa-LRM-SD35M-12layers"
 DEFAULT_BASE = "stabilityai/stable-diffusion-3.5-medium"
-# The tiny-world demo model shipped with the repository (examples/tiny_world); used when the default is unreachable.
-BUNDLED_TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "dinalrm-tiny"
+# The tiny-world demo model shipped inside the package (examples/tiny_world); used when the default is unreachable.
+BUNDLED_TINY_MODEL = bundled_asset("dinalrm-tiny")
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("csv", "jsonl")
 FALLBACK_WARNING = """\
