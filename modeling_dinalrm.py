@@ -186,7 +186,8 @@ class DiNaLRMConfig(PretrainedConfig):
         max_backbone_batch_size (`int`, *optional*): split backbone passes into chunks of at most this many samples.
         max_sequence_length (`int`): T5 prompt length used in training.
         base_model_name_or_path (`str`, *optional*): where the backbone weights came from (provenance); defaults to
-            the family's reference model.
+            the family's reference model. A local path is kept as its folder name only, so a saved config carries
+            no path of the machine that wrote it.
         calibration (`dict`, *optional*): a logistic calibration of reward differences to human preference, fitted
             by `eval/calibrate.py`: `P(a preferred) = sigmoid(slope * (r_a - r_b))` at the noise level(s) `t` it
             was fitted at, and `reference_reward` (the median reward of the fitting images) for calibrated scores
@@ -272,7 +273,7 @@ class DiNaLRMConfig(PretrainedConfig):
         self.lora_target_modules = list(lora_target_modules or extractor.lora_targets)
         self.max_backbone_batch_size = max_backbone_batch_size
         self.max_sequence_length = max_sequence_length
-        self.base_model_name_or_path = base_model_name_or_path or extractor.default_model_id
+        self.base_model_name_or_path = provenance_name(base_model_name_or_path) or extractor.default_model_id
         self.calibration = dict(calibration) if calibration else None
         self.reward_statistics = [dict(entry) for entry in reward_statistics] if reward_statistics else None
         super().__init__(**kwargs)
@@ -1969,6 +1970,13 @@ def looks_like_local_path(name: str | os.PathLike) -> bool:
     name = str(name)
     separators = name.count("/") + (name.count(os.sep) if os.sep != "/" else 0)
     return os.path.exists(name) or name.startswith((".", "~", "/", os.sep)) or separators > 1
+
+
+def provenance_name(name: str | os.PathLike | None) -> str | None:
+    """What a config records as a model's origin: a Hub id as it is, a local path as its folder name only."""
+    if name is None or not looks_like_local_path(name):
+        return None if name is None else str(name)
+    return os.path.basename(os.path.normpath(os.path.expanduser(str(name))))
 
 
 def looks_like_repo_id(name: str | os.PathLike) -> bool:

@@ -74,7 +74,8 @@ class LRMConfig(PretrainedConfig):
             validation timestep).
         lora_rank / lora_alpha / lora_target_modules: LoRA on the UNet (rank 0 = none; the official model fine-tunes
             the whole UNet and text encoder).
-        base_model_name_or_path (`str`, *optional*): the SD pipeline the backbone came from (provenance).
+        base_model_name_or_path (`str`, *optional*): the SD pipeline the backbone came from (provenance); a local
+            path is kept as its folder name only, so a saved config carries no path of the machine that wrote it.
     """
 
     model_type = "lrm"
@@ -126,7 +127,7 @@ class LRMConfig(PretrainedConfig):
         self.lora_rank = lora_rank
         self.lora_alpha = lora_alpha if lora_alpha is not None else lora_rank
         self.lora_target_modules = list(lora_target_modules or DEFAULT_LORA_TARGET_MODULES)
-        self.base_model_name_or_path = base_model_name_or_path
+        self.base_model_name_or_path = _provenance_name(base_model_name_or_path)
         super().__init__(**kwargs)
         if backbone_type == "sdxl" and self.unet_config and not self.text_config_2:
             raise ValueError("An SDXL LRM needs text_config_2 (the config of the second text encoder).")
@@ -198,6 +199,16 @@ class LRMPromptEmbeds(ModelOutput):
     text_features: torch.Tensor | None = None
     pooled_prompt_embeds: torch.Tensor | None = None
     negative_pooled_prompt_embeds: torch.Tensor | None = None
+
+
+def _provenance_name(name: str | os.PathLike | None) -> str | None:
+    """A Hub id as it is, an existing or absolute local path as its folder name only."""
+    if name is None:
+        return None
+    name = str(name)
+    if os.path.exists(name) or os.path.isabs(name) or name.startswith((".", "~")):
+        return os.path.basename(os.path.normpath(os.path.expanduser(name)))
+    return name
 
 
 def _drop_unused_unet_parts(unet: UNet2DConditionModel) -> UNet2DConditionModel:

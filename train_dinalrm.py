@@ -54,7 +54,7 @@ from huggingface_hub import ModelCard, create_repo, upload_folder
 from tqdm.auto import tqdm
 
 from dinalrm.data import DATA_FORMATS, ColumnNames, load_preference_dataset
-from dinalrm.hub import build_hub_repo, card_data, pairwise_accuracy_result
+from dinalrm.hub import FAMILY_CARDS, INSTALL, build_hub_repo, card_data, pairwise_accuracy_result
 from dinalrm.training.buckets import BucketBatchSampler, BucketSet, buckets_for_model
 from dinalrm.training.checkpointing import (
     CHECKPOINT_PREFIX,
@@ -103,7 +103,7 @@ from dinalrm.training.utils import (
     repeat_prompts,
     seeded_generator,
 )
-from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel
+from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel, provenance_name
 from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline, DiNaLRMZImagePipeline
 
 
@@ -801,11 +801,14 @@ def save_model_card(repo_id: str, args, output_dir: str, validation: dict | None
         for name, value in (validation or {}).items()
         if name.startswith("val/accuracy_")
     )
+    # Local folders are named by their folder name only: the card must not publish a path of this machine.
+    base = provenance_name(args.pretrained_model_name_or_path)
+    family = FAMILY_CARDS[args.backbone]
     body = f"""
 # DiNa-LRM reward model: {repo_id}
 
 A diffusion-native latent reward model ([DiNa-LRM](https://arxiv.org/abs/2602.11146)) trained with
-`train_dinalrm.py` on the first {args.num_backbone_layers} blocks of `{args.pretrained_model_name_or_path}`
+`train_dinalrm.py` on the first {args.num_backbone_layers} blocks of `{base}`
 (visual layers {args.visual_layers}, text layers {args.text_layers}; {
         "frozen backbone"
         if args.freeze_backbone
@@ -819,7 +822,9 @@ VAE latents; the weights here are {
 
 Training: loss `{args.loss}` (k={args.thurstone_k}, v0={args.thurstone_v0}), t ~ `{args.weighting_scheme}`,
 learning rate {args.learning_rate}, {args.train_batch_size} pairs per device, data
-`{args.dataset_name or args.train_data_dir}` at resolution {args.resolution}. Skipped rows: {json.dumps(skipped)}.
+`{provenance_name(args.dataset_name or args.train_data_dir)}` at resolution {args.resolution}. Skipped rows: {
+        json.dumps(skipped)
+    }.
 
 ## Validation (pairwise accuracy)
 
@@ -829,12 +834,26 @@ learning rate {args.learning_rate}, {args.train_batch_size} pairs per device, da
 
 ## Usage
 
+With the `dinalrm` package ({INSTALL}), the reward model scores images with the VAE and text encoders of the
+generator it was trained on (its transformer is not needed: the reward model holds the blocks it reads):
+
 ```python
+import torch
+from diffusers import {family.generator}
+from PIL import Image
+
 from modeling_dinalrm import DiNaLRMModel
+from pipeline_dinalrm import {family.scorer}
 
 model = DiNaLRMModel.from_pretrained("{repo_id}")
-rewards = model.score_latents(latents, prompt_embeds, pooled_prompt_embeds, t=0.4)
+generator_pipeline = {family.generator}.from_pretrained("{base}", transformer=None)
+pipe = {family.scorer}.{family.from_generator}(generator_pipeline, model)
+images = [Image.open("a.png"), Image.open("b.png")]
+rewards = pipe("a photo of a cat", images=images, generator=torch.Generator().manual_seed(0)).rewards
 ```
+
+On latents and prompt embeddings you already hold, `model.score_latents(latents, prompt_embeds,
+pooled_prompt_embeds, t=0.4)` scores without the pipeline.
 """
     ModelCard(f"---\n{metadata.to_yaml()}\n---\n{body}").save(os.path.join(output_dir, "README.md"))
 

@@ -5,7 +5,13 @@ One sub-package per concern: `dinalrm.data` (preference datasets, benchmarks, im
 (batch scoring, the HTTP server), `dinalrm.evaluation`; plus `dinalrm.hub`, `dinalrm.cli` and `dinalrm.testing`.
 """
 
+from importlib.resources import files
+from pathlib import Path
+
 from ._lazy import install_moved_modules
+
+
+__version__ = "0.2.0"
 
 
 # The published checkpoint (official layout; converted on first use and cached).
@@ -30,3 +36,9 @@ MOVED_MODULES = {
     "dinalrm.serve_ray": "dinalrm.serving.ray_serve",
 }
 install_moved_modules(MOVED_MODULES)
+
+
+def bundled_asset(*parts: str) -> Path:
+    """A file or folder shipped with the package under `dinalrm/assets/` (the demo model `dinalrm-tiny`, the
+    README's `examples/` images), found the same way in a clone and in an installed wheel."""
+    return Path(str(files(__name__).joinpath("assets", *parts)))

@@ -20,13 +20,13 @@ import os
 import sys
 from pathlib import Path
 
-from dinalrm import DEFAULT_MODEL
+from dinalrm import DEFAULT_MODEL, bundled_asset
 
 
 # The base the published checkpoint (`DEFAULT_MODEL`, official layout) needs.
 DEFAULT_BASE = "stabilityai/stable-diffusion-3.5-medium"
-# The tiny-world demo model shipped with the repository (examples/tiny_world); used when the default is unreachable.
-BUNDLED_TINY_MODEL = Path(__file__).resolve().parents[1] / "assets" / "dinalrm-tiny"
+# The tiny-world demo model shipped inside the package (examples/tiny_world); used when the default is unreachable.
+BUNDLED_TINY_MODEL = bundled_asset("dinalrm-tiny")
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("csv", "jsonl")
 FALLBACK_WARNING = """\

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from dinalrm.data import BENCHMARKS
-from modeling_dinalrm import DiNaLRMModel
+from modeling_dinalrm import DiNaLRMModel, provenance_name
 from pipeline_dinalrm import DiNaLRMPipeline, load_base_components
 
 
@@ -30,21 +30,25 @@ class FamilyCard:
     license_name: str | None
     license_link: str
     license_title: str
+    scorer: str  # the DiNa-LRM pipeline class of the family and its constructor from a loaded generator
+    from_generator: str
 
 
 SD3_LICENSE_LINK = "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium/blob/main/LICENSE.md"
 FAMILY_CARDS = {
     "sd3": FamilyCard(
         "SD3", "StableDiffusion3Pipeline", "stable-diffusion-3", "other", "stabilityai-ai-community",
-        SD3_LICENSE_LINK, "Stability AI Community License",
+        SD3_LICENSE_LINK, "Stability AI Community License", "DiNaLRMPipeline", "from_sd3",
     ),
     "flux": FamilyCard(
         "FLUX", "FluxPipeline", "flux", "other", "flux-1-dev-non-commercial-license",
         "https://huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/LICENSE.md", "FLUX.1 [dev] Non-Commercial License",
+        "DiNaLRMFluxPipeline", "from_flux",
     ),
     "zimage": FamilyCard(
         "Z-Image", "ZImagePipeline", "z-image", "apache-2.0", None,
         "https://huggingface.co/Tongyi-MAI/Z-Image-Turbo", "Apache-2.0 licence",
+        "DiNaLRMZImagePipeline", "from_zimage",
     ),
 }  # fmt: skip
 CITATION = """\
@@ -67,10 +71,11 @@ decoding, part of one backbone pass) and differentiable with respect to the late
 
 ```python
 import torch
-from diffusers import DiffusionPipeline
 from PIL import Image
 
-pipe = DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True).to("cuda")
+from pipeline_dinalrm import DiNaLRMPipeline
+
+pipe = DiNaLRMPipeline.from_pretrained("{repo_id}").to("cuda")
 generator = torch.Generator().manual_seed(0)
 images = [Image.open("a.png"), Image.open("b.png")]
 rewards = pipe("a photo of a cat", images=images, generator=generator).rewards
@@ -79,10 +84,13 @@ comparison = pipe.compare("a photo of a cat", images[0], images[1], generator=ge
 print(comparison.probability, comparison.winner)
 ```
 
+`DiNaLRMPipeline` comes with the `dinalrm` package ({install}) and loads any DiNa-LRM repository with the
+installed code. A repository that ships its own `pipeline_dinalrm.py` also loads without the package, running that
+file: `DiffusionPipeline.from_pretrained("{repo_id}", trust_remote_code=True)`.
+
 Score latents from `{generator}(..., output_type="latent")` with `pipe(prompt, latents=latents)`,
 or keep the autograd graph for reward fine-tuning with `pipe.reward_fn(latents, prompt_embeds=...,
-pooled_prompt_embeds=...)`. From the shell (with the `dinalrm` package installed from its repository,
-`pip install -e .`; it is not on PyPI yet):
+pooled_prompt_embeds=...)`. From the shell:
 
 ```bash
 dinalrm-score --model {repo_id} --prompt "a photo of a cat" a.png b.png
@@ -102,7 +110,7 @@ dinalrm-score --model {repo_id} --prompt "a photo of a cat" a.png b.png
 
 ## Licence
 
-The DiNa-LRM code (`pipeline_dinalrm.py`, `reward_model/modeling_dinalrm.py`) is Apache-2.0. The backbone blocks
+The DiNa-LRM code is Apache-2.0. The backbone blocks
 inside `reward_model/` and the VAE, text encoders, tokenizers and scheduler in this repository come from
 {base_link} and are distributed under the
 [{license_title}]({license_link}); using this repository means accepting that licence.
@@ -114,6 +122,9 @@ inside `reward_model/` and the VAE, text encoders, tokenizers and scheduler in t
 ```
 """
 
+
+# How every card and the documentation say to install the package (one wording, one place).
+INSTALL = "not on PyPI yet: `pip install -e .` in a clone of its repository, or `pip install` the wheel built there"
 
 TAGS = ["dinalrm", "reward-model", "text-to-image", "preference-model"]
 TASK = {"task_type": "text-to-image", "task_name": "Text-to-image preference prediction"}
@@ -191,6 +202,7 @@ def write_model_card(
         generator=facts.generator,
         license_title=facts.license_title,
         repo_id=repo_id,
+        install=INSTALL,
         base=base_name,
         base_link=base_name if os.path.isdir(base) else f"[{base}](https://huggingface.co/{base})",
         num_layers=config.num_backbone_layers,
@@ -203,6 +215,15 @@ def write_model_card(
         citation=CITATION,
     )
     ModelCard(f"---\n{metadata.to_yaml()}\n---\n\n{body}").save(os.path.join(output_dir, "README.md"))
+
+
+def drop_local_paths(pipe) -> None:
+    """Keep only the folder name of the local path diffusers records as each loaded model's `_name_or_path`, so
+    that a saved repository carries no path of the machine that wrote it (Hub ids stay as they are)."""
+    for component in pipe.components.values():
+        name = getattr(getattr(component, "config", None), "_name_or_path", None)
+        if hasattr(component, "register_to_config") and isinstance(name, str):
+            component.register_to_config(_name_or_path=provenance_name(name))
 
 
 def build_hub_repo(
@@ -230,6 +251,7 @@ def build_hub_repo(
         optional=pipeline_class._optional_components,
     )
     pipe = pipeline_class(reward_model=reward_model, **components)
+    drop_local_paths(pipe)
     pipe.save_pretrained(output_dir)
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     write_model_card(pipe, base, name, output_dir, datasets, eval_results)

@@ -27,8 +27,8 @@ def generator(seed: int = 0) -> torch.Generator:
 
 
 def readme_offline_commands() -> str:
-    """The shell block of the README's offline section, as a user would paste it."""
-    section = (REPO_ROOT / "README.md").read_text().split("### Offline, on a tiny local model", 1)[1]
+    """The shell block of the getting-started page's offline section, as a user would paste it."""
+    section = (REPO_ROOT / "docs" / "getting-started.md").read_text().split("## Offline, on a tiny local model", 1)[1]
     return section.split("```bash\n", 1)[1].split("```", 1)[0]
 
 

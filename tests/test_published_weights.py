@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import PIL.Image
@@ -196,13 +197,33 @@ def test_one_dtype_for_every_component_whatever_the_repository_was_saved_in(hub,
     assert dtypes(reloaded) == {torch.bfloat16}
 
 
+# A block that cannot run offline on the tiny stand-ins is preceded by this comment, with the reason.
+NO_RUN = "<!-- no-run:"
+
+
+def documentation_pages() -> list[Path]:
+    """The README, then the docs pages in the site's navigation order."""
+    nav = re.findall(r"^  - [^:]+: (\S+\.md)$", (REPO_ROOT / "mkdocs.yml").read_text(), re.M)
+    return [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / page for page in nav)]
+
+
+def code_blocks(text: str, language: str) -> tuple[list[str], int]:
+    """The `language` blocks of a Markdown text that are meant to run, and how many are marked no-run."""
+    blocks, skipped = [], 0
+    for before, block in zip(text.split(f"```{language}\n")[:-1], text.split(f"```{language}\n")[1:]):
+        if before.rstrip().splitlines()[-1:] and before.rstrip().splitlines()[-1].startswith(NO_RUN):
+            skipped += 1
+        else:
+            blocks.append(block.split("```", 1)[0])
+    return blocks, skipped
+
+
 def readme_python_blocks() -> list[str]:
-    text = (REPO_ROOT / "README.md").read_text()
-    return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
+    return [block for page in documentation_pages() for block in code_blocks(page.read_text(), "python")[0]]
 
 
 def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
-    """Every Python block of the README, in order in one fresh process (later blocks continue earlier ones), on the
+    """Every Python block of the README and the docs pages, in order in one fresh process (later blocks continue earlier ones), on the
     tiny stand-ins under the real ids. What a user without a GPU changes: cpu for cuda, float32 for bfloat16, and
     the tiny backbone's 32x32 latents for SD3.5's 128x128 in the ReFL sketch."""
     blocks = readme_python_blocks()
@@ -224,6 +245,10 @@ def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
         *lrm_settings(lrm_fixture),
     )
     assert converted.returncode == 0, converted.stderr
+    # The training page's example dataset, written by its shell block as a user would.
+    dataset_block = code_blocks((REPO_ROOT / "docs" / "training.md").read_text(), "bash")[0][0]
+    assert "my-pairs/train.jsonl" in dataset_block
+    subprocess.run(["bash", "-c", dataset_block], cwd=tmp_path, check=True)
     (tmp_path / "readme.py").write_text(script + "\nprint('README OK', float(loss))\n")
     run = subprocess.run(
         [sys.executable, "readme.py"], capture_output=True, text=True, env=hub["env"], cwd=tmp_path, timeout=600

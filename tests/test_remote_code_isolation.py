@@ -82,7 +82,7 @@ def test_readme_automodel_form_for_the_reward_model_of_a_hub_pipeline(tmp_path):
 
     folder = save_tiny_dinalrm_repo(tmp_path / "tiny")
     add_to_hub_cache(tmp_path / "cache", "me/tiny-dinalrm", folder)
-    readme = (REPO_ROOT / "README.md").read_text()
+    readme = (REPO_ROOT / "docs" / "scoring.md").read_text()
     form = readme.split("so give it the folder itself:\n  `", 1)[1].split("`.", 1)[0].replace("\n  ", " ")
     code = f"""
 import json, os, torch

@@ -35,6 +35,8 @@ from tiny_world_common import (
     set_threads,
 )
 
+from dinalrm.hub import drop_local_paths
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -146,6 +148,7 @@ def train(args: argparse.Namespace) -> float:
         if step % 200 == 0 or step == args.steps - 1:
             print(f"generator step {step} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
     pipe.transformer = ema
+    drop_local_paths(pipe)
     pipe.save_pretrained(args.output_dir)
     return time.time() - start
 
