@@ -1,6 +1,7 @@
 """Evaluation: benchmark loading and accuracy with confidence intervals (`common`), the scorers compared
-(`scorers`), the `run_eval` runner (`runner`) and the analyses (`calibration`, `noise_sweep`, `uncertainty`,
-`noise_sharing`); `efficiency` (the analytic FLOP/memory model) and `efficiency_report` are imported by name.
+(`scorers`; the published HPSv2/HPSv3/ImageReward packages run in their own environments through `isolated`), the
+`run_eval` runner (`runner`), split manifests (`manifests`), reward statistics for z-scores (`reward_stats`) and the
+analyses (`calibration`, `noise_sweep`, `uncertainty`, `noise_sharing`); `efficiency` (the analytic FLOP/memory model) and `efficiency_report` are imported by name.
 
 Public names are imported lazily on first use (see `dinalrm._lazy`).
 """
@@ -89,10 +90,28 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "CLIPScorer",
             "PickScoreScorer",
             "PlainCLIPScorer",
-            "NotBundledScorer",
+            "IsolatedScorer",
             "HPSv2Scorer",
             "HPSv3Scorer",
             "ImageRewardScorer",
+        ),
+        "manifests": (
+            "Manifest",
+            "ManifestCheck",
+            "build_manifest",
+            "write_manifest",
+            "read_manifest",
+            "verify_benchmark",
+            "apply_manifests",
+        ),
+        "isolated": (
+            "IsolatedWorker",
+            "WorkerError",
+            "start_scorer",
+        ),
+        "reward_stats": (
+            "reward_statistics",
+            "write_reward_statistics",
         ),
         "uncertainty": (
             "STATS",
