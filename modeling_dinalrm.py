@@ -419,6 +419,8 @@ class DiNaLRMFeatureExtractor(nn.Module):
         return getattr(self, self.context_embedder_attribute)(prompt_embeds)
 
     def _check_latent_channels(self, latents: torch.Tensor, channels: int, what: str) -> None:
+        if latents.shape[0] == 0 or 0 in latents.shape[-2:]:
+            raise ValueError(f"latents of shape {tuple(latents.shape)} hold no sample or no pixel: pass at least one.")
         if latents.shape[1] != channels:
             raise ValueError(
                 f"latents have {latents.shape[1]} channels but the backbone takes {channels}: pass VAE latents "
@@ -438,6 +440,11 @@ class DiNaLRMFeatureExtractor(nn.Module):
             )
         if not context_embedded and prompt_embeds.shape[-1] != dim:
             raise ValueError(f"prompt_embeds have dim {prompt_embeds.shape[-1]}, the backbone expects {dim}.")
+        if prompt_embeds.shape[1] == 0:
+            raise ValueError(
+                "prompt_embeds hold 0 tokens: encode the prompt with the pipeline's encode_prompt (an empty prompt "
+                "still has its special tokens)."
+            )
 
     def _check_pooled(self, pooled: torch.Tensor | None, dim: int) -> None:
         if not isinstance(pooled, torch.Tensor) or pooled.ndim != 2:
@@ -784,7 +791,20 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         height, width = latents.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {self.patch_size}.")
+        # Rotary positions index tables of `axes_lens` entries: captions on the first axis, image rows and columns.
+        frames, max_rows, max_cols = self.rope_embedder.axes_lens
+        if height // self.patch_size > max_rows or width // self.patch_size > max_cols:
+            raise ValueError(
+                f"latent size {height}x{width} exceeds the backbone's maximum of {max_rows * self.patch_size}x"
+                f"{max_cols * self.patch_size} (axes_lens {list(self.rope_embedder.axes_lens)}): downscale the image."
+            )
         self._check_prompt(prompt_embeds, self.cap_feat_dim, context_embedded)
+        tokens = prompt_embeds.shape[1] + -prompt_embeds.shape[1] % _ZIMAGE_SEQ_MULTIPLE
+        if tokens + 1 >= frames:
+            raise ValueError(
+                f"prompt_embeds hold {prompt_embeds.shape[1]} tokens; the backbone takes at most {frames - 2} once "
+                f"padded to a multiple of {_ZIMAGE_SEQ_MULTIPLE} (axes_lens[0] = {frames}): shorten the prompt."
+            )
         if pooled is not None:
             raise ValueError("Z-Image has no pooled prompt embedding: pass pooled_prompt_embeds=None.")
 

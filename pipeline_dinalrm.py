@@ -45,6 +45,9 @@ DISPLAY_OFFSET = 10.0
 DISPLAY_SCALE = 10.0
 # How many prompts keep their embeddings between calls (alignment loops reuse a fixed prompt set).
 PROMPT_CACHE_SIZE = 64
+# The most pixels an uploaded image may hold before it is decoded (16.8 MP, 4096 x 4096): the Space and the reward
+# server refuse larger uploads by their header, so a small compressed file cannot expand into gigabytes.
+MAX_IMAGE_PIXELS = 4096 * 4096
 # Float images may overshoot [0, 1] by this much (rounding in upstream processing) before being refused.
 FLOAT_RANGE_TOLERANCE = 1e-3
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
