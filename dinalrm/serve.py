@@ -316,7 +316,7 @@ def score_image_request(pipe, images: list, prompts: list[str], options: dict) -
 
 
 # ------------------------------------------------------------------------------------------ batching
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity
 class _Job:
     key: tuple
     payload: object
