@@ -2035,7 +2035,7 @@ def _damaged(path: str, error: Exception) -> ConversionError:
     )
 
 
-def _require_finite_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+def require_finite_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """Refuses weights holding NaN or infinity, which would give NaN rewards for every input."""
     bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
@@ -2046,7 +2046,7 @@ def _require_finite_weights(state: dict[str, torch.Tensor], path: str) -> dict[s
     return state
 
 
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+def read_safetensors_weights(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file of an official checkpoint, refusing a damaged file or non-finite values."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -2055,26 +2055,45 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
         state = load_file(path)
     except (SafetensorError, OSError) as error:
         raise _damaged(path, error) from None
-    return _require_finite_weights(state, path)
+    return require_finite_weights(state, path)
+
+
+def load_pickled_weights(path: str):
+    """The contents of a `.pt` pickle read with `weights_only=True` (tensors, numbers and containers only).
+
+    Raises [`ConversionError`] for a truncated file, and for a pickle holding other Python objects, which is not
+    loaded at all (unpickling them could run code): the message says what the file is and how to convert it.
+    """
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise _damaged(path, error) from None
+        stem = os.path.splitext(path)[0]
+        raise ConversionError(
+            f"{path} is a pickle that holds Python objects besides tensors, which would run code when unpickled, so "
+            f"it was not loaded. Ask its publisher for the weights as safetensors, or, if you trust its source, "
+            f"convert it in an isolated environment (a throwaway container): load it with torch.load, keep its "
+            f"tensors and save them with safetensors.torch.save_file as {stem}.safetensors, which is read first."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise _damaged(path, error) from None
 
 
 def _load_tensors(stem: str) -> dict[str, torch.Tensor]:
     """Reads `<stem>.safetensors` if present, else the pickle `<stem>.pt` with `weights_only=True`."""
-    import pickle
-    import zipfile
-
     if os.path.isfile(stem + ".safetensors"):
-        return _read_safetensors(stem + ".safetensors")
+        return read_safetensors_weights(stem + ".safetensors")
     path = stem + ".pt"
     if not os.path.isfile(path):
         raise ConversionError(f"Missing weights: {path} (or {stem}.safetensors)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise _damaged(path, error) from None
+    state = load_pickled_weights(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path} is not a state dict of tensors.")
-    return _require_finite_weights(state, path)
+    return require_finite_weights(state, path)
 
 
 def _official_model_kwargs(config: dict) -> dict:
@@ -2122,7 +2141,7 @@ def _official_lora(lora_dir: str) -> tuple[dict, list[str], dict[str, torch.Tens
         if adapter_config.get(pattern):
             raise ConversionError(f"LoRA with a non-empty {pattern} is not supported.")
     modules, state = set(), {}
-    for key, value in _read_safetensors(weights_path).items():
+    for key, value in read_safetensors_weights(weights_path).items():
         if not key.startswith(_PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ConversionError(f"Unexpected key in the LoRA adapter: {key}")
         module, _, part = key[len(_PEFT_PREFIX) :].rpartition(".lora_")
@@ -2135,7 +2154,7 @@ def _official_lora(lora_dir: str) -> tuple[dict, list[str], dict[str, torch.Tens
     return adapter_config, sorted(modules), state
 
 
-def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
+def load_state_exactly(model: nn.Module, state: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
     """Loads `state` into `model`, insisting that its keys are exactly `expected` with matching shapes (peft
     itself would only warn and leave LoRA at zero, i.e. silently the no-LoRA model)."""
     own = model.state_dict()
@@ -2145,6 +2164,14 @@ def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], expected: se
     wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         raise ConversionError(f"{what}: shape mismatches {wrong[:10]}")
+    integers = [
+        f"{k}: {v.dtype}" for k, v in state.items() if own[k].is_floating_point() and not v.is_floating_point()
+    ]
+    if integers:
+        raise ConversionError(
+            f"{what}: integer tensors where the model has float weights ({integers[:5]}): casting would change "
+            "the values; the file is not a float checkpoint of this model."
+        )
     result = model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     if result.unexpected_keys:
         raise ConversionError(f"{what}: keys not consumed {result.unexpected_keys[:10]}")
@@ -2166,12 +2193,16 @@ def convert_official_checkpoint(
     stops with a [`ConversionError`] naming the keys.
     """
     official_dir = str(official_dir)
+    require_local_folder(backbone, "base model")
     config_path = os.path.join(official_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ConversionError(f"Missing official config: {config_path}")
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    if not isinstance(config.get("model"), dict):
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ConversionError(f"{config_path} is not valid JSON ({error}): download the checkpoint again.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ConversionError(f"{config_path} has no `model` section: it is not an official DiNa-LRM run config.")
     model_cfg = config["model"]
     kwargs = _official_model_kwargs(config)
@@ -2191,9 +2222,9 @@ def convert_official_checkpoint(
             model.add_lora(adapter_config["r"], adapter_config["lora_alpha"], target_modules=modules)
             if set(model.lora_layers()) != set(modules):
                 raise ConversionError(f"LoRA landed on {sorted(model.lora_layers())[:10]}, expected {modules[:10]}")
-            _load_exactly(model, lora_state, {k for k in model.state_dict() if ".lora_" in k}, "LoRA adapter")
+            load_state_exactly(model, lora_state, {k for k in model.state_dict() if ".lora_" in k}, "LoRA adapter")
         head = {f"reward_head.{k}": v for k, v in _load_tensors(os.path.join(checkpoint, "rm_head")).items()}
-        _load_exactly(model, head, head_keys, "rm_head")
+        load_state_exactly(model, head, head_keys, "rm_head")
         logistic_source = None
     else:
         state = _load_tensors(os.path.join(checkpoint, "full_model"))
@@ -2202,7 +2233,7 @@ def convert_official_checkpoint(
             if missing:
                 raise ConversionError(f"full_model: use_logistic=true but {missing} are missing.")
             logistic = {name: float(state.pop(name)) for name in logistic}
-        _load_exactly(model, state, set(model.state_dict()), "full_model")
+        load_state_exactly(model, state, set(model.state_dict()), "full_model")
         logistic_source = "full_model"
     if kwargs["use_logistic"]:
         if logistic_source is None:

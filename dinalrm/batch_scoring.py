@@ -153,7 +153,10 @@ def rows_from_file(rows_file: str, prompt: str | None, skips: Skips) -> list[Row
             skips.skip(EMPTY_PROMPT, f"{rows_file} row {index + 1}: empty prompt", len(sides))
             continue
         try:
-            paths = [(record[column], image_record(record[column], root)["path"], side) for column, side in sides]
+            paths = [
+                (record[column], image_record(record[column], root, absolute_anywhere=True)["path"], side)
+                for column, side in sides
+            ]
         except (ImageLoadError, TypeError) as err:
             skips.skip(getattr(err, "reason", MISSING), f"{rows_file} row {index + 1}: {err}", len(sides))
             continue
