@@ -104,7 +104,7 @@ from dinalrm.training_utils import (
     repeat_prompts,
     seeded_generator,
 )
-from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel
+from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel, require_local_folder
 from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline, DiNaLRMZImagePipeline
 
 
@@ -411,8 +411,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token would be logged by wandb; log in with `hf auth login` instead.")
     try:
+        require_local_folder(args.pretrained_model_name_or_path, "base model")
         check_output_dir_arguments(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     return args
 

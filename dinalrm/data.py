@@ -277,7 +277,9 @@ class _PairChecker:
             c = self.columns
             prompt, first, second, preference = row[c.prompt], row[c.chosen], row[c.rejected], FIRST
             weight = row.get(c.weight)
-            if weight is None and c.weight in row:  # JSON readers turn NaN / Infinity into null: not a default 1.0
+            # A null weight in a table with a weight column is not a default 1.0: `datasets` reads NaN and Infinity of
+            # JSON-array files as null (through pandas), so such a row cannot be told from a damaged one.
+            if weight is None and c.weight in row:
                 raise _Skip(INVALID_WEIGHT)
             weight = 1.0 if weight is None else float(weight)
             if not math.isfinite(weight) or weight < 0:

@@ -89,6 +89,7 @@ from modeling_dinalrm import (
     DEFAULT_LORA_TARGET_MODULES,
     is_official_checkpoint,
     load_official_checkpoint,
+    require_local_folder,
     resolve_repo,
 )
 from pipeline_dinalrm import DiNaLRMPipeline
@@ -199,8 +200,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     if args.noise_level <= 0:
         parser.error("--noise_level must be positive: LPO draws its candidates from the stochastic step.")
     try:
+        require_local_folder(args.pretrained_model_name_or_path, "base model")
+        require_local_folder(args.reward_model, "reward model")
         check_output_dir_arguments(args)
-    except ValueError as err:
+    except (ValueError, OSError) as err:
         parser.error(str(err))
     return args
 
