@@ -831,6 +831,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 f"latents must be floating-point VAE latents, got {latents.dtype}: pass float32, bfloat16 or float16."
             )
         num_samples = len(images) if images is not None else latents.shape[0]
+        if num_samples == 0:
+            raise ValueError("latents hold no sample (batch 0): pass at least one.")
         if prompt is None and prompt_embeds is None:
             raise ValueError("Pass `prompt` or precomputed `prompt_embeds` and `pooled_prompt_embeds`.")
         if prompt is not None and prompt_embeds is not None:
