@@ -5,7 +5,7 @@ prompts; `GET /healthz` answers 200 once the model is loaded. Concurrent request
 (`ScoreBatcher`): requests whose tensors have the same shapes and dtypes share a backbone pass, and every sample
 keeps its own noise, drawn exactly as `DiNaLRMPipeline.__call__` draws it from `torch.Generator().manual_seed(seed)`,
 so a batched score equals the unbatched pipeline call up to float rounding: a batched pass rounds differently from a
-single one (measured: a few 1e-6 relative on float32), so the same seed gives the same score within that, not bit for
+single one (measured: up to about 1e-6 relative on float32), so the same seed gives the same score within that, not bit for
 bit, when other requests share its batch.
 
 The server bounds what one request can cost: prompt tokens (`--max-prompt-tokens`), image pixels
@@ -252,20 +252,22 @@ def _decode_image(data: bytes, where: str):
 
     from pipeline_dinalrm import MAX_IMAGE_PIXELS
 
+    unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
     try:
         image = Image.open(io.BytesIO(data))
-        width, height = image.size
-        if width * height > MAX_IMAGE_PIXELS:
-            raise RequestError(
-                f"{where} is {width}x{height} = {width * height / 1e6:.1f} megapixels; the limit is "
-                f"{MAX_IMAGE_PIXELS / 1e6:.1f}: downscale it (it is resized to about 1 megapixel anyway)."
-            )
-        if width == 0 or height == 0:
-            raise RequestError(f"{where} is empty ({width}x{height} pixels).")
+    except unreadable as error:
+        raise RequestError(f"{where} is not a readable PNG/JPEG image ({type(error).__name__}: {error}).") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise RequestError(
+            f"{where} is {width}x{height} = {width * height / 1e6:.1f} megapixels; the limit is "
+            f"{MAX_IMAGE_PIXELS / 1e6:.1f}: downscale it (it is resized to about 1 megapixel anyway)."
+        )
+    if width == 0 or height == 0:
+        raise RequestError(f"{where} is empty ({width}x{height} pixels).")
+    try:
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as error:
-        if isinstance(error, RequestError):
-            raise
+    except unreadable as error:
         raise RequestError(f"{where} is not a readable PNG/JPEG image ({type(error).__name__}: {error}).") from None
     return image
 
