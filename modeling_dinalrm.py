@@ -425,6 +425,8 @@ class DiNaLRMFeatureExtractor(nn.Module):
         return getattr(self, self.context_embedder_attribute)(prompt_embeds)
 
     def _check_latent_channels(self, latents: torch.Tensor, channels: int, what: str) -> None:
+        if latents.shape[0] == 0 or 0 in latents.shape[-2:]:
+            raise ValueError(f"latents of shape {tuple(latents.shape)} hold no sample or no pixel: pass at least one.")
         if latents.shape[1] != channels:
             raise ValueError(
                 f"latents have {latents.shape[1]} channels but the backbone takes {channels}: pass VAE latents "
@@ -444,6 +446,11 @@ class DiNaLRMFeatureExtractor(nn.Module):
             )
         if not context_embedded and prompt_embeds.shape[-1] != dim:
             raise ValueError(f"prompt_embeds have dim {prompt_embeds.shape[-1]}, the backbone expects {dim}.")
+        if prompt_embeds.shape[1] == 0:
+            raise ValueError(
+                "prompt_embeds hold 0 tokens: encode the prompt with the pipeline's encode_prompt (an empty prompt "
+                "still has its special tokens)."
+            )
 
     def _check_pooled(self, pooled: torch.Tensor | None, dim: int) -> None:
         if not isinstance(pooled, torch.Tensor) or pooled.ndim != 2:
@@ -790,7 +797,20 @@ class ZImageFeatureExtractor(DiNaLRMFeatureExtractor):
         height, width = latents.shape[-2:]
         if height % self.patch_size or width % self.patch_size:
             raise ValueError(f"latent size {height}x{width} must be divisible by the patch size {self.patch_size}.")
+        # Rotary positions index tables of `axes_lens` entries: captions on the first axis, image rows and columns.
+        frames, max_rows, max_cols = self.rope_embedder.axes_lens
+        if height // self.patch_size > max_rows or width // self.patch_size > max_cols:
+            raise ValueError(
+                f"latent size {height}x{width} exceeds the backbone's maximum of {max_rows * self.patch_size}x"
+                f"{max_cols * self.patch_size} (axes_lens {list(self.rope_embedder.axes_lens)}): downscale the image."
+            )
         self._check_prompt(prompt_embeds, self.cap_feat_dim, context_embedded)
+        tokens = prompt_embeds.shape[1] + -prompt_embeds.shape[1] % _ZIMAGE_SEQ_MULTIPLE
+        if tokens + 1 >= frames:
+            raise ValueError(
+                f"prompt_embeds hold {prompt_embeds.shape[1]} tokens; the backbone takes at most {frames - 2} once "
+                f"padded to a multiple of {_ZIMAGE_SEQ_MULTIPLE} (axes_lens[0] = {frames}): shorten the prompt."
+            )
         if pooled is not None:
             raise ValueError("Z-Image has no pooled prompt embedding: pass pooled_prompt_embeds=None.")
 
@@ -2052,7 +2072,7 @@ def _damaged(path: str, error: Exception) -> ConversionError:
     )
 
 
-def _require_finite_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+def require_finite_weights(state: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
     """Refuses weights holding NaN or infinity, which would give NaN rewards for every input."""
     bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
     if bad:
@@ -2063,7 +2083,7 @@ def _require_finite_weights(state: dict[str, torch.Tensor], path: str) -> dict[s
     return state
 
 
-def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
+def read_safetensors_weights(path: str) -> dict[str, torch.Tensor]:
     """All tensors of a safetensors file of an official checkpoint, refusing a damaged file or non-finite values."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -2072,26 +2092,45 @@ def _read_safetensors(path: str) -> dict[str, torch.Tensor]:
         state = load_file(path)
     except (SafetensorError, OSError) as error:
         raise _damaged(path, error) from None
-    return _require_finite_weights(state, path)
+    return require_finite_weights(state, path)
+
+
+def load_pickled_weights(path: str):
+    """The contents of a `.pt` pickle read with `weights_only=True` (tensors, numbers and containers only).
+
+    Raises [`ConversionError`] for a truncated file, and for a pickle holding other Python objects, which is not
+    loaded at all (unpickling them could run code): the message says what the file is and how to convert it.
+    """
+    import pickle
+    import zipfile
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only load failed" not in str(error).lower():
+            raise _damaged(path, error) from None
+        stem = os.path.splitext(path)[0]
+        raise ConversionError(
+            f"{path} is a pickle that holds Python objects besides tensors, which would run code when unpickled, so "
+            f"it was not loaded. Ask its publisher for the weights as safetensors, or, if you trust its source, "
+            f"convert it in an isolated environment (a throwaway container): load it with torch.load, keep its "
+            f"tensors and save them with safetensors.torch.save_file as {stem}.safetensors, which is read first."
+        ) from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise _damaged(path, error) from None
 
 
 def _load_tensors(stem: str) -> dict[str, torch.Tensor]:
     """Reads `<stem>.safetensors` if present, else the pickle `<stem>.pt` with `weights_only=True`."""
-    import pickle
-    import zipfile
-
     if os.path.isfile(stem + ".safetensors"):
-        return _read_safetensors(stem + ".safetensors")
+        return read_safetensors_weights(stem + ".safetensors")
     path = stem + ".pt"
     if not os.path.isfile(path):
         raise ConversionError(f"Missing weights: {path} (or {stem}.safetensors)")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
-        raise _damaged(path, error) from None
+    state = load_pickled_weights(path)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ConversionError(f"{path} is not a state dict of tensors.")
-    return _require_finite_weights(state, path)
+    return require_finite_weights(state, path)
 
 
 def _official_model_kwargs(config: dict) -> dict:
@@ -2139,7 +2178,7 @@ def _official_lora(lora_dir: str) -> tuple[dict, list[str], dict[str, torch.Tens
         if adapter_config.get(pattern):
             raise ConversionError(f"LoRA with a non-empty {pattern} is not supported.")
     modules, state = set(), {}
-    for key, value in _read_safetensors(weights_path).items():
+    for key, value in read_safetensors_weights(weights_path).items():
         if not key.startswith(_PEFT_PREFIX) or not key.endswith((".lora_A.weight", ".lora_B.weight")):
             raise ConversionError(f"Unexpected key in the LoRA adapter: {key}")
         module, _, part = key[len(_PEFT_PREFIX) :].rpartition(".lora_")
@@ -2152,7 +2191,7 @@ def _official_lora(lora_dir: str) -> tuple[dict, list[str], dict[str, torch.Tens
     return adapter_config, sorted(modules), state
 
 
-def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
+def load_state_exactly(model: nn.Module, state: dict[str, torch.Tensor], expected: set[str], what: str) -> None:
     """Loads `state` into `model`, insisting that its keys are exactly `expected` with matching shapes (peft
     itself would only warn and leave LoRA at zero, i.e. silently the no-LoRA model)."""
     own = model.state_dict()
@@ -2162,6 +2201,14 @@ def _load_exactly(model: nn.Module, state: dict[str, torch.Tensor], expected: se
     wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
     if wrong:
         raise ConversionError(f"{what}: shape mismatches {wrong[:10]}")
+    integers = [
+        f"{k}: {v.dtype}" for k, v in state.items() if own[k].is_floating_point() and not v.is_floating_point()
+    ]
+    if integers:
+        raise ConversionError(
+            f"{what}: integer tensors where the model has float weights ({integers[:5]}): casting would change "
+            "the values; the file is not a float checkpoint of this model."
+        )
     result = model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
     if result.unexpected_keys:
         raise ConversionError(f"{what}: keys not consumed {result.unexpected_keys[:10]}")
@@ -2183,12 +2230,16 @@ def convert_official_checkpoint(
     stops with a [`ConversionError`] naming the keys.
     """
     official_dir = str(official_dir)
+    require_local_folder(backbone, "base model")
     config_path = os.path.join(official_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ConversionError(f"Missing official config: {config_path}")
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    if not isinstance(config.get("model"), dict):
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise ConversionError(f"{config_path} is not valid JSON ({error}): download the checkpoint again.") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ConversionError(f"{config_path} has no `model` section: it is not an official DiNa-LRM run config.")
     model_cfg = config["model"]
     kwargs = _official_model_kwargs(config)
@@ -2208,9 +2259,9 @@ def convert_official_checkpoint(
             model.add_lora(adapter_config["r"], adapter_config["lora_alpha"], target_modules=modules)
             if set(model.lora_layers()) != set(modules):
                 raise ConversionError(f"LoRA landed on {sorted(model.lora_layers())[:10]}, expected {modules[:10]}")
-            _load_exactly(model, lora_state, {k for k in model.state_dict() if ".lora_" in k}, "LoRA adapter")
+            load_state_exactly(model, lora_state, {k for k in model.state_dict() if ".lora_" in k}, "LoRA adapter")
         head = {f"reward_head.{k}": v for k, v in _load_tensors(os.path.join(checkpoint, "rm_head")).items()}
-        _load_exactly(model, head, head_keys, "rm_head")
+        load_state_exactly(model, head, head_keys, "rm_head")
         logistic_source = None
     else:
         state = _load_tensors(os.path.join(checkpoint, "full_model"))
@@ -2219,7 +2270,7 @@ def convert_official_checkpoint(
             if missing:
                 raise ConversionError(f"full_model: use_logistic=true but {missing} are missing.")
             logistic = {name: float(state.pop(name)) for name in logistic}
-        _load_exactly(model, state, set(model.state_dict()), "full_model")
+        load_state_exactly(model, state, set(model.state_dict()), "full_model")
         logistic_source = "full_model"
     if kwargs["use_logistic"]:
         if logistic_source is None:

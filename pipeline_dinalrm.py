@@ -45,6 +45,9 @@ DISPLAY_OFFSET = 10.0
 DISPLAY_SCALE = 10.0
 # How many prompts keep their embeddings between calls (alignment loops reuse a fixed prompt set).
 PROMPT_CACHE_SIZE = 64
+# The most pixels an uploaded image may hold before it is decoded (16.8 MP, 4096 x 4096): the Space and the reward
+# server refuse larger uploads by their header, so a small compressed file cannot expand into gigabytes.
+MAX_IMAGE_PIXELS = 4096 * 4096
 # Float images may overshoot [0, 1] by this much (rounding in upstream processing) before being refused.
 FLOAT_RANGE_TOLERANCE = 1e-3
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
@@ -828,6 +831,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 f"latents must be floating-point VAE latents, got {latents.dtype}: pass float32, bfloat16 or float16."
             )
         num_samples = len(images) if images is not None else latents.shape[0]
+        if num_samples == 0:
+            raise ValueError("latents hold no sample (batch 0): pass at least one.")
         if prompt is None and prompt_embeds is None:
             raise ValueError("Pass `prompt` or precomputed `prompt_embeds` and `pooled_prompt_embeds`.")
         if prompt is not None and prompt_embeds is not None:

@@ -14,11 +14,14 @@ import os
 import shutil
 from dataclasses import dataclass
 
+import numpy as np
 import PIL.Image
+import PIL.ImageOps
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import BaseOutput, logging
+from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTokenizer, PreTrainedModel
 
 
@@ -26,6 +29,77 @@ logger = logging.get_logger(__name__)
 
 PIPELINE_FILE = "pipeline_lrm.py"
 MODELING_FILE = "modeling_lrm.py"
+# `noise_sharing`: "prompt" gives the samples of one prompt one posterior and one scoring noise draw, "none" one each.
+NOISE_SHARING_MODES = ("prompt", "none")
+_IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)
+
+# The input checks below repeat those of `pipeline_dinalrm.py` in small: the two files are separate Hub artefacts
+# (each is the remote code of its own repository) and cannot import each other.
+
+
+def _describe(value) -> str:
+    shape = getattr(value, "shape", None)
+    return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
+
+
+def _as_image_list(images) -> list:
+    """One entry per image (4D arrays / tensors are batches), in a form `VaeImageProcessor` reads faithfully: file
+    paths are opened (EXIF rotation applied) and PIL images converted to RGB; uint8 `(H, W, 3)` arrays become PIL
+    images; float `(H, W, 3)` arrays and `(3, H, W)` tensors must hold finite values in [0, 1]. A list mixing kinds
+    is converted to PIL images. Anything else is refused, naming the accepted forms."""
+    if isinstance(images, _IMAGE_TYPES):
+        images = list(images) if getattr(images, "ndim", 3) == 4 else [images]
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(f"images must be an image, a file path or a list of them, got {_describe(images)}.")
+    if not images:
+        raise ValueError("images is an empty list: pass at least one image.")
+    accepted = (
+        "pass PIL images, file paths, uint8 (H, W, 3) numpy arrays, or float (H, W, 3) numpy arrays / (3, H, W) "
+        "torch tensors in [0, 1]"
+    )
+    checked = []
+    for index, image in enumerate(images):
+        if not isinstance(image, _IMAGE_TYPES):
+            raise TypeError(f"images[{index}] is a {_describe(image)}: {accepted}.")
+        if isinstance(image, (str, os.PathLike)):
+            with PIL.Image.open(image) as opened:
+                image = PIL.ImageOps.exif_transpose(opened)
+        if isinstance(image, PIL.Image.Image):
+            if 0 in image.size:
+                raise ValueError(f"images[{index}] of {image.width}x{image.height} pixels is empty.")
+            checked.append(image if image.mode == "RGB" else image.convert("RGB"))
+            continue
+        channel_axis = 2 if isinstance(image, np.ndarray) else 0
+        if image.ndim != 3 or image.shape[channel_axis] != 3:
+            raise ValueError(f"images[{index}] is a {_describe(image)}, not an RGB image: {accepted}.")
+        if 0 in image.shape:
+            raise ValueError(f"images[{index}] of shape {tuple(image.shape)} is empty: pass an image with pixels.")
+        if isinstance(image, np.ndarray) and image.dtype == np.uint8:
+            checked.append(PIL.Image.fromarray(image))
+            continue
+        values = torch.as_tensor(image) if isinstance(image, np.ndarray) else image
+        if not values.is_floating_point():
+            raise TypeError(f"images[{index}] has dtype {image.dtype}: {accepted}.")
+        if not torch.isfinite(values).all():
+            raise ValueError(f"images[{index}] holds NaN or infinite pixel values: pass finite pixels.")
+        if values.min() < 0 or values.max() > 1:
+            raise ValueError(f"images[{index}] has values outside [0, 1]: {accepted}.")
+        checked.append(image)
+    if len({type(image) for image in checked}) > 1:
+        checked = [image if isinstance(image, PIL.Image.Image) else _to_pil(image) for image in checked]
+    return checked
+
+
+def _to_pil(image) -> PIL.Image.Image:
+    """A float image in [0, 1] (numpy `(H, W, 3)` or torch `(3, H, W)`) as an 8-bit PIL image."""
+    array = image if isinstance(image, np.ndarray) else image.detach().float().permute(1, 2, 0).cpu().numpy()
+    return PIL.Image.fromarray((np.asarray(array, dtype=np.float32) * 255).round().astype(np.uint8))
+
+
+def _prompt_groups(prompts: list[str], num_samples: int) -> list[int]:
+    """Per sample, the index of its prompt among the distinct prompts, in order of first appearance."""
+    numbers: dict[str, int] = {}
+    return [numbers.setdefault(prompts[i % len(prompts)], len(numbers)) for i in range(num_samples)]
 
 
 @dataclass
@@ -175,27 +249,59 @@ class LRMPipeline(DiffusionPipeline):
         ids_2 = self._tokenize(self.tokenizer_2, prompts) if self.tokenizer_2 is not None else None
         return self.reward_model.encode_prompt(self._tokenize(self.tokenizer, prompts), ids_2)
 
-    def encode_images(self, images, generator: torch.Generator | None = None, sample_posterior: bool = True):
+    def encode_images(
+        self,
+        images,
+        generator: torch.Generator | None = None,
+        sample_posterior: bool = True,
+        posterior_noise: torch.Tensor | None = None,
+    ):
         r"""Scaled VAE latents of images resized to the native size, as the official model encodes them.
 
         Args:
-            images (PIL image, numpy array, torch tensor or a list of them): anything `VaeImageProcessor` takes.
+            images (PIL image, numpy array, torch tensor, file path or a list of them).
             generator (`torch.Generator`, *optional*): source of the posterior sample.
             sample_posterior (`bool`, defaults to `True`): sample the VAE posterior (official) or take its mode.
+            posterior_noise (`torch.Tensor`, *optional*): the standard normal draws of the posterior sample, one per
+                image (`mean + std * noise`), instead of drawing them from `generator`.
         """
         size = self.default_resolution
-        pixels = self.image_processor.preprocess(images, height=size, width=size)
+        pixels = self.image_processor.preprocess(_as_image_list(images), height=size, width=size)
         posterior = self.vae.encode(pixels.to(self._execution_device, self.vae.dtype)).latent_dist
-        latents = posterior.sample(generator) if sample_posterior else posterior.mode()
+        if not sample_posterior:
+            latents = posterior.mode()
+        elif posterior_noise is not None:
+            latents = posterior.mean + posterior.std * posterior_noise.to(posterior.mean.device, posterior.mean.dtype)
+        else:
+            latents = posterior.sample(generator)
         return latents * self.vae.config.scaling_factor
 
-    def check_inputs(self, prompt, images, latents, t, batch_size: int = 1) -> None:
+    def check_inputs(self, prompt, images, latents, t, batch_size: int = 1, noise_sharing: str = "prompt") -> None:
         """Raises a `ValueError`/`TypeError` naming the fix for inputs the pipeline cannot score."""
         if (images is None) == (latents is None):
             raise ValueError("Pass either `images` (PIL, numpy or torch) or `latents` (scaled VAE latents).")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise TypeError(f"prompt must be a string or a non-empty list of strings, got {type(prompt).__name__}.")
+        if any(not p.strip() for p in prompts):
+            raise ValueError(
+                "prompt is empty: LRM scores how well an image matches its prompt; pass the prompt the image was "
+                "generated from."
+            )
+        if latents is not None:
+            channels = self.vae.config.latent_channels
+            if not isinstance(latents, torch.Tensor) or latents.ndim != 4 or latents.shape[1] != channels:
+                raise ValueError(
+                    f"latents must be a (batch, {channels}, height, width) tensor, got {_describe(latents)}."
+                )
+            if not latents.is_floating_point():
+                raise TypeError(f"latents must be floating-point VAE latents, got {latents.dtype}: pass float32.")
+            if 0 in latents.shape:
+                raise ValueError(f"latents of shape {tuple(latents.shape)} hold no sample or no pixel.")
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contain NaN or infinite values: pass finite, VAE-scaled latents.")
+        if noise_sharing not in NOISE_SHARING_MODES:
+            raise ValueError(f"noise_sharing={noise_sharing!r} is not supported: use 'prompt' or 'none'.")
         num_samples = len(images) if images is not None else latents.shape[0]
         if len(prompts) not in (1, num_samples):
             raise ValueError(f"{len(prompts)} prompts for {num_samples} samples: pass one prompt or one per sample.")
@@ -236,13 +342,14 @@ class LRMPipeline(DiffusionPipeline):
         batch_size: int = 8,
         sample_posterior: bool = True,
         return_dict: bool = True,
+        noise_sharing: str = "prompt",
     ) -> LRMPipelineOutput | tuple:
         r"""Rewards of images or clean latents for their prompts.
 
         Args:
             prompt (`str` or `list[str]`): one prompt for all samples or one per sample.
-            images (PIL image, numpy array, torch tensor, or a list of them): resized (bilinear) to the backbone's
-                native size and encoded with a VAE posterior sample, as the official model does.
+            images (PIL image, numpy array, torch tensor, file path, or a list of them): resized (bilinear) to the
+                backbone's native size and encoded with a VAE posterior sample, as the official model does.
             latents (`torch.Tensor` of shape `(B, 4, h, w)`): clean scaled VAE latents instead of images.
             t (`int`, *optional*): DDPM timestep; defaults to `reward_model.config.default_timestep` (1, official
                 validation).
@@ -250,33 +357,98 @@ class LRMPipeline(DiffusionPipeline):
             batch_size (`int`): samples per VAE/UNet pass; more samples show a progress bar.
             sample_posterior (`bool`, defaults to `True`): sample the VAE posterior (official) or take its mode.
             return_dict (`bool`): return an [`LRMPipelineOutput`] instead of a tuple.
+            noise_sharing (`str`, defaults to `"prompt"`): `"prompt"` gives the samples of one prompt ONE posterior
+                sample noise and ONE scoring noise (common random numbers, as DiNa-LRM's pipeline does): identical
+                images get identical rewards, and `compare` gives P = 0.5 for them. Each prompt takes its draws from
+                `generator` in the order of its first sample. `"none"` draws them per sample, batch by batch, as
+                the official code does.
+
+        Rewards that come out NaN or infinite (inputs far outside the VAE's range) raise a `ValueError` naming
+        the samples.
         """
-        if isinstance(images, PIL.Image.Image) or getattr(images, "ndim", 0) == 3:
-            images = [images]
-        self.check_inputs(prompt, images, latents, t, batch_size)
+        if images is not None:
+            images = _as_image_list(images)
+        self.check_inputs(prompt, images, latents, t, batch_size, noise_sharing)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         timestep = self.reward_model.config.default_timestep if t is None else t
         num_samples = len(images) if images is not None else latents.shape[0]
+        shared = self._shared_noise(prompts, num_samples, latents, generator) if noise_sharing == "prompt" else None
         rewards = torch.empty(num_samples, dtype=torch.float32)
         starts = range(0, num_samples, batch_size)
         with self.progress_bar(total=len(starts)) as progress:
             for start in starts:
                 stop = min(start + batch_size, num_samples)
+                noise = posterior = None
+                if shared is not None:
+                    groups, posterior_draws, noise_draws = shared
+                    posterior = posterior_draws[groups[start:stop]]
+                    noise = noise_draws[groups[start:stop]]
                 if images is not None:
-                    batch = self.encode_images(list(images[start:stop]), generator, sample_posterior)
+                    batch = self.encode_images(list(images[start:stop]), generator, sample_posterior, posterior)
                 else:
                     batch = latents[start:stop].to(self._execution_device)
                 batch_prompts = prompts if len(prompts) == 1 else prompts[start:stop]
+                rows, source = list(range(stop - start)), None
+                if shared is not None:  # equal latents of one prompt share their noise: score them once (exact ties)
+                    rows, source = self._distinct_rows(batch, groups[start:stop])
+                    batch, noise = batch[rows], noise[rows]
+                    batch_prompts = batch_prompts if len(batch_prompts) == 1 else [batch_prompts[i] for i in rows]
                 embeds = self.encode_prompt(batch_prompts)
                 scores = self.reward_model.score_latents(
-                    batch.to(self.reward_model.dtype), prompt_embeds=embeds, t=timestep, generator=generator
+                    batch.to(self.reward_model.dtype),
+                    prompt_embeds=embeds,
+                    t=timestep,
+                    noise=None if noise is None else noise.to(batch.device, self.reward_model.dtype),
+                    generator=generator,
                 )
-                rewards[start:stop] = scores.float().cpu()
+                scores = scores.float().cpu()
+                rewards[start:stop] = scores if source is None else scores[source]
                 progress.update()
         self.maybe_free_model_hooks()
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(
+                f"samples {bad[:8]} scored {rewards[bad[0]].item()}: their inputs are far outside the range the model "
+                "works in (latents must be VAE-scaled, pixels in the image's range) or the model's weights are broken."
+            )
         if not return_dict:
             return (rewards, timestep)
         return LRMPipelineOutput(rewards=rewards, timestep=timestep)
+
+    def _shared_noise(self, prompts: list[str], num_samples: int, latents, generator) -> tuple:
+        """`(groups, posterior noise, scoring noise)` for `noise_sharing="prompt"`: one draw of each per prompt
+        group, in order of first appearance, shaped like one latent."""
+        groups = torch.tensor(_prompt_groups(prompts, num_samples))
+        if latents is not None:
+            shape = (1, *latents.shape[1:])
+        else:
+            side = self.default_resolution // self.vae_scale_factor
+            shape = (1, self.vae.config.latent_channels, side, side)
+        posterior, noise = [], []
+        for _ in range(int(groups.max()) + 1):
+            posterior.append(randn_tensor(shape, generator=generator, dtype=torch.float32))
+            noise.append(randn_tensor(shape, generator=generator, dtype=torch.float32))
+        return groups, torch.cat(posterior), torch.cat(noise)
+
+    @staticmethod
+    def _distinct_rows(latents: torch.Tensor, groups: torch.Tensor) -> tuple[list[int], list[int]]:
+        """The rows that differ in latent or prompt group, and for each sample the position of its row among them."""
+        rows: list[int] = []
+        source = []
+        for index in range(len(latents)):
+            match = next(
+                (
+                    k
+                    for k, row in enumerate(rows)
+                    if groups[row] == groups[index] and torch.equal(latents[row], latents[index])
+                ),
+                None,
+            )
+            if match is None:
+                rows.append(index)
+                match = len(rows) - 1
+            source.append(match)
+        return rows, source
 
     def compare(
         self, prompt: str, image_a, image_b, t: int | None = None, generator: torch.Generator | None = None, **kwargs

@@ -61,10 +61,11 @@ from dinalrm.training.checkpointing import (
     LOCK_FILE,
     PARTIAL_PREFIX,
     OutputDirLock,
+    check_output_dir_arguments,
     list_checkpoints,
     nonfinite_tensors,
+    prepare_output_dir,
     register_checkpoint_hooks,
-    remove_partial_checkpoints,
     resume_from,
     save_checkpoint,
 )
@@ -103,7 +104,7 @@ from dinalrm.training.utils import (
     repeat_prompts,
     seeded_generator,
 )
-from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel, provenance_name
+from modeling_dinalrm import LOSS_TYPES, DiNaLRMModel, provenance_name, require_local_folder
 from pipeline_dinalrm import DiNaLRMFluxPipeline, DiNaLRMPipeline, DiNaLRMZImagePipeline
 
 
@@ -370,6 +371,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help='A checkpoint folder (or its name in --output_dir), or "latest".',
     )
+    saving.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds another run, removing its checkpoints.",
+    )
     saving.add_argument("--logging_dir", type=str, default="logs", help="Tracker logs, relative to --output_dir.")
     saving.add_argument("--report_to", type=str, default="tensorboard", help='"tensorboard", "wandb" or "all".')
     saving.add_argument("--tracker_project_name", type=str, default="dinalrm")
@@ -404,6 +410,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--pipeline_output_dir {args.pipeline_output_dir} is not empty; choose another folder.")
     if args.report_to in ("wandb", "all") and args.hub_token is not None:
         parser.error("--hub_token would be logged by wandb; log in with `hf auth login` instead.")
+    try:
+        require_local_folder(args.pretrained_model_name_or_path, "base model")
+        check_output_dir_arguments(args)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     return args
 
 
@@ -887,7 +898,7 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         lock = OutputDirLock(args.output_dir).acquire()  # before anything in the folder is touched
         atexit.register(lock.release)
-        remove_partial_checkpoints(args.output_dir)
+        prepare_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
         if args.push_to_hub:
             repo_id = create_repo(
                 args.hub_model_id or Path(args.output_dir).name, exist_ok=True, token=args.hub_token

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -230,18 +231,26 @@ def _score_batch(pipe, prompt: str, images: list, options: dict, skips, names: l
     every prompt the same draws whatever the batch holds); None, a counted skip, for an image the pipeline refuses."""
     import torch
 
+    from dinalrm.serving.scoring import NONFINITE_REWARD
+
     def score(pictures: list) -> list[float]:
         generator = torch.Generator().manual_seed(options["seed"])
         output = pipe(prompt, images=pictures, generator=generator, batch_size=len(pictures), **options["pipe"])
         return output.rewards.tolist()
 
+    def finite(rewards: list[float]) -> list[float | None]:
+        for name, reward in zip(names, rewards):
+            if not math.isfinite(reward):
+                skips.skip(NONFINITE_REWARD, f"{name}: the model scored it {reward} (its weights hold NaN/inf?)")
+        return [reward if math.isfinite(reward) else None for reward in rewards]
+
     try:
-        return score(images)
+        return finite(score(images))
     except ValueError:  # find the image(s) at fault and score the others alone
         rewards = []
         for name, image in zip(names, images):
             try:
-                rewards += score([image])
+                rewards += finite(score([image]))
             except ValueError as err:
                 skips.skip("unscorable_image", f"{name}: {err}")
                 rewards.append(None)
@@ -295,7 +304,7 @@ def score_main(argv: list[str] | None = None) -> int:
     if args.prompt is not None and not args.prompt.strip():
         print("error: --prompt is empty: pass the prompt the images were generated from.", file=sys.stderr)
         return 2
-    from dinalrm.serving.scoring import Skips, finish_rows, row_keys
+    from dinalrm.serving.scoring import NONFINITE_REWARD, Skips, finish_rows, row_keys
 
     skips = Skips()
     try:
@@ -303,6 +312,15 @@ def score_main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.output is not None:
+        from dinalrm.serving.scoring import check_output_is_not_an_input
+
+        inputs = [row.path for row in rows] + ([args.rows_file] if args.rows_file is not None else [])
+        try:
+            check_output_is_not_an_input(args.output, inputs)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     total = len(rows) + skips.n_skipped
     rows = [row for row in rows if _load_row_image(row, skips, header_only=True) is not None]
     if not rows:
@@ -351,6 +369,13 @@ def score_main(argv: list[str] | None = None) -> int:
     scored = _score_rows(pipe, rows, keys, done, output, options, skips)
     if skips.n_skipped:
         print(f"warning: {skips.summary(total)}", file=sys.stderr)
+    failed = skips.counts[NONFINITE_REWARD]
+    if failed:  # a model problem, not a data one: the run fails, after writing the finite rows
+        print(
+            f"error: {failed} row(s) scored NaN or infinity and were left out: check the model's weights "
+            "(e.g. load it in float32).",
+            file=sys.stderr,
+        )
 
     def probability(first, second):
         return pipe.preference_probability(torch.tensor(first), torch.tensor(second), t).tolist()
@@ -361,13 +386,13 @@ def score_main(argv: list[str] | None = None) -> int:
             return 2
         finished = output.finish(keys, probability)
         print(f"wrote {len(finished)} rows to {args.output} ({len(finished) - len(done)} new)", file=sys.stderr)
-        return 0
+        return 1 if failed else 0
     if not scored:
         print("error: no row could be scored.", file=sys.stderr)
         return 2
     table = finish_rows([scored[key] for key in keys if key in scored], probability)
     _print_table(args, table, t, name if fell_back else None, probability)
-    return 0
+    return 1 if failed else 0
 
 
 def _print_table(args: argparse.Namespace, table: list[dict], t, fell_back_from: str | None, probability) -> None:

@@ -256,3 +256,24 @@ def build_hub_repo(
     name = repo_id or os.path.basename(os.path.abspath(output_dir))
     write_model_card(pipe, base, name, output_dir, datasets, eval_results)
     return pipe
+
+
+def check_output_dir(output_dir: str | os.PathLike, inputs: Sequence[str | os.PathLike], overwrite: bool) -> None:
+    """Refuses (`SystemExit` naming the problem and the fix) a converter's `--output_dir` that would lose files: a
+    file, a folder that is, holds or sits inside one of the local `inputs` (paths resolved, links followed), or a
+    non-empty folder without `overwrite`."""
+    output_dir = os.fspath(output_dir)
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise SystemExit(f"--output_dir {output_dir} is a file, not a folder: choose a folder.")
+    target = os.path.realpath(output_dir)
+    for source in inputs:
+        if not os.path.exists(source):  # a Hub id
+            continue
+        resolved = os.path.realpath(source)
+        if os.path.commonpath([target, resolved]) in (target, resolved):
+            raise SystemExit(
+                f"--output_dir {output_dir} overlaps the input {source}: writing there would replace the files being "
+                "converted. Choose another folder."
+            )
+    if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise SystemExit(f"{output_dir} is not empty; pass --overwrite to replace its files.")

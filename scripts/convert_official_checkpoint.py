@@ -14,8 +14,8 @@ script is only needed to keep a converted copy).
 
 import argparse
 import logging
-import os
 
+from dinalrm.hub import check_output_dir
 from modeling_dinalrm import (
     OFFICIAL_ALLOW_PATTERNS,
     SD35_MEDIUM_ID,
@@ -52,8 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        raise SystemExit(f"{args.output_dir} is not empty; pass --overwrite to replace its files.")
+    check_output_dir(args.output_dir, [args.official_dir, args.backbone], args.overwrite)
     try:
         official_dir, _ = resolve_repo(
             args.official_dir, OFFICIAL_ALLOW_PATTERNS, "DiNa-LRM checkpoint", args.official_revision
@@ -63,7 +62,7 @@ def main(argv=None) -> None:
                 official_dir, args.backbone, args.backbone_subfolder or None, args.revision
             )
     except (ConversionError, ModelUnavailableError, FileNotFoundError) as error:
-        raise SystemExit(f"Conversion failed: {error}") from error
+        raise SystemExit(f"Conversion failed: {error}") from None
     model.save_pretrained(args.output_dir, merge_lora=not args.keep_lora_adapter)
     logger.info("Saved %s (%s LoRA)", args.output_dir, "adapter" if args.keep_lora_adapter else "merged")
 

@@ -23,9 +23,19 @@ import os
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
-from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
+from dinalrm.hub import check_output_dir
+from modeling_dinalrm import (
+    ConversionError,
+    ModelUnavailableError,
+    load_pickled_weights,
+    load_state_exactly,
+    read_safetensors_weights,
+    require_finite_weights,
+    require_local_folder,
+    resolve_repo,
+)
 from modeling_lrm import UNUSED_UNET_PREFIXES, LRMModel
 from pipeline_lrm import LRMPipeline
 
@@ -33,10 +43,6 @@ from pipeline_lrm import LRMPipeline
 logger = logging.getLogger("convert_official_lrm_checkpoint")
 
 CHECKPOINT_PATTERNS = ["unet/*", "text_encoder/*", "text_encoder_2/*", "state_dict.pt", "state_dict.safetensors"]
-
-
-class ConversionError(ValueError):
-    """The official checkpoint cannot be converted faithfully."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,44 +60,52 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def resolve_official_dir(official_dir: str, revision: str | None = None) -> str:
     """A local folder as is; a Hub id is downloaded (only the checkpoint files) into the Hugging Face cache."""
-    if os.path.isdir(official_dir):
-        return official_dir
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(official_dir, revision=revision, allow_patterns=CHECKPOINT_PATTERNS)
+    return resolve_repo(official_dir, CHECKPOINT_PATTERNS, "LRM checkpoint", revision)[0]
 
 
 def _weights_file_tensors(folder: str, stem: str) -> dict[str, torch.Tensor]:
     """All tensors of a saved diffusers / transformers component: one safetensors file or an indexed set of shards."""
     single = os.path.join(folder, f"{stem}.safetensors")
     if os.path.isfile(single):
-        return load_file(single)
+        return read_safetensors_weights(single)
     index = single + ".index.json"
     if not os.path.isfile(index):
         raise ConversionError(f"No {stem}.safetensors (or its .index.json) in {folder}.")
-    with open(index, encoding="utf-8") as handle:
-        shards = sorted(set(json.load(handle)["weight_map"].values()))
+    try:
+        with open(index, encoding="utf-8") as handle:
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+    except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ConversionError(f"{index} is not a safetensors index ({error!r}): download it again.") from None
     tensors = {}
     for shard in shards:
-        tensors.update(load_file(os.path.join(folder, shard)))
+        tensors.update(read_safetensors_weights(os.path.join(folder, shard)))
     return tensors
 
 
 def read_state_dict(official_dir: str) -> dict[str, torch.Tensor]:
     """`state_dict.pt` (nested, logit_scale a float) or `state_dict.safetensors` (flat) as flat tensors."""
     pickle_path = os.path.join(official_dir, "state_dict.pt")
-    if os.path.isfile(pickle_path):
-        raw = torch.load(pickle_path, map_location="cpu", weights_only=True)
-        flat = {}
-        for name, value in raw.items():
-            if isinstance(value, dict):
-                flat.update({f"{name}.{key}": tensor for key, tensor in value.items()})
-            else:
-                flat[name] = torch.as_tensor(value, dtype=torch.float32)
-        return flat
     safetensors_path = os.path.join(official_dir, "state_dict.safetensors")
     if os.path.isfile(safetensors_path):
-        return load_file(safetensors_path)
+        return read_safetensors_weights(safetensors_path)
+    if os.path.isfile(pickle_path):
+        raw = load_pickled_weights(pickle_path)
+        if not isinstance(raw, dict):
+            raise ConversionError(f"{pickle_path} holds a {type(raw).__name__}, not the official state dict.")
+        flat = {}
+        for name, value in raw.items():
+            entries = value.items() if isinstance(value, dict) else [(None, value)]
+            for key, tensor in entries:
+                full = name if key is None else f"{name}.{key}"
+                if isinstance(tensor, (int, float)) and not isinstance(tensor, bool):
+                    tensor = torch.tensor(float(tensor))
+                if not isinstance(tensor, torch.Tensor):
+                    raise ConversionError(
+                        f"{pickle_path}: {full} is a {type(tensor).__name__} ({tensor!r:.40}), not a tensor or a "
+                        "number: this is not an official LRM state dict."
+                    )
+                flat[full] = tensor
+        return require_finite_weights(flat, pickle_path)
     raise ConversionError(f"Missing state_dict.pt (projections and logit_scale) in {official_dir}.")
 
 
@@ -113,22 +127,6 @@ def official_tensors(official_dir: str, sdxl: bool) -> tuple[dict[str, torch.Ten
     return state, frozen
 
 
-def load_exactly(model: LRMModel, state: dict[str, torch.Tensor], expected: set[str]) -> None:
-    """Loads `state`, insisting that its keys are exactly `expected` with matching shapes."""
-    own = model.state_dict()
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ConversionError(
-            f"the checkpoint does not match the model: missing keys {missing[:10]}"
-            f"{' ...' if len(missing) > 10 else ''}, unexpected keys {unexpected[:10]}"
-            f"{' ...' if len(unexpected) > 10 else ''}"
-        )
-    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape]
-    if wrong:
-        raise ConversionError(f"shape mismatches (checkpoint vs model): {wrong[:10]}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=False)
-
-
 def convert(
     official_dir: str,
     base: str,
@@ -139,6 +137,7 @@ def convert(
 ) -> LRMPipeline:
     """An `LRMPipeline` holding exactly the official checkpoint's weights on the base pipeline's VAE and tokenizers."""
     official_dir = resolve_official_dir(official_dir, revision)
+    require_local_folder(base, "base pipeline")
     sdxl = DiffusionPipeline.load_config(base).get("text_encoder_2", [None])[0] is not None
     state, frozen = official_tensors(official_dir, sdxl)
     if "visual_projection.weight" not in state:
@@ -152,7 +151,7 @@ def convert(
         multi_scale_cfg=multi_scale_cfg,
     )
     expected = {k for k in model.state_dict() if not k.startswith(tuple(f"{name}." for name in frozen))}
-    load_exactly(model, state, expected)
+    load_state_exactly(model, state, expected, "the checkpoint does not match the model")
     for name in frozen:
         logger.info("%s is not in the checkpoint (trained frozen): using the base pipeline's.", name)
     tokenizer_2 = CLIPTokenizer.from_pretrained(base, subfolder="tokenizer_2") if sdxl else None
@@ -167,8 +166,7 @@ def convert(
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if os.path.isdir(args.output_dir) and os.listdir(args.output_dir) and not args.overwrite:
-        raise SystemExit(f"{args.output_dir} is not empty; pass --overwrite to replace its files.")
+    check_output_dir(args.output_dir, [args.official_dir, args.base], args.overwrite)
     try:
         pipeline = convert(
             args.official_dir,
@@ -178,8 +176,8 @@ def main(argv=None) -> None:
             multi_scale=not args.no_multi_scale,
             multi_scale_cfg=args.multi_scale_cfg,
         )
-    except (ConversionError, FileNotFoundError, OSError) as error:
-        raise SystemExit(f"Conversion failed: {error}") from error
+    except (ConversionError, ModelUnavailableError, FileNotFoundError, OSError) as error:
+        raise SystemExit(f"Conversion failed: {error}") from None
     pipeline.save_pretrained(args.output_dir)
     logger.info("Saved %s", args.output_dir)
 

@@ -40,6 +40,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError
 from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
 
+from pipeline_dinalrm import MAX_IMAGE_PIXELS  # one cap, shared with the reward server
+
 
 try:
     import spaces
@@ -60,7 +62,7 @@ MAX_DRAWS = 8
 MAX_SEED = 2**31 - 1
 MAX_PROMPT_CHARS = 1000
 MAX_RANK_IMAGES = 8
-MAX_PIXELS = 4096 * 4096
+MAX_PIXELS = MAX_IMAGE_PIXELS
 MAX_FILE_BYTES = 20 * 1024 * 1024
 NEAR_TIE = 0.05
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")

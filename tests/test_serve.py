@@ -108,7 +108,8 @@ def test_batch_request_with_per_sample_levels_and_seeds(client, pipe, inputs):
         expected(pipe, latents[i : i + 1], embeds[i : i + 1], pooled[i : i + 1], u[i].item(), int(seeds[i]))
         for i in range(4)
     ]
-    assert scores == pytest.approx(targets, abs=1e-5)
+    # a batch of 4 rounds differently from single calls: ~3e-7 relative measured, bounded at 1e-6 (plus 1e-5 absolute)
+    assert scores == pytest.approx(targets, rel=1e-6, abs=1e-5)
     assert len(set(scores)) == 4
 
 

@@ -131,6 +131,7 @@ def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_repo
     output = tmp_path / "run"
     partial = output / f"{PARTIAL_PREFIX}checkpoint-4"
     partial.mkdir(parents=True)  # the first run's in-progress checkpoint
+    (tmp_path / "empty-model").mkdir()  # a folder: the lock is met before the model is read
     environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     holder = subprocess.Popen(
         [sys.executable, "-c", _HOLD_LOCK, str(output)], stdout=subprocess.PIPE, text=True, env=environment
@@ -142,7 +143,7 @@ def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_repo
                 sys.executable,
                 str(REPO_ROOT / "train_dinalrm.py"),
                 "--pretrained_model_name_or_path",
-                str(tmp_path / "no-model"),
+                str(tmp_path / "empty-model"),
                 "--train_data_dir",
                 str(tmp_path / "no-data"),
                 "--output_dir",

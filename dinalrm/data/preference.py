@@ -169,12 +169,16 @@ def _required_columns(columns: ColumnNames) -> dict[str, tuple[str, ...]]:
     }
 
 
-def image_record(value: Any, root: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def image_record(
+    value: Any, root: str | os.PathLike[str] | None = None, absolute_anywhere: bool = False
+) -> dict[str, Any]:
     """Normalise a table cell (path, encoded bytes or ``{"bytes", "path"}``) to an image record.
 
     Relative paths are made absolute against ``root`` so the record loads without further context.
-    Raises ImageLoadError(MISSING) for an empty cell, ImageLoadError(OUTSIDE_ROOT) for a relative path that leaves
-    ``root`` (``../..``: a dataset only names files of its own) and TypeError for an unsupported value.
+    Raises ImageLoadError(MISSING) for an empty cell, ImageLoadError(OUTSIDE_ROOT) for a path that leaves ``root``
+    (``../..`` or an absolute path elsewhere: a dataset only names files of its own; ``absolute_anywhere`` accepts
+    absolute paths, for tables the user wrote, such as ``dinalrm-score --pairs``) and TypeError for an unsupported
+    value.
     """
     if value is None:
         raise ImageLoadError(MISSING, "empty image cell")
@@ -189,7 +193,7 @@ def image_record(value: Any, root: str | os.PathLike[str] | None = None) -> dict
         return {"bytes": bytes(value), "path": None}
     if isinstance(value, (str, os.PathLike)):
         path = os.fspath(value)
-        if root is not None and not os.path.isabs(path):
+        if root is not None and not (absolute_anywhere and os.path.isabs(path)):
             if not is_within(path, root):
                 raise ImageLoadError(OUTSIDE_ROOT, f"image path {path!r} leaves the dataset root {os.fspath(root)}")
             path = os.path.join(os.fspath(root), path)
@@ -274,6 +278,10 @@ class _PairChecker:
             c = self.columns
             prompt, first, second, preference = row[c.prompt], row[c.chosen], row[c.rejected], FIRST
             weight = row.get(c.weight)
+            # A null weight in a table with a weight column is not a default 1.0: `datasets` reads NaN and Infinity of
+            # JSON-array files as null (through pandas), so such a row cannot be told from a damaged one.
+            if weight is None and c.weight in row:
+                raise _Skip(INVALID_WEIGHT)
             weight = 1.0 if weight is None else float(weight)
             if not math.isfinite(weight) or weight < 0:
                 raise _Skip(INVALID_WEIGHT)

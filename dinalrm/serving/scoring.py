@@ -31,6 +31,8 @@ COLUMNS = ("image", "prompt", "reward", "normalized", "rank", "pair", "side", "p
 # Files a folder contributes (a glob pattern contributes every file it matches).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 NO_MATCH = "no_match"
+EMPTY_FOLDER = "empty_folder"
+NONFINITE_REWARD = "nonfinite_reward"
 SETTINGS_SUFFIX = ".settings.json"
 # The image columns of the pair schemas `dinalrm.data` reads, first the side that is labelled preferred.
 PAIR_COLUMNS = {"canonical": ("chosen", "rejected"), "hpdv3": ("path1", "path2")}
@@ -91,7 +93,10 @@ def expand_images(specs: list[str], skips: Skips) -> list[str]:
     for spec in specs:
         if os.path.isdir(spec):
             found = sorted(str(p) for p in Path(spec).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-            paths.extend(path for path in found if os.path.isfile(path))
+            found = [path for path in found if os.path.isfile(path)]
+            if not found:
+                skips.skip(EMPTY_FOLDER, f"{spec}: the folder holds no image ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            paths.extend(found)
         elif glob.has_magic(spec) and not os.path.exists(spec):
             matches = sorted(path for path in glob.glob(spec, recursive=True) if os.path.isfile(path))
             if not matches:
@@ -100,6 +105,18 @@ def expand_images(specs: list[str], skips: Skips) -> list[str]:
         else:
             paths.append(spec)
     return paths
+
+
+def check_output_is_not_an_input(output: str, inputs: Iterable[str]) -> None:
+    """Raises ValueError when `--output` (or its settings sidecar) is one of the input files (paths resolved, links
+    followed): writing it would replace what is being read."""
+    targets = {os.path.realpath(output), os.path.realpath(output + SETTINGS_SUFFIX)}
+    for path in inputs:
+        if os.path.realpath(path) in targets:
+            raise ValueError(
+                f"--output {output} is the input file {path}: writing the scores there would replace it. Pass another "
+                "--output."
+            )
 
 
 def rows_from_images(paths: list[str], prompt: str) -> list[Row]:
@@ -136,7 +153,10 @@ def rows_from_file(rows_file: str, prompt: str | None, skips: Skips) -> list[Row
             skips.skip(EMPTY_PROMPT, f"{rows_file} row {index + 1}: empty prompt", len(sides))
             continue
         try:
-            paths = [(record[column], image_record(record[column], root)["path"], side) for column, side in sides]
+            paths = [
+                (record[column], image_record(record[column], root, absolute_anywhere=True)["path"], side)
+                for column, side in sides
+            ]
         except (ImageLoadError, TypeError) as err:
             skips.skip(getattr(err, "reason", MISSING), f"{rows_file} row {index + 1}: {err}", len(sides))
             continue
@@ -246,7 +266,17 @@ class OutputFile:
                 f"{self.path} exists but was not written by dinalrm-score (no {self.settings_path}): pass another "
                 "--output, or --overwrite to replace it."
             )
-        saved = json.loads(Path(self.settings_path).read_text())
+        try:
+            saved = json.loads(Path(self.settings_path).read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            saved = err
+        if not isinstance(saved, dict):
+            detail = saved if isinstance(saved, Exception) else f"a JSON {type(saved).__name__}, not an object"
+            raise ValueError(
+                f"{self.settings_path}, the settings of {self.path}, is damaged ({detail}), so the rows already "
+                "written cannot be trusted to match these settings: pass --overwrite to start "
+                f"{self.path} anew, or another --output."
+            )
         if saved != self.settings:
             changed = ", ".join(
                 f"{name}: {saved.get(name)!r} -> {self.settings.get(name)!r}"

@@ -4,7 +4,15 @@
 prompts; `GET /healthz` answers 200 once the model is loaded. Concurrent requests are micro-batched by one worker
 (`ScoreBatcher`): requests whose tensors have the same shapes and dtypes share a backbone pass, and every sample
 keeps its own noise, drawn exactly as `DiNaLRMPipeline.__call__` draws it from `torch.Generator().manual_seed(seed)`,
-so a batched score equals the unbatched pipeline call.
+so a batched score equals the unbatched pipeline call up to float rounding: a batched pass rounds differently from a
+single one (measured: up to about 1e-6 relative on float32), so the same seed gives the same score within that, not bit for
+bit, when other requests share its batch.
+
+The server bounds what one request can cost: prompt tokens (`--max-prompt-tokens`), image pixels
+(`pipeline_dinalrm.MAX_IMAGE_PIXELS`, the Space's cap) and images per request; images are decoded off the event loop;
+a request larger than `--max-batch-size` runs chunk by chunk with other clients' requests served between its chunks,
+and is dropped between chunks once past its deadline. Client mistakes get a JSON 400, results that are not finite a
+JSON 422 naming the sample; 500 is kept for genuine inference failures.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import base64
 import binascii
 import io
 import json
+import math
 import os
 import secrets
 import time
@@ -29,6 +38,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
+from starlette.exceptions import HTTPException
 
 
 logger = diffusers_logging.get_logger(__name__)
@@ -38,6 +48,10 @@ PROTOCOL_HEADER = "x-drm-protocol-version"
 LATENT_TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "u")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The prompt tokens an SD3 text stream takes: CLIP's 77 plus T5's most, 512 (StableDiffusion3Pipeline refuses more).
+CLIP_TOKENS, T5_MAX_TOKENS = 77, 512
+# Seeds are drawn as 63-bit integers; torch.Generator.manual_seed refuses more than 64 bits.
+MAX_SEED = 2**63 - 1
 
 
 class RequestError(ValueError):
@@ -67,6 +81,9 @@ class ServeOptions:
             400.
         normalize (`str`, *optional*): `"zscore"` returns `(raw - mean) / std` from the model's reward statistics
             at each sample's noise level (`eval/reward_stats.py`); default: raw rewards.
+        max_prompt_tokens (`int`, *optional*): longest `prompt_embeds` accepted; defaults to the model's text limit,
+            `77 + max(512, config.max_sequence_length)` tokens.
+        max_images (`int`): images per `/v1/score_images` request.
     """
 
     model: str
@@ -80,6 +97,33 @@ class ServeOptions:
     request_timeout_s: float = 120.0
     latents_only: bool = False
     normalize: str | None = None
+    max_prompt_tokens: int | None = None
+    max_images: int = 64
+
+
+def prompt_token_limit(reward_model, options: ServeOptions) -> int:
+    """The longest `prompt_embeds` a request may send: `--max-prompt-tokens`, else the model's text limit (CLIP's
+    77 tokens plus T5's 512, or the trained `max_sequence_length` if longer)."""
+    if options.max_prompt_tokens is not None:
+        return options.max_prompt_tokens
+    return CLIP_TOKENS + max(T5_MAX_TOKENS, reward_model.config.max_sequence_length)
+
+
+def check_latent_shapes(reward_model, request: dict[str, torch.Tensor], max_tokens: int) -> None:
+    """Refuses (400) a parsed latent request the model cannot take: the model's own shape checks (latent sides,
+    patch size, embedding widths) and prompts longer than `max_tokens`."""
+    tokens = request["prompt_embeds"].shape[1]
+    if tokens > max_tokens:
+        raise RequestError(
+            f"prompt_embeds hold {tokens} tokens, more than this server takes ({max_tokens}): send the text encoders' "
+            "output at its usual length, or start the server with a larger --max-prompt-tokens."
+        )
+    try:
+        reward_model.check_inputs(
+            request["latents"], request["prompt_embeds"], request["pooled_prompt_embeds"], check_finite=False
+        )
+    except (ValueError, TypeError) as error:
+        raise RequestError(str(error)) from None
 
 
 def load_pipeline(options: ServeOptions):
@@ -159,6 +203,11 @@ def parse_latent_request(body: bytes, version: str | None, channels: int) -> dic
     return tensors
 
 
+def slice_latent_request(request: dict[str, torch.Tensor], start: int, stop: int) -> dict[str, torch.Tensor]:
+    """Samples `start:stop` of a parsed latent request (seeds included), to score a large request in chunks."""
+    return {name: value[start:stop] for name, value in request.items()}
+
+
 def seeded_noise(reward_model, latent: torch.Tensor, seed: int) -> torch.Tensor:
     """The noise `DiNaLRMPipeline.__call__` gives one latent `[1, C, h, w]` scored alone with
     `generator=torch.Generator().manual_seed(seed)` (its prompt-shared draw, cropped to the latent's size)."""
@@ -199,23 +248,44 @@ def latent_batch_key(request: dict[str, torch.Tensor]) -> tuple:
 
 # ------------------------------------------------------------------------------------------ image requests
 def _decode_image(data: bytes, where: str):
+    """The decoded image, refused (400) when unreadable or above `MAX_IMAGE_PIXELS` (checked on the header, before
+    the pixels are decoded). Blocking: call it off the event loop."""
     from PIL import Image, UnidentifiedImageError
 
+    from pipeline_dinalrm import MAX_IMAGE_PIXELS
+
+    unreadable = (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
     try:
         image = Image.open(io.BytesIO(data))
+    except unreadable as error:
+        raise RequestError(f"{where} is not a readable PNG/JPEG image ({type(error).__name__}: {error}).") from None
+    width, height = image.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise RequestError(
+            f"{where} is {width}x{height} = {width * height / 1e6:.1f} megapixels; the limit is "
+            f"{MAX_IMAGE_PIXELS / 1e6:.1f}: downscale it (it is resized to about 1 megapixel anyway)."
+        )
+    if width == 0 or height == 0:
+        raise RequestError(f"{where} is empty ({width}x{height} pixels).")
+    try:
         image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise RequestError(f"{where} is not a readable PNG/JPEG image ({error}).") from None
+    except unreadable as error:
+        raise RequestError(f"{where} is not a readable PNG/JPEG image ({type(error).__name__}: {error}).") from None
     return image
 
 
-def parse_image_json(payload) -> tuple[list, list[str], dict]:
-    """Images, prompts and options of a JSON `/v1/score_images` body (`images`: base64 PNG/JPEG strings)."""
+def parse_image_json(payload, max_images: int = 64) -> tuple[list, list[str], dict]:
+    """Images, prompts and options of a JSON `/v1/score_images` body (`images`: base64 PNG/JPEG strings).
+    Decodes the images: call it off the event loop."""
     if not isinstance(payload, dict):
         raise RequestError('the JSON body must be an object {"images": [base64, ...], "prompts": [...]}.')
     images, prompts = payload.get("images"), payload.get("prompts", payload.get("prompt"))
     if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
         raise RequestError('"images" must be a non-empty list of base64-encoded PNG/JPEG strings.')
+    if len(images) > max_images:
+        raise RequestError(
+            f"{len(images)} images in one request; send at most {max_images} (--max-images) per request."
+        )
     decoded = []
     for index, item in enumerate(images):
         try:
@@ -237,8 +307,8 @@ def check_image_request(images: list, prompts, options: dict) -> tuple[list[str]
     if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t <= 1):
         raise RequestError(f'"t" must be a noise level in [0, 1], got {t!r}.')
     seed = options.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(f'"seed" must be an integer, got {seed!r}.')
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED):
+        raise RequestError(f'"seed" must be an integer in [0, 2**63 - 1], got {seed!r}.')
     return prompts * (len(images) // len(prompts)), options
 
 
@@ -250,7 +320,7 @@ def score_image_request(pipe, images: list, prompts: list[str], options: dict) -
 
 
 # ------------------------------------------------------------------------------------------ batching
-@dataclass
+@dataclass(eq=False)  # jobs are compared by identity
 class _Job:
     key: tuple
     payload: object
@@ -258,12 +328,18 @@ class _Job:
     future: asyncio.Future
     cancelled: bool = False
     enqueued: float = field(default_factory=time.monotonic)
+    results: list = field(default_factory=list)
 
 
 class ScoreBatcher:
     """Micro-batches concurrent requests: one worker collects jobs for up to `max_wait_ms` or `max_batch_size`
     samples, groups the jobs with equal keys and runs each group as one call on the model's thread (always the same
     one: a fresh thread per call would start another OpenMP team on the CPU, whose idle spinning slows the next).
+
+    A job of more than `max_batch_size` samples (with `split`) runs one chunk per call, and the jobs that arrived
+    meanwhile run between its chunks, so a large request delays the others by one chunk at most; once it is past its
+    deadline its remaining chunks are dropped. Results that are not finite fail their job with a 422 naming the
+    sample.
 
     Args:
         run_group (`Callable[[tuple, list], list]`): scores a group of payloads sharing a key; returns one result per
@@ -272,10 +348,22 @@ class ScoreBatcher:
         max_wait_ms (`float`): how long the first job of a batch waits for more.
         max_queue (`int`): jobs waiting or running before `submit` refuses with 503.
         timeout_s (`float`): per-request deadline; a job past it gets 503 (and is skipped if not started).
+        split (`Callable[[object, int, int], object]`, *optional*): samples `start:stop` of a payload; without it,
+            every job runs whole.
     """
 
-    def __init__(self, run_group: Callable, max_batch_size: int, max_wait_ms: float, max_queue: int, timeout_s: float):
+    def __init__(
+        self,
+        run_group: Callable,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        timeout_s: float,
+        split: Callable | None = None,
+    ):
         self.run_group = run_group
+        self.split = split
+        self.large: list[_Job] = []
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_ms / 1000
         self.max_queue = max_queue
@@ -320,6 +408,8 @@ class ScoreBatcher:
             self.pending -= 1
 
     async def _collect(self) -> list[_Job]:
+        if self.large and self.queue.empty():  # a large job is in progress: do not wait for company
+            return []
         jobs = [await self.queue.get()]
         deadline = time.monotonic() + self.max_wait_s
         while sum(job.size for job in jobs) < self.max_batch_size:
@@ -347,28 +437,68 @@ class ScoreBatcher:
     async def _work(self) -> None:
         while True:
             jobs = await self._collect()
-            for group in self._groups(jobs):
+            for job in jobs:
+                if self.split is not None and job.size > self.max_batch_size:
+                    self.large.append(job)
+            small = [job for job in jobs if job not in self.large]
+            for group in self._groups(small):
                 group = [job for job in group if not job.cancelled and not job.future.done()]
-                if not group:
-                    continue
-                try:
-                    results = await asyncio.get_running_loop().run_in_executor(
-                        self.executor, self.run_group, group[0].key, [job.payload for job in group]
-                    )
-                except RequestError as error:
-                    for job in group:
-                        job.future.set_exception(error)
-                    continue
-                except Exception as error:  # a genuine inference failure: 500 for the group's requests
-                    logger.exception("scoring failed")
-                    failure = RequestError(f"inference failed: {type(error).__name__}: {error}", 500)
-                    for job in group:
-                        if not job.future.done():
-                            job.future.set_exception(failure)
-                    continue
-                for job, result in zip(group, results):
-                    if not job.future.done():
-                        job.future.set_result(result)
+                results = await self._run(group, [job.payload for job in group])
+                for job, result in zip(group, results or []):
+                    self._finish(job, result)
+            if self.large:
+                await self._next_chunk(self.large[0])
+
+    async def _next_chunk(self, job: _Job) -> None:
+        """Scores the next `max_batch_size` samples of a large job (dropped once cancelled or failed)."""
+        start = len(job.results)
+        if not job.cancelled and not job.future.done():
+            stop = min(start + self.max_batch_size, job.size)
+            results = await self._run([job], [self.split(job.payload, start, stop)])
+            if results is not None:
+                job.results.extend(results[0])
+                if len(job.results) == job.size:
+                    self._finish(job, job.results)
+        if job.cancelled or job.future.done():
+            self.large.remove(job)
+
+    async def _run(self, group: list[_Job], payloads: list) -> list | None:
+        """One model call for `group`; on failure its jobs get the error (400 for bad input, 500 otherwise)."""
+        if not group:
+            return None
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.run_group, group[0].key, payloads
+            )
+        except Exception as error:
+            if isinstance(error, RequestError):
+                failure = error
+            elif isinstance(error, (ValueError, TypeError)):  # the model's own input checks
+                failure = RequestError(f"the model cannot score this request: {error}")
+            else:  # a genuine inference failure: 500 for the group's requests
+                logger.exception("scoring failed")
+                failure = RequestError(f"inference failed: {type(error).__name__}: {error}", 500)
+            for job in group:
+                if not job.future.done():
+                    job.future.set_exception(failure)
+            return None
+
+    @staticmethod
+    def _finish(job: _Job, result: list[float]) -> None:
+        if job.future.done():
+            return
+        bad = [index for index, value in enumerate(result) if not math.isfinite(value)]
+        if bad:
+            job.future.set_exception(
+                RequestError(
+                    f"sample(s) {bad[:8]} of this request scored {result[bad[0]]} (not finite): the inputs are out of "
+                    "the range the model works in (e.g. latents far from unit scale), or the model's weights are "
+                    "broken. The other samples were not returned; send finite, VAE-scaled latents.",
+                    422,
+                )
+            )
+        else:
+            job.future.set_result(result)
 
 
 # ------------------------------------------------------------------------------------------ the app
@@ -388,7 +518,12 @@ class RewardServer:
         self.reward_model = None
         self.load_error: BaseException | None = None
         self.batcher = ScoreBatcher(
-            self._run_group, options.max_batch_size, options.max_wait_ms, options.max_queue, options.request_timeout_s
+            self._run_group,
+            options.max_batch_size,
+            options.max_wait_ms,
+            options.max_queue,
+            options.request_timeout_s,
+            split=slice_latent_request,
         )
 
     async def load(self) -> None:
@@ -439,6 +574,7 @@ class RewardServer:
         self.ready()
         channels = self.reward_model.config.backbone_config["in_channels"]
         request = parse_latent_request(body, version, channels)
+        check_latent_shapes(self.reward_model, request, prompt_token_limit(self.reward_model, self.options))
         return await self.batcher.submit(latent_batch_key(request), request, request["latents"].shape[0])
 
     async def score_images(self, images: list, prompts, options: dict) -> list[float]:
@@ -510,13 +646,9 @@ def create_app(options: ServeOptions, loader: Callable | None = None, background
         body = await _read_body(request, options.max_body_mb)
         content_type = request.headers.get("content-type", "")
         if content_type.startswith("multipart/form-data"):
-            images, prompts, extra = await _parse_multipart(request, body)
+            images, prompts, extra = await _parse_multipart(request, body, options.max_images)
         elif content_type.startswith("application/json"):
-            try:
-                payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as error:
-                raise RequestError(f"the body is not valid JSON ({error}).") from None
-            images, prompts, extra = parse_image_json(payload)
+            images, prompts, extra = await asyncio.to_thread(_parse_json_images, body, options.max_images)
         else:
             raise RequestError(
                 f"content-type {content_type!r} is not supported: send multipart/form-data (files `images`, fields "
@@ -528,24 +660,40 @@ def create_app(options: ServeOptions, loader: Callable | None = None, background
     return app
 
 
-async def _parse_multipart(request, body: bytes) -> tuple[list, list[str], dict]:
+def _parse_json_images(body: bytes, max_images: int) -> tuple[list, list[str], dict]:
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise RequestError(f"the body is not valid JSON ({type(error).__name__}: {error}).") from None
+    return parse_image_json(payload, max_images)
+
+
+async def _parse_multipart(request, body: bytes, max_images: int = 64) -> tuple[list, list[str], dict]:
     """Images (files `images`), prompts (fields `prompts`, repeated or one) and `t` / `seed` of a multipart body."""
 
     async def receive():
         return {"type": "http.request", "body": body, "more_body": False}
 
-    form = await Request(request.scope, receive).form()
+    try:
+        form = await Request(request.scope, receive).form(max_files=max_images, max_fields=4 * max_images + 8)
+    except HTTPException as error:
+        raise RequestError(f"the multipart body cannot be read: {error.detail}") from None
     files = form.getlist("images")
     if not files or any(isinstance(item, str) for item in files):
         raise RequestError("multipart bodies need one or more files in the `images` field.")
-    images = [_decode_image(await item.read(), f"image {item.filename!r}") for item in files]
+    if len(files) > max_images:
+        raise RequestError(
+            f"{len(files)} images in one request; send at most {max_images} (--max-images) per request."
+        )
+    contents = [(await item.read(), f"image {item.filename!r}") for item in files]
+    images = await asyncio.to_thread(lambda: [_decode_image(data, where) for data, where in contents])
     prompts = form.getlist("prompts") or form.getlist("prompt")
     options = {}
     for name, cast in (("t", float), ("seed", int)):
         if form.get(name) is not None:
             try:
                 options[name] = cast(form.get(name))
-            except ValueError:
+            except (ValueError, TypeError):
                 raise RequestError(f"field {name!r} must be a number, got {form.get(name)!r}.") from None
     return images, prompts, options
 
@@ -574,6 +722,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (400 above).")
     parser.add_argument("--request-timeout-s", type=float, default=120.0, help="per-request deadline (503 after).")
     parser.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt_embeds accepted (default: the model's text limit, 77 + 512 tokens for SD3).",
+    )
+    parser.add_argument("--max-images", type=int, default=64, help="images per /v1/score_images request.")
+    parser.add_argument(
         "--latents-only",
         action="store_true",
         help="load only the reward model (no VAE, text encoders): serves /v1/score, not /v1/score_images.",
@@ -596,10 +751,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
-    for name in ("max_batch_size", "max_queue", "num_replicas"):
+    if not 1 <= args.port <= 65535:
+        raise SystemExit(f"dinalrm-serve: --port must be a TCP port in 1-65535, got {args.port}.")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise SystemExit("dinalrm-serve: --max-prompt-tokens must be at least 1.")
+    for name in ("max_batch_size", "max_queue", "num_replicas", "max_images"):
         if getattr(args, name) < 1:
             raise SystemExit(f"dinalrm-serve: --{name.replace('_', '-')} must be at least 1.")
-    if args.max_wait_ms < 0 or args.max_body_mb <= 0 or args.request_timeout_s <= 0:
+    if not (
+        math.isfinite(args.max_wait_ms + args.max_body_mb + args.request_timeout_s)
+        and args.max_wait_ms >= 0
+        and args.max_body_mb > 0
+        and args.request_timeout_s > 0
+    ):
         raise SystemExit("dinalrm-serve: --max-wait-ms must be >= 0, --max-body-mb and --request-timeout-s > 0.")
     return ServeOptions(
         model=args.model,
@@ -613,4 +777,6 @@ def options_from_args(args: argparse.Namespace) -> ServeOptions:
         request_timeout_s=args.request_timeout_s,
         latents_only=args.latents_only,
         normalize=args.normalize,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_images=args.max_images,
     )

@@ -47,6 +47,9 @@ __all__ = [
     "register_checkpoint_hooks",
     "remove_old_checkpoints",
     "remove_partial_checkpoints",
+    "check_output_dir_arguments",
+    "prepare_output_dir",
+    "read_training_state",
     "resolve_checkpoint",
     "resume_from",
     "restore_accelerate_pickles",
@@ -64,8 +67,84 @@ _EMA_WEIGHTS = "ema_weights.safetensors"
 _EMA_STATE = "ema_state.json"
 
 
+# Files at the top of --output_dir that a finished run leaves (the final model, LoRA, summary).
+_FINAL_FILES = ("config.json", "training_summary.json")
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted: a file of it is unreadable or holds NaN or infinite values."""
+
+
+def check_output_dir_arguments(args) -> None:
+    """Refuses (ValueError naming the option and the fix) checkpointing arguments that would lose work, shared by
+    `train_dinalrm.py` and `examples/lpo/train_lpo.py`: a `--checkpointing_steps` or `--checkpoints_total_limit`
+    below 1 (a limit of 0 or less deletes every checkpoint, earlier runs' included), an `--output_dir` that is a
+    file, and a new run (no `--resume_from_checkpoint`) in a folder holding another run's checkpoints or final
+    model, unless `--overwrite_output_dir` says to replace them."""
+    if args.checkpointing_steps < 1:
+        raise ValueError(f"--checkpointing_steps must be at least 1, got {args.checkpointing_steps}.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise ValueError(
+            f"--checkpoints_total_limit must be at least 1 (got {args.checkpoints_total_limit}): it is how many "
+            "checkpoints to keep; leave it out to keep them all."
+        )
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise ValueError(f"--output_dir {args.output_dir} is a file, not a folder: choose a folder.")
+    if args.resume_from_checkpoint or args.overwrite_output_dir:
+        return
+    earlier = [os.path.basename(path) for _, path in list_checkpoints(args.output_dir)]
+    if os.path.isdir(args.output_dir):
+        earlier += sorted(
+            name
+            for name in os.listdir(args.output_dir)
+            if name in _FINAL_FILES or (name.endswith(".safetensors") and not name.startswith("."))
+        )
+    if earlier:
+        raise ValueError(
+            f"--output_dir {args.output_dir} holds another run ({', '.join(earlier[:4])}"
+            f"{', ...' if len(earlier) > 4 else ''}): a new run would replace it. Pass --resume_from_checkpoint "
+            "latest to continue that run, another --output_dir, or --overwrite_output_dir to replace it."
+        )
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, resume_from_checkpoint: str | None, overwrite: bool) -> None:
+    """Before a run writes anything (main process, under the folder's lock): removes what an interrupted checkpoint
+    write left, and, for a new run with `--overwrite_output_dir`, the earlier run's checkpoints (so that a later
+    `--resume_from_checkpoint latest` cannot pick one of them)."""
+    remove_partial_checkpoints(output_dir)
+    if overwrite and not resume_from_checkpoint:
+        for _, path in list_checkpoints(output_dir):
+            logger.warning(f"Removing {path} of an earlier run (--overwrite_output_dir)")
+            shutil.rmtree(path)
+
+
+def read_training_state(checkpoint: str | os.PathLike) -> dict:
+    """The `training_state.json` of a checkpoint folder; raises `CheckpointError` naming the file when it is
+    truncated, not an object, or its `global_step` is not the step of the folder's name (`checkpoint-<step>`)."""
+    path = os.path.join(checkpoint, TRAINING_STATE)
+    fix = "Resume from another checkpoint (--resume_from_checkpoint checkpoint-<step>) or start a new --output_dir."
+    try:
+        with open(path, encoding="utf-8") as handle:
+            state = json.load(handle)
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path} is damaged ({err}); it may be truncated. {fix}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(state).__name__}, not the training state object. {fix}")
+    match = _CHECKPOINT_PATTERN.match(os.path.basename(os.path.normpath(checkpoint)))
+    step = state.get("global_step")
+    if (
+        isinstance(step, bool)
+        or not isinstance(step, int)
+        or step < 0
+        or (match is not None and step != int(match.group(1)))
+    ):
+        expected = f"{int(match.group(1))}, the step in the folder's name" if match else "a step count >= 0"
+        raise CheckpointError(f"{path} says global_step = {step!r}, expected {expected}. {fix}")
+    for name in ("epoch", "batches_in_epoch"):
+        value = state.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"{path} says {name} = {value!r}, expected a count >= 0. {fix}")
+    return state
 
 
 # ----------------------------------------------------------------------------------------------- writing and reading
@@ -160,8 +239,7 @@ def load_checkpoint(accelerator: Accelerator, path: str | os.PathLike) -> dict:
                 f"The checkpoint {path} is incomplete: {missing} (or its `.safetensors` form) is missing. Resume "
                 "from another checkpoint (--resume_from_checkpoint checkpoint-<step>) or start a new --output_dir."
             ) from err
-    with open(os.path.join(path, TRAINING_STATE), encoding="utf-8") as handle:
-        return json.load(handle)
+    return read_training_state(path)
 
 
 def nonfinite_tensors(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[str]:
@@ -176,6 +254,7 @@ def verify_checkpoint(path: str | os.PathLike) -> None:
     (truncated, corrupt) or holds NaN or infinite values, so that such a checkpoint is neither resumed from nor
     published in place of a good one.
     """
+    read_training_state(path)
     files = sorted(
         os.path.join(folder, name)
         for folder, _, names in os.walk(path)

@@ -78,8 +78,9 @@ from dinalrm.alignment.lpo import (
 )
 from dinalrm.training.checkpointing import (
     OutputDirLock,
+    check_output_dir_arguments,
+    prepare_output_dir,
     register_checkpoint_hooks,
-    remove_partial_checkpoints,
     resume_from,
     save_checkpoint,
 )
@@ -88,6 +89,7 @@ from modeling_dinalrm import (
     DEFAULT_LORA_TARGET_MODULES,
     is_official_checkpoint,
     load_official_checkpoint,
+    require_local_folder,
     resolve_repo,
 )
 from pipeline_dinalrm import DiNaLRMPipeline
@@ -175,6 +177,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     saving.add_argument("--checkpointing_steps", type=int, default=500)
     saving.add_argument("--checkpoints_total_limit", type=int, default=None)
     saving.add_argument("--resume_from_checkpoint", default=None, help='A checkpoint folder or name, or "latest".')
+    saving.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="Start a new run in an --output_dir that holds another run, removing its checkpoints.",
+    )
     saving.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None)
     saving.add_argument("--report_to", default="tensorboard")
     saving.add_argument("--logging_dir", default="logs")
@@ -188,6 +195,12 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
         parser.error("--min_confidence is a probability that best beats worst: choose it in [0.5, 1).")
     if args.noise_level <= 0:
         parser.error("--noise_level must be positive: LPO draws its candidates from the stochastic step.")
+    try:
+        require_local_folder(args.pretrained_model_name_or_path, "base model")
+        require_local_folder(args.reward_model, "reward model")
+        check_output_dir_arguments(args)
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
     return args
 
 
@@ -374,7 +387,7 @@ def main(args: argparse.Namespace) -> None:
     if accelerator.is_main_process:
         lock = OutputDirLock(args.output_dir).acquire()  # before anything in the folder is touched
         atexit.register(lock.release)
-        remove_partial_checkpoints(args.output_dir)
+        prepare_output_dir(args.output_dir, args.resume_from_checkpoint, args.overwrite_output_dir)
     accelerator.wait_for_everyone()
     device = accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
