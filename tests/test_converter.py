@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import tolerances
 import torch
 from conftest import OFFICIAL_TINY, copy_official, run_converter
 from safetensors.torch import load_file, save_file
@@ -93,7 +94,7 @@ def test_other_official_configs_convert_faithfully(tmp_path, official_inputs):
         actual = converted.score_latents(
             x["x0"], x["encoder_hidden_states"], x["pooled_projections"], noise=x["noise_single"]
         )
-    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(actual, expected)
 
 
 def _failing(official, tmp_path) -> str:

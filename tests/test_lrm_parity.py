@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tolerances
 import torch
 from conftest import OFFICIAL_LRM_TINY, REPO_ROOT, assert_close
 from safetensors.torch import load_file
@@ -133,18 +134,23 @@ def test_pair_loss_with_ties_and_prompt_weights_matches(recomputed, lrm_tiny_exp
 
 
 def test_gradients_per_parameter_group_match(recomputed, lrm_tiny_expected):
+    # A UNet gradient entry sums over every latent position of every image (conditional and unconditional passes).
+    images, _, height, width = lrm_tiny_expected["lrm/debug/vae_latents"].shape
+    rtol = tolerances.accumulation_rtol(2 * images * height * width)
     for key in ("lrm/grad/logit_scale", "lrm/grad/visual_projection", "lrm/grad/text_projection"):
-        assert_close(recomputed[key], lrm_tiny_expected[key], key)
+        assert_close(recomputed[key], lrm_tiny_expected[key], key, rtol)
     for group in ("visual_projection", "text_projection", "unet", "text_encoder"):
         assert recomputed[f"lrm/grad_count/{group}"].item() > 0
         assert_close(
-            recomputed[f"lrm/grad_norm/{group}"], lrm_tiny_expected[f"lrm/grad_norm/{group}"], f"grad norm {group}"
+            recomputed[f"lrm/grad_norm/{group}"],
+            lrm_tiny_expected[f"lrm/grad_norm/{group}"],
+            f"grad norm {group}",
+            rtol,
         )
 
 
 def test_pair_loss_formula_on_the_official_scores(lrm_tiny_expected, lrm_tiny_inputs, lrm_tiny_config):
     """The loss of the official scores themselves, without any model: the objective alone is the official one."""
-    sys.path.insert(0, str(REPO_ROOT))
     from modeling_lrm import LRMModel
 
     pairs = lrm_tiny_inputs["lrm/timestep_collated"].reshape(-1, 2)

@@ -8,6 +8,7 @@ import sys
 import textwrap
 
 import pytest
+import tolerances
 import torch
 from conftest import OFFICIAL_TINY
 from diffusers import SD3Transformer2DModel
@@ -67,7 +68,7 @@ def test_chunked_backbone_equals_one_batched_pass(model, batch):
             chunked = model.score_latents(*batch, t=[0.2, 0.5, 0.7], noise=noise)
         finally:
             model.config.max_backbone_batch_size = None
-    torch.testing.assert_close(chunked, batched, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(chunked, batched)
 
 
 def test_gradient_checkpointing_keeps_values_and_gradients(converted_dirs, batch):
@@ -101,7 +102,7 @@ def test_save_and_load_round_trip(model, batch, tmp_path, merge):
     with torch.no_grad():
         before = model.score_latents(*batch, noise=noise)
         after = reloaded.score_latents(*batch, noise=noise)
-    torch.testing.assert_close(after, before, atol=1e-5 if merge else 1e-6, rtol=1e-5)
+    tolerances.assert_close(after, before)
 
 
 def test_fresh_process_loads_with_automodel_and_remote_code(model, batch, tmp_path):
@@ -133,7 +134,7 @@ def test_fresh_process_loads_with_automodel_and_remote_code(model, batch, tmp_pa
     assert bytes(out["name"].tolist()).decode() == "DiNaLRMModel"
     with torch.no_grad():
         expected = model.score_latents(*batch, noise=noise)
-    torch.testing.assert_close(out["rewards"], expected, atol=1e-5, rtol=1e-5)
+    tolerances.assert_close(out["rewards"], expected)
 
 
 def test_from_backbone_reads_only_the_kept_blocks(tmp_path, safetensors_reads):
@@ -177,7 +178,7 @@ def test_backbone_of_full_depth_runs_every_block_as_the_full_model_does():
         for block in full.transformer_blocks:
             text, hidden = block(hidden_states=hidden, encoder_hidden_states=text, temb=temb)
     assert text is None, "the full model's last block should have no text output"
-    torch.testing.assert_close(visual[-1], hidden, rtol=0, atol=1e-6)
+    tolerances.assert_close(visual[-1], hidden)
 
 
 def test_add_lora_targets_only_the_backbone_and_starts_as_identity(batch):
@@ -202,7 +203,7 @@ def test_merge_lora_keeps_the_rewards(converted_dirs, batch):
         model.merge_lora()
         after = model.score_latents(*batch, noise=noise)
     assert not model.lora_layers() and model.config.lora_rank == 0
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    tolerances.assert_close(after, before)
 
 
 @pytest.mark.parametrize(
@@ -255,7 +256,7 @@ def test_preference_probability_and_loss_follow_the_formulas(model):
     variance = config.thurstone_k * 0.3**2 + config.thurstone_v0
     expected = [_phi((x - y) / math.sqrt(2 * variance + config.thurstone_eps)) for x, y in zip(a.tolist(), b.tolist())]
     p = model.preference_probability(a, b, t)
-    torch.testing.assert_close(p, torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(p, torch.tensor(expected))
     torch.testing.assert_close(p + model.preference_probability(b, a, t), torch.ones(3))
     expected_loss = sum(1 - math.sqrt(q + config.thurstone_eps) for q in expected) / 3
     assert model.preference_loss(a, b, t).item() == pytest.approx(expected_loss, rel=1e-6)
@@ -311,7 +312,7 @@ def test_preference_loss_per_pair_and_weighted_mean(tiny):
     expected = _thurstone_losses(tiny.config, chosen.tolist(), rejected.tolist(), t.tolist())
     per_pair = tiny.preference_loss(chosen, rejected, t, reduction="none")
     assert per_pair.shape == (4,)
-    torch.testing.assert_close(per_pair, torch.tensor(expected), atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(per_pair, torch.tensor(expected))
     assert tiny.preference_loss(chosen, rejected, t).item() == pytest.approx(sum(expected) / 4, rel=1e-6)
     # A float t is one level for every pair.
     same_level = _thurstone_losses(tiny.config, chosen.tolist(), rejected.tolist(), [0.5] * 4)
@@ -396,7 +397,7 @@ def test_pre_embedded_context_gives_the_same_rewards(tiny, tiny_batch):
         ensemble_embedded = tiny.score_latents(
             latents, embedded, pooled, t=[0.3, 0.7], noise=noise, context_embedded=True
         )
-    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(ensemble_embedded, ensemble, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(rewards, expected)
+    tolerances.assert_close(ensemble_embedded, ensemble)
     with pytest.raises(ValueError, match="context_embedded=True expects the context embedder's output"):
         tiny(latents, 0.6, embedded[..., :16], pooled, context_embedded=True)

@@ -15,6 +15,7 @@ import sys
 import httpx
 import PIL.Image
 import pytest
+import tolerances
 import torch
 from conftest import OFFICIAL_TINY, REPO_ROOT
 from diffusers import FluxPipeline, ZImagePipeline
@@ -95,8 +96,8 @@ def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_
     for run in runs:
         assert run.returncode == 0, run.stderr
         result = json.loads(run.stdout)
-        assert [entry["reward"] for entry in result["rewards"]] == pytest.approx(rewards, abs=1e-5)
-        assert result["p_first_preferred"] == pytest.approx(probability, abs=1e-5)
+        assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(rewards)
+        assert result["p_first_preferred"] == tolerances.close_to(probability)
         assert "Traceback" not in run.stderr and "%|" not in run.stderr  # no progress bar when not a terminal
     first, second = (run.stderr for run in runs)
     assert "Converting the official checkpoint" in first and "no conversion" not in first
@@ -109,7 +110,7 @@ def test_default_model_is_the_published_id(hub, expected):
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout)
     assert result["model"] == OFFICIAL_ID and "note" not in result
-    assert [entry["reward"] for entry in result["rewards"]] == pytest.approx(expected[0], abs=1e-5)
+    assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(expected[0])
 
 
 def test_pipeline_from_pretrained_by_id_in_a_fresh_process(hub, expected):
@@ -124,7 +125,7 @@ print(json.dumps(out.rewards.tolist()))
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=hub["env"])
     assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == pytest.approx(expected[0], abs=1e-5)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == tolerances.close_to(expected[0])
 
 
 def test_missing_base_stops_with_one_message(hub):

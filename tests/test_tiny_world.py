@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tolerances
 import torch
 from domain import (
     BACKGROUNDS,
@@ -278,7 +279,8 @@ def test_flow_grpo_advantages_are_standardised_within_each_prompt_group():
     from flow_grpo import group_advantages
 
     advantages = group_advantages(torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 10.0]), group_size=3)
-    torch.testing.assert_close(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-3, rtol=0)
+    # The group's std is 1; the 1e-4 added to it (against empty groups) shifts the advantages by 1e-4 relative.
+    tolerances.assert_close(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]), rtol=2e-4)
     assert torch.equal(advantages[3:], torch.zeros(3))  # a group of equal rewards teaches nothing
 
 

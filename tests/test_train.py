@@ -19,6 +19,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pytest
+import tolerances
 import torch
 from accelerate.utils import load as accelerate_load
 from conftest import REPO_ROOT
@@ -422,10 +423,10 @@ def test_compact_feature_cache_trains_as_the_raw_one_and_frees_the_encoders(work
         output.loss.backward()
         results.append((output.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
     (raw_loss, raw_grads), (compact_loss, compact_grads) = results
-    torch.testing.assert_close(compact_loss, raw_loss, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(compact_loss, raw_loss)
     assert raw_grads.keys() == compact_grads.keys() and any("add_q_proj.lora_A" in n for n in raw_grads)
     for name, gradient in raw_grads.items():
-        torch.testing.assert_close(compact_grads[name], gradient, atol=1e-6, rtol=1e-6, msg=name)
+        tolerances.assert_close(compact_grads[name], gradient, msg=name)
 
 
 def test_cache_of_raw_tokens_and_compact_cache_are_never_mistaken_for_each_other(tmp_path):
@@ -638,7 +639,7 @@ def test_end_to_end_zimage_backbone(workspace):
     assert len(torch.cat(lengths).unique()) > 1, "the cached captions should keep their own lengths"
     raw, cached = (load_file(workspace / run / FINAL_WEIGHTS) for run in ("zimage-raw", "zimage-cached"))
     for key in raw:
-        torch.testing.assert_close(cached[key], raw[key], rtol=1e-4, atol=1e-5, msg=key)
+        tolerances.assert_close(cached[key], raw[key], rtol=tolerances.TRAINING_RTOL, msg=key)
     summary = _summary(workspace / "zimage-cached")
     assert summary["global_step"] == 6 and summary["validation"][-1]["val/pairs"] == 4
     model = DiNaLRMModel.from_pretrained(workspace / "zimage-cached").eval()
@@ -654,7 +655,7 @@ def test_end_to_end_zimage_backbone(workspace):
         expected = model.score_latents(latents, embeds, t=0.4, generator=torch.Generator().manual_seed(0))
     rewards = scorer(["a red cat", "a blue dog on the beach"], latents=latents, t=0.4,
                      generator=torch.Generator().manual_seed(0), noise_sharing="none").rewards  # fmt: skip
-    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(rewards, expected)
 
 
 def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_run):
@@ -663,7 +664,7 @@ def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_ru
     raw_weights, cached_weights = load_file(raw_canonical_run / FINAL_WEIGHTS), load_file(cached / FINAL_WEIGHTS)
     assert raw_weights.keys() == cached_weights.keys()
     for key in raw_weights:
-        torch.testing.assert_close(cached_weights[key], raw_weights[key], rtol=1e-4, atol=1e-5, msg=key)
+        tolerances.assert_close(cached_weights[key], raw_weights[key], rtol=tolerances.TRAINING_RTOL, msg=key)
     raw_val, cached_val = _summary(raw_canonical_run)["validation"], _summary(cached)["validation"]
     assert [e["val/pairs"] for e in raw_val] == [e["val/pairs"] for e in cached_val]
 
