@@ -30,10 +30,28 @@ OFFICIAL_LRM_TINY = Path(
 if os.environ.get("DINALRM_TEST_THREADS"):
     torch.set_num_threads(int(os.environ["DINALRM_TEST_THREADS"]))
 # The only sys.path edit of the repository: the package is installed (`pip install -e .`), but tests also import the
-# script folders' modules (eval/common.py, examples/tiny_world/domain.py, ...) as a script run there would see them.
-for folder in (REPO_ROOT, REPO_ROOT / "eval", REPO_ROOT / "examples" / "tiny_world", REPO_ROOT / "examples" / "refl"):
+# script folders' modules (eval/common.py, examples/tiny_world/domain.py, benchmarks/bench_model.py, ...) as a script
+# run there would see them.
+for folder in (REPO_ROOT, *(REPO_ROOT / f for f in ("eval", "examples/tiny_world", "examples/refl", "benchmarks"))):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+
+
+# The numeric tests (float comparisons with the official code, between paths, batches and processes): CI runs them a
+# second time with ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 DINALRM_TEST_THREADS=1 (`-m numeric`, .ci/run).
+NUMERIC_FILES = frozenset(
+    f"test_{name}.py"
+    for name in (
+        "parity_official", "official_configs", "converter", "lrm_parity", "lpo_parity", "lrm", "lpo", "model",
+        "pipeline", "serve", "rewards", "flow_sde", "batch_scoring",
+    )
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in NUMERIC_FILES:
+            item.add_marker(pytest.mark.numeric)
 
 
 def free_port() -> int:
