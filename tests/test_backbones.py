@@ -415,7 +415,7 @@ def test_zimage_captions_of_different_lengths_match_the_full_model_and_their_own
         expected = captured[layer - 1]
         tolerances.assert_close(image_out, expected[:, :15])  # 15 image tokens, pad to 32
         for i, caption in enumerate(captions):
-            torch.testing.assert_close(text_out[i, : len(caption)], expected[i, 32 : 32 + len(caption)])
+            tolerances.assert_close(text_out[i, : len(caption)], expected[i, 32 : 32 + len(caption)])
     with torch.no_grad():
         together = model.score_latents(latents, captions, t=[0.3, 0.7], noise=noise)
         alone = [model.score_latents(latents[i : i + 1], [c], t=[0.3, 0.7], noise=noise[i : i + 1]) for i, c in

@@ -59,7 +59,7 @@ def images():
 def test_logistic_normalization_and_compare_use_the_fitted_curve(calibrated, images):
     raw = calibrated(PROMPT, images=images, t=0.4, generator=torch.Generator().manual_seed(0)).rewards
     scores = calibrated(PROMPT, images=images, t=0.4, generator=torch.Generator().manual_seed(0), normalize="logistic")
-    np.testing.assert_allclose(scores.rewards.numpy(), 1 / (1 + np.exp(-3.0 * (raw.numpy() - 0.25))), rtol=1e-6)
+    tolerances.assert_close(scores.rewards.numpy(), 1 / (1 + np.exp(-3.0 * (raw.numpy() - 0.25))))
 
     comparison = calibrated.compare(PROMPT, *images, t=0.4, generator=torch.Generator().manual_seed(0))
     assert comparison.probability == pytest.approx(1 / (1 + np.exp(-3.0 * float(raw[0] - raw[1]))), rel=1e-6)

@@ -48,7 +48,7 @@ def test_given_prev_sample_is_scored_not_redrawn():
 def test_noise_level_zero_is_the_euler_step():
     velocity, sample = _inputs()
     prev, log_prob, mean, std = sde_step(velocity, 0.5, 0.25, sample, 0.0)
-    torch.testing.assert_close(prev, sample - 0.25 * velocity)
+    tolerances.assert_close(prev, sample - 0.25 * velocity)
     assert torch.equal(prev, mean) and float(std) == 0.0 and torch.equal(log_prob, torch.zeros(3))
 
 
@@ -60,8 +60,8 @@ def test_per_sample_sigmas_match_scalar_calls():
     for i in range(3):
         one = slice(i, i + 1)
         single = sde_step(velocity[one], float(sigmas[i]), float(nexts[i]), sample[one], 0.7, prev_sample=noise[one])
-        torch.testing.assert_close(batched[1][one], single[1])
-        torch.testing.assert_close(batched[2][one], single[2])
+        tolerances.assert_close(batched[1][one], single[1])
+        tolerances.assert_close(batched[2][one], single[2])
     assert torch.isfinite(batched[1]).all()  # sigma = 1 reads the diffusion coefficient at sigma_next
 
 

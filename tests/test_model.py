@@ -85,8 +85,8 @@ def test_gradient_checkpointing_keeps_values_and_gradients(converted_dirs, batch
     model.gradient_checkpointing_enable()
     assert model.backbone.gradient_checkpointing
     checkpointed = rewards_and_grad()
-    torch.testing.assert_close(checkpointed[0], plain[0])
-    torch.testing.assert_close(checkpointed[1], plain[1])
+    tolerances.assert_close(checkpointed[0], plain[0])
+    tolerances.assert_close(checkpointed[1], plain[1])
 
 
 @pytest.mark.parametrize("merge", [True, False])
@@ -188,7 +188,7 @@ def test_add_lora_targets_only_the_backbone_and_starts_as_identity(batch):
         before = model.score_latents(*batch, noise=noise)
         model.add_lora(rank=4)
         after = model.score_latents(*batch, noise=noise)
-    torch.testing.assert_close(after, before)
+    tolerances.assert_close(after, before)
     lora_params = [n for n, p in model.named_parameters() if ".lora_" in n]
     assert lora_params and all(n.startswith("backbone.") for n in lora_params)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -257,7 +257,7 @@ def test_preference_probability_and_loss_follow_the_formulas(model):
     expected = [_phi((x - y) / math.sqrt(2 * variance + config.thurstone_eps)) for x, y in zip(a.tolist(), b.tolist())]
     p = model.preference_probability(a, b, t)
     tolerances.assert_close(p, torch.tensor(expected))
-    torch.testing.assert_close(p + model.preference_probability(b, a, t), torch.ones(3))
+    tolerances.assert_close(p + model.preference_probability(b, a, t), torch.ones(3))
     expected_loss = sum(1 - math.sqrt(q + config.thurstone_eps) for q in expected) / 3
     assert model.preference_loss(a, b, t).item() == pytest.approx(expected_loss, rel=1e-6)
     # Noise calibration: the same reward gap is less certain at a higher noise level.
@@ -272,7 +272,7 @@ def test_bradley_terry_and_fixed_variance_ablations(model):
         assert model.preference_loss(a, b, 0.5).item() == pytest.approx(sum(expected) / 2, rel=1e-6)
         model.config.loss_type = "fixed_variance"
         p_low, p_high = model.preference_probability(a, b, 0.1), model.preference_probability(a, b, 0.9)
-        torch.testing.assert_close(p_low, p_high)
+        tolerances.assert_close(p_low, p_high)
         z = 1.0 / math.sqrt(2 * model.config.fixed_variance + model.config.thurstone_eps)
         assert p_low[0].item() == pytest.approx(_phi(z), rel=1e-6)
     finally:
@@ -316,7 +316,7 @@ def test_preference_loss_per_pair_and_weighted_mean(tiny):
     assert tiny.preference_loss(chosen, rejected, t).item() == pytest.approx(sum(expected) / 4, rel=1e-6)
     # A float t is one level for every pair.
     same_level = _thurstone_losses(tiny.config, chosen.tolist(), rejected.tolist(), [0.5] * 4)
-    torch.testing.assert_close(tiny.preference_loss(chosen, rejected, 0.5, reduction="none"), torch.tensor(same_level))
+    tolerances.assert_close(tiny.preference_loss(chosen, rejected, 0.5, reduction="none"), torch.tensor(same_level))
 
     weights = torch.tensor([2.0, 0.0, 1.0, 1.0])
     weighted = sum(w * x for w, x in zip(weights.tolist(), expected)) / 4.0
@@ -389,7 +389,7 @@ def test_pre_embedded_context_gives_the_same_rewards(tiny, tiny_batch):
     width = tiny.config.backbone_config["caption_projection_dim"]
     assert embedded.shape == (*prompt.shape[:2], width)
     linear = tiny.backbone.context_embedder
-    torch.testing.assert_close(embedded, prompt @ linear.weight.T + linear.bias)
+    tolerances.assert_close(embedded, prompt @ linear.weight.T + linear.bias)
     with torch.no_grad():
         expected = tiny(latents, 0.6, prompt, pooled).rewards
         rewards = tiny(latents, 0.6, embedded, pooled, context_embedded=True).rewards

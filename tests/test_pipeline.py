@@ -62,14 +62,14 @@ def test_rewards_from_images_equal_rewards_from_their_latents(pipe, images, late
     from_latents = pipe(PROMPT, latents=latents, generator=generator()).rewards
     assert from_images.shape == (3,) and from_images.dtype == torch.float32
     assert from_images.unique().numel() == 3, "tiny head must tell images apart"
-    torch.testing.assert_close(from_images, from_latents)
+    tolerances.assert_close(from_images, from_latents)
 
 
 def test_encode_images_is_the_scaled_vae_posterior_mode(pipe, images, latents):
     pixels = pipe.image_processor.preprocess(images)
     posterior = pipe.vae.encode(pixels).latent_dist
     expected = (posterior.mode() - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-    torch.testing.assert_close(latents, expected)
+    tolerances.assert_close(latents, expected)
     assert latents.shape == (3, 16, 8, 8)  # tiny VAE: factor 4
 
 
@@ -78,7 +78,7 @@ def test_posterior_sample_is_drawn_before_the_scoring_noise(pipe, images):
     sampled = pipe.encode_images(images, sample_posterior=True, generator=shared)
     expected = pipe(PROMPT, latents=sampled, generator=shared).rewards
     actual = pipe(PROMPT, images=images, sample_posterior=True, generator=generator(3)).rewards
-    torch.testing.assert_close(actual, expected)
+    tolerances.assert_close(actual, expected)
 
 
 def test_rewards_from_prompts_equal_rewards_from_prompt_embeds(pipe, latents, embeds):
@@ -86,13 +86,13 @@ def test_rewards_from_prompts_equal_rewards_from_prompt_embeds(pipe, latents, em
     from_embeds = pipe(
         prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], latents=latents, generator=generator()
     ).rewards
-    torch.testing.assert_close(from_prompt, from_embeds)
+    tolerances.assert_close(from_prompt, from_embeds)
 
     prompts = [PROMPT, "a dog in the snow", PROMPT]
     per_image = pipe(prompts, latents=latents, generator=generator()).rewards
     rows = pipe.encode_prompt(prompts)
     per_row = pipe(prompt_embeds=rows[0], pooled_prompt_embeds=rows[1], latents=latents, generator=generator()).rewards
-    torch.testing.assert_close(per_image, per_row)
+    tolerances.assert_close(per_image, per_row)
     assert not torch.allclose(per_image[1], from_prompt[1]), "the prompt must matter"
 
 
@@ -113,9 +113,9 @@ def test_missing_t5_encoder_gives_zero_t5_tokens(pipe, embeds):
     no_t5 = DiNaLRMPipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
     prompt_embeds, pooled = no_t5.encode_prompt(PROMPT)
     assert prompt_embeds.shape == embeds[0].shape
-    torch.testing.assert_close(prompt_embeds[:, :77], embeds[0][:, :77])
+    tolerances.assert_close(prompt_embeds[:, :77], embeds[0][:, :77])
     assert not prompt_embeds[:, 77:].any()
-    torch.testing.assert_close(pooled, embeds[1])
+    tolerances.assert_close(pooled, embeds[1])
 
 
 def test_pipeline_ensemble_equals_model_level_ensemble(pipe, latents, embeds):
@@ -124,7 +124,7 @@ def test_pipeline_ensemble_equals_model_level_ensemble(pipe, latents, embeds):
     expected = pipe.reward_model.score_latents(
         latents, embeds[0].expand(batch, -1, -1), embeds[1].expand(batch, -1), t=ENSEMBLE, generator=generator(1)
     )
-    torch.testing.assert_close(output.rewards, expected)
+    tolerances.assert_close(output.rewards, expected)
     expected_levels = pipe.reward_model.snap_noise_level(torch.tensor(ENSEMBLE), 3)[0].tolist()
     assert output.noise_levels == tolerances.close_to(expected_levels) and output.noise_levels != ENSEMBLE
 
@@ -147,7 +147,7 @@ def test_num_noise_samples_averages_draws_taken_in_order(pipe, latents, embeds):
         )
         for _ in range(3)
     ]
-    torch.testing.assert_close(averaged, torch.stack(draws).mean(0))
+    tolerances.assert_close(averaged, torch.stack(draws).mean(0))
 
 
 def test_no_sharing_draws_noise_batch_by_batch_as_the_reference(pipe, latents, monkeypatch):
@@ -274,12 +274,12 @@ def test_noise_sharing_refuses_unknown_modes_and_generator_lists(pipe, latents):
 def test_normalize_gives_the_display_score(pipe, latents, images):
     raw = pipe(PROMPT, latents=latents, generator=generator()).rewards
     display = pipe(PROMPT, latents=latents, generator=generator(), normalize=True).rewards
-    torch.testing.assert_close(display, (raw + 10) / 10)
+    tolerances.assert_close(display, (raw + 10) / 10)
     # compare: the probability comes from the raw rewards whatever the display scale of the returned rewards.
     plain = pipe.compare(PROMPT, images[0], images[1], t=0.1, generator=generator())
     shown = pipe.compare(PROMPT, images[0], images[1], t=0.1, generator=generator(), normalize=True)
     assert shown.probability == plain.probability and abs(plain.probability - 0.5) > 0.05
-    torch.testing.assert_close(shown.rewards, (plain.rewards + 10) / 10)
+    tolerances.assert_close(shown.rewards, (plain.rewards + 10) / 10)
 
 
 def test_compare_agrees_with_the_thurstone_formula(pipe, images):
@@ -287,7 +287,7 @@ def test_compare_agrees_with_the_thurstone_formula(pipe, images):
     for t, level in ((0.3, 0.3), (ENSEMBLE, config.default_t)):
         result = pipe.compare(PROMPT, images[0], images[1], t=t, generator=generator())
         rewards = pipe(PROMPT, images=images[:2], t=t, generator=generator()).rewards
-        torch.testing.assert_close(result.rewards, rewards)
+        tolerances.assert_close(result.rewards, rewards)
         sigma = pipe.reward_model.snap_noise_level(level, 1)[0].item()
         assert result.noise_level == sigma
         variance = config.thurstone_k * sigma**2 + config.thurstone_v0
@@ -300,7 +300,7 @@ def test_rank_orders_best_first(pipe, images):
     rewards = pipe(PROMPT, images=images, generator=generator()).rewards
     ranking = pipe.rank(PROMPT, images, generator=generator())
     assert ranking.indices == sorted(range(3), key=lambda i: -rewards[i].item())
-    torch.testing.assert_close(ranking.rewards, rewards[ranking.indices])
+    tolerances.assert_close(ranking.rewards, rewards[ranking.indices])
 
 
 def test_from_sd3_shares_components_without_copies(pipe, sd3):
@@ -329,7 +329,7 @@ def test_scores_latents_of_a_stable_diffusion_3_run_with_its_own_prompt_embeds(p
     ).images
     reused = pipe(latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, generator=generator())
     encoded = pipe(PROMPT, latents=latents, generator=generator())
-    torch.testing.assert_close(reused.rewards, encoded.rewards)
+    tolerances.assert_close(reused.rewards, encoded.rewards)
 
 
 def test_reward_fn_keeps_the_graph_to_the_latents(pipe, sd3, latents, embeds):
@@ -341,9 +341,9 @@ def test_reward_fn_keeps_the_graph_to_the_latents(pipe, sd3, latents, embeds):
     pipe.reward_model.zero_grad(set_to_none=True)
 
     expected = pipe(PROMPT, latents=latents, generator=generator(4), noise_sharing="none").rewards
-    torch.testing.assert_close(rewards.detach(), expected)
+    tolerances.assert_close(rewards.detach(), expected)
     shared = pipe.reward_fn(latents, prompt=PROMPT, generator=generator(4), noise_sharing="prompt")
-    torch.testing.assert_close(shared.detach(), pipe(PROMPT, latents=latents, generator=generator(4)).rewards)
+    tolerances.assert_close(shared.detach(), pipe(PROMPT, latents=latents, generator=generator(4)).rewards)
     sd3_embeds, _, sd3_pooled, _ = sd3.encode_prompt(
         PROMPT, None, None, do_classifier_free_guidance=False, max_sequence_length=128
     )
@@ -356,7 +356,7 @@ def test_reward_fn_keeps_the_graph_to_the_latents(pipe, sd3, latents, embeds):
             t=0.4,
             num_noise_samples=1,
         )
-    torch.testing.assert_close(from_sd3, expected)
+    tolerances.assert_close(from_sd3, expected)
 
 
 def test_reward_fn_encodes_each_prompt_once(pipe, latents, monkeypatch):
@@ -408,7 +408,7 @@ def test_image_modes_are_converted(pipe):
     shared = generator()
     same_size = pipe(PROMPT, images=[mixed[0], mixed[2], mixed[3]], generator=shared, noise_sharing="none").rewards
     odd_alone = pipe(PROMPT, images=[odd], generator=shared, noise_sharing="none").rewards
-    torch.testing.assert_close(rewards, torch.stack([same_size[0], odd_alone[0], same_size[1], same_size[2]]))
+    tolerances.assert_close(rewards, torch.stack([same_size[0], odd_alone[0], same_size[1], same_size[2]]))
 
 
 def test_resize_rule(pipe):

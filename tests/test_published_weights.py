@@ -97,7 +97,7 @@ def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_
         assert run.returncode == 0, run.stderr
         result = json.loads(run.stdout)
         assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(rewards)
-        assert result["p_first_preferred"] == tolerances.close_to(probability)
+        assert result["p_first_preferred"] == tolerances.close_to(probability, scale=1.0)
         assert "Traceback" not in run.stderr and "%|" not in run.stderr  # no progress bar when not a terminal
     first, second = (run.stderr for run in runs)
     assert "Converting the official checkpoint" in first and "no conversion" not in first

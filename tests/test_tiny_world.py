@@ -326,7 +326,7 @@ def test_refl_pixel_reward_scores_the_decode_and_its_gradients_reach_the_lora(tm
     x0 = torch.randn(2, 16, 16, 16)
     with torch.no_grad():  # the tiny world's own decode and prompt encoding, as pixel_baseline.py trains on them
         expected = cnn(decode_latents(pipe.vae, x0).clamp(-1, 1), encode(pipe, prompts))
-        torch.testing.assert_close(reward(x0, prompts, None), expected)
+        tolerances.assert_close(reward(x0, prompts, None), expected)
 
     pipe.transformer.requires_grad_(False)
     pipe.transformer.add_adapter(LoraConfig(r=8, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))

@@ -235,7 +235,7 @@ def test_step_scores_both_sides_in_one_forward_with_shared_noise(tiny_reward_mod
     assert (left.mean(dim=(1, 2, 3)) > right.mean(dim=(1, 2, 3))).all(), "chosen first, then rejected"
     # One noise and one t per pair: the two sides differ exactly by (1 - t) * (chosen - rejected), a constant.
     difference = (left - right).flatten(1)
-    assert torch.allclose(difference, difference[:, :1].expand_as(difference))
+    tolerances.assert_close(difference, difference[:, :1].expand_as(difference))
 
     identical = preference_step(stub, stub, _pair_batch(chosen, chosen.clone()), seeded_generator(0, 1))
     assert identical.reward_margin == 0 and identical.accuracy == 0  # ties are not wins
@@ -294,7 +294,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(workspace):
     assert gradients[0].keys() == gradients[1].keys() and any("lora_A" in name for name in gradients[0])
     for name, gradient in gradients[0].items():
         assert gradient is not None and gradients[1][name] is not None, name
-        torch.testing.assert_close(gradients[1][name], gradient, msg=name)
+        tolerances.assert_close(gradients[1][name], gradient, msg=name)
 
 
 def test_noise_level_schemes():
