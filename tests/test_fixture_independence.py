@@ -132,7 +132,7 @@ def run_parity(env: dict, files: list[str], not_cut: dict) -> subprocess.Complet
 
 def test_official_tiny_parity_holds_on_a_cut_batch(tmp_path):
     cut = cut_official_tiny(tmp_path / "official-tiny")
-    files = ["tests/test_parity_official.py", "tests/test_official_configs.py", "tests/test_converter.py"]
+    files = ["tests/test_parity_official.py", "tests/test_official_configs.py"]
     result = run_parity({"DINALRM_OFFICIAL_TINY": str(cut)}, files, TINY_NOT_CUT)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert f"{len(TINY_NOT_CUT)} deselected" in result.stdout

@@ -134,6 +134,7 @@ def test_lrm_scores_compare_indices_and_validity_match(lrm, lrm_tiny_inputs, lrm
     assert torch.equal(result.valid.long(), lrm_tiny_expected["lpo/compare_valid"])
 
 
+@pytest.mark.slow  # the seeded 20-step multi-candidate run: ~15 s on a shared 2-core machine
 def test_sampled_trajectory_candidates_and_scores_match(sampled, lrm_tiny_expected, policy):
     output, _, _ = sampled
     assert torch.equal(policy.scheduler.timesteps, lrm_tiny_expected["lpo/pipe_timesteps"])
@@ -145,6 +146,7 @@ def test_sampled_trajectory_candidates_and_scores_match(sampled, lrm_tiny_expect
     assert torch.equal(output.compare_valid.long(), lrm_tiny_expected["lpo/pipe_compare_valid"])
 
 
+@pytest.mark.slow  # the seeded 20-step multi-candidate run: ~15 s on a shared 2-core machine
 def test_kept_pairs_match(sampled, lrm_tiny_expected):
     output, prompt_embeds, _ = sampled
     assert torch.equal(output.timesteps.unsqueeze(1), lrm_tiny_expected["lpo/pipe_valid_timesteps"])

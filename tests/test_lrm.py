@@ -93,6 +93,7 @@ def _toy_pairs(generator: torch.Generator, count: int) -> tuple[torch.Tensor, to
     return a, b
 
 
+@pytest.mark.slow  # a fresh interpreter or a training run: 7-35 s on a shared 2-core machine
 @pytest.mark.parametrize("kind", ["sdxl", "sd15"])
 def test_tiny_lrm_learns_a_preference_with_the_official_pair_loss(tiny_bases, kind):
     base = tiny_bases[kind]
@@ -214,6 +215,7 @@ def test_converter_refuses_a_unet_with_missing_tensors_naming_them(tmp_path):
     assert "unet.mid_block.resnets.0.conv1.weight" in convert_in_process(official, tmp_path / "out")
 
 
+@pytest.mark.slow  # a fresh interpreter or a training run: 7-35 s on a shared 2-core machine
 def test_converter_loads_a_hub_id_from_the_cache_and_a_frozen_text_encoder_from_the_base(tmp_path):
     """A simulated Hugging Face cache (documented layout) holds an official checkpoint without `text_encoder/`
     (trained with freeze_text_encoder=true): the converter resolves the id offline and takes the base's encoder."""
@@ -288,6 +290,7 @@ def test_pipeline_reward_fn_is_differentiable_in_the_latents(tiny_pipeline):
     assert latents.grad is not None and latents.grad.abs().sum() > 0
 
 
+@pytest.mark.slow  # a fresh interpreter or a training run: 7-35 s on a shared 2-core machine
 def test_run_eval_scores_lrm_rows_under_the_table1_protocol(tmp_path):
     """`run_eval.py --scorer lrm`: the converter's output folder, canonical pairs, one row per timestep."""
     import json
@@ -362,6 +365,7 @@ def test_mpcf_official_thresholds_per_strategy():
     }
 
 
+@pytest.mark.slow  # a fresh interpreter or a training run: 7-35 s on a shared 2-core machine
 def test_train_reward_model_lrm_with_mpcf_official_recipe_and_ties(tiny_bases, tmp_path):
     """`train_dinalrm.py --reward_model lrm`: Pick-a-Pic data (with a tie), MPCF, the official defaults, resumable
     checkpoints from the shared machinery, and a final folder that `LRMPipeline.from_pretrained` loads."""

@@ -105,6 +105,7 @@ def test_save_and_load_round_trip(model, batch, tmp_path, merge):
     tolerances.assert_close(after, before)
 
 
+@pytest.mark.slow  # a fresh interpreter / a torch.compile: 7-18 s on a shared 2-core machine
 def test_fresh_process_loads_with_automodel_and_remote_code(model, batch, tmp_path):
     folder = tmp_path / "reward_model"
     model.save_pretrained(folder)
@@ -367,6 +368,7 @@ def test_check_finite_covers_forward_and_a_tensor_t(tiny, tiny_batch):
         tiny.snap_noise_level(float("nan"), 2, check_finite=False)  # a Python number is always checked
 
 
+@pytest.mark.slow  # a fresh interpreter / a torch.compile: 7-18 s on a shared 2-core machine
 @pytest.mark.parametrize("t", [0.4, [0.2, 0.5, 0.7]], ids=["single", "ensemble"])
 def test_score_latents_compiles_without_graph_breaks(tiny, tiny_batch, t):
     """`torch.compile` captures score_latents whole: no data-dependent branch, no value read back (the default

@@ -379,6 +379,7 @@ def server_url():
         process.wait(30)
 
 
+@pytest.mark.slow  # starts the server in a fresh interpreter: ~45 s on a shared 2-core machine
 def test_real_server_process_answers_healthz_and_score(server_url, pipe, inputs):
     latents, embeds, pooled = (x[:1] for x in inputs)
     assert httpx.get(f"{server_url}/healthz").json()["status"] == "ok"

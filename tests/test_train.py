@@ -373,6 +373,7 @@ def test_feature_cache_round_trip_in_dataset_order_and_runtime_skips(tmp_path):
     assert collated["skipped"] == ["runtime_missing_image"] and collated["prompts"] == [rows[1]["prompt"]]
 
 
+@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
 def test_compact_feature_cache_trains_as_the_raw_one_and_frees_the_encoders(workspace, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
@@ -585,6 +586,7 @@ def cached_canonical_run(workspace) -> tuple[Path, Path, Path]:
     return sd3, output, cache
 
 
+@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
 def test_end_to_end_canonical(raw_canonical_run, workspace):
     _assert_scores(raw_canonical_run, workspace / "sd3")
     summary = _summary(raw_canonical_run)
@@ -601,6 +603,7 @@ def test_end_to_end_canonical(raw_canonical_run, workspace):
     assert list((raw_canonical_run / "logs").rglob("events.out.tfevents.*")), "tensorboard is the default tracker"
 
 
+@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
 def test_end_to_end_flux_backbone(workspace):
     """`--backbone flux`: a tiny FLUX pipeline's VAE and encoders encode the data, its first double-stream blocks
     are the backbone; the loop, validation and saving are the SD3 run's."""
@@ -622,6 +625,7 @@ def test_end_to_end_flux_backbone(workspace):
     assert DiNaLRMModel.from_pretrained(output).config.backbone == "flux"
 
 
+@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
 def test_end_to_end_zimage_backbone(workspace):
     """`--backbone zimage`: a tiny Z-Image pipeline's VAE and Qwen3 encoder encode the data, captions at their own
     lengths (64 tokens leave room for the chat template, so the prompts differ in length) through the feature cache
@@ -658,6 +662,7 @@ def test_end_to_end_zimage_backbone(workspace):
     tolerances.assert_close(rewards, expected)
 
 
+@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
 def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_run):
     _, cached, cache = cached_canonical_run
     assert sorted(p.name for p in cache.iterdir()) == ["cache_info.json", "train", "validation"]
@@ -697,6 +702,7 @@ def _assert_same_checkpoint(expected: Path, actual: Path) -> None:
         assert all(torch.equal(expected_weights[k], actual_weights[k]) for k in expected_weights), f"{actual}/{name}"
 
 
+@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
 def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, cached_canonical_run):
     sd3, reference, cache = cached_canonical_run
     # Training from the cache must not need the VAE weights or the text encoders: remove them.
@@ -727,6 +733,7 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
     assert _summary(output)["validation"] == _summary(reference)["validation"]
 
 
+@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
 def test_two_processes_hpdv3_with_feature_cache(workspace):
     output = workspace / "ddp-hpdv3"
     result = _ok(
@@ -756,6 +763,7 @@ def test_two_processes_hpdv3_with_feature_cache(workspace):
     _assert_scores(output, workspace / "sd3")
 
 
+@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
 def test_end_to_end_pickapic_with_separate_validation_dataset_and_pipeline_repo(workspace):
     output, repo = workspace / "pickapic", workspace / "pickapic-pipeline"
     _ok(
@@ -817,6 +825,7 @@ def _poison_cached_prompts(cache: Path, copy: Path) -> None:
         save_file(tensors, shard)
 
 
+@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
 def test_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(workspace, cached_canonical_run):
     """Resumed at step 4 on a cache holding `inf` with --checkpoints_total_limit 1: the next checkpoint would rotate
     both good ones away. The run must stop at step 5 with a non-zero exit code, naming the step, having saved nothing."""
