@@ -235,6 +235,7 @@ def test_save_and_load_keep_the_rewards_and_lora_merges(family, model, tmp_path)
     tolerances.assert_close(from_merged, adapted)
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_fresh_process_loads_both_families_with_automodel_and_remote_code(tmp_path):
     """One fresh process (the slow part: importing torch, transformers and diffusers) loads a saved FLUX and a saved
     Z-Image reward model with `AutoModel` and remote code, and scores as the models in this process do."""

@@ -62,6 +62,7 @@ def loads_tiny_pipeline(pipe, monkeypatch):
     return loaded
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_readme_offline_commands_run_from_the_shell(tmp_path, pipe):
     script = readme_offline_commands()
     assert "dinalrm-score --model tiny-dinalrm" in script
@@ -146,6 +147,7 @@ def test_default_model_offline_falls_back_loudly_to_the_bundled_tiny_model(image
     assert lines[-1].startswith("P(first preferred) = ")
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_readme_main_command_prefers_the_matching_image_offline(tmp_path):
     """The README's first set-up command, minus the install: the bundled tiny model, offline, from the repo root."""
     block = (REPO_ROOT / "README.md").read_text().split("## Set-up: two commands", 1)[1].split("```bash\n", 2)[1]

@@ -184,6 +184,7 @@ def test_model_card(hub_repo):
     assert "the local pipeline `base`" in card
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_fresh_process_loads_give_the_in_memory_rewards(hub_repo, tmp_path):
     rng = np.random.default_rng(0)
     arrays = {

@@ -90,6 +90,7 @@ def score(hub, *extra) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=hub["env"], cwd=hub["root"])
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_once(hub, expected):
     rewards, probability = expected
     runs = [score(hub, "--model", OFFICIAL_ID) for _ in range(2)]
@@ -104,6 +105,7 @@ def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_
     assert "Converting the official checkpoint" not in second and "(cached; no conversion)" in second
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_default_model_is_the_published_id(hub, expected):
     """Without --model the published checkpoint is used (here found in the simulated cache): no fallback."""
     run = score(hub)
@@ -113,6 +115,7 @@ def test_default_model_is_the_published_id(hub, expected):
     assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(expected[0])
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_pipeline_from_pretrained_by_id_in_a_fresh_process(hub, expected):
     code = f"""
 import json, torch, PIL.Image
@@ -128,6 +131,7 @@ print(json.dumps(out.rewards.tolist()))
     assert json.loads(run.stdout.strip().splitlines()[-1]) == tolerances.close_to(expected[0])
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_missing_base_stops_with_one_message(hub):
     run = score(hub, "--model", OFFICIAL_ID, "--base", "stabilityai/not-in-the-cache")
     assert run.returncode == 1
@@ -153,6 +157,7 @@ def test_gated_base_says_to_accept_the_licence_and_log_in(monkeypatch, tmp_path)
     assert f"accept its licence at https://huggingface.co/{BASE_ID}" in message and "hf auth login" in message
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_space_loads_the_published_id_in_the_dtype_asked_for(hub):
     """The Space's default model is the published id; an official checkpoint ships no code, so the app loads it
     with the DiNa-LRM code deployed with it, every component in the dtype asked for (here `--dtype bfloat16`)."""
@@ -202,6 +207,7 @@ def readme_python_blocks() -> list[str]:
     return [block.split("```", 1)[0] for block in text.split("```python\n")[1:]]
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
     """Every Python block of the README, in order in one fresh process (later blocks continue earlier ones), on the
     tiny stand-ins under the real ids. What a user without a GPU changes: cpu for cuda, float32 for bfloat16, and

@@ -46,6 +46,7 @@ def edit(path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 @pytest.mark.usefixtures("one_thread")
 def test_repositories_with_different_code_do_not_change_each_others_scores(tmp_path):
     first, second = (tmp_path / "repo-a", tmp_path / "repo-b")
@@ -76,6 +77,7 @@ def test_repositories_with_different_code_do_not_change_each_others_scores(tmp_p
         assert results[key] == tolerances.close_to((2 * (expected + 1)).tolist()), key
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_readme_automodel_form_for_the_reward_model_of_a_hub_pipeline(tmp_path):
     """The README's replacement for `AutoModel.from_pretrained(repo, subfolder="reward_model", ...)` (which
     transformers cannot load: it looks for the code at the root), on a pipeline repository in a simulated cache."""

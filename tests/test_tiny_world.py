@@ -99,6 +99,7 @@ def test_oracle_reads_every_render_correctly():
 
 
 # --------------------------------------------------------------------------------------------- stages end to end
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
     """regenerate.sh in QUICK mode: VAE, generator, pairs, train_dinalrm.py, Hub repo, evaluations, baseline, ReFL,
     Flow-GRPO, the LPO / ReFL / Flow-GRPO (DiNa-LRM) and ReFL (pixel CNN) comparison."""
@@ -229,6 +230,7 @@ def test_shipped_dinalrm_agrees_with_the_oracle_on_held_out_pairs(held_out_accur
     assert held_out_accuracy["accuracy_ensemble"] >= MIN_HELD_OUT_ACCURACY, held_out_accuracy
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_refl_for_a_few_steps_raises_the_mean_reward(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(split_prompts()[0][::12]) + "\n")
@@ -348,6 +350,7 @@ def test_refl_pixel_reward_needs_its_cnn(tmp_path, capsys):
     assert "--reward dinalrm needs --reward_model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_refl_with_the_pixel_reward_runs_two_steps(tmp_path):
     from pixel_baseline import PixelReward, save_pixel_reward
 

@@ -157,6 +157,7 @@ def test_train_lpo_flow_path_on_the_tiny_world_checkpoints_and_resumes_exactly(s
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_train_lpo_flow_path_loads_the_published_ids_from_the_hub_cache(tmp_path):
     """The README's SD3.5-M command line by its real Hub ids, offline: the official-format DiNa-LRM checkpoint and a
     tiny SD3 pipeline stored under `liuhuohuo/DiNa-LRM-SD35M-12layers` and `stabilityai/stable-diffusion-3.5-medium`

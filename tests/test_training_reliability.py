@@ -127,6 +127,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_reported(tmp_path, caplog):
     output = tmp_path / "run"
     partial = output / f"{PARTIAL_PREFIX}checkpoint-4"
