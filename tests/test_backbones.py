@@ -132,6 +132,7 @@ def test_hidden_states_equal_the_full_models_blocks(family, full, model):
     conditioning, expected = _reference_features(family, full, latents, prompt, pooled, SIGMAS)
     with torch.no_grad():
         cond, visual, text = model.backbone(latents, prompt, pooled, model.backbone.timestep(SIGMAS, 1000 * SIGMAS))
+    # Exact: the wrapper runs the very modules of the full model on the same inputs, in the same order.
     assert torch.equal(cond, conditioning)
     assert len(visual) == 3 and len(text) == 2
     for index in (1, 2):
@@ -212,6 +213,7 @@ def test_save_and_load_keep_the_rewards_and_lora_merges(family, model, tmp_path)
     reloaded = DiNaLRMModel.from_pretrained(tmp_path / "plain").eval()
     with torch.no_grad():
         before = model.score_latents(latents, prompt, pooled, noise=noise)
+        # Exact: the reloaded weights are the saved ones and the computation is the same.
         assert torch.equal(reloaded.score_latents(latents, prompt, pooled, noise=noise), before)
         lora = DiNaLRMModel.from_pretrained(tmp_path / "plain").eval()
         lora.add_lora(rank=2)

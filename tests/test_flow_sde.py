@@ -38,6 +38,7 @@ def test_given_prev_sample_is_scored_not_redrawn():
     velocity, sample = _inputs()
     candidate = torch.randn(sample.shape, generator=torch.Generator().manual_seed(5))
     prev, log_prob, mean, std = sde_step(velocity, 0.8, 0.7, sample, 0.5, prev_sample=candidate)
+    # Exact: a given sample is returned as it is, not recomputed.
     assert torch.equal(prev, candidate)
     density = torch.distributions.Normal(mean.double(), std.double()).log_prob(candidate.double())
     tolerances.assert_close(log_prob.double(), density.mean(dim=(1, 2, 3)))
@@ -49,6 +50,7 @@ def test_noise_level_zero_is_the_euler_step():
     velocity, sample = _inputs()
     prev, log_prob, mean, std = sde_step(velocity, 0.5, 0.25, sample, 0.0)
     tolerances.assert_close(prev, sample - 0.25 * velocity)
+    # Exact: with no noise the step returns its mean and a zero log-probability by construction.
     assert torch.equal(prev, mean) and float(std) == 0.0 and torch.equal(log_prob, torch.zeros(3))
 
 
@@ -69,6 +71,7 @@ def test_draws_follow_the_generator_and_the_stated_std():
     velocity, sample = _inputs(batch=2)
     first = sde_step(velocity, 0.5, 0.4, sample, 1.0, generator=torch.Generator().manual_seed(3))
     again = sde_step(velocity, 0.5, 0.4, sample, 1.0, generator=torch.Generator().manual_seed(3))
+    # Exact: the same seed draws the same noise for the same computation.
     assert torch.equal(first[0], again[0])
     residual = (first[0] - first[2]) / first[3]
     assert abs(float(residual.std()) - 1.0) < 0.15  # 240 draws of a unit normal

@@ -45,6 +45,7 @@ def test_reward_gradients_reach_the_latents(model, batch):
 def test_same_generator_gives_the_same_scores(model, batch):
     with torch.no_grad():
         a, b, c = (model.score_latents(*batch, generator=torch.Generator().manual_seed(s)) for s in (7, 7, 8))
+    # Exact: the same seed draws the same noise for the same computation.
     assert torch.equal(a, b)
     assert not torch.allclose(a, c)
 
@@ -55,6 +56,7 @@ def test_default_level_and_ensemble_come_from_the_config(model, batch):
         default = model.score_latents(*batch, noise=noise)
         explicit = model.score_latents(*batch, t=model.config.default_t, noise=noise)
         ensemble = model.score_latents(*batch, t=model.config.ensemble_t, noise=noise)
+    # Exact: the default level is the configured one, so the two calls are the same computation.
     assert torch.equal(default, explicit)
     assert not torch.allclose(default, ensemble)
 

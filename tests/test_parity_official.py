@@ -72,6 +72,7 @@ def pair_scores(model: DiNaLRMModel, x: dict) -> tuple[torch.Tensor, torch.Tenso
 
 def test_noise_level_lookup_is_exact(converted_dirs, official_inputs, official_expected):
     model, x = load(converted_dirs["merged"]), official_inputs
+    # Exact: the table is the scheduler's own float32 formula (the fixture README asks for exact lookups).
     assert torch.equal(model._sigma_table, official_expected["scheduler_sigmas"])
     assert torch.equal(model._timestep_table, official_expected["scheduler_timesteps"])
     # A table lookup: the same float32 entries, so exact.

@@ -133,6 +133,7 @@ def test_same_generator_same_rewards(pipe, latents):
     first = pipe(PROMPT, latents=latents, generator=generator(7)).rewards
     again = pipe(PROMPT, latents=latents, generator=generator(7)).rewards
     other = pipe(PROMPT, latents=latents, generator=generator(8)).rewards
+    # Exact: the same seed, the same inputs, the same batch: the same computation.
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
 
@@ -369,6 +370,7 @@ def test_reward_fn_encodes_each_prompt_once(pipe, latents, monkeypatch):
         first = pipe.reward_fn(latents, prompt=prompts, generator=generator())
         again = pipe.reward_fn(latents, prompt=prompts, generator=generator())
     assert calls == [["a blue boat on a lake", "a tall tree"]]
+    # Exact: the cached prompt embeddings are the tensors computed the first time.
     assert torch.equal(first, again)
 
 

@@ -48,6 +48,7 @@ def test_one_seed_gives_fresh_noise_per_call_and_a_reproducible_run(pipe, images
     again = flow_grpo_reward(pipe, seed=1)
     a1, a2 = first(images, PROMPTS, None)[0], first(images, PROMPTS, None)[0]
     assert not torch.equal(a1, a2)
+    # Exact: the same seed sequence gives the same draws for the same computation.
     assert torch.equal(a1, again(images, PROMPTS, None)[0]) and torch.equal(a2, again(images, PROMPTS, None)[0])
 
 

@@ -295,6 +295,7 @@ def test_pixel_baseline_saves_a_reward_that_loads_with_the_same_scores(tmp_path)
     save_pixel_reward(model, str(tmp_path / "pixel.safetensors"))
     loaded = load_pixel_reward(str(tmp_path / "pixel.safetensors"))
     with torch.no_grad():
+        # Exact: the loaded weights are the saved ones and the computation is the same.
         assert torch.equal(loaded(pixels, text), model(pixels, text))
 
 

@@ -355,6 +355,7 @@ def test_feature_cache_round_trip_in_dataset_order_and_runtime_skips(tmp_path):
     for i in range(5):
         item, source = cached[i], raw[i]
         assert item["chosen"].shape == (16, source["chosen"].height // 4, source["chosen"].width // 4)
+        # Exact: the cache stores the output of the same encode_images call, bit for bit.
         assert torch.equal(item["chosen"], encode_images([source["chosen"]])[0])
         assert torch.equal(item["rejected"], encode_images([source["rejected"]])[0])
         assert item["prompt_embeds"][0, 0] == i % 2 and item["pooled_prompt_embeds"][0] == i % 2
@@ -508,6 +509,7 @@ def test_ema_round_trip_is_exact(tmp_path):
     restored = EMAModel([torch.nn.Parameter(torch.zeros(3, 4)), torch.nn.Parameter(torch.zeros(5))], decay=0.5)
     load_ema(restored, ["a", "b"], tmp_path)
     assert restored.optimization_step == 3 and restored.decay == 0.9
+    # Exact: the EMA state is saved and restored, not recomputed.
     assert all(torch.equal(x, y) for x, y in zip(ema.shadow_params, restored.shadow_params))
     with pytest.raises(ValueError, match="do not match"):
         load_ema(restored, ["a", "c"], tmp_path)
@@ -699,6 +701,7 @@ def _assert_same_checkpoint(expected: Path, actual: Path) -> None:
     for name in ("reward_model/model.safetensors", "ema/ema_weights.safetensors"):
         expected_weights, actual_weights = load_file(expected / name), load_file(actual / name)
         assert expected_weights.keys() == actual_weights.keys()
+        # Exact: a resumed run replays the same steps from bit-identical state (the code's promise).
         assert all(torch.equal(expected_weights[k], actual_weights[k]) for k in expected_weights), f"{actual}/{name}"
 
 
@@ -729,6 +732,7 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
 
     _assert_same_checkpoint(reference / "checkpoint-6", output / "checkpoint-6")
     expected, actual = load_file(reference / FINAL_WEIGHTS), load_file(output / FINAL_WEIGHTS)
+    # Exact: a resumed run replays the same steps from bit-identical state (the code's promise).
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert _summary(output)["validation"] == _summary(reference)["validation"]
 

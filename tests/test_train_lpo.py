@@ -74,6 +74,7 @@ def assert_resumed_run_matches_the_straight_one(root: Path, first: Path, prefix:
     after_one = load_file(first / "pytorch_lora_weights.safetensors")
     assert resumed.keys() == straight.keys() and all(key.startswith(prefix) for key in resumed)
     for key in resumed:
+        # Exact: a resumed run replays the same steps from bit-identical state (the code's promise).
         assert torch.equal(resumed[key], straight[key]), key
     assert any(not torch.equal(resumed[key], after_one[key]) for key in resumed), "the second step changed nothing"
 
