@@ -213,6 +213,7 @@ def held_out_accuracy(held_out_pairs) -> dict:
 MIN_HELD_OUT_ACCURACY = 0.70
 
 
+@pytest.mark.slow  # samples the held-out prompts through the shipped generator: minutes on a shared 2-core machine
 def test_shipped_dinalrm_agrees_with_the_oracle_on_held_out_pairs(held_out_accuracy):
     """The shipped DiNa-LRM prefers the oracle-better image on most pairs of held-out prompts.
 
