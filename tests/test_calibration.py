@@ -103,6 +103,6 @@ def test_script_fits_on_pairs_writes_into_the_model_and_the_pipeline_uses_it(tmp
     opened = [PIL.Image.open(path) for path in (image, other)]
     raw = pipe(PROMPT, images=opened, generator=torch.Generator().manual_seed(0)).rewards
     expected = 1 / (1 + np.exp(-written["slope"] * (raw.numpy() - written["reference_reward"])))
-    assert [float(line.split()[1]) for line in printed[:2]] == tolerances.close_to(expected.tolist())
+    assert [float(line.split()[1]) for line in printed[:2]] == tolerances.printed_as(expected.tolist(), 4)
     probability = 1 / (1 + np.exp(-written["slope"] * float(raw[0] - raw[1])))
     assert float(printed[2].split("= ")[1]) == tolerances.printed_as(probability, 4)
