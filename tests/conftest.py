@@ -11,6 +11,7 @@ import types
 from pathlib import Path
 
 import pytest
+import tolerances
 import torch
 from safetensors.torch import load_file
 
@@ -19,14 +20,38 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-OFFICIAL_TINY = REPO_ROOT / "tests" / "fixtures" / "official-tiny"
-OFFICIAL_LRM_TINY = REPO_ROOT / "tests" / "fixtures" / "official-lrm-tiny"
-PARITY_RELATIVE_TOLERANCE = 1e-5
+# The parity fixtures can be swapped for another fixture made the same way (another official run, or a copy cut to a
+# smaller batch by tests/test_fixture_independence.py): every parity test reads its sizes and settings from them.
+OFFICIAL_TINY = Path(os.environ.get("DINALRM_OFFICIAL_TINY") or REPO_ROOT / "tests" / "fixtures" / "official-tiny")
+OFFICIAL_LRM_TINY = Path(
+    os.environ.get("DINALRM_OFFICIAL_LRM_TINY") or REPO_ROOT / "tests" / "fixtures" / "official-lrm-tiny"
+)
+# DINALRM_TEST_THREADS=N runs every test with N torch threads (CI's second pass uses 1, with other CPU kernels).
+if os.environ.get("DINALRM_TEST_THREADS"):
+    torch.set_num_threads(int(os.environ["DINALRM_TEST_THREADS"]))
 # The only sys.path edit of the repository: the package is installed (`pip install -e .`), but tests also import the
-# example folders' modules (examples/tiny_world/domain.py, ...) as a script run there would see them.
-for folder in (REPO_ROOT, REPO_ROOT / "examples" / "tiny_world", REPO_ROOT / "examples" / "refl"):
+# example and benchmark folders' modules (examples/tiny_world/domain.py, benchmarks/bench_model.py, ...) as a script
+# run there would see them.
+for folder in (REPO_ROOT, *(REPO_ROOT / f for f in ("examples/tiny_world", "examples/refl", "benchmarks"))):
     if str(folder) not in sys.path:
         sys.path.insert(0, str(folder))
+
+
+# The numeric tests (float comparisons with the official code, between paths, batches and processes): CI runs them a
+# second time with ATEN_CPU_CAPABILITY=default OMP_NUM_THREADS=1 DINALRM_TEST_THREADS=1 (`-m numeric`, .ci/run).
+NUMERIC_FILES = frozenset(
+    f"test_{name}.py"
+    for name in (
+        "parity_official", "official_configs", "converter", "lrm_parity", "lpo_parity", "lrm", "lpo", "model",
+        "pipeline", "serve", "rewards", "flow_sde", "batch_scoring", "alignment", "reward_stats",
+    )
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in NUMERIC_FILES:
+            item.add_marker(pytest.mark.numeric)
 
 
 def free_port() -> int:
@@ -124,12 +149,9 @@ def official_expected() -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in load_file(OFFICIAL_TINY / "expected.safetensors").items()}
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str) -> None:
-    """Max |difference| within 1e-5 of the expected tensor's largest |value| (the fixtures' float32 noise floor)."""
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
-    scale = expected.abs().max().item()
-    error = (actual.double() - expected.double()).abs().max().item()
-    assert error <= PARITY_RELATIVE_TOLERANCE * scale + 1e-12, f"{name}: max error {error:.3g} vs scale {scale:.3g}"
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float = tolerances.FORWARD_RTOL):
+    """Max |difference| within `rtol` of the expected tensor's largest |value| (tests/tolerances.py's policy)."""
+    tolerances.assert_close(actual, expected, rtol=rtol, msg=name)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import textwrap
 import huggingface_hub
 import PIL.Image
 import pytest
+import tolerances
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel, ZImagePipeline, ZImageTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
@@ -131,6 +132,7 @@ def test_hidden_states_equal_the_full_models_blocks(family, full, model):
     conditioning, expected = _reference_features(family, full, latents, prompt, pooled, SIGMAS)
     with torch.no_grad():
         cond, visual, text = model.backbone(latents, prompt, pooled, model.backbone.timestep(SIGMAS, 1000 * SIGMAS))
+    # Exact: the wrapper runs the very modules of the full model on the same inputs, in the same order.
     assert torch.equal(cond, conditioning)
     assert len(visual) == 3 and len(text) == 2
     for index in (1, 2):
@@ -211,6 +213,7 @@ def test_save_and_load_keep_the_rewards_and_lora_merges(family, model, tmp_path)
     reloaded = DiNaLRMModel.from_pretrained(tmp_path / "plain").eval()
     with torch.no_grad():
         before = model.score_latents(latents, prompt, pooled, noise=noise)
+        # Exact: the reloaded weights are the saved ones and the computation is the same.
         assert torch.equal(reloaded.score_latents(latents, prompt, pooled, noise=noise), before)
         lora = DiNaLRMModel.from_pretrained(tmp_path / "plain").eval()
         lora.add_lora(rank=2)
@@ -230,10 +233,11 @@ def test_save_and_load_keep_the_rewards_and_lora_merges(family, model, tmp_path)
             .eval()
             .score_latents(latents, prompt, pooled, noise=noise)
         )
-    torch.testing.assert_close(merged, adapted, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(from_merged, adapted, atol=1e-5, rtol=1e-5)
+    tolerances.assert_close(merged, adapted)
+    tolerances.assert_close(from_merged, adapted)
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_fresh_process_loads_both_families_with_automodel_and_remote_code(tmp_path):
     """One fresh process (the slow part: importing torch, transformers and diffusers) loads a saved FLUX and a saved
     Z-Image reward model with `AutoModel` and remote code, and scores as the models in this process do."""
@@ -274,7 +278,7 @@ def test_fresh_process_loads_both_families_with_automodel_and_remote_code(tmp_pa
     assert result.stdout.strip().splitlines()[-2:] == sorted(FAMILIES)
     for name, rewards in expected.items():
         out = load_file(tmp_path / name / "out.safetensors")["rewards"]
-        torch.testing.assert_close(out, rewards, atol=1e-6, rtol=1e-6)
+        tolerances.assert_close(out, rewards)
 
 
 @pytest.mark.parametrize(
@@ -332,7 +336,7 @@ def test_flux_pipeline_scores_images_as_fluxs_own_encoders_do(flux_pipe):
         expected = reward_model.score_latents(
             latents, prompt_embeds, pooled, generator=torch.Generator().manual_seed(0)
         )
-    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(rewards, expected)
 
 
 def test_flux_pipeline_round_trips_and_refuses_other_families(flux_pipe, tmp_path):
@@ -344,7 +348,7 @@ def test_flux_pipeline_round_trips_and_refuses_other_families(flux_pipe, tmp_pat
     reloaded = DiNaLRMPipeline.from_pretrained(tmp_path)  # the family's pipeline class, from the reward model
     assert type(reloaded) is DiNaLRMFluxPipeline
     after = reloaded("a red cat", latents=latents, generator=torch.Generator().manual_seed(0)).rewards
-    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(after, before)
     with torch.device("meta"):
         sd3_model = DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))
     with pytest.raises(ValueError, match="FLUX backbone"):
@@ -379,7 +383,7 @@ def test_pre_embedded_context_gives_the_same_rewards(family, model):
     with torch.no_grad():
         expected = model(latents, 0.6, prompt, pooled).rewards
         rewards = model(latents, 0.6, embedded, pooled, context_embedded=True).rewards
-    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(rewards, expected)
     with pytest.raises(ValueError, match="context_embedded=True"):
         model(latents, 0.6, embedded[..., :16], pooled, context_embedded=True)
 
@@ -412,21 +416,21 @@ def test_zimage_captions_of_different_lengths_match_the_full_model_and_their_own
         _, visual, text = model.backbone(latents, batch, None, 1 - SIGMAS, prompt_mask)
     for layer, (image_out, text_out) in enumerate(zip(visual[1:], text), start=1):
         expected = captured[layer - 1]
-        torch.testing.assert_close(image_out, expected[:, :15], atol=1e-6, rtol=1e-6)  # 15 image tokens, pad to 32
+        tolerances.assert_close(image_out, expected[:, :15])  # 15 image tokens, pad to 32
         for i, caption in enumerate(captions):
-            torch.testing.assert_close(text_out[i, : len(caption)], expected[i, 32 : 32 + len(caption)])
+            tolerances.assert_close(text_out[i, : len(caption)], expected[i, 32 : 32 + len(caption)])
     with torch.no_grad():
         together = model.score_latents(latents, captions, t=[0.3, 0.7], noise=noise)
         alone = [model.score_latents(latents[i : i + 1], [c], t=[0.3, 0.7], noise=noise[i : i + 1]) for i, c in
                  enumerate(captions)]  # fmt: skip
-    torch.testing.assert_close(together, torch.cat(alone), atol=1e-5, rtol=0)
+    tolerances.assert_close(together, torch.cat(alone))
     model.config.max_backbone_batch_size = 1  # one caption per pass: passes of different text lengths
     try:
         with torch.no_grad():
             chunked = model.score_latents(latents, captions, t=[0.3, 0.7], noise=noise)
     finally:
         model.config.max_backbone_batch_size = None
-    torch.testing.assert_close(chunked, together, atol=1e-5, rtol=0)
+    tolerances.assert_close(chunked, together)
     with pytest.raises(ValueError, match="Z-Image backbones only"):
         DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))._batch_prompts(captions)
 
@@ -445,11 +449,11 @@ def test_zimage_pipeline_scores_images_as_zimages_own_encoders_do(zimage_pipe):
         pixels = VaeImageProcessor(vae_scale_factor=4).preprocess(images, height=48, width=64)
         latents = (pipe.vae.encode(pixels).latent_dist.mode() - 0.1159) * 0.3611
         expected = reward_model.score_latents(latents, prompt_embeds, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(rewards, expected, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(rewards, expected)
     precomputed = scorer(
         prompt_embeds=prompt_embeds, latents=latents, generator=torch.Generator().manual_seed(0), noise_sharing="none"
     ).rewards
-    torch.testing.assert_close(precomputed, expected, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(precomputed, expected)
 
 
 def test_zimage_pipeline_round_trips_and_refuses_other_families(zimage_pipe, tmp_path):
@@ -462,7 +466,7 @@ def test_zimage_pipeline_round_trips_and_refuses_other_families(zimage_pipe, tmp
     reloaded = DiNaLRMPipeline.from_pretrained(tmp_path)  # the family's pipeline class, from the reward model
     assert type(reloaded) is DiNaLRMZImagePipeline
     after = reloaded(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
-    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(after, before)
     with pytest.raises(ValueError, match="no pooled prompt embedding"):
         scorer(prompt_embeds=[torch.zeros(3, 32)], pooled_prompt_embeds=torch.zeros(1, 32), latents=latents)
     with torch.device("meta"):
@@ -494,7 +498,7 @@ def test_hub_repo_of_each_family_round_trips(family, flux_pipe, zimage_pipe, tmp
     prompts = ["a red cat", "a blue dog running on the beach"]
     before = make(pipe, reward_model)(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
     after = loaded(prompts, latents=latents, generator=torch.Generator().manual_seed(0)).rewards
-    torch.testing.assert_close(after, before, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(after, before)
     card = ModelCard.load(tmp_path / "repo" / "README.md")
     license_name = {"flux": "flux-1-dev-non-commercial-license", "zimage": None}[family]
     assert (card.data.license, card.data.license_name) == (

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
+import tolerances
 import torch
 from conftest import REPO_ROOT
 
@@ -79,8 +80,8 @@ def test_folders_are_recursive_and_globs_are_expanded(pipe, tmp_path, tiny_model
     images = [*top, *nested, top[1], nested[1]]  # the folder (sorted, recursive), then the glob's matches (sorted)
     assert [row["image"] for row in rows] == images
     rewards = [float(row["reward"]) for row in rows]
-    assert rewards == pytest.approx(rewards_of(pipe, PROMPT, images), abs=1e-6)
-    assert [float(row["normalized"]) for row in rows] == pytest.approx([(r + 10) / 10 for r in rewards], abs=1e-6)
+    assert rewards == tolerances.close_to(rewards_of(pipe, PROMPT, images))
+    assert [float(row["normalized"]) for row in rows] == tolerances.close_to([(r + 10) / 10 for r in rewards])
     # the same file twice gets the same reward (shared noise), and equal rewards share the better rank
     assert rewards[1] == rewards[4] and rewards[3] == rewards[5]
     assert [int(row["rank"]) for row in rows] == [1 + sum(other > reward for other in rewards) for reward in rewards]
@@ -114,9 +115,9 @@ def test_pairs_file_in_both_formats_with_counted_skips(pipe, tmp_path, tiny_mode
             prompt, PIL.Image.open(a), PIL.Image.open(b), generator=torch.Generator().manual_seed(0)
         )
         side_a, side_b = rows[2 * pair], rows[2 * pair + 1]
-        assert [side_a["reward"], side_b["reward"]] == pytest.approx(expected.rewards.tolist(), abs=1e-6)
-        assert side_a["p_preferred"] == pytest.approx(expected.probability, abs=1e-6)
-        assert side_b["p_preferred"] == pytest.approx(1 - expected.probability, abs=1e-6)
+        assert [side_a["reward"], side_b["reward"]] == tolerances.close_to(expected.rewards.tolist())
+        assert side_a["p_preferred"] == tolerances.close_to(expected.probability, scale=1.0)
+        assert side_b["p_preferred"] == tolerances.close_to(1 - expected.probability, scale=1.0)
     assert rows[4]["p_preferred"] is None
     red_square = [rows[0]["reward"], rows[1]["reward"], rows[4]["reward"]]
     assert [rows[i]["rank"] for i in (0, 1, 4)] == [1 + sorted(red_square, reverse=True).index(r) for r in red_square]
@@ -134,7 +135,7 @@ def test_pairs_file_in_both_formats_with_counted_skips(pipe, tmp_path, tiny_mode
         ("img/image_001.png", OTHER),
     ]
     expected = rewards_of(pipe, OTHER, [green, blue])
-    assert [entry["reward"] for entry in result["rewards"]] == pytest.approx(expected, abs=1e-6)
+    assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(expected)
 
 
 def test_other_settings_or_a_foreign_file_are_refused_never_overwritten(tmp_path, tiny_model, capsys):

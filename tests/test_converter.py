@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import tolerances
 import torch
 from conftest import OFFICIAL_TINY, copy_official, run_converter
 from safetensors.torch import load_file, save_file
@@ -36,6 +37,7 @@ def randomize(model: DiNaLRMModel, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
 
 
+@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_other_official_configs_convert_faithfully(tmp_path, official_inputs):
     """3 blocks, unsorted visual indices, an embeddings-level text layer, W != C (proj_in), 2 queries, 2 heads,
     and the official LoRA exclusion of the last block's context projections (no text feature taken there)."""
@@ -93,7 +95,7 @@ def test_other_official_configs_convert_faithfully(tmp_path, official_inputs):
         actual = converted.score_latents(
             x["x0"], x["encoder_hidden_states"], x["pooled_projections"], noise=x["noise_single"]
         )
-    torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-6)
+    tolerances.assert_close(actual, expected)
 
 
 def _failing(official, tmp_path) -> str:
@@ -103,6 +105,7 @@ def _failing(official, tmp_path) -> str:
     return result.stderr
 
 
+@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_missing_head_file_is_named(tmp_path):
     official = copy_official(tmp_path)
     for name in ("rm_head.pt", "rm_head.safetensors"):
@@ -110,6 +113,7 @@ def test_missing_head_file_is_named(tmp_path):
     assert "rm_head.pt" in _failing(official, tmp_path)
 
 
+@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_unexpected_and_missing_head_keys_are_named(tmp_path):
     official = copy_official(tmp_path)
     head = load_file(official / "checkpoint" / "rm_head.safetensors")
@@ -120,6 +124,7 @@ def test_unexpected_and_missing_head_keys_are_named(tmp_path):
     assert "extra.weight" in stderr and "query_tokens" in stderr
 
 
+@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_head_shape_mismatch_is_named(tmp_path):
     official = copy_official(tmp_path)
     head = load_file(official / "checkpoint" / "rm_head.safetensors")
@@ -129,6 +134,7 @@ def test_head_shape_mismatch_is_named(tmp_path):
     assert "shape" in stderr and "query_tokens" in stderr
 
 
+@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_lora_saved_one_level_deeper_is_refused_not_silently_dropped(tmp_path):
     """peft would only warn and leave lora_B at zero (the no-LoRA model); the converter must stop."""
     official = copy_official(tmp_path)
@@ -139,6 +145,7 @@ def test_lora_saved_one_level_deeper_is_refused_not_silently_dropped(tmp_path):
     assert "LoRA modules in the checkpoint but not in the backbone" in _failing(official, tmp_path)
 
 
+@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_missing_lora_half_is_named(tmp_path):
     official = copy_official(tmp_path)
     path = official / "checkpoint" / "backbone_lora" / "adapter_model.safetensors"
@@ -148,6 +155,7 @@ def test_missing_lora_half_is_named(tmp_path):
     assert "lora_B for transformer_blocks.1.attn.to_q" in _failing(official, tmp_path)
 
 
+@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_unsupported_official_options_are_refused(tmp_path):
     official = copy_official(tmp_path)
     config = json.loads((official / "config.json").read_text())
@@ -156,6 +164,7 @@ def test_unsupported_official_options_are_refused(tmp_path):
     assert "out_dim=2" in _failing(official, tmp_path)
 
 
+@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_existing_output_is_not_overwritten_without_asking(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -196,6 +205,7 @@ def test_truncated_or_non_finite_official_weights_are_refused_naming_the_file(tm
     assert str(official / file) in str(error.value)
 
 
+@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_the_script_refuses_non_finite_weights_without_writing(tmp_path):
     official = copy_official(tmp_path)
     _poison(official / "checkpoint" / "rm_head.safetensors")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tolerances
 import torch
 from PIL import Image
 
@@ -156,8 +157,8 @@ def test_dinalrm_scorer_is_deterministic_per_image(assets):
     together = torch.tensor(scorer.score_columns(prompts, images, ids))
     alone = torch.tensor([scorer.score_columns([p], [im], [i])[0] for p, im, i in zip(prompts, images, ids)])
     reversed_ = torch.tensor(scorer.score_columns(prompts[::-1], images[::-1], ids[::-1])[::-1])
-    torch.testing.assert_close(together, alone, rtol=0, atol=1e-5)
-    torch.testing.assert_close(together, reversed_, rtol=0, atol=1e-5)
+    tolerances.assert_close(together, alone)
+    tolerances.assert_close(together, reversed_)
     assert together.shape == (3, 4)
     assert scorer.setting_names[1] == "DiNa-LRM [tiny-dinalrm] t=0.4 noise=none draw=1"
     assert not torch.allclose(together[:, 0], together[:, 1])  # draws 0 and 1 differ
@@ -167,7 +168,7 @@ def test_dinalrm_scorer_is_deterministic_per_image(assets):
         direct = scorer.pipe(
             prompts[index], images=images[index], t=0.4, generator=generator, noise_sharing="none"
         ).rewards
-        assert float(direct[0]) == pytest.approx(float(together[index, 0]), abs=1e-5)
+        assert float(direct[0]) == tolerances.close_to(float(together[index, 0]))
     scorer.settings, scorer.num_draws, scorer.seed = [0.4], 1, 1
     assert not torch.allclose(torch.tensor(scorer.score_columns(prompts, images, ids))[:, 0], together[:, 0])
 
@@ -183,14 +184,14 @@ def test_dinalrm_scorer_shares_draws_between_images_of_a_prompt(assets):
     assert rows.shape == (3, 4)
     shared, independent = rows[:, :2], rows[:, 2:]
     # One image twice under one prompt: same draws, same rewards (up to the rounding of the batch row).
-    torch.testing.assert_close(shared[0], shared[2], rtol=0, atol=1e-6)
+    tolerances.assert_close(shared[0], shared[2])
     assert (independent[0] - independent[2]).abs().min() > 1e-3, "per-image draws differ"
     # Scored as the pipeline scores a prompt group by default, with the prompt's own generator.
     seed = scorers.image_seed(0, scorers.noise_key("prompt", "y/0", "a red apple"))
     direct = scorer.pipe("a red apple", images=images[:2], t=0.7, generator=torch.Generator().manual_seed(seed))
-    torch.testing.assert_close(shared[:2, 0], direct.rewards, rtol=0, atol=1e-5)
+    tolerances.assert_close(shared[:2, 0], direct.rewards)
     alone = torch.tensor(scorer.score_columns(prompts[1:2], images[1:2], ids[1:2]))
-    torch.testing.assert_close(alone[0], rows[1], rtol=0, atol=1e-5)
+    tolerances.assert_close(alone[0], rows[1])
 
 
 def test_clip_scorer_formula_and_run_eval(assets, tmp_path):
@@ -202,7 +203,7 @@ def test_clip_scorer_formula_and_run_eval(assets, tmp_path):
         inputs = scorer.processor(text=[prompt], images=[image], return_tensors="pt", padding=True)
         with torch.no_grad():
             logits = scorer.model(**inputs).logits_per_image  # logit_scale * cosine
-        assert score == pytest.approx(float(logits[0, 0]), abs=1e-5)
+        assert score == tolerances.close_to(float(logits[0, 0]))
     assert scores[0] != scores[1]
     pickscore = scorers.PickScoreScorer.load(assets["clip"], assets["clip"], torch.device("cpu"))
     assert pickscore.setting_names == ["PickScore [tiny-clip]"]

@@ -9,6 +9,7 @@ fixture's config.json and tensors, so the tests pass unchanged on any fixture ma
 import importlib.util
 
 import pytest
+import tolerances
 import torch
 from conftest import OFFICIAL_LRM_TINY, REPO_ROOT, assert_close
 from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -106,7 +107,8 @@ def test_threshold_schedules_match_all_ranges(lrm_tiny_inputs, lrm_tiny_expected
         for schedule in THRESHOLD_SCHEDULES:
             actual = dynamic_threshold(schedule, timesteps, low, high)
             reference = lrm_tiny_expected[f"lpo/threshold_{schedule}{suffix}"]
-            assert (actual.double() - reference.double()).abs().max() <= 1e-6, f"{schedule}{suffix}"
+            # A few float32 operations on values inside [low, high]: relative to the range's upper end.
+            tolerances.assert_close(actual, reference, scale=high, msg=f"{schedule}{suffix}")
     assert [low, high] == lrm_tiny_config["thresholds"]["alt"]
 
 
@@ -132,6 +134,7 @@ def test_lrm_scores_compare_indices_and_validity_match(lrm, lrm_tiny_inputs, lrm
     assert torch.equal(result.valid.long(), lrm_tiny_expected["lpo/compare_valid"])
 
 
+@pytest.mark.slow  # the seeded 20-step multi-candidate run: ~15 s on a shared 2-core machine
 def test_sampled_trajectory_candidates_and_scores_match(sampled, lrm_tiny_expected, policy):
     output, _, _ = sampled
     assert torch.equal(policy.scheduler.timesteps, lrm_tiny_expected["lpo/pipe_timesteps"])
@@ -143,6 +146,7 @@ def test_sampled_trajectory_candidates_and_scores_match(sampled, lrm_tiny_expect
     assert torch.equal(output.compare_valid.long(), lrm_tiny_expected["lpo/pipe_compare_valid"])
 
 
+@pytest.mark.slow  # the seeded 20-step multi-candidate run: ~15 s on a shared 2-core machine
 def test_kept_pairs_match(sampled, lrm_tiny_expected):
     output, prompt_embeds, _ = sampled
     assert torch.equal(output.timesteps.unsqueeze(1), lrm_tiny_expected["lpo/pipe_valid_timesteps"])
@@ -212,7 +216,12 @@ def test_loss_ratios_and_diagnostics_match(trained, lrm_tiny_expected):
     assert_close(out.ratio_l.detach(), lrm_tiny_expected["lpo/ratio_l"], "ratio_l")
     assert_close(out.loss.detach().reshape(1), lrm_tiny_expected["lpo/loss"], "loss")
     assert_close(out.implicit_acc.reshape(1), lrm_tiny_expected["lpo/implicit_acc"], "implicit_acc")
-    assert_close(out.margin.detach().reshape(1), lrm_tiny_expected["lpo/margin"], "margin")
+    # The margin is a difference of log-probability ratios: small through cancellation, so its round-off is that of
+    # the log-probabilities it is made of.
+    logprob_scale = max(lrm_tiny_expected[f"lpo/logprob_{k}"].abs().max().item() for k in ("w_pol", "l_pol"))
+    tolerances.assert_close(
+        out.margin.detach().reshape(1), lrm_tiny_expected["lpo/margin"], scale=logprob_scale, msg="margin"
+    )
 
 
 def test_loss_formula_on_the_official_log_probs(lrm_tiny_expected, lrm_tiny_config):
@@ -235,18 +244,28 @@ def test_lora_gradients_and_the_official_clipping_quirk_match(trained, lrm_tiny_
     def norm(names) -> torch.Tensor:
         return torch.sqrt(sum((grads[n].double() ** 2).sum() for n in names)).float().reshape(1)
 
-    assert_close(norm(grads), lrm_tiny_expected["lpo/grad_norm_policy_lora"], "LoRA grad norm")
-    assert_close(norm([n for n in grads if "lora_A" in n]), lrm_tiny_expected["lpo/grad_norm_policy_lora_A"], "lora_A")
-    assert_close(norm([n for n in grads if "lora_B" in n]), lrm_tiny_expected["lpo/grad_norm_policy_lora_B"], "lora_B")
+    # Each LoRA gradient entry sums over every latent position of every kept pair, conditional and unconditional.
+    kept, _, channels, height, width = lrm_tiny_expected["lpo/pipe_current_latents"].shape
+    rtol = tolerances.accumulation_rtol(2 * kept * height * width)
+    total = lrm_tiny_expected["lpo/grad_norm_policy_lora"]
+    assert_close(norm(grads), total, "LoRA grad norm", rtol=rtol)
+    for part in ("lora_A", "lora_B"):
+        expected = lrm_tiny_expected[f"lpo/grad_norm_policy_{part}"]
+        tolerances.assert_close(norm([n for n in grads if part in n]), expected, rtol, total.item(), msg=part)
     max_norm = lrm_tiny_config["train"]["max_grad_norm"]
     returned = torch.nn.utils.clip_grad_norm_(parameters_to_clip(list(trained[4].values())), max_norm)
+    # The quirk returns the norm of no gradient at all: exactly 0.
     assert_close(returned.reshape(1), lrm_tiny_expected["lpo/clip_grad_norm_returned"], "clip return (official quirk)")
     assert_close(
-        norm(grads), lrm_tiny_expected["lpo/grad_norm_policy_lora_after_clip"], "norm after the official clip"
+        norm(grads), lrm_tiny_expected["lpo/grad_norm_policy_lora_after_clip"], "norm after the official clip", rtol
     )
     fixed = parameters_to_clip(list(trained[4].values()), official_exhausted_iterator=False)
     saved = {n: g.clone() for n, g in grads.items()}
+    before = norm(grads).item()
     torch.nn.utils.clip_grad_norm_(fixed, max_norm)
-    assert norm(grads).item() == pytest.approx(max_norm, rel=1e-4), "without the quirk the norm is clipped"
+    # The rule, whichever side of the threshold the fixture's gradient falls: min(norm, max_norm) (torch's clip adds
+    # 1e-6 to the denominator, well inside FORWARD_RTOL of a max_norm of order 1).
+    after = norm(grads).item()
+    assert after == tolerances.close_to(min(before, max_norm)), "without the quirk the norm is min(norm, max_norm)"
     for name, parameter in trained[4].items():
         parameter.grad = saved[name]

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tolerances
 import torch
 from conftest import OFFICIAL_LRM_TINY, REPO_ROOT, assert_close
 from safetensors.torch import load_file
@@ -77,6 +78,7 @@ def recomputed(converted, tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(out)
 
 
+@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
 def test_converted_config_matches_the_fixture_settings(converted, lrm_tiny_config, lrm_tiny_inputs):
     config = json.loads((converted / "reward_model" / "config.json").read_text())
     lrm = lrm_tiny_config["lrm"]
@@ -97,6 +99,7 @@ def test_converted_config_matches_the_fixture_settings(converted, lrm_tiny_confi
     assert config["negative_input_ids"][0] == ids[0, 0].item()
 
 
+@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
 def test_vae_latents_noise_and_unet_inputs_match(recomputed, lrm_tiny_expected, lrm_tiny_inputs):
     num_images = 2 * lrm_tiny_inputs["lrm/input_ids"].shape[0]
     assert_close(recomputed["lrm/debug/vae_latents"], lrm_tiny_expected["lrm/debug/vae_latents"], "vae_latents")
@@ -114,31 +117,42 @@ def test_vae_latents_noise_and_unet_inputs_match(recomputed, lrm_tiny_expected, 
     )
 
 
+@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
 def test_multiscale_features_with_vfe_match(recomputed, lrm_tiny_expected):
     assert_close(recomputed["lrm/debug/pooled_multiscale"], lrm_tiny_expected["lrm/debug/pooled_multiscale"], "pooled")
 
 
+@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
 def test_image_and_text_features_match(recomputed, lrm_tiny_expected):
     for key in ("lrm/image_0_features", "lrm/image_1_features", "lrm/text_features"):
         assert_close(recomputed[key], lrm_tiny_expected[key], key)
 
 
+@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
 def test_scores_match(recomputed, lrm_tiny_expected):
     for key in ("lrm/score_0", "lrm/score_1"):
         assert_close(recomputed[key], lrm_tiny_expected[key], key)
 
 
+@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
 def test_pair_loss_with_ties_and_prompt_weights_matches(recomputed, lrm_tiny_expected):
     assert_close(recomputed["lrm/loss_pair"], lrm_tiny_expected["lrm/loss_pair"], "loss")
 
 
+@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
 def test_gradients_per_parameter_group_match(recomputed, lrm_tiny_expected):
+    # A UNet gradient entry sums over every latent position of every image (conditional and unconditional passes).
+    images, _, height, width = lrm_tiny_expected["lrm/debug/vae_latents"].shape
+    rtol = tolerances.accumulation_rtol(2 * images * height * width)
     for key in ("lrm/grad/logit_scale", "lrm/grad/visual_projection", "lrm/grad/text_projection"):
-        assert_close(recomputed[key], lrm_tiny_expected[key], key)
+        assert_close(recomputed[key], lrm_tiny_expected[key], key, rtol)
     for group in ("visual_projection", "text_projection", "unet", "text_encoder"):
         assert recomputed[f"lrm/grad_count/{group}"].item() > 0
         assert_close(
-            recomputed[f"lrm/grad_norm/{group}"], lrm_tiny_expected[f"lrm/grad_norm/{group}"], f"grad norm {group}"
+            recomputed[f"lrm/grad_norm/{group}"],
+            lrm_tiny_expected[f"lrm/grad_norm/{group}"],
+            f"grad norm {group}",
+            rtol,
         )
 
 

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import PIL.Image
 import pytest
+import tolerances
 import torch
 
 from dinalrm.testing import get_tiny_dinalrm_pipeline, get_tiny_sd3_pipeline, torch_threads
@@ -61,14 +62,14 @@ def test_rewards_from_images_equal_rewards_from_their_latents(pipe, images, late
     from_latents = pipe(PROMPT, latents=latents, generator=generator()).rewards
     assert from_images.shape == (3,) and from_images.dtype == torch.float32
     assert from_images.unique().numel() == 3, "tiny head must tell images apart"
-    torch.testing.assert_close(from_images, from_latents)
+    tolerances.assert_close(from_images, from_latents)
 
 
 def test_encode_images_is_the_scaled_vae_posterior_mode(pipe, images, latents):
     pixels = pipe.image_processor.preprocess(images)
     posterior = pipe.vae.encode(pixels).latent_dist
     expected = (posterior.mode() - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-    torch.testing.assert_close(latents, expected)
+    tolerances.assert_close(latents, expected)
     assert latents.shape == (3, 16, 8, 8)  # tiny VAE: factor 4
 
 
@@ -77,7 +78,7 @@ def test_posterior_sample_is_drawn_before_the_scoring_noise(pipe, images):
     sampled = pipe.encode_images(images, sample_posterior=True, generator=shared)
     expected = pipe(PROMPT, latents=sampled, generator=shared).rewards
     actual = pipe(PROMPT, images=images, sample_posterior=True, generator=generator(3)).rewards
-    torch.testing.assert_close(actual, expected)
+    tolerances.assert_close(actual, expected)
 
 
 def test_rewards_from_prompts_equal_rewards_from_prompt_embeds(pipe, latents, embeds):
@@ -85,13 +86,13 @@ def test_rewards_from_prompts_equal_rewards_from_prompt_embeds(pipe, latents, em
     from_embeds = pipe(
         prompt_embeds=embeds[0], pooled_prompt_embeds=embeds[1], latents=latents, generator=generator()
     ).rewards
-    torch.testing.assert_close(from_prompt, from_embeds)
+    tolerances.assert_close(from_prompt, from_embeds)
 
     prompts = [PROMPT, "a dog in the snow", PROMPT]
     per_image = pipe(prompts, latents=latents, generator=generator()).rewards
     rows = pipe.encode_prompt(prompts)
     per_row = pipe(prompt_embeds=rows[0], pooled_prompt_embeds=rows[1], latents=latents, generator=generator()).rewards
-    torch.testing.assert_close(per_image, per_row)
+    tolerances.assert_close(per_image, per_row)
     assert not torch.allclose(per_image[1], from_prompt[1]), "the prompt must matter"
 
 
@@ -102,8 +103,8 @@ def test_encode_prompt_matches_stable_diffusion_3(pipe, sd3):
     )
     actual, pooled = pipe.encode_prompt(prompts)
     assert actual.shape == (2, 77 + 128, 32) and pooled.shape == (2, 32)
-    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
-    torch.testing.assert_close(pooled, expected_pooled, rtol=0, atol=0)
+    # Exact: the same encoders run on the same token ids in the same batch layout as StableDiffusion3Pipeline's.
+    assert torch.equal(actual, expected) and torch.equal(pooled, expected_pooled)
     empty, _ = pipe.encode_prompt("")  # allowed here: an unconditional embedding
     assert empty.shape == (1, 205, 32)
 
@@ -112,9 +113,9 @@ def test_missing_t5_encoder_gives_zero_t5_tokens(pipe, embeds):
     no_t5 = DiNaLRMPipeline(**{**pipe.components, "text_encoder_3": None, "tokenizer_3": None})
     prompt_embeds, pooled = no_t5.encode_prompt(PROMPT)
     assert prompt_embeds.shape == embeds[0].shape
-    torch.testing.assert_close(prompt_embeds[:, :77], embeds[0][:, :77])
+    tolerances.assert_close(prompt_embeds[:, :77], embeds[0][:, :77])
     assert not prompt_embeds[:, 77:].any()
-    torch.testing.assert_close(pooled, embeds[1])
+    tolerances.assert_close(pooled, embeds[1])
 
 
 def test_pipeline_ensemble_equals_model_level_ensemble(pipe, latents, embeds):
@@ -123,15 +124,16 @@ def test_pipeline_ensemble_equals_model_level_ensemble(pipe, latents, embeds):
     expected = pipe.reward_model.score_latents(
         latents, embeds[0].expand(batch, -1, -1), embeds[1].expand(batch, -1), t=ENSEMBLE, generator=generator(1)
     )
-    torch.testing.assert_close(output.rewards, expected)
+    tolerances.assert_close(output.rewards, expected)
     expected_levels = pipe.reward_model.snap_noise_level(torch.tensor(ENSEMBLE), 3)[0].tolist()
-    assert output.noise_levels == pytest.approx(expected_levels, abs=0) and output.noise_levels != ENSEMBLE
+    assert output.noise_levels == tolerances.close_to(expected_levels) and output.noise_levels != ENSEMBLE
 
 
 def test_same_generator_same_rewards(pipe, latents):
     first = pipe(PROMPT, latents=latents, generator=generator(7)).rewards
     again = pipe(PROMPT, latents=latents, generator=generator(7)).rewards
     other = pipe(PROMPT, latents=latents, generator=generator(8)).rewards
+    # Exact: the same seed, the same inputs, the same batch: the same computation.
     assert torch.equal(first, again)
     assert not torch.allclose(first, other)
 
@@ -146,7 +148,7 @@ def test_num_noise_samples_averages_draws_taken_in_order(pipe, latents, embeds):
         )
         for _ in range(3)
     ]
-    torch.testing.assert_close(averaged, torch.stack(draws).mean(0))
+    tolerances.assert_close(averaged, torch.stack(draws).mean(0))
 
 
 def test_no_sharing_draws_noise_batch_by_batch_as_the_reference(pipe, latents, monkeypatch):
@@ -189,10 +191,10 @@ def test_prompt_sharing_draws_one_noise_per_prompt_in_order_of_first_appearance(
     rewards = pipe(prompts, latents=latents, generator=generator(4)).rewards
     (cat,), (dog,) = _draws(pipe, [latents.shape[1:]] * 2, seed=4)
     expected = pipe.reward_model.score_latents(latents, embeds, pooled, t=0.4, noise=torch.cat([cat, dog, cat]))
-    torch.testing.assert_close(rewards, expected, rtol=0, atol=1e-6)
+    tolerances.assert_close(rewards, expected)
     # Rows of precomputed embeddings that are equal are one prompt, like equal strings.
     from_rows = pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, latents=latents, generator=generator(4))
-    torch.testing.assert_close(from_rows.rewards, rewards, rtol=0, atol=1e-6)
+    tolerances.assert_close(from_rows.rewards, rewards)
 
 
 def test_num_noise_samples_are_draws_per_prompt_group(pipe, latents, embeds):
@@ -209,7 +211,7 @@ def test_num_noise_samples_are_draws_per_prompt_group(pipe, latents, embeds):
         )
         for d in draws
     ]
-    torch.testing.assert_close(rewards, torch.stack(expected).mean(0), rtol=0, atol=1e-6)
+    tolerances.assert_close(rewards, torch.stack(expected).mean(0))
 
 
 def test_identical_images_get_equal_rewards_and_even_odds(pipe, images):
@@ -232,13 +234,13 @@ def test_shared_scores_do_not_depend_on_batching(pipe, latents):
     # Backbone passes of other batch sizes round differently in the last bits (about 1e-6 relative), nothing more.
     for batch_size in (1, 2, 3):
         rewards = pipe(prompts, latents=five, batch_size=batch_size, generator=generator(3)).rewards
-        torch.testing.assert_close(rewards, full, rtol=1e-6, atol=1e-6)
+        tolerances.assert_close(rewards, full)
     # Other samples of a prompt neither shift nor reorder the draws: a sub-list and a reordering agree.
     fewer = pipe(prompts[:2], latents=five[:2], generator=generator(3)).rewards
-    torch.testing.assert_close(fewer, full[:2], rtol=1e-6, atol=1e-6)
+    tolerances.assert_close(fewer, full[:2])
     order = [0, 3, 4, 1, 2]  # same first appearance of each prompt
     reordered = pipe([prompts[i] for i in order], latents=five[order], batch_size=2, generator=generator(3)).rewards
-    torch.testing.assert_close(reordered, full[order], rtol=1e-6, atol=1e-6)
+    tolerances.assert_close(reordered, full[order])
 
 
 def test_images_of_different_sizes_share_the_centre_of_one_draw(pipe, images):
@@ -257,8 +259,8 @@ def test_images_of_different_sizes_share_the_centre_of_one_draw(pipe, images):
         noise=centre[tuple(square.shape[-2:])].expand_as(square),
     )
     expected_tall = pipe.reward_model.score_latents(high, embeds, pooled, noise=centre[tuple(high.shape[-2:])])
-    torch.testing.assert_close(rewards[[0, 2]], expected_square, rtol=0, atol=1e-6)
-    torch.testing.assert_close(rewards[1:2], expected_tall, rtol=0, atol=1e-6)
+    tolerances.assert_close(rewards[[0, 2]], expected_square)
+    tolerances.assert_close(rewards[1:2], expected_tall)
 
 
 def test_noise_sharing_refuses_unknown_modes_and_generator_lists(pipe, latents):
@@ -273,12 +275,12 @@ def test_noise_sharing_refuses_unknown_modes_and_generator_lists(pipe, latents):
 def test_normalize_gives_the_display_score(pipe, latents, images):
     raw = pipe(PROMPT, latents=latents, generator=generator()).rewards
     display = pipe(PROMPT, latents=latents, generator=generator(), normalize=True).rewards
-    torch.testing.assert_close(display, (raw + 10) / 10)
+    tolerances.assert_close(display, (raw + 10) / 10)
     # compare: the probability comes from the raw rewards whatever the display scale of the returned rewards.
     plain = pipe.compare(PROMPT, images[0], images[1], t=0.1, generator=generator())
     shown = pipe.compare(PROMPT, images[0], images[1], t=0.1, generator=generator(), normalize=True)
     assert shown.probability == plain.probability and abs(plain.probability - 0.5) > 0.05
-    torch.testing.assert_close(shown.rewards, (plain.rewards + 10) / 10)
+    tolerances.assert_close(shown.rewards, (plain.rewards + 10) / 10)
 
 
 def test_compare_agrees_with_the_thurstone_formula(pipe, images):
@@ -286,12 +288,12 @@ def test_compare_agrees_with_the_thurstone_formula(pipe, images):
     for t, level in ((0.3, 0.3), (ENSEMBLE, config.default_t)):
         result = pipe.compare(PROMPT, images[0], images[1], t=t, generator=generator())
         rewards = pipe(PROMPT, images=images[:2], t=t, generator=generator()).rewards
-        torch.testing.assert_close(result.rewards, rewards)
+        tolerances.assert_close(result.rewards, rewards)
         sigma = pipe.reward_model.snap_noise_level(level, 1)[0].item()
         assert result.noise_level == sigma
         variance = config.thurstone_k * sigma**2 + config.thurstone_v0
         z = (rewards[0] - rewards[1]).item() / math.sqrt(2 * variance + config.thurstone_eps)
-        assert result.probability == pytest.approx(0.5 * (1 + math.erf(z / math.sqrt(2))), abs=1e-6)
+        assert result.probability == tolerances.close_to(0.5 * (1 + math.erf(z / math.sqrt(2))), scale=1.0)
         assert result.winner == ("a" if rewards[0] >= rewards[1] else "b")
 
 
@@ -299,7 +301,7 @@ def test_rank_orders_best_first(pipe, images):
     rewards = pipe(PROMPT, images=images, generator=generator()).rewards
     ranking = pipe.rank(PROMPT, images, generator=generator())
     assert ranking.indices == sorted(range(3), key=lambda i: -rewards[i].item())
-    torch.testing.assert_close(ranking.rewards, rewards[ranking.indices])
+    tolerances.assert_close(ranking.rewards, rewards[ranking.indices])
 
 
 def test_from_sd3_shares_components_without_copies(pipe, sd3):
@@ -328,7 +330,7 @@ def test_scores_latents_of_a_stable_diffusion_3_run_with_its_own_prompt_embeds(p
     ).images
     reused = pipe(latents=latents, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, generator=generator())
     encoded = pipe(PROMPT, latents=latents, generator=generator())
-    torch.testing.assert_close(reused.rewards, encoded.rewards)
+    tolerances.assert_close(reused.rewards, encoded.rewards)
 
 
 def test_reward_fn_keeps_the_graph_to_the_latents(pipe, sd3, latents, embeds):
@@ -340,9 +342,9 @@ def test_reward_fn_keeps_the_graph_to_the_latents(pipe, sd3, latents, embeds):
     pipe.reward_model.zero_grad(set_to_none=True)
 
     expected = pipe(PROMPT, latents=latents, generator=generator(4), noise_sharing="none").rewards
-    torch.testing.assert_close(rewards.detach(), expected)
+    tolerances.assert_close(rewards.detach(), expected)
     shared = pipe.reward_fn(latents, prompt=PROMPT, generator=generator(4), noise_sharing="prompt")
-    torch.testing.assert_close(shared.detach(), pipe(PROMPT, latents=latents, generator=generator(4)).rewards)
+    tolerances.assert_close(shared.detach(), pipe(PROMPT, latents=latents, generator=generator(4)).rewards)
     sd3_embeds, _, sd3_pooled, _ = sd3.encode_prompt(
         PROMPT, None, None, do_classifier_free_guidance=False, max_sequence_length=128
     )
@@ -355,7 +357,7 @@ def test_reward_fn_keeps_the_graph_to_the_latents(pipe, sd3, latents, embeds):
             t=0.4,
             num_noise_samples=1,
         )
-    torch.testing.assert_close(from_sd3, expected)
+    tolerances.assert_close(from_sd3, expected)
 
 
 def test_reward_fn_encodes_each_prompt_once(pipe, latents, monkeypatch):
@@ -368,6 +370,7 @@ def test_reward_fn_encodes_each_prompt_once(pipe, latents, monkeypatch):
         first = pipe.reward_fn(latents, prompt=prompts, generator=generator())
         again = pipe.reward_fn(latents, prompt=prompts, generator=generator())
     assert calls == [["a blue boat on a lake", "a tall tree"]]
+    # Exact: the cached prompt embeddings are the tensors computed the first time.
     assert torch.equal(first, again)
 
 
@@ -390,12 +393,14 @@ def test_image_modes_are_converted(pipe):
     assert cases["16-bit PIL"][0].mode == "I;16" and cases["L"][0].mode == "L"
     for name, (image, as_rgb) in cases.items():
         expected = pipe.encode_images(PIL.Image.fromarray(np.ascontiguousarray(as_rgb)))
-        torch.testing.assert_close(pipe.encode_images(image), expected, rtol=0, atol=0, msg=name)
+        # Exact: the mode conversion yields the very same RGB pixels, which then take the same path.
+        assert torch.equal(pipe.encode_images(image), expected), name
 
     odd_pixels = random_rgb(13, height=53, width=37)
     odd = PIL.Image.fromarray(odd_pixels)
     center_crop = PIL.Image.fromarray(np.ascontiguousarray(odd_pixels[2:50, 2:34]))  # 53x37 -> 48x32, no resampling
-    torch.testing.assert_close(pipe.encode_images(odd), pipe.encode_images(center_crop), rtol=0, atol=0)
+    # Exact: the crop is the same pixels (no resampling), encoded the same way.
+    assert torch.equal(pipe.encode_images(odd), pipe.encode_images(center_crop))
     assert pipe.encode_images(odd).shape == (1, 16, 12, 8)
     mixed = [cases["RGBA"][0], odd, cases["L"][0], cases["16-bit PIL"][0]]
     rewards = pipe(PROMPT, images=mixed, generator=generator(), noise_sharing="none").rewards
@@ -405,7 +410,7 @@ def test_image_modes_are_converted(pipe):
     shared = generator()
     same_size = pipe(PROMPT, images=[mixed[0], mixed[2], mixed[3]], generator=shared, noise_sharing="none").rewards
     odd_alone = pipe(PROMPT, images=[odd], generator=shared, noise_sharing="none").rewards
-    torch.testing.assert_close(rewards, torch.stack([same_size[0], odd_alone[0], same_size[1], same_size[2]]))
+    tolerances.assert_close(rewards, torch.stack([same_size[0], odd_alone[0], same_size[1], same_size[2]]))
 
 
 def test_resize_rule(pipe):

@@ -3,6 +3,7 @@
 import httpx
 import pytest
 import ray
+import tolerances
 import torch
 from conftest import REPO_ROOT, free_port
 from ray import serve
@@ -61,7 +62,7 @@ def test_two_cpu_replicas_return_the_pipeline_scores():
             response = httpx.post(f"{url}/v1/score", content=save(tensors), headers=headers, timeout=60)
             assert response.status_code == 200, response.text
             scores.append(response.json()["raw_scores"][0])
-        assert scores == pytest.approx(targets, rel=1e-6, abs=1e-5)
+        assert scores == tolerances.close_to(targets)
     finally:
         serve.shutdown()
         ray.shutdown()

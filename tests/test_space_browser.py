@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+import tolerances
 import torch
 from conftest import free_port, load_space_app
 from PIL import Image
@@ -185,7 +186,7 @@ def test_compare_shows_the_winner_and_probability_then_refuses_a_corrupt_file(pa
     assert re.search(r"Image ([AB]) is preferred", text).group(1) == expected.winner
     assert re.search(r"P\(A preferred\) = ([0-9.]+)", text).group(1) == f"{expected.probability:.3f}"
     assert shown_winner == expected.winner
-    assert float(shown_probability) == pytest.approx(expected.probability, abs=1e-6)
+    assert float(shown_probability) == tolerances.close_to(expected.probability, scale=1.0)
     assert f"{expected.reward_a:.4f}".rstrip("0") in rewards and f"{expected.reward_b:.4f}".rstrip("0") in rewards
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=ARTIFACTS / "space-compare.png", full_page=True, animations="disabled")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tolerances
 import torch
 from domain import (
     BACKGROUNDS,
@@ -98,6 +99,7 @@ def test_oracle_reads_every_render_correctly():
 
 
 # --------------------------------------------------------------------------------------------- stages end to end
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_every_stage_runs_end_to_end_at_toy_settings(tmp_path):
     """regenerate.sh in QUICK mode: VAE, generator, pairs, train_dinalrm.py, Hub repo, evaluations, baseline, ReFL,
     Flow-GRPO, the LPO / ReFL / Flow-GRPO (DiNa-LRM) and ReFL (pixel CNN) comparison."""
@@ -211,6 +213,7 @@ def held_out_accuracy(held_out_pairs) -> dict:
 MIN_HELD_OUT_ACCURACY = 0.70
 
 
+@pytest.mark.slow  # samples the held-out prompts through the shipped generator: minutes on a shared 2-core machine
 def test_shipped_dinalrm_agrees_with_the_oracle_on_held_out_pairs(held_out_accuracy):
     """The shipped DiNa-LRM prefers the oracle-better image on most pairs of held-out prompts.
 
@@ -228,6 +231,7 @@ def test_shipped_dinalrm_agrees_with_the_oracle_on_held_out_pairs(held_out_accur
     assert held_out_accuracy["accuracy_ensemble"] >= MIN_HELD_OUT_ACCURACY, held_out_accuracy
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_refl_for_a_few_steps_raises_the_mean_reward(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(split_prompts()[0][::12]) + "\n")
@@ -306,7 +310,7 @@ def test_refl_pixel_reward_scores_the_decode_and_its_gradients_reach_the_lora(tm
     x0 = torch.randn(2, 16, 16, 16)
     with torch.no_grad():  # the tiny world's own decode and prompt encoding, as pixel_baseline.py trains on them
         expected = cnn(decode_latents(pipe.vae, x0).clamp(-1, 1), encode(pipe, prompts))
-        torch.testing.assert_close(reward(x0, prompts, None), expected)
+        tolerances.assert_close(reward(x0, prompts, None), expected)
 
     pipe.transformer.requires_grad_(False)
     pipe.transformer.add_adapter(LoraConfig(r=8, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
@@ -328,6 +332,7 @@ def test_refl_pixel_reward_needs_its_cnn(tmp_path, capsys):
     assert "--reward dinalrm needs --reward_model" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_refl_with_the_pixel_reward_runs_two_steps(tmp_path):
     from dinalrm.alignment import PixelReward, save_pixel_reward
 

@@ -59,6 +59,7 @@ def test_rotation_keeps_the_last_good_checkpoint_when_the_new_one_is_not_finite(
         save_checkpoint(accelerator, str(output), 2, {"global_step": 2}, total_limit=1)
     assert [step for step, _ in list_checkpoints(output)] == [1]
     kept = load_file(output / "checkpoint-1" / "model.safetensors")
+    # Exact: the good checkpoint is kept as written, not rewritten.
     assert all(torch.equal(kept[k], good[k]) for k in good)
     assert (output / f"{PARTIAL_PREFIX}checkpoint-2").is_dir()  # never published, so `latest` cannot pick it
 
@@ -127,6 +128,7 @@ time.sleep(600)
 """
 
 
+@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_reported(tmp_path, caplog):
     output = tmp_path / "run"
     partial = output / f"{PARTIAL_PREFIX}checkpoint-4"

@@ -1,0 +1,147 @@
+"""The parity tests hold on another fixture made the same way, not only on the visible one.
+
+Each official fixture is copied and cut to a smaller batch: per-sample inputs and the official per-sample outputs are
+sliced (the official per-sample outputs of a smaller batch are the slices of the fixture's own, see the fixtures'
+READMEs), then the parity tests run on the copy through `DINALRM_OFFICIAL_TINY` / `DINALRM_OFFICIAL_LRM_TINY`. A test
+that still holds a literal of the visible fixture (a batch size, a level count, a pair count) fails here.
+
+Not every parity test can run on a cut copy; those are deselected below, each with the reason. They read every size
+and setting from the fixture all the same.
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import OFFICIAL_LRM_TINY, OFFICIAL_TINY, REPO_ROOT
+from safetensors.torch import load_file, save_file
+
+
+pytestmark = pytest.mark.slow  # each run converts and scores the tiny models again in a fresh pytest process
+
+# official-tiny: tensors whose dim 0 (or dim 1, for level-major ones) is the main batch, the x0_ns batch, the pairs.
+TINY_BATCH = ("x0", "encoder_hidden_states", "pooled_projections", "noise_single", "sigma_single", "timestep_single")
+TINY_BATCH += ("score_single", "score_single_nolora", "score_ens", "score_ens_shared", "debug/temb_single")
+TINY_LEVEL_MAJOR = ("noise_ens", "sigma_ens", "timestep_ens", "debug/text_feats_single")
+TINY_NS = ("x0_ns", "encoder_hidden_states_ns", "pooled_projections_ns", "noise_single_ns", "sigma_single_ns")
+TINY_NS += ("timestep_single_ns", "score_single_ns", "score_single_ns_nolora", "score_ens_shared_ns")
+TINY_PAIRS = ("pair_chosen_idx", "pair_rejected_idx", "u_pair", "sigma_pair", "timestep_pair")
+TINY_PAIRS += ("score_pair_chosen", "score_pair_rejected", "loss_thurstone_per_pair")
+TINY_NOT_CUT = {
+    "tests/test_parity_official.py::test_thurstone_gradients_match": "the gradients of the mean loss over a subset "
+    "of pairs are not the fixture's (it stores only norms of the full-batch gradients)",
+}
+
+# official-lrm-tiny: the LPO sections whose rows are independent (prompts, threshold timesteps, kept pairs).
+LPO_KEPT = ("lpo/pipe_valid_timesteps", "lpo/pipe_current_latents", "lpo/pipe_next_latents")
+LPO_KEPT += ("lpo/pipe_valid_prompt_embeds", "lpo/eps_policy", "lpo/eps_ref", "lpo/ratio_w", "lpo/ratio_l")
+LPO_KEPT += tuple(f"lpo/logprob_{k}" for k in ("w_pol", "w_ref", "l_pol", "l_ref"))
+LPO_THRESHOLD = tuple(f"lpo/threshold_{s}{suffix}" for s in ("sigma", "variance", "linear") for suffix in ("", "_alt"))
+_SEEDED_RUN = "the seeded multi-candidate run draws every prompt's noise from one generator: a smaller batch draws "
+_SEEDED_RUN += "other numbers"
+_MEAN = "a mean over all kept pairs (loss, margin, accuracy) or its gradient: not the fixture's for a subset"
+_LRM = "the LRM section draws its VAE sample and noise for the whole batch from one seed, and its loss groups "
+_LRM += "examples per prompt: a cut batch draws other numbers and groups differently"
+LRM_NOT_CUT = {
+    "tests/test_lpo_parity.py::test_sampled_trajectory_candidates_and_scores_match": _SEEDED_RUN,
+    "tests/test_lpo_parity.py::test_kept_pairs_match": _SEEDED_RUN,
+    "tests/test_lpo_parity.py::test_loss_ratios_and_diagnostics_match": _MEAN,
+    "tests/test_lpo_parity.py::test_loss_formula_on_the_official_log_probs": _MEAN,
+    "tests/test_lpo_parity.py::test_lora_gradients_and_the_official_clipping_quirk_match": _MEAN,
+    "tests/test_lrm_parity.py": _LRM,
+}
+
+
+def cut_copy(source: Path, target: Path, rule) -> Path:
+    """`source` copied to `target` with inputs/expected rewritten by `rule(name, tensor) -> tensor`."""
+    shutil.copytree(source, target)
+    for name in ("inputs", "expected"):
+        tensors = load_file(source / f"{name}.safetensors")
+        save_file({k: rule(k, v).contiguous() for k, v in tensors.items()}, target / f"{name}.safetensors")
+    return target
+
+
+def cut_official_tiny(target: Path) -> Path:
+    x = load_file(OFFICIAL_TINY / "inputs.safetensors")
+    batch, batch_ns = x["x0"].shape[0] - 1, x["x0_ns"].shape[0] - 1
+    assert batch >= 1 and batch_ns >= 1, "the fixture's batches are too small to cut"
+    kept_pairs = (x["pair_chosen_idx"] < batch) & (x["pair_rejected_idx"] < batch)
+    assert kept_pairs.any() and not kept_pairs.all(), "the cut must keep some pairs and drop some"
+    expected = load_file(OFFICIAL_TINY / "expected.safetensors")
+    per_pair = expected["loss_thurstone_per_pair"][kept_pairs]
+
+    def rule(name: str, value: torch.Tensor) -> torch.Tensor:
+        if name in TINY_BATCH:
+            return value[:batch]
+        if name in TINY_LEVEL_MAJOR:
+            return value[:, :batch]
+        if name in TINY_NS:
+            return value[:batch_ns]
+        if name in TINY_PAIRS:
+            return value[kept_pairs]
+        if name == "loss_thurstone":  # the mean of the official per-pair losses that remain
+            return per_pair.double().mean().float().reshape(value.shape)
+        return value
+
+    target = cut_copy(OFFICIAL_TINY, target, rule)
+    for name, value in load_file(target / "inputs.safetensors").items():
+        if name in TINY_BATCH:
+            assert value.shape[0] == batch, name
+    return target
+
+
+def cut_official_lrm_tiny(target: Path) -> Path:
+    x = load_file(OFFICIAL_LRM_TINY / "inputs.safetensors")
+    expected = load_file(OFFICIAL_LRM_TINY / "expected.safetensors")
+    prompts = x["lpo/compare_timesteps"].shape[0]
+    candidates = x["lpo/noisy_latents"].shape[0] // prompts
+    kept = expected["lpo/pipe_valid_timesteps"].shape[0]
+    steps = x["lpo/threshold_timesteps"].shape[0]
+    assert prompts > 1 and kept > 1 and steps > 1, "the fixture's LPO sections are too small to cut"
+    # Candidate-major rows (candidate c of prompt p is row c * prompts + p): keep the first prompts - 1 prompts.
+    rows = torch.arange(candidates * prompts).reshape(candidates, prompts)[:, : prompts - 1].reshape(-1)
+
+    def rule(name: str, value: torch.Tensor) -> torch.Tensor:
+        if name in ("lpo/noisy_latents", "lpo/timesteps", "lpo/input_ids", "lpo/lrm_scores"):
+            return value[rows]
+        if name in ("lpo/compare_timesteps", "lpo/compare_threshold", "lpo/compare_valid"):
+            return value[: prompts - 1]
+        if name == "lpo/compare_indices":
+            return value[:, : prompts - 1]
+        if name in LPO_KEPT:
+            return value[: kept // 2 + 1]
+        if name == "lpo/threshold_timesteps" or name in LPO_THRESHOLD:
+            return value[: steps // 2]
+        return value
+
+    return cut_copy(OFFICIAL_LRM_TINY, target, rule)
+
+
+def run_parity(env: dict, files: list[str], not_cut: dict) -> subprocess.CompletedProcess:
+    deselect = [arg for test in not_cut if "::" in test for arg in ("--deselect", test)]
+    ignore = [arg for test in not_cut if "::" not in test for arg in ("--ignore", test)]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *deselect, *ignore, *files]
+    return subprocess.run(
+        command, capture_output=True, text=True, cwd=REPO_ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1", **env}
+    )
+
+
+def test_official_tiny_parity_holds_on_a_cut_batch(tmp_path):
+    cut = cut_official_tiny(tmp_path / "official-tiny")
+    files = ["tests/test_parity_official.py", "tests/test_official_configs.py"]
+    result = run_parity({"DINALRM_OFFICIAL_TINY": str(cut)}, files, TINY_NOT_CUT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert f"{len(TINY_NOT_CUT)} deselected" in result.stdout
+
+
+def test_official_lrm_tiny_parity_holds_on_a_cut_batch(tmp_path):
+    cut = cut_official_lrm_tiny(tmp_path / "official-lrm-tiny")
+    files = ["tests/test_lpo_parity.py"]
+    result = run_parity({"DINALRM_OFFICIAL_LRM_TINY": str(cut)}, files, LRM_NOT_CUT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    selected = sum(1 for test in LRM_NOT_CUT if "::" in test)
+    assert f"{selected} deselected" in result.stdout
