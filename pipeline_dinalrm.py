@@ -294,7 +294,7 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
-def _per_sample(rows: Sequence, indices: list[int]) -> list:
+def _per_sample(rows: Sequence, indices: Sequence[int]) -> list:
     """The entries of `rows` for the samples at `indices`: one row serves every sample, else row `i` is sample `i`.
 
     `check_inputs` has made sure `len(rows)` is 1 or the number of samples, so `i % len(rows)` is exactly that rule.
