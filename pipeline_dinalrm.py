@@ -4,6 +4,15 @@
 The pipeline turns prompts into SD3 prompt embeddings (CLIP-L, OpenCLIP-bigG, T5) and images into scaled SD3 VAE
 latents, then asks the reward model (`reward_model/modeling_dinalrm.py`) for one reward per sample. This file is
 the Hub's remote code and must stay self-contained: it imports nothing from the rest of the dinalrm repository.
+
+Why one file rather than several: `DiffusionPipeline.from_pretrained(repo, trust_remote_code=True)` downloads, of a
+repository's root code, only the file `model_index.json` names (`DiffusionPipeline.download` allows
+`f"{custom_pipeline}.py"` and `<component>/<module>.py`, diffusers 0.42), then loads it from that snapshot. diffusers
+follows a `from .sibling import ...` line only by copying `sibling.py` out of the same snapshot folder, where it was
+never downloaded, so the load stops with `FileNotFoundError`; a relative import would also break the plain
+`from pipeline_dinalrm import DiNaLRMPipeline` of an installed copy. The pipeline's parts are therefore units inside
+this file: the input normalisation (`_as_image_list`, `_count_samples`, `_count_prompts`, ...) and the prompt-shared
+noise (`prompt_groups`, `prompt_shared_noises`, `_distinct_rows`) are module-level functions above the class.
 """
 
 import importlib
@@ -191,6 +200,108 @@ def _describe(value) -> str:
     return f"{type(value).__name__} of shape {tuple(shape)}" if shape is not None else type(value).__name__
 
 
+# ---------------------------------------------------------------------------------------------- input normalisation
+# The steps that turn a call's prompts and images/latents into one validated batch. They are module-level functions
+# (not methods) so each can be read and tested alone; the pipeline's `check_inputs` and `__call__` chain them.
+_IMAGE_TYPES = (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)
+
+
+def _as_image_list(images) -> list:
+    """One list entry per image; 4D numpy arrays / torch tensors are batches, file paths are opened.
+
+    Done before `check_inputs`, so the sample count it checks is the number of images, however they were passed.
+    """
+    if isinstance(images, _IMAGE_TYPES):
+        if getattr(images, "ndim", 3) == 4:
+            return list(images)
+        images = [images]
+    if not isinstance(images, (list, tuple)):
+        raise TypeError(
+            "images must be a PIL image, numpy array, torch tensor, file path or a list of them, got "
+            f"{_describe(images)}."
+        )
+    if not images:
+        raise ValueError("images is an empty list: pass at least one image.")
+    for index, image in enumerate(images):
+        if not isinstance(image, _IMAGE_TYPES):
+            raise TypeError(
+                f"images[{index}] is a {_describe(image)}; each image must be a PIL image, a numpy array "
+                "(H, W[, C]), a torch tensor (C, H, W) or a file path."
+            )
+    return [_open_image(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
+
+
+def _as_rgb_image(image) -> PIL.Image.Image:
+    """One image (PIL, numpy `(H, W[, C])` or torch `(C, H, W)`) as 8-bit RGB PIL, the form every resize rule takes.
+
+    Empty images are refused first; tensors are read back to the CPU (floats as float32) and go the numpy way.
+    """
+    _require_pixels(image)
+    if isinstance(image, torch.Tensor):
+        array = image.detach().cpu()
+        array = array.float() if array.is_floating_point() else array
+        image = array.permute(1, 2, 0).numpy() if array.ndim == 3 else array.numpy()
+    return to_rgb(image if isinstance(image, PIL.Image.Image) else _array_to_pil(image))
+
+
+def _count_samples(images: list | None, latents) -> int:
+    """How many samples a call scores: `len(images)` (already a list) or the latents' batch.
+
+    Refuses neither or both of `images` and `latents`, and latents that are not a non-empty 4D floating tensor.
+    """
+    if images is None and latents is None:
+        raise ValueError("Pass `images` (PIL, numpy or torch) or `latents` (scaled SD3 VAE latents) to score.")
+    if images is not None and latents is not None:
+        raise ValueError("Pass either `images` or `latents`, not both.")
+    if latents is not None and not (isinstance(latents, torch.Tensor) and latents.ndim == 4):
+        raise ValueError(f"latents must be a 4D tensor (batch, 16, height, width), got {_describe(latents)}.")
+    if latents is not None and not latents.is_floating_point():
+        raise TypeError(
+            f"latents must be floating-point VAE latents, got {latents.dtype}: pass float32, bfloat16 or float16."
+        )
+    num_samples = len(images) if images is not None else latents.shape[0]
+    if num_samples == 0:
+        raise ValueError("latents hold no sample (batch 0): pass at least one.")
+    return num_samples
+
+
+def _as_prompt_list(prompt: str | list[str]) -> list[str]:
+    """`prompt` as a list: a single string serves every sample."""
+    return [prompt] if isinstance(prompt, str) else prompt
+
+
+def _count_prompts(prompt) -> int:
+    """How many text prompts `prompt` holds; refuses non-strings, an empty list and blank prompts.
+
+    A blank prompt is refused because the reward measures how well an image matches its prompt.
+    """
+    prompts = _as_prompt_list(prompt)
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompt must be a string or a list of strings, got {_describe(prompt)}.")
+    if not prompts:
+        raise ValueError("prompt is an empty list: pass one prompt, or one per image.")
+    if any(not p.strip() for p in prompts):
+        raise ValueError(
+            "prompt is empty: DiNa-LRM scores how well an image matches its prompt; pass the prompt the image "
+            "was generated from (for an unconditional score pass prompt_embeds from encode_prompt(''))."
+        )
+    return len(prompts)
+
+
+def _check_positive_int(name: str, value) -> None:
+    """Refuses anything but a positive `int` for the count `name` (`num_noise_samples`, `batch_size`)."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def _per_sample(rows: Sequence, indices: Sequence[int]) -> list:
+    """The entries of `rows` for the samples at `indices`: one row serves every sample, else row `i` is sample `i`.
+
+    `check_inputs` has made sure `len(rows)` is 1 or the number of samples, so `i % len(rows)` is exactly that rule.
+    """
+    return [rows[i % len(rows)] for i in indices]
+
+
 def resize_and_center_crop(image: PIL.Image.Image, size: tuple[int, int]) -> PIL.Image.Image:
     """The one fixed-size resize rule, shared by training and scoring: `image` at exactly `size = (width, height)`.
 
@@ -214,6 +325,82 @@ def resize_and_center_crop(image: PIL.Image.Image, size: tuple[int, int]) -> PIL
         image = image.resize((new_w, new_h), PIL.Image.Resampling.LANCZOS)
     left, top = new_w // 2 - target_w // 2, new_h // 2 - target_h // 2
     return image.crop((left, top, left + target_w, top + target_h))
+
+
+# ---------------------------------------------------------------------------------------------- prompt-shared noise
+# With `noise_sharing="prompt"` the samples of one prompt are scored with one noise draw (common random numbers, as
+# the pairs of training were). These units say which samples form a group, draw the groups' noise and find the rows
+# of a batch that are scored once (equal latents of one group).
+
+
+def _check_noise_sharing(noise_sharing: str, generator) -> None:
+    """Refuses an unknown `noise_sharing` mode, and a list of generators (one noise per sample) with `"prompt"`."""
+    if noise_sharing not in NOISE_SHARING_MODES:
+        raise ValueError(
+            f"noise_sharing={noise_sharing!r} is not supported: use 'prompt' (one noise draw per prompt) or "
+            "'none' (one per sample, the reference protocol)."
+        )
+    if noise_sharing == "prompt" and isinstance(generator, (list, tuple)):
+        raise ValueError(
+            "a list of generators gives every sample its own noise: pass noise_sharing='none' with it, or one "
+            "generator for noise_sharing='prompt'."
+        )
+
+
+def _first_appearance_ids(keys: Sequence) -> list[int]:
+    """Per key, the number of its distinct value, counted in order of first appearance (`a b a c` -> `0 1 0 2`).
+
+    Numbering by first appearance is what makes a group's noise draws come from `generator` in sample order.
+    """
+    numbers: dict = {}
+    return [numbers.setdefault(key, len(numbers)) for key in keys]
+
+
+def _embedding_row_ids(prompt_embeds, pooled_prompt_embeds) -> list[int]:
+    """Per row of precomputed embeddings, the number of its distinct row (first appearance), comparing rows exactly.
+
+    Two rows are one prompt when their `prompt_embeds` rows are equal and so are their `pooled_prompt_embeds` rows
+    (Z-Image has none). Rows are compared with `torch.equal`, which reads them back once: a prompt re-encoded in
+    another batch may differ in the last bit and then counts as another prompt, never the reverse.
+    """
+    representatives: list[int] = []
+    row_ids = []
+    for row in range(len(prompt_embeds)):
+        match = next(
+            (
+                key
+                for key, other in enumerate(representatives)
+                if torch.equal(prompt_embeds[row], prompt_embeds[other])
+                and (
+                    pooled_prompt_embeds is None or torch.equal(pooled_prompt_embeds[row], pooled_prompt_embeds[other])
+                )
+            ),
+            None,
+        )
+        if match is None:
+            representatives.append(row)
+            match = len(representatives) - 1
+        row_ids.append(match)
+    return row_ids
+
+
+def prompt_groups(prompt, prompt_embeds, pooled_prompt_embeds, num_samples: int) -> list[int]:
+    """Per sample, the index of its prompt among the distinct prompts, numbered in order of first appearance.
+
+    Prompts are compared as strings; precomputed embeddings row by row (see `_embedding_row_ids`). One prompt or
+    embedding row serves every sample.
+    """
+    if prompt is not None:
+        keys = _per_sample(_as_prompt_list(prompt), range(num_samples))
+    else:
+        keys = _per_sample(_embedding_row_ids(prompt_embeds, pooled_prompt_embeds), range(num_samples))
+    return _first_appearance_ids(keys)
+
+
+def _centre_crop(noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """The centre `height x width` window of the last two axes (the top/left margin is the smaller one when odd)."""
+    top, left = (noise.shape[-2] - height) // 2, (noise.shape[-1] - width) // 2
+    return noise[..., top : top + height, left : left + width]
 
 
 def prompt_shared_noises(
@@ -241,15 +428,61 @@ def prompt_shared_noises(
                 randn_tensor(shape, generator=generator, device=latents.device, dtype=latents.dtype)
                 for _ in range(num_noise_samples)
             ]
-
-    def crop(noise: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        top, left = (noise.shape[-2] - height) // 2, (noise.shape[-1] - width) // 2
-        return noise[..., top : top + height, left : left + width]
-
     return [
-        [torch.cat([crop(draws[groups[i]][k], *part.shape[-2:]) for i in indices]) for k in range(num_noise_samples)]
+        [
+            torch.cat([_centre_crop(draws[groups[i]][k], *part.shape[-2:]) for i in indices])
+            for k in range(num_noise_samples)
+        ]
         for indices, part in parts
     ]
+
+
+def _distinct_rows(indices: list[int], latents: torch.Tensor, noises: list[torch.Tensor], groups: list[int]):
+    """The rows of a part that differ in latent or prompt group, and where each sample's reward comes from.
+
+    Equal latents of one prompt group get the same shared noise, hence the same reward; scoring them once makes
+    that exact (a batched pass may round equal rows differently) and saves the work. Returns `(indices,
+    latents, noises, (all indices, row of each))` for the distinct rows.
+    """
+    flat = latents.flatten(1)
+    rows: list[int] = []
+    source = []
+    for position, index in enumerate(indices):
+        match = next(
+            (
+                k
+                for k, row in enumerate(rows)
+                if groups[indices[row]] == groups[index] and torch.equal(flat[row], flat[position])
+            ),
+            None,
+        )
+        if match is None:
+            rows.append(position)
+            match = len(rows) - 1
+        source.append(match)
+    kept = [indices[row] for row in rows]
+    return kept, latents[rows], [noise[rows] for noise in noises], (indices, source)
+
+
+@dataclass
+class _ScoringInputs:
+    """One call's inputs once validated: the samples (a list of images or a latent batch), their prompts (text or
+    precomputed embeddings, one for all samples or one per sample) and, under prompt-shared noise, each sample's
+    prompt group (`prompt_groups`; `None` when every sample draws its own noise).
+
+    [`DiNaLRMPipeline._validated_inputs`] builds it; the scoring steps read it instead of five loose arguments.
+    """
+
+    images: list | None
+    latents: torch.Tensor | None
+    prompt: str | list[str] | None
+    prompt_embeds: torch.Tensor | list[torch.Tensor] | None
+    pooled_prompt_embeds: torch.Tensor | None
+    groups: list[int] | None
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.images) if self.images is not None else self.latents.shape[0]
 
 
 def _require_rankable(rewards: torch.Tensor) -> None:
@@ -682,40 +915,17 @@ class DiNaLRMPipeline(DiffusionPipeline):
         return torch.cat([part[0] for part in parts]).to(device), torch.cat([part[1] for part in parts]).to(device)
 
     def _prompt_embeds_for(
-        self, prompt, prompt_embeds, pooled_prompt_embeds, indices: list[int], device, max_sequence_length
+        self, inputs: _ScoringInputs, indices: list[int], device, max_sequence_length
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt embeddings of the samples at `indices` (a single prompt or embedding row serves every sample)."""
-        if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
+        if inputs.prompt is not None:
             return self._cached_prompt_embeds(
-                [prompts[i % len(prompts)] for i in indices], device, max_sequence_length
+                _per_sample(_as_prompt_list(inputs.prompt), indices), device, max_sequence_length
             )
-        rows = [i % len(prompt_embeds) for i in indices]
-        return self._select_rows(prompt_embeds, pooled_prompt_embeds, rows, device)
+        rows = _per_sample(range(len(inputs.prompt_embeds)), indices)
+        return self._select_rows(inputs.prompt_embeds, inputs.pooled_prompt_embeds, rows, device)
 
     # ------------------------------------------------------------------------------------------ images
-    @staticmethod
-    def _as_image_list(images) -> list:
-        """One list entry per image; 4D numpy arrays / torch tensors are batches, file paths are opened."""
-        if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
-            if getattr(images, "ndim", 3) == 4:
-                return list(images)
-            images = [images]
-        if not isinstance(images, (list, tuple)):
-            raise TypeError(
-                "images must be a PIL image, numpy array, torch tensor, file path or a list of them, got "
-                f"{_describe(images)}."
-            )
-        if not images:
-            raise ValueError("images is an empty list: pass at least one image.")
-        for index, image in enumerate(images):
-            if not isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor, str, os.PathLike)):
-                raise TypeError(
-                    f"images[{index}] is a {_describe(image)}; each image must be a PIL image, a numpy array "
-                    "(H, W[, C]), a torch tensor (C, H, W) or a file path."
-                )
-        return [_open_image(image) if isinstance(image, (str, os.PathLike)) else image for image in images]
-
     def _fit(self, image: PIL.Image.Image, resolution: int | tuple[int, int] | None) -> PIL.Image.Image:
         """The RGB image at a size the VAE and the patch size accept; see `__call__`'s `resolution` for the rule."""
         multiple = self.size_multiple
@@ -754,12 +964,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
 
     def _preprocess(self, image, resolution) -> torch.Tensor:
         """One image as a `(1, 3, H, W)` tensor in [-1, 1]: converted to RGB, then brought to size by `_fit`."""
-        _require_pixels(image)
-        if isinstance(image, torch.Tensor):
-            array = image.detach().cpu()
-            array = array.float() if array.is_floating_point() else array
-            image = array.permute(1, 2, 0).numpy() if array.ndim == 3 else array.numpy()
-        fitted = self._fit(to_rgb(image if isinstance(image, PIL.Image.Image) else _array_to_pil(image)), resolution)
+        fitted = self._fit(_as_rgb_image(image), resolution)
         return self.image_processor.preprocess(fitted, height=fitted.height, width=fitted.width)
 
     def _encode_pixels(
@@ -783,7 +988,7 @@ class DiNaLRMPipeline(DiffusionPipeline):
         Conversion, resizing and `resolution` follow `__call__`. All images must come out at one size (pass
         `resolution=(height, width)` to force one); `__call__` itself groups images of different sizes.
         """
-        pixels = [self._preprocess(image, resolution) for image in self._as_image_list(images)]
+        pixels = [self._preprocess(image, resolution) for image in _as_image_list(images)]
         sizes = {tuple(p.shape[-2:]) for p in pixels}
         if len(sizes) > 1:
             raise ValueError(
@@ -819,36 +1024,18 @@ class DiNaLRMPipeline(DiffusionPipeline):
         num_noise_samples: int = 1,
         batch_size: int = 1,
     ) -> None:
-        """Raises a `ValueError`/`TypeError` naming the fix for inputs the pipeline cannot score."""
-        if images is None and latents is None:
-            raise ValueError("Pass `images` (PIL, numpy or torch) or `latents` (scaled SD3 VAE latents) to score.")
-        if images is not None and latents is not None:
-            raise ValueError("Pass either `images` or `latents`, not both.")
-        if latents is not None and not (isinstance(latents, torch.Tensor) and latents.ndim == 4):
-            raise ValueError(f"latents must be a 4D tensor (batch, 16, height, width), got {_describe(latents)}.")
-        if latents is not None and not latents.is_floating_point():
-            raise TypeError(
-                f"latents must be floating-point VAE latents, got {latents.dtype}: pass float32, bfloat16 or float16."
-            )
-        num_samples = len(images) if images is not None else latents.shape[0]
-        if num_samples == 0:
-            raise ValueError("latents hold no sample (batch 0): pass at least one.")
+        """Raises a `ValueError`/`TypeError` naming the fix for inputs the pipeline cannot score.
+
+        `images` is the list `_as_image_list` makes. The checks run in a fixed order (samples, prompts, their
+        counts, `t`, the integer options), so one input gives one message.
+        """
+        num_samples = _count_samples(images, latents)
         if prompt is None and prompt_embeds is None:
             raise ValueError("Pass `prompt` or precomputed `prompt_embeds` and `pooled_prompt_embeds`.")
         if prompt is not None and prompt_embeds is not None:
             raise ValueError("Pass either `prompt` or `prompt_embeds`, not both.")
         if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
-                raise TypeError(f"prompt must be a string or a list of strings, got {_describe(prompt)}.")
-            if not prompts:
-                raise ValueError("prompt is an empty list: pass one prompt, or one per image.")
-            if any(not p.strip() for p in prompts):
-                raise ValueError(
-                    "prompt is empty: DiNa-LRM scores how well an image matches its prompt; pass the prompt the image "
-                    "was generated from (for an unconditional score pass prompt_embeds from encode_prompt(''))."
-                )
-            count = len(prompts)
+            count = _count_prompts(prompt)
         else:
             count = self._check_prompt_embeds(prompt_embeds, pooled_prompt_embeds)
         if count not in (1, num_samples):
@@ -856,10 +1043,8 @@ class DiNaLRMPipeline(DiffusionPipeline):
                 f"{count} prompts for {num_samples} images: pass one prompt for all images or one per image."
             )
         self._noise_levels(t)
-        if not isinstance(num_noise_samples, int) or num_noise_samples < 1:
-            raise ValueError(f"num_noise_samples must be a positive integer, got {num_noise_samples!r}.")
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        _check_positive_int("num_noise_samples", num_noise_samples)
+        _check_positive_int("batch_size", batch_size)
 
     @staticmethod
     def _check_prompt_embeds(prompt_embeds, pooled_prompt_embeds) -> int:
@@ -880,6 +1065,31 @@ class DiNaLRMPipeline(DiffusionPipeline):
         if prompt_embeds.shape[0] != pooled_prompt_embeds.shape[0]:
             raise ValueError("prompt_embeds and pooled_prompt_embeds must have the same batch size.")
         return prompt_embeds.shape[0]
+
+    def _validated_inputs(
+        self,
+        prompt,
+        images,
+        latents,
+        prompt_embeds,
+        pooled_prompt_embeds,
+        t,
+        num_noise_samples: int,
+        batch_size: int,
+        noise_sharing: str,
+        generator,
+    ) -> _ScoringInputs:
+        """A call's inputs as one validated batch: images listed (`_as_image_list`), everything checked
+        (`check_inputs`, then the noise-sharing mode), and the samples grouped by prompt for shared noise."""
+        images = _as_image_list(images) if images is not None else None
+        self.check_inputs(
+            prompt, images, latents, prompt_embeds, pooled_prompt_embeds, t, num_noise_samples, batch_size
+        )
+        _check_noise_sharing(noise_sharing, generator)
+        inputs = _ScoringInputs(images, latents, prompt, prompt_embeds, pooled_prompt_embeds, groups=None)
+        if noise_sharing == "prompt":
+            inputs.groups = prompt_groups(prompt, prompt_embeds, pooled_prompt_embeds, inputs.num_samples)
+        return inputs
 
     # ------------------------------------------------------------------------------------------ scoring
     def _score(
@@ -913,80 +1123,6 @@ class DiNaLRMPipeline(DiffusionPipeline):
             for draw in range(num_noise_samples)
         ]
         return torch.stack(draws).mean(dim=0)
-
-    @staticmethod
-    def _check_noise_sharing(noise_sharing: str, generator) -> None:
-        if noise_sharing not in NOISE_SHARING_MODES:
-            raise ValueError(
-                f"noise_sharing={noise_sharing!r} is not supported: use 'prompt' (one noise draw per prompt) or "
-                "'none' (one per sample, the reference protocol)."
-            )
-        if noise_sharing == "prompt" and isinstance(generator, (list, tuple)):
-            raise ValueError(
-                "a list of generators gives every sample its own noise: pass noise_sharing='none' with it, or one "
-                "generator for noise_sharing='prompt'."
-            )
-
-    @staticmethod
-    def _prompt_groups(prompt, prompt_embeds, pooled_prompt_embeds, num_samples: int) -> list[int]:
-        """Per sample, the index of its prompt among the distinct prompts, numbered in order of first appearance.
-
-        Prompts are compared as strings; precomputed embeddings row by row (equal `prompt_embeds` and
-        `pooled_prompt_embeds` rows are one prompt), which reads them back once.
-        """
-        if prompt is not None:
-            prompts = [prompt] if isinstance(prompt, str) else prompt
-            keys = [prompts[i % len(prompts)] for i in range(num_samples)]
-        else:
-            representatives: list[int] = []
-            row_keys = []
-            for row in range(len(prompt_embeds)):
-                match = next(
-                    (
-                        key
-                        for key, other in enumerate(representatives)
-                        if torch.equal(prompt_embeds[row], prompt_embeds[other])
-                        and (
-                            pooled_prompt_embeds is None
-                            or torch.equal(pooled_prompt_embeds[row], pooled_prompt_embeds[other])
-                        )
-                    ),
-                    None,
-                )
-                if match is None:
-                    representatives.append(row)
-                    match = len(representatives) - 1
-                row_keys.append(match)
-            keys = [row_keys[i % len(row_keys)] for i in range(num_samples)]
-        numbers: dict = {}
-        return [numbers.setdefault(key, len(numbers)) for key in keys]
-
-    @staticmethod
-    def _distinct_rows(indices: list[int], latents: torch.Tensor, noises: list[torch.Tensor], groups: list[int]):
-        """The rows of a part that differ in latent or prompt group, and where each sample's reward comes from.
-
-        Equal latents of one prompt group get the same shared noise, hence the same reward; scoring them once makes
-        that exact (a batched pass may round equal rows differently) and saves the work. Returns `(indices,
-        latents, noises, (all indices, row of each))` for the distinct rows.
-        """
-        flat = latents.flatten(1)
-        rows: list[int] = []
-        source = []
-        for position, index in enumerate(indices):
-            match = next(
-                (
-                    k
-                    for k, row in enumerate(rows)
-                    if groups[indices[row]] == groups[index] and torch.equal(flat[row], flat[position])
-                ),
-                None,
-            )
-            if match is None:
-                rows.append(position)
-                match = len(rows) - 1
-            source.append(match)
-        kept = [indices[row] for row in rows]
-        return kept, latents[rows], [noise[rows] for noise in noises], (indices, source)
 
     def normalize_rewards(
         self, rewards: torch.Tensor, normalize: bool | str, t: float | list[float] | None = None
@@ -1039,17 +1175,24 @@ class DiNaLRMPipeline(DiffusionPipeline):
         prompt one shared draw, as `__call__` does by default (see there); with precomputed embeddings it compares
         their rows, which reads them back once per call.
         """
-        self.check_inputs(prompt, None, latents, prompt_embeds, pooled_prompt_embeds, t, num_noise_samples)
-        self._check_noise_sharing(noise_sharing, generator)
-        indices = list(range(latents.shape[0]))
-        embeds, pooled = self._prompt_embeds_for(
-            prompt, prompt_embeds, pooled_prompt_embeds, indices, latents.device, max_sequence_length
+        inputs = self._validated_inputs(
+            prompt,
+            None,
+            latents,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            t,
+            num_noise_samples,
+            1,
+            noise_sharing,
+            generator,
         )
+        indices = list(range(inputs.num_samples))
+        embeds, pooled = self._prompt_embeds_for(inputs, indices, latents.device, max_sequence_length)
         noises = None
-        if noise_sharing == "prompt":
-            groups = self._prompt_groups(prompt, prompt_embeds, pooled_prompt_embeds, len(indices))
+        if inputs.groups is not None:
             noises = prompt_shared_noises(
-                {}, groups, [(indices, latents.detach())], num_noise_samples, generator, self.max_latent_side
+                {}, inputs.groups, [(indices, latents.detach())], num_noise_samples, generator, self.max_latent_side
             )[0]
         levels = self._noise_levels(t)
         rewards = self._score(latents, embeds, pooled, levels, num_noise_samples, generator, False, noises)
@@ -1127,57 +1270,30 @@ class DiNaLRMPipeline(DiffusionPipeline):
 
         Examples:
         """
-        images = self._as_image_list(images) if images is not None else None
-        self.check_inputs(
-            prompt, images, latents, prompt_embeds, pooled_prompt_embeds, t, num_noise_samples, batch_size
+        inputs = self._validated_inputs(
+            prompt,
+            images,
+            latents,
+            prompt_embeds,
+            pooled_prompt_embeds,
+            t,
+            num_noise_samples,
+            batch_size,
+            noise_sharing,
+            generator,
         )
-        self._check_noise_sharing(noise_sharing, generator)
         levels = self._noise_levels(t)
-        device = self._execution_device
-        num_samples = len(images) if images is not None else latents.shape[0]
-        groups = None
-        if noise_sharing == "prompt":
-            groups = self._prompt_groups(prompt, prompt_embeds, pooled_prompt_embeds, num_samples)
-        shared_draws: dict = {}
-        rewards = torch.empty(num_samples, dtype=torch.float32)
-        starts = range(0, num_samples, batch_size)
-        with self.progress_bar(total=len(starts)) as progress:
-            for start in starts:
-                batch = list(range(start, min(start + batch_size, num_samples)))
-                parts = list(self._latent_groups(batch, images, latents, resolution, sample_posterior, generator))
-                noises = [None] * len(parts)
-                if groups is not None:
-                    noises = prompt_shared_noises(
-                        shared_draws, groups, parts, num_noise_samples, generator, self.max_latent_side
-                    )
-                for (indices, batch_latents), part_noises in zip(parts, noises):
-                    inverse = None
-                    if groups is not None:  # equal latents of one prompt share their noise: score them once
-                        indices, batch_latents, part_noises, inverse = self._distinct_rows(
-                            indices, batch_latents, part_noises, groups
-                        )
-                    embeds, pooled = self._prompt_embeds_for(
-                        prompt, prompt_embeds, pooled_prompt_embeds, indices, device, max_sequence_length
-                    )
-                    scores = (
-                        self._score(
-                            batch_latents,
-                            embeds,
-                            pooled,
-                            levels,
-                            num_noise_samples,
-                            generator,
-                            check_finite,
-                            part_noises,
-                        )
-                        .float()
-                        .cpu()
-                    )
-                    if inverse is None:
-                        rewards[indices] = scores
-                    else:
-                        rewards[inverse[0]] = scores[inverse[1]]
-                progress.update()
+        rewards = self._score_in_batches(
+            inputs,
+            levels,
+            num_noise_samples,
+            generator,
+            batch_size,
+            resolution,
+            sample_posterior,
+            check_finite,
+            max_sequence_length,
+        )
         rewards = self.normalize_rewards(rewards, normalize, levels)
         noise_levels = [self._snapped(level) for level in levels]
         self.maybe_free_model_hooks()
@@ -1185,18 +1301,85 @@ class DiNaLRMPipeline(DiffusionPipeline):
             return (rewards, noise_levels)
         return DiNaLRMPipelineOutput(rewards=rewards, noise_levels=noise_levels)
 
-    def _latent_groups(self, batch: list[int], images, latents, resolution, sample_posterior, generator):
+    def _score_in_batches(
+        self,
+        inputs: _ScoringInputs,
+        levels: list[float],
+        num_noise_samples: int,
+        generator: torch.Generator | None,
+        batch_size: int,
+        resolution: int | tuple[int, int] | None,
+        sample_posterior: bool,
+        check_finite: bool,
+        max_sequence_length: int | None,
+    ) -> torch.Tensor:
+        """Float32 CPU rewards of all samples, `batch_size` at a time: each batch is encoded into latents of one
+        size per part (`_latent_groups`), given its prompt groups' shared noise (`prompt_shared_noises`, drawn at a
+        group's first sample and kept across batches) and scored part by part (`_score_part`)."""
+        rewards = torch.empty(inputs.num_samples, dtype=torch.float32)
+        shared_draws: dict = {}  # each prompt group's noise draws, drawn at its first sample and kept across batches
+        starts = range(0, inputs.num_samples, batch_size)
+        with self.progress_bar(total=len(starts)) as progress:
+            for start in starts:
+                batch = list(range(start, min(start + batch_size, inputs.num_samples)))
+                parts = list(self._latent_groups(batch, inputs, resolution, sample_posterior, generator))
+                noises = [None] * len(parts)
+                if inputs.groups is not None:
+                    noises = prompt_shared_noises(
+                        shared_draws, inputs.groups, parts, num_noise_samples, generator, self.max_latent_side
+                    )
+                for (indices, part_latents), part_noises in zip(parts, noises):
+                    targets, scores = self._score_part(
+                        inputs,
+                        indices,
+                        part_latents,
+                        part_noises,
+                        levels,
+                        num_noise_samples,
+                        generator,
+                        check_finite,
+                        max_sequence_length,
+                    )
+                    rewards[targets] = scores
+                progress.update()
+        return rewards
+
+    def _latent_groups(self, batch: list[int], inputs: _ScoringInputs, resolution, sample_posterior, generator):
         """Yields `(indices, latents)` for one batch; images of different sizes form separate groups."""
-        if latents is not None:
-            yield batch, latents[batch[0] : batch[-1] + 1].to(self._execution_device)
+        if inputs.latents is not None:
+            yield batch, inputs.latents[batch[0] : batch[-1] + 1].to(self._execution_device)
             return
         groups: dict[tuple[int, int], list[tuple[int, torch.Tensor]]] = {}
         for index in batch:
-            pixels = self._preprocess(images[index], resolution)
+            pixels = self._preprocess(inputs.images[index], resolution)
             groups.setdefault(tuple(pixels.shape[-2:]), []).append((index, pixels))
         for members in groups.values():
             pixels = torch.cat([p for _, p in members])
             yield [i for i, _ in members], self._encode_pixels(pixels, sample_posterior, generator)
+
+    def _score_part(
+        self,
+        inputs: _ScoringInputs,
+        indices: list[int],
+        latents: torch.Tensor,
+        noises: list[torch.Tensor] | None,
+        levels: list[float],
+        num_noise_samples: int,
+        generator: torch.Generator | None,
+        check_finite: bool,
+        max_sequence_length: int | None,
+    ) -> tuple[list[int], torch.Tensor]:
+        """Float32 CPU rewards of one part's samples, and the sample indices they belong to.
+
+        Under prompt-shared noise, equal latents of one prompt group are scored once (`_distinct_rows`) and their
+        reward is copied to each of them.
+        """
+        targets, sources = indices, list(range(len(indices)))
+        if inputs.groups is not None:
+            indices, latents, noises, (targets, sources) = _distinct_rows(indices, latents, noises, inputs.groups)
+        embeds, pooled = self._prompt_embeds_for(inputs, indices, self._execution_device, max_sequence_length)
+        scores = self._score(latents, embeds, pooled, levels, num_noise_samples, generator, check_finite, noises)
+        return targets, scores.float().cpu()[sources]
 
     # ------------------------------------------------------------------------------------------ compare / rank
     def compare(
