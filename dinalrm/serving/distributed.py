@@ -1,0 +1,181 @@
+"""Scoring past one process: the batch-scoring job and the benchmark evaluation on a pool of Ray Data actors.
+
+Ray Data does the distribution (`map_batches` with a callable class on an actor pool): each actor loads the model
+once and scores the work units it is handed; this module only cuts the work into units and gathers the results on
+the driver, where the single-process code writes them (`dinalrm.serving.scoring`, `dinalrm.evaluation.runner`).
+
+A work unit is what one process would score in one call, so every score is the one a single process gives:
+
+- batch scoring (`score_dataset`): the prompt-grouped batches of the single-process job. Its noise rule gives each
+  prompt's images one draw from a fresh generator seeded with `--seed` (the same draw for every prompt and every
+  batch), so which actor scores a batch does not change it; `--noise_sharing none` draws per batch, and the units
+  are those very batches, so that holds there too.
+- evaluation (`benchmark_scores`): consecutive images of a benchmark; its scorers seed each image's (or prompt's)
+  noise from the run seed and the image id (or prompt), independent of the batch and the process.
+
+`ray.init` connects to the cluster named by `RAY_ADDRESS` when it is set, and starts a local Ray otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+logger = logging.getLogger(__name__)
+
+# Ray Data's own installation hint (it lives in the `scale` extra, Ray Serve in `serve`).
+INSTALL_HINT = 'Ray Data is not installed: pip install "dinalrm[scale]" (or "ray[data]>=2.9").'
+
+
+def _ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401 - Ray Data is a separate part of the `ray` package
+    except ImportError as err:
+        raise ImportError(f"{INSTALL_HINT} ({err})") from None
+    return ray
+
+
+@contextmanager
+def ray_session(num_cpus: int | None = None) -> Iterator[Any]:
+    """Ray for the block: the running one if this process already started or joined it, else the cluster at
+    `RAY_ADDRESS` or a local Ray with `num_cpus` CPUs (shut down again at the end). Ray Data's progress bars show
+    only on a terminal."""
+    ray = _ray()
+    started = not ray.is_initialized()
+    if started:
+        address = os.environ.get("RAY_ADDRESS")
+        ray.init(
+            address=address,
+            num_cpus=None if address else num_cpus,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = sys.stderr.isatty()
+    try:
+        yield ray
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def add_ray_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--ray [--num-workers N] [--num-gpus-per-worker G]`, shared by `run_eval` and the batch-scoring command."""
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help=f"Spread the {what} over a pool of Ray Data actors, each loading the model once (pip install "
+        "'dinalrm[scale]'): on the cluster at RAY_ADDRESS when set, else on a local Ray. Same output as one process.",
+    )
+    parser.add_argument(
+        "--num-workers", "--num_workers", dest="num_workers", type=int, default=1, help="--ray: actors (default 1)."
+    )
+    parser.add_argument(
+        "--num-gpus-per-worker",
+        "--num_gpus_per_worker",
+        dest="num_gpus_per_worker",
+        type=float,
+        default=0,
+        help="--ray: GPUs each actor holds (1: one actor per GPU; default 0, the CPU).",
+    )
+
+
+def actor_pool(num_workers: int, num_gpus_per_worker: float) -> dict[str, Any]:
+    """`map_batches` options for a pool of `num_workers` actors with `num_gpus_per_worker` GPUs (and one CPU) each,
+    handed one work unit per call."""
+    ray = _ray()
+    if num_workers < 1:
+        raise ValueError(f"num_workers must be at least 1, got {num_workers}.")
+    if num_gpus_per_worker < 0:
+        raise ValueError(f"num_gpus_per_worker must be 0 (CPU) or more, got {num_gpus_per_worker}.")
+    options = {"compute": ray.data.ActorPoolStrategy(size=num_workers), "batch_size": 1, "batch_format": "pyarrow"}
+    return options | {"num_cpus": 1, "num_gpus": num_gpus_per_worker or None}
+
+
+def worker_device() -> str:
+    """The device of an actor: the GPU Ray assigned it (Ray sets `CUDA_VISIBLE_DEVICES`), else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------------- evaluation
+class BenchmarkScorer:
+    """A Ray Data actor: builds scorer `name` once from `run_eval`'s arguments, then scores units of benchmark images
+    (`{"benchmark": key, "image_ids": [...]}`) as the single-process runner does (`common.score_images`)."""
+
+    def __init__(self, name: str, args: argparse.Namespace, benchmarks: dict, batch_size: int) -> None:
+        import torch
+
+        from dinalrm.evaluation.scorers import build_scorer
+
+        self.scorer = build_scorer(name, args, torch.device(worker_device()))
+        self.benchmarks, self.batch_size = benchmarks, batch_size
+
+    def __call__(self, units):
+        import json
+
+        import pyarrow as pa
+
+        from dinalrm.evaluation.common import score_images
+
+        columns = {"benchmark": [], "image_id": [], "scores": [], "reason": []}
+        for unit in units.to_pylist():
+            scored = score_images(self.scorer, self.benchmarks[unit["benchmark"]], unit["image_ids"], self.batch_size)
+            for image_id, scores, reason in scored:
+                columns["benchmark"].append(unit["benchmark"])
+                columns["image_id"].append(image_id)
+                columns["scores"].append(scores)
+                columns["reason"].append(reason)
+        table = pa.table(
+            columns,
+            schema=pa.schema(
+                [("benchmark", pa.string()), ("image_id", pa.string()), ("scores", pa.list_(pa.float64()))]
+                + [("reason", pa.string())]
+            ),
+        )
+        # The setting names travel with the scores: the driver never builds the scorer (nor loads its model).
+        return table.append_column("settings", pa.array([json.dumps(self.scorer.setting_names)] * len(table)))
+
+
+def benchmark_scores(
+    name: str,
+    args: argparse.Namespace,
+    benchmarks: dict,
+    batch_size: int,
+    num_workers: int = 1,
+    num_gpus_per_worker: float = 0,
+) -> tuple[list[str], dict[str, list[tuple[str, list[float] | None, str | None]]]]:
+    """`(setting names, {benchmark key: [(image_id, scores or None, skip reason or None)]})` of scorer `name` over
+    every distinct image of `benchmarks`, scored by a pool of `num_workers` actors (call inside `ray_session`)."""
+    import json
+
+    ray = _ray()
+    units = [
+        {"benchmark": key, "image_ids": ids[start : start + batch_size]}
+        for key, benchmark in benchmarks.items()
+        for ids in [list(benchmark.images)]
+        for start in range(0, len(ids), batch_size)
+    ]
+    results: dict[str, list] = {key: [] for key in benchmarks}
+    if not units:
+        return [], results
+    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        BenchmarkScorer,
+        fn_constructor_kwargs={"name": name, "args": args, "benchmarks": benchmarks, "batch_size": batch_size},
+        **actor_pool(num_workers, num_gpus_per_worker),
+    )
+    settings: list[str] = []
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            settings = settings or json.loads(row["settings"])
+            results[row["benchmark"]].append((row["image_id"], row["scores"], row["reason"]))
+    return settings, results
