@@ -107,6 +107,102 @@ def worker_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# -------------------------------------------------------------------------------------------------- batch scoring
+class BatchScorer:
+    """A Ray Data actor: loads the scoring pipeline once, then scores work units, each one prompt batch of the job
+    (`{"indices", "images", "paths", "prompt"}`), with the single-process loop (`ScoringJob.run`) on that batch."""
+
+    def __init__(self, model: str, base: str | None, dtype: str, settings) -> None:
+        import torch
+
+        from pipeline_dinalrm import DiNaLRMPipeline
+
+        self.pipe = DiNaLRMPipeline.from_pretrained(model, base_model=base, torch_dtype=getattr(torch, dtype))
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.to(worker_device())
+        self.settings = settings
+
+    def __call__(self, units):
+        import json
+
+        import pyarrow as pa
+
+        from dinalrm.serving.scoring import Row, ScoringJob
+
+        schema = _unit_result_schema()
+        columns: dict[str, list] = {name: [] for name in schema.names}
+        for unit in units.to_pylist():
+            rows = [Row(image, path, unit["prompt"]) for image, path in zip(unit["images"], unit["paths"])]
+            job = ScoringJob(rows)
+            job.run(self.pipe, self.settings, progress=False)
+            scored = [job.scored.get(key) for key in job.keys]
+            columns["indices"].append(unit["indices"])
+            columns["rewards"].append([None if row is None else row["reward"] for row in scored])
+            columns["normalized"].append([None if row is None else row["normalized"] for row in scored])
+            columns["skips"].append(json.dumps([job.skips.counts, job.skips.examples]))
+        return pa.table(columns, schema=schema)
+
+
+def _unit_result_schema():
+    """A unit's results: per row of the unit its reward and normalized score (None: skipped), and the unit's skips
+    as JSON `[counts by reason, examples]`."""
+    import pyarrow as pa
+
+    floats = pa.list_(pa.float64())
+    return pa.schema(
+        [("indices", pa.list_(pa.int64())), ("rewards", floats), ("normalized", floats)] + [("skips", pa.string())]
+    )
+
+
+def run_on_ray(
+    job,
+    settings,
+    model: str,
+    base: str | None,
+    dtype: str,
+    num_workers: int = 1,
+    num_gpus_per_worker: float = 0,
+    progress: bool | None = None,
+    desc: str = "dinalrm score",
+) -> None:
+    """`job.run(pipe, settings)` on a pool of `num_workers` Ray Data actors that each load `model` once (call
+    inside `ray_session`): the job's pending prompt batches are the work units, and every result is recorded (and
+    streamed to the job's output file) here as it arrives, so a killed run resumes like a single-process one."""
+    import json
+
+    from tqdm.auto import tqdm
+
+    ray = _ray()
+    batches = job.pending_batches(settings.batch_size)
+    units = [
+        {
+            "indices": batch,
+            "images": [job.rows[index].image for index in batch],
+            "paths": [job.rows[index].path for index in batch],
+            "prompt": job.rows[batch[0]].prompt,
+        }
+        for batch in batches
+    ]
+    if not units:
+        return
+    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+        BatchScorer,
+        fn_constructor_kwargs={"model": model, "base": base, "dtype": dtype, "settings": settings},
+        **actor_pool(num_workers, num_gpus_per_worker),
+    )
+    disable = None if progress is None else not progress
+    with tqdm(total=job.n_pending(batches), unit="img", desc=desc, disable=disable, file=sys.stderr) as bar:
+        for result in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for unit in result.to_pylist():
+                counts, examples = json.loads(unit["skips"])
+                job.skips.merge(counts, examples)
+                scored = [
+                    (i, r, n) for i, r, n in zip(unit["indices"], unit["rewards"], unit["normalized"]) if r is not None
+                ]
+                job.record([i for i, _, _ in scored], [r for _, r, _ in scored], [n for _, _, n in scored])
+                bar.update(sum(job.keys[index] not in job.done for index in unit["indices"]))
+
+
 # ----------------------------------------------------------------------------------------------------- evaluation
 class BenchmarkScorer:
     """A Ray Data actor: builds scorer `name` once from `run_eval`'s arguments, then scores units of benchmark images
