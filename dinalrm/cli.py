@@ -16,17 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
-from dinalrm import DEFAULT_MODEL, bundled_asset
+from dinalrm import DEFAULT_BASE, DEFAULT_MODEL
 
 
-# The base the published checkpoint (`DEFAULT_MODEL`, official layout) needs.
-DEFAULT_BASE = "stabilityai/stable-diffusion-3.5-medium"
-# The tiny-world demo model shipped inside the package (examples/tiny_world); used when the default is unreachable.
-BUNDLED_TINY_MODEL = bundled_asset("dinalrm-tiny")
 DTYPES = ("float32", "bfloat16", "float16")
 FORMATS = ("csv", "jsonl")
 FALLBACK_WARNING = """\
@@ -142,47 +137,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _device_problem(device: str) -> str | None:
-    """Why `--device` cannot be used here, or None."""
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        return f"--device {device!r} is not a device name: use cpu, cuda, cuda:1 or mps."
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
-    if not available():
-        return f"--device {device} was asked for, but no {kind} device is available here: pass --device cpu."
-    return None
-
-
-def default_dtype(device: str) -> str:
-    """bfloat16 where users run (CUDA), float32 on the CPU (where bfloat16 is slow)."""
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-def _load_pipeline(model: str | None, base: str, dtype) -> tuple[object | None, str, bool]:
-    """Loads `model` (default: the published checkpoint); without an explicit model, falls back (loudly) to the
-    bundled tiny model when that one cannot be loaded. Returns `(pipeline or None, name, fell_back)`."""
-    from huggingface_hub.errors import HFValidationError
-
-    from modeling_dinalrm import looks_like_local_path
-    from pipeline_dinalrm import DiNaLRMPipeline
-
-    name = model or DEFAULT_MODEL
-    try:
-        return DiNaLRMPipeline.from_pretrained(name, base_model=base, torch_dtype=dtype), name, False
-    except (OSError, HFValidationError, ValueError) as err:  # ValueError: ConversionError, not a DiNa-LRM folder
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if model is None and BUNDLED_TINY_MODEL.is_dir():
-            print(FALLBACK_WARNING.format(model=name, reason=reason, fallback=BUNDLED_TINY_MODEL), file=sys.stderr)
-            return DiNaLRMPipeline.from_pretrained(BUNDLED_TINY_MODEL, torch_dtype=dtype), name, True
-        print(MODEL_UNAVAILABLE.format(model=name, reason=reason), file=sys.stderr, end="")
-        if not looks_like_local_path(name):  # a local folder is not downloaded: the reason says what is wrong
-            print(HUB_MODEL_HINT.format(model=name), file=sys.stderr, end="")
-        return None, name, False
-
-
 def _quiet_progress_bars() -> None:
     """No progress bars (loading or scoring) unless stderr is a terminal: logs and pipes stay clean."""
     import diffusers.utils.logging
@@ -192,185 +146,75 @@ def _quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _rows_to_score(args: argparse.Namespace, skips) -> list:
-    """The rows of the command line (files, folders, globs) or of the --pairs file, bad ones counted in `skips`."""
-    from dinalrm.serving.scoring import expand_images, rows_from_file, rows_from_images
-
-    rows = rows_from_file(args.rows_file, args.prompt, skips) if args.rows_file is not None else []
-    if args.images:
-        rows += rows_from_images(expand_images(args.images, skips), args.prompt)
-    return rows
-
-
-def _load_row_image(row, skips, header_only: bool = False):
-    """The image of `row`, decoded as training and evaluation decode them (or only its header, a quick check before
-    the model loads); None, counted in `skips`, if that fails."""
-    from dinalrm.data import OVERSIZED, ImageLoadError, load_image, read_image_size
-
-    try:
-        return (read_image_size if header_only else load_image)(row.path)
-    except ImageLoadError as err:
-        hint = (
-            " Downscale it first: it is resized to about 1024x1024 pixels anyway." if err.reason == OVERSIZED else ""
-        )
-        skips.skip(err.reason, f"cannot read image {row.image}: {err}.{hint}")
-        return None
-
-
-def _batches(rows: list, batch_size: int) -> list[list[int]]:
-    """Row indices grouped by prompt (first appearance order), then cut into batches: fixed by the input alone."""
-    by_prompt: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        by_prompt.setdefault(row.prompt, []).append(index)
-    return [group[i : i + batch_size] for group in by_prompt.values() for i in range(0, len(group), batch_size)]
-
-
-def _score_batch(pipe, prompt: str, images: list, options: dict, skips, names: list[str]) -> list[float | None]:
-    """Raw rewards of one prompt's images with a fresh generator from `--seed` (the pipeline's noise rule then gives
-    every prompt the same draws whatever the batch holds); None, a counted skip, for an image the pipeline refuses."""
-    import torch
-
-    def score(pictures: list) -> list[float]:
-        generator = torch.Generator().manual_seed(options["seed"])
-        output = pipe(prompt, images=pictures, generator=generator, batch_size=len(pictures), **options["pipe"])
-        return output.rewards.tolist()
-
-    try:
-        return score(images)
-    except ValueError:  # find the image(s) at fault and score the others alone
-        rewards = []
-        for name, image in zip(names, images):
-            try:
-                rewards += score([image])
-            except ValueError as err:
-                skips.skip("unscorable_image", f"{name}: {err}")
-                rewards.append(None)
-        return rewards
-
-
-def _score_rows(pipe, rows: list, keys: list, done: set, output, options: dict, skips) -> dict:
-    """Scores the batches that hold rows not `done` yet, appending the new rows to `output` batch by batch; returns
-    the scored rows by key."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from dinalrm.serving.scoring import output_row
-
-    batches = [batch for batch in _batches(rows, options["batch_size"]) if any(keys[i] not in done for i in batch)]
-    scored = {}
-    todo = sum(keys[i] not in done for batch in batches for i in batch)
-    with tqdm(total=todo, unit="img", desc="dinalrm-score", disable=None, file=sys.stderr) as progress:
-        for batch in batches:
-            images = {index: _load_row_image(rows[index], skips) for index in batch}
-            members = [index for index in batch if images[index] is not None]
-            if members:
-                names = [rows[index].image for index in members]
-                pictures = [images[index] for index in members]
-                rewards = _score_batch(pipe, rows[members[0]].prompt, pictures, options, skips, names)
-                kept = [(index, reward) for index, reward in zip(members, rewards) if reward is not None]
-                members, rewards = [index for index, _ in kept], [reward for _, reward in kept]
-                normalized = pipe.normalize_rewards(torch.tensor(rewards), options["normalize"], options["pipe"]["t"])
-                new = []
-                for index, reward, value in zip(members, rewards, normalized.tolist()):
-                    scored[keys[index]] = entry = output_row(rows[index], reward, value)
-                    if keys[index] not in done:
-                        new.append(entry)
-                if output is not None and new:
-                    output.append(new)
-            progress.update(sum(keys[i] not in done for i in batch))
-    return scored
-
-
 def score_main(argv: list[str] | None = None) -> int:
-    """Entry point of `dinalrm-score`; returns the process exit code."""
+    """Entry point of `dinalrm score`: parses the arguments and runs `dinalrm.serving.scoring.ScoringJob`;
+    returns the process exit code."""
     args = parse_args(argv)
+    from dinalrm.serving import scoring
+
     if args.device is not None:
-        problem = _device_problem(args.device)
+        problem = scoring.device_problem(args.device)
         if problem is not None:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-    if args.images and args.prompt is None:
-        print("error: pass --prompt for the images given on the command line.", file=sys.stderr)
-        return 2
-    if args.prompt is not None and not args.prompt.strip():
-        print("error: --prompt is empty: pass the prompt the images were generated from.", file=sys.stderr)
-        return 2
-    from dinalrm.serving.scoring import Skips, finish_rows, row_keys
-
-    skips = Skips()
     try:
-        rows = _rows_to_score(args, skips)
+        job = scoring.ScoringJob.from_inputs(args.images, args.rows_file, args.prompt)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    total = len(rows) + skips.n_skipped
-    rows = [row for row in rows if _load_row_image(row, skips, header_only=True) is not None]
-    if not rows:
-        print(f"warning: {skips.summary(total)}\nerror: no image to score.", file=sys.stderr)
-        return 2
     import torch
 
-    interactive = sys.stderr.isatty()
-    if not interactive:
+    if not sys.stderr.isatty():
         _quiet_progress_bars()
     # Conversion of an official checkpoint (first use) and cache hits are reported on stderr.
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     logging.getLogger("modeling_dinalrm").setLevel(logging.INFO)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype or default_dtype(device)
-    pipe, name, fell_back = _load_pipeline(args.model, args.base, getattr(torch, dtype_name))
-    if pipe is None:
+    device = args.device or scoring.default_device()
+    dtype_name = args.dtype or scoring.default_dtype(device)
+    try:
+        loaded = scoring.load_scoring_pipeline(args.model, args.base, getattr(torch, dtype_name))
+    except scoring.ModelUnavailableError as err:
+        print(MODEL_UNAVAILABLE.format(model=err.model, reason=err.reason), file=sys.stderr, end="")
+        if err.hub_hint:
+            print(HUB_MODEL_HINT.format(model=err.model), file=sys.stderr, end="")
         return 1
-    args.model = str(BUNDLED_TINY_MODEL) if fell_back else name
-    pipe.set_progress_bar_config(disable=True)  # the one progress bar is ours, over all rows
+    if loaded.fallback_reason:
+        warning = FALLBACK_WARNING.format(model=loaded.name, reason=loaded.fallback_reason, fallback=loaded.source)
+        print(warning, file=sys.stderr)
+    pipe = loaded.pipe
+    pipe.set_progress_bar_config(disable=True)  # the one progress bar is the job's, over all rows
     pipe.to(device)
-    if args.ensemble is not None:
-        t = args.ensemble or list(pipe.reward_model.config.ensemble_t)
-    else:
-        t = args.t if args.t is not None else pipe.reward_model.config.default_t
-    normalize_name = args.normalize or ("display" if args.output else None)
-    normalize = {None: False, "display": True, "logistic": "logistic", "zscore": "zscore"}[normalize_name]
-    options = {"seed": args.seed, "batch_size": args.batch_size, "normalize": normalize}
-    options["pipe"] = {"t": t, "noise_sharing": args.noise_sharing}
-    keys = row_keys(rows)
-    output = None
+    settings = scoring.ScoringSettings(
+        t=scoring.noise_levels(pipe, args.t, args.ensemble),
+        seed=args.seed,
+        noise_sharing=args.noise_sharing,
+        batch_size=args.batch_size,
+        normalize=args.normalize or ("display" if args.output else None),
+    )
     if args.output is not None:
-        from dinalrm.serving.scoring import OutputFile
-
-        model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
-        settings = {"model": model, "base": args.base, "dtype": dtype_name, "t": t, "normalize": normalize_name}
-        settings |= {"seed": args.seed, "noise_sharing": args.noise_sharing}
-        if args.noise_sharing == "none":  # draws follow the batches then
-            settings["batch_size"] = args.batch_size
         try:
-            output = OutputFile(args.output, args.format, settings, args.overwrite)
+            resume_key = settings.resume_key(loaded.source, args.base, dtype_name)
+            job.open_output(args.output, args.format, resume_key, overwrite=args.overwrite)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    done = set(row_keys(output.rows)) if output is not None else set()
-    scored = _score_rows(pipe, rows, keys, done, output, options, skips)
-    if skips.n_skipped:
-        print(f"warning: {skips.summary(total)}", file=sys.stderr)
-
-    def probability(first, second):
-        return pipe.preference_probability(torch.tensor(first), torch.tensor(second), t).tolist()
-
-    if output is not None:
-        if not output.rows:
-            print(f"error: no row could be scored; {args.output} was not written.", file=sys.stderr)
-            return 2
-        finished = output.finish(keys, probability)
-        print(f"wrote {len(finished)} rows to {args.output} ({len(finished) - len(done)} new)", file=sys.stderr)
-        return 0
-    if not scored:
-        print("error: no row could be scored.", file=sys.stderr)
+    job.run(pipe, settings, desc="dinalrm-score")
+    if job.skips.n_skipped:
+        print(f"warning: {job.skips.summary(job.n_input)}", file=sys.stderr)
+    probability = scoring.pipeline_probability(pipe, settings.t)
+    try:
+        table = job.finish(probability)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    table = finish_rows([scored[key] for key in keys if key in scored], probability)
-    _print_table(args, table, t, name if fell_back else None, probability)
+    if args.output is not None:
+        print(f"wrote {len(table)} rows to {args.output} ({len(table) - len(job.done)} new)", file=sys.stderr)
+        return 0
+    _print_table(args, loaded, table, settings.t, probability)
     return 0
 
 
-def _print_table(args: argparse.Namespace, table: list[dict], t, fell_back_from: str | None, probability) -> None:
+def _print_table(args: argparse.Namespace, loaded, table: list[dict], t, probability) -> None:
     """The rewards on stdout: text lines `image  reward  rank` (grouped under each prompt when there are several),
     or one JSON object; P(first preferred) for two images of one prompt."""
     column = "normalized" if args.normalize else "reward"
@@ -380,7 +224,7 @@ def _print_table(args: argparse.Namespace, table: list[dict], t, fell_back_from:
         p_first = probability([table[0]["reward"]], [table[1]["reward"]])[0]
     if args.json:
         result = {
-            "model": args.model,
+            "model": loaded.source,
             "prompt": prompts[0] if len(prompts) == 1 else prompts,
             "t": t,
             "seed": args.seed,
@@ -398,12 +242,12 @@ def _print_table(args: argparse.Namespace, table: list[dict], t, fell_back_from:
         }
         if p_first is not None:
             result["p_first_preferred"] = p_first
-        if fell_back_from:
-            result["note"] = FALLBACK_NOTE.format(model=fell_back_from)
+        if loaded.fallback_reason:
+            result["note"] = FALLBACK_NOTE.format(model=loaded.name)
         print(json.dumps(result, indent=2))
         return
-    if fell_back_from:
-        print(FALLBACK_NOTE.format(model=fell_back_from))
+    if loaded.fallback_reason:
+        print(FALLBACK_NOTE.format(model=loaded.name))
     width = max(len(row["image"]) for row in table)
     for prompt in prompts:
         if len(prompts) > 1:
