@@ -3,10 +3,12 @@
     dinalrm-score --prompt "a photo of a cat" a.png b.png [--model ID_OR_DIR] [--t 0.4 | --ensemble] [--json]
     dinalrm-score --prompt "a photo of a cat" folder/ 'runs/**/*.png' --output scores.csv
     dinalrm-score --pairs pairs.jsonl --output scores.jsonl
+    dinalrm-score --prompt "a photo of a cat" folder/ --output scores.parquet --ray --num-workers 4 --num-gpus-per-worker 1
 
 Prints one raw reward and the per-prompt rank per image (higher = preferred) and, for two images, the probability
-that the first one is preferred; with `--output`, writes the rows to a CSV or JSON Lines file that a second run
-resumes (see `dinalrm.serving.scoring`). Bad rows are counted skips. Exit codes: 0 success, 1 the model could not be
+that the first one is preferred; with `--output`, writes the rows to a CSV, JSON Lines or Parquet file that a second
+run resumes (see `dinalrm.serving.scoring`). With `--ray`, a pool of Ray Data actors scores the rows (see
+`dinalrm.serving.distributed`): the same rows, columns and file as one process. Bad rows are counted skips. Exit codes: 0 success, 1 the model could not be
 loaded, 2 bad arguments or no image that could be scored. Heavy imports (torch, diffusers) wait until the arguments
 are parsed, so `--help` is instant.
 """
@@ -20,10 +22,11 @@ import sys
 from pathlib import Path
 
 from dinalrm import DEFAULT_BASE, DEFAULT_MODEL
+from dinalrm.serving.distributed import add_ray_args
 
 
 DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("csv", "jsonl")
+FORMATS = ("csv", "jsonl", "parquet")  # dinalrm.serving.scoring.OUTPUT_FORMATS (not imported: --help stays instant)
 FALLBACK_WARNING = """\
 warning: {model!r} could not be loaded ({reason}); scoring with the bundled tiny-world demo model
 {fallback} instead. It only knows the tiny world's coloured shapes; pass --model for real images.
@@ -113,11 +116,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output",
         default=None,
-        help="Write one row per image to this .csv or .jsonl file, streamed as batches finish; an existing file "
+        help="Write one row per image to this .csv, .jsonl or .parquet file, streamed as batches finish (Parquet: "
+        "through FILE.partial.jsonl, written whole at the end); an existing file "
         "written with the same settings is resumed (rows already there are skipped).",
     )
     parser.add_argument("--format", choices=FORMATS, default=None, help="Format of --output (default: its suffix).")
     parser.add_argument("--overwrite", action="store_true", help="Start --output anew instead of resuming it.")
+    add_ray_args(parser, "images")
     args = parser.parse_args(argv)
     if not args.images and args.rows_file is None:
         parser.error("pass image files, folders or globs, or a --pairs/--prompts file.")
@@ -128,9 +133,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output is not None and args.format is None:
         args.format = Path(args.output).suffix.lower().lstrip(".")
         if args.format not in FORMATS:
-            parser.error(f"cannot tell the format of --output {args.output} from its suffix: use .csv or .jsonl.")
+            parser.error(
+                f"cannot tell the format of --output {args.output} from its suffix: use .csv, .jsonl or .parquet."
+            )
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1.")
+    if args.num_workers < 1:
+        parser.error("--num-workers must be at least 1.")
     for level in [args.t] if args.t is not None else args.ensemble or []:
         if not 0.0 <= level <= 1.0:
             parser.error(f"noise levels are fractions in [0, 1], got {level}.")
@@ -170,7 +179,9 @@ def score_main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     logging.getLogger("modeling_dinalrm").setLevel(logging.INFO)
     device = args.device or scoring.default_device()
-    dtype_name = args.dtype or scoring.default_dtype(device)
+    if args.ray:  # the actors score on their GPUs (or CPUs); here the model only resolves settings and compares pairs
+        device = "cpu"
+    dtype_name = args.dtype or scoring.default_dtype("cuda" if args.ray and args.num_gpus_per_worker else device)
     try:
         loaded = scoring.load_scoring_pipeline(args.model, args.base, getattr(torch, dtype_name))
     except scoring.ModelUnavailableError as err:
@@ -198,7 +209,14 @@ def score_main(argv: list[str] | None = None) -> int:
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    job.run(pipe, settings, desc="dinalrm-score")
+    if args.ray:
+        from dinalrm.serving.distributed import ray_session, run_on_ray
+
+        base = None if loaded.fallback_reason else args.base
+        with ray_session():
+            run_on_ray(job, settings, loaded.source, base, dtype_name, args.num_workers, args.num_gpus_per_worker)
+    else:
+        job.run(pipe, settings, desc="dinalrm-score")
     if job.skips.n_skipped:
         print(f"warning: {job.skips.summary(job.n_input)}", file=sys.stderr)
     probability = scoring.pipeline_probability(pipe, settings.t)

@@ -2,7 +2,8 @@
 
 A row is one image scored against one prompt, optionally one side of a preference pair. Rows come from image files,
 folders, glob patterns or a `--pairs`/`--prompts` table; bad rows (missing or unreadable image, empty prompt) are
-counted skips. The output file (CSV or JSON Lines) is streamed batch by batch, and its settings live in a sidecar
+counted skips. The output file (CSV or JSON Lines; Parquet through a JSON Lines sidecar `<output>.partial.jsonl`,
+as Parquet cannot be appended to) is streamed batch by batch, and its settings live in a sidecar
 `<output>.settings.json`: a second run with the same settings skips the rows already written (a row is keyed by
 image, prompt and occurrence), a run with other settings is refused. When every row is scored the file is rewritten
 once, atomically, in input order with the per-prompt ranks and pair probabilities, so an interrupted and resumed run
@@ -44,6 +45,9 @@ COLUMNS = ("image", "prompt", "reward", "normalized", "rank", "pair", "side", "p
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 NO_MATCH = "no_match"
 SETTINGS_SUFFIX = ".settings.json"
+# Output formats; a Parquet file is written whole at the end, its rows streamed to `<output>.partial.jsonl` until then.
+OUTPUT_FORMATS = ("csv", "jsonl", "parquet")
+PARTIAL_SUFFIX = ".partial.jsonl"
 # The image columns of the pair schemas `dinalrm.data` reads, first the side that is labelled preferred.
 PAIR_COLUMNS = {"canonical": ("chosen", "rejected"), "hpdv3": ("path1", "path2")}
 
@@ -91,6 +95,11 @@ class Skips:
         self.counts[reason] += n
         if len(self.examples) < 3:
             self.examples.append(example)
+
+    def merge(self, counts: dict[str, int], examples: list[str]) -> None:
+        """Adds the skips another process counted (`counts` by reason and its examples)."""
+        self.counts.update(counts)
+        self.examples.extend(examples[: max(0, 3 - len(self.examples))])
 
     def summary(self, total: int) -> str:
         reasons = ", ".join(f"{reason}={n}" for reason, n in sorted(self.counts.items()))
@@ -241,21 +250,35 @@ class OutputFile:
     """The `--output` file: refuses other settings, resumes, appends batches, and is rewritten once at the end."""
 
     def __init__(self, path: str, file_format: str, settings: dict, overwrite: bool) -> None:
+        if file_format not in OUTPUT_FORMATS:
+            raise ValueError(f"output format {file_format!r} is not one of {', '.join(OUTPUT_FORMATS)}.")
+        if file_format == "parquet":
+            try:
+                import pyarrow.parquet  # noqa: F401 - checked before any row is scored
+            except ImportError:
+                raise ValueError(
+                    "Parquet output needs pyarrow: pip install pyarrow, or write .csv / .jsonl."
+                ) from None
         self.path, self.format, self.settings = path, file_format, settings
         self.settings_path = path + SETTINGS_SUFFIX
+        # Where scored rows are streamed: the file itself, or for Parquet a JSON Lines sidecar.
+        self.stream_path, self.stream_format = (path, file_format) if file_format != "parquet" else (
+            path + PARTIAL_SUFFIX, "jsonl"
+        )  # fmt: skip
         if overwrite:
-            for stale in (path, self.settings_path):
+            for stale in (path, self.settings_path, self.stream_path):
                 if os.path.exists(stale):
                     os.remove(stale)
         self.rows = self._resume()
 
     def _resume(self) -> list[dict]:
         """Rows already in the file (a torn last line is cut off); raises ValueError for other settings."""
-        if not os.path.exists(self.path):
+        existing = [path for path in dict.fromkeys([self.path, self.stream_path]) if os.path.exists(path)]
+        if not existing:
             return []
         if not os.path.exists(self.settings_path):
             raise ValueError(
-                f"{self.path} exists but was not written by dinalrm-score (no {self.settings_path}): pass another "
+                f"{existing[0]} exists but was not written by dinalrm-score (no {self.settings_path}): pass another "
                 "--output, or --overwrite to replace it."
             )
         saved = json.loads(Path(self.settings_path).read_text())
@@ -269,30 +292,41 @@ class OutputFile:
                 f"{self.path} was written with other settings ({changed}); its rows cannot be mixed with these. "
                 "Pass the same settings to resume it, another --output, or --overwrite to start it anew."
             )
-        data = Path(self.path).read_bytes()
+        rows = []
+        if self.format == "parquet" and os.path.exists(self.path):  # a finished file, perhaps given more rows now
+            rows = self._unreadable_guard(self.path, "parquet", lambda: _read_parquet(self.path))
+        if not os.path.exists(self.stream_path):
+            return rows
+        data = Path(self.stream_path).read_bytes()
+        streamed, length = self._unreadable_guard(
+            self.stream_path, self.stream_format, lambda: _complete_records(data, self.stream_format)
+        )
+        if length < len(data):
+            logger.warning("%s: dropped a torn last line (the run was interrupted while writing it)", self.stream_path)
+            with open(self.stream_path, "r+b") as file:
+                file.truncate(length)
+        return rows + streamed
+
+    @staticmethod
+    def _unreadable_guard(path: str, file_format: str, read):
         try:
-            rows, length = _complete_records(data, self.format)
-        except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+            return read()
+        except (ValueError, TypeError, KeyError, OSError) as err:  # JSONDecodeError is a ValueError; ArrowInvalid too
             raise ValueError(
-                f"{self.path} cannot be resumed, it is not a {self.format} file as dinalrm-score writes them ({err}): "
+                f"{path} cannot be resumed, it is not a {file_format} file as dinalrm-score writes them ({err}): "
                 "pass another --output, or --overwrite to start it anew."
             ) from None
-        if length < len(data):
-            logger.warning("%s: dropped a torn last line (the run was interrupted while writing it)", self.path)
-            with open(self.path, "r+b") as file:
-                file.truncate(length)
-        return rows
 
     def append(self, rows: list[dict]) -> None:
         """Writes `rows` and flushes them to the operating system (they survive a killed process)."""
         if not os.path.exists(self.settings_path):
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             _write_atomically(self.settings_path, json.dumps(self.settings, indent=2) + "\n")
-        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, "a", encoding="utf-8", newline="") as file:
-            if new and self.format == "csv":
+        new = not os.path.exists(self.stream_path) or os.path.getsize(self.stream_path) == 0
+        with open(self.stream_path, "a", encoding="utf-8", newline="") as file:
+            if new and self.stream_format == "csv":
                 file.write(",".join(COLUMNS) + "\n")
-            file.write(format_rows(rows, self.format))
+            file.write(format_rows(rows, self.stream_format))
         self.rows.extend(rows)
 
     def finish(self, order: list[tuple[str, str, int]], preference_probability) -> list[dict]:
@@ -300,9 +334,42 @@ class OutputFile:
         position = {key: index for index, key in enumerate(order)}
         keyed = sorted(zip(row_keys(self.rows), self.rows), key=lambda item: position.get(item[0], len(order)))
         rows = finish_rows([row for _, row in keyed], preference_probability)
+        if self.format == "parquet":
+            _write_parquet_atomically(self.path, rows)
+            if os.path.exists(self.stream_path):
+                os.remove(self.stream_path)
+            return rows
         header = ",".join(COLUMNS) + "\n" if self.format == "csv" else ""
         _write_atomically(self.path, header + format_rows(rows, self.format))
         return rows
+
+
+def _parquet_schema():
+    import pyarrow as pa
+
+    numbers = {"reward": pa.float64(), "normalized": pa.float64(), "rank": pa.int64(), "pair": pa.int64()}
+    numbers["p_preferred"] = pa.float64()
+    return pa.schema([(name, numbers.get(name, pa.string())) for name in COLUMNS])
+
+
+def _read_parquet(path: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if tuple(table.column_names) != COLUMNS:
+        raise ValueError(f"its columns are {table.column_names}, not {list(COLUMNS)}")
+    return table.to_pylist()
+
+
+def _write_parquet_atomically(path: str, rows: list[dict]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    temporary = f"{path}.tmp-{os.getpid()}"
+    pq.write_table(pa.Table.from_pylist(rows, schema=_parquet_schema()), temporary)
+    with open(temporary, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
 
 
 def _write_atomically(path: str, text: str) -> None:
