@@ -22,6 +22,8 @@ from conftest import REPO_ROOT
 
 from dinalrm import bundled_asset, cli
 from dinalrm.evaluation import runner
+from dinalrm.serving.distributed import score_dataset
+from dinalrm.serving.scoring import OutputFile
 from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
 
 
@@ -30,7 +32,7 @@ PROMPT = "a small red circle at the left on a white background"
 OTHER = "a blue square at the right"
 # Rewards are float32 sums over a few thousand terms: another process may order them otherwise (relative 1e-6).
 RTOL = 1e-5
-pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]  # each Ray run: actors start, models load
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +80,7 @@ def read_csv_rows(path: Path) -> list[dict]:
         return [{name: value(name, text) for name, text in row.items()} for row in csv.DictReader(file)]
 
 
+@pytest.mark.slow  # a Ray run: actors start and load the model, 20-40 s on a shared 2-core CPU
 def test_folder_of_mixed_sizes_with_a_corrupt_file_to_parquet(ray_address, tmp_path, capsys):
     sizes = [(48, 48), (64, 40), (40, 72), (48, 48), (96, 64), (32, 32), (56, 48)]
     save_images(tmp_path / "images", sizes)
@@ -100,7 +103,8 @@ def test_folder_of_mixed_sizes_with_a_corrupt_file_to_parquet(ray_address, tmp_p
     assert sorted(row["rank"] for row in one.to_pylist()) == list(range(1, 8))  # 7 distinct random images
 
 
-def test_pairs_file_to_jsonl(ray_address, tmp_path, capsys):
+@pytest.mark.slow  # a Ray run: actors start and load the model, 20-40 s on a shared 2-core CPU
+def test_pairs_file_to_jsonl_through_the_python_api(ray_address, tmp_path, capsys, caplog):
     save_images(tmp_path / "img", [(48, 48), (64, 48), (48, 64), (40, 40)])
     pairs = [
         {"prompt": PROMPT, "chosen": "img/image_000.png", "rejected": "img/image_001.png"},
@@ -112,17 +116,21 @@ def test_pairs_file_to_jsonl(ray_address, tmp_path, capsys):
     pairs_file.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
     base = ["--model", MODEL, "--pairs", str(pairs_file), "--batch_size", "2"]
     assert cli.score_main([*base, "--output", str(tmp_path / "one.jsonl")]) == 0
-    warning = "warning: skipped 1 of 8 rows (missing_image=1)"
-    assert capsys.readouterr().err.count(warning) == 1
-    assert cli.score_main([*base, "--output", str(tmp_path / "ray.jsonl"), "--ray", "--num-workers", "2"]) == 0
-    assert capsys.readouterr().err.count(warning) == 1
+    skipped = "skipped 1 of 8 rows (missing_image=1)"
+    assert capsys.readouterr().err.count(skipped) == 1
+    returned = score_dataset(
+        rows_file=str(pairs_file), model=MODEL, output=str(tmp_path / "ray.jsonl"), batch_size=2, num_workers=2
+    )
+    assert sum(skipped in record.getMessage() for record in caplog.records) == 1  # reported once, at the end
     one, on_ray = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()] for name in
                    ("one.jsonl", "ray.jsonl"))  # fmt: skip
     assert_same_rows(on_ray, one)
+    assert returned == on_ray
     assert [row["pair"] for row in one] == [0, 0, 1, 1, 2, 3, 3]  # pair 2 lost its other side: no probability
     assert [row["p_preferred"] is None for row in one] == [False] * 4 + [True] + [False] * 2
 
 
+@pytest.mark.slow  # a Ray run: actors start and load the model, 20-40 s on a shared 2-core CPU
 def test_eval_on_ray_writes_the_results_json_of_one_process(ray_address, tmp_path):
     data = write_tiny_benchmarks(tmp_path / "data")
     model = save_tiny_dinalrm_repo(tmp_path / "tiny-dinalrm")
@@ -144,6 +152,7 @@ def score_command(folder: Path, output: Path) -> list[str]:
             str(output), "--ray", "--num-workers", "2"]  # fmt: skip
 
 
+@pytest.mark.slow  # a Ray run: actors start and load the model, 20-40 s on a shared 2-core CPU
 def test_killed_run_resumes_to_the_uninterrupted_file(ray_address, tmp_path, capsys):
     """120 images to CSV on the module's Ray (found through RAY_ADDRESS, as on a cluster): SIGKILL the driver
     midway, a torn last line, resume; the file equals an uninterrupted run's, byte for byte."""
@@ -170,3 +179,38 @@ def test_killed_run_resumes_to_the_uninterrupted_file(ray_address, tmp_path, cap
     assert f"wrote 120 rows to {resumed} ({120 - lines} new)" in run.stderr
     assert resumed.read_bytes() == whole.read_bytes()
     assert sorted(row["rank"] for row in read_csv_rows(whole)) == list(range(1, 121))
+
+
+def test_parquet_output_streams_through_a_sidecar_and_resumes(tmp_path):
+    """Parquet is written whole at the end; until then rows go to `<output>.partial.jsonl`, which resumes (a torn
+    last line dropped), and a finished Parquet file resumes too."""
+    path = str(tmp_path / "out.parquet")
+    rows = [
+        {"image": "a.png", "prompt": "p", "reward": 0.5, "normalized": 1.05, "rank": None, "pair": 0, "side": "a"},
+        {"image": "b.png", "prompt": "p", "reward": -2.5, "normalized": 0.75, "rank": None, "pair": 0, "side": "b"},
+        {"image": "c.png", "prompt": "q", "reward": 1.0, "normalized": 1.1, "rank": None, "pair": None, "side": None},
+    ]
+    rows = [{**row, "p_preferred": None} for row in rows]
+    settings = {"seed": 0}
+    OutputFile(path, "parquet", settings, overwrite=False).append(rows[:2])
+    partial = Path(path + ".partial.jsonl")
+    assert not Path(path).exists() and len(partial.read_text().splitlines()) == 2
+    partial.write_text(partial.read_text() + '{"image": "c.pn')  # killed while writing the third row
+    output = OutputFile(path, "parquet", settings, overwrite=False)
+    assert output.rows == rows[:2]
+    output.append(rows[2:])
+
+    def sigmoid_difference(first, second):  # a stand-in preference model: sigmoid(r_a - r_b)
+        return [1 / (1 + np.exp(b - a)) for a, b in zip(first, second)]
+
+    keys = [("a.png", "p", 0), ("b.png", "p", 0), ("c.png", "q", 0)]
+    output.finish(keys, sigmoid_difference)
+    assert not partial.exists()
+    written = pq.read_table(path).to_pylist()
+    assert [row["image"] for row in written] == ["a.png", "b.png", "c.png"]
+    assert [row["rank"] for row in written] == [1, 2, 1]
+    assert written[0]["p_preferred"] == pytest.approx(1 / (1 + np.exp(-3.0)), rel=1e-12)
+    assert written[2]["p_preferred"] is None
+    assert OutputFile(path, "parquet", settings, overwrite=False).rows == written  # a finished file resumes
+    with pytest.raises(ValueError, match="other settings"):
+        OutputFile(path, "parquet", {"seed": 1}, overwrite=False)

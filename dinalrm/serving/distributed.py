@@ -88,16 +88,34 @@ def add_ray_args(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-def actor_pool(num_workers: int, num_gpus_per_worker: float) -> dict[str, Any]:
-    """`map_batches` options for a pool of `num_workers` actors with `num_gpus_per_worker` GPUs (and one CPU) each,
-    handed one work unit per call."""
+# Units per actor call: enough calls per actor to balance the pool and stream results for resuming, few enough that
+# Ray's per-call cost (a task, a block) stays small next to the scoring.
+CALLS_PER_WORKER = 4
+MAX_UNITS_PER_CALL = 8
+
+
+def map_on_actor_pool(
+    units: list[dict], actor_class, constructor_kwargs: dict, num_workers: int, num_gpus_per_worker: float
+):
+    """The Ray Dataset of `units` mapped by `actor_class` on a pool of `num_workers` actors with
+    `num_gpus_per_worker` GPUs (and one CPU) each; an actor call gets a few units as a pyarrow table."""
     ray = _ray()
     if num_workers < 1:
         raise ValueError(f"num_workers must be at least 1, got {num_workers}.")
     if num_gpus_per_worker < 0:
         raise ValueError(f"num_gpus_per_worker must be 0 (CPU) or more, got {num_gpus_per_worker}.")
-    options = {"compute": ray.data.ActorPoolStrategy(size=num_workers), "batch_size": 1, "batch_format": "pyarrow"}
-    return options | {"num_cpus": 1, "num_gpus": num_gpus_per_worker or None}
+    per_call = max(1, min(MAX_UNITS_PER_CALL, len(units) // (CALLS_PER_WORKER * num_workers)))
+    # One block per call (`batch_size=None`): a batch size would merge blocks into longer tasks whose results
+    # reach the driver (and the output file) only when the whole task ends.
+    return ray.data.from_items(units, override_num_blocks=-(-len(units) // per_call)).map_batches(
+        actor_class,
+        fn_constructor_kwargs=constructor_kwargs,
+        compute=ray.data.ActorPoolStrategy(size=num_workers),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=1,
+        num_gpus=num_gpus_per_worker or None,
+    )
 
 
 def worker_device() -> str:
@@ -172,7 +190,6 @@ def run_on_ray(
 
     from tqdm.auto import tqdm
 
-    ray = _ray()
     batches = job.pending_batches(settings.batch_size)
     units = [
         {
@@ -185,10 +202,12 @@ def run_on_ray(
     ]
     if not units:
         return
-    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+    dataset = map_on_actor_pool(
+        units,
         BatchScorer,
-        fn_constructor_kwargs={"model": model, "base": base, "dtype": dtype, "settings": settings},
-        **actor_pool(num_workers, num_gpus_per_worker),
+        {"model": model, "base": base, "dtype": dtype, "settings": settings},
+        num_workers,
+        num_gpus_per_worker,
     )
     disable = None if progress is None else not progress
     with tqdm(total=job.n_pending(batches), unit="img", desc=desc, disable=disable, file=sys.stderr) as bar:
@@ -201,6 +220,69 @@ def run_on_ray(
                 ]
                 job.record([i for i, _, _ in scored], [r for _, r, _ in scored], [n for _, _, n in scored])
                 bar.update(sum(job.keys[index] not in job.done for index in unit["indices"]))
+
+
+def score_dataset(
+    inputs=(),
+    *,
+    model: str | None = None,
+    prompt: str | None = None,
+    rows_file: str | None = None,
+    output: str | None = None,
+    file_format: str | None = None,
+    overwrite: bool = False,
+    t: float | None = None,
+    ensemble: list[float] | None = None,
+    seed: int = 0,
+    noise_sharing: str = "prompt",
+    batch_size: int = 8,
+    normalize: str | None = None,
+    base: str | None = None,
+    dtype: str | None = None,
+    num_workers: int = 1,
+    num_gpus_per_worker: float = 0,
+) -> list[dict]:
+    """`dinalrm-score --ray` in Python: the rows of `inputs` (image files, folders, globs, or a Ray Dataset with an
+    `image` column and optionally `prompt`) and/or `rows_file`, scored by `num_workers` Ray Data actors.
+
+    Returns the output columns (`scoring.COLUMNS`) per scored row in input order, with ranks and pair probabilities;
+    with `output` (.csv, .jsonl or .parquet), also written there and resumed from there. This process loads the
+    model once on its CPU for the default noise levels and the pair probabilities; the actors do the scoring.
+    Raises ValueError for inputs that give no row to score or an output written with other settings.
+    """
+    import torch
+
+    from dinalrm.serving import scoring
+
+    if hasattr(inputs, "take_all"):  # a Ray Dataset: its rows, scored against their own prompts or `prompt`
+        records = inputs.take_all()
+        rows = [scoring.Row(str(r["image"]), str(r["image"]), r.get("prompt") or prompt) for r in records]
+        if any(not row.prompt for row in rows):
+            raise ValueError("rows without a prompt: give the Dataset a `prompt` column, or pass prompt=...")
+        skips = scoring.Skips()
+        n_input = len(rows)
+        rows = [row for row in rows if scoring.load_row_image(row, skips, header_only=True) is not None]
+        job = scoring.ScoringJob(rows, skips, n_input)
+    else:
+        job = scoring.ScoringJob.from_inputs(list(inputs), rows_file, prompt)
+    dtype = dtype or scoring.default_dtype("cuda" if num_gpus_per_worker else "cpu")
+    loaded = scoring.load_scoring_pipeline(model, base, getattr(torch, dtype))
+    settings = scoring.ScoringSettings(
+        t=scoring.noise_levels(loaded.pipe, t, ensemble),
+        seed=seed,
+        noise_sharing=noise_sharing,
+        batch_size=batch_size,
+        normalize=normalize or ("display" if output else None),
+    )
+    if output is not None:
+        file_format = file_format or os.path.splitext(output)[1].lower().lstrip(".")
+        job.open_output(output, file_format, settings.resume_key(loaded.source, base, dtype), overwrite)
+    base = None if loaded.fallback_reason else base
+    with ray_session():
+        run_on_ray(job, settings, loaded.source, base, dtype, num_workers, num_gpus_per_worker, progress=False)
+    if job.skips.n_skipped:
+        logger.warning(job.skips.summary(job.n_input))
+    return job.finish(scoring.pipeline_probability(loaded.pipe, settings.t))
 
 
 # ----------------------------------------------------------------------------------------------------- evaluation
@@ -254,7 +336,6 @@ def benchmark_scores(
     every distinct image of `benchmarks`, scored by a pool of `num_workers` actors (call inside `ray_session`)."""
     import json
 
-    ray = _ray()
     units = [
         {"benchmark": key, "image_ids": ids[start : start + batch_size]}
         for key, benchmark in benchmarks.items()
@@ -264,10 +345,12 @@ def benchmark_scores(
     results: dict[str, list] = {key: [] for key in benchmarks}
     if not units:
         return [], results
-    dataset = ray.data.from_items(units, override_num_blocks=len(units)).map_batches(
+    dataset = map_on_actor_pool(
+        units,
         BenchmarkScorer,
-        fn_constructor_kwargs={"name": name, "args": args, "benchmarks": benchmarks, "batch_size": batch_size},
-        **actor_pool(num_workers, num_gpus_per_worker),
+        {"name": name, "args": args, "benchmarks": benchmarks, "batch_size": batch_size},
+        num_workers,
+        num_gpus_per_worker,
     )
     settings: list[str] = []
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
