@@ -1,5 +1,5 @@
-"""Serving scores: the batch-scoring job behind `dinalrm-score` (`scoring`: rows in, scores and ranks out, resume),
-the HTTP server behind `dinalrm-serve` (`server`) and its Ray Serve deployment (`ray_serve`).
+"""Serving scores: the batch-scoring job behind `dinalrm score` (`scoring`: rows in, scores and ranks out, resume),
+the HTTP server behind `dinalrm serve` (`server`) and its Ray Serve deployment (`ray_serve`).
 
 Public names are imported lazily on first use (see `dinalrm._lazy`).
 """

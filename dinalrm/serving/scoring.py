@@ -255,7 +255,7 @@ class OutputFile:
             return []
         if not os.path.exists(self.settings_path):
             raise ValueError(
-                f"{self.path} exists but was not written by dinalrm-score (no {self.settings_path}): pass another "
+                f"{self.path} exists but was not written by dinalrm score (no {self.settings_path}): pass another "
                 "--output, or --overwrite to replace it."
             )
         saved = json.loads(Path(self.settings_path).read_text())
@@ -274,7 +274,7 @@ class OutputFile:
             rows, length = _complete_records(data, self.format)
         except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
             raise ValueError(
-                f"{self.path} cannot be resumed, it is not a {self.format} file as dinalrm-score writes them ({err}): "
+                f"{self.path} cannot be resumed, it is not a {self.format} file as dinalrm score writes them ({err}): "
                 "pass another --output, or --overwrite to start it anew."
             ) from None
         if length < len(data):
