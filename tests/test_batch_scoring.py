@@ -1,4 +1,4 @@
-"""`dinalrm-score` batch mode: folders, globs, --pairs files, counted skips, streamed output, resume and refusals."""
+"""`dinalrm score` batch mode: folders, globs, --pairs files, counted skips, streamed output, resume and refusals."""
 
 import csv
 import io
@@ -162,7 +162,7 @@ def test_other_settings_or_a_foreign_file_are_refused_never_overwritten(tmp_path
     foreign = tmp_path / "mine.csv"
     foreign.write_text("my,own,data\n")
     assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, *images, "--output", str(foreign)]) == 2
-    assert "was not written by dinalrm-score" in capsys.readouterr().err
+    assert "was not written by dinalrm score" in capsys.readouterr().err
     assert foreign.read_text() == "my,own,data\n"
 
 
@@ -176,9 +176,9 @@ def test_one_progress_bar_with_images_per_second_on_a_terminal(tmp_path, tiny_mo
     images = save_images(tmp_path, 3, size=48)
     assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, *images, "--output", str(tmp_path / "out.csv")]) == 0
     lines = terminal.getvalue().replace("\r", "\n").splitlines()
-    bars = [line for line in lines if line.startswith("dinalrm-score:")]
+    bars = [line for line in lines if line.startswith("dinalrm score:")]
     assert bars and "3/3" in bars[-1] and ("img/s" in bars[-1] or "s/img" in bars[-1])  # s/img below 1 img/s
-    assert all(line.startswith("dinalrm-score:") for line in lines if "%|" in line)  # the pipeline's bar stays off
+    assert all(line.startswith("dinalrm score:") for line in lines if "%|" in line)  # the pipeline's bar stays off
 
 
 @pytest.mark.parametrize("file_format", ["csv", "jsonl"])
@@ -210,7 +210,7 @@ def score_arguments(folder: Path, output: Path) -> list[str]:
 
 
 def score_command(folder: Path, output: Path) -> list[str]:
-    return [sys.executable, "-m", "dinalrm.cli", *score_arguments(folder, output)]
+    return [sys.executable, "-m", "dinalrm.cli", "score", *score_arguments(folder, output)]
 
 
 @pytest.mark.slow  # two interpreter starts (the kill must hit a real process): about a minute on a shared 2-core machine

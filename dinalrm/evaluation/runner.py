@@ -92,8 +92,8 @@ def scorer_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "model": models.get(name)})
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
         action="append",
@@ -326,8 +326,9 @@ def write_results(output_dir: str, results: dict[str, dict[str, dict[str, Any]]]
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The command line (`dinalrm eval`); returns the exit code."""
+    args = parse_args(argv, prog)
     accelerator = start_run()
     try:
         with accelerator.main_process_first():

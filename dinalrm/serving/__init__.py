@@ -1,6 +1,6 @@
-"""Serving scores: the batch-scoring job behind `dinalrm-score` (`scoring`: rows in, scores and ranks out, resume),
+"""Serving scores: the batch-scoring job behind `dinalrm score` (`scoring`: rows in, scores and ranks out, resume),
 the same job and the benchmark evaluation on Ray Data actors (`distributed`: `--ray`, `score_dataset`), the HTTP
-server behind `dinalrm-serve` (`server`) and its Ray Serve deployment (`ray_serve`).
+server behind `dinalrm serve` (`server`) and its Ray Serve deployment (`ray_serve`).
 
 Public names are imported lazily on first use (see `dinalrm._lazy`).
 """

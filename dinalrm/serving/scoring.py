@@ -278,7 +278,7 @@ class OutputFile:
             return []
         if not os.path.exists(self.settings_path):
             raise ValueError(
-                f"{existing[0]} exists but was not written by dinalrm-score (no {self.settings_path}): pass another "
+                f"{existing[0]} exists but was not written by dinalrm score (no {self.settings_path}): pass another "
                 "--output, or --overwrite to replace it."
             )
         saved = json.loads(Path(self.settings_path).read_text())
@@ -313,7 +313,7 @@ class OutputFile:
             return read()
         except (ValueError, TypeError, KeyError, OSError) as err:  # JSONDecodeError is a ValueError; ArrowInvalid too
             raise ValueError(
-                f"{path} cannot be resumed, it is not a {file_format} file as dinalrm-score writes them ({err}): "
+                f"{path} cannot be resumed, it is not a {file_format} file as dinalrm score writes them ({err}): "
                 "pass another --output, or --overwrite to start it anew."
             ) from None
 

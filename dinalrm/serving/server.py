@@ -30,6 +30,8 @@ from fastapi.responses import JSONResponse
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 
+from .arguments import DTYPE_NAMES, build_parser  # noqa: F401  (build_parser: its home is the light arguments module)
+
 
 logger = diffusers_logging.get_logger(__name__)
 
@@ -37,7 +39,7 @@ PROTOCOL_VERSION = "1"
 PROTOCOL_HEADER = "x-drm-protocol-version"
 LATENT_TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "u")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 class RequestError(ValueError):
@@ -551,50 +553,6 @@ async def _parse_multipart(request, body: bytes) -> tuple[list, list[str], dict]
 
 
 # ------------------------------------------------------------------------------------------ command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dinalrm-serve",
-        description="HTTP reward server for RL trainers (verl-omni's latent scorer protocol, version 1).",
-    )
-    parser.add_argument("--model", "--model-path", dest="model", required=True, help="DiNa-LRM Hub id or folder.")
-    parser.add_argument(
-        "--base-model",
-        "--base-model-path",
-        dest="base_model",
-        default=None,
-        help="SD3.5-Medium Hub id or folder, for official checkpoints (default: stabilityai/stable-diffusion-3.5-medium).",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu.")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="samples per batched model call.")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests.")
-    parser.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 503.")
-    parser.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (400 above).")
-    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="per-request deadline (503 after).")
-    parser.add_argument(
-        "--latents-only",
-        action="store_true",
-        help="load only the reward model (no VAE, text encoders): serves /v1/score, not /v1/score_images.",
-    )
-    parser.add_argument(
-        "--normalize",
-        choices=("zscore",),
-        default=None,
-        help="return z-scores (raw - mean) / std from the model's reward statistics instead of raw rewards.",
-    )
-    parser.add_argument("--ray", action="store_true", help="deploy with Ray Serve (pip install 'dinalrm[serve]').")
-    parser.add_argument("--num-replicas", type=int, default=1, help="Ray Serve replicas (with --ray).")
-    parser.add_argument(
-        "--num-gpus-per-replica",
-        type=float,
-        default=None,
-        help="with --ray; default 1 when CUDA is available, else 0.",
-    )
-    return parser
-
-
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
     for name in ("max_batch_size", "max_queue", "num_replicas"):
         if getattr(args, name) < 1:
