@@ -3,11 +3,12 @@
 
 Scores a folder of small PNGs (64x64, one prompt) with the bundled tiny-world model (`dinalrm-tiny`), in this
 process (`ScoringJob.run`) and on a local Ray (`dinalrm.serving.distributed.run_on_ray`) with 1 and 2 actors of one
-CPU each (this process also scores on one torch thread, as an actor does). The time each scoring call ends is
-recorded where it runs (`ScoringJob.record` here, the actor's call on Ray): the rows scored after the first call,
-over the time they took, give the per-image cost once the engine is warm (model loaded, actors up, Ray's per-call
-costs included); what came before the first call's end, less its own rows' share, is the fixed cost of a run (actor
-start-up and model loading in each actor, Dataset planning), reported apart from `ray.init` and from the
+CPU each. This process also scores on one torch thread, as an actor does, with the local Ray up and idle, and the
+runs of the engines alternate, so that each meets the same load of a shared machine. The time each scoring call
+ends is recorded where it runs (`ScoringJob.record` here, the actor's call on Ray): the rows scored after the first
+call, over the time they took, give the per-image cost once the engine is warm (model loaded, actors up, Ray's
+per-call costs included); what came before the first call's end, less its own rows' share, is the fixed cost of a
+run (actor start-up and model loading in each actor, Dataset planning), reported apart from `ray.init` and from the
 single-process model loading. images/s = 1 / per-image cost.
 
 Target: the Ray path's warm per-image cost at 1 worker within 1.15x of the single-process path on 200 images.
@@ -111,20 +112,23 @@ def main() -> None:
         def job() -> ScoringJob:
             return ScoringJob.from_inputs(paths, prompt=PROMPT)
 
-        with torch_threads(1):
-            start = time.perf_counter()
-            pipe = load_scoring_pipeline(model, None, torch.float32).pipe
-            load = time.perf_counter() - start
-            pipe.set_progress_bar_config(disable=True)
-            job().run(pipe, settings, progress=False)  # warm-up
-            single, _ = fastest([single_process_run(job(), pipe, settings) for _ in range(repeats)])
-
-        distributed.BatchScorer = TimedBatchScorer  # what run_on_ray maps with
         start = time.perf_counter()
-        with ray_session(num_cpus=2):
+        pipe = load_scoring_pipeline(model, None, torch.float32).pipe
+        load = time.perf_counter() - start
+        pipe.set_progress_bar_config(disable=True)
+        distributed.BatchScorer = TimedBatchScorer  # what run_on_ray maps with
+        marks = Path(folder) / "marks.jsonl"
+        start = time.perf_counter()
+        with ray_session(num_cpus=2), torch_threads(1):
             ray_start = time.perf_counter() - start
-            marks = Path(folder) / "marks.jsonl"
-            on_ray = {w: fastest([ray_run(job(), settings, model, w, marks) for _ in range(repeats)]) for w in (1, 2)}
+            job().run(pipe, settings, progress=False)  # warm-up
+            runs = {"single": [], 1: [], 2: []}
+            for _ in range(repeats):  # interleaved, so that every engine meets the same load of a shared machine
+                runs["single"].append(single_process_run(job(), pipe, settings))
+                for workers in (1, 2):
+                    runs[workers].append(ray_run(job(), settings, model, workers, marks))
+        single, _ = fastest(runs["single"])
+        on_ray = {workers: fastest(runs[workers]) for workers in (1, 2)}
 
     print(
         f"{args.images} images of 64x64, batch {args.batch_size}, tiny-world model, CPU, fastest of {repeats} run(s)"

@@ -148,8 +148,19 @@ def test_eval_on_ray_writes_the_results_json_of_one_process(ray_address, tmp_pat
 
 
 def score_command(folder: Path, output: Path) -> list[str]:
-    return [sys.executable, "-m", "dinalrm.cli", "--model", MODEL, "--prompt", PROMPT, str(folder), "--output",
-            str(output), "--ray", "--num-workers", "2"]  # fmt: skip
+    options = [
+        "--model",
+        MODEL,
+        "--prompt",
+        PROMPT,
+        str(folder),
+        "--output",
+        str(output),
+        "--ray",
+        "--num-workers",
+        "2",
+    ]
+    return [sys.executable, "-m", "dinalrm.cli", "score", *options]
 
 
 @pytest.mark.slow  # a Ray run: actors start and load the model, 20-40 s on a shared 2-core CPU
@@ -159,7 +170,7 @@ def test_killed_run_resumes_to_the_uninterrupted_file(ray_address, tmp_path, cap
     folder = tmp_path / "images"
     save_images(folder, [(48, 48)] * 120)
     whole, resumed = tmp_path / "whole.csv", tmp_path / "resumed.csv"
-    assert cli.score_main(score_command(folder, whole)[3:]) == 0  # in this process: one interpreter start less
+    assert cli.score_main(score_command(folder, whole)[4:]) == 0  # in this process: one interpreter start less
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ray_address}
     process = subprocess.Popen(score_command(folder, resumed), env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
