@@ -16,6 +16,8 @@ __version__ = "0.2.0"
 
 # The published checkpoint (official layout; converted on first use and cached).
 DEFAULT_MODEL = "liuhuohuo/DiNa-LRM-SD35M-12layers"
+# The base it needs: gated, its licence is accepted on its Hub page (https://huggingface.co/<id>).
+DEFAULT_BASE = "stabilityai/stable-diffusion-3.5-medium"
 
 # Flat module names of release 0.1 -> their home now; importable with a FutureWarning for one release.
 MOVED_MODULES = {

@@ -1,14 +1,21 @@
-"""`dinalrm-score`: score images against their prompts from the shell.
+"""The `dinalrm` command: argument parsing only; each subcommand calls into the package.
 
-    dinalrm-score --prompt "a photo of a cat" a.png b.png [--model ID_OR_DIR] [--t 0.4 | --ensemble] [--json]
-    dinalrm-score --prompt "a photo of a cat" folder/ 'runs/**/*.png' --output scores.csv
-    dinalrm-score --pairs pairs.jsonl --output scores.jsonl
+    dinalrm score --prompt "a photo of a cat" a.png b.png [--model ID_OR_DIR] [--t 0.4 | --ensemble] [--json]
+    dinalrm score --prompt "a photo of a cat" folder/ 'runs/**/*.png' --output scores.csv
+    dinalrm score --pairs pairs.jsonl --output scores.jsonl
+    dinalrm serve --model ID_OR_DIR [--port 8000] [--ray]
+    dinalrm eval --model ID_OR_DIR --benchmarks hpdv2 [--data_dir DIR]      (dinalrm.evaluation.runner)
+    dinalrm calibrate --model DIR --data_dir DIR [--write_to_model]         (dinalrm.evaluation.calibration)
+    dinalrm convert dinalrm --official_dir DIR_OR_ID --output_dir OUT       (an official DiNa-LRM checkpoint)
+    dinalrm convert lrm --official_dir DIR_OR_ID --base SD15_OR_SDXL --output_dir OUT   (an official LRM one)
+    dinalrm build-hub --reward_model DIR --base ID_OR_DIR --output_dir OUT [--push_to_hub --hub_model_id ID]
 
-Prints one raw reward and the per-prompt rank per image (higher = preferred) and, for two images, the probability
-that the first one is preferred; with `--output`, writes the rows to a CSV or JSON Lines file that a second run
-resumes (see `dinalrm.serving.scoring`). Bad rows are counted skips. Exit codes: 0 success, 1 the model could not be
-loaded, 2 bad arguments or no image that could be scored. Heavy imports (torch, diffusers) wait until the arguments
-are parsed, so `--help` is instant.
+`dinalrm-score` and `dinalrm-serve` are aliases of `dinalrm score` and `dinalrm serve`. `score` prints one raw
+reward and the per-prompt rank per image (higher = preferred), P(A ≻ B) for two images and a ranking for more; with
+`--output`, it writes the rows to a CSV, JSON Lines or Parquet file that a second run resumes
+(`dinalrm.serving.scoring`); with `--ray`, a pool of Ray Data actors scores them (`dinalrm.serving.distributed`). Exit
+codes: 0 success, 1 the model could not be loaded, 2 bad arguments or no image that could be scored. Nothing heavy
+(torch, diffusers, the model stack) is imported before the arguments are parsed, so every `--help` is instant.
 """
 
 from __future__ import annotations
@@ -16,31 +23,35 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import os
 import sys
 from pathlib import Path
 
-from dinalrm import DEFAULT_MODEL, bundled_asset
+from dinalrm import DEFAULT_BASE, DEFAULT_MODEL
+from dinalrm.serving.distributed import add_ray_args
 
 
-# The base the published checkpoint (`DEFAULT_MODEL`, official layout) needs.
-DEFAULT_BASE = "stabilityai/stable-diffusion-3.5-medium"
-# The tiny-world demo model shipped inside the package (examples/tiny_world); used when the default is unreachable.
-BUNDLED_TINY_MODEL = bundled_asset("dinalrm-tiny")
 DTYPES = ("float32", "bfloat16", "float16")
-FORMATS = ("csv", "jsonl")
+FORMATS = ("csv", "jsonl", "parquet")  # dinalrm.serving.scoring.OUTPUT_FORMATS (not imported: --help stays instant)
 FALLBACK_WARNING = """\
-warning: {model!r} could not be loaded ({reason}); scoring with the bundled tiny-world demo model
-{fallback} instead. It only knows the tiny world's coloured shapes; pass --model for real images.
+warning: {model} could not be loaded ({reason}).
+  Scoring with the packaged demo model instead: a tiny model of coloured shapes, not of real images.
+  For the real model, accept the licence of its base, SD3.5-Medium, on its Hub page:
+  https://huggingface.co/{base}
+  then run `hf auth login` and score once online (cached afterwards), or pass --model.
 """
-FALLBACK_NOTE = "note: scored with the bundled tiny-world demo model ({model} could not be loaded; see stderr)."
+FALLBACK_NOTE = "note: scored with the packaged demo model, not {model} (see the warning on stderr)."
 MODEL_UNAVAILABLE = "error: could not load the DiNa-LRM model {model!r}: {reason}\n"
 HUB_MODEL_HINT = """\
 To get it, run once with network access (it is cached afterwards): hf download {model}
 or pass --model a local folder (a DiNa-LRM pipeline folder, or an official checkpoint folder with --base), or for
 a quick offline try: python -c "from dinalrm.testing import save_tiny_dinalrm_repo; save_tiny_dinalrm_repo('tiny-dinalrm')"
 """
+REWARD_MEANING = "raw DiNa-LRM rewards (higher = preferred; compare them within a prompt, the scale has no unit)"
+NORMALIZED_MEANING = {
+    "display": "display scores (raw + 10) / 10 (higher = preferred)",
+    "logistic": "calibrated scores in (0, 1) (higher = preferred)",
+    "zscore": "z-scores of the rewards (higher = preferred)",
+}
 
 
 def _noise_levels(text: str) -> list[float]:
@@ -51,12 +62,15 @@ def _noise_levels(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(message) from err
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="dinalrm-score",
-        description="Score images against their prompts with DiNa-LRM (higher = preferred), with the installed "
-        "DiNa-LRM code (a model repository's own code files are never run).",
-    )
+# ------------------------------------------------------------------------------------------------ score
+SCORE_DESCRIPTION = (
+    "Score images against their prompts with DiNa-LRM (raw rewards, higher = preferred), with the installed DiNa-LRM "
+    "code (a model repository's own code files are never run)."
+)
+
+
+def add_score_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dinalrm score`."""
     parser.add_argument(
         "images",
         nargs="*",
@@ -67,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model",
         default=None,
         help=f"Hub id or local folder: a DiNa-LRM pipeline or an official checkpoint (default: {DEFAULT_MODEL}, "
-        "or the bundled tiny-world demo model when that is unreachable offline).",
+        "or the packaged tiny-world demo model when that is unreachable offline).",
     )
     parser.add_argument(
         "--base",
@@ -113,18 +127,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="Print the official display score (raw + 10) / 10, or calibrated scores in (0, 1) from the model's "
         "fitted calibration (eval/calibrate.py), instead of raw rewards; in --output files the `normalized` column "
-        "(default there: display). P(first preferred) is the same either way.",
+        "(default there: display). P(A ≻ B) is the same either way.",
     )
     parser.add_argument("--json", action="store_true", help="Print one JSON object instead of text.")
     parser.add_argument(
         "--output",
         default=None,
-        help="Write one row per image to this .csv or .jsonl file, streamed as batches finish; an existing file "
+        help="Write one row per image to this .csv, .jsonl or .parquet file, streamed as batches finish (Parquet: "
+        "through FILE.partial.jsonl, written whole at the end); an existing file "
         "written with the same settings is resumed (rows already there are skipped).",
     )
     parser.add_argument("--format", choices=FORMATS, default=None, help="Format of --output (default: its suffix).")
     parser.add_argument("--overwrite", action="store_true", help="Start --output anew instead of resuming it.")
-    args = parser.parse_args(argv)
+    add_ray_args(parser, "images")
+
+
+def check_score_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What argparse cannot check alone; fills in `args.format` from the --output suffix."""
     if not args.images and args.rows_file is None:
         parser.error("pass image files, folders or globs, or a --pairs/--prompts file.")
     if args.output is not None and args.json:
@@ -134,54 +153,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.output is not None and args.format is None:
         args.format = Path(args.output).suffix.lower().lstrip(".")
         if args.format not in FORMATS:
-            parser.error(f"cannot tell the format of --output {args.output} from its suffix: use .csv or .jsonl.")
+            parser.error(
+                f"cannot tell the format of --output {args.output} from its suffix: use .csv, .jsonl or .parquet."
+            )
     if args.batch_size < 1:
         parser.error("--batch_size must be at least 1.")
+    if args.num_workers < 1:
+        parser.error("--num-workers must be at least 1.")
     for level in [args.t] if args.t is not None else args.ensemble or []:
         if not 0.0 <= level <= 1.0:
             parser.error(f"noise levels are fractions in [0, 1], got {level}.")
+
+
+def parse_args(argv: list[str] | None = None, prog: str = "dinalrm score") -> argparse.Namespace:
+    """The arguments of `dinalrm score` (`dinalrm-score`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=SCORE_DESCRIPTION)
+    add_score_arguments(parser)
+    args = parser.parse_args(argv)
+    check_score_args(parser, args)
     return args
-
-
-def _device_problem(device: str) -> str | None:
-    """Why `--device` cannot be used here, or None."""
-    import torch
-
-    try:
-        kind = torch.device(device).type
-    except RuntimeError:
-        return f"--device {device!r} is not a device name: use cpu, cuda, cuda:1 or mps."
-    available = {"cuda": torch.cuda.is_available, "mps": torch.backends.mps.is_available}.get(kind, lambda: True)
-    if not available():
-        return f"--device {device} was asked for, but no {kind} device is available here: pass --device cpu."
-    return None
-
-
-def default_dtype(device: str) -> str:
-    """bfloat16 where users run (CUDA), float32 on the CPU (where bfloat16 is slow)."""
-    return "bfloat16" if device.startswith("cuda") else "float32"
-
-
-def _load_pipeline(model: str | None, base: str, dtype) -> tuple[object | None, str, bool]:
-    """Loads `model` (default: the published checkpoint); without an explicit model, falls back (loudly) to the
-    bundled tiny model when that one cannot be loaded. Returns `(pipeline or None, name, fell_back)`."""
-    from huggingface_hub.errors import HFValidationError
-
-    from modeling_dinalrm import looks_like_local_path
-    from pipeline_dinalrm import DiNaLRMPipeline
-
-    name = model or DEFAULT_MODEL
-    try:
-        return DiNaLRMPipeline.from_pretrained(name, base_model=base, torch_dtype=dtype), name, False
-    except (OSError, HFValidationError, ValueError) as err:  # ValueError: ConversionError, not a DiNa-LRM folder
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if model is None and BUNDLED_TINY_MODEL.is_dir():
-            print(FALLBACK_WARNING.format(model=name, reason=reason, fallback=BUNDLED_TINY_MODEL), file=sys.stderr)
-            return DiNaLRMPipeline.from_pretrained(BUNDLED_TINY_MODEL, torch_dtype=dtype), name, True
-        print(MODEL_UNAVAILABLE.format(model=name, reason=reason), file=sys.stderr, end="")
-        if not looks_like_local_path(name):  # a local folder is not downloaded: the reason says what is wrong
-            print(HUB_MODEL_HINT.format(model=name), file=sys.stderr, end="")
-        return None, name, False
 
 
 def _quiet_progress_bars() -> None:
@@ -193,224 +183,117 @@ def _quiet_progress_bars() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def _rows_to_score(args: argparse.Namespace, skips) -> list:
-    """The rows of the command line (files, folders, globs) or of the --pairs file, bad ones counted in `skips`."""
-    from dinalrm.serving.scoring import expand_images, rows_from_file, rows_from_images
+def run_score(args: argparse.Namespace) -> int:
+    """`dinalrm score`: runs `dinalrm.serving.scoring.ScoringJob` and prints what it found; returns the exit code."""
+    from dinalrm.serving import scoring
 
-    rows = rows_from_file(args.rows_file, args.prompt, skips) if args.rows_file is not None else []
-    if args.images:
-        rows += rows_from_images(expand_images(args.images, skips), args.prompt)
-    return rows
-
-
-def _load_row_image(row, skips, header_only: bool = False):
-    """The image of `row`, decoded as training and evaluation decode them (or only its header, a quick check before
-    the model loads); None, counted in `skips`, if that fails."""
-    from dinalrm.data import OVERSIZED, ImageLoadError, load_image, read_image_size
-
-    try:
-        return (read_image_size if header_only else load_image)(row.path)
-    except ImageLoadError as err:
-        hint = (
-            " Downscale it first: it is resized to about 1024x1024 pixels anyway." if err.reason == OVERSIZED else ""
-        )
-        skips.skip(err.reason, f"cannot read image {row.image}: {err}.{hint}")
-        return None
-
-
-def _batches(rows: list, batch_size: int) -> list[list[int]]:
-    """Row indices grouped by prompt (first appearance order), then cut into batches: fixed by the input alone."""
-    by_prompt: dict[str, list[int]] = {}
-    for index, row in enumerate(rows):
-        by_prompt.setdefault(row.prompt, []).append(index)
-    return [group[i : i + batch_size] for group in by_prompt.values() for i in range(0, len(group), batch_size)]
-
-
-def _score_batch(pipe, prompt: str, images: list, options: dict, skips, names: list[str]) -> list[float | None]:
-    """Raw rewards of one prompt's images with a fresh generator from `--seed` (the pipeline's noise rule then gives
-    every prompt the same draws whatever the batch holds); None, a counted skip, for an image the pipeline refuses."""
-    import torch
-
-    from dinalrm.serving.scoring import NONFINITE_REWARD
-
-    def score(pictures: list) -> list[float]:
-        generator = torch.Generator().manual_seed(options["seed"])
-        output = pipe(prompt, images=pictures, generator=generator, batch_size=len(pictures), **options["pipe"])
-        return output.rewards.tolist()
-
-    def finite(rewards: list[float]) -> list[float | None]:
-        for name, reward in zip(names, rewards):
-            if not math.isfinite(reward):
-                skips.skip(NONFINITE_REWARD, f"{name}: the model scored it {reward} (its weights hold NaN/inf?)")
-        return [reward if math.isfinite(reward) else None for reward in rewards]
-
-    try:
-        return finite(score(images))
-    except ValueError:  # find the image(s) at fault and score the others alone
-        rewards = []
-        for name, image in zip(names, images):
-            try:
-                rewards += finite(score([image]))
-            except ValueError as err:
-                skips.skip("unscorable_image", f"{name}: {err}")
-                rewards.append(None)
-        return rewards
-
-
-def _score_rows(pipe, rows: list, keys: list, done: set, output, options: dict, skips) -> dict:
-    """Scores the batches that hold rows not `done` yet, appending the new rows to `output` batch by batch; returns
-    the scored rows by key."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from dinalrm.serving.scoring import output_row
-
-    batches = [batch for batch in _batches(rows, options["batch_size"]) if any(keys[i] not in done for i in batch)]
-    scored = {}
-    todo = sum(keys[i] not in done for batch in batches for i in batch)
-    with tqdm(total=todo, unit="img", desc="dinalrm-score", disable=None, file=sys.stderr) as progress:
-        for batch in batches:
-            images = {index: _load_row_image(rows[index], skips) for index in batch}
-            members = [index for index in batch if images[index] is not None]
-            if members:
-                names = [rows[index].image for index in members]
-                pictures = [images[index] for index in members]
-                rewards = _score_batch(pipe, rows[members[0]].prompt, pictures, options, skips, names)
-                kept = [(index, reward) for index, reward in zip(members, rewards) if reward is not None]
-                members, rewards = [index for index, _ in kept], [reward for _, reward in kept]
-                normalized = pipe.normalize_rewards(torch.tensor(rewards), options["normalize"], options["pipe"]["t"])
-                new = []
-                for index, reward, value in zip(members, rewards, normalized.tolist()):
-                    scored[keys[index]] = entry = output_row(rows[index], reward, value)
-                    if keys[index] not in done:
-                        new.append(entry)
-                if output is not None and new:
-                    output.append(new)
-            progress.update(sum(keys[i] not in done for i in batch))
-    return scored
-
-
-def score_main(argv: list[str] | None = None) -> int:
-    """Entry point of `dinalrm-score`; returns the process exit code."""
-    args = parse_args(argv)
     if args.device is not None:
-        problem = _device_problem(args.device)
+        problem = scoring.device_problem(args.device)
         if problem is not None:
             print(f"error: {problem}", file=sys.stderr)
             return 2
-    if args.images and args.prompt is None:
-        print("error: pass --prompt for the images given on the command line.", file=sys.stderr)
-        return 2
-    if args.prompt is not None and not args.prompt.strip():
-        print("error: --prompt is empty: pass the prompt the images were generated from.", file=sys.stderr)
-        return 2
-    from dinalrm.serving.scoring import NONFINITE_REWARD, Skips, finish_rows, row_keys
-
-    skips = Skips()
     try:
-        rows = _rows_to_score(args, skips)
+        job = scoring.ScoringJob.from_inputs(args.images, args.rows_file, args.prompt)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.output is not None:
-        from dinalrm.serving.scoring import check_output_is_not_an_input
-
-        inputs = [row.path for row in rows] + ([args.rows_file] if args.rows_file is not None else [])
-        try:
-            check_output_is_not_an_input(args.output, inputs)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-    total = len(rows) + skips.n_skipped
-    rows = [row for row in rows if _load_row_image(row, skips, header_only=True) is not None]
-    if not rows:
-        print(f"warning: {skips.summary(total)}\nerror: no image to score.", file=sys.stderr)
-        return 2
     import torch
 
-    interactive = sys.stderr.isatty()
-    if not interactive:
+    if not sys.stderr.isatty():
         _quiet_progress_bars()
     # Conversion of an official checkpoint (first use) and cache hits are reported on stderr.
     logging.basicConfig(format="%(message)s", stream=sys.stderr)
     logging.getLogger("modeling_dinalrm").setLevel(logging.INFO)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype_name = args.dtype or default_dtype(device)
-    pipe, name, fell_back = _load_pipeline(args.model, args.base, getattr(torch, dtype_name))
-    if pipe is None:
+    device = args.device or scoring.default_device()
+    if args.ray:  # the actors score on their GPUs (or CPUs); here the model only resolves settings and compares pairs
+        device = "cpu"
+    dtype_name = args.dtype or scoring.default_dtype("cuda" if args.ray and args.num_gpus_per_worker else device)
+    try:
+        loaded = scoring.load_scoring_pipeline(args.model, args.base, getattr(torch, dtype_name))
+    except scoring.ModelUnavailableError as err:
+        print(MODEL_UNAVAILABLE.format(model=err.model, reason=err.reason), file=sys.stderr, end="")
+        if err.hub_hint:
+            print(HUB_MODEL_HINT.format(model=err.model), file=sys.stderr, end="")
         return 1
-    args.model = str(BUNDLED_TINY_MODEL) if fell_back else name
-    pipe.set_progress_bar_config(disable=True)  # the one progress bar is ours, over all rows
+    if loaded.fallback_reason:
+        reason = loaded.fallback_reason if len(loaded.fallback_reason) <= 160 else loaded.fallback_reason[:157] + "..."
+        print(FALLBACK_WARNING.format(model=loaded.name, reason=reason, base=DEFAULT_BASE), file=sys.stderr, end="")
+    pipe = loaded.pipe
+    pipe.set_progress_bar_config(disable=True)  # the one progress bar is the job's, over all rows
     pipe.to(device)
-    if args.ensemble is not None:
-        t = args.ensemble or list(pipe.reward_model.config.ensemble_t)
-    else:
-        t = args.t if args.t is not None else pipe.reward_model.config.default_t
-    normalize_name = args.normalize or ("display" if args.output else None)
-    normalize = {None: False, "display": True, "logistic": "logistic", "zscore": "zscore"}[normalize_name]
-    options = {"seed": args.seed, "batch_size": args.batch_size, "normalize": normalize}
-    options["pipe"] = {"t": t, "noise_sharing": args.noise_sharing}
-    keys = row_keys(rows)
-    output = None
+    settings = scoring.ScoringSettings(
+        t=scoring.noise_levels(pipe, args.t, args.ensemble),
+        seed=args.seed,
+        noise_sharing=args.noise_sharing,
+        batch_size=args.batch_size,
+        normalize=args.normalize or ("display" if args.output else None),
+    )
     if args.output is not None:
-        from dinalrm.serving.scoring import OutputFile
-
-        model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
-        settings = {"model": model, "base": args.base, "dtype": dtype_name, "t": t, "normalize": normalize_name}
-        settings |= {"seed": args.seed, "noise_sharing": args.noise_sharing}
-        if args.noise_sharing == "none":  # draws follow the batches then
-            settings["batch_size"] = args.batch_size
         try:
-            output = OutputFile(args.output, args.format, settings, args.overwrite)
+            resume_key = settings.resume_key(loaded.source, args.base, dtype_name)
+            job.open_output(args.output, args.format, resume_key, overwrite=args.overwrite)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    done = set(row_keys(output.rows)) if output is not None else set()
-    scored = _score_rows(pipe, rows, keys, done, output, options, skips)
-    if skips.n_skipped:
-        print(f"warning: {skips.summary(total)}", file=sys.stderr)
-    failed = skips.counts[NONFINITE_REWARD]
+    if args.ray:
+        from dinalrm.serving.distributed import ray_session, run_on_ray
+
+        base = None if loaded.fallback_reason else args.base
+        with ray_session():
+            run_on_ray(job, settings, loaded.source, base, dtype_name, args.num_workers, args.num_gpus_per_worker)
+    else:
+        job.run(pipe, settings, desc="dinalrm score")
+    if job.skips.n_skipped:
+        print(f"warning: {job.skips.summary(job.n_input)}", file=sys.stderr)
+    failed = job.skips.counts[scoring.NONFINITE_REWARD]
     if failed:  # a model problem, not a data one: the run fails, after writing the finite rows
         print(
             f"error: {failed} row(s) scored NaN or infinity and were left out: check the model's weights "
             "(e.g. load it in float32).",
             file=sys.stderr,
         )
-
-    def probability(first, second):
-        return pipe.preference_probability(torch.tensor(first), torch.tensor(second), t).tolist()
-
-    if output is not None:
-        if not output.rows:
-            print(f"error: no row could be scored; {args.output} was not written.", file=sys.stderr)
-            return 2
-        finished = output.finish(keys, probability)
-        print(f"wrote {len(finished)} rows to {args.output} ({len(finished) - len(done)} new)", file=sys.stderr)
-        return 1 if failed else 0
-    if not scored:
-        print("error: no row could be scored.", file=sys.stderr)
+    probability = scoring.pipeline_probability(pipe, settings.t)
+    try:
+        table = job.finish(probability)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
-    table = finish_rows([scored[key] for key in keys if key in scored], probability)
-    _print_table(args, table, t, name if fell_back else None, probability)
+    if args.output is not None:
+        print(f"wrote {len(table)} rows to {args.output} ({len(table) - len(job.done)} new)", file=sys.stderr)
+        return 1 if failed else 0
+    _print_results(args, loaded, table, settings.t, probability)
     return 1 if failed else 0
 
 
-def _print_table(args: argparse.Namespace, table: list[dict], t, fell_back_from: str | None, probability) -> None:
-    """The rewards on stdout: text lines `image  reward  rank` (grouped under each prompt when there are several),
-    or one JSON object; P(first preferred) for two images of one prompt."""
+def _succeeds(symbol: str) -> str:
+    """`symbol`, or `>` where stdout cannot encode it."""
+    try:
+        symbol.encode(sys.stdout.encoding or "utf-8")
+    except (UnicodeEncodeError, LookupError):
+        return ">"
+    return symbol
+
+
+def _print_results(args: argparse.Namespace, loaded, table: list[dict], t, probability) -> None:
+    """The scores on stdout, saying what they are: per prompt a ranking (best first; ties keep the input order),
+    and for two images of one prompt P(A ≻ B) with A and B named (A: the first given). Or one JSON object."""
     column = "normalized" if args.normalize else "reward"
+    meaning = NORMALIZED_MEANING[args.normalize] if args.normalize else REWARD_MEANING
     prompts = list(dict.fromkeys(row["prompt"] for row in table))
-    p_first = None
+    comparison = None
     if len(table) == 2 and len(prompts) == 1:
-        p_first = probability([table[0]["reward"]], [table[1]["reward"]])[0]
+        a, b = table
+        p_a = probability([a["reward"]], [b["reward"]])[0]
+        comparison = {"a": a["image"], "b": b["image"], "p_a_preferred": p_a}
     if args.json:
         result = {
-            "model": args.model,
+            "model": loaded.source,
             "prompt": prompts[0] if len(prompts) == 1 else prompts,
             "t": t,
             "seed": args.seed,
             "normalize": args.normalize,
             "noise_sharing": args.noise_sharing,
+            "scores": meaning,
             "rewards": [
                 {"image": row["image"], "prompt": row["prompt"], "reward": row[column], "rank": row["rank"]}
                 | (
@@ -421,37 +304,41 @@ def _print_table(args: argparse.Namespace, table: list[dict], t, fell_back_from:
                 for row in table
             ],
         }
-        if p_first is not None:
-            result["p_first_preferred"] = p_first
-        if fell_back_from:
-            result["note"] = FALLBACK_NOTE.format(model=fell_back_from)
-        print(json.dumps(result, indent=2))
+        if comparison is not None:
+            result["comparison"] = comparison
+        if loaded.fallback_reason:
+            result["note"] = FALLBACK_NOTE.format(model=loaded.name)
+        print(json.dumps(result, indent=2, ensure_ascii=False))
         return
-    if fell_back_from:
-        print(FALLBACK_NOTE.format(model=fell_back_from))
+    if loaded.fallback_reason:
+        print(FALLBACK_NOTE.format(model=loaded.name))
+    levels = ",".join(str(level) for level in t) if isinstance(t, list) else t
+    print(f"{meaning}, t={levels}, seed {args.seed}:")
     width = max(len(row["image"]) for row in table)
     for prompt in prompts:
         if len(prompts) > 1:
             print(f"prompt: {prompt}")
-        for row in table:
-            if row["prompt"] == prompt:
-                print(f"{row['image']:<{width}}  {row[column]:+.4f}  rank {row['rank']}")
-    if p_first is not None:
-        print(f"P(first preferred) = {p_first:.4f}")
+        members = sorted((row for row in table if row["prompt"] == prompt), key=lambda row: row["rank"])
+        for row in members:
+            print(f"  {row['rank']:>3}. {row['image']:<{width}}  {row[column]:+.4f}")
+    if comparison is not None:
+        relation = _succeeds("≻")
+        print(f"P(A {relation} B) = {comparison['p_a_preferred']:.4f}   A = {comparison['a']}, B = {comparison['b']}")
 
 
-if __name__ == "__main__":
-    sys.exit(score_main())
+def score_main(argv: list[str] | None = None) -> int:
+    """Entry point of `dinalrm-score` (an alias of `dinalrm score`); returns the process exit code."""
+    return run_score(parse_args(argv, prog="dinalrm-score"))
 
 
-def serve_main(argv: list[str] | None = None) -> None:
-    """Entry point of `dinalrm-serve`: the HTTP server of `dinalrm.serving.server`, or with `--ray` its Ray Serve
-    deployment (`dinalrm.serving.ray_serve`). The choice lives here so neither serving module imports the other."""
+# ------------------------------------------------------------------------------------------------ serve
+def run_serve(args: argparse.Namespace) -> int:
+    """`dinalrm serve`: the HTTP server of `dinalrm.serving.server`, or with `--ray` its Ray Serve deployment
+    (`dinalrm.serving.ray_serve`). The choice lives here so neither serving module imports the other."""
     from diffusers.utils import logging as diffusers_logging
 
-    from dinalrm.serving.server import build_parser, create_app, options_from_args
+    from dinalrm.serving.server import create_app, options_from_args
 
-    args = build_parser().parse_args(argv)
     options = options_from_args(args)
     diffusers_logging.set_verbosity_info()
     logging.basicConfig(level=logging.INFO)
@@ -459,7 +346,241 @@ def serve_main(argv: list[str] | None = None) -> None:
         from dinalrm.serving.ray_serve import run_ray
 
         run_ray(options, args.host, args.port, args.num_replicas, args.num_gpus_per_replica)
-        return
+        return 0
     import uvicorn
 
     uvicorn.run(create_app(options), host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def serve_main(argv: list[str] | None = None) -> int:
+    """Entry point of `dinalrm-serve` (an alias of `dinalrm serve`)."""
+    from dinalrm.serving.arguments import build_parser
+
+    return run_serve(build_parser(prog="dinalrm-serve").parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------------- convert
+CONVERT_DINALRM_DESCRIPTION = """\
+Convert an official DiNa-LRM checkpoint (github.com/HKUST-C4G/diffusion-rm: `config.json` + `checkpoint/` with
+`backbone_lora/` + `rm_head.pt`, `rm_head.pt` alone, or `full_model.pt`) into a `DiNaLRMModel` folder, taking the
+backbone's pretrained blocks from a diffusers SD3 transformer. `DiNaLRMPipeline.from_pretrained(official_id_or_dir)`
+runs the same conversion on the fly; this keeps a converted copy."""
+CONVERT_LRM_DESCRIPTION = """\
+Convert an official LRM checkpoint (github.com/Kwai-Kolors/LPO, `lrm/`: `unet/`, [`text_encoder/`,
+`text_encoder_2/`,] `state_dict.pt`) into an `LRMPipeline` folder on the base SD1.5 / SDXL pipeline's VAE and
+tokenizers. The reward model alone then loads with
+`AutoModel.from_pretrained(OUT, subfolder="reward_model", trust_remote_code=True)`."""
+
+
+def add_convert_dinalrm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dinalrm convert dinalrm` (scripts/convert_official_checkpoint.py)."""
+    parser.add_argument(
+        "--official_dir", required=True, help="Official checkpoint: a folder or a Hub id (config.json + checkpoint/)."
+    )
+    parser.add_argument(
+        "--backbone", default=DEFAULT_BASE, help="SD3 transformer: Hub id or folder (pipeline or transformer)."
+    )
+    parser.add_argument("--backbone_subfolder", default="transformer")
+    parser.add_argument("--revision", default=None, help="Revision of the backbone repository.")
+    parser.add_argument("--official_revision", default=None, help="Revision of the official checkpoint repository.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument(
+        "--keep_lora_adapter", action="store_true", help="Save LoRA as an adapter instead of merging it."
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Allow writing into a non-empty output_dir.")
+
+
+def add_convert_lrm_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dinalrm convert lrm` (scripts/convert_official_lrm_checkpoint.py)."""
+    parser.add_argument("--official_dir", required=True, help="Official checkpoint: a folder or a Hub repository id.")
+    parser.add_argument("--base", required=True, help="The SD1.5 / SDXL diffusers pipeline (Hub id or folder).")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--revision", default=None, help="Revision of --official_dir on the Hub.")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="VFE guidance (official: 7.5).")
+    parser.add_argument("--no_multi_scale", action="store_true", help="The checkpoint pools the mid block only.")
+    parser.add_argument("--multi_scale_cfg", action="store_true", help="VFE on the down-block features too.")
+    parser.add_argument("--overwrite", action="store_true", help="Allow writing into a non-empty output_dir.")
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    """`dinalrm convert dinalrm|lrm`: `dinalrm.conversion` writes the converted folder."""
+    from dinalrm import conversion
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.kind == "dinalrm":
+        conversion.convert_dinalrm_folder(
+            args.official_dir,
+            args.output_dir,
+            backbone=args.backbone,
+            backbone_subfolder=args.backbone_subfolder or None,
+            revision=args.revision,
+            official_revision=args.official_revision,
+            merge_lora=not args.keep_lora_adapter,
+            overwrite=args.overwrite,
+        )
+    else:
+        conversion.convert_lrm_folder(
+            args.official_dir,
+            args.base,
+            args.output_dir,
+            revision=args.revision,
+            guidance_scale=args.guidance_scale,
+            multi_scale=not args.no_multi_scale,
+            multi_scale_cfg=args.multi_scale_cfg,
+            overwrite=args.overwrite,
+        )
+    return 0
+
+
+# -------------------------------------------------------------------------------------------- build-hub
+BUILD_HUB_DESCRIPTION = """\
+Assemble the DiNa-LRM Hub repository (a DiffusionPipeline folder with a model card) from a saved reward model and
+the base pipeline of its backbone family: only the base's VAE, text encoders, tokenizers and scheduler are read. The
+result loads with `DiNaLRMPipeline.from_pretrained(OUT)`."""
+
+
+def add_build_hub_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `dinalrm build-hub` (scripts/build_hub_repo.py)."""
+    parser.add_argument("--reward_model", required=True, help="Folder of a saved DiNaLRMModel.")
+    parser.add_argument("--base", required=True, help="SD3 pipeline: Hub id or local folder.")
+    parser.add_argument("--revision", default=None, help="Revision of --base.")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="Replace the contents of a non-empty output_dir.")
+    parser.add_argument(
+        "--datasets",
+        default=None,
+        help="Comma-separated Hub ids of the training data, for the card (e.g. MizzenAI/HPDv3).",
+    )
+    parser.add_argument(
+        "--eval_results",
+        default=None,
+        help="`dinalrm eval`'s results.json: its accuracies go into the card's model-index.",
+    )
+    parser.add_argument("--push_to_hub", action="store_true")
+    parser.add_argument("--hub_model_id", default=None, help="Repository to push to, e.g. org/dinalrm-sd35m.")
+    parser.add_argument("--private", action="store_true", help="Create the Hub repository as private.")
+
+
+def check_build_hub_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id.")
+
+
+def run_build_hub(args: argparse.Namespace) -> int:
+    """`dinalrm build-hub`: `dinalrm.hub.build_hub_folder` (and the push)."""
+    from dinalrm.hub import build_hub_folder
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    datasets = [name for name in (args.datasets or "").split(",") if name]
+    build_hub_folder(
+        args.reward_model,
+        args.base,
+        args.output_dir,
+        revision=args.revision,
+        datasets=datasets,
+        eval_results=args.eval_results,
+        overwrite=args.overwrite,
+        push_to=args.hub_model_id if args.push_to_hub else None,
+        private=args.private,
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ eval, calibrate
+def run_eval(argv: list[str]) -> int:
+    """`dinalrm eval`: the command line of `dinalrm.evaluation.runner` (pairwise accuracy, Table 1)."""
+    from dinalrm.evaluation.runner import main
+
+    return main(argv, prog="dinalrm eval")
+
+
+def run_calibrate(argv: list[str]) -> int:
+    """`dinalrm calibrate`: the command line of `dinalrm.evaluation.calibration`."""
+    from dinalrm.evaluation.calibration import main
+
+    return main(argv, prog="dinalrm calibrate")
+
+
+# Subcommands whose own parser lives in a module that imports the model stack: the rest of the command line is
+# handed to it as is (their `--help` loads that stack first).
+FORWARDED = {
+    "eval": (run_eval, "Pairwise accuracy of a reward model on the paper's benchmarks (Table 1)."),
+    "calibrate": (run_calibrate, "Fit calibrated preference probabilities and measure them on held-out pairs."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `dinalrm`; builds without importing torch, diffusers or the model stack."""
+    from dinalrm import __version__
+    from dinalrm.serving.arguments import DESCRIPTION as SERVE_DESCRIPTION
+    from dinalrm.serving.arguments import add_serve_arguments
+
+    parser = argparse.ArgumentParser(prog="dinalrm", description="DiNa-LRM, a diffusion-native latent reward model.")
+    parser.add_argument("--version", action="version", version=f"dinalrm {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name, summary, description, add_arguments, handler, check=None, parent=commands):
+        sub = parent.add_parser(name, help=summary, description=description)
+        add_arguments(sub)
+        sub.set_defaults(handler=handler, check=check, command_parser=sub)
+        return sub
+
+    add(
+        "score",
+        "Score images against their prompts (raw rewards, higher = preferred).",
+        SCORE_DESCRIPTION,
+        add_score_arguments,
+        run_score,
+        check_score_args,
+    )
+    add("serve", "HTTP reward server for RL trainers.", SERVE_DESCRIPTION, add_serve_arguments, run_serve)
+    for name, (_, description) in FORWARDED.items():
+        commands.add_parser(name, help=description, description=description, add_help=False)
+    convert = commands.add_parser(
+        "convert",
+        help="Convert an official DiNa-LRM or LRM checkpoint.",
+        description="Convert an official checkpoint.",
+    )
+    kinds = convert.add_subparsers(dest="kind", required=True, metavar="KIND")
+    add(
+        "dinalrm",
+        "An official DiNa-LRM checkpoint.",
+        CONVERT_DINALRM_DESCRIPTION,
+        add_convert_dinalrm_arguments,
+        run_convert,
+        parent=kinds,
+    )
+    add(
+        "lrm",
+        "An official LRM (LPO) checkpoint.",
+        CONVERT_LRM_DESCRIPTION,
+        add_convert_lrm_arguments,
+        run_convert,
+        parent=kinds,
+    )
+    add(
+        "build-hub",
+        "Assemble a DiNa-LRM Hub repository.",
+        BUILD_HUB_DESCRIPTION,
+        add_build_hub_arguments,
+        run_build_hub,
+        check_build_hub_args,
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `dinalrm`; returns the process exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in FORWARDED:
+        return FORWARDED[argv[0]][0](argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check is not None:
+        args.check(args.command_parser, args)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

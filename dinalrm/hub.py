@@ -1,21 +1,27 @@
 """Assembling the DiNa-LRM Hub repository (a DiffusionPipeline folder): the reward model plus the other parts of its
 backbone family's pipeline (SD3, FLUX or Z-Image).
 
-Used by `scripts/build_hub_repo.py` (from a saved reward model) and by `train_dinalrm.py --pipeline_output_dir`
-(at the end of training). The base pipeline's components are loaded one by one, so its transformer is never read.
+Used by `dinalrm build-hub` ([`build_hub_folder`], from a saved reward model) and by `train_dinalrm.py
+--pipeline_output_dir` (at the end of training). The base pipeline's components are loaded one by one, so its transformer is never read.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, create_repo, upload_folder
 
 from dinalrm.data import BENCHMARKS
 from modeling_dinalrm import DiNaLRMModel, provenance_name
 from pipeline_dinalrm import DiNaLRMPipeline, load_base_components
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -93,7 +99,7 @@ or keep the autograd graph for reward fine-tuning with `pipe.reward_fn(latents, 
 pooled_prompt_embeds=...)`. From the shell:
 
 ```bash
-dinalrm-score --model {repo_id} --prompt "a photo of a cat" a.png b.png
+dinalrm score --model {repo_id} --prompt "a photo of a cat" a.png b.png
 ```
 
 ## Noise level and score scale
@@ -277,3 +283,34 @@ def check_output_dir(output_dir: str | os.PathLike, inputs: Sequence[str | os.Pa
             )
     if os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite:
         raise SystemExit(f"{output_dir} is not empty; pass --overwrite to replace its files.")
+
+
+def build_hub_folder(
+    reward_model: str,
+    base: str,
+    output_dir: str,
+    revision: str | None = None,
+    datasets: Sequence[str] | None = None,
+    eval_results: str | None = None,
+    overwrite: bool = False,
+    push_to: str | None = None,
+    private: bool = False,
+) -> DiNaLRMPipeline:
+    """`dinalrm build-hub`: [`build_hub_repo`] from the saved reward model folder `reward_model`, with the
+    accuracies of `dinalrm eval`'s `results.json` (path `eval_results`) in the card, then pushed to the Hub
+    repository `push_to` when given. A non-empty `output_dir` is replaced only with `overwrite` (else SystemExit)."""
+    check_output_dir(output_dir, [reward_model, base], overwrite)
+    if os.path.isdir(output_dir) and os.listdir(output_dir):
+        shutil.rmtree(output_dir)
+    model = DiNaLRMModel.from_pretrained(reward_model)
+    results = None
+    if eval_results:
+        with open(eval_results, encoding="utf-8") as handle:
+            results = eval_results_from_run_eval(json.load(handle))
+    pipe = build_hub_repo(model, base, output_dir, revision, push_to, datasets, results)
+    logger.info("Wrote the Hub repository to %s.", output_dir)
+    if push_to:
+        repo_id = create_repo(push_to, exist_ok=True, private=private).repo_id
+        upload_folder(repo_id=repo_id, folder_path=output_dir, commit_message="Upload DiNa-LRM pipeline")
+        logger.info("Pushed to https://huggingface.co/%s.", repo_id)
+    return pipe

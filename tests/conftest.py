@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -179,3 +180,24 @@ def converted_dirs(tmp_path_factory) -> dict[str, Path]:
         result = run_converter(OFFICIAL_TINY, dirs[form], *flags)
         assert result.returncode == 0, result.stderr
     return dirs
+
+
+# A block that cannot run offline on the tiny stand-ins is preceded by this comment, with the reason.
+NO_RUN = "<!-- no-run:"
+
+
+def documentation_pages() -> list[Path]:
+    """The README, then the docs pages in the site's navigation order."""
+    nav = re.findall(r"^  - [^:]+: (\S+\.md)$", (REPO_ROOT / "mkdocs.yml").read_text(), re.M)
+    return [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / page for page in nav)]
+
+
+def code_blocks(text: str, language: str) -> tuple[list[str], int]:
+    """The `language` blocks of a Markdown text that are meant to run, and how many are marked no-run."""
+    blocks, skipped = [], 0
+    for before, block in zip(text.split(f"```{language}\n")[:-1], text.split(f"```{language}\n")[1:]):
+        if before.rstrip().splitlines()[-1:] and before.rstrip().splitlines()[-1].startswith(NO_RUN):
+            skipped += 1
+        else:
+            blocks.append(block.split("```", 1)[0])
+    return blocks, skipped

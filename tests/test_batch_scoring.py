@@ -1,4 +1,4 @@
-"""`dinalrm-score` batch mode: folders, globs, --pairs files, counted skips, streamed output, resume and refusals."""
+"""`dinalrm score` batch mode: folders, globs, --pairs files, counted skips, streamed output, resume and refusals."""
 
 import csv
 import io
@@ -163,7 +163,7 @@ def test_other_settings_or_a_foreign_file_are_refused_never_overwritten(tmp_path
     foreign = tmp_path / "mine.csv"
     foreign.write_text("my,own,data\n")
     assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, *images, "--output", str(foreign)]) == 2
-    assert "was not written by dinalrm-score" in capsys.readouterr().err
+    assert "was not written by dinalrm score" in capsys.readouterr().err
     assert foreign.read_text() == "my,own,data\n"
 
 
@@ -177,9 +177,9 @@ def test_one_progress_bar_with_images_per_second_on_a_terminal(tmp_path, tiny_mo
     images = save_images(tmp_path, 3, size=48)
     assert cli.score_main(["--model", "tiny", "--prompt", PROMPT, *images, "--output", str(tmp_path / "out.csv")]) == 0
     lines = terminal.getvalue().replace("\r", "\n").splitlines()
-    bars = [line for line in lines if line.startswith("dinalrm-score:")]
+    bars = [line for line in lines if line.startswith("dinalrm score:")]
     assert bars and "3/3" in bars[-1] and ("img/s" in bars[-1] or "s/img" in bars[-1])  # s/img below 1 img/s
-    assert all(line.startswith("dinalrm-score:") for line in lines if "%|" in line)  # the pipeline's bar stays off
+    assert all(line.startswith("dinalrm score:") for line in lines if "%|" in line)  # the pipeline's bar stays off
 
 
 @pytest.mark.parametrize("file_format", ["csv", "jsonl"])
@@ -211,7 +211,7 @@ def score_arguments(folder: Path, output: Path) -> list[str]:
 
 
 def score_command(folder: Path, output: Path) -> list[str]:
-    return [sys.executable, "-m", "dinalrm.cli", *score_arguments(folder, output)]
+    return [sys.executable, "-m", "dinalrm.cli", "score", *score_arguments(folder, output)]
 
 
 @pytest.mark.slow  # two interpreter starts (the kill must hit a real process): about a minute on a shared 2-core machine
@@ -242,3 +242,35 @@ def test_killed_run_resumes_to_the_uninterrupted_file(tmp_path):
     assert resumed.read_bytes() == whole.read_bytes()
     rows = read_csv(whole)
     assert len(rows) == 200 and sorted(int(row["rank"]) for row in rows) == list(range(1, 201))
+
+
+def test_the_job_api_scores_rows_and_another_loop_can_reuse_it(pipe, tmp_path):
+    """`score_rows` in one call, and the same job driven by a hand-written loop (as another engine drives it):
+    rewards as the pipeline gives them per prompt with a fresh generator, one file either way."""
+    from dinalrm.serving.scoring import ScoringJob, ScoringSettings, normalized_rewards, score_images, score_rows
+
+    red, blue = save_images(tmp_path / "red", 3, seed=4), save_images(tmp_path / "blue", 2, seed=5)
+    rows_file = tmp_path / "rows.csv"
+    rows_file.write_text("prompt,image\n" + "".join(f"{PROMPT},{p}\n" for p in red) + f"{OTHER},{blue[0]}\n")
+    settings = ScoringSettings(t=pipe.reward_model.config.default_t, seed=2, batch_size=2)  # what rewards_of uses
+    job = ScoringJob.from_inputs(blue[1:], rows_file=str(rows_file), prompt=OTHER)
+    table = score_rows(pipe, job.rows, settings)
+    expected_red = rewards_of(pipe, PROMPT, [PIL.Image.open(p) for p in red[:2]], seed=2)
+    expected_red += rewards_of(pipe, PROMPT, [PIL.Image.open(red[2])], seed=2)  # batch_size 2: a second batch
+    expected_blue = rewards_of(pipe, OTHER, [PIL.Image.open(p) for p in blue], seed=2)
+    assert [row["image"] for row in table] == [*red, blue[0], blue[1]]
+    assert [row["reward"] for row in table] == tolerances.close_to(expected_red + expected_blue)
+    assert [row["rank"] for row in table[:3]] == [
+        sorted(expected_red, reverse=True).index(r) + 1 for r in expected_red
+    ]
+
+    written = tmp_path / "loop.jsonl"
+    job.open_output(str(written), "jsonl", {"seed": 2})
+    for batch in job.pending_batches(settings.batch_size):  # the loop another engine replaces
+        members, images = job.load_images(batch)
+        rewards = score_images(pipe, job.rows[members[0]].prompt, images, settings)
+        job.record(members, rewards, normalized_rewards(pipe, rewards, settings))
+    finished = job.finish(lambda first, second: [0.5] * len(first))
+    assert [row["reward"] for row in finished] == pytest.approx([row["reward"] for row in table], rel=1e-6)
+    assert [json.loads(line)["image"] for line in written.read_text().splitlines()] == [*red, *blue]
+    assert ScoringJob.from_inputs(blue, prompt=OTHER).pending_batches(1) == [[0], [1]]

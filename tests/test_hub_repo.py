@@ -16,6 +16,7 @@ import tolerances
 import torch
 from safetensors.torch import save_file
 
+import dinalrm.hub
 import pipeline_dinalrm
 from dinalrm.testing import (
     get_tiny_dinalrm_pipeline,
@@ -176,7 +177,7 @@ def test_model_card(hub_repo):
         "[0.2, 0.5, 0.7]",
         "(raw + 10) / 10",
         'DiffusionPipeline.from_pretrained("hub", trust_remote_code=True)',
-        "dinalrm-score --model hub",
+        "dinalrm score --model hub",
     ):
         assert expected in card, expected
     # The base was a local folder: the card names it without the build machine's path or a broken Hub link.
@@ -247,11 +248,11 @@ def test_push_to_hub_uploads_the_built_folder_and_overwrite_replaces_it(sources,
     build = load_build_script()
     calls = []
     monkeypatch.setattr(
-        build,
+        dinalrm.hub,
         "create_repo",
         lambda repo_id, **kwargs: calls.append(("create", repo_id, kwargs)) or SimpleNamespace(repo_id=repo_id),
     )
-    monkeypatch.setattr(build, "upload_folder", lambda **kwargs: calls.append(("upload", kwargs)))
+    monkeypatch.setattr(dinalrm.hub, "upload_folder", lambda **kwargs: calls.append(("upload", kwargs)))
     output = tmp_path / "pushed"
     common = ["--reward_model", str(sources.reward_model), "--base", str(sources.base), "--output_dir", str(output)]
     build.main([*common, "--push_to_hub", "--hub_model_id", "me/tiny-dinalrm", "--private"])

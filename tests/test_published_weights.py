@@ -11,14 +11,13 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import httpx
 import PIL.Image
 import pytest
 import tolerances
 import torch
-from conftest import OFFICIAL_TINY, REPO_ROOT
+from conftest import OFFICIAL_TINY, REPO_ROOT, code_blocks, documentation_pages
 from diffusers import FluxPipeline, ZImagePipeline
 from huggingface_hub.errors import GatedRepoError
 from test_lrm_parity import FIXTURE as LRM_FIXTURE
@@ -87,7 +86,7 @@ def expected(hub):
 
 
 def score(hub, *extra) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "dinalrm.cli", "--prompt", PROMPT, *hub["images"], "--json", *extra]
+    command = [sys.executable, "-m", "dinalrm.cli", "score", "--prompt", PROMPT, *hub["images"], "--json", *extra]
     return subprocess.run(command, capture_output=True, text=True, env=hub["env"], cwd=hub["root"])
 
 
@@ -99,7 +98,7 @@ def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_
         assert run.returncode == 0, run.stderr
         result = json.loads(run.stdout)
         assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(rewards)
-        assert result["p_first_preferred"] == tolerances.close_to(probability, scale=1.0)
+        assert result["comparison"]["p_a_preferred"] == tolerances.close_to(probability, scale=1.0)
         assert "Traceback" not in run.stderr and "%|" not in run.stderr  # no progress bar when not a terminal
     first, second = (run.stderr for run in runs)
     assert "Converting the official checkpoint" in first and "no conversion" not in first
@@ -201,27 +200,6 @@ def test_one_dtype_for_every_component_whatever_the_repository_was_saved_in(hub,
     assert dtypes(DiNaLRMPipeline.from_pretrained(tmp_path / "pipeline-fp16")) == {torch.float32}
     reloaded = DiNaLRMPipeline.from_pretrained(tmp_path / "pipeline-fp16", torch_dtype=torch.bfloat16)
     assert dtypes(reloaded) == {torch.bfloat16}
-
-
-# A block that cannot run offline on the tiny stand-ins is preceded by this comment, with the reason.
-NO_RUN = "<!-- no-run:"
-
-
-def documentation_pages() -> list[Path]:
-    """The README, then the docs pages in the site's navigation order."""
-    nav = re.findall(r"^  - [^:]+: (\S+\.md)$", (REPO_ROOT / "mkdocs.yml").read_text(), re.M)
-    return [REPO_ROOT / "README.md", *(REPO_ROOT / "docs" / page for page in nav)]
-
-
-def code_blocks(text: str, language: str) -> tuple[list[str], int]:
-    """The `language` blocks of a Markdown text that are meant to run, and how many are marked no-run."""
-    blocks, skipped = [], 0
-    for before, block in zip(text.split(f"```{language}\n")[:-1], text.split(f"```{language}\n")[1:]):
-        if before.rstrip().splitlines()[-1:] and before.rstrip().splitlines()[-1].startswith(NO_RUN):
-            skipped += 1
-        else:
-            blocks.append(block.split("```", 1)[0])
-    return blocks, skipped
 
 
 def readme_python_blocks() -> list[str]:

@@ -19,12 +19,47 @@ from conftest import REPO_ROOT
 PROMPT = "a large red circle at the left on a white background"
 # The Hub modules a wheel must install as top-level modules (they are also the Hub repositories' code files).
 HUB_MODULES = ("modeling_dinalrm", "pipeline_dinalrm", "modeling_lrm", "pipeline_lrm")
-# Every installed command the wheel test runs from an empty folder: one line each, the arguments ({examples} is the
-# packaged example-image folder) and a pattern its standard output must match.
+# Every installed command the wheel test runs from an empty folder, in order: one line each, the arguments
+# ({examples}: the packaged example-image folder; {work}: a scratch folder; {official}: a copy of the official-format
+# fixture tests/fixtures/official-tiny) and a pattern its output (stdout and stderr) must match.
+TINY_EVAL_SETUP = (
+    "from dinalrm.testing import save_tiny_dinalrm_repo as m, write_tiny_benchmarks as b; m('{work}/m'); b('{work}/b')"
+)
+ACCELERATE = ["python", "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+ACCELERATE += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 COMMANDS = [
+    (["dinalrm", "--help"], r"score.*serve.*eval.*calibrate.*convert.*build-hub"),
+    (["dinalrm", "score", "--help"], r"--normalize"),
+    (["dinalrm", "serve", "--help"], r"--max-batch-size"),
+    (["dinalrm", "eval", "--help"], r"--scorer"),
+    (["dinalrm", "calibrate", "--help"], r"--holdout_fraction"),
+    (["dinalrm", "convert", "--help"], r"dinalrm.*lrm"),
+    (["dinalrm", "convert", "dinalrm", "--help"], r"--keep_lora_adapter"),
+    (["dinalrm", "convert", "lrm", "--help"], r"--no_multi_scale"),
+    (["dinalrm", "build-hub", "--help"], r"--push_to_hub"),
+    (["dinalrm-score", "--help"], r"usage: dinalrm-score"),
+    (["dinalrm-serve", "--help"], r"usage: dinalrm-serve"),
+    (["python", "-m", "train_dinalrm", "--help"], r"--train_data_dir"),
+    ([*ACCELERATE, "-m", "train_dinalrm", "--help"], r"--train_data_dir"),
     (
-        ["dinalrm-score", "--prompt", PROMPT, "{examples}/red-circle-left.png", "{examples}/blue-square-right.png"],
-        r"P\(.*\) = [01]\.\d+",
+        ["dinalrm", "score", "--prompt", PROMPT, "{examples}/red-circle-left.png", "{examples}/blue-square-right.png"],
+        r"packaged demo model(.|\n)*P\(A ≻ B\) = [01]\.\d+   A = \S*red-circle-left.png, B = \S*blue-square-right.png",
+    ),
+    (
+        ["dinalrm", "score", "--prompt", PROMPT, "{examples}/red-circle-left.png", "{examples}/blue-square-right.png"]
+        + ["--json"],
+        r'"model": "\S+/dinalrm/assets/dinalrm-tiny"(.|\n)*"p_a_preferred": [01]\.\d+',
+    ),
+    (["python", "-c", TINY_EVAL_SETUP], r""),  # set-up: its exit status is the check
+    (
+        ["dinalrm", "eval", "--model", "{work}/m", "--data_dir", "{work}/b", "--benchmarks", "hpdv2,hpdv3"]
+        + ["--bootstrap_samples", "0", "--output_dir", "{work}/eval"],
+        r"Wrote \S+/eval/results.json",
+    ),
+    (
+        ["dinalrm", "convert", "dinalrm", "--official_dir", "{official}", "--backbone", "{official}/transformer"]
+        + ["--output_dir", "{work}/converted"],
+        r"Saved \S+/converted",
     ),
 ]
 # Absolute paths of a build machine: this project's work folders, temporary folders, root's and users' homes.
@@ -84,15 +119,22 @@ def test_wheel_works_from_an_empty_folder(tmp_path):
     assert all(Path(file).resolve().is_relative_to(Path(site).resolve()) for file in files), (site, files)
     assert Path(examples).resolve().is_relative_to(Path(site).resolve())
 
+    work, official = tmp_path / "work", tmp_path / "official-tiny"
+    work.mkdir()
+    shutil.copytree(REPO_ROOT / "tests" / "fixtures" / "official-tiny", official)
+    outputs = {}
     for arguments, expected in COMMANDS:
-        command = [arguments[0], *(argument.format(examples=examples) for argument in arguments[1:])]
+        command = [argument.format(examples=examples, work=work, official=official) for argument in arguments]
         run = subprocess.run(command, cwd=empty, env=env, capture_output=True, text=True, timeout=600)
+        outputs[" ".join(arguments)] = run.stdout
         assert run.returncode == 0, (command, run.stderr[-3000:])
-        assert re.search(expected, run.stdout), (command, run.stdout)
+        assert re.search(expected, run.stdout + run.stderr), (command, run.stdout, run.stderr[-3000:])
         assert str(REPO_ROOT) not in run.stdout + run.stderr  # nothing was read from the clone
     # Offline with an empty cache, scoring fell back to the demo model inside the installed wheel.
-    assert str(Path(examples).parent / "dinalrm-tiny") in run.stderr
-    assert sorted(os.listdir(empty)) == []  # scoring writes nothing into the folder it runs in
+    scored = json.loads(next(out for command, out in outputs.items() if command.endswith("--json")))
+    assert Path(scored["model"]).resolve().is_relative_to(Path(site).resolve())
+    assert (work / "eval" / "results.json").is_file() and (work / "converted" / "config.json").is_file()
+    assert sorted(os.listdir(empty)) == []  # the commands write nothing into the folder they run in
 
 
 def test_shipped_text_files_carry_no_path_of_the_build_machine():

@@ -19,7 +19,7 @@ predicted probability) and the Brier score, both over the two orders of every pa
 Writes `calibration.json` (the fitted calibration with its errors) and `reliability.png` (held-out reliability
 diagram, before and after) to `--output_dir`. `--write_to_model` stores the calibration as `calibration` in the
 local model folder's reward-model `config.json` (an existing calibration is replaced only with `--overwrite`);
-`DiNaLRMPipeline(..., normalize="logistic")`, `dinalrm-score --normalize logistic` and `compare` then use it.
+`DiNaLRMPipeline(..., normalize="logistic")`, `dinalrm score --normalize logistic` and `compare` then use it.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ from .scorers import DiNaLRMScorer, setting_label
 NUM_BINS = 10
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="DiNa-LRM Hub id or local folder.")
     levels = parser.add_mutually_exclusive_group()
     levels.add_argument("--t", type=float, default=None, help="Noise level (default: the model's, 0.4).")
@@ -207,8 +207,9 @@ def plot_reliability(held_out: dict[str, list[float]], path: str, num_bins: int 
 
 
 # ------------------------------------------------------------------------------------------------------ main
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The command line (`dinalrm calibrate`); returns the exit code."""
+    args = parse_args(argv, prog)
     accelerator = start_run()
     try:
         with accelerator.main_process_first():

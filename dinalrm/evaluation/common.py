@@ -262,17 +262,25 @@ def distributed_scores(
     image_ids = list(benchmark.images)
     with accelerator.split_between_processes(image_ids) as mine:
         local = score_images(scorer, benchmark, mine, batch_size)
+    return collect_scores(benchmark, gather_object(local), accelerator.is_main_process), len(local)
+
+
+def collect_scores(
+    benchmark: Benchmark, results: Iterable[tuple[str, list[float] | None, str | None]], report: bool = True
+) -> dict[str, list[float]]:
+    """The score columns by image of `score_images` results (from every process or worker), the skipped images
+    counted by reason and, with `report`, logged once."""
     stats = SkipStats()
     scores = {}
-    for image_id, row, reason in gather_object(local):
+    for image_id, row, reason in results:
         if row is None:
             stats.count(reason)
         else:
             scores[image_id] = row
     stats.kept = len(scores)
-    if accelerator.is_main_process:
+    if report:
         stats.report(f"Benchmark {benchmark.name} [{benchmark.split}] images scored", logger)
-    return scores, len(local)
+    return scores
 
 
 def compute_accuracy(
@@ -337,10 +345,14 @@ def setting_entries(
     Returns `(entries in the order of scorer.setting_names, images this process scored)`.
     """
     scores, n_local = distributed_scores(scorer, benchmark, accelerator, batch_size)
-    entries = [
-        accuracy_entry(benchmark, column(scores, index), **options) for index in range(len(scorer.setting_names))
-    ]
-    return entries, n_local
+    return score_entries(benchmark, scores, len(scorer.setting_names), **options), n_local
+
+
+def score_entries(
+    benchmark: Benchmark, scores: Mapping[str, Sequence[float]], n_settings: int, **options: int
+) -> list[dict[str, Any]]:
+    """One `accuracy_entry` per score column, in column order."""
+    return [accuracy_entry(benchmark, column(scores, index), **options) for index in range(n_settings)]
 
 
 def column(scores: Mapping[str, Sequence[float]], index: int) -> dict[str, float]:

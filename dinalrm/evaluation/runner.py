@@ -31,6 +31,8 @@ import os
 import sys
 from typing import Any
 
+from dinalrm.serving.distributed import add_ray_args
+
 from .common import (
     BENCHMARKS,
     BOOTSTRAP_SAMPLES,
@@ -38,8 +40,10 @@ from .common import (
     DISPLAY_NAMES,
     TABLE1_BENCHMARKS,
     add_benchmark_args,
+    collect_scores,
     load_benchmarks,
     parse_floats,
+    score_entries,
     setting_entries,
     start_run,
     write_json,
@@ -88,8 +92,8 @@ def scorer_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "model": models.get(name)})
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--model",
         action="append",
@@ -153,7 +157,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--bootstrap_seed", type=int, default=0, help="Seed of the bootstrap resampling.")
     add_benchmark_args(parser, "imagereward,hpdv2,hpdv3,genai_bench")
-    return parser.parse_args(argv)
+    add_ray_args(parser, "benchmark images")
+    args = parser.parse_args(argv)
+    if args.ray and args.num_workers < 1:
+        parser.error("--num-workers must be at least 1.")
+    return args
 
 
 def evaluate(
@@ -171,9 +179,31 @@ def evaluate(
             scorer, benchmark, accelerator, batch_size, n_bootstrap=bootstrap_samples, seed=bootstrap_seed
         )
         n_local += n_images
-        for setting, entry in zip(scorer.setting_names, entries, strict=True):
-            results[setting][key] = entry if benchmark.manifest is None else {**entry, "manifest": benchmark.manifest}
+        _add_entries(results, key, benchmark, scorer.setting_names, entries)
     return results, n_local
+
+
+def _add_entries(results: dict, key: str, benchmark, settings: list[str], entries: list[dict[str, Any]]) -> None:
+    for setting, entry in zip(settings, entries, strict=True):
+        results[setting][key] = entry if benchmark.manifest is None else {**entry, "manifest": benchmark.manifest}
+
+
+def evaluate_on_ray(
+    name: str, args: argparse.Namespace, benchmarks: dict, bootstrap_samples: int = 0, bootstrap_seed: int = 0
+) -> tuple[dict[str, dict[str, dict[str, Any]]], int]:
+    """`evaluate` for scorer `name` with the images spread over `args.num_workers` Ray Data actors (see
+    `dinalrm.serving.distributed`): the same entries, as every score is independent of the process."""
+    from dinalrm.serving.distributed import benchmark_scores
+
+    settings, scored = benchmark_scores(
+        name, args, benchmarks, args.batch_size, args.num_workers, args.num_gpus_per_worker
+    )
+    results: dict[str, dict[str, dict[str, Any]]] = {setting: {} for setting in settings}
+    for key, benchmark in benchmarks.items():
+        scores = collect_scores(benchmark, scored[key])
+        entries = score_entries(benchmark, scores, len(settings), n_bootstrap=bootstrap_samples, seed=bootstrap_seed)
+        _add_entries(results, key, benchmark, settings, entries)
+    return results, sum(len(images) for images in scored.values())
 
 
 def _percent(value: float | None) -> str:
@@ -296,8 +326,9 @@ def write_results(output_dir: str, results: dict[str, dict[str, dict[str, Any]]]
     return merged
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """The command line (`dinalrm eval`); returns the exit code."""
+    args = parse_args(argv, prog)
     accelerator = start_run()
     try:
         with accelerator.main_process_first():
@@ -306,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     results: dict[str, dict[str, dict[str, Any]]] = {}
+    if args.ray:
+        return _main_on_ray(args, benchmarks)
     for name in args.scorer:
         # One scorer at a time (each may hold a large model), all on the same loaded benchmarks.
         try:
@@ -330,6 +363,24 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table({setting: merged[setting] for setting in results}), end="")
         print(f"Wrote {os.path.join(args.output_dir, 'results.json')} and results.md")
     accelerator.wait_for_everyone()
+    return 0
+
+
+def _main_on_ray(args: argparse.Namespace, benchmarks: dict) -> int:
+    """`main` with `--ray`: each scorer's images on a pool of Ray Data actors, the files written here."""
+    from dinalrm.serving.distributed import ray_session
+
+    results: dict[str, dict[str, dict[str, Any]]] = {}
+    with ray_session():
+        for name in args.scorer:
+            scored, n_images = evaluate_on_ray(
+                name, scorer_args(args, name), benchmarks, args.bootstrap_samples, args.bootstrap_seed
+            )
+            results.update(scored)
+            print(f"Ray: {args.num_workers} workers scored {n_images} images ({name})", flush=True)
+    merged = write_results(args.output_dir, results, args.fresh)
+    print(markdown_table({setting: merged[setting] for setting in results}), end="")
+    print(f"Wrote {os.path.join(args.output_dir, 'results.json')} and results.md")
     return 0
 
 

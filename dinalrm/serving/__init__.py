@@ -1,5 +1,6 @@
-"""Serving scores: the batch-scoring job behind `dinalrm-score` (`scoring`: rows in, scores and ranks out, resume),
-the HTTP server behind `dinalrm-serve` (`server`) and its Ray Serve deployment (`ray_serve`).
+"""Serving scores: the batch-scoring job behind `dinalrm score` (`scoring`: rows in, scores and ranks out, resume),
+the same job and the benchmark evaluation on Ray Data actors (`distributed`: `--ray`, `score_dataset`), the HTTP
+server behind `dinalrm serve` (`server`) and its Ray Serve deployment (`ray_serve`).
 
 Public names are imported lazily on first use (see `dinalrm._lazy`).
 """
@@ -13,6 +14,15 @@ __getattr__, __dir__, __all__ = lazy_exports(
         "ray_serve": (
             "build_deployment",
             "run_ray",
+        ),
+        "distributed": (
+            "add_ray_args",
+            "ray_session",
+            "run_on_ray",
+            "score_dataset",
+            "benchmark_scores",
+            "BatchScorer",
+            "BenchmarkScorer",
         ),
         "scoring": (
             "COLUMNS",
@@ -31,6 +41,24 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "finish_rows",
             "format_rows",
             "OutputFile",
+            "OUTPUT_FORMATS",
+            "BUNDLED_TINY_MODEL",
+            "ScoringSettings",
+            "noise_levels",
+            "collect_rows",
+            "load_row_image",
+            "prompt_batches",
+            "score_images",
+            "normalized_rewards",
+            "ScoringJob",
+            "pipeline_probability",
+            "score_rows",
+            "ModelUnavailableError",
+            "LoadedModel",
+            "load_scoring_pipeline",
+            "device_problem",
+            "default_device",
+            "default_dtype",
         ),
         "server": (
             "PROTOCOL_VERSION",

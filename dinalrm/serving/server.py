@@ -40,6 +40,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from starlette.exceptions import HTTPException
 
+from .arguments import DTYPE_NAMES, build_parser  # noqa: F401  (build_parser: its home is the light arguments module)
+
 
 logger = diffusers_logging.get_logger(__name__)
 
@@ -47,7 +49,7 @@ PROTOCOL_VERSION = "1"
 PROTOCOL_HEADER = "x-drm-protocol-version"
 LATENT_TENSORS = ("latents", "prompt_embeds", "pooled_prompt_embeds", "u")
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # The prompt tokens an SD3 text stream takes: CLIP's 77 plus T5's most, 512 (StableDiffusion3Pipeline refuses more).
 CLIP_TOKENS, T5_MAX_TOKENS = 77, 512
 # Seeds are drawn as 63-bit integers; torch.Generator.manual_seed refuses more than 64 bits.
@@ -699,57 +701,6 @@ async def _parse_multipart(request, body: bytes, max_images: int = 64) -> tuple[
 
 
 # ------------------------------------------------------------------------------------------ command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="dinalrm-serve",
-        description="HTTP reward server for RL trainers (verl-omni's latent scorer protocol, version 1).",
-    )
-    parser.add_argument("--model", "--model-path", dest="model", required=True, help="DiNa-LRM Hub id or folder.")
-    parser.add_argument(
-        "--base-model",
-        "--base-model-path",
-        dest="base_model",
-        default=None,
-        help="SD3.5-Medium Hub id or folder, for official checkpoints (default: stabilityai/stable-diffusion-3.5-medium).",
-    )
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu.")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="samples per batched model call.")
-    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="how long a batch waits for more requests.")
-    parser.add_argument("--max-queue", type=int, default=1024, help="requests in flight before 503.")
-    parser.add_argument("--max-body-mb", type=float, default=256.0, help="largest request body (400 above).")
-    parser.add_argument("--request-timeout-s", type=float, default=120.0, help="per-request deadline (503 after).")
-    parser.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=None,
-        help="longest prompt_embeds accepted (default: the model's text limit, 77 + 512 tokens for SD3).",
-    )
-    parser.add_argument("--max-images", type=int, default=64, help="images per /v1/score_images request.")
-    parser.add_argument(
-        "--latents-only",
-        action="store_true",
-        help="load only the reward model (no VAE, text encoders): serves /v1/score, not /v1/score_images.",
-    )
-    parser.add_argument(
-        "--normalize",
-        choices=("zscore",),
-        default=None,
-        help="return z-scores (raw - mean) / std from the model's reward statistics instead of raw rewards.",
-    )
-    parser.add_argument("--ray", action="store_true", help="deploy with Ray Serve (pip install 'dinalrm[serve]').")
-    parser.add_argument("--num-replicas", type=int, default=1, help="Ray Serve replicas (with --ray).")
-    parser.add_argument(
-        "--num-gpus-per-replica",
-        type=float,
-        default=None,
-        help="with --ray; default 1 when CUDA is available, else 0.",
-    )
-    return parser
-
-
 def options_from_args(args: argparse.Namespace) -> ServeOptions:
     if not 1 <= args.port <= 65535:
         raise SystemExit(f"dinalrm-serve: --port must be a TCP port in 1-65535, got {args.port}.")
