@@ -102,6 +102,10 @@ def test_script_fits_on_pairs_writes_into_the_model_and_the_pipeline_uses_it(tmp
     opened = [PIL.Image.open(path) for path in (image, other)]
     raw = pipe(PROMPT, images=opened, generator=torch.Generator().manual_seed(0)).rewards
     expected = 1 / (1 + np.exp(-written["slope"] * (raw.numpy() - written["reference_reward"])))
-    assert [float(line.split()[1]) for line in printed[:2]] == pytest.approx(expected.tolist(), abs=1e-4)
+    header, *ranking, comparison = printed
+    assert header.startswith("calibrated scores in (0, 1) (higher = preferred)")
+    scores = {line.split()[1]: float(line.split()[2]) for line in ranking}  # "  1. image +0.8123", best first
+    assert [scores[image], scores[other]] == pytest.approx(expected.tolist(), abs=1e-4)
     probability = 1 / (1 + np.exp(-written["slope"] * float(raw[0] - raw[1])))
-    assert float(printed[2].split("= ")[1]) == pytest.approx(probability, abs=1e-4)
+    assert comparison.endswith(f"A = {image}, B = {other}")
+    assert float(comparison.split("= ")[1].split()[0]) == pytest.approx(probability, abs=1e-4)
