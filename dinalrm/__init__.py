@@ -2,7 +2,8 @@
 
 One sub-package per concern: `dinalrm.data` (preference datasets, benchmarks, images), `dinalrm.training`,
 `dinalrm.alignment` (rewards for Flow-GRPO, the SDE step, LPO, ReFL and GRPO building blocks), `dinalrm.serving`
-(batch scoring, the HTTP server), `dinalrm.evaluation`; plus `dinalrm.hub`, `dinalrm.cli` and `dinalrm.testing`.
+(batch scoring, the HTTP server), `dinalrm.evaluation`; plus `dinalrm.hub`, `dinalrm.conversion` (official
+checkpoints), `dinalrm.cli` (the `dinalrm` command) and `dinalrm.testing`.
 """
 
 from importlib.resources import files

@@ -75,7 +75,7 @@ def test_logistic_normalization_without_a_calibration_says_how_to_fit_one(images
     pipe = get_tiny_dinalrm_pipeline()
     with pytest.raises(ValueError, match="eval/calibrate.py"):
         pipe(PROMPT, images=images, normalize="logistic")
-    with pytest.raises(ValueError, match="normalize must be False, True or 'logistic'"):
+    with pytest.raises(ValueError, match="normalize must be False, True, 'logistic' or 'zscore'"):
         pipe(PROMPT, images=images, normalize="sigmoid")
 
 
@@ -103,6 +103,10 @@ def test_script_fits_on_pairs_writes_into_the_model_and_the_pipeline_uses_it(tmp
     opened = [PIL.Image.open(path) for path in (image, other)]
     raw = pipe(PROMPT, images=opened, generator=torch.Generator().manual_seed(0)).rewards
     expected = 1 / (1 + np.exp(-written["slope"] * (raw.numpy() - written["reference_reward"])))
-    assert [float(line.split()[1]) for line in printed[:2]] == tolerances.printed_as(expected.tolist(), 4)
+    header, *ranking, comparison = printed
+    assert header.startswith("calibrated scores in (0, 1) (higher = preferred)")
+    scores = {line.split()[1]: float(line.split()[2]) for line in ranking}  # "  1. image +0.8123", best first
+    assert [scores[image], scores[other]] == tolerances.printed_as(expected.tolist(), 4)
     probability = 1 / (1 + np.exp(-written["slope"] * float(raw[0] - raw[1])))
-    assert float(printed[2].split("= ")[1]) == tolerances.printed_as(probability, 4)
+    assert comparison.endswith(f"A = {image}, B = {other}")
+    assert float(comparison.split("= ")[1].split()[0]) == tolerances.printed_as(probability, 4)

@@ -28,12 +28,12 @@ TINY_EVAL_SETUP = (
 ACCELERATE = ["python", "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
 ACCELERATE += ["--mixed_precision", "no", "--dynamo_backend", "no"]
 COMMANDS = [
-    (["dinalrm", "--help"], r"score.*serve.*eval.*calibrate.*convert.*build-hub"),
+    (["dinalrm", "--help"], r"(?s)score.*serve.*eval.*calibrate.*convert.*build-hub"),
     (["dinalrm", "score", "--help"], r"--normalize"),
     (["dinalrm", "serve", "--help"], r"--max-batch-size"),
     (["dinalrm", "eval", "--help"], r"--scorer"),
     (["dinalrm", "calibrate", "--help"], r"--holdout_fraction"),
-    (["dinalrm", "convert", "--help"], r"dinalrm.*lrm"),
+    (["dinalrm", "convert", "--help"], r"(?s)dinalrm .*lrm "),
     (["dinalrm", "convert", "dinalrm", "--help"], r"--keep_lora_adapter"),
     (["dinalrm", "convert", "lrm", "--help"], r"--no_multi_scale"),
     (["dinalrm", "build-hub", "--help"], r"--push_to_hub"),
@@ -43,12 +43,12 @@ COMMANDS = [
     ([*ACCELERATE, "-m", "train_dinalrm", "--help"], r"--train_data_dir"),
     (
         ["dinalrm", "score", "--prompt", PROMPT, "{examples}/red-circle-left.png", "{examples}/blue-square-right.png"],
-        r"packaged demo model(.|\n)*P\(A ≻ B\) = [01]\.\d+   A = \S*red-circle-left.png, B = \S*blue-square-right.png",
+        r"(?s)packaged demo model.*P\(A ≻ B\) = [01]\.\d+   A = \S*red-circle-left.png, B = \S*blue-square-right.png",
     ),
     (
         ["dinalrm", "score", "--prompt", PROMPT, "{examples}/red-circle-left.png", "{examples}/blue-square-right.png"]
         + ["--json"],
-        r'"model": "\S+/dinalrm/assets/dinalrm-tiny"(.|\n)*"p_a_preferred": [01]\.\d+',
+        r'(?s)"model": "\S+/dinalrm/assets/dinalrm-tiny".*"p_a_preferred": [01]\.\d+',
     ),
     (["python", "-c", TINY_EVAL_SETUP], r""),  # set-up: its exit status is the check
     (
