@@ -54,6 +54,7 @@ __getattr__, __dir__, __all__ = lazy_exports(
         ),
         "plotting": ("plot_curves",),
         "refl": (
+            "RewardFn",
             "load_reward_model",
             "ReFLStepOutput",
             "refl_step",
