@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from dinalrm import DEFAULT_BASE, DEFAULT_MODEL
-from dinalrm.serving.distributed import add_ray_args
+from dinalrm.serving.arguments import add_ray_args
 
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -488,31 +488,24 @@ def run_build_hub(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------ eval, calibrate
-def run_eval(argv: list[str]) -> int:
-    """`dinalrm eval`: the command line of `dinalrm.evaluation.runner` (pairwise accuracy, Table 1)."""
-    from dinalrm.evaluation.runner import main
+def run_eval(args: argparse.Namespace) -> int:
+    """`dinalrm eval`: `dinalrm.evaluation.runner` (pairwise accuracy, Table 1)."""
+    from dinalrm.evaluation.runner import run
 
-    return main(argv, prog="dinalrm eval")
-
-
-def run_calibrate(argv: list[str]) -> int:
-    """`dinalrm calibrate`: the command line of `dinalrm.evaluation.calibration`."""
-    from dinalrm.evaluation.calibration import main
-
-    return main(argv, prog="dinalrm calibrate")
+    return run(args)
 
 
-# Subcommands whose own parser lives in a module that imports the model stack: the rest of the command line is
-# handed to it as is (their `--help` loads that stack first).
-FORWARDED = {
-    "eval": (run_eval, "Pairwise accuracy of a reward model on the paper's benchmarks (Table 1)."),
-    "calibrate": (run_calibrate, "Fit calibrated preference probabilities and measure them on held-out pairs."),
-}
+def run_calibrate(args: argparse.Namespace) -> int:
+    """`dinalrm calibrate`: `dinalrm.evaluation.calibration`."""
+    from dinalrm.evaluation.calibration import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of `dinalrm`; builds without importing torch, diffusers or the model stack."""
     from dinalrm import __version__
+    from dinalrm.evaluation import arguments as evaluation
     from dinalrm.serving.arguments import DESCRIPTION as SERVE_DESCRIPTION
     from dinalrm.serving.arguments import add_serve_arguments
 
@@ -535,8 +528,21 @@ def build_parser() -> argparse.ArgumentParser:
         check_score_args,
     )
     add("serve", "HTTP reward server for RL trainers.", SERVE_DESCRIPTION, add_serve_arguments, run_serve)
-    for name, (_, description) in FORWARDED.items():
-        commands.add_parser(name, help=description, description=description, add_help=False)
+    add(
+        "eval",
+        "Pairwise accuracy of a reward model on the paper's benchmarks (Table 1).",
+        evaluation.EVAL_DESCRIPTION,
+        evaluation.add_eval_arguments,
+        run_eval,
+        evaluation.check_eval_args,
+    )
+    add(
+        "calibrate",
+        "Fit calibrated preference probabilities and measure them on held-out pairs.",
+        evaluation.CALIBRATE_DESCRIPTION,
+        evaluation.add_calibrate_arguments,
+        run_calibrate,
+    )
     convert = commands.add_parser(
         "convert",
         help="Convert an official DiNa-LRM or LRM checkpoint.",
@@ -572,9 +578,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `dinalrm`; returns the process exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in FORWARDED:
-        return FORWARDED[argv[0]][0](argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.check is not None:

@@ -241,12 +241,13 @@ HEAVY_MODULES = ("torch", "diffusers", "transformers", "huggingface_hub", "accel
         (["convert", "dinalrm"], "--keep_lora_adapter"),
         (["convert", "lrm"], "--no_multi_scale"),
         (["build-hub"], "--push_to_hub"),
+        (["eval"], "--bootstrap_samples"),
+        (["calibrate"], "--holdout_fraction"),
     ],
 )
 def test_help_imports_no_heavy_library(command, expected):
-    """`dinalrm SUB --help` must not wait for torch, diffusers or the model stack (they load in seconds): the rule
-    that keeps it instant. The measured times are in benchmarks/cli_help.py. (`eval` and `calibrate` hand their
-    arguments to `dinalrm.evaluation`, whose parsers import the model stack: not covered yet.)"""
+    """`dinalrm SUB --help` must not wait for torch, diffusers, datasets or the model stack (they load in seconds):
+    the rule that keeps it instant. The measured times are in benchmarks/bench_cli_help.py."""
     code = (
         f"import sys\nfrom dinalrm import cli\ntry:\n    cli.main({[*command, '--help']!r})\nexcept SystemExit:\n    pass\n"
         f"print([m for m in {HEAVY_MODULES!r} if m in sys.modules])"
@@ -255,3 +256,39 @@ def test_help_imports_no_heavy_library(command, expected):
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     assert expected in run.stdout and run.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    "script, expected", [("run_eval.py", "--bootstrap_samples"), ("calibrate.py", "--eval_pairs")]
+)
+def test_eval_scripts_help_imports_no_heavy_library(script, expected):
+    """`python eval/run_eval.py --help` and `eval/calibrate.py --help` parse before importing the evaluation stack."""
+    code = (
+        f"import runpy, sys\nsys.argv = [{script!r}, '--help']\ntry:\n"
+        f"    runpy.run_path({str(REPO_ROOT / 'eval' / script)!r}, run_name='__main__')\nexcept SystemExit:\n    pass\n"
+        f"print([m for m in {HEAVY_MODULES!r} if m in sys.modules])"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert run.returncode == 0, run.stderr
+    assert expected in run.stdout and run.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["eval", "--model", "dinalrm=m", "--model", "lrm=l", "--scorer", "table1", "--t", "0.4", "--ensemble"],
+        ["eval", "--benchmarks", "pickapic,hpdv2", "--noise_sharing", "none", "--ray", "--num-workers", "2"],
+        ["calibrate", "--model", "m", "--pairs", "p", "--ensemble", "0.2,0.5", "--write_to_model"],
+    ],
+)
+def test_eval_and_calibrate_subcommands_parse_as_their_modules(argv):
+    """`dinalrm eval|calibrate` parse with the light parsers exactly as `runner.parse_args` / `calibration.parse_args`
+    (which the runner and the calibration read)."""
+    from dinalrm.evaluation import calibration, runner
+
+    module = {"eval": runner, "calibrate": calibration}[argv[0]]
+    args = vars(cli.build_parser().parse_args(argv))
+    for key in ("command", "handler", "check", "command_parser"):
+        args.pop(key)
+    assert args == vars(module.parse_args(argv[1:]))

@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from dinalrm.data import write_canonical_pairs
-from dinalrm.data.benchmarks import load_benchmark
-from dinalrm.evaluation import common, noise_sweep, scorers
+from dinalrm.data.benchmarks import BENCHMARKS, load_benchmark
+from dinalrm.evaluation import arguments, common, noise_sweep, scorers
 from dinalrm.evaluation import runner as run_eval
 from dinalrm.testing import (
     make_tiny_image_pair,
@@ -295,10 +295,26 @@ def convert_tiny_lrm(output_dir) -> str:
     return str(output_dir)
 
 
+def test_light_names_are_the_registry_and_the_benchmark_table():
+    """`dinalrm eval --help` takes the scorer and benchmark names from `arguments` (no torch, no datasets): they must
+    be the names the scorer registry and the benchmark table hold, in the table's order (results.md's columns)."""
+    assert sorted(scorers.SCORERS) == sorted(arguments.SCORER_NAMES)
+    assert tuple(BENCHMARKS) == arguments.BENCHMARK_NAMES
+    assert set(arguments.TABLE1_SCORERS) <= set(scorers.SCORERS)
+
+
+def test_a_scorer_registered_later_is_accepted_by_the_runner(monkeypatch):
+    """`register_scorer` plug-ins: `runner.parse_args` accepts every registered name, the light parser its own."""
+    monkeypatch.setitem(scorers.SCORERS, "aesthetic", scorers.DiNaLRMScorer)
+    assert run_eval.parse_args(["--scorer", "aesthetic,dinalrm"]).scorer == ["aesthetic", "dinalrm"]
+    with pytest.raises(SystemExit):
+        arguments.parse_eval_args(["--scorer", "aesthetic"])
+
+
 def test_benchmark_names_limit_and_merged_results(assets, tmp_path):
-    assert common.parse_benchmarks("pickapic, HPDv2,hpdv2") == ["pickapic_v2", "hpdv2"]
+    assert arguments.parse_benchmarks("pickapic, HPDv2,hpdv2") == ["pickapic_v2", "hpdv2"]
     with pytest.raises(argparse.ArgumentTypeError, match="drawbench"):
-        common.parse_benchmarks("drawbench")
+        arguments.parse_benchmarks("drawbench")
     bench = load_benchmark("imagereward", assets["data"])
     limited = common.limit_pairs(bench, 2)
     assert limited.pairs == bench.pairs[:2] and len(limited.images) == 3  # a-b and a-c of the first prompt

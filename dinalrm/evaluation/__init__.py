@@ -1,5 +1,6 @@
-"""Evaluation: benchmark loading and accuracy with confidence intervals (`common`), the scorers compared
-(`scorers`; the published HPSv2/HPSv3/ImageReward packages run in their own environments through `isolated`), the
+"""Evaluation: the command lines of `dinalrm eval` and `dinalrm calibrate` with the shared benchmark options
+(`arguments`, which imports nothing heavy so that `--help` is instant), benchmark loading and accuracy with
+confidence intervals (`common`), the scorers compared (`scorers`; the published HPSv2/HPSv3/ImageReward packages run in their own environments through `isolated`), the
 `run_eval` runner (`runner`), split manifests (`manifests`), reward statistics for z-scores (`reward_stats`) and the
 analyses (`calibration`, `noise_sweep`, `uncertainty`, `noise_sharing`); `efficiency` (the analytic FLOP/memory model) and `efficiency_report` are imported by name.
 
@@ -12,6 +13,27 @@ from .._lazy import lazy_exports
 __getattr__, __dir__, __all__ = lazy_exports(
     __name__,
     {
+        "arguments": (
+            "BENCHMARK_NAMES",
+            "BENCHMARK_ALIASES",
+            "SCORER_NAMES",
+            "TABLE1_SCORERS",
+            "NOISE_SHARING",
+            "BOOTSTRAP_SAMPLES",
+            "EVAL_DESCRIPTION",
+            "CALIBRATE_DESCRIPTION",
+            "parse_floats",
+            "canonical_benchmark",
+            "parse_benchmarks",
+            "parse_noise_sharing",
+            "parse_scorers",
+            "add_benchmark_args",
+            "add_eval_arguments",
+            "check_eval_args",
+            "parse_eval_args",
+            "add_calibrate_arguments",
+            "parse_calibrate_args",
+        ),
         "calibration": (
             "NUM_BINS",
             "fit_slope",
@@ -25,18 +47,12 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "plot_reliability",
         ),
         "common": (
-            "BENCHMARK_ALIASES",
             "PAIRS_BENCHMARK",
             "DISPLAY_NAMES",
             "TABLE1_BENCHMARKS",
             "RESULT_KEYS",
-            "BOOTSTRAP_SAMPLES",
             "CONFIDENCE_LEVEL",
             "write_json",
-            "parse_floats",
-            "canonical_benchmark",
-            "parse_benchmarks",
-            "add_benchmark_args",
             "result_key",
             "limit_pairs",
             "requested_benchmarks",
@@ -74,7 +90,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "write_results",
         ),
         "scorers": (
-            "NOISE_SHARING",
             "DTYPES",
             "resolve_dtype",
             "model_label",
@@ -84,7 +99,6 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "build_scorer",
             "image_seed",
             "noise_key",
-            "parse_noise_sharing",
             "content_id",
             "setting_label",
             "DiNaLRMScorer",

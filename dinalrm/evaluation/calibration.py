@@ -39,15 +39,8 @@ import torch
 
 from dinalrm.data import Benchmark, pair_margins
 
-from .common import (
-    add_benchmark_args,
-    distributed_scores,
-    load_benchmarks,
-    parse_floats,
-    save_figure,
-    start_run,
-    write_json,
-)
+from .arguments import parse_calibrate_args
+from .common import distributed_scores, load_benchmarks, save_figure, start_run, write_json
 from .scorers import DiNaLRMScorer, setting_label
 
 
@@ -55,32 +48,8 @@ NUM_BINS = 10
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="DiNa-LRM Hub id or local folder.")
-    levels = parser.add_mutually_exclusive_group()
-    levels.add_argument("--t", type=float, default=None, help="Noise level (default: the model's, 0.4).")
-    levels.add_argument(
-        "--ensemble", type=parse_floats, nargs="?", const=[], default=None,
-        help="Fit for the ensemble instead (no value: the model's levels 0.2,0.5,0.7).",
-    )  # fmt: skip
-    parser.add_argument("--num_noise_samples", type=int, default=1, help="Average each score over N noise draws.")
-    parser.add_argument(
-        "--eval_pairs", default=None, metavar="PATH_OR_ID",
-        help="Held-out canonical pairs to measure calibration on (split: --eval_split).",
-    )  # fmt: skip
-    parser.add_argument("--eval_split", default="test", help="Split of --eval_pairs (default: test).")
-    parser.add_argument(
-        "--holdout_fraction", type=float, default=0.3,
-        help="Without --eval_pairs: the fraction of the fitting set's prompts held out for measuring.",
-    )  # fmt: skip
-    parser.add_argument("--output_dir", default="calibration")
-    parser.add_argument(
-        "--write_to_model", action="store_true",
-        help="Store the calibration in the local model folder's reward-model config.json.",
-    )  # fmt: skip
-    parser.add_argument("--overwrite", action="store_true", help="With --write_to_model: replace a calibration.")
-    add_benchmark_args(parser, "hpdv3")
-    return parser.parse_args(argv)
+    """The arguments of `dinalrm calibrate` (`arguments.parse_calibrate_args`)."""
+    return parse_calibrate_args(argv, prog)
 
 
 # ------------------------------------------------------------------------------------------------------ the maths
@@ -209,7 +178,11 @@ def plot_reliability(held_out: dict[str, list[float]], path: str, num_bins: int 
 # ------------------------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The command line (`dinalrm calibrate`); returns the exit code."""
-    args = parse_args(argv, prog)
+    return run(parse_args(argv, prog))
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dinalrm calibrate` on parsed arguments (`parse_args`); returns the exit code."""
     accelerator = start_run()
     try:
         with accelerator.main_process_first():

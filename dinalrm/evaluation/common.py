@@ -1,4 +1,5 @@
-"""Shared by run_eval.py, noise_sweep.py and uncertainty.py: benchmark options, distributed scoring, accuracy rows.
+"""Shared by run_eval.py, noise_sweep.py and uncertainty.py: benchmark loading, distributed scoring, accuracy rows
+(the benchmark options themselves are in `arguments`, which imports nothing heavy).
 
 Scoring visits each DISTINCT image of a benchmark once (pairs only index the cached scores). Under
 `accelerate launch` the image ids are split over the processes (`split_between_processes`) and the scores
@@ -23,19 +24,15 @@ from accelerate.utils import gather_object
 
 from dinalrm.data import BENCHMARKS, Benchmark, BenchmarkPair, ImageLoadError, SkipStats, load_benchmark, pair_margins
 
+from .arguments import BENCHMARK_ALIASES, canonical_benchmark
 from .manifests import apply_manifests, check_entry
 
 # A link to the `evaluate` metric eval/pairwise_accuracy/pairwise_accuracy.py: one implementation, two homes.
 from .pairwise_accuracy import pairwise_accuracy
-from .scorers import parse_noise_sharing
 
 
 logger = logging.getLogger(__name__)
 
-# Accepted spellings of benchmark names (eval_datasets.py calls Pick-a-Pic v2 "pickapic_v2").
-BENCHMARK_ALIASES = {
-    "pickapic": "pickapic_v2", "genai-bench": "genai_bench", "genaibench": "genai_bench", "pairs": "canonical",
-}  # fmt: skip
 # `--pairs`: a dataset in our canonical pair schema, evaluated as benchmark "canonical" (not in Table 1).
 PAIRS_BENCHMARK = "canonical"
 # Column order and headers of the paper's Table 1 (Pick-a-Pic is not in it and stays out of its average).
@@ -52,8 +49,7 @@ RESULT_KEYS = (
     "accuracy", "accuracy_ci_low", "accuracy_ci_high", "n_pairs", "n_correct", "n_score_ties", "n_gt_ties_dropped",
     "n_missing_images", "averaging",
 )  # fmt: skip
-# run_eval's bootstrap: resamples of the pairs (micro) or of whole prompts (macro, HPDv2), 95% percentile interval.
-BOOTSTRAP_SAMPLES = 1000
+# The confidence level of run_eval's bootstrap intervals (`arguments.BOOTSTRAP_SAMPLES` resamples by default).
 CONFIDENCE_LEVEL = 0.95
 
 
@@ -76,28 +72,6 @@ def write_json(path: str, value: Any, sort_keys: bool = True) -> None:
         handle.write("\n")
 
 
-def parse_floats(text: str) -> list[float]:
-    """`"0.2,0.5,0.7"` -> `[0.2, 0.5, 0.7]` (an argparse type)."""
-    try:
-        return [float(value) for value in text.split(",") if value.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.2,0.5,0.7, got {text!r}") from err
-
-
-def canonical_benchmark(name: str) -> str:
-    """The eval_datasets.py name of `name` (aliases such as `pickapic` accepted)."""
-    canonical = BENCHMARK_ALIASES.get(name.strip().lower(), name.strip().lower())
-    if canonical not in BENCHMARKS:
-        known = ", ".join([*BENCHMARKS, *BENCHMARK_ALIASES])
-        raise argparse.ArgumentTypeError(f"unknown benchmark {name!r}; choose from {known}.")
-    return canonical
-
-
-def parse_benchmarks(text: str) -> list[str]:
-    """`"imagereward,hpdv2,pickapic"` -> canonical names, duplicates removed (an argparse type)."""
-    return list(dict.fromkeys(canonical_benchmark(name) for name in text.split(",") if name.strip()))
-
-
 def _per_benchmark(values: Sequence[str]) -> dict[str, str]:
     """`["pickapic=test", ...]` -> `{"pickapic_v2": "test"}`."""
     mapping = {}
@@ -107,61 +81,6 @@ def _per_benchmark(values: Sequence[str]) -> dict[str, str]:
             raise SystemExit(f"error: expected BENCHMARK=VALUE, got {item!r}")
         mapping[canonical_benchmark(name)] = value
     return mapping
-
-
-def add_benchmark_args(parser: argparse.ArgumentParser, default_benchmarks: str) -> None:
-    """Options every evaluation script shares: which benchmarks, where from, how much, how to batch."""
-    parser.add_argument(
-        "--benchmarks", type=parse_benchmarks, default=None,
-        help=f"Comma-separated: {', '.join(BENCHMARKS)} (aliases: pickapic, pairs). Default: {default_benchmarks}; "
-             "with --pairs, none (only the pairs).",
-    )  # fmt: skip
-    parser.set_defaults(default_benchmarks=parse_benchmarks(default_benchmarks))
-    parser.add_argument(
-        "--pairs", default=None, metavar="PATH_OR_ID",
-        help="Also evaluate a local folder or Hub dataset in the canonical pair schema (prompt, chosen, rejected "
-             "image columns[, weight]; e.g. make_pairs.py's output): one pair per row, chosen preferred, micro "
-             "average, results under 'canonical'. Split: test, or --split pairs=SPLIT.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--data_dir", default=None,
-        help="Folder with one subfolder per benchmark in the published layout (see README); default: the Hub.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--split", action="append", default=[], metavar="BENCHMARK=SPLIT",
-        help="Override a split, e.g. pickapic=test or genai_bench=test_v1 (repeatable).",
-    )  # fmt: skip
-    parser.add_argument(
-        "--hub_id", action="append", default=[], metavar="BENCHMARK=REPO",
-        help="Override a Hub dataset, e.g. pickapic=liuhuohuo2/pick-a-pic-v2 (repeatable).",
-    )  # fmt: skip
-    parser.add_argument(
-        "--hpdv3_image_root", default=None, help="Extracted HPDv3 images when test.json is from the Hub."
-    )
-    parser.add_argument("--cache_dir", default=None, help="datasets / huggingface_hub cache folder.")
-    parser.add_argument(
-        "--manifests", default=None, metavar="DIR",
-        help="Check each benchmark against DIR/<benchmark>-<split>.jsonl (a split manifest): score exactly its "
-             "pairs, leave missing or altered files out and list them; results.json records the manifest's sha256.",
-    )  # fmt: skip
-    parser.add_argument(
-        "--limit", type=int, default=None,
-        help="Keep only the first N pairs of each benchmark (quick checks; not the benchmark's protocol).",
-    )  # fmt: skip
-    parser.add_argument("--batch_size", type=int, default=8, help="Images per scoring call.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the scoring noise (mixed with each image's id).")
-    parser.add_argument(
-        "--noise_sharing", type=parse_noise_sharing, default=parse_noise_sharing("prompt,none"),
-        help="DiNa-LRM: prompt (all images of a prompt share their noise draws, as pipelines score by default), none "
-             "(one draw per image, the reference protocol and the paper's), or prompt,none (default: both rows, from "
-             "one VAE encoding per image).",
-    )  # fmt: skip
-    parser.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="Model dtype; auto = bfloat16 on GPU, float32 on CPU.",
-    )
 
 
 def result_key(name: str, split: str) -> str:

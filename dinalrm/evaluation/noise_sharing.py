@@ -30,8 +30,8 @@ from pathlib import Path
 import datasets
 import torch
 
-from .common import parse_floats
-from .scorers import DiNaLRMScorer, parse_noise_sharing
+from .arguments import parse_floats, parse_noise_sharing
+from .scorers import DiNaLRMScorer
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

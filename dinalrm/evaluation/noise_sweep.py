@@ -18,11 +18,10 @@ import os
 import sys
 from typing import Any
 
+from .arguments import add_benchmark_args, parse_floats
 from .common import (
     DISPLAY_NAMES,
-    add_benchmark_args,
     load_benchmarks,
-    parse_floats,
     save_figure,
     setting_entries,
     start_run,

@@ -22,8 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from .arguments import add_benchmark_args, parse_floats
 from .calibration import reward_model_config_path
-from .common import add_benchmark_args, distributed_scores, load_benchmarks, parse_floats, start_run, write_json
+from .common import distributed_scores, load_benchmarks, start_run, write_json
 from .scorers import DiNaLRMScorer
 
 

@@ -31,18 +31,14 @@ import os
 import sys
 from typing import Any
 
-from dinalrm.serving.distributed import add_ray_args
-
+from .arguments import parse_eval_args
 from .common import (
     BENCHMARKS,
-    BOOTSTRAP_SAMPLES,
     CONFIDENCE_LEVEL,
     DISPLAY_NAMES,
     TABLE1_BENCHMARKS,
-    add_benchmark_args,
     collect_scores,
     load_benchmarks,
-    parse_floats,
     score_entries,
     setting_entries,
     start_run,
@@ -58,22 +54,6 @@ PAPER_TABLE1: dict[str, tuple[float, float, float, float, float]] = {
     "HPSv3": (67.03, 85.36, 76.03, 70.95, 74.84),
     "PickScore": (62.73, 79.44, 65.67, 69.98, 69.45),
 }
-
-
-# The scorers of Table 1, in its row order: `--scorer table1`.
-TABLE1_SCORERS = ("dinalrm", "lrm", "pickscore", "clip", "hpsv2", "hpsv3", "imagereward")
-
-
-def parse_scorers(text: str) -> list[str]:
-    """`"dinalrm,hpsv2"` -> `["dinalrm", "hpsv2"]`; `table1` expands to `TABLE1_SCORERS` (an argparse type)."""
-    names: list[str] = []
-    for name in filter(None, (part.strip().lower() for part in text.split(","))):
-        if name != "table1" and name not in SCORERS:
-            raise argparse.ArgumentTypeError(
-                f"unknown scorer {name!r}; choose from {', '.join(sorted(SCORERS))}, table1."
-            )
-        names += TABLE1_SCORERS if name == "table1" else [name]
-    return list(dict.fromkeys(names))
 
 
 def scorer_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
@@ -93,75 +73,8 @@ def scorer_args(args: argparse.Namespace, name: str) -> argparse.Namespace:
 
 
 def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="[SCORER=]ID",
-        help="Hub id or local folder (DiNa-LRM: the pipeline repo; LRM: the converter's output; CLIP scorers: a "
-        "CLIPModel; default for pickscore/clip: their published model). Repeatable as SCORER=ID when several "
-        "scorers run; a bare ID goes to the only scorer, or to dinalrm.",
-    )
-    parser.add_argument(
-        "--scorer",
-        type=parse_scorers,
-        default=["dinalrm"],
-        help=f"Comma-separated scorers, run one after the other on the same benchmarks into one table: "
-        f"{', '.join(sorted(SCORERS))}, or table1 (all of {', '.join(TABLE1_SCORERS)}).",
-    )
-    parser.add_argument(
-        "--scorer_requirements",
-        action="append",
-        default=[],
-        metavar="SCORER=FILE",
-        help="hpsv2/hpsv3/imagereward: install FILE instead of the pinned requirements (a new environment).",
-    )
-    parser.add_argument(
-        "--scorer_find_links",
-        action="append",
-        default=[],
-        metavar="DIR_OR_URL",
-        help="hpsv2/hpsv3/imagereward: extra wheel locations for uv (offline mirrors).",
-    )
-    parser.add_argument(
-        "--backbone",
-        default=None,
-        choices=("sd3", "flux", "zimage"),
-        help="DiNa-LRM: the backbone family --model must have (default: whichever it has; the pipeline follows it).",
-    )
-    parser.add_argument("--processor", default=None, help="CLIP scorers: processor id/folder (default per scorer).")
-    parser.add_argument("--t", type=float, default=None, help="DiNa-LRM noise level (default: the model's, 0.4).")
-    parser.add_argument(
-        "--ensemble",
-        type=parse_floats,
-        nargs="?",
-        const=[],
-        default=None,
-        help="DiNa-LRM ensemble levels (no value: the model's 0.2,0.5,0.7); with --t, both rows.",
-    )
-    parser.add_argument("--num_noise_samples", type=int, default=1, help="DiNa-LRM: average over N noise draws.")
-    parser.add_argument(
-        "--lrm_timesteps",
-        type=parse_floats,
-        default=None,
-        help="LRM: integer DDPM timesteps, one results row each (default: 1, the official validation timestep).",
-    )
-    parser.add_argument("--output_dir", default="eval_results")
-    parser.add_argument("--fresh", action="store_true", help="Ignore results already in --output_dir.")
-    parser.add_argument(
-        "--bootstrap_samples",
-        type=int,
-        default=BOOTSTRAP_SAMPLES,
-        help="Bootstrap resamples for the 95%% interval of each accuracy (0: no interval).",
-    )
-    parser.add_argument("--bootstrap_seed", type=int, default=0, help="Seed of the bootstrap resampling.")
-    add_benchmark_args(parser, "imagereward,hpdv2,hpdv3,genai_bench")
-    add_ray_args(parser, "benchmark images")
-    args = parser.parse_args(argv)
-    if args.ray and args.num_workers < 1:
-        parser.error("--num-workers must be at least 1.")
-    return args
+    """The arguments of `dinalrm eval` (`arguments.parse_eval_args`), `--scorer` accepting every registered scorer."""
+    return parse_eval_args(argv, prog, scorer_names=SCORERS)
 
 
 def evaluate(
@@ -328,7 +241,11 @@ def write_results(output_dir: str, results: dict[str, dict[str, dict[str, Any]]]
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     """The command line (`dinalrm eval`); returns the exit code."""
-    args = parse_args(argv, prog)
+    return run(parse_args(argv, prog))
+
+
+def run(args: argparse.Namespace) -> int:
+    """`dinalrm eval` on parsed arguments (`parse_args`); returns the exit code."""
     accelerator = start_run()
     try:
         with accelerator.main_process_first():

@@ -5,7 +5,8 @@ several *columns* of scores per image in one pass (e.g. DiNa-LRM at t = 0.4 and 
 encoding); `score` returns the first column, `score_columns` all of them, and `setting_names` names each
 column as a row of the results table.
 
-Registry (`SCORERS`, names as in `run_eval.py --scorer`):
+Registry (`SCORERS`, names as in `run_eval.py --scorer`; `arguments.SCORER_NAMES` lists the ones registered here so
+that `--help` need not import this module):
 
 * `dinalrm` — DiNa-LRM through `DiNaLRMPipeline.from_pretrained` (noise level(s), ensemble, noise samples,
   seed, noise sharing). Deterministic per image: the scoring noise of an image comes from a CPU generator seeded
@@ -41,6 +42,7 @@ from typing import ClassVar
 import torch
 from PIL import Image
 
+from dinalrm.evaluation.arguments import NOISE_SHARING
 from dinalrm.evaluation.isolated import BACKENDS as ISOLATED_BACKENDS
 from dinalrm.evaluation.isolated import IsolatedWorker, start_scorer
 
@@ -48,8 +50,6 @@ from dinalrm.evaluation.isolated import IsolatedWorker, start_scorer
 logger = logging.getLogger(__name__)
 
 NoiseSetting = float | tuple[float, ...]
-# `noise_sharing` of the DiNa-LRM scorer: one noise per prompt (and latent shape), or one per image.
-NOISE_SHARING = ("prompt", "none")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -124,14 +124,6 @@ def image_seed(seed: int, image_id: str) -> int:
 def noise_key(noise_sharing: str, image_id: str, prompt: str) -> str:
     """What seeds an image's scoring noise: its id (`"none"`) or its prompt (`"prompt"`)."""
     return image_id if noise_sharing == "none" else f"prompt/{prompt}"
-
-
-def parse_noise_sharing(text: str) -> list[str]:
-    """`"prompt,none"` -> `["prompt", "none"]` (an argparse type)."""
-    modes = list(dict.fromkeys(mode.strip() for mode in text.split(",") if mode.strip()))
-    if not modes or any(mode not in NOISE_SHARING for mode in modes):
-        raise argparse.ArgumentTypeError(f"expected prompt, none or prompt,none; got {text!r}")
-    return modes
 
 
 def content_id(prompt: str, image: Image.Image) -> str:

@@ -37,12 +37,11 @@ from accelerate import Accelerator
 
 from dinalrm.data import Benchmark, BenchmarkPair
 
+from .arguments import add_benchmark_args, parse_floats
 from .common import (
     accuracy_entry,
-    add_benchmark_args,
     distributed_scores,
     load_benchmarks,
-    parse_floats,
     setup_logging,
     write_csv,
     write_json,

@@ -15,8 +15,8 @@ __getattr__, __dir__, __all__ = lazy_exports(
             "build_deployment",
             "run_ray",
         ),
+        "arguments": ("add_ray_args",),
         "distributed": (
-            "add_ray_args",
             "ray_session",
             "run_on_ray",
             "score_dataset",

@@ -1,5 +1,6 @@
-"""The command line of the reward server, kept free of heavy imports so that `dinalrm serve --help` is instant
-(the server itself, `dinalrm.serving.server`, imports torch and the model stack)."""
+"""The command line of the reward server and the `--ray` options of the commands that scale out, kept free of heavy
+imports so that `dinalrm serve --help` (and `dinalrm score/eval --help`) is instant (the server itself,
+`dinalrm.serving.server`, and `dinalrm.serving.distributed` import torch, Ray and the model stack)."""
 
 from __future__ import annotations
 
@@ -64,4 +65,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         help="with --ray; default 1 when CUDA is available, else 0.",
+    )
+
+
+def add_ray_args(parser: argparse.ArgumentParser, what: str) -> None:
+    """`--ray [--num-workers N] [--num-gpus-per-worker G]`, shared by `run_eval` and the batch-scoring command
+    (`dinalrm.serving.distributed` runs them)."""
+    parser.add_argument(
+        "--ray",
+        action="store_true",
+        help=f"Spread the {what} over a pool of Ray Data actors, each loading the model once (pip install "
+        "'dinalrm[scale]'): on the cluster at RAY_ADDRESS when set, else on a local Ray. Same output as one process.",
+    )
+    parser.add_argument(
+        "--num-workers", "--num_workers", dest="num_workers", type=int, default=1, help="--ray: actors (default 1)."
+    )
+    parser.add_argument(
+        "--num-gpus-per-worker",
+        "--num_gpus_per_worker",
+        dest="num_gpus_per_worker",
+        type=float,
+        default=0,
+        help="--ray: GPUs each actor holds (1: one actor per GPU; default 0, the CPU).",
     )

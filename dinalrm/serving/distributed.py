@@ -67,27 +67,6 @@ def ray_session(num_cpus: int | None = None) -> Iterator[Any]:
             ray.shutdown()
 
 
-def add_ray_args(parser: argparse.ArgumentParser, what: str) -> None:
-    """`--ray [--num-workers N] [--num-gpus-per-worker G]`, shared by `run_eval` and the batch-scoring command."""
-    parser.add_argument(
-        "--ray",
-        action="store_true",
-        help=f"Spread the {what} over a pool of Ray Data actors, each loading the model once (pip install "
-        "'dinalrm[scale]'): on the cluster at RAY_ADDRESS when set, else on a local Ray. Same output as one process.",
-    )
-    parser.add_argument(
-        "--num-workers", "--num_workers", dest="num_workers", type=int, default=1, help="--ray: actors (default 1)."
-    )
-    parser.add_argument(
-        "--num-gpus-per-worker",
-        "--num_gpus_per_worker",
-        dest="num_gpus_per_worker",
-        type=float,
-        default=0,
-        help="--ray: GPUs each actor holds (1: one actor per GPU; default 0, the CPU).",
-    )
-
-
 # Units per actor call: enough calls per actor to balance the pool and stream results for resuming, few enough that
 # Ray's per-call cost (a task, a block) stays small next to the scoring.
 CALLS_PER_WORKER = 4
