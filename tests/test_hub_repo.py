@@ -102,8 +102,8 @@ results["auto_model"] = reward_model.score_latents(
 
 # The installed package (`pip install -e .`): DiNaLRMPipeline.from_pretrained loads with its classes, not the folder's.
 sys.meta_path.remove(blocker)
-sys.path.insert(0, os.path.dirname(pipeline_file))
 import pipeline_dinalrm as installed
+assert os.path.samefile(installed.__file__, pipeline_file), (installed.__file__, pipeline_file)  # this repository's
 pipe = installed.DiNaLRMPipeline.from_pretrained(folder)
 results["pipeline_class"] = rewards(pipe)
 results["installed_modules"] = [type(pipe).__module__, type(pipe.reward_model).__module__]
