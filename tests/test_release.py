@@ -206,6 +206,7 @@ def test_written_cards_run_as_written(tmp_path):
         ["--pretrained_model_name_or_path", str(base), "--train_data_dir", str(tmp_path / "pairs")]
         + ["--num_backbone_layers", str(config["num_backbone_layers"]), "--visual_layers", layers]
         + ["--text_layers", layers, "--output_dir", str(trained)]
+        + ["--overwrite_output_dir"]  # the folder already holds the model whose card is written, as at a run's end
     )
     train_dinalrm.save_model_card("trained", args, str(trained), {"val/accuracy_t0.4": 0.8}, {})
     text = (trained / "README.md").read_text()
