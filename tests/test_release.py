@@ -86,6 +86,11 @@ def test_wheel_works_from_an_empty_folder(tmp_path):
     assert not [name for name in names if name.startswith("tests/") or "/tests/" in name or "conftest" in name]
     assert "dinalrm/assets/dinalrm-tiny/model_index.json" in names
     assert {f"{module}.py" for module in HUB_MODULES} <= set(names)
+    assert "dinalrm/evaluation/requirements/hpsv2.txt" in names  # the isolated scorers' pins ship with the package
+    checked = subprocess.run(
+        [sys.executable, "-m", "twine", "check", "--strict", str(wheel)], capture_output=True, text=True
+    )
+    assert checked.returncode == 0 and "PASSED" in checked.stdout, checked.stdout + checked.stderr
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, system_site_packages=True, with_pip=True)
