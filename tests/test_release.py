@@ -176,6 +176,7 @@ def run_card_blocks(card: Path, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "card.py"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # runs every card's code blocks on the tiny-world models: 15-20 s each
 def test_shipped_cards_run_as_written(tmp_path):
     """`assets/*/README.md`: each card's blocks, with the folder under the name the card uses."""
     cards = sorted((REPO_ROOT / "assets").glob("*/README.md"))
@@ -188,6 +189,7 @@ def test_shipped_cards_run_as_written(tmp_path):
         assert run.returncode == 0 and "CARD OK" in run.stdout, (card, run.stderr[-3000:])
 
 
+@pytest.mark.slow  # runs every card's code blocks on the tiny-world models: 15-20 s each
 def test_written_cards_run_as_written(tmp_path):
     """The card `build_hub_repo.py` writes and the card `train_dinalrm.py` writes, on the tiny-world models."""
     import train_dinalrm
