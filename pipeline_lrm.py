@@ -259,7 +259,7 @@ class LRMPipeline(DiffusionPipeline):
         r"""Scaled VAE latents of images resized to the native size, as the official model encodes them.
 
         Args:
-            images (PIL image, numpy array, torch tensor, file path or a list of them).
+            images (`PIL.Image.Image`, `np.ndarray`, `torch.Tensor`, `str` or a list of them): the images to encode.
             generator (`torch.Generator`, *optional*): source of the posterior sample.
             sample_posterior (`bool`, defaults to `True`): sample the VAE posterior (official) or take its mode.
             posterior_noise (`torch.Tensor`, *optional*): the standard normal draws of the posterior sample, one per
