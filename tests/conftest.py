@@ -28,8 +28,31 @@ OFFICIAL_LRM_TINY = Path(
     os.environ.get("DINALRM_OFFICIAL_LRM_TINY") or REPO_ROOT / "tests" / "fixtures" / "official-lrm-tiny"
 )
 # DINALRM_TEST_THREADS=N runs every test with N torch threads (CI's second pass uses 1, with other CPU kernels).
-if os.environ.get("DINALRM_TEST_THREADS"):
-    torch.set_num_threads(int(os.environ["DINALRM_TEST_THREADS"]))
+# Otherwise each xdist worker takes its share of the cores, and so do the interpreters its tests start (through
+# OMP_NUM_THREADS): two workers of two threads each on two cores spend their time waiting for each other's threads.
+_worker_count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+_test_threads = os.environ.get("DINALRM_TEST_THREADS") or (
+    str(max(1, (os.cpu_count() or 1) // _worker_count)) if _worker_count else None
+)
+_default_threads = torch.get_num_threads()
+if _test_threads:
+    torch.set_num_threads(int(_test_threads))
+    os.environ.setdefault("OMP_NUM_THREADS", _test_threads)
+
+
+@pytest.fixture(autouse=True)
+def numeric_tests_keep_the_default_threads(request):
+    """Without DINALRM_TEST_THREADS, the numeric tests run on torch's default thread count even under xdist, so that
+    CI's second pass (one thread) sums in another order than the first."""
+    if os.environ.get("DINALRM_TEST_THREADS") or request.node.get_closest_marker("numeric") is None:
+        yield
+        return
+    from dinalrm.testing import torch_threads
+
+    with torch_threads(_default_threads):
+        yield
+
+
 # The only sys.path edit of the repository: the package is installed (`pip install -e .`), but tests also import the
 # example and benchmark folders' modules (examples/tiny_world/domain.py, benchmarks/bench_model.py, ...) as a script
 # run there would see them.
@@ -49,10 +72,47 @@ NUMERIC_FILES = frozenset(
 )  # fmt: skip
 
 
+# What each test file cost in a recent full run (worker seconds), so that xdist hands out the longest files first
+# (`--dist loadfile --no-loadscope-reorder` in pyproject.toml): a long file started last keeps one core busy while the
+# other idles. Only the order of the run depends on it. Refresh it after changing the suite's costs:
+# `HF_HUB_OFFLINE=1 python -m pytest -q --record-file-durations`.
+FILE_DURATIONS = Path(__file__).with_name("file_durations.json")
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--record-file-durations",
+        action="store_true",
+        help=f"write each test file's total duration to {FILE_DURATIONS.name} (the order of later runs)",
+    )
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in NUMERIC_FILES:
             item.add_marker(pytest.mark.numeric)
+    costs = json.loads(FILE_DURATIONS.read_text()) if FILE_DURATIONS.exists() else {}
+    items.sort(key=lambda item: -costs.get(item.path.name, 0.0))  # stable: a file's tests keep their order
+
+
+class FileDurationRecorder:
+    """Sums setup, call and teardown time per test file (in the xdist controller, which sees every report)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report):
+        name = Path(report.location[0]).name
+        self.seconds[name] = self.seconds.get(name, 0.0) + report.duration
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        ordered = dict(sorted(((k, round(v, 1)) for k, v in self.seconds.items()), key=lambda kv: -kv[1]))
+        FILE_DURATIONS.write_text(json.dumps(ordered, indent=1) + "\n")
+
+
+def pytest_configure(config):
+    if config.getoption("record_file_durations") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(FileDurationRecorder(), "dinalrm-file-durations")
 
 
 def free_port() -> int:
