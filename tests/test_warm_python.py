@@ -97,3 +97,28 @@ def test_modules_and_subprocesses(warm):
     child = json.loads(nested.stdout.splitlines()[0])
     assert child["argv"] == [str(warm["root"] / "scripts" / "probe.py"), "report"]
     assert child["parent"] == warm["server"].pid  # sys.executable started a fork of the server, not a new python
+
+
+def test_killing_the_stand_in_ends_its_fork(warm, tmp_path):
+    pid_file, sleeper = tmp_path / "pid", tmp_path / "sleeper.py"
+    sleeper.write_text(f"import os, time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)\n")
+    stand_in = subprocess.Popen([warm["stand_in"], str(sleeper)], stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert stand_in.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    stand_in.kill()
+    stand_in.wait()
+    fork = int(pid_file.read_text())
+    deadline = time.monotonic() + 30
+    while _alive(fork):  # the server terminates and reaps it
+        assert time.monotonic() < deadline, "the fork outlived its stand-in"
+        time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True

@@ -53,6 +53,7 @@ DEFAULT_PRELOAD = (
     "peft",
     "datasets",
     "safetensors.torch",
+    "matplotlib.pyplot",  # the backend is chosen at the first figure, so a fork's matplotlib.use("Agg") still holds
 )
 _HEADER = struct.Struct("!Q")  # length of the JSON request that follows it
 _STATUS = struct.Struct("!i")  # the fork's exit code (negative: the signal that ended it)
@@ -135,6 +136,8 @@ def _serve(listener: socket.socket) -> dict | None:
                 selector.register(connection, selectors.EVENT_READ, ("hangup", pid))
             elif kind == "hangup":  # the stand-in ended first (it was killed): so does its fork
                 (pid,) = state
+                if pid not in running:  # its exit came first in this round
+                    continue
                 selector.unregister(running[pid][1])
                 hung_up.add(pid)
                 os.kill(pid, signal.SIGTERM)
