@@ -16,8 +16,8 @@ until its parent process ends; its CPU time includes its forks' once they ended.
 
 Unlike fresh interpreters, the forks share the modules the server imported (so environment variables those read at
 import time are the server's), a script's `sys.argv[0]` is its absolute path (as its `__file__`), and the resource
-usage a parent reads of its child (`os.wait4`, peak RSS) is the stand-in's, not the fork's. Linux only (abstract
-socket, `pidfd_open`); the stand-in's side uses the standard library alone.
+usage a parent reads of its child (`os.wait4`, peak RSS) is the stand-in's, not the fork's. Linux only (an abstract
+socket); the stand-in's side uses the standard library alone.
 """
 
 from __future__ import annotations
@@ -95,22 +95,21 @@ def _serve(listener: socket.socket) -> dict | None:
     """Fork one child per request until SIGTERM or the parent's end. In a child, returns its request; the server,
     None once it stops."""
     parent = os.getppid()
-    wake_read, wake_write = socket.socketpair()
+    wake_read, wake_write = socket.socketpair()  # SIGCHLD and SIGTERM wake the selector through it
     wake_write.setblocking(False)
     signal.set_wakeup_fd(wake_write.fileno())
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    signal.signal(signal.SIGCHLD, lambda *_: None)
     selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ, ("accept",))
-    selector.register(wake_read, selectors.EVENT_READ, ("signal",))
-    running: dict[int, tuple[int, socket.socket]] = {}  # pid -> (pidfd, connection)
-    hung_up: set[int] = set()
+    selector.register(listener, selectors.EVENT_READ, None)
+    selector.register(wake_read, selectors.EVENT_READ, None)
+    running: dict[int, socket.socket] = {}  # pid -> its stand-in's connection
     while not stop and os.getppid() == parent:
         for key, _ in selector.select(timeout=1.0):
-            kind, *state = key.data
-            if kind == "signal":
+            if key.fileobj is wake_read:
                 wake_read.recv(64)
-            elif kind == "accept":
+            elif key.fileobj is listener:
                 connection, _ = listener.accept()
                 try:
                     request = _receive(connection)
@@ -122,40 +121,29 @@ def _serve(listener: socket.socket) -> dict | None:
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                    for pidfd, other in running.values():
-                        os.close(pidfd)
-                        other.close()
-                    for handle in (selector, listener, connection, wake_read, wake_write):
+                    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    for handle in (selector, listener, connection, wake_read, wake_write, *running.values()):
                         handle.close()
                     return request
                 for fd in request["fds"]:
                     os.close(fd)
-                pidfd = os.pidfd_open(pid)
-                running[pid] = (pidfd, connection)
-                selector.register(pidfd, selectors.EVENT_READ, ("exit", pid))
-                selector.register(connection, selectors.EVENT_READ, ("hangup", pid))
-            elif kind == "hangup":  # the stand-in ended first (it was killed): so does its fork
-                (pid,) = state
-                if pid not in running:  # its exit came first in this round
-                    continue
-                selector.unregister(running[pid][1])
-                hung_up.add(pid)
-                os.kill(pid, signal.SIGTERM)
-            else:
-                (pid,) = state
-                _, status = os.waitpid(pid, 0)
-                pidfd, connection = running.pop(pid)
-                selector.unregister(pidfd)
-                os.close(pidfd)
-                if pid in hung_up:
-                    hung_up.remove(pid)
-                else:
-                    selector.unregister(connection)
-                    try:
-                        connection.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
-                    except OSError:  # the stand-in ended in the meantime
-                        pass
-                connection.close()
+                running[pid] = connection
+                selector.register(connection, selectors.EVENT_READ, pid)
+            elif key.data in running:  # the stand-in ended first (it was killed): so does its fork
+                selector.unregister(key.fileobj)
+                os.kill(key.data, signal.SIGTERM)
+        while running:  # reap the forks that ended; their stand-ins (if still there) get the exit status
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            connection = running.pop(pid)
+            if connection.fileno() in selector.get_map():
+                selector.unregister(connection)
+                try:
+                    connection.sendall(_STATUS.pack(os.waitstatus_to_exitcode(status)))
+                except OSError:  # the stand-in ended in the meantime
+                    pass
+            connection.close()
     for pid in running:
         os.kill(pid, signal.SIGTERM)
     for pid in running:
