@@ -7,7 +7,7 @@
 #   then copy the shipped artefacts.
 #
 #   bash examples/tiny_world/regenerate.sh                 # full run, writes examples/tiny_world/outputs and assets/
-#   QUICK=1 OUT=/tmp/tw bash examples/tiny_world/regenerate.sh   # toy step counts, assets untouched
+#   QUICK=1 OUT=/tmp/tw bash examples/tiny_world/regenerate.sh   # toy step counts, one warm interpreter, assets untouched
 #   FROM=pairs bash examples/tiny_world/regenerate.sh       # resume at a stage, reusing $OUT's earlier outputs
 #
 # CPU time of the full run is written to $OUT/timings.txt (see examples/tiny_world/README.md for measured numbers).
@@ -25,16 +25,25 @@ if [[ "$QUICK" == 1 ]]; then
   VAE_FLAGS=(--steps 2 --decoder_steps 2 --num_images 32 --eval_images 8)
   GEN_FLAGS=(--steps 4 --renders_per_prompt 1 --eval_prompts 8 --sample_steps 2)
   PAIR_FLAGS=(--train_prompts 24 --test_prompts 12 --sample_steps 2 --margin 0.0)
-  RM_STEPS=4; BASELINE_STEPS=4
+  RM_STEPS=4; BASELINE_STEPS=4; SWEEP_FLAGS=(--t_values 0.0,0.4)
   REFL_FLAGS=(--max_train_steps 2 --validation_steps 1 --num_inference_steps 2 --num_validation_prompts 4)
   GRPO_FLAGS=(--max_train_steps 1 --validation_steps 1 --num_inference_steps 3 --sde_window_range 2
     --prompts_per_step 2 --group_size 2 --num_validation_prompts 4)
   OPTIMISER_FLAGS=(--quick --lpo_seeds 0 --num_validation_prompts 4)
+  # At toy step counts the run is mostly interpreter start-up (~10 CPU s per process to import torch and diffusers):
+  # every Python process of it, the scripts' own children included, is a fork of one interpreter that imported them
+  # once (dinalrm/testing/warm_python.py), with the same command line. The full run starts each process afresh.
+  WARM="$(mktemp -d)"
+  "$PY" -m dinalrm.testing.warm_python serve "$WARM" &
+  WARM_SERVER=$!
+  trap 'kill "$WARM_SERVER" && wait "$WARM_SERVER"; rm -rf "$WARM"' EXIT
+  until [[ -x "$WARM/python" ]]; do kill -0 "$WARM_SERVER"; sleep 0.2; done  # written once the server listens
+  PY="$WARM/python"
 else
   VAE_FLAGS=()
   GEN_FLAGS=()
   PAIR_FLAGS=(--train_prompts 4800 --test_prompts 720)  # ~2750 training / ~430 test pairs
-  RM_STEPS=1500; BASELINE_STEPS=1500
+  RM_STEPS=1500; BASELINE_STEPS=1500; SWEEP_FLAGS=()
   REFL_FLAGS=(--max_train_steps 60 --validation_steps 10 --num_inference_steps 12 --num_validation_prompts 32)
   GRPO_FLAGS=(--max_train_steps 40 --validation_steps 10)  # 8 prompts x 4 samples, SDE window 2 of the first 6 steps
   OPTIMISER_FLAGS=(--num_validation_prompts 72)  # LPO on 3 seeds, ReFL 40 steps (both rewards), Flow-GRPO 20 steps
@@ -43,15 +52,18 @@ fi
 mkdir -p "$OUT/metrics"
 [[ "$FROM" == vae ]] && : > "$OUT/timings.txt"
 started=0
+cpu_ticks() {  # this shell's and its reaped children's (with the warm server: the forks it reaped too)
+  awk '{ticks += $14 + $15 + $16 + $17} END {print ticks}' /proc/$$/stat ${WARM_SERVER:+/proc/$WARM_SERVER/stat}
+}
 stage() {  # stage NAME COMMAND...: run it (from stage $FROM on) and record its wall and CPU seconds
   local name="$1"; shift
   [[ "$name" == "$FROM" ]] && started=1
   if [[ $started == 0 ]]; then echo "== $name (skipped, FROM=$FROM)"; return; fi
   local start=$SECONDS
-  local cpu_before; cpu_before=$(awk '{print $14+$15+$16+$17}' /proc/$$/stat)
+  local cpu_before; cpu_before=$(cpu_ticks)
   echo "== $name"
   "$@"
-  local cpu_after; cpu_after=$(awk '{print $14+$15+$16+$17}' /proc/$$/stat)
+  local cpu_after; cpu_after=$(cpu_ticks)
   sed -i "/^$name /d" "$OUT/timings.txt"
   printf '%s wall_s=%d cpu_s=%d\n' "$name" $((SECONDS - start)) $(((cpu_after - cpu_before) / $(getconf CLK_TCK))) \
     | tee -a "$OUT/timings.txt"
@@ -82,7 +94,7 @@ run_eval() {  # the repository's evaluation scripts on the same held-out pairs (
   "$PY" "$REPO/eval/run_eval.py" --model "$OUT/dinalrm-tiny" --pairs "$OUT/pairs" --t 0.4 --ensemble \
     --output_dir "$OUT/metrics/run_eval"
   "$PY" "$REPO/eval/noise_sweep.py" --models "$OUT/dinalrm-tiny" --pairs "$OUT/pairs" \
-    --output_dir "$OUT/metrics/run_eval"
+    --output_dir "$OUT/metrics/run_eval" "${SWEEP_FLAGS[@]}"
 }
 stage run_eval run_eval
 stage pixel_baseline "$PY" "$HERE/pixel_baseline.py" --generator "$OUT/tiny-sd3" --pairs "$OUT/pairs" \
