@@ -202,7 +202,7 @@ def test_train_lpo_flow_path_loads_the_published_ids_from_the_hub_cache(tmp_path
         "--prompts_file", str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path / "out"),
         "--max_sequence_length", "16", "--num_inference_steps", "2", "--divert_end_step", "1",
         "--sample_batch_size", "2", "--train_batch_size", "2", "--min_confidence", "0.5",
-        "--max_train_steps", "1", "--report_to", "none",
+        "--num_candidates", "2", "--resolution", "32", "--max_train_steps", "1", "--report_to", "none",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
