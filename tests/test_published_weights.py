@@ -24,6 +24,7 @@ from test_lrm_parity import FIXTURE as LRM_FIXTURE
 from test_lrm_parity import lrm_settings, run_lrm_converter
 
 import modeling_dinalrm
+from dinalrm.cli import main as dinalrm_main
 from dinalrm.testing import (
     add_to_hub_cache,
     get_tiny_flux_components,
@@ -75,10 +76,10 @@ def hub(tmp_path_factory):
 def expected(hub):
     """Rewards from the script's conversion of the same checkpoint, scored through a hand-assembled pipeline."""
     out = hub["root"] / "converted"
-    command = [sys.executable, str(REPO_ROOT / "scripts" / "convert_official_checkpoint.py")]
-    command += ["--official_dir", str(hub["official"]), "--backbone", str(hub["base"]), "--output_dir", str(out)]
-    result = subprocess.run(command, capture_output=True, text=True, env=hub["env"])
-    assert result.returncode == 0, result.stderr
+    # `dinalrm convert dinalrm`, what scripts/convert_official_checkpoint.py runs, in this process (local paths: no
+    # cache needed); the script's own command line runs as a user's in the tests that call `run_converter`.
+    arguments = ["--official_dir", str(hub["official"]), "--backbone", str(hub["base"]), "--output_dir", str(out)]
+    assert dinalrm_main(["convert", "dinalrm", *arguments]) == 0
     pipe = DiNaLRMPipeline(reward_model=DiNaLRMModel.from_pretrained(out), **load_base_components(hub["base"]))
     images = [PIL.Image.open(path) for path in hub["images"]]
     comparison = pipe.compare(PROMPT, images[0], images[1], generator=torch.Generator().manual_seed(0))
@@ -92,11 +93,14 @@ def score(hub, *extra) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_once(hub, expected):
+    """`--model <published id>` converts the official checkpoint once; the next run, without --model, takes the same
+    published id by default (found in the simulated cache: no fallback) and reuses that conversion."""
     rewards, probability = expected
-    runs = [score(hub, "--model", OFFICIAL_ID) for _ in range(2)]
+    runs = [score(hub, "--model", OFFICIAL_ID), score(hub)]
     for run in runs:
         assert run.returncode == 0, run.stderr
         result = json.loads(run.stdout)
+        assert result["model"] == OFFICIAL_ID and "note" not in result
         assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(rewards)
         assert result["comparison"]["p_a_preferred"] == tolerances.close_to(probability, scale=1.0)
         assert "Traceback" not in run.stderr and "%|" not in run.stderr  # no progress bar when not a terminal
@@ -105,38 +109,15 @@ def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_
     assert "Converting the official checkpoint" not in second and "(cached; no conversion)" in second
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_default_model_is_the_published_id(hub, expected):
-    """Without --model the published checkpoint is used (here found in the simulated cache): no fallback."""
-    run = score(hub)
-    assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout)
-    assert result["model"] == OFFICIAL_ID and "note" not in result
-    assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(expected[0])
-
-
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_pipeline_from_pretrained_by_id_in_a_fresh_process(hub, expected):
-    code = f"""
-import json, torch, PIL.Image
-from pipeline_dinalrm import DiNaLRMPipeline
-pipe = DiNaLRMPipeline.from_pretrained({OFFICIAL_ID!r})
-assert type(pipe.reward_model).__module__ == "modeling_dinalrm"  # the installed class, no remote code
-images = [PIL.Image.open(p) for p in {hub["images"]!r}]
-out = pipe.compare({PROMPT!r}, images[0], images[1], generator=torch.Generator().manual_seed(0))
-print(json.dumps(out.rewards.tolist()))
-"""
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=hub["env"])
-    assert run.returncode == 0, run.stderr
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == tolerances.close_to(expected[0])
-
-
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_missing_base_stops_with_one_message(hub):
-    run = score(hub, "--model", OFFICIAL_ID, "--base", "stabilityai/not-in-the-cache")
-    assert run.returncode == 1
-    assert "Traceback" not in run.stderr
-    error = [line for line in run.stderr.splitlines() if line.startswith("error:")]
+def test_missing_base_stops_with_one_message(hub, monkeypatch, capsys):
+    """`dinalrm score` in this process (the command line itself runs in the test above), on the simulated cache."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", hub["env"]["HF_HUB_CACHE"])
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("DINALRM_CACHE", str(hub["root"] / "converted-by-the-missing-base-test"))
+    argv = ["score", "--prompt", PROMPT, *hub["images"], "--json", "--model", OFFICIAL_ID]
+    assert dinalrm_main([*argv, "--base", "stabilityai/not-in-the-cache"]) == 1
+    stderr = capsys.readouterr().err
+    error = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1
     assert "base model stabilityai/not-in-the-cache is not in the Hugging Face cache" in error[0]
     assert "hf auth login" in error[0] and "pass a local folder" in error[0]
@@ -158,11 +139,18 @@ def test_gated_base_says_to_accept_the_licence_and_log_in(monkeypatch, tmp_path)
 
 
 @pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_space_loads_the_published_id_in_the_dtype_asked_for(hub):
-    """The Space's default model is the published id; an official checkpoint ships no code, so the app loads it
-    with the DiNa-LRM code deployed with it, every component in the dtype asked for (here `--dtype bfloat16`)."""
+def test_pipeline_and_space_load_the_published_id_in_a_fresh_process(hub, expected):
+    """One fresh process (the cache is read from the environment at import), two loads by the published id:
+    `DiNaLRMPipeline.from_pretrained` with the installed class (no remote code) scores like the converted checkpoint;
+    the Space's default model is the published id and, as an official checkpoint ships no code, the app loads it with
+    the DiNa-LRM code deployed with it, every component in the dtype asked for (here `--dtype bfloat16`)."""
     code = f"""
-import importlib.util, json, sys, torch
+import importlib.util, json, sys, torch, PIL.Image
+from pipeline_dinalrm import DiNaLRMPipeline
+pipe = DiNaLRMPipeline.from_pretrained({OFFICIAL_ID!r})
+images = [PIL.Image.open(p) for p in {hub["images"]!r}]
+out = pipe.compare({PROMPT!r}, images[0], images[1], generator=torch.Generator().manual_seed(0))
+print(json.dumps({{"rewards": out.rewards.tolist(), "module": type(pipe.reward_model).__module__}}))
 spec = importlib.util.spec_from_file_location("app", {str(REPO_ROOT / "space" / "app.py")!r})
 app = sys.modules["app"] = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(app)
@@ -175,9 +163,11 @@ print(json.dumps({{"status": model.status(), "dtypes": dtypes, "module": type(pi
     env = {key: value for key, value in hub["env"].items() if not key.startswith("DINALRM_")}
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["status"].startswith(f"Model: `{OFFICIAL_ID}` on cpu (torch.bfloat16)"), result["status"]
-    assert result["dtypes"] == ["torch.bfloat16"] and result["module"] == "pipeline_dinalrm"
+    by_id, space = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
+    assert by_id["module"] == "modeling_dinalrm"  # the installed class, no remote code
+    assert by_id["rewards"] == tolerances.close_to(expected[0])
+    assert space["status"].startswith(f"Model: `{OFFICIAL_ID}` on cpu (torch.bfloat16)"), space["status"]
+    assert space["dtypes"] == ["torch.bfloat16"] and space["module"] == "pipeline_dinalrm"
 
 
 def test_one_dtype_for_every_component_whatever_the_repository_was_saved_in(hub, tmp_path):

@@ -1,11 +1,16 @@
 """Smoke tests of `examples/lpo/train_lpo.py` on the tiny SD1.5-topology base of `tests/fixtures/official-lrm-tiny`
 and on the tiny world's SD3 generator with its DiNa-LRM: each trains, writes checkpoints and the LoRA, and a resumed
 run ends with exactly the weights of an uninterrupted one.
+
+Each runs at half the native side (fewer tokens: the resume is exact at any size), with the fewest candidates that
+still form a pair (2), on one torch thread; the run "interrupted" after step 1 is the uninterrupted run's
+checkpoint-1 copied into a fresh output folder, which is what a run stopped after its first checkpoint leaves.
 """
 
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +28,8 @@ FIXTURE = OFFICIAL_LRM_TINY
 SCRIPT = REPO_ROOT / "examples" / "lpo" / "train_lpo.py"
 TINY_SD3 = REPO_ROOT / "assets" / "tiny-sd3"
 TINY_DINALRM = REPO_ROOT / "assets" / "dinalrm-tiny"
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_module(name: str, path: Path):
@@ -52,6 +59,8 @@ def run(setup, output_dir: str, *flags: str) -> None:
             "--output_dir", str(root / output_dir),
             "--num_inference_steps", "4",
             "--divert_end_step", "1",  # one LPO step per round: 2 prompts -> at most 2 pairs -> one optimizer step
+            "--num_candidates", "2",
+            "--resolution", "16",  # latents of 8x8, half the UNet's native side
             "--sample_batch_size", "2",
             "--train_batch_size", "2",
             "--threshold_min", "0",
@@ -64,6 +73,13 @@ def run(setup, output_dir: str, *flags: str) -> None:
         ]
     )  # fmt: skip
     script.main(args)
+
+
+def interrupt_after_step_one(root: Path) -> Path:
+    """`root/interrupted`: what a run stopped after its first checkpoint leaves, taken from `root/straight`."""
+    first = root / "interrupted" / "checkpoint-1"
+    shutil.copytree(root / "straight" / "checkpoint-1", first)
+    return first
 
 
 def assert_resumed_run_matches_the_straight_one(root: Path, first: Path, prefix: str) -> None:
@@ -81,15 +97,14 @@ def assert_resumed_run_matches_the_straight_one(root: Path, first: Path, prefix:
 
 def test_train_lpo_checkpoints_and_resumes_exactly(setup, caplog):
     root = setup["root"]
-    run(setup, "interrupted", "--max_train_steps", "1")
-    first = root / "interrupted" / "checkpoint-1"
+    run(setup, "straight", "--max_train_steps", "2")
+    first = interrupt_after_step_one(root)
     assert json.loads((first / "training_state.json").read_text()) == {"global_step": 1, "next_round": 1}
     assert (first / "pytorch_lora_weights.safetensors").is_file() and (first / "ema").is_dir()
     with caplog.at_level("INFO"):
         run(setup, "interrupted", "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
     assert f"Resuming from checkpoint {first}" in caplog.text
     assert (root / "interrupted" / "checkpoint-2").is_dir()
-    run(setup, "straight", "--max_train_steps", "2")
 
     assert_resumed_run_matches_the_straight_one(root, first, "unet.")
 
@@ -134,6 +149,8 @@ def test_train_lpo_flow_path_on_the_tiny_world_checkpoints_and_resumes_exactly(s
                 "--max_sequence_length", "16",
                 "--num_inference_steps", "3",
                 "--divert_end_step", "1",  # one LPO step per round: 2 prompts -> at most 2 pairs -> one step
+                "--num_candidates", "2",
+                "--resolution", "32",  # latents of 8x8, half the transformer's native side
                 "--sample_batch_size", "2",
                 "--train_batch_size", "2",
                 "--min_confidence", "0.5",  # keep every pair with a strictly better best
@@ -145,11 +162,10 @@ def test_train_lpo_flow_path_on_the_tiny_world_checkpoints_and_resumes_exactly(s
         assert script.generator_family(args) == "sd3"
         script.main(args)
 
-    flow_run("interrupted", "--max_train_steps", "1")
-    first = tmp_path / "interrupted" / "checkpoint-1"
+    flow_run("straight", "--max_train_steps", "2")
+    first = interrupt_after_step_one(tmp_path)
     assert json.loads((first / "training_state.json").read_text()) == {"global_step": 1, "next_round": 1}
     flow_run("interrupted", "--max_train_steps", "2", "--resume_from_checkpoint", "latest")
-    flow_run("straight", "--max_train_steps", "2")
 
     assert_resumed_run_matches_the_straight_one(tmp_path, first, "transformer.")
 
@@ -186,7 +202,7 @@ def test_train_lpo_flow_path_loads_the_published_ids_from_the_hub_cache(tmp_path
         "--prompts_file", str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path / "out"),
         "--max_sequence_length", "16", "--num_inference_steps", "2", "--divert_end_step", "1",
         "--sample_batch_size", "2", "--train_batch_size", "2", "--min_confidence", "0.5",
-        "--max_train_steps", "1", "--report_to", "none",
+        "--num_candidates", "2", "--resolution", "32", "--max_train_steps", "1", "--report_to", "none",
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -4,10 +4,11 @@ same output folder. The whole training run that stops on a non-finite loss is in
 
 import argparse
 import json
+import multiprocessing
 import os
-import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -119,13 +120,12 @@ def test_a_checkpoint_of_another_lora_rank_or_without_config_is_refused(tmp_path
         load_checkpoint_model(str(tmp_path / "checkpoint-2" / "reward_model"), saved)
 
 
-_HOLD_LOCK = """
-import sys, time
-from dinalrm.training.checkpointing import OutputDirLock
-lock = OutputDirLock(sys.argv[1]).acquire()
-print("locked", flush=True)
-time.sleep(600)
-"""
+def _hold_lock(output_dir, ready) -> None:
+    """A first training run, in a forked process: takes the lock on `output_dir`, says so, and waits to be killed."""
+    lock = OutputDirLock(output_dir).acquire()
+    ready.send("locked")
+    time.sleep(600)
+    lock.release()
 
 
 @pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
@@ -134,12 +134,14 @@ def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_repo
     partial = output / f"{PARTIAL_PREFIX}checkpoint-4"
     partial.mkdir(parents=True)  # the first run's in-progress checkpoint
     (tmp_path / "empty-model").mkdir()  # a folder: the lock is met before the model is read
-    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    holder = subprocess.Popen(
-        [sys.executable, "-c", _HOLD_LOCK, str(output)], stdout=subprocess.PIPE, text=True, env=environment
-    )
+    # The holder is forked from this interpreter (no second start of torch); the refused run is the script itself.
+    fork = multiprocessing.get_context("fork")
+    ready, ready_child = fork.Pipe(duplex=False)
+    holder = fork.Process(target=_hold_lock, args=(output, ready_child), daemon=True)
+    holder.start()
+    ready_child.close()  # the child holds its own end
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert ready.poll(120) and ready.recv() == "locked"
         second = subprocess.run(
             [
                 sys.executable,
@@ -153,7 +155,7 @@ def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_repo
             ],
             capture_output=True,
             text=True,
-            env={**environment, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"},
             check=False,
         )
         assert second.returncode != 0
@@ -162,8 +164,8 @@ def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_repo
         with pytest.raises(RuntimeError, match="in use by another training run"):
             OutputDirLock(output).acquire()
     finally:
-        holder.send_signal(signal.SIGKILL)
-        holder.wait()
+        holder.kill()  # SIGKILL: a killed run cannot release its lock file
+        holder.join()
 
     assert (output / LOCK_FILE).is_file()  # a killed run cannot clean up: its lock file stays, the lock does not
     with caplog.at_level("WARNING"), OutputDirLock(output) as lock:
