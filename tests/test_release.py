@@ -19,9 +19,12 @@ from conftest import REPO_ROOT
 PROMPT = "a large red circle at the left on a white background"
 # The Hub modules a wheel must install as top-level modules (they are also the Hub repositories' code files).
 HUB_MODULES = ("modeling_dinalrm", "pipeline_dinalrm", "modeling_lrm", "pipeline_lrm")
-# The installed console scripts, each started from the empty folder (the entry points resolve, the parsers load
-# without the model stack), and a pattern its output (stdout and stderr) must match.
-HELP_COMMANDS = [
+# Commands started one by one from the empty folder, each with a pattern its output (stdout and stderr) must match:
+# the installed console scripts (the entry points resolve, the parsers load without the model stack), and
+# accelerate's launcher with the training module installed as a top-level module (it starts `python -m train_dinalrm`).
+ACCELERATE = ["python", "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1"]
+ACCELERATE += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+OWN_PROCESS_COMMANDS = [
     (["dinalrm", "--help"], r"(?s)score.*serve.*eval.*calibrate.*convert.*build-hub"),
     (["dinalrm", "score", "--help"], r"--normalize"),
     (["dinalrm", "serve", "--help"], r"--max-batch-size"),
@@ -33,14 +36,13 @@ HELP_COMMANDS = [
     (["dinalrm", "build-hub", "--help"], r"--push_to_hub"),
     (["dinalrm-score", "--help"], r"usage: dinalrm-score"),
     (["dinalrm-serve", "--help"], r"usage: dinalrm-serve"),
+    ([*ACCELERATE, "-m", "train_dinalrm", "--help"], r"--train_data_dir"),
 ]
 # The commands that load models, in order, with the pattern their output must match ({examples}: the packaged
 # example-image folder; {work}: a scratch folder; {official}: a copy of the official-format fixture
-# tests/fixtures/official-tiny). They run in ONE interpreter of the venv (one start of torch, not five): `dinalrm`
-# through `dinalrm.cli.main`, the function its console script calls (started above), `python -m` through
-# `runpy.run_module`, what `python -m` does.
+# tests/fixtures/official-tiny). They run in ONE interpreter of the venv (one start of torch for them all), through
+# `dinalrm.cli.main`, the function the `dinalrm` console script calls (started above).
 MODEL_COMMANDS = [
-    (["python", "-m", "train_dinalrm", "--help"], r"--train_data_dir"),
     (
         ["dinalrm", "score", "--prompt", PROMPT, "{examples}/red-circle-left.png", "{examples}/blue-square-right.png"]
         + ["--json"],  # the text output of the same fallback is tested in tests/test_cli.py
@@ -63,7 +65,7 @@ DONE = "=== command done, exit status"
 # example images and the Hub modules live, and the tiny model and benchmarks `dinalrm eval` reads; then each command,
 # a DONE line with its exit status closing its output on stdout and on stderr.
 IN_ONE_INTERPRETER = f"""
-import importlib, json, runpy, sys, sysconfig
+import importlib, json, sys, sysconfig
 import dinalrm
 from dinalrm import cli
 from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
@@ -76,14 +78,9 @@ save_tiny_dinalrm_repo(places["work"] + "/m")
 write_tiny_benchmarks(places["work"] + "/b")
 for arguments in commands:
     arguments = [argument.format(**places) for argument in arguments]
+    assert arguments[0] == "dinalrm", arguments
     try:
-        if arguments[:2] == ["python", "-m"]:
-            sys.argv = arguments[2:]
-            runpy.run_module(arguments[2], run_name="__main__", alter_sys=True)
-            status = 0
-        else:
-            assert arguments[0] == "dinalrm", arguments
-            status = cli.main(arguments[1:])
+        status = cli.main(arguments[1:])
     except SystemExit as exit:
         status = exit.code
     for stream in (sys.stdout, sys.stderr):
@@ -138,7 +135,7 @@ def test_wheel_works_from_an_empty_folder(tmp_path):
     install += ["--ignore-installed", str(wheel)]
     installed = subprocess.run(install, cwd=empty, env=env, capture_output=True, text=True)
     assert installed.returncode == 0, installed.stderr[-3000:]
-    for command, expected in HELP_COMMANDS:
+    for command, expected in OWN_PROCESS_COMMANDS:
         run = subprocess.run(command, cwd=empty, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, (command, run.stderr[-3000:])
         assert re.search(expected, run.stdout + run.stderr), (command, run.stdout, run.stderr[-3000:])
