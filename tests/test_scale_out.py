@@ -1,10 +1,10 @@
 """Scoring and evaluation on Ray Data actors (`--ray`, `dinalrm.serving.distributed`) give what one process gives.
 
 One local Ray with 2 CPUs serves the whole module (2 workers); the models are the bundled tiny-world model and the
-tiny models of `dinalrm.testing`. Every Ray run starts its actors and loads the model in each: slow on a shared CPU.
+tiny models of `dinalrm.testing`. Every Ray run starts its actors, each a fresh interpreter that imports torch and
+loads the model (10-15 s of CPU): the tests run few of them, 2 actors where several must give one process's results.
 """
 
-import csv
 import json
 import os
 import signal
@@ -68,68 +68,6 @@ def assert_same_rows(ray_rows: list[dict], rows: list[dict]) -> None:
         np.testing.assert_allclose(got, expected, rtol=RTOL, atol=RTOL * scale)
 
 
-def read_csv_rows(path: Path) -> list[dict]:
-    def value(name, text):
-        if text == "":
-            return None
-        return {"rank": int, "pair": int, "reward": float, "normalized": float, "p_preferred": float}.get(name, str)(
-            text
-        )
-
-    with open(path, newline="") as file:
-        return [{name: value(name, text) for name, text in row.items()} for row in csv.DictReader(file)]
-
-
-@pytest.mark.slow  # a Ray run: actors start and load the model, 20-40 s on a shared 2-core CPU
-def test_folder_of_mixed_sizes_with_a_corrupt_file_to_parquet(ray_address, tmp_path, capsys):
-    sizes = [(48, 48), (64, 40), (40, 72), (48, 48), (96, 64), (32, 32), (56, 48)]
-    save_images(tmp_path / "images", sizes)
-    (tmp_path / "images" / "broken.png").write_bytes(b"not a png")  # refused by the header check, before Ray
-    PIL.Image.open(tmp_path / "images" / "image_000.png").save(tmp_path / "images" / "cut.jpg")
-    jpeg = (tmp_path / "images" / "cut.jpg").read_bytes()
-    (tmp_path / "images" / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # its header reads: it fails on an actor
-    base = ["--model", MODEL, "--prompt", PROMPT, str(tmp_path / "images"), "--batch_size", "3"]
-    assert cli.score_main([*base, "--output", str(tmp_path / "one.parquet")]) == 0
-    single = capsys.readouterr().err
-    assert cli.score_main([*base, "--output", str(tmp_path / "ray.parquet"), "--ray", "--num-workers", "2"]) == 0
-    err = capsys.readouterr().err
-    warning = "warning: skipped 2 of 9 rows (corrupt_image=2)"
-    assert err.count(warning) == 1 and single.count(warning) == 1  # one counted on an actor, reported once here
-    assert "cut.jpg" in err and "broken.png" in err
-    assert "wrote 7 rows" in err and not (tmp_path / "ray.parquet.partial.jsonl").exists()
-    one, on_ray = (pq.read_table(tmp_path / name) for name in ("one.parquet", "ray.parquet"))
-    assert on_ray.schema == one.schema
-    assert_same_rows(on_ray.to_pylist(), one.to_pylist())
-    assert sorted(row["rank"] for row in one.to_pylist()) == list(range(1, 8))  # 7 distinct random images
-
-
-@pytest.mark.slow  # a Ray run: actors start and load the model, 20-40 s on a shared 2-core CPU
-def test_pairs_file_to_jsonl_through_the_python_api(ray_address, tmp_path, capsys, caplog):
-    save_images(tmp_path / "img", [(48, 48), (64, 48), (48, 64), (40, 40)])
-    pairs = [
-        {"prompt": PROMPT, "chosen": "img/image_000.png", "rejected": "img/image_001.png"},
-        {"prompt": OTHER, "chosen": "img/image_002.png", "rejected": "img/image_000.png"},
-        {"prompt": PROMPT, "chosen": "img/image_003.png", "rejected": "img/missing.png"},
-        {"prompt": PROMPT, "chosen": "img/image_002.png", "rejected": "img/image_003.png"},
-    ]
-    pairs_file = tmp_path / "pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-    base = ["--model", MODEL, "--pairs", str(pairs_file), "--batch_size", "2"]
-    assert cli.score_main([*base, "--output", str(tmp_path / "one.jsonl")]) == 0
-    skipped = "skipped 1 of 8 rows (missing_image=1)"
-    assert capsys.readouterr().err.count(skipped) == 1
-    returned = score_dataset(
-        rows_file=str(pairs_file), model=MODEL, output=str(tmp_path / "ray.jsonl"), batch_size=2, num_workers=2
-    )
-    assert sum(skipped in record.getMessage() for record in caplog.records) == 1  # reported once, at the end
-    one, on_ray = ([json.loads(line) for line in (tmp_path / name).read_text().splitlines()] for name in
-                   ("one.jsonl", "ray.jsonl"))  # fmt: skip
-    assert_same_rows(on_ray, one)
-    assert returned == on_ray
-    assert [row["pair"] for row in one] == [0, 0, 1, 1, 2, 3, 3]  # pair 2 lost its other side: no probability
-    assert [row["p_preferred"] is None for row in one] == [False] * 4 + [True] + [False] * 2
-
-
 @pytest.mark.slow  # a Ray run: actors start and load the model, 20-40 s on a shared 2-core CPU
 def test_eval_on_ray_writes_the_results_json_of_one_process(ray_address, tmp_path):
     data = write_tiny_benchmarks(tmp_path / "data")
@@ -147,49 +85,84 @@ def test_eval_on_ray_writes_the_results_json_of_one_process(ray_address, tmp_pat
     assert {entries["pickapic_v2"]["n_missing_images"] for entries in one.values()} == {1}
 
 
-def score_command(folder: Path, output: Path) -> list[str]:
-    options = [
-        "--model",
-        MODEL,
-        "--prompt",
-        PROMPT,
-        str(folder),
-        "--output",
-        str(output),
-        "--ray",
-        "--num-workers",
-        "2",
+def write_inputs(root: Path) -> tuple[Path, Path]:
+    """`(pairs file, folder)`: 4 pairs (one image missing) and a folder of 96 images of mixed sizes, an undecodable
+    PNG (refused by the header check, before Ray) and a JPEG cut in half (its header reads: it fails on an actor)."""
+    save_images(root / "img", [(48, 48), (64, 48), (48, 64), (40, 40)], seed=1)
+    pairs = [
+        {"prompt": PROMPT, "chosen": "img/image_000.png", "rejected": "img/image_001.png"},
+        {"prompt": OTHER, "chosen": "img/image_002.png", "rejected": "img/image_000.png"},
+        {"prompt": PROMPT, "chosen": "img/image_003.png", "rejected": "img/missing.png"},
+        {"prompt": PROMPT, "chosen": "img/image_002.png", "rejected": "img/image_003.png"},
     ]
-    return [sys.executable, "-m", "dinalrm.cli", "score", *options]
+    (root / "pairs.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    folder = root / "images"
+    save_images(folder, [(48, 48), (64, 40), (40, 72), (48, 48), (96, 64), (32, 32), (56, 48), (48, 56)] * 12)
+    (folder / "broken.png").write_bytes(b"not a png")
+    PIL.Image.open(folder / "image_000.png").save(folder / "cut.jpg")
+    jpeg = (folder / "cut.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(jpeg[: len(jpeg) // 2])
+    return root / "pairs.jsonl", folder
 
 
-@pytest.mark.slow  # a Ray run: actors start and load the model, 20-40 s on a shared 2-core CPU
-def test_killed_run_resumes_to_the_uninterrupted_file(ray_address, tmp_path, capsys):
-    """120 images to CSV on the module's Ray (found through RAY_ADDRESS, as on a cluster): SIGKILL the driver
-    midway, a torn last line, resume; the file equals an uninterrupted run's, byte for byte."""
-    folder = tmp_path / "images"
-    save_images(folder, [(48, 48)] * 120)
-    whole, resumed = tmp_path / "whole.csv", tmp_path / "resumed.csv"
-    assert cli.score_main(score_command(folder, whole)[4:]) == 0  # in this process: one interpreter start less
+def score_arguments(pairs: Path, folder: Path, output: Path, *ray: str) -> list[str]:
+    """`dinalrm score` of the pairs and the folder (against PROMPT) in batches of 2, with `ray` options."""
+    return ["--model", MODEL, "--pairs", str(pairs), "--prompt", PROMPT, str(folder), "--batch_size", "2"] + [
+        "--output", str(output), *ray
+    ]  # fmt: skip
+
+
+@pytest.mark.slow  # Ray runs (actors start and load the model) and one interpreter start: 1-3 min on 2 busy cores
+def test_pairs_and_a_folder_on_actors_and_a_killed_run_resumed(ray_address, tmp_path, capsys, caplog):
+    """Pairs and a folder with bad files, to Parquet: `--ray` on 2 actors gives the rows of one process (the skips
+    counted on an actor reported once). Then `python -m dinalrm.cli score --ray` on the module's Ray (found through
+    RAY_ADDRESS, as on a cluster) is SIGKILLed midway, its sidecar gets a torn last line, and `score_dataset` (the
+    Python API) resumes it: the file equals the uninterrupted run's, byte for byte."""
+    pairs, folder = write_inputs(tmp_path)
+    one, whole, resumed = (tmp_path / f"{name}.parquet" for name in ("one", "whole", "resumed"))
+    assert cli.score_main(score_arguments(pairs, folder, one)) == 0
+    single = capsys.readouterr().err
+    assert cli.score_main(score_arguments(pairs, folder, whole, "--ray", "--num-workers", "2")) == 0
+    err = capsys.readouterr().err
+    skipped = "skipped 3 of 106 rows (corrupt_image=2, missing_image=1)"
+    assert err.count(skipped) == 1 and single.count(skipped) == 1  # one counted on an actor, reported once here
+    assert "cut.jpg" in err and "broken.png" in err and "missing.png" in err
+    assert "wrote 103 rows" in err and not (tmp_path / "whole.parquet.partial.jsonl").exists()
+    rows = pq.read_table(one).to_pylist()
+    assert pq.read_table(whole).schema == pq.read_table(one).schema
+    assert_same_rows(pq.read_table(whole).to_pylist(), rows)
+    assert [row["pair"] for row in rows[:7]] == [0, 0, 1, 1, 2, 3, 3]  # pair 2 lost its other side: no probability
+    assert [row["p_preferred"] is None for row in rows] == [False] * 4 + [True] + [False] * 2 + [True] * 96
+    assert len({row["rank"] for row in rows[7:]}) == 96  # 96 distinct random images, ranked among PROMPT's rows
+
+    # One actor for the killed run: its 52 batches come back in 7 blocks; killed after the first, the other 6
+    # blocks of scoring are the poll's margin.
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ray_address}
-    process = subprocess.Popen(score_command(folder, resumed), env=env, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-m", "dinalrm.cli", "score"]
+    command += score_arguments(pairs, folder, resumed, "--ray", "--num-workers", "1")
+    with open(tmp_path / "killed.err", "w") as log:  # a file, not a pipe nobody reads
+        process = subprocess.Popen(command, env=env, stderr=log)
+    sidecar = tmp_path / "resumed.parquet.partial.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
-        if resumed.exists() and resumed.read_bytes().count(b"\n") > 30:
+        if sidecar.exists() and sidecar.read_bytes().count(b"\n") > 0:
             process.send_signal(signal.SIGKILL)
             break
         time.sleep(0.02)
-    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
-    lines = resumed.read_bytes().count(b"\n") - 1
-    assert 30 <= lines < 120
-    with open(resumed, "a") as file:  # as if killed in the middle of writing a row
-        file.write(f"{folder}/image_119.png,a small red")
-    run = subprocess.run(score_command(folder, resumed), env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr
-    assert "dropped a torn last line" in run.stderr
-    assert f"wrote 120 rows to {resumed} ({120 - lines} new)" in run.stderr
-    assert resumed.read_bytes() == whole.read_bytes()
-    assert sorted(row["rank"] for row in read_csv_rows(whole)) == list(range(1, 121))
+    killed = process.wait() == -signal.SIGKILL
+    assert killed, f"the run ended before it could be killed: {(tmp_path / 'killed.err').read_text()[-3000:]}"
+    lines = sidecar.read_bytes().count(b"\n")
+    assert 1 <= lines < 103 and not resumed.exists()
+    with open(sidecar, "a") as file:  # as if killed in the middle of writing a row
+        file.write('{"image": "' + str(folder / "image_095.png"))
+    returned = score_dataset(
+        [str(folder)], rows_file=str(pairs), prompt=PROMPT, model=MODEL, output=str(resumed), batch_size=2
+    )  # one actor, in this process: one interpreter start less
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("dropped a torn last line" in message for message in messages) == 1
+    assert sum(skipped in message for message in messages) == 1  # reported once, at the end
+    assert resumed.read_bytes() == whole.read_bytes() and not sidecar.exists()
+    assert returned == pq.read_table(resumed).to_pylist()
 
 
 def test_parquet_output_streams_through_a_sidecar_and_resumes(tmp_path):
