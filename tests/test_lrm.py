@@ -11,6 +11,7 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from test_lrm_parity import run_lrm_converter
 from transformers import CLIPTokenizer
 
+from dinalrm.testing import torch_threads
 from dinalrm.testing.lrm_models import get_tiny_lrm, save_tiny_sd_pipeline
 from modeling_lrm import LRMModel
 
@@ -96,6 +97,9 @@ def _toy_pairs(generator: torch.Generator, count: int) -> tuple[torch.Tensor, to
 @pytest.mark.slow  # a fresh interpreter or a training run: 7-35 s on a shared 2-core machine
 @pytest.mark.parametrize("kind", ["sdxl", "sd15"])
 def test_tiny_lrm_learns_a_preference_with_the_official_pair_loss(tiny_bases, kind):
+    """10 AdamW steps on 8 toy pairs each. Measured over 6 data/model seeds per kind (data seeds 0-5, model seeds
+    1, 1, 1, 2, 3, 4): held-out accuracy (32 pairs) from 0.16-0.84 before to 1.0 after 8 steps in all 12 runs
+    (0.94-1.0 after 5), so 10 steps clear the 0.9 bar with room."""
     base = tiny_bases[kind]
     model = get_tiny_lrm(base, kind, seed=1).train()
     ids = token_ids(base, "tokenizer", PROMPTS[:1])
@@ -110,21 +114,24 @@ def test_tiny_lrm_learns_a_preference_with_the_official_pair_loss(tiny_bases, ki
             )
         return (rewards[:32] > rewards[32:]).float().mean().item()
 
-    before = accuracy()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(25):
-        a, b = _toy_pairs(generator, 8)
-        swap = torch.rand(8, generator=generator) < 0.5
-        first = torch.where(swap[:, None, None, None], b, a)
-        second = torch.where(swap[:, None, None, None], a, b)
-        timesteps = torch.tensor([1, 51, 101, 151, 1, 51, 101, 151]).repeat(2)
-        noise = torch.randn(16, 4, 8, 8, generator=generator)
-        rewards = model(model.add_noise(torch.cat([first, second]), noise, timesteps), timesteps, ids, ids_2).rewards
-        loss = model.preference_loss(rewards[:8], rewards[8:], (~swap).float())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    after = accuracy()
+    with torch_threads(1):  # tiny models train fastest on one thread, above all on a shared CPU
+        before = accuracy()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(10):
+            a, b = _toy_pairs(generator, 8)
+            swap = torch.rand(8, generator=generator) < 0.5
+            first = torch.where(swap[:, None, None, None], b, a)
+            second = torch.where(swap[:, None, None, None], a, b)
+            timesteps = torch.tensor([1, 51, 101, 151, 1, 51, 101, 151]).repeat(2)
+            noise = torch.randn(16, 4, 8, 8, generator=generator)
+            rewards = model(
+                model.add_noise(torch.cat([first, second]), noise, timesteps), timesteps, ids, ids_2
+            ).rewards
+            loss = model.preference_loss(rewards[:8], rewards[8:], (~swap).float())
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        after = accuracy()
     assert after >= 0.9 and after > before, (before, after)
 
 
