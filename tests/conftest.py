@@ -106,8 +106,12 @@ class FileDurationRecorder:
         self.seconds[name] = self.seconds.get(name, 0.0) + report.duration
 
     def pytest_sessionfinish(self, session, exitstatus):
-        ordered = dict(sorted(((k, round(v, 1)) for k, v in self.seconds.items()), key=lambda kv: -kv[1]))
-        FILE_DURATIONS.write_text(json.dumps(ordered, indent=1) + "\n")
+        if exitstatus == pytest.ExitCode.INTERRUPTED:  # partial sums would put the files that ran too early
+            return
+        # Files this run did not reach keep their recorded cost, so a run of a few files updates just those.
+        recorded = json.loads(FILE_DURATIONS.read_text()) if FILE_DURATIONS.exists() else {}
+        recorded.update((name, round(seconds, 1)) for name, seconds in self.seconds.items())
+        FILE_DURATIONS.write_text(json.dumps(dict(sorted(recorded.items(), key=lambda kv: -kv[1])), indent=1) + "\n")
 
 
 def pytest_configure(config):
