@@ -437,6 +437,22 @@ def prompt_shared_noises(
     ]
 
 
+def _first_equal_rows(flat: torch.Tensor, keys: list) -> tuple[list[int], list[int]]:
+    """The rows of `flat` that differ from every earlier row in value or key, and for each row the position (in
+    that list) of the first row it equals."""
+    rows: list[int] = []
+    source = []
+    for position, key in enumerate(keys):
+        match = next(
+            (k for k, row in enumerate(rows) if keys[row] == key and torch.equal(flat[row], flat[position])), None
+        )
+        if match is None:
+            rows.append(position)
+            match = len(rows) - 1
+        source.append(match)
+    return rows, source
+
+
 def _distinct_rows(indices: list[int], latents: torch.Tensor, noises: list[torch.Tensor], groups: list[int]):
     """The rows of a part that differ in latent or prompt group, and where each sample's reward comes from.
 
@@ -444,22 +460,7 @@ def _distinct_rows(indices: list[int], latents: torch.Tensor, noises: list[torch
     that exact (a batched pass may round equal rows differently) and saves the work. Returns `(indices,
     latents, noises, (all indices, row of each))` for the distinct rows.
     """
-    flat = latents.flatten(1)
-    rows: list[int] = []
-    source = []
-    for position, index in enumerate(indices):
-        match = next(
-            (
-                k
-                for k, row in enumerate(rows)
-                if groups[indices[row]] == groups[index] and torch.equal(flat[row], flat[position])
-            ),
-            None,
-        )
-        if match is None:
-            rows.append(position)
-            match = len(rows) - 1
-        source.append(match)
+    rows, source = _first_equal_rows(latents.flatten(1), [groups[index] for index in indices])
     kept = [indices[row] for row in rows]
     return kept, latents[rows], [noise[rows] for noise in noises], (indices, source)
 
@@ -1355,7 +1356,14 @@ class DiNaLRMPipeline(DiffusionPipeline):
             groups.setdefault(tuple(pixels.shape[-2:]), []).append((index, pixels))
         for members in groups.values():
             pixels = torch.cat([p for _, p in members])
-            yield [i for i, _ in members], self._encode_pixels(pixels, sample_posterior, generator)
+            if sample_posterior:
+                latents = self._encode_pixels(pixels, sample_posterior, generator)
+            else:
+                # Equal images are encoded once: the VAE may round equal rows of a batch differently, and their
+                # latents must be equal for `_distinct_rows` to give them one reward.
+                rows, source = _first_equal_rows(pixels.flatten(1), [None] * len(pixels))
+                latents = self._encode_pixels(pixels[rows], sample_posterior, generator)[source]
+            yield [i for i, _ in members], latents
 
     def _score_part(
         self,

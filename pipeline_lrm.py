@@ -265,8 +265,21 @@ class LRMPipeline(DiffusionPipeline):
             posterior_noise (`torch.Tensor`, *optional*): the standard normal draws of the posterior sample, one per
                 image (`mean + std * noise`), instead of drawing them from `generator`.
         """
+        return self._encode_pixels(self._pixels(images), generator, sample_posterior, posterior_noise)
+
+    def _pixels(self, images) -> torch.Tensor:
+        """Images as a `(B, 3, H, W)` tensor in [-1, 1] at the native size."""
         size = self.default_resolution
-        pixels = self.image_processor.preprocess(_as_image_list(images), height=size, width=size)
+        return self.image_processor.preprocess(_as_image_list(images), height=size, width=size)
+
+    def _encode_pixels(
+        self,
+        pixels: torch.Tensor,
+        generator: torch.Generator | None,
+        sample_posterior: bool,
+        posterior_noise: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Scaled latents of preprocessed pixels (see `encode_images`)."""
         posterior = self.vae.encode(pixels.to(self._execution_device, self.vae.dtype)).latent_dist
         if not sample_posterior:
             latents = posterior.mode()
@@ -383,8 +396,14 @@ class LRMPipeline(DiffusionPipeline):
                     groups, posterior_draws, noise_draws = shared
                     posterior = posterior_draws[groups[start:stop]]
                     noise = noise_draws[groups[start:stop]]
-                if images is not None:
-                    batch = self.encode_images(list(images[start:stop]), generator, sample_posterior, posterior)
+                if images is not None and shared is not None:
+                    # Equal images of one prompt (one posterior draw) are encoded once: the VAE may round equal rows
+                    # of a batch differently, and their latents must be equal to tie below.
+                    pixels = self._pixels(list(images[start:stop]))
+                    kept, copies = self._distinct_rows(pixels, groups[start:stop])
+                    batch = self._encode_pixels(pixels[kept], generator, sample_posterior, posterior[kept])[copies]
+                elif images is not None:
+                    batch = self.encode_images(list(images[start:stop]), generator, sample_posterior)
                 else:
                     batch = latents[start:stop].to(self._execution_device)
                 batch_prompts = prompts if len(prompts) == 1 else prompts[start:stop]
