@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The noise-sharing measurements of the README (issue 13), on CPU, from scratch:
 #   1. the photo world of tests/test_train_learning.py (tiny photo VAE, scikit-image photo pairs) and its reward model,
-#      trained by train_dinalrm.py with that test's flags; 600 extra held-out pairs for the accuracy table;
+#      trained by train_dinalrm.py with that test's earlier flags (3000 pairs, 500 steps); 600 extra held-out pairs
+#      for the accuracy table;
 #   2. the tiny world's held-out pairs (make_pairs.py on the shipped generator; 434 pairs) for assets/dinalrm-tiny;
 #   3. accuracy vs t with noise shared per prompt and per image (eval/noise_sweep.py --pairs), appendix A's Table 4
 #      quantities under both (eval/uncertainty.py, 10 draws), and the learning test's 250 held-out pairs scored pair
@@ -48,7 +49,7 @@ for folder, names, count, seed, split in (
     write_canonical_pairs(root / folder, rows, split)
 EOF
 fi
-if [[ ! -d "$OUT/photo/pipe" ]]; then  # tests/test_train_learning.py's FLAGS
+if [[ ! -d "$OUT/photo/pipe" ]]; then  # tests/test_train_learning.py's flags before it was cut to 200 steps
   "$PY" train_dinalrm.py --pretrained_model_name_or_path "$OUT/photo/sd3" --train_data_dir "$OUT/photo/train" \
     --validation_dataset_name "$OUT/photo/held-out" --output_dir "$OUT/photo/reward-model" \
     --num_backbone_layers 2 --visual_layers 1,2 --text_layers 1,2 --head_width 128 --head_num_heads 4 --lora_rank 0 \

@@ -203,6 +203,40 @@ def one_thread():
         yield
 
 
+# The photo preference pairs of the learning tests (tests/test_train_learning*.py, `dinalrm.data.photo_pairs`).
+PHOTO_SIZE = 64
+PHOTO_TRAIN_PAIRS, PHOTO_HELD_OUT_PAIRS = 1500, 250
+
+
+@pytest.fixture(scope="session")
+def photo_pairs(tmp_path_factory) -> Path:
+    """Training pairs (`train/`, training photos, draw seed 0) and held-out pairs (`held-out/`, held-out photos, seed
+    1) in the canonical format, built once per test run: under xdist the workers share one copy in the run's
+    temporary folder (above each worker's own), built by the first that asks while the others wait on a file lock."""
+    from filelock import FileLock  # a dependency of huggingface_hub, as for dinalrm.evaluation.isolated
+
+    from dinalrm.data import write_canonical_pairs
+    from dinalrm.data.photo_pairs import load_photos, make_pairs, split_photos
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    folder = root / "photo-pairs"
+    with FileLock(f"{folder}.lock"):
+        if not (folder / "complete").is_file():
+            photos = load_photos()
+            train_names, held_out_names = split_photos([name for name, _ in photos])
+            for split_dir, names, count, seed, split in (
+                ("train", train_names, PHOTO_TRAIN_PAIRS, 0, "train"),
+                ("held-out", held_out_names, PHOTO_HELD_OUT_PAIRS, 1, "test"),
+            ):
+                subset = [(name, image) for name, image in photos if name in names]
+                # Rows of prompt, chosen, rejected and the extra columns kind and photo (read by the tests).
+                write_canonical_pairs(folder / split_dir, make_pairs(subset, count, size=PHOTO_SIZE, seed=seed), split)
+            (folder / "complete").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def official_inputs() -> dict[str, torch.Tensor]:
     # Fresh copies: the expected values were computed on freshly allocated tensors (see the fixture README).

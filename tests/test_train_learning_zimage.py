@@ -1,40 +1,30 @@
 """The photo learning test of `test_train_learning.py` with `--backbone zimage`, in its own file so that CI's
-`--dist loadfile` runs it beside the SD3 and FLUX runs rather than after them (about 90 CPU seconds; 140 s on a
-loaded two-core machine)."""
-
-import json
+`--dist loadfile` can run it beside the SD3 and FLUX runs rather than after them (the photo pairs are built once per
+run)."""
 
 import pytest
-from diffusers import AutoencoderKL, ZImagePipeline
-from test_train_learning import HELD_OUT_PAIRS, MIN_ACCURACY, SCORE_T, VAE_ASSET, photo_world, train
+from conftest import PHOTO_HELD_OUT_PAIRS
+from diffusers import ZImagePipeline
+from test_train_learning import MIN_ACCURACY, held_out_curve, save_photo_pipeline, train
 
 from dinalrm.testing import get_tiny_zimage_components
 
 
-pytestmark = pytest.mark.slow
-__all__ = ["photo_world"]  # the shared fixture, imported for pytest
+pytestmark = pytest.mark.slow  # about 70 CPU seconds
 
 
-def test_zimage_backbone_reaches_the_same_held_out_bar(photo_world):
+def test_zimage_backbone_reaches_the_same_held_out_bar(photo_pairs, tmp_path):
     """The same run with `--backbone zimage`: the first 2 main layers of a tiny random Z-Image transformer (its
     refiners run in front), the photo VAE and a tiny Qwen3 prompt encoder; 64 caption tokens, so the chat template
-    and the prompt fit and captions keep their own lengths. 200 steps instead of 500 keep it near 90 CPU seconds.
-    Measured (seed 0, pairs p = 0): held-out accuracy at t=0.4 by step 0.736, 0.824, 0.816, 0.828; with the
-    SD3 test's 500 steps the same model gave 0.84, 0.86, 0.848, 0.836, 0.816 (every 100 steps). Training seed 1 (200 steps)
-    gave 0.728, 0.780, 0.824, 0.796. The SD3 runs recorded in `test_train_learning.py` spread over 0.804-0.884 (500
-    steps); the bar is theirs, MIN_ACCURACY (0.77), which the shorter run clears by 0.058 (seed 0) and 0.026 (seed 1).
+    and the prompt fit and captions keep their own lengths. A Z-Image step costs about twice an SD3 one, so the run
+    stops at 150 steps instead of 200. Measured (pairs p = 0), held-out accuracy at t=0.4 after 150 steps: 0.848
+    (training seed 0, this test), 0.840 (seed 1), 0.788 (seed 2), mean 0.825; after 200 steps 0.868, 0.820, 0.840;
+    after 100 steps 0.800, 0.800, 0.708, too near the bar. The SD3 runs recorded in `test_train_learning.py` spread
+    over 0.780-0.864 (200 steps); the bar is theirs, MIN_ACCURACY (0.73), which the 150-step runs clear by 0.058 or more.
     """
-    components = get_tiny_zimage_components(seed=0)
-    components["vae"] = AutoencoderKL.from_pretrained(VAE_ASSET)
-    ZImagePipeline(**components).save_pretrained(photo_world / "zimage")
-    output = train(
-        photo_world, "zimage", "--backbone", "zimage", "--max_sequence_length", "64", "--max_train_steps", "200",
-        "--validation_steps", "50",
-    )  # fmt: skip
-    summary = json.loads((output / "training_summary.json").read_text())
-    print(
-        f"\nheld-out accuracy by step: {[(v['step'], v[f'val/accuracy_t{SCORE_T:g}']) for v in summary['validation']]}"
-    )
-    final = summary["validation"][-1]
-    assert final["val/pairs"] == HELD_OUT_PAIRS
-    assert final[f"val/accuracy_t{SCORE_T:g}"] >= MIN_ACCURACY, summary["validation"]
+    zimage = save_photo_pipeline(ZImagePipeline, get_tiny_zimage_components(seed=0), tmp_path / "zimage")
+    flags = ("--backbone", "zimage", "--max_sequence_length", "64", "--max_train_steps", "150")
+    summary = train(photo_pairs, zimage, tmp_path / "reward-model", *flags)
+    print(f"\nheld-out accuracy by step: {held_out_curve(summary)}")
+    assert summary["validation"][-1]["val/pairs"] == PHOTO_HELD_OUT_PAIRS
+    assert held_out_curve(summary)[-1][1] >= MIN_ACCURACY, summary["validation"]
