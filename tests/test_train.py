@@ -19,12 +19,14 @@ import subprocess
 import sys
 import weakref
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import numpy as np
 import pytest
 import tolerances
 import torch
+from accelerate.state import AcceleratorState
 from accelerate.utils import load as accelerate_load
 from conftest import REPO_ROOT
 from diffusers import FluxPipeline, ZImagePipeline
@@ -129,7 +131,15 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _environment(**extra: str) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **extra}
+    """Offline, on the CPU and one thread: the in-process runs' settings (see `train`)."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        **extra,
+    }
 
 
 def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedProcess:
@@ -146,7 +156,6 @@ def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedP
     ]
     if processes > 1:
         launcher = ["--multi_gpu", *launcher]
-        env = {"ACCELERATE_USE_CPU": "true", **env}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, TRAIN_SCRIPT, *flags]
     return subprocess.run(command, capture_output=True, text=True, env=_environment(**env), cwd=REPO_ROOT, check=False)
 
@@ -166,14 +175,17 @@ def run_killed(kill_at: str, *flags: str) -> subprocess.CompletedProcess:
 
 def train(*flags: str) -> None:
     """`train_dinalrm.main(parse_args(flags))` in this process, as test_lrm.py runs it: what `python
-    train_dinalrm.py` runs after parsing. On one torch thread, as the subprocess runs (OMP_NUM_THREADS=1), so that a
-    run here and a killed-and-resumed run in a subprocess do the same arithmetic; the test process's random state
-    is left as it was (the script seeds every generator)."""
+    train_dinalrm.py` runs after parsing. On the CPU and one torch thread, as the subprocess runs (`_environment`), so
+    that a run here and a killed-and-resumed run in a subprocess do the same arithmetic. Accelerate's process-wide
+    state is reset around the run (another test's state, its device or precision, is not this run's), and the test
+    process's random state is left as it was (the script seeds every generator)."""
     states = random.getstate(), np.random.get_state()
-    with torch_threads(1), torch.random.fork_rng(devices=[]):
+    with torch_threads(1), torch.random.fork_rng(devices=[]), mock.patch.dict(os.environ, ACCELERATE_USE_CPU="true"):
+        AcceleratorState._reset_state(reset_partial_state=True)
         try:
             train_dinalrm.main(parse_args(list(flags)))
         finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
             random.setstate(states[0])
             np.random.set_state(states[1])
 
