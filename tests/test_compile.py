@@ -24,8 +24,8 @@ def fresh_dynamo():
 
 @pytest.mark.slow  # inductor compiles the block graph: 10-30 s of CPU time
 def test_compiled_blocks_give_the_same_rewards(fresh_dynamo):
-    """Two blocks of one structure (dual attention, as SD3.5-Medium's first 13), so inductor compiles one block
-    graph, which both blocks run."""
+    """Two blocks of one structure (dual attention, as SD3.5-Medium's first 13), so that they can share one compiled
+    graph: inductor's C++ build of each fused kernel is most of this test's time."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         transformer = SD3Transformer2DModel(**tiny_transformer_config(dual_attention_layers=(0, 1)))
