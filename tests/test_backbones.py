@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from dinalrm.testing import (
     add_to_hub_cache,
+    get_tiny_dinalrm_reward_model,
     get_tiny_flux_components,
     get_tiny_zimage_components,
     tiny_flux_transformer_config,
@@ -90,7 +91,7 @@ def _inputs(family: str, seed: int = 3):
     generator = torch.Generator().manual_seed(seed)
     latents = torch.randn(2, 16, 6, 10, generator=generator)
     prompt = torch.randn(2, 7, 32, generator=generator)
-    pooled = torch.randn(2, 32, generator=generator) if family == "flux" else None
+    pooled = torch.randn(2, 32, generator=generator) if family != "zimage" else None
     return latents, prompt, pooled
 
 
@@ -238,18 +239,25 @@ def test_save_and_load_keep_the_rewards_and_lora_merges(family, model, tmp_path)
 
 
 @pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_fresh_process_loads_both_families_with_automodel_and_remote_code(tmp_path):
-    """One fresh process (the slow part: importing torch, transformers and diffusers) loads a saved FLUX and a saved
-    Z-Image reward model with `AutoModel` and remote code, and scores as the models in this process do."""
-    expected = {}
-    for name in sorted(FAMILIES):
+def test_fresh_process_loads_every_family_with_automodel_and_remote_code(tmp_path):
+    """One fresh process (the slow part: importing torch, transformers and diffusers) loads a saved SD3 (LoRA
+    merged on save), FLUX and Z-Image reward model with `AutoModel` and remote code, and scores as the models in
+    this process do."""
+    models = {"sd3": get_tiny_dinalrm_reward_model(lora_rank=4)}
+    for layer in models["sd3"].lora_layers().values():  # a trained adapter: B != 0, so merging changes weights
+        layer.lora_B["default"].weight.data.normal_(generator=torch.Generator().manual_seed(7))
+    for name in FAMILIES:
         transformer_class, make_config, _ = FAMILIES[name]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model = _tiny_reward_model(transformer_class(**make_config()))
+            models[name] = _tiny_reward_model(transformer_class(**make_config()))
+    expected = {}
+    for name, model in sorted(models.items()):
         folder = tmp_path / name / "reward_model"
         model.save_pretrained(folder)
         assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors", "modeling_dinalrm.py"]
+        config = json.loads((folder / "config.json").read_text())
+        assert config["auto_map"]["AutoModel"] == "modeling_dinalrm.DiNaLRMModel" and config["lora_rank"] == 0
         latents, prompt, pooled = _inputs(name)
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(4))
         tensors = {"latents": latents, "prompt": prompt, "noise": noise}
@@ -272,10 +280,10 @@ def test_fresh_process_loads_both_families_with_automodel_and_remote_code(tmp_pa
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", script, *sorted(FAMILIES)]
+    command = [sys.executable, "-c", script, *sorted(models)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-2:] == sorted(FAMILIES)
+    assert result.stdout.strip().splitlines()[-3:] == sorted(models)
     for name, rewards in expected.items():
         out = load_file(tmp_path / name / "out.safetensors")["rewards"]
         tolerances.assert_close(out, rewards)
@@ -431,8 +439,10 @@ def test_zimage_captions_of_different_lengths_match_the_full_model_and_their_own
     finally:
         model.config.max_backbone_batch_size = None
     tolerances.assert_close(chunked, together)
+    with torch.device("meta"):  # SD3.5-Medium's block: refused on its config, no weights needed
+        sd3_model = DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))
     with pytest.raises(ValueError, match="Z-Image backbones only"):
-        DiNaLRMModel(DiNaLRMConfig(num_backbone_layers=1, visual_layers=[1], text_layers=[1]))._batch_prompts(captions)
+        sd3_model._batch_prompts(captions)
 
 
 def test_zimage_pipeline_scores_images_as_zimages_own_encoders_do(zimage_pipe):

@@ -3,8 +3,14 @@
 import pytest
 import tolerances
 import torch
+from diffusers import SD3Transformer2DModel
 
-from dinalrm.testing import get_tiny_dinalrm_reward_model, get_tiny_sd3_components, save_tiny_sd3_pipeline
+from dinalrm.testing import (
+    get_tiny_dinalrm_reward_model,
+    get_tiny_sd3_components,
+    save_tiny_sd3_pipeline,
+    tiny_transformer_config,
+)
 from pipeline_dinalrm import DiNaLRMPipeline
 from train_dinalrm import build_reward_model, parse_args
 
@@ -16,10 +22,15 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.slow  # inductor compiles the block graphs: about a minute of CPU time
+@pytest.mark.slow  # inductor compiles the block graph: 10-30 s of CPU time
 def test_compiled_blocks_give_the_same_rewards(fresh_dynamo):
-    eager = get_tiny_dinalrm_reward_model(lora_rank=4)
-    compiled = get_tiny_dinalrm_reward_model(lora_rank=4)
+    """Two blocks of one structure (dual attention, as SD3.5-Medium's first 13), so that they can share one compiled
+    graph: inductor's C++ build of each fused kernel is most of this test's time."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        transformer = SD3Transformer2DModel(**tiny_transformer_config(dual_attention_layers=(0, 1)))
+    eager = get_tiny_dinalrm_reward_model(lora_rank=4, transformer=transformer)
+    compiled = get_tiny_dinalrm_reward_model(lora_rank=4, transformer=transformer)
     compiled.compile_repeated_blocks()
     blocks = compiled.backbone.transformer_blocks
     assert all(block._compiled_call_impl is not None for block in blocks)

@@ -1,26 +1,32 @@
 """train_dinalrm.py: the step, batching, feature cache and checkpoints, then whole runs on tiny SD3 components.
 
-The whole runs launch the script as users do (`accelerate launch`, or `python` where a run must be killed) on a
-tiny SD3 folder and tiny datasets in the three schemas. They share one set of flags, so the same runs serve as
-each other's references: raw-image training vs cached-feature training, and an uninterrupted run vs a run
-killed and resumed twice.
+The whole runs train on a tiny SD3 folder and tiny datasets in the three schemas. Most call the script's `main` in
+this process, as `python train_dinalrm.py` does once it has parsed its flags (a fresh interpreter only adds ~15 s of
+CPU importing torch, diffusers and transformers); the runs that are about the processes themselves start them as users
+do: two synchronised processes under `accelerate launch`, and runs SIGKILLed at a checkpoint. They share one set of
+flags, so the same runs serve as each other's references: raw-image training vs cached-feature training, and an
+uninterrupted run vs a run killed twice and resumed.
 """
 
 import json
+import logging
 import math
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
 import weakref
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import numpy as np
 import pytest
 import tolerances
 import torch
+from accelerate.state import AcceleratorState
 from accelerate.utils import load as accelerate_load
 from conftest import REPO_ROOT
 from diffusers import FluxPipeline, ZImagePipeline
@@ -36,6 +42,7 @@ from dinalrm.testing import (
     get_tiny_zimage_components,
     make_tiny_image_pair,
     save_tiny_sd3_pipeline,
+    torch_threads,
     write_tiny_preference_dataset,
 )
 from dinalrm.training.buckets import BucketBatchSampler, BucketSet
@@ -124,7 +131,15 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _environment(**extra: str) -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1", **extra}
+    """Offline, on the CPU and one thread: the in-process runs' settings (see `train`)."""
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(REPO_ROOT),
+        "OMP_NUM_THREADS": "1",
+        "ACCELERATE_USE_CPU": "true",
+        **extra,
+    }
 
 
 def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedProcess:
@@ -141,23 +156,38 @@ def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedP
     ]
     if processes > 1:
         launcher = ["--multi_gpu", *launcher]
-        env = {"ACCELERATE_USE_CPU": "true", **env}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, TRAIN_SCRIPT, *flags]
     return subprocess.run(command, capture_output=True, text=True, env=_environment(**env), cwd=REPO_ROOT, check=False)
 
 
-def run_python(*flags: str, kill_at: str | None = None) -> subprocess.CompletedProcess:
-    """`python train_dinalrm.py ...` (one process); with `kill_at` (`<step>` or `<step>:partial`), the same run through
-    `tests/helpers/train_with_kill.py`, which SIGKILLs it when that checkpoint is complete (or just before)."""
-    script = [KILL_LAUNCHER, kill_at] if kill_at else [TRAIN_SCRIPT]
+def run_killed(kill_at: str, *flags: str) -> subprocess.CompletedProcess:
+    """`python train_dinalrm.py ...` through `tests/helpers/train_with_kill.py`, which SIGKILLs the run when the
+    checkpoint `kill_at` names (`<step>` or `<step>:partial`) is complete (or just before)."""
     return subprocess.run(
-        [sys.executable, *script, *flags],
+        [sys.executable, KILL_LAUNCHER, kill_at, *flags],
         capture_output=True,
         text=True,
         check=False,
         env=_environment(),
         cwd=REPO_ROOT,
     )
+
+
+def train(*flags: str) -> None:
+    """`train_dinalrm.main(parse_args(flags))` in this process, as test_lrm.py runs it: what `python
+    train_dinalrm.py` runs after parsing. On the CPU and one torch thread, as the subprocess runs (`_environment`), so
+    that a run here and a killed-and-resumed run in a subprocess do the same arithmetic. Accelerate's process-wide
+    state is reset around the run (another test's state, its device or precision, is not this run's), and the test
+    process's random state is left as it was (the script seeds every generator)."""
+    states = random.getstate(), np.random.get_state()
+    with torch_threads(1), torch.random.fork_rng(devices=[]), mock.patch.dict(os.environ, ACCELERATE_USE_CPU="true"):
+        AcceleratorState._reset_state(reset_partial_state=True)
+        try:
+            train_dinalrm.main(parse_args(list(flags)))
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            random.setstate(states[0])
+            np.random.set_state(states[1])
 
 
 def _ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -374,7 +404,7 @@ def test_feature_cache_round_trip_in_dataset_order_and_runtime_skips(tmp_path):
     assert collated["skipped"] == ["runtime_missing_image"] and collated["prompts"] == [rows[1]["prompt"]]
 
 
-@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
+@pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
 def test_compact_feature_cache_trains_as_the_raw_one_and_frees_the_encoders(workspace, tmp_path, monkeypatch):
     from accelerate import Accelerator
 
@@ -545,20 +575,18 @@ def test_flags_parse_as_documented():
 # ------------------------------------------------------------------------------------------------ whole runs
 @pytest.fixture(scope="module")
 def raw_canonical_run(workspace) -> Path:
-    """Canonical parquet data, images encoded every step, via `accelerate launch`."""
+    """Canonical parquet data, images encoded every step."""
     output = workspace / "raw-canonical"
-    _ok(
-        launch(
-            "--pretrained_model_name_or_path",
-            str(workspace / "sd3"),
-            "--train_data_dir",
-            str(workspace / "canonical"),
-            "--validation_split",
-            "test",
-            "--output_dir",
-            str(output),
-            *COMMON_FLAGS,
-        )
+    train(
+        "--pretrained_model_name_or_path",
+        str(workspace / "sd3"),
+        "--train_data_dir",
+        str(workspace / "canonical"),
+        "--validation_split",
+        "test",
+        "--output_dir",
+        str(output),
+        *COMMON_FLAGS,
     )
     return output
 
@@ -569,26 +597,24 @@ def cached_canonical_run(workspace) -> tuple[Path, Path, Path]:
     sd3 = workspace / "sd3-copy"
     shutil.copytree(workspace / "sd3", sd3)
     output, cache = workspace / "cached-canonical", workspace / "cache"
-    _ok(
-        run_python(
-            "--pretrained_model_name_or_path",
-            str(sd3),
-            "--train_data_dir",
-            str(workspace / "canonical"),
-            "--validation_split",
-            "test",
-            "--output_dir",
-            str(output),
-            "--precompute_features",
-            "--cache_dir",
-            str(cache),
-            *COMMON_FLAGS,
-        )
+    train(
+        "--pretrained_model_name_or_path",
+        str(sd3),
+        "--train_data_dir",
+        str(workspace / "canonical"),
+        "--validation_split",
+        "test",
+        "--output_dir",
+        str(output),
+        "--precompute_features",
+        "--cache_dir",
+        str(cache),
+        *COMMON_FLAGS,
     )
     return sd3, output, cache
 
 
-@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
+@pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
 def test_end_to_end_canonical(raw_canonical_run, workspace):
     _assert_scores(raw_canonical_run, workspace / "sd3")
     summary = _summary(raw_canonical_run)
@@ -605,7 +631,7 @@ def test_end_to_end_canonical(raw_canonical_run, workspace):
     assert list((raw_canonical_run / "logs").rglob("events.out.tfevents.*")), "tensorboard is the default tracker"
 
 
-@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
+@pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
 def test_end_to_end_flux_backbone(workspace):
     """`--backbone flux`: a tiny FLUX pipeline's VAE and encoders encode the data, its first double-stream blocks
     are the backbone; the loop, validation and saving are the SD3 run's."""
@@ -618,16 +644,16 @@ def test_end_to_end_flux_backbone(workspace):
         str(workspace / "canonical"),
     ]
     flags += ["--validation_split", "test", "--output_dir", str(output), *COMMON_FLAGS]
-    mismatch = run_python(*flags)  # the family defaults to sd3 and must match the checkpoint
-    assert mismatch.returncode != 0 and "is a flux transformer" in mismatch.stderr
-    _ok(run_python("--backbone", "flux", *flags))
+    with pytest.raises(ValueError, match="is a flux transformer"):  # the family defaults to sd3 and must match
+        build_reward_model(parse_args(flags))
+    train("--backbone", "flux", *flags)
     _assert_scores(output, workspace / "flux")
     summary = _summary(output)
     assert summary["global_step"] == 6 and summary["validation"][-1]["val/pairs"] == 4
     assert DiNaLRMModel.from_pretrained(output).config.backbone == "flux"
 
 
-@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
+@pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
 def test_end_to_end_zimage_backbone(workspace):
     """`--backbone zimage`: a tiny Z-Image pipeline's VAE and Qwen3 encoder encode the data, captions at their own
     lengths (64 tokens leave room for the chat template, so the prompts differ in length) through the feature cache
@@ -636,11 +662,11 @@ def test_end_to_end_zimage_backbone(workspace):
     flags = ["--backbone", "zimage", "--pretrained_model_name_or_path", str(workspace / "zimage")]
     flags += ["--train_data_dir", str(workspace / "canonical"), "--validation_split", "test", *COMMON_FLAGS]
     flags += ["--max_sequence_length", "64"]
-    _ok(run_python(*flags, "--output_dir", str(workspace / "zimage-raw")))
+    train(*flags, "--output_dir", str(workspace / "zimage-raw"))
     cache = workspace / "zimage-cache"
     repo = workspace / "zimage-repo"
-    _ok(run_python(*flags, "--output_dir", str(workspace / "zimage-cached"), "--precompute_features", "--cache_dir",
-                   str(cache), "--pipeline_output_dir", str(repo)))  # fmt: skip
+    train(*flags, "--output_dir", str(workspace / "zimage-cached"), "--precompute_features", "--cache_dir", str(cache),
+          "--pipeline_output_dir", str(repo))  # fmt: skip
     lengths = [load_file(path)["prompt_lengths"] for path in (cache / "train").glob("prompts-*.safetensors")]
     assert len(torch.cat(lengths).unique()) > 1, "the cached captions should keep their own lengths"
     raw, cached = (load_file(workspace / run / FINAL_WEIGHTS) for run in ("zimage-raw", "zimage-cached"))
@@ -664,7 +690,7 @@ def test_end_to_end_zimage_backbone(workspace):
     tolerances.assert_close(rewards, expected)
 
 
-@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
+@pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
 def test_cached_features_match_raw_images(raw_canonical_run, cached_canonical_run):
     _, cached, cache = cached_canonical_run
     assert sorted(p.name for p in cache.iterdir()) == ["cache_info.json", "train", "validation"]
@@ -705,8 +731,8 @@ def _assert_same_checkpoint(expected: Path, actual: Path) -> None:
         assert all(torch.equal(expected_weights[k], actual_weights[k]) for k in expected_weights), f"{actual}/{name}"
 
 
-@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
-def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, cached_canonical_run):
+@pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
+def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, cached_canonical_run, caplog):
     sd3, reference, cache = cached_canonical_run
     # Training from the cache must not need the VAE weights or the text encoders: remove them.
     (sd3 / "vae" / "diffusion_pytorch_model.safetensors").unlink()
@@ -715,18 +741,19 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
     output = workspace / "resumed"
     flags = _cached_resume_flags(workspace, sd3, output, cache)
 
-    first = run_python(*flags, kill_at="2")
+    first = run_killed("2", *flags)
     assert first.returncode == -9, first.stderr[-3000:]
     assert [step for step, _ in list_checkpoints(output)] == [2]
 
-    second = run_python(*flags, kill_at="4:partial")
+    second = run_killed("4:partial", *flags)
     assert second.returncode == -9, second.stderr[-3000:]
     assert "Resuming from checkpoint" in second.stderr and "checkpoint-2" in second.stderr
     assert (output / f"{PARTIAL_PREFIX}checkpoint-4" / "reward_model" / "model.safetensors").is_file()
     assert resolve_checkpoint(output, "latest") == str(output / "checkpoint-2")
 
-    third = _ok(run_python(*flags))
-    resumed_from = re.findall(r"Resuming from checkpoint (\S+)", third.stderr)
+    with caplog.at_level(logging.INFO, logger="dinalrm.training.checkpointing"):
+        train(*flags)
+    resumed_from = re.findall(r"Resuming from checkpoint (\S+)", caplog.text)
     assert resumed_from == [str(output / "checkpoint-2")]
     assert not (output / f"{PARTIAL_PREFIX}checkpoint-4").exists()
 
@@ -737,7 +764,7 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
     assert _summary(output)["validation"] == _summary(reference)["validation"]
 
 
-@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
+@pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
 def test_two_processes_hpdv3_with_feature_cache(workspace):
     output = workspace / "ddp-hpdv3"
     result = _ok(
@@ -767,25 +794,23 @@ def test_two_processes_hpdv3_with_feature_cache(workspace):
     _assert_scores(output, workspace / "sd3")
 
 
-@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
+@pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
 def test_end_to_end_pickapic_with_separate_validation_dataset_and_pipeline_repo(workspace):
     output, repo = workspace / "pickapic", workspace / "pickapic-pipeline"
-    _ok(
-        launch(
-            "--pretrained_model_name_or_path",
-            str(workspace / "sd3"),
-            "--train_data_dir",
-            str(workspace / "pickapic"),
-            "--validation_dataset_name",
-            str(workspace / "hpdv3"),
-            "--output_dir",
-            str(output),
-            "--checkpoints_total_limit",
-            "1",
-            "--pipeline_output_dir",
-            str(repo),
-            *COMMON_FLAGS,
-        )
+    train(
+        "--pretrained_model_name_or_path",
+        str(workspace / "sd3"),
+        "--train_data_dir",
+        str(workspace / "pickapic"),
+        "--validation_dataset_name",
+        str(workspace / "hpdv3"),
+        "--output_dir",
+        str(output),
+        "--checkpoints_total_limit",
+        "1",
+        "--pipeline_output_dir",
+        str(repo),
+        *COMMON_FLAGS,
     )
     summary = _summary(output)
     assert summary["skipped"]["train"] == {"kept": 6, "skipped": 2, "corrupt_image": 1, "gt_tie": 1}
@@ -829,7 +854,7 @@ def _poison_cached_prompts(cache: Path, copy: Path) -> None:
         save_file(tensors, shard)
 
 
-@pytest.mark.slow  # whole training runs in fresh interpreters: 25-100 s each on a shared 2-core machine
+@pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
 def test_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(workspace, cached_canonical_run):
     """Resumed at step 4 on a cache holding `inf` with --checkpoints_total_limit 1: the next checkpoint would rotate
     both good ones away. The run must stop at step 5 with a non-zero exit code, naming the step, having saved nothing."""
@@ -839,10 +864,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_good_checkpoints(workspace,
     for name in ("checkpoint-2", "checkpoint-4"):
         shutil.copytree(reference / name, output / name)
     flags = _cached_resume_flags(workspace, sd3, output, poisoned, "--checkpoints_total_limit", "1")
-    result = run_python(*flags)
-    assert result.returncode != 0
-    assert "FloatingPointError: Non-finite loss at step 5" in result.stderr, result.stderr[-3000:]
-    assert f"{output / 'checkpoint-4'}, is intact" in result.stderr
+    with pytest.raises(FloatingPointError, match="^Non-finite loss at step 5") as stopped:
+        train(*flags)
+    assert f"{output / 'checkpoint-4'}, is intact" in str(stopped.value)
     assert [step for step, _ in list_checkpoints(output)] == [2, 4]
     for step in (2, 4):
         _assert_same_checkpoint(reference / f"checkpoint-{step}", output / f"checkpoint-{step}")
