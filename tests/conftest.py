@@ -1,6 +1,8 @@
 """Shared fixtures: the official-tiny parity data and its conversion through the public converter script."""
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -136,20 +138,35 @@ def load_space_app() -> types.ModuleType:
     return sys.modules["dinalrm_space_app"]
 
 
-def run_converter(official_dir: Path, output_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-    """Runs scripts/convert_official_checkpoint.py exactly as a user would."""
-    command = [
-        sys.executable,
-        str(REPO_ROOT / "scripts" / "convert_official_checkpoint.py"),
-        "--official_dir",
-        str(official_dir),
-        "--backbone",
-        str(OFFICIAL_TINY / "transformer"),
-        "--output_dir",
-        str(output_dir),
-        *extra,
-    ]
-    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+def run_converter(
+    official_dir: Path, output_dir: Path, *extra: str, fresh_process: bool = False
+) -> subprocess.CompletedProcess:
+    """scripts/convert_official_checkpoint.py with these flags: exactly as a user runs it with `fresh_process`, else
+    the `dinalrm convert dinalrm` it runs, in this process (an interpreter start costs ~10 s of CPU). Either way the
+    exit status and what reached stderr (a `SystemExit` message is printed there, as Python does on exit)."""
+    arguments = ["--official_dir", str(official_dir), "--backbone", str(OFFICIAL_TINY / "transformer")]
+    arguments += ["--output_dir", str(output_dir), *extra]
+    if fresh_process:
+        script = str(REPO_ROOT / "scripts" / "convert_official_checkpoint.py")
+        return subprocess.run(
+            [sys.executable, script, *arguments],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+    from dinalrm.cli import main
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        try:
+            returncode = main(["convert", "dinalrm", *arguments])
+        except SystemExit as exit_:
+            returncode = exit_.code if isinstance(exit_.code, int) else 1
+            if isinstance(exit_.code, str):
+                print(exit_.code, file=sys.stderr)
+    return subprocess.CompletedProcess(
+        ["dinalrm", "convert", "dinalrm", *arguments], returncode, "", stderr.getvalue()
+    )
 
 
 def copy_official(tmp_path: Path, **model_overrides) -> Path:
@@ -271,7 +288,7 @@ def lrm_tiny_expected() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="session")
 def converted_dirs(tmp_path_factory) -> dict[str, Path]:
-    """The official-tiny checkpoint converted by the script, merged and as an adapter."""
+    """The official-tiny checkpoint converted (`dinalrm convert dinalrm`), merged and as an adapter."""
     root = tmp_path_factory.mktemp("converted")
     dirs = {"merged": root / "merged", "adapter": root / "adapter"}
     for form, flags in (("merged", ()), ("adapter", ("--keep_lora_adapter",))):

@@ -1,4 +1,7 @@
-"""The official-checkpoint converter: other official configs, and refusal of anything but a complete load."""
+"""The official-checkpoint converter: other official configs, and refusal of anything but a complete load.
+
+The conversions run `dinalrm convert dinalrm` in this process (`run_converter`); the script's own command line, in a
+fresh interpreter as a user runs it, is `test_the_script_refuses_non_finite_weights_without_writing`'s."""
 
 import json
 import shutil
@@ -37,7 +40,6 @@ def randomize(model: DiNaLRMModel, seed: int) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
 
 
-@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_other_official_configs_convert_faithfully(tmp_path, official_inputs):
     """3 blocks, unsorted visual indices, an embeddings-level text layer, W != C (proj_in), 2 queries, 2 heads,
     and the official LoRA exclusion of the last block's context projections (no text feature taken there)."""
@@ -98,14 +100,13 @@ def test_other_official_configs_convert_faithfully(tmp_path, official_inputs):
     tolerances.assert_close(actual, expected)
 
 
-def _failing(official, tmp_path) -> str:
-    result = run_converter(official, tmp_path / "out")
+def _failing(official, tmp_path, fresh_process: bool = False) -> str:
+    result = run_converter(official, tmp_path / "out", fresh_process=fresh_process)
     assert result.returncode != 0
     assert not (tmp_path / "out" / "model.safetensors").exists()
     return result.stderr
 
 
-@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_missing_head_file_is_named(tmp_path):
     official = copy_official(tmp_path)
     for name in ("rm_head.pt", "rm_head.safetensors"):
@@ -113,7 +114,6 @@ def test_missing_head_file_is_named(tmp_path):
     assert "rm_head.pt" in _failing(official, tmp_path)
 
 
-@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_unexpected_and_missing_head_keys_are_named(tmp_path):
     official = copy_official(tmp_path)
     head = load_file(official / "checkpoint" / "rm_head.safetensors")
@@ -124,7 +124,6 @@ def test_unexpected_and_missing_head_keys_are_named(tmp_path):
     assert "extra.weight" in stderr and "query_tokens" in stderr
 
 
-@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_head_shape_mismatch_is_named(tmp_path):
     official = copy_official(tmp_path)
     head = load_file(official / "checkpoint" / "rm_head.safetensors")
@@ -134,7 +133,6 @@ def test_head_shape_mismatch_is_named(tmp_path):
     assert "shape" in stderr and "query_tokens" in stderr
 
 
-@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_lora_saved_one_level_deeper_is_refused_not_silently_dropped(tmp_path):
     """peft would only warn and leave lora_B at zero (the no-LoRA model); the converter must stop."""
     official = copy_official(tmp_path)
@@ -145,7 +143,6 @@ def test_lora_saved_one_level_deeper_is_refused_not_silently_dropped(tmp_path):
     assert "LoRA modules in the checkpoint but not in the backbone" in _failing(official, tmp_path)
 
 
-@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_missing_lora_half_is_named(tmp_path):
     official = copy_official(tmp_path)
     path = official / "checkpoint" / "backbone_lora" / "adapter_model.safetensors"
@@ -155,7 +152,6 @@ def test_missing_lora_half_is_named(tmp_path):
     assert "lora_B for transformer_blocks.1.attn.to_q" in _failing(official, tmp_path)
 
 
-@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_unsupported_official_options_are_refused(tmp_path):
     official = copy_official(tmp_path)
     config = json.loads((official / "config.json").read_text())
@@ -164,7 +160,6 @@ def test_unsupported_official_options_are_refused(tmp_path):
     assert "out_dim=2" in _failing(official, tmp_path)
 
 
-@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
 def test_existing_output_is_not_overwritten_without_asking(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
@@ -209,5 +204,5 @@ def test_truncated_or_non_finite_official_weights_are_refused_naming_the_file(tm
 def test_the_script_refuses_non_finite_weights_without_writing(tmp_path):
     official = copy_official(tmp_path)
     _poison(official / "checkpoint" / "rm_head.safetensors")
-    stderr = _failing(official, tmp_path)
+    stderr = _failing(official, tmp_path, fresh_process=True)
     assert "rm_head.safetensors holds NaN or infinite weights" in stderr and "Traceback" not in stderr

@@ -194,7 +194,6 @@ def test_thurstone_gradients_match(converted_dirs, official_inputs, official_exp
     assert_close(total(lora_norms).reshape(1), official_expected["loss_grad_norm_lora"], rtol=rtol)
 
 
-@pytest.mark.slow  # a third converter run in a fresh interpreter: 15-30 s on a shared 2-core machine
 def test_head_only_checkpoint_matches_lora_disabled_scores(tmp_path, official_inputs, official_expected):
     """Official variant use_lora=false + freeze_backbone=true: base blocks + head = the LoRA-disabled scores."""
     official = copy_official(tmp_path, use_lora=False, freeze_backbone=True)
@@ -205,7 +204,6 @@ def test_head_only_checkpoint_matches_lora_disabled_scores(tmp_path, official_in
     assert_close(non_square, official_expected["score_single_ns_nolora"])
 
 
-@pytest.mark.slow  # a third converter run in a fresh interpreter: 15-30 s on a shared 2-core machine
 def test_full_model_checkpoint_converts(tmp_path, converted_dirs, official_inputs, official_expected):
     """Official variant use_lora=false + full checkpoint/full_model.pt (a torch.save'd state dict)."""
     official = copy_official(tmp_path, use_lora=False, freeze_backbone=False)

@@ -77,7 +77,7 @@ def expected(hub):
     """Rewards from the script's conversion of the same checkpoint, scored through a hand-assembled pipeline."""
     out = hub["root"] / "converted"
     # `dinalrm convert dinalrm`, what scripts/convert_official_checkpoint.py runs, in this process (local paths: no
-    # cache needed); the script's own command line runs as a user's in the tests that call `run_converter`.
+    # cache needed); the script's own command line runs as a user's in test_converter.py (`fresh_process=True`).
     arguments = ["--official_dir", str(hub["official"]), "--backbone", str(hub["base"]), "--output_dir", str(out)]
     assert dinalrm_main(["convert", "dinalrm", *arguments]) == 0
     pipe = DiNaLRMPipeline(reward_model=DiNaLRMModel.from_pretrained(out), **load_base_components(hub["base"]))
