@@ -19,7 +19,7 @@ TINY = str(REPO_ROOT / "assets" / "dinalrm-tiny")
 
 # About 60 s on 2 busy cores: a local Ray instance and two replica processes that each import torch and load the model.
 @pytest.mark.slow
-def test_two_cpu_replicas_return_the_pipeline_scores():
+def test_two_cpu_replicas_return_the_pipeline_scores(monkeypatch):
     pipe = DiNaLRMPipeline.from_pretrained(TINY)
     pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(0)
@@ -39,8 +39,11 @@ def test_two_cpu_replicas_return_the_pipeline_scores():
         for i in range(6)
     ]
     port = free_port()
-    env = {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": env}, log_to_driver=False)
+    # Ray's processes inherit this environment: a `runtime_env` would leave the workers Ray starts with it idle
+    # (each an interpreter that imports Ray) and start new ones for the replicas.
+    for name, value in {"PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         options = ServeOptions(model=TINY, device="cpu", max_wait_ms=5)
