@@ -1,9 +1,10 @@
 """Scoring and evaluation on Ray Data actors (`--ray`, `dinalrm.serving.distributed`) and serving on Ray Serve
 (`dinalrm-serve --ray`, `dinalrm.serving.ray_serve`) give what one process gives.
 
-One local Ray with 2 CPUs serves the whole module (2 workers; one Ray instance costs ~8 s of CPU in its own processes); the models are the bundled tiny-world model and the
-tiny models of `dinalrm.testing`. Every Ray run starts its actors, each a fresh interpreter that imports torch and
-loads the model (10-15 s of CPU): the tests run few of them, 2 actors where several must give one process's results.
+One local Ray with 2 CPUs serves the whole module (2 workers; a Ray instance costs ~8 s of CPU in its own processes);
+the models are the bundled tiny-world model and the tiny models of `dinalrm.testing`. Every Ray run starts its actors
+(or replicas), each a fresh interpreter that imports torch and diffusers and loads the model (12-18 s of CPU): the tests
+run few of them, 2 where several must give one process's results.
 """
 
 import json
