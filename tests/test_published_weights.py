@@ -21,7 +21,7 @@ from conftest import OFFICIAL_TINY, REPO_ROOT, code_blocks, documentation_pages
 from diffusers import FluxPipeline, ZImagePipeline
 from huggingface_hub.errors import GatedRepoError
 from test_lrm_parity import FIXTURE as LRM_FIXTURE
-from test_lrm_parity import lrm_settings, run_lrm_converter
+from test_lrm_parity import lrm_settings
 
 import modeling_dinalrm
 from dinalrm.cli import main as dinalrm_main
@@ -210,16 +210,14 @@ def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
         script = script.replace(old, new)
     for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
         PIL.Image.new("RGB", (64, 64), colour).save(tmp_path / name)
-    # The LRM section loads the converter's output folder `lrm-sd15`: here, the official-lrm-tiny fixture converted.
+    # The LRM section loads the converter's output folder `lrm-sd15`: here, the official-lrm-tiny fixture converted
+    # by `dinalrm convert lrm` in this process (what scripts/convert_official_lrm_checkpoint.py runs; that script's
+    # own command line runs in a fresh interpreter in test_lrm_parity.py).
     lrm_fixture = json.loads((LRM_FIXTURE / "config.json").read_text())
     paths = lrm_fixture["paths"]
-    converted = run_lrm_converter(
-        LRM_FIXTURE / paths["checkpoint"],
-        LRM_FIXTURE / paths["base"],
-        tmp_path / "lrm-sd15",
-        *lrm_settings(lrm_fixture),
-    )
-    assert converted.returncode == 0, converted.stderr
+    arguments = ["--official_dir", str(LRM_FIXTURE / paths["checkpoint"]), "--base", str(LRM_FIXTURE / paths["base"])]
+    arguments += ["--output_dir", str(tmp_path / "lrm-sd15"), *lrm_settings(lrm_fixture)]
+    assert dinalrm_main(["convert", "lrm", *arguments]) == 0
     # The training page's example dataset, written by its shell block as a user would.
     dataset_block = code_blocks((REPO_ROOT / "docs" / "training.md").read_text(), "bash")[0][0]
     assert "my-pairs/train.jsonl" in dataset_block
