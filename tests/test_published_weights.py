@@ -7,6 +7,7 @@ script and scoring through a pipeline assembled by hand.
 """
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -92,21 +93,34 @@ def score(hub, *extra) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_once(hub, expected):
-    """`--model <published id>` converts the official checkpoint once; the next run, without --model, takes the same
-    published id by default (found in the simulated cache: no fallback) and reuses that conversion."""
+def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_once(
+    hub, expected, monkeypatch, capsys, caplog
+):
+    """`--model <published id>` converts the official checkpoint once (a user's fresh `dinalrm score` process); the
+    next run, without --model, takes the same published id by default (found in the simulated cache: no fallback)
+    and reuses that conversion. The second run is `dinalrm score` in this process, on the same cache and converted
+    cache (`$HF_HOME/dinalrm/converted`): a second interpreter would only re-import torch and diffusers."""
     rewards, probability = expected
-    runs = [score(hub, "--model", OFFICIAL_ID), score(hub)]
-    for run in runs:
-        assert run.returncode == 0, run.stderr
-        result = json.loads(run.stdout)
+    first = score(hub, "--model", OFFICIAL_ID)
+    assert first.returncode == 0, first.stderr
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", hub["env"]["HF_HUB_CACHE"])
+    monkeypatch.setattr("huggingface_hub.constants.HF_HOME", hub["env"]["HF_HOME"])
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    if "DINALRM_CACHE" in hub["env"]:  # where the first run converted to, else below HF_HOME
+        monkeypatch.setenv("DINALRM_CACHE", hub["env"]["DINALRM_CACHE"])
+    monkeypatch.chdir(hub["root"])
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="modeling_dinalrm"):
+        assert dinalrm_main(["score", "--prompt", PROMPT, *hub["images"], "--json"]) == 0
+    second = capsys.readouterr()
+    for stdout, stderr in ((first.stdout, first.stderr), (second.out, second.err)):
+        result = json.loads(stdout)
         assert result["model"] == OFFICIAL_ID and "note" not in result
         assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(rewards)
         assert result["comparison"]["p_a_preferred"] == tolerances.close_to(probability, scale=1.0)
-        assert "Traceback" not in run.stderr and "%|" not in run.stderr  # no progress bar when not a terminal
-    first, second = (run.stderr for run in runs)
-    assert "Converting the official checkpoint" in first and "no conversion" not in first
-    assert "Converting the official checkpoint" not in second and "(cached; no conversion)" in second
+        assert "Traceback" not in stderr and "%|" not in stderr  # no progress bar when not a terminal
+    assert "Converting the official checkpoint" in first.stderr and "no conversion" not in first.stderr
+    assert "Converting the official checkpoint" not in caplog.text and "(cached; no conversion)" in caplog.text
 
 
 def test_missing_base_stops_with_one_message(hub, monkeypatch, capsys):
