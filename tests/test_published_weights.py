@@ -7,6 +7,7 @@ script and scoring through a pipeline assembled by hand.
 """
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -21,7 +22,7 @@ from conftest import OFFICIAL_TINY, REPO_ROOT, code_blocks, documentation_pages
 from diffusers import FluxPipeline, ZImagePipeline
 from huggingface_hub.errors import GatedRepoError
 from test_lrm_parity import FIXTURE as LRM_FIXTURE
-from test_lrm_parity import lrm_settings, run_lrm_converter
+from test_lrm_parity import lrm_settings
 
 import modeling_dinalrm
 from dinalrm.cli import main as dinalrm_main
@@ -92,21 +93,34 @@ def score(hub, *extra) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_once(hub, expected):
-    """`--model <published id>` converts the official checkpoint once; the next run, without --model, takes the same
-    published id by default (found in the simulated cache: no fallback) and reuses that conversion."""
+def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_once(
+    hub, expected, monkeypatch, capsys, caplog
+):
+    """`--model <published id>` converts the official checkpoint once (a user's fresh `dinalrm score` process); the
+    next run, without --model, takes the same published id by default (found in the simulated cache: no fallback)
+    and reuses that conversion. The second run is `dinalrm score` in this process, on the same cache and converted
+    cache (`$HF_HOME/dinalrm/converted`): a second interpreter would only re-import torch and diffusers."""
     rewards, probability = expected
-    runs = [score(hub, "--model", OFFICIAL_ID), score(hub)]
-    for run in runs:
-        assert run.returncode == 0, run.stderr
-        result = json.loads(run.stdout)
+    first = score(hub, "--model", OFFICIAL_ID)
+    assert first.returncode == 0, first.stderr
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", hub["env"]["HF_HUB_CACHE"])
+    monkeypatch.setattr("huggingface_hub.constants.HF_HOME", hub["env"]["HF_HOME"])
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    if "DINALRM_CACHE" in hub["env"]:  # where the first run converted to, else below HF_HOME
+        monkeypatch.setenv("DINALRM_CACHE", hub["env"]["DINALRM_CACHE"])
+    monkeypatch.chdir(hub["root"])
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="modeling_dinalrm"):
+        assert dinalrm_main(["score", "--prompt", PROMPT, *hub["images"], "--json"]) == 0
+    second = capsys.readouterr()
+    for stdout, stderr in ((first.stdout, first.stderr), (second.out, second.err)):
+        result = json.loads(stdout)
         assert result["model"] == OFFICIAL_ID and "note" not in result
         assert [entry["reward"] for entry in result["rewards"]] == tolerances.close_to(rewards)
         assert result["comparison"]["p_a_preferred"] == tolerances.close_to(probability, scale=1.0)
-        assert "Traceback" not in run.stderr and "%|" not in run.stderr  # no progress bar when not a terminal
-    first, second = (run.stderr for run in runs)
-    assert "Converting the official checkpoint" in first and "no conversion" not in first
-    assert "Converting the official checkpoint" not in second and "(cached; no conversion)" in second
+        assert "Traceback" not in stderr and "%|" not in stderr  # no progress bar when not a terminal
+    assert "Converting the official checkpoint" in first.stderr and "no conversion" not in first.stderr
+    assert "Converting the official checkpoint" not in caplog.text and "(cached; no conversion)" in caplog.text
 
 
 def test_missing_base_stops_with_one_message(hub, monkeypatch, capsys):
@@ -210,16 +224,14 @@ def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
         script = script.replace(old, new)
     for name, colour in (("a.png", "red"), ("b.png", "blue"), ("c.png", "green")):
         PIL.Image.new("RGB", (64, 64), colour).save(tmp_path / name)
-    # The LRM section loads the converter's output folder `lrm-sd15`: here, the official-lrm-tiny fixture converted.
+    # The LRM section loads the converter's output folder `lrm-sd15`: here, the official-lrm-tiny fixture converted
+    # by `dinalrm convert lrm` in this process (what scripts/convert_official_lrm_checkpoint.py runs; that script's
+    # own command line runs in a fresh interpreter in test_lrm_parity.py).
     lrm_fixture = json.loads((LRM_FIXTURE / "config.json").read_text())
     paths = lrm_fixture["paths"]
-    converted = run_lrm_converter(
-        LRM_FIXTURE / paths["checkpoint"],
-        LRM_FIXTURE / paths["base"],
-        tmp_path / "lrm-sd15",
-        *lrm_settings(lrm_fixture),
-    )
-    assert converted.returncode == 0, converted.stderr
+    arguments = ["--official_dir", str(LRM_FIXTURE / paths["checkpoint"]), "--base", str(LRM_FIXTURE / paths["base"])]
+    arguments += ["--output_dir", str(tmp_path / "lrm-sd15"), *lrm_settings(lrm_fixture)]
+    assert dinalrm_main(["convert", "lrm", *arguments]) == 0
     # The training page's example dataset, written by its shell block as a user would.
     dataset_block = code_blocks((REPO_ROOT / "docs" / "training.md").read_text(), "bash")[0][0]
     assert "my-pairs/train.jsonl" in dataset_block
