@@ -1,10 +1,9 @@
-"""Scoring and evaluation on Ray Data actors (`--ray`, `dinalrm.serving.distributed`) and serving on Ray Serve
-(`dinalrm-serve --ray`, `dinalrm.serving.ray_serve`) give what one process gives.
+"""Scoring and evaluation on Ray Data actors (`--ray`, `dinalrm.serving.distributed`) give what one process gives.
 
 One local Ray with 2 CPUs serves the whole module (2 workers; a Ray instance costs ~8 s of CPU in its own processes);
-the models are the bundled tiny-world model and the tiny models of `dinalrm.testing`. Every Ray run starts its actors
-(or replicas), each a fresh interpreter that imports torch and diffusers and loads the model (12-18 s of CPU): the tests
-run few of them, 2 where several must give one process's results.
+the models are the bundled tiny-world model and the tiny models of `dinalrm.testing`. Every Ray run starts its actors,
+each a fresh interpreter that imports torch and diffusers and loads the model (12-18 s of CPU): the tests run few of
+them, 2 where several must give one process's results.
 """
 
 import json
@@ -15,26 +14,18 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import PIL.Image
 import pyarrow.parquet as pq
 import pytest
 import ray
-import tolerances
-import torch
-from conftest import REPO_ROOT, free_port
-from ray import serve
-from safetensors.torch import save
+from conftest import REPO_ROOT
 
 from dinalrm import bundled_asset, cli
 from dinalrm.evaluation import runner
 from dinalrm.serving.distributed import score_dataset
-from dinalrm.serving.ray_serve import build_deployment
 from dinalrm.serving.scoring import OutputFile
-from dinalrm.serving.server import PROTOCOL_HEADER, ServeOptions
 from dinalrm.testing import save_tiny_dinalrm_repo, write_tiny_benchmarks
-from pipeline_dinalrm import DiNaLRMPipeline
 
 
 MODEL = str(bundled_asset("dinalrm-tiny"))
@@ -202,53 +193,3 @@ def test_parquet_output_streams_through_a_sidecar_and_resumes(tmp_path):
     assert OutputFile(path, "parquet", settings, overwrite=False).rows == written  # a finished file resumes
     with pytest.raises(ValueError, match="other settings"):
         OutputFile(path, "parquet", {"seed": 1}, overwrite=False)
-
-
-# About 40 s on 2 busy cores: Serve's controller and proxy, two replica processes that each import torch and load the
-# model. Last in the module: `serve.shutdown` frees the replicas' CPUs before Ray stops.
-@pytest.mark.slow
-def test_two_cpu_replicas_on_ray_serve_return_the_pipeline_scores(ray_address):
-    """`dinalrm-serve --ray`: the same app on Ray Serve with 2 CPU replicas gives the plain server's scores."""
-    pipe = DiNaLRMPipeline.from_pretrained(MODEL)
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    channels = pipe.reward_model.config.backbone_config["in_channels"]
-    latents = torch.randn(6, channels, 8, 8, generator=generator)
-    embeds, pooled = pipe.encode_prompt(["a red circle", "a blue square"] * 3, "cpu")
-    targets = [
-        pipe(
-            latents=latents[i : i + 1],
-            prompt_embeds=embeds[i : i + 1],
-            pooled_prompt_embeds=pooled[i : i + 1],
-            t=torch.tensor(0.4).item(),
-            generator=torch.Generator().manual_seed(i),
-        )
-        .rewards[0]
-        .item()
-        for i in range(6)
-    ]
-    port = free_port()
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        options = ServeOptions(model=MODEL, device="cpu", max_wait_ms=5)
-        serve.run(build_deployment(options, num_replicas=2), name="dinalrm", route_prefix="/")
-        status = serve.status().applications["dinalrm"].deployments["DiNaLRMServer"]
-        assert status.replica_states == {"RUNNING": 2}
-        url = f"http://127.0.0.1:{port}"
-        assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
-        headers = {"content-type": "application/octet-stream", PROTOCOL_HEADER: "1"}
-        scores = []
-        for i in range(6):
-            tensors = {
-                "latents": latents[i : i + 1],
-                "prompt_embeds": embeds[i : i + 1].contiguous(),
-                "pooled_prompt_embeds": pooled[i : i + 1].contiguous(),
-                "u": torch.tensor([0.4]),
-                "seeds": torch.tensor([i]),
-            }
-            response = httpx.post(f"{url}/v1/score", content=save(tensors), headers=headers, timeout=60)
-            assert response.status_code == 200, response.text
-            scores.append(response.json()["raw_scores"][0])
-        assert scores == tolerances.close_to(targets)
-    finally:
-        serve.shutdown()
