@@ -6,8 +6,7 @@ READMEs), then the parity tests run on the copy through `DINALRM_OFFICIAL_TINY` 
 that still holds a literal of the visible fixture (a batch size, a level count, a pair count) fails here.
 
 Not every parity test can run on a cut copy; those are deselected below, each with the reason. They read every size
-and setting from the fixture all the same. Two more are left out to save their converter runs (a fresh interpreter
-each): the code they run on the fixture's batch is another selected test's.
+and setting from the fixture all the same.
 """
 
 import os
@@ -36,15 +35,6 @@ TINY_NOT_CUT = {
     "tests/test_parity_official.py::test_thurstone_gradients_match": "the gradients of the mean loss over a subset "
     "of pairs are not the fixture's (it stores only norms of the full-batch gradients)",
 }
-_CONVERTER_VARIANT = (
-    "a converter variant, run by the script in a fresh interpreter; what it does with the fixture's batch "
-    "(single_scores against the official scores) is test_scores_match_official's, which runs here"
-)
-TINY_NOT_RERUN = {
-    "tests/test_parity_official.py::test_head_only_checkpoint_matches_lora_disabled_scores": _CONVERTER_VARIANT,
-    "tests/test_parity_official.py::test_full_model_checkpoint_converts": _CONVERTER_VARIANT,
-}
-
 # official-lrm-tiny: the LPO sections whose rows are independent (prompts, threshold timesteps, kept pairs).
 LPO_KEPT = ("lpo/pipe_valid_timesteps", "lpo/pipe_current_latents", "lpo/pipe_next_latents")
 LPO_KEPT += ("lpo/pipe_valid_prompt_embeds", "lpo/eps_policy", "lpo/eps_ref", "lpo/ratio_w", "lpo/ratio_l")
@@ -149,9 +139,9 @@ def run_parity(env: dict, files: list[str], not_cut: dict) -> subprocess.Complet
 def test_official_tiny_parity_holds_on_a_cut_batch(tmp_path):
     cut = cut_official_tiny(tmp_path / "official-tiny")
     files = ["tests/test_parity_official.py", "tests/test_official_configs.py"]
-    result = run_parity({"DINALRM_OFFICIAL_TINY": str(cut)}, files, TINY_NOT_CUT | TINY_NOT_RERUN)
+    result = run_parity({"DINALRM_OFFICIAL_TINY": str(cut)}, files, TINY_NOT_CUT)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert f"{len(TINY_NOT_CUT) + len(TINY_NOT_RERUN)} deselected" in result.stdout
+    assert f"{len(TINY_NOT_CUT)} deselected" in result.stdout
 
 
 def test_official_lrm_tiny_parity_holds_on_a_cut_batch(tmp_path):
