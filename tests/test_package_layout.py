@@ -42,6 +42,7 @@ def fresh_imports() -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # one fresh interpreter imports every moved module: 15-20 s, outside the quick tier
 @pytest.mark.parametrize("old,new", sorted(dinalrm.MOVED_MODULES.items()))
 def test_old_module_name_warns_and_is_the_new_module(old, new, fresh_imports):
     assert fresh_imports[old]["same"]

@@ -453,6 +453,7 @@ def _extra_info(inputs, i: int) -> dict:
     return {"latents_clean": latents[i], "prompt_embeds": embeds[i], "pooled_prompt_embeds": pooled[i]}
 
 
+@pytest.mark.slow  # the same server process (a fresh interpreter): outside the quick tier with the test above
 def test_verl_omni_client_against_the_real_server(server_url, pipe, inputs):
     """The recipe's reward config (`score_scale=0.1`, `score_bias=1.0`) over real HTTP, with and without seeds."""
 
