@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import tolerances
 import torch
+from conftest import rounding_by_row
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from test_lrm_parity import run_lrm_converter
 from transformers import CLIPTokenizer
@@ -293,13 +294,7 @@ def test_pipeline_scores_compares_and_ranks_consistently(tiny_pipeline):
 def test_pipeline_ties_equal_images_of_one_prompt_although_batch_rows_round_differently(tiny_pipeline, monkeypatch):
     from PIL import Image
 
-    encode = tiny_pipeline._encode_pixels
-
-    def encode_rounding_by_row(pixels, *args):  # as some VAE kernels round equal rows of a batch differently
-        latents = encode(pixels, *args)
-        return latents * (1 + 1e-6 * torch.arange(len(latents), dtype=latents.dtype).view(-1, 1, 1, 1))
-
-    monkeypatch.setattr(tiny_pipeline, "_encode_pixels", encode_rounding_by_row)
+    monkeypatch.setattr(tiny_pipeline, "_encode_pixels", rounding_by_row(tiny_pipeline._encode_pixels))
     red, blue = Image.new("RGB", (24, 20), "red"), Image.new("RGB", (24, 20), "blue")
     rewards = tiny_pipeline(PROMPTS[0], images=[blue, red, red.copy()], generator=torch.Generator().manual_seed(0))
     assert rewards.rewards[1] == rewards.rewards[2]

@@ -7,6 +7,7 @@ import PIL.Image
 import pytest
 import tolerances
 import torch
+from conftest import rounding_by_row
 
 from dinalrm.testing import get_tiny_dinalrm_pipeline, get_tiny_sd3_pipeline, torch_threads
 from pipeline_dinalrm import DiNaLRMPipeline
@@ -225,18 +226,6 @@ def test_identical_images_get_equal_rewards_and_even_odds(pipe, images):
     assert independent.rewards[0] != independent.rewards[1], "independent draws must differ for this test to bite"
     ranking = pipe.rank(PROMPT, [images[1], twin, images[0]], generator=generator(1))
     assert ranking.rewards[ranking.indices.index(1)] == ranking.rewards[ranking.indices.index(2)]
-
-
-def rounding_by_row(encode):
-    """`encode` whose latents carry a different last-bit error in each batch row, as some VAE kernels round equal
-    rows of a batch differently (seen on CI: a tie broken by one ULP)."""
-
-    def encode_rounding_by_row(pixels, *args):
-        latents = encode(pixels, *args)
-        rows = torch.arange(len(latents), dtype=latents.dtype).view(-1, *[1] * (latents.ndim - 1))
-        return latents * (1 + 1e-6 * rows)
-
-    return encode_rounding_by_row
 
 
 def test_equal_images_tie_although_batch_rows_round_differently(pipe, images, monkeypatch):
