@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from conftest import OFFICIAL_LRM_TINY, OFFICIAL_TINY, REPO_ROOT
 from safetensors.torch import load_file, save_file
 
 
-pytestmark = pytest.mark.slow  # each run converts and scores the tiny models again in a fresh pytest process
+pytestmark = pytest.mark.slow  # converts and scores the tiny models again in a fresh pytest process
 
 # official-tiny: tensors whose dim 0 (or dim 1, for level-major ones) is the main batch, the x0_ns batch, the pairs.
 TINY_BATCH = ("x0", "encoder_hidden_states", "pooled_projections", "noise_single", "sigma_single", "timestep_single")
@@ -120,12 +121,14 @@ def cut_official_lrm_tiny(target: Path) -> Path:
     return cut_copy(OFFICIAL_LRM_TINY, target, rule)
 
 
-def run_parity(env: dict, files: list[str], not_cut: dict) -> subprocess.CompletedProcess:
+def run_parity(env: dict, files: list[str], not_cut: dict, report: Path) -> subprocess.CompletedProcess:
     """The parity tests of `files` but `not_cut` in a fresh pytest (the fixture paths are read at import), on one
-    torch thread: this run checks what the tests read from the fixture; the kernels are the numeric pass's business."""
+    torch thread: this run checks what the tests read from the fixture; the kernels are the numeric pass's business.
+    Each test's outcome goes to the JUnit XML file `report`."""
     deselect = [arg for test in not_cut if "::" in test for arg in ("--deselect", test)]
     ignore = [arg for test in not_cut if "::" not in test for arg in ("--ignore", test)]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", *deselect, *ignore, *files]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", f"--junitxml={report}"]
+    command += [*deselect, *ignore, *files]
     threads = {"OMP_NUM_THREADS": "1", "DINALRM_TEST_THREADS": "1"}
     return subprocess.run(
         command,
@@ -136,18 +139,53 @@ def run_parity(env: dict, files: list[str], not_cut: dict) -> subprocess.Complet
     )
 
 
-def test_official_tiny_parity_holds_on_a_cut_batch(tmp_path):
-    cut = cut_official_tiny(tmp_path / "official-tiny")
-    files = ["tests/test_parity_official.py", "tests/test_official_configs.py"]
-    result = run_parity({"DINALRM_OFFICIAL_TINY": str(cut)}, files, TINY_NOT_CUT)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert f"{len(TINY_NOT_CUT)} deselected" in result.stdout
+TINY_FILES = ["tests/test_parity_official.py", "tests/test_official_configs.py"]
+LRM_FILES = ["tests/test_lpo_parity.py"]
 
 
-def test_official_lrm_tiny_parity_holds_on_a_cut_batch(tmp_path):
-    cut = cut_official_lrm_tiny(tmp_path / "official-lrm-tiny")
-    files = ["tests/test_lpo_parity.py"]
-    result = run_parity({"DINALRM_OFFICIAL_LRM_TINY": str(cut)}, files, LRM_NOT_CUT)
+@pytest.fixture(scope="module")
+def cut_run(tmp_path_factory) -> dict:
+    """Both fixtures cut, and the parity tests of both run on the cut copies in one fresh pytest (one interpreter
+    start instead of two): `{"result": the finished run, "outcomes": {test file: {test name: outcome}}}`."""
+    root = tmp_path_factory.mktemp("cut-fixtures")
+    env = {
+        "DINALRM_OFFICIAL_TINY": str(cut_official_tiny(root / "official-tiny")),
+        "DINALRM_OFFICIAL_LRM_TINY": str(cut_official_lrm_tiny(root / "official-lrm-tiny")),
+    }
+    report = root / "report.xml"
+    result = run_parity(env, TINY_FILES + LRM_FILES, {**TINY_NOT_CUT, **LRM_NOT_CUT}, report)
+    outcomes: dict[str, dict[str, str]] = {}
+    if report.is_file():
+        for case in ElementTree.parse(report).iter("testcase"):
+            problems = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+            module = case.get("classname", "").replace(".", "/") + ".py"
+            outcomes.setdefault(module, {})[case.get("name")] = problems[0] if problems else "passed"
+    return {"result": result, "outcomes": outcomes}
+
+
+def assert_parity_held(cut_run: dict, files: list[str], not_cut: dict) -> None:
+    """Every test of `files` ran on the cut copy and passed, except the `not_cut` ones, which did not run."""
+    result, outcomes = cut_run["result"], cut_run["outcomes"]
+    log = result.stdout[-4000:] + result.stderr[-2000:]
+    for file in files:
+        ran = outcomes.get(file, {})
+        skipped = {f"{file}::{name}" for name in ran} & set(not_cut)
+        assert ran and not skipped, (file, sorted(skipped), log)
+        assert set(ran.values()) == {"passed"}, ({name: o for name, o in ran.items() if o != "passed"}, log)
+    assert not {file for file in not_cut if "::" not in file} & set(outcomes), log
+
+
+def test_official_tiny_parity_holds_on_a_cut_batch(cut_run):
+    assert_parity_held(cut_run, TINY_FILES, TINY_NOT_CUT)
+
+
+def test_official_lrm_tiny_parity_holds_on_a_cut_batch(cut_run):
+    assert_parity_held(cut_run, LRM_FILES, LRM_NOT_CUT)
+
+
+def test_the_cut_run_passed_as_a_whole(cut_run):
+    """The whole run's exit status and its count of deselected tests (the `::` entries of both lists)."""
+    result = cut_run["result"]
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    selected = sum(1 for test in LRM_NOT_CUT if "::" in test)
-    assert f"{selected} deselected" in result.stdout
+    deselected = sum(1 for test in {**TINY_NOT_CUT, **LRM_NOT_CUT} if "::" in test)
+    assert f"{deselected} deselected" in result.stdout
