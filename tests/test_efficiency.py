@@ -143,6 +143,31 @@ def test_memory_tracker_counts_new_storages_while_they_live():
     assert memory.peak == 2 * 4000
 
 
+def test_remembered_ops_give_the_outputs_and_memory_of_running_them():
+    """Ops the FLOP counter ignores are answered from the shapes they gave before (the cost model's speed-up): the
+    outputs must be those of the op itself (shape, stride, dtype), fresh storages that count, whether it ran or
+    was remembered."""
+    x = torch.zeros(4, 6, 8, device="meta", dtype=torch.bfloat16).transpose(1, 2)  # not contiguous
+    y = torch.zeros(6, device="meta")
+    ops = {
+        "broadcast mul with promotion": lambda: x * y,
+        "sum keeping a dim": lambda: x.sum(1, keepdim=True),
+        "float cast": lambda: x.float(),
+        "softmax": lambda: torch.softmax(x, -1),
+        "layer norm": lambda: F.layer_norm(x, (6,)),
+        "permuted copy": lambda: x.permute(2, 0, 1).contiguous(),
+        "gelu": lambda: F.gelu(x, approximate="tanh"),
+    }
+    for name, op in ops.items():
+        expected = op()  # plain meta execution, no mode
+        for attempt in ("first", "again"):
+            with efficiency.PeakMemoryMode() as memory:
+                out = op()
+                assert memory.current == out.untyped_storage().nbytes() > 0, (name, attempt)
+            assert (out.shape, out.stride(), out.dtype) == (expected.shape, expected.stride(), expected.dtype), name
+            assert out.untyped_storage()._cdata not in {x.untyped_storage()._cdata, y.untyped_storage()._cdata}
+
+
 def test_live_memory_after_forward_equals_saved_tensors():
     model = efficiency.build_dinalrm(TINY_TRANSFORMER, num_blocks=2, layers=(1, 2))
     reward = efficiency.dinalrm_reward(model, text_tokens=6)
