@@ -9,9 +9,9 @@ import tolerances
 import torch
 from conftest import rounding_by_row
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
-from test_lrm_parity import run_lrm_converter
 from transformers import CLIPTokenizer
 
+from dinalrm.cli import main as dinalrm_main
 from dinalrm.testing import torch_threads
 from dinalrm.testing.lrm_models import get_tiny_lrm, save_tiny_sd_pipeline
 from modeling_lrm import LRMModel
@@ -223,20 +223,21 @@ def test_converter_refuses_a_unet_with_missing_tensors_naming_them(tmp_path):
     assert "unet.mid_block.resnets.0.conv1.weight" in convert_in_process(official, tmp_path / "out")
 
 
-@pytest.mark.slow  # a fresh interpreter or a training run: 7-35 s on a shared 2-core machine
-def test_converter_loads_a_hub_id_from_the_cache_and_a_frozen_text_encoder_from_the_base(tmp_path):
+def test_converter_loads_a_hub_id_from_the_cache_and_a_frozen_text_encoder_from_the_base(tmp_path, monkeypatch):
     """A simulated Hugging Face cache (documented layout) holds an official checkpoint without `text_encoder/`
-    (trained with freeze_text_encoder=true): the converter resolves the id offline and takes the base's encoder."""
+    (trained with freeze_text_encoder=true): `dinalrm convert lrm` resolves the id offline and takes the base's
+    encoder. In this process, with the cache folder set where huggingface_hub reads it at call time (a fresh
+    interpreter reads `HF_HUB_CACHE` from the environment: the script's command line runs in test_lrm_parity.py)."""
     cache = tmp_path / "hub"
     snapshot = cache / "models--someone--lrm-tiny" / "snapshots" / ("0" * 40)
     shutil.copytree(FIXTURE / "checkpoint", snapshot, ignore=shutil.ignore_patterns("text_encoder", "*.safetensors"))
     shutil.copytree(FIXTURE / "checkpoint" / "unet", snapshot / "unet", dirs_exist_ok=True)
     (cache / "models--someone--lrm-tiny" / "refs").mkdir()
     (cache / "models--someone--lrm-tiny" / "refs" / "main").write_text("0" * 40)
-    result = run_lrm_converter(
-        "someone/lrm-tiny", FIXTURE / "base", tmp_path / "out", env={"HF_HUB_CACHE": str(cache)}
-    )
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    arguments = ["--official_dir", "someone/lrm-tiny", "--base", str(FIXTURE / "base")]
+    assert dinalrm_main(["convert", "lrm", *arguments, "--output_dir", str(tmp_path / "out")]) == 0
     from transformers import CLIPTextModel
 
     converted = LRMModel.from_pretrained(tmp_path / "out" / "reward_model").text_encoder.state_dict()

@@ -22,8 +22,8 @@ from safetensors.torch import load_file
 FIXTURE = OFFICIAL_LRM_TINY
 
 
-def run_lrm_converter(official_dir, base, output_dir, *extra: str, env=None) -> subprocess.CompletedProcess:
-    """Runs scripts/convert_official_lrm_checkpoint.py exactly as a user would (offline; `env` adds variables)."""
+def run_lrm_converter(official_dir, base, output_dir, *extra: str) -> subprocess.CompletedProcess:
+    """Runs scripts/convert_official_lrm_checkpoint.py exactly as a user would (offline)."""
     command = [
         sys.executable,
         str(REPO_ROOT / "scripts" / "convert_official_lrm_checkpoint.py"),
@@ -35,9 +35,7 @@ def run_lrm_converter(official_dir, base, output_dir, *extra: str, env=None) -> 
         str(output_dir),
         *extra,
     ]
-    return subprocess.run(
-        command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    )
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def lrm_settings(config: dict) -> list[str]:
