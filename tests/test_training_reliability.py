@@ -6,16 +6,14 @@ import argparse
 import json
 import multiprocessing
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import REPO_ROOT
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from test_train import train
 
 from dinalrm.data import load_preference_dataset, write_canonical_pairs
 from dinalrm.testing import get_tiny_dinalrm_reward_model
@@ -128,13 +126,13 @@ def _hold_lock(output_dir, ready) -> None:
     lock.release()
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_reported(tmp_path, caplog):
     output = tmp_path / "run"
     partial = output / f"{PARTIAL_PREFIX}checkpoint-4"
     partial.mkdir(parents=True)  # the first run's in-progress checkpoint
     (tmp_path / "empty-model").mkdir()  # a folder: the lock is met before the model is read
-    # The holder is forked from this interpreter (no second start of torch); the refused run is the script itself.
+    # The holder is forked from this interpreter (no second start of torch); the refused run is the script's `main`
+    # in this process (test_train.py's `train`), so the two runs are two processes.
     fork = multiprocessing.get_context("fork")
     ready, ready_child = fork.Pipe(duplex=False)
     holder = fork.Process(target=_hold_lock, args=(output, ready_child), daemon=True)
@@ -142,24 +140,16 @@ def test_a_second_run_on_a_locked_output_dir_is_refused_and_a_stale_lock_is_repo
     ready_child.close()  # the child holds its own end
     try:
         assert ready.poll(120) and ready.recv() == "locked"
-        second = subprocess.run(
-            [
-                sys.executable,
-                str(REPO_ROOT / "train_dinalrm.py"),
+        with pytest.raises(RuntimeError) as refused:
+            train(
                 "--pretrained_model_name_or_path",
                 str(tmp_path / "empty-model"),
                 "--train_data_dir",
                 str(tmp_path / "no-data"),
                 "--output_dir",
                 str(output),
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"},
-            check=False,
-        )
-        assert second.returncode != 0
-        assert f'is in use by another training run ({{"pid": {holder.pid}' in second.stderr, second.stderr[-3000:]
+            )
+        assert f'is in use by another training run ({{"pid": {holder.pid}' in str(refused.value)
         assert partial.is_dir(), "the second run deleted the first run's in-progress checkpoint"
         with pytest.raises(RuntimeError, match="in use by another training run"):
             OutputDirLock(output).acquire()
