@@ -9,10 +9,7 @@ checkpoint-1 copied into a fresh output folder, which is what a run stopped afte
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -174,11 +171,12 @@ def test_train_lpo_flow_path_on_the_tiny_world_checkpoints_and_resumes_exactly(s
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_train_lpo_flow_path_loads_the_published_ids_from_the_hub_cache(tmp_path):
+def test_train_lpo_flow_path_loads_the_published_ids_from_the_hub_cache(setup, tmp_path, monkeypatch):
     """The README's SD3.5-M command line by its real Hub ids, offline: the official-format DiNa-LRM checkpoint and a
     tiny SD3 pipeline stored under `liuhuohuo/DiNa-LRM-SD35M-12layers` and `stabilityai/stable-diffusion-3.5-medium`
-    in a simulated cache; one optimizer step, and the LoRA it writes loads into the SD3 pipeline."""
+    in a simulated cache; one optimizer step, and the LoRA it writes loads into the SD3 pipeline. The script's `main`
+    runs in this process, with the cache and `HF_HOME` set where huggingface_hub reads them at call time (a fresh
+    interpreter would read them from the environment)."""
     cache = tmp_path / "cache"
     add_to_hub_cache(cache, "liuhuohuo/DiNa-LRM-SD35M-12layers", OFFICIAL_TINY)
     base = add_to_hub_cache(
@@ -187,25 +185,23 @@ def test_train_lpo_flow_path_loads_the_published_ids_from_the_hub_cache(tmp_path
         save_tiny_sd3_base(tmp_path / "base", OFFICIAL_TINY / "transformer"),
     )
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
-    env = {
-        **os.environ,
-        "HF_HUB_CACHE": str(cache),
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": str(REPO_ROOT),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [
-        sys.executable, str(SCRIPT),
-        "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-3.5-medium",
-        "--reward_model", "liuhuohuo/DiNa-LRM-SD35M-12layers",
-        "--prompts_file", str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path / "out"),
-        "--max_sequence_length", "16", "--num_inference_steps", "2", "--divert_end_step", "1",
-        "--sample_batch_size", "2", "--train_batch_size", "2", "--min_confidence", "0.5",
-        "--num_candidates", "2", "--resolution", "32", "--max_train_steps", "1", "--report_to", "none",
-    ]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.delenv("DINALRM_CACHE", raising=False)  # the conversion goes below HF_HOME
+    monkeypatch.chdir(tmp_path)
+    args = setup["script"].parse_args(
+        [
+            "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-3.5-medium",
+            "--reward_model", "liuhuohuo/DiNa-LRM-SD35M-12layers",
+            "--prompts_file", str(tmp_path / "prompts.txt"), "--output_dir", str(tmp_path / "out"),
+            "--max_sequence_length", "16", "--num_inference_steps", "2", "--divert_end_step", "1",
+            "--sample_batch_size", "2", "--train_batch_size", "2", "--min_confidence", "0.5",
+            "--num_candidates", "2", "--resolution", "32", "--max_train_steps", "1", "--report_to", "none",
+        ]
+    )  # fmt: skip
+    setup["script"].main(args)
+    assert (tmp_path / "hf_home" / "dinalrm" / "converted").is_dir()  # the official checkpoint, converted once
     pipe = StableDiffusion3Pipeline.from_pretrained(base)
     pipe.load_lora_weights(tmp_path / "out", weight_name="pytorch_lora_weights.safetensors")
     assert any("lora" in name for name, _ in pipe.transformer.named_parameters())
