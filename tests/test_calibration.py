@@ -79,6 +79,7 @@ def test_logistic_normalization_without_a_calibration_says_how_to_fit_one(images
         pipe(PROMPT, images=images, normalize="sigmoid")
 
 
+@pytest.mark.slow  # the whole script end to end (fit, write, reload): ~7 s; the fit itself is checked above
 def test_script_fits_on_pairs_writes_into_the_model_and_the_pipeline_uses_it(tmp_path, capsys):
     model = shutil.copytree(REPO_ROOT / "assets" / "dinalrm-tiny", tmp_path / "model")
     fit = write_tiny_preference_dataset(tmp_path / "fit", num_pairs=24, seed=3, split="test")

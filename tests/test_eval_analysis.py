@@ -34,6 +34,7 @@ def read_csv(path):
         return list(csv.DictReader(handle))
 
 
+@pytest.mark.slow  # a sweep over noise levels with its plot: ~6 s, outside the quick tier
 def test_noise_sweep_writes_csv_and_png(assets, tmp_path):
     output_dir = tmp_path / "sweep"
     argv = ["--models", f"{assets['model']},{assets['model_b']}", "--benchmarks", "hpdv2,hpdv3",

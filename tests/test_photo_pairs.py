@@ -217,6 +217,7 @@ def probe_accuracies(vae: AutoencoderKL, photos: dict[str, Image.Image]) -> dict
     return accuracies
 
 
+@pytest.mark.slow  # trains a probe on encoded crops: ~7 s, outside the quick tier
 def test_linear_probe_separates_clean_from_degraded(vae: AutoencoderKL, photos: dict[str, Image.Image]) -> None:
     """A linear score on latent high-pass statistics tells which crop of a held-out pair is degraded.
 

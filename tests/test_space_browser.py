@@ -38,6 +38,9 @@ CHROMIUM_FLAGS = [
 ]
 PROMPT = "a photo of a red apple on a wooden table"
 TIMEOUT_MS = 60_000
+# A browser and the served app for the module: end to end, outside the quick tier (tests/test_space.py checks the
+# app's behaviours without a browser).
+pytestmark = pytest.mark.slow
 # True once the toast holding the text is fully opaque (its fade-in transition animates an ancestor's opacity).
 FADED_IN = """text => {
     const toast = [...document.querySelectorAll('.toast-body')].find(node => node.innerText.includes(text));

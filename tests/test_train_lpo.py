@@ -92,6 +92,7 @@ def assert_resumed_run_matches_the_straight_one(root: Path, first: Path, prefix:
     assert any(not torch.equal(resumed[key], after_one[key]) for key in resumed), "the second step changed nothing"
 
 
+@pytest.mark.slow  # three short LPO runs (straight, interrupted, resumed): ~9 s, outside the quick tier
 def test_train_lpo_checkpoints_and_resumes_exactly(setup, caplog):
     root = setup["root"]
     run(setup, "straight", "--max_train_steps", "2")
