@@ -169,6 +169,16 @@ def run_converter(
     )
 
 
+def use_hub_cache(monkeypatch: pytest.MonkeyPatch, cache: str | os.PathLike, home: str | os.PathLike | None = None):
+    """Point this process's huggingface_hub, offline, at the Hub cache `cache` (and `home` as `HF_HOME`) until the
+    test ends: what a fresh interpreter reads from `HF_HUB_CACHE` / `HF_HOME` at import, huggingface_hub reads from
+    its constants at call time."""
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    if home is not None:
+        monkeypatch.setattr("huggingface_hub.constants.HF_HOME", str(home))
+
+
 def rounding_by_row(encode):
     """`encode` whose latents carry a different last-bit error in each batch row, as some VAE kernels round equal
     rows of a batch differently (seen on CI: a tie broken by one ULP)."""

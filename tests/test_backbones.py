@@ -12,11 +12,11 @@ import sys
 import tempfile
 import textwrap
 
-import huggingface_hub
 import PIL.Image
 import pytest
 import tolerances
 import torch
+from conftest import use_hub_cache
 from diffusers import FluxPipeline, FluxTransformer2DModel, ZImagePipeline, ZImageTransformer2DModel
 from diffusers.image_processor import VaeImageProcessor
 from safetensors.torch import load_file, save_file
@@ -185,8 +185,7 @@ def test_from_backbone_by_hub_id_offline(family, full, tmp_path, monkeypatch):
     full.save_pretrained(tmp_path / "repo" / "transformer")
     add_to_hub_cache(tmp_path / "cache", repo, tmp_path / "repo")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    use_hub_cache(monkeypatch, tmp_path / "cache")
     model = DiNaLRMModel.from_backbone(repo, **LAYERS)
     assert model.config.backbone == family and model.config.base_model_name_or_path == repo
     state = full.state_dict()

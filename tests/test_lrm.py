@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import tolerances
 import torch
-from conftest import rounding_by_row
+from conftest import rounding_by_row, use_hub_cache
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTokenizer
 
@@ -234,8 +234,7 @@ def test_converter_loads_a_hub_id_from_the_cache_and_a_frozen_text_encoder_from_
     shutil.copytree(FIXTURE / "checkpoint" / "unet", snapshot / "unet", dirs_exist_ok=True)
     (cache / "models--someone--lrm-tiny" / "refs").mkdir()
     (cache / "models--someone--lrm-tiny" / "refs" / "main").write_text("0" * 40)
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    use_hub_cache(monkeypatch, cache)
     arguments = ["--official_dir", "someone/lrm-tiny", "--base", str(FIXTURE / "base")]
     assert dinalrm_main(["convert", "lrm", *arguments, "--output_dir", str(tmp_path / "out")]) == 0
     from transformers import CLIPTextModel

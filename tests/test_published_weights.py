@@ -18,7 +18,7 @@ import PIL.Image
 import pytest
 import tolerances
 import torch
-from conftest import OFFICIAL_TINY, REPO_ROOT, code_blocks, documentation_pages
+from conftest import OFFICIAL_TINY, REPO_ROOT, code_blocks, documentation_pages, use_hub_cache
 from diffusers import FluxPipeline, ZImagePipeline
 from huggingface_hub.errors import GatedRepoError
 from test_lrm_parity import FIXTURE as LRM_FIXTURE
@@ -103,9 +103,7 @@ def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_
     rewards, probability = expected
     first = score(hub, "--model", OFFICIAL_ID)
     assert first.returncode == 0, first.stderr
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", hub["env"]["HF_HUB_CACHE"])
-    monkeypatch.setattr("huggingface_hub.constants.HF_HOME", hub["env"]["HF_HOME"])
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    use_hub_cache(monkeypatch, hub["env"]["HF_HUB_CACHE"], home=hub["env"]["HF_HOME"])
     if "DINALRM_CACHE" in hub["env"]:  # where the first run converted to, else below HF_HOME
         monkeypatch.setenv("DINALRM_CACHE", hub["env"]["DINALRM_CACHE"])
     monkeypatch.chdir(hub["root"])
@@ -125,8 +123,7 @@ def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_
 
 def test_missing_base_stops_with_one_message(hub, monkeypatch, capsys):
     """`dinalrm score` in this process (the command line itself runs in the test above), on the simulated cache."""
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", hub["env"]["HF_HUB_CACHE"])
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    use_hub_cache(monkeypatch, hub["env"]["HF_HUB_CACHE"])
     monkeypatch.setenv("DINALRM_CACHE", str(hub["root"] / "converted-by-the-missing-base-test"))
     argv = ["score", "--prompt", PROMPT, *hub["images"], "--json", "--model", OFFICIAL_ID]
     assert dinalrm_main([*argv, "--base", "stabilityai/not-in-the-cache"]) == 1

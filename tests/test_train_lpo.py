@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import OFFICIAL_LRM_TINY, OFFICIAL_TINY, REPO_ROOT
+from conftest import OFFICIAL_LRM_TINY, OFFICIAL_TINY, REPO_ROOT, use_hub_cache
 from diffusers import StableDiffusion3Pipeline, StableDiffusionPipeline
 from safetensors.torch import load_file
 
@@ -186,9 +186,7 @@ def test_train_lpo_flow_path_loads_the_published_ids_from_the_hub_cache(setup, t
         save_tiny_sd3_base(tmp_path / "base", OFFICIAL_TINY / "transformer"),
     )
     (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    use_hub_cache(monkeypatch, cache, home=tmp_path / "hf_home")
     monkeypatch.delenv("DINALRM_CACHE", raising=False)  # the conversion goes below HF_HOME
     monkeypatch.chdir(tmp_path)
     args = setup["script"].parse_args(
