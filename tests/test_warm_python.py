@@ -1,19 +1,31 @@
 """dinalrm.testing.warm_python: a command line run through the stand-in behaves as under a fresh `python` (arguments,
-`sys.path`, working directory, environment, streams, exit status, atexit), and the Python subprocesses it starts are
-forks of the server too. The server preloads nothing heavy here (`--preload json`), so this is cheap."""
+`sys.path`, working directory, environment, streams and passed descriptors, exit status, atexit), the Python
+subprocesses it starts are forks of the server too, and what a fork could not run as typed (another environment,
+other interpreter options) runs in a fresh interpreter. The server preloads a small module of its own here, which
+reads one variable and sets another while it imports, so this is cheap."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO_ROOT
 
 
 WARM_PYTHON = REPO_ROOT / "dinalrm" / "testing" / "warm_python.py"
+
+# The preload: what it reads and sets at import is what a fork's environment must agree with.
+PRELOAD = """\
+import os
+SETTING = os.environ.get("WARM_TEST_SETTING")
+os.environ["WARM_TEST_SET_BY_PRELOAD"] = "yes"
+"""
 
 SCRIPT = """\
 import atexit, json, os, sys
@@ -26,6 +38,9 @@ elif sys.argv[1:] == ["fail"]:
     raise ValueError("boom")
 elif sys.argv[1:] == ["exit"]:
     sys.exit(3)
+elif sys.argv[1:] == ["kill"]:
+    import signal
+    os.kill(os.getpid(), signal.SIGKILL)
 else:
     import helper
     print(json.dumps({"argv": sys.argv, "path": sys.path[:2], "cwd": os.getcwd(), "env": os.environ.get("WARM_TEST"),
@@ -42,20 +57,29 @@ def warm(tmp_path_factory):
     (root / "scripts" / "probe.py").write_text(SCRIPT)
     (root / "lib").mkdir()
     (root / "lib" / "helper.py").write_text("")
-    server = subprocess.Popen([sys.executable, str(WARM_PYTHON), "serve", str(root / "warm"), "--preload", "json"])
+    (root / "preload").mkdir()
+    (root / "preload" / "warm_test_preload.py").write_text(PRELOAD)
+    env = {**os.environ, "PYTHONPATH": str(root / "preload")}
+    env.pop("WARM_TEST_SETTING", None)
+    command = [sys.executable, str(WARM_PYTHON), "serve", str(root / "warm"), "--preload", "warm_test_preload"]
+    server = subprocess.Popen(
+        [*command, "--free-env", "WARM_TEST", "WARM_FREE_*", "WARM_TEST_SETTING", "PYTEST_*"], env=env
+    )
     stand_in = root / "warm" / "python"
     deadline = time.monotonic() + 60
     while not stand_in.exists():
         assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
         time.sleep(0.05)
-    yield {"root": root, "stand_in": str(stand_in), "server": server}
+    yield {"root": root, "stand_in": str(stand_in), "server": server, "log": root / "warm" / "requests.log"}
     server.terminate()
     assert server.wait(timeout=30) == 0  # SIGTERM stops it cleanly
     assert not stand_in.exists()
 
 
-def _run(warm: dict, *argv: str, input: str = "") -> subprocess.CompletedProcess:
+def _run(warm: dict, *argv: str, input: str = "", **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "WARM_TEST": "passed", "PYTHONPATH": str(warm["root"] / "lib")}
+    env.pop("WARM_TEST_SETTING", None)  # the server's value: unset
+    env.update(extra_env)
     return subprocess.run(
         [warm["stand_in"], *argv], input=input, capture_output=True, text=True, env=env, cwd=warm["root"], timeout=60
     )
@@ -80,11 +104,10 @@ def test_a_script_runs_as_under_a_fresh_python(warm):
 
 def test_exit_status_and_uncaught_exceptions_come_back(warm):
     assert _run(warm, "scripts/probe.py", "exit").returncode == 3
+    assert _run(warm, "scripts/probe.py", "kill").returncode == -signal.SIGKILL  # as subprocess reports a signal
     failed = _run(warm, "scripts/probe.py", "fail")
     assert failed.returncode == 1 and "ValueError: boom" in failed.stderr
     assert "atexit ran" in failed.stdout  # the interpreter's exit path also runs after a failure
-    unsupported = _run(warm, "-c", "print(1)")
-    assert unsupported.returncode == 1 and "python -m MODULE ARGS" in unsupported.stderr
 
 
 def test_modules_and_subprocesses(warm):
@@ -116,9 +139,79 @@ def test_killing_the_stand_in_ends_its_fork(warm, tmp_path):
         time.sleep(0.05)
 
 
+PROBE = "import json, os, sys; print(json.dumps({'argv': sys.argv, 'path0': sys.path[0], 'parent': os.getppid(), "
+PROBE += "'executable': sys.executable, 'name': __name__, 'file': globals().get('__file__'), "
+PROBE += "'free': os.environ.get('WARM_FREE_X'), 'set_by_preload': os.environ.get('WARM_TEST_SET_BY_PRELOAD')}))"
+
+
+def _probe(warm: dict, *options: str, **extra_env: str) -> dict:
+    result = _run(warm, *options, "-c", PROBE, "an argument", **extra_env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_code_on_the_command_line_runs_as_under_a_fresh_python(warm):
+    seen = _probe(warm)
+    assert seen["argv"] == ["-c", "an argument"] and seen["path0"] == "" and seen["name"] == "__main__"
+    assert seen["file"] is None and seen["parent"] == warm["server"].pid
+    assert seen["set_by_preload"] == "yes"  # what the preload set at import, as a fresh interpreter importing it would
+    unbuffered = _probe(warm, "-u", WARM_FREE_X="free")
+    assert unbuffered["parent"] == warm["server"].pid and unbuffered["free"] == "free"
+
+
+def test_another_environment_or_other_options_run_in_a_fresh_interpreter(warm):
+    forked = _probe(warm, WARM_FREE_X="free")  # a free variable: the preload does not read it
+    assert forked["parent"] == warm["server"].pid and forked["free"] == "free"
+    fresh = [
+        _probe(warm, WARM_TEST_SETTING="other"),  # free, but read by the preload while it imported
+        _probe(warm, WARM_TEST_UNRELATED="1"),  # not free, so it might have been read
+        _probe(warm, "-I"),  # an interpreter option the fork cannot take
+    ]
+    for seen in fresh:
+        assert seen["parent"] == os.getpid() and seen["executable"] == sys.executable
+        assert seen["argv"] == ["-c", "an argument"] and seen["set_by_preload"] is None
+    log = warm["log"].read_text()
+    assert "fresh\tanother WARM_TEST_SETTING\t" in log and "fresh\tanother WARM_TEST_UNRELATED\t" in log
+
+
+def test_passed_descriptors_reach_the_fork_and_each_fork_has_its_own_seeds(warm):
+    read, write = os.pipe()
+    code = "import os, random, sys; os.write(int(sys.argv[1]), str(random.random()).encode()); print(os.getppid())"
+    env = {**os.environ, "PYTHONPATH": str(warm["root"] / "lib")}
+    env.pop("WARM_TEST_SETTING", None)
+    draws = []
+    for _ in range(2):
+        done = subprocess.run(
+            [warm["stand_in"], "-c", code, str(write)], pass_fds=[write], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0 and int(done.stdout) == warm["server"].pid, done.stderr
+        draws.append(os.read(read, 100))
+    os.close(read)
+    os.close(write)
+    assert draws[0] != draws[1]
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True
+
+
+def test_the_suites_command_lines_run_as_forks(warm_python):
+    """The conftest's `warm_python` forks a command line in the environment tests give it (this worker's, with the
+    Hub variables and PYTHONPATH their own), unless DINALRM_WARM_PYTHON=0 asked for plain `sys.executable`: a
+    difference that sent every command to a fresh interpreter would only show as a slower suite. (What libraries set
+    in this worker later, a test's commands inherit too: the session's end warns of each command that ran afresh.)"""
+    if os.environ.get("DINALRM_WARM_PYTHON") == "0":
+        assert warm_python == sys.executable
+        return
+    from conftest import SESSION_ENVIRONMENT
+
+    env = {**SESSION_ENVIRONMENT, "HF_HUB_OFFLINE": "1", "HF_HOME": "/nonexistent", "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [warm_python, "-c", "import os; print(os.getppid())"], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) != os.getpid(), Path(warm_python).with_name("requests.log").read_text()[-2000:]

@@ -1,33 +1,50 @@
 """Run Python command lines as forks of one interpreter that has imported the heavy libraries once.
 
-A quick run of many small scripts (`QUICK=1 bash examples/tiny_world/regenerate.sh`, the tiny world's end-to-end
-test) is mostly interpreter start-up: importing torch, diffusers and transformers costs about 10 CPU seconds per
+A run of many small scripts (`QUICK=1 bash examples/tiny_world/regenerate.sh`, the test suite's command-line
+tests) is mostly interpreter start-up: importing torch, diffusers and transformers costs about 10 CPU seconds per
 process. `serve FOLDER` imports them once, listens, and then writes `FOLDER/python`, an executable that stands in
-for `python`: `FOLDER/python script.py ARGS` and `FOLDER/python -m module ARGS` each run in a fork of the server
-with the caller's arguments, working directory, environment and standard streams, as a fresh interpreter runs them
-(`__name__ == "__main__"`, `sys.path` from the script's folder and `PYTHONPATH`, the exit status, the traceback of
-an uncaught exception, atexit functions), and exit with its status. A fork sees the stand-in as `sys.executable`,
-so the Python subprocesses it starts (`accelerate launch`, ...) are forks too. The server runs until SIGTERM or
-until its parent process ends; its CPU time includes its forks' once they ended.
+for `python`: `FOLDER/python script.py ARGS`, `FOLDER/python -m module ARGS` and `FOLDER/python -c CODE ARGS`
+(each optionally after `-u`) run in a fork of the server with the caller's arguments, working directory,
+environment and standard streams, as a fresh interpreter runs them (`__name__ == "__main__"`, `sys.path` from the
+script's folder and `PYTHONPATH`, fresh seeds for `random` and NumPy, the exit status, the traceback of an uncaught
+exception, atexit functions), and exit with its status. A fork sees the stand-in as `sys.executable`, so the Python
+subprocesses it starts (`accelerate launch`, ...) are forks too. The stand-in ends as its fork did: with its exit
+status, or killed by the same signal. The server runs until SIGTERM or until its parent process ends; its CPU time
+includes its forks' once they ended.
 
     python -m dinalrm.testing.warm_python serve /tmp/warm &
     until [ -x /tmp/warm/python ]; do sleep 0.2; done
     /tmp/warm/python examples/tiny_world/make_pairs.py --generator assets/tiny-sd3 --output_dir /tmp/pairs
 
-Unlike fresh interpreters, the forks share the modules the server imported (so environment variables those read at
-import time are the server's), a script's `sys.argv[0]` is its absolute path (as its `__file__`), and the resource
-usage a parent reads of its child (`os.wait4`, peak RSS) is the stand-in's, not the fork's. Linux only (an abstract
-socket); the stand-in's side uses the standard library alone.
+The forks share the modules the server imported, and those read some environment variables while they loaded
+(`HF_HOME` for huggingface_hub, `OMP_NUM_THREADS` for OpenMP, ...). So a command line is forked only when its
+environment equals the server's in every variable but the free ones (`--free-env`: names, or prefixes ending in
+`*`), which may differ; a free variable that the preload read by name while it imported (the server notes those)
+is compared all the same. What the preload set (torch's TORCHINDUCTOR_CACHE_DIR) is set in each fork, as in a
+fresh interpreter. Everything else runs in a fresh interpreter, as typed: another environment, or other
+interpreter options. The
+stand-in's open file descriptors (the standard streams, `pass_fds`, multiprocessing's pipes) are the fork's, at
+the same numbers.
+`FOLDER/requests.log` says, one line per command that reached the server, which way it ran and why (`forked` or
+`fresh`, the reason, the command line as JSON).
+
+Unlike fresh interpreters, the forks share the server's hash seed, a script's `sys.argv[0]` is its absolute path
+(as its `__file__`), and the resource usage a parent reads of its child (`os.wait4`, peak RSS) is the stand-in's,
+not the fork's. Linux only (an abstract socket); the stand-in's side uses the standard library alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import atexit
+import builtins
+import fcntl
+import fnmatch
 import gc
 import importlib
 import json
 import os
+import random
 import runpy
 import selectors
 import shlex
@@ -36,6 +53,9 @@ import socket
 import struct
 import sys
 import threading
+import types
+from collections.abc import Collection, Iterable
+from contextlib import contextmanager
 from typing import NoReturn
 
 
@@ -54,46 +74,141 @@ DEFAULT_PRELOAD = (
     "datasets",
     "safetensors.torch",
     "matplotlib.pyplot",  # the backend is chosen at the first figure, so a fork's matplotlib.use("Agg") still holds
+    "modeling_dinalrm",
+    "pipeline_dinalrm",
 )
-_HEADER = struct.Struct("!Q")  # length of the JSON request that follows it
+#: Variables that may differ between a forked command and the server: the shell's (and pyenv's shims') bookkeeping,
+#: the terminal's size, the search paths (the fork computes `sys.path` from the caller's PYTHONPATH), the debugger
+#: hook (read at each `breakpoint()`), and what `accelerate launch` and torchrun set for each worker, read when a
+#: process group is made rather than at import. Any of them the preload reads by name is compared all the same.
+DEFAULT_FREE_ENV = (
+    "PWD", "OLDPWD", "_", "SHLVL", "PYENV_*", "_PYENV_*", "COLUMNS", "LINES", "PATH", "PYTHONPATH", "PYTHONBREAKPOINT",
+    "ACCELERATE_*", "RANK", "LOCAL_RANK", "GROUP_RANK", "ROLE_RANK", "ROLE_NAME", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
+    "GROUP_WORLD_SIZE", "ROLE_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_*", "TORCH_NCCL_*",
+)  # fmt: skip
+_HEADER = struct.Struct("!Q")  # length of the JSON request that follows it (the caller's file descriptors ride on it)
+_MAX_FDS = 250  # a little below the kernel's limit of descriptors per message (SCM_MAX_FD, 253)
 _STATUS = struct.Struct("!i")  # the fork's exit code (negative: the signal that ended it)
+_FRESH = b"F"  # the server's answer when the command must run in a fresh interpreter (else _SERVED, then the status)
+_SERVED = b"S"
+
+
+def _is_free(name: str, free: Iterable[str], read: Collection[str]) -> bool:
+    """Whether `name` may differ from the server's: a `free` pattern matches it and the preload did not `read` it."""
+    return name not in read and any(fnmatch.fnmatchcase(name, pattern) for pattern in free)
+
+
+def _environment_difference(
+    env: dict[str, str],
+    served: dict[str, str],
+    preload_set: dict[str, str | None],
+    free: Iterable[str],
+    read: Collection[str],
+) -> list[str]:
+    """The variables outside `free` whose value in `env` is not the one in `served` (set, changed or unset), less
+    those `env` has as the preload set them (a fork's own children inherit them)."""
+    names = set(env) | set(served)
+    return sorted(
+        name
+        for name in names
+        if env.get(name) != served.get(name)
+        and not _is_free(name, free, read)
+        and not (name in preload_set and env.get(name) == preload_set[name])
+    )
+
+
+def _command_line(argv: list[str]) -> tuple[bool, list[str]] | None:
+    """`(unbuffered, the command line after -u)` when a fork can run `python ARGV`: a script, `-m MODULE` or
+    `-c CODE`, optionally after `-u`. None for other interpreter options (they change the interpreter itself)."""
+    unbuffered = argv[:1] == ["-u"]
+    rest = argv[1:] if unbuffered else argv
+    if not rest or (rest[0].startswith("-") and not (rest[0] in ("-m", "-c") and len(rest) >= 2)):
+        return None
+    return unbuffered, rest
 
 
 def _client(address: str, argv: list[str]) -> int:
-    """The stand-in: send `argv`, the working directory, the environment and fds 0-2; the fork's exit status."""
-    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    """The stand-in: send `argv`, the working directory, the environment and its open file descriptors (the standard
+    streams, and any the caller passed on); then end as the fork ended (its exit status, or the signal that killed
+    it). A command a fork cannot run as typed runs in a fresh interpreter instead (this one is the server's)."""
+    fds = sorted(fd for fd in map(int, os.listdir("/proc/self/fd")) if _is_open(fd))  # less the listing's own
+    if _command_line(argv) is None or len(fds) > _MAX_FDS:
+        _fresh(argv)
+    payload = json.dumps({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "fd_numbers": fds}).encode()
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as connection:
         connection.connect("\0" + address)
-        socket.send_fds(connection, [_HEADER.pack(len(payload))], [0, 1, 2])
+        socket.send_fds(connection, [_HEADER.pack(len(payload))], fds)
         connection.sendall(payload)
-        status = b""
-        while len(status) < _STATUS.size:
-            chunk = connection.recv(_STATUS.size - len(status))
-            if not chunk:
-                print(f"warm_python: the server ended before `python {shlex.join(argv)}` did", file=sys.stderr)
-                return 1
-            status += chunk
+        if _receive_exactly(connection, 1) == _FRESH:
+            connection.close()
+            _fresh(argv)
+        status = _receive_exactly(connection, _STATUS.size)
+    if len(status) < _STATUS.size:
+        print(f"warm_python: the server ended before `python {shlex.join(argv)}` did", file=sys.stderr)
+        return 1
     (code,) = _STATUS.unpack(status)
-    return 128 - code if code < 0 else code
+    if code < 0:  # killed by a signal: so is the stand-in, for its parent to see the same (a returncode of -N)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # the two whose action cannot be changed
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code  # a signal whose default action is not to end the process
+    return code
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _fresh(argv: list[str]) -> NoReturn:
+    """Become a fresh interpreter running `python ARGV` (this process's environment is the caller's)."""
+    os.execv(sys.executable, [sys.executable, *argv])
+
+
+def _receive_exactly(connection: socket.socket, size: int) -> bytes:
+    """`size` bytes from `connection`, or fewer if it closes first."""
+    data = b""
+    while len(data) < size:
+        chunk = connection.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
 
 
 def _receive(connection: socket.socket) -> dict:
-    header, fds, _, _ = socket.recv_fds(connection, _HEADER.size, 3)
-    if len(header) != _HEADER.size or len(fds) != 3:
-        raise ConnectionError("malformed request")
-    (length,) = _HEADER.unpack(header)
-    payload = b""
-    while len(payload) < length:
-        chunk = connection.recv(length - len(payload))
-        if not chunk:
+    header, fds, _, _ = socket.recv_fds(connection, _HEADER.size, _MAX_FDS)
+    try:
+        if len(header) != _HEADER.size:
+            raise ConnectionError("malformed request")
+        (length,) = _HEADER.unpack(header)
+        payload = _receive_exactly(connection, length)
+        if len(payload) < length:
             raise ConnectionError("request cut short")
-        payload += chunk
-    return {**json.loads(payload), "fds": fds}
+        request = json.loads(payload)
+        if len(request["fd_numbers"]) != len(fds):
+            raise ConnectionError("the file descriptors did not all come")
+    except (OSError, ValueError, KeyError):
+        for fd in fds:
+            os.close(fd)
+        raise
+    return {**request, "fds": fds}
 
 
-def _serve(listener: socket.socket) -> dict | None:
-    """Fork one child per request until SIGTERM or the parent's end. In a child, returns its request; the server,
-    None once it stops."""
+def _serve(
+    listener: socket.socket,
+    served: dict[str, str],
+    preload_set: dict[str, str | None],
+    free: tuple[str, ...],
+    read: frozenset[str],
+    log_path: str,
+) -> dict | None:
+    """Fork one child per request whose environment is `served` but for the `free` variables the preload did not
+    `read` (and those it set), until SIGTERM or the parent's end. In a child, returns its request; the server, None
+    once it stops."""
     parent = os.getppid()
     wake_read, wake_write = socket.socketpair()  # SIGCHLD and SIGTERM wake the selector through it
     wake_write.setblocking(False)
@@ -105,6 +220,7 @@ def _serve(listener: socket.socket) -> dict | None:
     selector.register(listener, selectors.EVENT_READ, None)
     selector.register(wake_read, selectors.EVENT_READ, None)
     running: dict[int, socket.socket] = {}  # pid -> its stand-in's connection
+    log = open(log_path, "a", buffering=1)
     while not stop and os.getppid() == parent:
         for key, _ in selector.select(timeout=1.0):
             if key.fileobj is wake_read:
@@ -113,20 +229,36 @@ def _serve(listener: socket.socket) -> dict | None:
                 connection, _ = listener.accept()
                 try:
                     request = _receive(connection)
-                except (OSError, ValueError) as error:
+                except (OSError, ValueError, KeyError) as error:
                     print(f"warm_python: dropped a request: {error}", file=sys.stderr, flush=True)
                     connection.close()
                     continue
+                differing = _environment_difference(request["env"], served, preload_set, free, read)
+                if differing:
+                    log.write(f"fresh\tanother {', '.join(differing)}\t{json.dumps(request['argv'])}\n")
+                    for fd in request["fds"]:
+                        os.close(fd)
+                    try:
+                        connection.sendall(_FRESH)
+                    except OSError:
+                        pass
+                    connection.close()
+                    continue
+                log.write(f"forked\t\t{json.dumps(request['argv'])}\n")
                 pid = os.fork()
                 if pid == 0:
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGTERM, signal.SIG_DFL)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-                    for handle in (selector, listener, connection, wake_read, wake_write, *running.values()):
+                    for handle in (selector, listener, connection, wake_read, wake_write, log, *running.values()):
                         handle.close()
                     return request
                 for fd in request["fds"]:
                     os.close(fd)
+                try:
+                    connection.sendall(_SERVED)
+                except OSError:  # the stand-in is gone already: the reaping below ends its fork
+                    pass
                 running[pid] = connection
                 selector.register(connection, selectors.EVENT_READ, pid)
             elif key.data in running:  # the stand-in ended first (it was killed): so does its fork
@@ -148,37 +280,58 @@ def _serve(listener: socket.socket) -> dict | None:
         os.kill(pid, signal.SIGTERM)
     for pid in running:
         os.waitpid(pid, 0)
+    log.close()
     return None
 
 
-def _execute(request: dict, stand_in: str) -> NoReturn:
-    """In a fresh fork of the server: become the interpreter of `request["argv"]` and exit with its status."""
-    for target, fd in enumerate(request["fds"]):
-        os.dup2(fd, target)
+def _execute(request: dict, stand_in: str, preload_set: dict[str, str | None]) -> NoReturn:
+    """In a fresh fork of the server: become the interpreter of `request["argv"]` and exit with its status.
+    `preload_set`: the variables the preload set (None: removed), as it would have in a fresh interpreter."""
+    # The caller's descriptors at their own numbers: first above every number involved, then into place.
+    above = max(request["fd_numbers"] + request["fds"]) + 1
+    moved = [fcntl.fcntl(fd, fcntl.F_DUPFD, above) for fd in request["fds"]]
+    for fd in request["fds"]:
         os.close(fd)
+    for fd, number in zip(moved, request["fd_numbers"]):
+        os.dup2(fd, number)
+        os.close(fd)
+    unbuffered, argv = _command_line(request["argv"])
     sys.stdout.reconfigure(line_buffering=os.isatty(1))
+    if unbuffered:  # -u (PYTHONUNBUFFERED is the server's own, which set up its streams)
+        sys.stdout.reconfigure(write_through=True)
+        sys.stderr.reconfigure(write_through=True)
     os.chdir(request["cwd"])
     served_path = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     os.environ.clear()
     os.environ.update(request["env"])
+    for name, value in preload_set.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
     python_path = [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     base = [p for p in sys.path[1:] if os.path.abspath(p) not in served_path]
     sys.executable = stand_in
-    argv = request["argv"]
+    random.seed()  # a fresh interpreter seeds these from the system; the forks would all repeat the server's draws
+    if "numpy" in sys.modules:
+        sys.modules["numpy"].random.seed()
     code = 0
     try:
-        if len(argv) >= 2 and argv[0] == "-m":
+        if argv[0] == "-m":
             sys.path[:] = [os.getcwd(), *python_path, *base]
             sys.argv = ["-m", *argv[2:]]
             runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-        elif argv and not argv[0].startswith("-"):
+        elif argv[0] == "-c":
+            sys.path[:] = ["", *python_path, *base]
+            sys.argv = ["-c", *argv[2:]]
+            main = types.ModuleType("__main__")
+            main.__builtins__ = builtins
+            sys.modules["__main__"] = main
+            exec(compile(argv[1], "<string>", "exec"), vars(main))
+        else:
             sys.path[:] = [os.path.dirname(os.path.realpath(argv[0])), *python_path, *base]
             sys.argv = list(argv)
             runpy.run_path(os.path.abspath(argv[0]), run_name="__main__")  # sets __file__ and argv[0]
-        else:
-            sys.exit(
-                f"warm_python runs `python SCRIPT ARGS` and `python -m MODULE ARGS`, not `python {shlex.join(argv)}`"
-            )
     except SystemExit as exit_:
         if exit_.code is None or isinstance(exit_.code, int):
             code = exit_.code or 0
@@ -202,13 +355,48 @@ def _execute(request: dict, stand_in: str) -> NoReturn:
     os._exit(code)
 
 
-def serve(folder: str, preload: list[str]) -> None:
+@contextmanager
+def _environment_reads(reads: set[str]):
+    """Note in `reads` each variable read by name from `os.environ` (or `os.getenv`) inside the block. A walk over
+    or a copy of the whole environment (tqdm and fsspec look for their own prefixes that way) reads no name in
+    particular."""
+    environ = type(os.environ)  # `get`, `in` and `os.getenv` go through `__getitem__`; `dict(os.environ)`, `keys`
+    getitem, keys = environ.__getitem__, environ.keys
+    copying: list[str] = []  # the names a copy in progress will read, in order
+
+    def noted_getitem(self, name):
+        if copying and copying[0] == name:
+            copying.pop(0)
+        else:
+            reads.add(name)
+        return getitem(self, name)
+
+    def unnoted_keys(self):
+        copying[:] = list(self)
+        return keys(self)
+
+    def unnoted_items(self):
+        return [(name, getitem(self, name)) for name in list(self)]
+
+    environ.__getitem__, environ.keys, environ.items = noted_getitem, unnoted_keys, unnoted_items
+    try:
+        yield
+    finally:
+        environ.__getitem__ = getitem
+        del environ.keys, environ.items  # back to Mapping's
+
+
+def serve(folder: str, preload: list[str], free_env: tuple[str, ...] = DEFAULT_FREE_ENV) -> None:
     """Import `preload`, listen, write the stand-in `folder/python`, and serve until SIGTERM or the parent's end."""
-    for name in preload:
-        module, _, attribute = name.partition(":")
-        imported = importlib.import_module(module)
-        if attribute:
-            getattr(imported, attribute)
+    served, reads = dict(os.environ), set()
+    with _environment_reads(reads):
+        for name in preload:
+            module, _, attribute = name.partition(":")
+            imported = importlib.import_module(module)
+            if attribute:
+                getattr(imported, attribute)
+    preload_set = {name: os.environ.get(name) for name in set(served) | set(os.environ)}
+    preload_set = {name: value for name, value in preload_set.items() if value != served.get(name)}
     address = f"dinalrm-warm-python-{os.getpid()}"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind("\0" + address)
@@ -223,9 +411,9 @@ def serve(folder: str, preload: list[str]) -> None:
     gc.freeze()  # the preloaded objects stay out of the forks' collections (fewer copy-on-write pages)
     sys.stdout.flush()
     sys.stderr.flush()
-    request = _serve(listener)
+    request = _serve(listener, served, preload_set, free_env, frozenset(reads), os.path.join(folder, "requests.log"))
     if request is not None:
-        _execute(request, stand_in)
+        _execute(request, stand_in, preload_set)
     listener.close()
     os.remove(stand_in)
 
@@ -239,9 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     server = commands.add_parser("serve", help="preload, then serve until SIGTERM; FOLDER/python is the stand-in")
     server.add_argument("folder")
     server.add_argument("--preload", nargs="*", default=list(DEFAULT_PRELOAD), help="modules (module:attribute)")
+    server.add_argument(
+        "--free-env",
+        nargs="*",
+        default=[],
+        help="more variables (or PREFIX*) that may differ between a forked command and the server",
+    )
     commands.add_parser("run", help="what the stand-in runs (`run ADDRESS ARGV...`): one command line")
     args = parser.parse_args(argv)
-    serve(args.folder, args.preload)
+    serve(args.folder, args.preload, (*DEFAULT_FREE_ENV, *args.free_env))
     return 0
 
 
