@@ -10,7 +10,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import types
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -121,6 +124,66 @@ def pytest_configure(config):
         config.pluginmanager.register(FileDurationRecorder(), "dinalrm-file-durations")
 
 
+# Starting Python afresh costs ~10 CPU seconds of imports (torch alone ~4 s), and ~25 tests start command lines.
+# Those whose subject is the command line, not a new interpreter, start it with the `warm_python` fixture: a
+# stand-in for `python` whose command lines run as forks of one interpreter per xdist worker that imported torch,
+# NumPy, SciPy, pandas and pyarrow once (dinalrm.testing.warm_python). Our code, diffusers, transformers and
+# huggingface_hub are imported afresh in each fork, so a command may set the Hub variables its own way; a command
+# with another environment otherwise (or other interpreter options) runs in a fresh interpreter, as typed.
+# DINALRM_WARM_PYTHON=0 makes `warm_python` plain `sys.executable`.
+WARM_PRELOAD = ("numpy", "PIL.Image", "torch", "torch._dynamo", "scipy.optimize", "scipy.stats", "psutil", "pandas",
+                "pyarrow")  # fmt: skip
+# The free variables, besides warm_python's defaults: the Hub libraries', ours, Ray's, pytest's, and the one torch's
+# inductor sets in this worker whenever it loads a compiled module (test_compile.py), for that module to read.
+WARM_FREE_ENV = ("HF_*", "HUGGINGFACE_*", "TRANSFORMERS_*", "DIFFUSERS_*", "DINALRM_*", "GRADIO_*", "RAY_*",
+                 "PYTEST_*", "_TORCHINDUCTOR_PYOBJECT_TENSOR_DATA_PTR")  # fmt: skip
+SESSION_ENVIRONMENT = dict(os.environ)  # as this worker started: no test's monkeypatching
+
+
+@pytest.fixture(scope="session")
+def warm_python(tmp_path_factory) -> Iterator[str]:
+    """The `python` that tests run command lines with (see WARM_PRELOAD above)."""
+    if os.environ.get("DINALRM_WARM_PYTHON") == "0":
+        yield sys.executable
+        return
+    folder = tmp_path_factory.mktemp("warm-python")
+    command = [sys.executable, str(REPO_ROOT / "dinalrm" / "testing" / "warm_python.py"), "serve", str(folder)]
+    command += ["--preload", *WARM_PRELOAD, "--free-env", *WARM_FREE_ENV]
+    with open(folder / "server.log", "w") as log:
+        server = subprocess.Popen(command, env=SESSION_ENVIRONMENT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    stand_in = folder / "python"
+    deadline = time.monotonic() + 300
+    while not stand_in.exists():
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"the warm Python server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.05)
+    yield str(stand_in)
+    server.terminate()
+    server.wait(timeout=60)
+    fresh = [
+        line.split("\t")[1] for line in (folder / "requests.log").read_text().splitlines() if line.startswith("fresh")
+    ]
+    if fresh:  # still right, only slower: a library set a variable in this worker, or a test asked for another one
+        warnings.warn(f"{len(fresh)} command lines ran in a fresh interpreter: {sorted(set(fresh))}", stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+def warm_bin(tmp_path_factory, warm_python) -> str:
+    """A folder to put first on a shell's PATH: `python` is `warm_python`, and `dinalrm` and `accelerate` are the
+    console scripts `pip install` writes for them, run by it (`python -m` of their entry points)."""
+    folder = tmp_path_factory.mktemp("warm-bin")
+    commands = {
+        "python": f'exec "{warm_python}" "$@"',
+        "dinalrm": f'exec "{warm_python}" -m dinalrm.cli "$@"',
+        "accelerate": f'exec "{warm_python}" -m accelerate.commands.accelerate_cli "$@"',
+    }
+    for name, line in commands.items():
+        (folder / name).write_text(f"#!/bin/sh\n{line}\n")
+        (folder / name).chmod(0o755)
+    return str(folder)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free now, for servers started by tests."""
     with socket.socket() as probe:
@@ -139,20 +202,17 @@ def load_space_app() -> types.ModuleType:
 
 
 def run_converter(
-    official_dir: Path, output_dir: Path, *extra: str, fresh_process: bool = False
+    official_dir: Path, output_dir: Path, *extra: str, python: str | None = None
 ) -> subprocess.CompletedProcess:
-    """scripts/convert_official_checkpoint.py with these flags: exactly as a user runs it with `fresh_process`, else
-    the `dinalrm convert dinalrm` it runs, in this process (an interpreter start costs ~10 s of CPU). Either way the
-    exit status and what reached stderr (a `SystemExit` message is printed there, as Python does on exit)."""
+    """scripts/convert_official_checkpoint.py with these flags: as a user runs it, with the interpreter `python` (the
+    `warm_python` fixture), else the `dinalrm convert dinalrm` it runs, in this process. Either way the exit status
+    and what reached stderr (a `SystemExit` message is printed there, as Python does on exit)."""
     arguments = ["--official_dir", str(official_dir), "--backbone", str(OFFICIAL_TINY / "transformer")]
     arguments += ["--output_dir", str(output_dir), *extra]
-    if fresh_process:
+    if python:
         script = str(REPO_ROOT / "scripts" / "convert_official_checkpoint.py")
         return subprocess.run(
-            [sys.executable, script, *arguments],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            [python, script, *arguments], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
         )
     from dinalrm.cli import main
 

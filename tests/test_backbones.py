@@ -8,7 +8,6 @@ of `(C, 1, H, W)` latents and caption features for Z-Image), with hooks on their
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import textwrap
 
@@ -237,11 +236,11 @@ def test_save_and_load_keep_the_rewards_and_lora_merges(family, model, tmp_path)
     tolerances.assert_close(from_merged, adapted)
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_fresh_process_loads_every_family_with_automodel_and_remote_code(tmp_path):
-    """One fresh process (the slow part: importing torch, transformers and diffusers) loads a saved SD3 (LoRA
-    merged on save), FLUX and Z-Image reward model with `AutoModel` and remote code, and scores as the models in
-    this process do."""
+@pytest.mark.slow  # starts a Python process: 5-20 s on a shared 2-core machine
+def test_fresh_process_loads_every_family_with_automodel_and_remote_code(tmp_path, warm_python):
+    """One new process (none of our modules imported yet; transformers and diffusers imported afresh) loads a saved
+    SD3 (LoRA merged on save), FLUX and Z-Image reward model with `AutoModel` and remote code, and scores as the
+    models in this process do."""
     models = {"sd3": get_tiny_dinalrm_reward_model(lora_rank=4)}
     for layer in models["sd3"].lora_layers().values():  # a trained adapter: B != 0, so merging changes weights
         layer.lora_B["default"].weight.data.normal_(generator=torch.Generator().manual_seed(7))
@@ -279,7 +278,7 @@ def test_fresh_process_loads_every_family_with_automodel_and_remote_code(tmp_pat
         """
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-c", script, *sorted(models)]
+    command = [warm_python, "-c", script, *sorted(models)]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-3:] == sorted(models)

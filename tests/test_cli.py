@@ -3,7 +3,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,15 +62,13 @@ def loads_tiny_pipeline(pipe, monkeypatch):
     return loaded
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_readme_offline_commands_run_from_the_shell(tmp_path, pipe):
+@pytest.mark.slow  # starts Python command lines (scripts, servers, README commands): 10-60 s on a shared 2-core machine
+def test_readme_offline_commands_run_from_the_shell(tmp_path, pipe, warm_bin):
     script = readme_offline_commands()
     assert "dinalrm score --model tiny-dinalrm" in script
-    if shutil.which("dinalrm") is None:  # not pip-installed here: the same entry point through its module
-        script = script.replace("dinalrm score", f'"{sys.executable}" -m dinalrm.cli score')
     env = {
         **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{warm_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(REPO_ROOT),  # what `pip install dinalrm` provides
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf_home"),
@@ -164,14 +161,14 @@ def test_default_model_offline_falls_back_loudly_to_the_bundled_tiny_model(image
     assert lines[-1].startswith("P(A ≻ B) = ")
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_readme_main_command_prefers_the_matching_image_offline(tmp_path):
+@pytest.mark.slow  # starts Python command lines (scripts, servers, README commands): 10-60 s on a shared 2-core machine
+def test_readme_main_command_prefers_the_matching_image_offline(tmp_path, warm_bin):
     """The README's first set-up command, minus the install: the bundled tiny model, offline, from the repo root."""
     block = (REPO_ROOT / "README.md").read_text().split("## Set-up: two commands", 1)[1].split("```bash\n", 2)[1]
     install, command = block.split("```", 1)[0].strip().split(" && ")
     assert install.startswith("pip install torch==2.13.0") and command.startswith("dinalrm score ")
-    command = command.replace("dinalrm score", f'"{sys.executable}" -m dinalrm.cli score', 1)
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env["PATH"] = f"{warm_bin}{os.pathsep}{os.environ['PATH']}"
     env["HF_HUB_CACHE"] = str(tmp_path / "empty-cache")  # whatever this machine has cached, the id is not there
     result = subprocess.run(["bash", "-c", command], cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

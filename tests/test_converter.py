@@ -100,8 +100,8 @@ def test_other_official_configs_convert_faithfully(tmp_path, official_inputs):
     tolerances.assert_close(actual, expected)
 
 
-def _failing(official, tmp_path, fresh_process: bool = False) -> str:
-    result = run_converter(official, tmp_path / "out", fresh_process=fresh_process)
+def _failing(official, tmp_path, python: str | None = None) -> str:
+    result = run_converter(official, tmp_path / "out", python=python)
     assert result.returncode != 0
     assert not (tmp_path / "out" / "model.safetensors").exists()
     return result.stderr
@@ -200,9 +200,9 @@ def test_truncated_or_non_finite_official_weights_are_refused_naming_the_file(tm
     assert str(official / file) in str(error.value)
 
 
-@pytest.mark.slow  # the converter script in a fresh interpreter: 15-40 s on a shared 2-core machine
-def test_the_script_refuses_non_finite_weights_without_writing(tmp_path):
+@pytest.mark.slow  # the converter script's command line: 5-15 s on a shared 2-core machine
+def test_the_script_refuses_non_finite_weights_without_writing(tmp_path, warm_python):
     official = copy_official(tmp_path)
     _poison(official / "checkpoint" / "rm_head.safetensors")
-    stderr = _failing(official, tmp_path, fresh_process=True)
+    stderr = _failing(official, tmp_path, python=warm_python)
     assert "rm_head.safetensors holds NaN or infinite weights" in stderr and "Traceback" not in stderr

@@ -45,19 +45,14 @@ def test_only_marked_blocks_are_skipped_and_every_mark_says_why():
 
 
 @pytest.mark.parametrize("block", runnable_blocks())
-def test_shell_block_runs_offline(block, tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    shim = bin_dir / "dinalrm"  # the console script `pip install` writes, for this checkout
-    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m dinalrm.cli "$@"\n')
-    shim.chmod(0o755)
+def test_shell_block_runs_offline(block, tmp_path, warm_bin):
     work = tmp_path / "work"
     work.mkdir()
     if "train_dinalrm.py" in block:  # run from a clone: the training script sits in the working folder
         (work / "train_dinalrm.py").symlink_to(REPO_ROOT / "train_dinalrm.py")
     env = {
         **os.environ,
-        "PATH": f"{bin_dir}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "PATH": f"{warm_bin}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         "PYTHONPATH": str(REPO_ROOT),  # what `pip install dinalrm` provides
         "HF_HUB_OFFLINE": "1",
         "HF_HOME": str(tmp_path / "hf_home"),

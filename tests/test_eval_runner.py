@@ -127,7 +127,7 @@ def test_run_eval_writes_json_and_table_scoring_each_image_once(one_process_run)
 
 
 @pytest.mark.slow
-def test_accelerate_two_processes_match_one_process(assets, one_process_run, tmp_path):
+def test_accelerate_two_processes_match_one_process(assets, one_process_run, tmp_path, warm_bin):
     output_dir = tmp_path / "two_processes"
     command = [
         "accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -136,7 +136,7 @@ def test_accelerate_two_processes_match_one_process(assets, one_process_run, tmp
         *base_args(assets, output_dir),
     ]  # fmt: skip
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(REPO_ROOT)}  # fmt: skip
+           "PYTHONPATH": str(REPO_ROOT), "PATH": f"{warm_bin}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     counts = dict(re.findall(r"process (\d)/2: scored (\d+) images", result.stdout))

@@ -12,7 +12,6 @@ and setting from the fixture all the same.
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -22,7 +21,7 @@ from conftest import OFFICIAL_LRM_TINY, OFFICIAL_TINY, REPO_ROOT
 from safetensors.torch import load_file, save_file
 
 
-pytestmark = pytest.mark.slow  # converts and scores the tiny models again in a fresh pytest process
+pytestmark = pytest.mark.slow  # converts and scores the tiny models again in a new pytest process
 
 # official-tiny: tensors whose dim 0 (or dim 1, for level-major ones) is the main batch, the x0_ns batch, the pairs.
 TINY_BATCH = ("x0", "encoder_hidden_states", "pooled_projections", "noise_single", "sigma_single", "timestep_single")
@@ -121,13 +120,13 @@ def cut_official_lrm_tiny(target: Path) -> Path:
     return cut_copy(OFFICIAL_LRM_TINY, target, rule)
 
 
-def run_parity(env: dict, files: list[str], not_cut: dict, report: Path) -> subprocess.CompletedProcess:
-    """The parity tests of `files` but `not_cut` in a fresh pytest (the fixture paths are read at import), on one
-    torch thread: this run checks what the tests read from the fixture; the kernels are the numeric pass's business.
-    Each test's outcome goes to the JUnit XML file `report`."""
+def run_parity(python: str, env: dict, files: list[str], not_cut: dict, report: Path) -> subprocess.CompletedProcess:
+    """The parity tests of `files` but `not_cut` in a new pytest process of `python` (the fixture paths are read at
+    import), on one torch thread: this run checks what the tests read from the fixture; the kernels are the numeric
+    pass's business. Each test's outcome goes to the JUnit XML file `report`."""
     deselect = [arg for test in not_cut if "::" in test for arg in ("--deselect", test)]
     ignore = [arg for test in not_cut if "::" not in test for arg in ("--ignore", test)]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", f"--junitxml={report}"]
+    command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0", f"--junitxml={report}"]
     command += [*deselect, *ignore, *files]
     threads = {"OMP_NUM_THREADS": "1", "DINALRM_TEST_THREADS": "1"}
     return subprocess.run(
@@ -144,16 +143,16 @@ LRM_FILES = ["tests/test_lpo_parity.py"]
 
 
 @pytest.fixture(scope="module")
-def cut_run(tmp_path_factory) -> dict:
-    """Both fixtures cut, and the parity tests of both run on the cut copies in one fresh pytest (one interpreter
-    start instead of two): `{"result": the finished run, "outcomes": {test file: {test name: outcome}}}`."""
+def cut_run(tmp_path_factory, warm_python) -> dict:
+    """Both fixtures cut, and the parity tests of both run on the cut copies in one new pytest process (one start
+    instead of two): `{"result": the finished run, "outcomes": {test file: {test name: outcome}}}`."""
     root = tmp_path_factory.mktemp("cut-fixtures")
     env = {
         "DINALRM_OFFICIAL_TINY": str(cut_official_tiny(root / "official-tiny")),
         "DINALRM_OFFICIAL_LRM_TINY": str(cut_official_lrm_tiny(root / "official-lrm-tiny")),
     }
     report = root / "report.xml"
-    result = run_parity(env, TINY_FILES + LRM_FILES, {**TINY_NOT_CUT, **LRM_NOT_CUT}, report)
+    result = run_parity(warm_python, env, TINY_FILES + LRM_FILES, {**TINY_NOT_CUT, **LRM_NOT_CUT}, report)
     outcomes: dict[str, dict[str, str]] = {}
     if report.is_file():
         for case in ElementTree.parse(report).iter("testcase"):

@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -185,8 +184,8 @@ def test_model_card(hub_repo):
     assert "the local pipeline `base`" in card
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_fresh_process_loads_give_the_in_memory_rewards(hub_repo, tmp_path):
+@pytest.mark.slow  # starts a Python process: 5-20 s on a shared 2-core machine
+def test_fresh_process_loads_give_the_in_memory_rewards(hub_repo, tmp_path, warm_python):
     rng = np.random.default_rng(0)
     arrays = {
         "rgb.png": rng.integers(0, 256, (32, 32, 3), dtype=np.uint8),
@@ -213,7 +212,7 @@ def test_fresh_process_loads_give_the_in_memory_rewards(hub_repo, tmp_path):
     workdir.mkdir()
     (workdir / "fresh.py").write_text(FRESH_PROCESS_SCRIPT)
     command = [
-        sys.executable,
+        warm_python,
         "fresh.py",
         str(hub_repo),
         str(REPO_ROOT / "pipeline_dinalrm.py"),

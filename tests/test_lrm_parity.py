@@ -9,7 +9,6 @@ fixture's own files, so these tests pass unchanged on any fixture made the same 
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,10 +21,10 @@ from safetensors.torch import load_file
 FIXTURE = OFFICIAL_LRM_TINY
 
 
-def run_lrm_converter(official_dir, base, output_dir, *extra: str) -> subprocess.CompletedProcess:
-    """Runs scripts/convert_official_lrm_checkpoint.py exactly as a user would (offline)."""
+def run_lrm_converter(python: str, official_dir, base, output_dir, *extra: str) -> subprocess.CompletedProcess:
+    """Runs scripts/convert_official_lrm_checkpoint.py with the interpreter `python` as a user would (offline)."""
     command = [
-        sys.executable,
+        python,
         str(REPO_ROOT / "scripts" / "convert_official_lrm_checkpoint.py"),
         "--official_dir",
         str(official_dir),
@@ -49,24 +48,24 @@ def lrm_settings(config: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def converted(tmp_path_factory, lrm_tiny_config) -> Path:
+def converted(tmp_path_factory, lrm_tiny_config, warm_python) -> Path:
     output = tmp_path_factory.mktemp("lrm") / "converted"
     paths = lrm_tiny_config["paths"]
     result = run_lrm_converter(
-        FIXTURE / paths["checkpoint"], FIXTURE / paths["base"], output, *lrm_settings(lrm_tiny_config)
+        warm_python, FIXTURE / paths["checkpoint"], FIXTURE / paths["base"], output, *lrm_settings(lrm_tiny_config)
     )
     assert result.returncode == 0, result.stderr
     return output
 
 
 @pytest.fixture(scope="module")
-def recomputed(converted, tmp_path_factory) -> dict[str, torch.Tensor]:
+def recomputed(converted, tmp_path_factory, warm_python) -> dict[str, torch.Tensor]:
     out = tmp_path_factory.mktemp("lrm-run") / "recomputed.safetensors"
     helper = REPO_ROOT / "tests" / "helpers" / "lrm_parity_run.py"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     # Run outside the repository, with no path to its files: only the converted folder's remote code can load.
     result = subprocess.run(
-        [sys.executable, str(helper), str(converted), str(FIXTURE), str(out)],
+        [warm_python, str(helper), str(converted), str(FIXTURE), str(out)],
         capture_output=True,
         text=True,
         env=env,
@@ -76,7 +75,7 @@ def recomputed(converted, tmp_path_factory) -> dict[str, torch.Tensor]:
     return load_file(out)
 
 
-@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
+@pytest.mark.slow  # the converter's and the recomputation's command lines: ~30 s for the module
 def test_converted_config_matches_the_fixture_settings(converted, lrm_tiny_config, lrm_tiny_inputs):
     config = json.loads((converted / "reward_model" / "config.json").read_text())
     lrm = lrm_tiny_config["lrm"]
@@ -97,7 +96,7 @@ def test_converted_config_matches_the_fixture_settings(converted, lrm_tiny_confi
     assert config["negative_input_ids"][0] == ids[0, 0].item()
 
 
-@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
+@pytest.mark.slow  # the converter's and the recomputation's command lines: ~30 s for the module
 def test_vae_latents_noise_and_unet_inputs_match(recomputed, lrm_tiny_expected, lrm_tiny_inputs):
     num_images = 2 * lrm_tiny_inputs["lrm/input_ids"].shape[0]
     assert_close(recomputed["lrm/debug/vae_latents"], lrm_tiny_expected["lrm/debug/vae_latents"], "vae_latents")
@@ -115,29 +114,29 @@ def test_vae_latents_noise_and_unet_inputs_match(recomputed, lrm_tiny_expected, 
     )
 
 
-@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
+@pytest.mark.slow  # the converter's and the recomputation's command lines: ~30 s for the module
 def test_multiscale_features_with_vfe_match(recomputed, lrm_tiny_expected):
     assert_close(recomputed["lrm/debug/pooled_multiscale"], lrm_tiny_expected["lrm/debug/pooled_multiscale"], "pooled")
 
 
-@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
+@pytest.mark.slow  # the converter's and the recomputation's command lines: ~30 s for the module
 def test_image_and_text_features_match(recomputed, lrm_tiny_expected):
     for key in ("lrm/image_0_features", "lrm/image_1_features", "lrm/text_features"):
         assert_close(recomputed[key], lrm_tiny_expected[key], key)
 
 
-@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
+@pytest.mark.slow  # the converter's and the recomputation's command lines: ~30 s for the module
 def test_scores_match(recomputed, lrm_tiny_expected):
     for key in ("lrm/score_0", "lrm/score_1"):
         assert_close(recomputed[key], lrm_tiny_expected[key], key)
 
 
-@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
+@pytest.mark.slow  # the converter's and the recomputation's command lines: ~30 s for the module
 def test_pair_loss_with_ties_and_prompt_weights_matches(recomputed, lrm_tiny_expected):
     assert_close(recomputed["lrm/loss_pair"], lrm_tiny_expected["lrm/loss_pair"], "loss")
 
 
-@pytest.mark.slow  # the converter and the recomputation run in fresh interpreters: ~60 s for the module
+@pytest.mark.slow  # the converter's and the recomputation's command lines: ~30 s for the module
 def test_gradients_per_parameter_group_match(recomputed, lrm_tiny_expected):
     # A UNet gradient entry sums over every latent position of every image (conditional and unconditional passes).
     images, _, height, width = lrm_tiny_expected["lrm/debug/vae_latents"].shape

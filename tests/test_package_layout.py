@@ -16,7 +16,7 @@ import dinalrm
 PACKAGE = Path(dinalrm.__file__).resolve().parent
 
 
-# Each old name imported in one fresh interpreter (no old name imported before it; the new modules may be, as in a
+# Each old name imported in one new process (no old name imported before it; the new modules may be, as in a
 # user's program): whether it is the new module, and the warnings its import gave.
 FRESH_IMPORTS = """
 import importlib, json, sys, warnings
@@ -34,15 +34,15 @@ print(json.dumps(results))
 
 
 @pytest.fixture(scope="module")
-def fresh_imports() -> dict:
+def fresh_imports(warm_python) -> dict:
     done = subprocess.run(
-        [sys.executable, "-c", FRESH_IMPORTS, json.dumps(dinalrm.MOVED_MODULES)], capture_output=True, text=True
+        [warm_python, "-c", FRESH_IMPORTS, json.dumps(dinalrm.MOVED_MODULES)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.slow  # one fresh interpreter imports every moved module: 15-20 s, outside the quick tier
+@pytest.mark.slow  # a new process imports every moved module: 5-20 s, outside the quick tier
 @pytest.mark.parametrize("old,new", sorted(dinalrm.MOVED_MODULES.items()))
 def test_old_module_name_warns_and_is_the_new_module(old, new, fresh_imports):
     assert fresh_imports[old]["same"]

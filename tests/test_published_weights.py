@@ -11,7 +11,6 @@ import logging
 import os
 import re
 import subprocess
-import sys
 
 import httpx
 import PIL.Image
@@ -78,7 +77,7 @@ def expected(hub):
     """Rewards from the script's conversion of the same checkpoint, scored through a hand-assembled pipeline."""
     out = hub["root"] / "converted"
     # `dinalrm convert dinalrm`, what scripts/convert_official_checkpoint.py runs, in this process (local paths: no
-    # cache needed); the script's own command line runs as a user's in test_converter.py (`fresh_process=True`).
+    # cache needed); the script's own command line runs as a user's in test_converter.py (`python=warm_python`).
     arguments = ["--official_dir", str(hub["official"]), "--backbone", str(hub["base"]), "--output_dir", str(out)]
     assert dinalrm_main(["convert", "dinalrm", *arguments]) == 0
     pipe = DiNaLRMPipeline(reward_model=DiNaLRMModel.from_pretrained(out), **load_base_components(hub["base"]))
@@ -87,21 +86,21 @@ def expected(hub):
     return comparison.rewards.tolist(), comparison.probability
 
 
-def score(hub, *extra) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "dinalrm.cli", "score", "--prompt", PROMPT, *hub["images"], "--json", *extra]
+def score(hub, python: str, *extra) -> subprocess.CompletedProcess:
+    command = [python, "-m", "dinalrm.cli", "score", "--prompt", PROMPT, *hub["images"], "--json", *extra]
     return subprocess.run(command, capture_output=True, text=True, env=hub["env"], cwd=hub["root"])
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
+@pytest.mark.slow  # starts Python command lines (scripts, servers, README commands): 10-60 s on a shared 2-core machine
 def test_cli_scores_the_published_id_like_the_converted_checkpoint_and_converts_once(
-    hub, expected, monkeypatch, capsys, caplog
+    hub, expected, warm_python, monkeypatch, capsys, caplog
 ):
     """`--model <published id>` converts the official checkpoint once (a user's fresh `dinalrm score` process); the
     next run, without --model, takes the same published id by default (found in the simulated cache: no fallback)
     and reuses that conversion. The second run is `dinalrm score` in this process, on the same cache and converted
     cache (`$HF_HOME/dinalrm/converted`): a second interpreter would only re-import torch and diffusers."""
     rewards, probability = expected
-    first = score(hub, "--model", OFFICIAL_ID)
+    first = score(hub, warm_python, "--model", OFFICIAL_ID)
     assert first.returncode == 0, first.stderr
     use_hub_cache(monkeypatch, hub["env"]["HF_HUB_CACHE"], home=hub["env"]["HF_HOME"])
     if "DINALRM_CACHE" in hub["env"]:  # where the first run converted to, else below HF_HOME
@@ -149,9 +148,9 @@ def test_gated_base_says_to_accept_the_licence_and_log_in(monkeypatch, tmp_path)
     assert f"accept its licence at https://huggingface.co/{BASE_ID}" in message and "hf auth login" in message
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_pipeline_and_space_load_the_published_id_in_a_fresh_process(hub, expected):
-    """One fresh process (the cache is read from the environment at import), two loads by the published id:
+@pytest.mark.slow  # starts Python command lines (scripts, servers, README commands): 10-60 s on a shared 2-core machine
+def test_pipeline_and_space_load_the_published_id_in_a_fresh_process(hub, expected, warm_python):
+    """One new process (huggingface_hub reads the cache from its environment at import), two loads by the published id:
     `DiNaLRMPipeline.from_pretrained` with the installed class (no remote code) scores like the converted checkpoint;
     the Space's default model is the published id and, as an official checkpoint ships no code, the app loads it with
     the DiNa-LRM code deployed with it, every component in the dtype asked for (here `--dtype bfloat16`)."""
@@ -172,7 +171,7 @@ dtypes = sorted({{str(p.dtype) for c in pipe.components.values() if isinstance(c
 print(json.dumps({{"status": model.status(), "dtypes": dtypes, "module": type(pipe).__module__}}))
 """
     env = {key: value for key, value in hub["env"].items() if not key.startswith("DINALRM_")}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    run = subprocess.run([warm_python, "-c", code], capture_output=True, text=True, env=env)
     assert run.returncode == 0, run.stderr
     by_id, space = (json.loads(line) for line in run.stdout.strip().splitlines()[-2:])
     assert by_id["module"] == "modeling_dinalrm"  # the installed class, no remote code
@@ -207,11 +206,11 @@ def readme_python_blocks() -> list[str]:
     return [block for page in documentation_pages() for block in code_blocks(page.read_text(), "python")[0]]
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
-    """Every Python block of the README and the docs pages, in order in one fresh process (later blocks continue earlier ones), on the
-    tiny stand-ins under the real ids. What a user without a GPU changes: cpu for cuda, float32 for bfloat16, and
-    the tiny backbone's 32x32 latents for SD3.5's 128x128 in the ReFL sketch."""
+@pytest.mark.slow  # starts Python command lines (scripts, servers, README commands): 10-60 s on a shared 2-core machine
+def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path, warm_python):
+    """Every Python block of the README and the docs pages, in order in one new process (later blocks continue
+    earlier ones), on the tiny stand-ins under the real ids. What a user without a GPU changes: cpu for cuda,
+    float32 for bfloat16, and the tiny backbone's 32x32 latents for SD3.5's 128x128 in the ReFL sketch."""
     blocks = readme_python_blocks()
     assert len(blocks) >= 5 and all("org/dinalrm" not in block for block in blocks)
     calls = [call for block in blocks for call in re.findall(r"\.from_pretrained\((.*?)\)(?:\.|\n)", block, re.S)]
@@ -235,7 +234,7 @@ def test_readme_python_blocks_run_against_the_simulated_hub(hub, tmp_path):
     subprocess.run(["bash", "-c", dataset_block], cwd=tmp_path, check=True)
     (tmp_path / "readme.py").write_text(script + "\nprint('README OK', float(loss))\n")
     run = subprocess.run(
-        [sys.executable, "readme.py"], capture_output=True, text=True, env=hub["env"], cwd=tmp_path, timeout=600
+        [warm_python, "readme.py"], capture_output=True, text=True, env=hub["env"], cwd=tmp_path, timeout=600
     )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "README OK" in run.stdout

@@ -208,9 +208,9 @@ for script in sys.argv[1:]:
 """
 
 
-def run_cards(cards: list[tuple[Path, Path]]) -> None:
+def run_cards(python: str, cards: list[tuple[Path, Path]]) -> None:
     """Each `(card, cwd)`: the card's Python blocks in order, in `cwd` (where the card's repository name resolves,
-    next to a.png and b.png), on the CPU: what a user without a GPU changes."""
+    next to a.png and b.png), on the CPU (what a user without a GPU changes), in one process of `python`."""
     scripts = []
     for index, (card, cwd) in enumerate(cards):
         blocks = python_blocks(card.read_text())
@@ -220,15 +220,13 @@ def run_cards(cards: list[tuple[Path, Path]]) -> None:
         scripts.append(str(cwd / f"card_{index}.py"))
         Path(scripts[-1]).write_text("\n".join(blocks).replace('"cuda"', '"cpu"') + "\n")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    run = subprocess.run(
-        [sys.executable, "-c", CARD_RUNNER, *scripts], env=env, capture_output=True, text=True, timeout=600
-    )
+    run = subprocess.run([python, "-c", CARD_RUNNER, *scripts], env=env, capture_output=True, text=True, timeout=600)
     done = [line.split(" ", 2)[2] for line in run.stdout.splitlines() if line.startswith("CARD OK ")]
     assert run.returncode == 0 and done == scripts, (done, run.stderr[-3000:])
 
 
-@pytest.mark.slow  # runs every card's code blocks on the tiny-world models: 15-20 s for the one interpreter
-def test_shipped_and_written_cards_run_as_written(tmp_path):
+@pytest.mark.slow  # runs every card's code blocks on the tiny-world models: 5-20 s for the one process
+def test_shipped_and_written_cards_run_as_written(tmp_path, warm_python):
     """`assets/*/README.md` (each with its folder under the name the card uses), the card `build_hub_repo.py` writes
     and the card `train_dinalrm.py` writes, on the tiny-world models."""
     import train_dinalrm
@@ -264,4 +262,4 @@ def test_shipped_and_written_cards_run_as_written(tmp_path):
     train_dinalrm.save_model_card("trained", args, str(trained), {"val/accuracy_t0.4": 0.8}, {})
     assert str(tmp_path) not in (trained / "README.md").read_text()  # local folders are named by their folder name
     cards.append((trained / "README.md", tmp_path))
-    run_cards(cards)
+    run_cards(warm_python, cards)

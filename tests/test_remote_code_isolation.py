@@ -9,7 +9,6 @@ loading the first repository again gives its own code back.
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import tolerances
@@ -46,9 +45,9 @@ def edit(path, old: str, new: str) -> None:
     path.write_text(text.replace(old, new, 1))
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
+@pytest.mark.slow  # starts a Python process: 5-20 s on a shared 2-core machine
 @pytest.mark.usefixtures("one_thread")
-def test_repositories_with_different_code_do_not_change_each_others_scores(tmp_path):
+def test_repositories_with_different_code_do_not_change_each_others_scores(tmp_path, warm_python):
     first, second = (tmp_path / "repo-a", tmp_path / "repo-b")
     save_tiny_dinalrm_repo(first)
     save_tiny_dinalrm_repo(second)
@@ -63,7 +62,7 @@ def test_repositories_with_different_code_do_not_change_each_others_scores(tmp_p
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")  # the flat module cache both repositories share
     run = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(first), str(second)], capture_output=True, text=True, env=env, cwd=tmp_path
+        [warm_python, "-c", SCRIPT, str(first), str(second)], capture_output=True, text=True, env=env, cwd=tmp_path
     )
     assert run.returncode == 0, run.stderr
     results = json.loads(run.stdout.strip().splitlines()[-1])
@@ -77,8 +76,8 @@ def test_repositories_with_different_code_do_not_change_each_others_scores(tmp_p
         assert results[key] == tolerances.close_to((2 * (expected + 1)).tolist()), key
 
 
-@pytest.mark.slow  # starts fresh interpreters (scripts, servers, README commands): 10-60 s on a shared 2-core machine
-def test_readme_automodel_form_for_the_reward_model_of_a_hub_pipeline(tmp_path):
+@pytest.mark.slow  # starts a Python process: 5-20 s on a shared 2-core machine
+def test_readme_automodel_form_for_the_reward_model_of_a_hub_pipeline(tmp_path, warm_python):
     """The README's replacement for `AutoModel.from_pretrained(repo, subfolder="reward_model", ...)` (which
     transformers cannot load: it looks for the code at the root), on a pipeline repository in a simulated cache."""
     from dinalrm.testing import add_to_hub_cache
@@ -106,7 +105,7 @@ print(json.dumps({{"subfolder_form": subfolder_form, "module": type(model).__mod
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
     env["HF_MODULES_CACHE"] = str(tmp_path / "modules")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
+    run = subprocess.run([warm_python, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
     assert result["subfolder_form"] == "fails" and result["module"].startswith("transformers_modules")

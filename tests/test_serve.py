@@ -6,7 +6,6 @@ import base64
 import io
 import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -357,10 +356,10 @@ def test_recipe_option_spellings():
 
 # ------------------------------------------------------------------------------------------ over real HTTP
 @pytest.fixture(scope="module")
-def server_url():
+def server_url(warm_python):
     """The real `dinalrm-serve` entry point in a subprocess on a free port (the recipe's option spellings)."""
     port = free_port()
-    command = [sys.executable, "-c", "from dinalrm.cli import serve_main; serve_main()"]
+    command = [warm_python, "-c", "from dinalrm.cli import serve_main; serve_main()"]
     command += ["--model-path", TINY, "--dtype", "float32", "--max-batch-size", "8", "--max-wait-ms", "10"]
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
@@ -382,7 +381,7 @@ def server_url():
         process.wait(30)
 
 
-@pytest.mark.slow  # starts the server in a fresh interpreter: ~45 s on a shared 2-core machine
+@pytest.mark.slow  # starts the server in a new process: ~20 s on a shared 2-core machine
 def test_real_server_process_answers_healthz_and_score(server_url, pipe, inputs):
     latents, embeds, pooled = (x[:1] for x in inputs)
     assert httpx.get(f"{server_url}/healthz").json()["status"] == "ok"

@@ -16,7 +16,6 @@ import random
 import re
 import shutil
 import subprocess
-import sys
 import weakref
 from pathlib import Path
 from unittest import mock
@@ -142,8 +141,9 @@ def _environment(**extra: str) -> dict:
     }
 
 
-def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedProcess:
-    """`accelerate launch train_dinalrm.py ...`; with two processes, the flags that run them synced on the CPU."""
+def launch(python: str, *flags: str, processes: int = 1, **env: str) -> subprocess.CompletedProcess:
+    """`accelerate launch train_dinalrm.py ...` by the interpreter `python`; with two processes, the flags that run
+    them synced on the CPU."""
     launcher = [
         "--num_processes",
         str(processes),
@@ -156,15 +156,16 @@ def launch(*flags: str, processes: int = 1, **env: str) -> subprocess.CompletedP
     ]
     if processes > 1:
         launcher = ["--multi_gpu", *launcher]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, TRAIN_SCRIPT, *flags]
+    command = [python, "-m", "accelerate.commands.launch", *launcher, TRAIN_SCRIPT, *flags]
     return subprocess.run(command, capture_output=True, text=True, env=_environment(**env), cwd=REPO_ROOT, check=False)
 
 
-def run_killed(kill_at: str, *flags: str) -> subprocess.CompletedProcess:
+def run_killed(python: str, kill_at: str, *flags: str) -> subprocess.CompletedProcess:
     """`python train_dinalrm.py ...` through `tests/helpers/train_with_kill.py`, which SIGKILLs the run when the
-    checkpoint `kill_at` names (`<step>` or `<step>:partial`) is complete (or just before)."""
+    checkpoint `kill_at` names (`<step>` or `<step>:partial`) is complete (or just before), with the interpreter
+    `python` (the process kills itself, so a warm stand-in reports that once its fork is gone)."""
     return subprocess.run(
-        [sys.executable, KILL_LAUNCHER, kill_at, *flags],
+        [python, KILL_LAUNCHER, kill_at, *flags],
         capture_output=True,
         text=True,
         check=False,
@@ -732,7 +733,9 @@ def _assert_same_checkpoint(expected: Path, actual: Path) -> None:
 
 
 @pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
-def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, cached_canonical_run, caplog):
+def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(
+    workspace, cached_canonical_run, caplog, warm_python
+):
     sd3, reference, cache = cached_canonical_run
     # Training from the cache must not need the VAE weights or the text encoders: remove them.
     (sd3 / "vae" / "diffusion_pytorch_model.safetensors").unlink()
@@ -741,11 +744,11 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
     output = workspace / "resumed"
     flags = _cached_resume_flags(workspace, sd3, output, cache)
 
-    first = run_killed("2", *flags)
+    first = run_killed(warm_python, "2", *flags)
     assert first.returncode == -9, first.stderr[-3000:]
     assert [step for step, _ in list_checkpoints(output)] == [2]
 
-    second = run_killed("4:partial", *flags)
+    second = run_killed(warm_python, "4:partial", *flags)
     assert second.returncode == -9, second.stderr[-3000:]
     assert "Resuming from checkpoint" in second.stderr and "checkpoint-2" in second.stderr
     assert (output / f"{PARTIAL_PREFIX}checkpoint-4" / "reward_model" / "model.safetensors").is_file()
@@ -765,10 +768,11 @@ def test_resume_after_sigkill_is_exact_and_skips_partial_checkpoints(workspace, 
 
 
 @pytest.mark.slow  # whole training runs: 10-60 s each on a shared 2-core machine
-def test_two_processes_hpdv3_with_feature_cache(workspace):
+def test_two_processes_hpdv3_with_feature_cache(workspace, warm_python):
     output = workspace / "ddp-hpdv3"
     result = _ok(
         launch(
+            warm_python,
             "--pretrained_model_name_or_path",
             str(workspace / "sd3"),
             "--train_data_dir",
