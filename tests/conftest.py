@@ -10,7 +10,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 import types
 import warnings
 from collections.abc import Iterator
@@ -146,19 +145,11 @@ def warm_python(tmp_path_factory) -> Iterator[str]:
     if os.environ.get("DINALRM_WARM_PYTHON") == "0":
         yield sys.executable
         return
+    from dinalrm.testing.warm_python import start
+
     folder = tmp_path_factory.mktemp("warm-python")
-    command = [sys.executable, str(REPO_ROOT / "dinalrm" / "testing" / "warm_python.py"), "serve", str(folder)]
-    command += ["--preload", *WARM_PRELOAD, "--free-env", *WARM_FREE_ENV]
-    with open(folder / "server.log", "w") as log:
-        server = subprocess.Popen(command, env=SESSION_ENVIRONMENT, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-    stand_in = folder / "python"
-    deadline = time.monotonic() + 300
-    while not stand_in.exists():
-        if server.poll() is not None or time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"the warm Python server did not start: {(folder / 'server.log').read_text()[-2000:]}")
-        time.sleep(0.05)
-    yield str(stand_in)
+    server = start(folder, WARM_PRELOAD, WARM_FREE_ENV, env=SESSION_ENVIRONMENT)
+    yield str(folder / "python")
     server.terminate()
     server.wait(timeout=60)
     fresh = [

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT
 
+from dinalrm.testing.warm_python import start
 
-WARM_PYTHON = REPO_ROOT / "dinalrm" / "testing" / "warm_python.py"
 
 # The preload: what it reads and sets at import is what a fork's environment must agree with.
 PRELOAD = """\
@@ -61,15 +61,9 @@ def warm(tmp_path_factory):
     (root / "preload" / "warm_test_preload.py").write_text(PRELOAD)
     env = {**os.environ, "PYTHONPATH": str(root / "preload")}
     env.pop("WARM_TEST_SETTING", None)
-    command = [sys.executable, str(WARM_PYTHON), "serve", str(root / "warm"), "--preload", "warm_test_preload"]
-    server = subprocess.Popen(
-        [*command, "--free-env", "WARM_TEST", "WARM_FREE_*", "WARM_TEST_SETTING", "PYTEST_*"], env=env
-    )
+    free = ["WARM_TEST", "WARM_FREE_*", "WARM_TEST_SETTING", "PYTEST_*"]
+    server = start(root / "warm", ["warm_test_preload"], free, env=env, timeout=60)
     stand_in = root / "warm" / "python"
-    deadline = time.monotonic() + 60
-    while not stand_in.exists():
-        assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.05)
     yield {"root": root, "stand_in": str(stand_in), "server": server, "log": root / "warm" / "requests.log"}
     server.terminate()
     assert server.wait(timeout=30) == 0  # SIGTERM stops it cleanly
@@ -215,3 +209,9 @@ def test_the_suites_command_lines_run_as_forks(warm_python):
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout) != os.getpid(), Path(warm_python).with_name("requests.log").read_text()[-2000:]
+
+
+def test_a_server_that_cannot_start_says_why(tmp_path):
+    with pytest.raises(RuntimeError, match="(?s)did not start.*No module named 'no_such_preload_module'"):
+        start(tmp_path / "warm", ["no_such_preload_module"], timeout=60)
+    assert not (tmp_path / "warm" / "python").exists()

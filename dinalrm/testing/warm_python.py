@@ -51,8 +51,10 @@ import shlex
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
+import time
 import types
 from collections.abc import Collection, Iterable
 from contextlib import contextmanager
@@ -416,6 +418,33 @@ def serve(folder: str, preload: list[str], free_env: tuple[str, ...] = DEFAULT_F
         _execute(request, stand_in, preload_set)
     listener.close()
     os.remove(stand_in)
+
+
+def start(
+    folder: str | os.PathLike,
+    preload: Iterable[str] = DEFAULT_PRELOAD,
+    free_env: Iterable[str] = (),
+    env: dict[str, str] | None = None,
+    timeout: float = 300.0,
+) -> subprocess.Popen:
+    """`serve FOLDER` in a new process with the environment `env` (its output to `FOLDER/server.log`); returns it
+    once `FOLDER/python` is ready. Stop it with `terminate()`. A server that ends or is not ready within `timeout`
+    seconds raises a `RuntimeError` with the end of its log."""
+    os.makedirs(folder, exist_ok=True)
+    log_path, stand_in = os.path.join(folder, "server.log"), os.path.join(folder, "python")
+    command = [sys.executable, os.path.realpath(__file__), "serve", os.fspath(folder), "--preload", *preload]
+    with open(log_path, "w") as log:
+        server = subprocess.Popen(
+            [*command, "--free-env", *free_env], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+        )
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(stand_in):
+        if server.poll() is not None or time.monotonic() > deadline:
+            server.kill()
+            with open(log_path) as log:
+                raise RuntimeError(f"the warm Python server did not start: {log.read()[-2000:]}")
+        time.sleep(0.05)
+    return server
 
 
 def main(argv: list[str] | None = None) -> int:
